@@ -1,0 +1,153 @@
+"""When to draw grids and when to save (and publish) the model. The module knows how; these decide when.
+
+Both act at the end of every N-th epoch and at the end of the run, on rank 0 only. Paths are resolved and
+checked on every rank in `setup`, where collective calls are safe; nothing inside rank-zero code talks to the
+other ranks, so they never wait on it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from diffusers import DDPMPipeline
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torchvision.utils import save_image
+
+from .hub import HubUploader
+from .module import Sampler
+
+
+def is_last_epoch(trainer: Trainer) -> bool:
+    """True at the end of the epoch after which the fit loop stops (max_epochs, max_steps or a stop request)."""
+    epochs_done = trainer.max_epochs is not None and trainer.max_epochs >= 0 and trainer.current_epoch + 1 >= trainer.max_epochs
+    steps_done = trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps
+    return epochs_done or steps_done or trainer.should_stop
+
+
+def is_due(trainer: Trainer, every_n_epochs: int) -> bool:
+    return (every_n_epochs > 0 and (trainer.current_epoch + 1) % every_n_epochs == 0) or is_last_epoch(trainer)
+
+
+def grid_shape(n: int, rows: int | None) -> tuple[int, int]:
+    """(rows, cols) of a grid of n images: `rows` if given, else as square as n allows (16 -> 4 x 4)."""
+    if rows is None:
+        rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
+    if rows < 1 or n % rows:
+        raise ValueError(f"eval_batch_size={n} images do not fill a grid of {rows} rows: make it a multiple of grid_rows.")
+    return rows, n // rows
+
+
+class SampleGrid(Callback):
+    """Every `save_image_epochs` epochs and at the end, sample `eval_batch_size` images into
+    `<output_dir>/samples/{epoch:04d}.png` and TensorBoard.
+
+    The noise comes from its own generator seeded with `seed`: the same noise every time, and the training
+    RNG is left exactly as it was. DDPM with 1000 steps is the tutorial's sampler; `sampler` and
+    `num_inference_steps` pick a faster one for previews.
+    """
+
+    def __init__(
+        self,
+        output_dir: str = "ddpm-butterflies-128",
+        save_image_epochs: int = 10,
+        eval_batch_size: int = 16,
+        num_inference_steps: int = 1000,
+        sampler: Sampler = "ddpm",
+        seed: int = 0,
+        grid_rows: int | None = None,
+    ):
+        self.output_dir = output_dir
+        self.save_image_epochs = save_image_epochs
+        self.eval_batch_size = eval_batch_size
+        self.num_inference_steps = num_inference_steps
+        self.sampler = sampler
+        self.seed = seed
+        self.rows, self.cols = grid_shape(eval_batch_size, grid_rows)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if is_due(trainer, self.save_image_epochs) and trainer.is_global_zero:
+            self.write_grid(trainer, pl_module)
+
+    def write_grid(self, trainer: Trainer, pl_module: LightningModule) -> Path:
+        # The generator makes the draw independent of the global RNG; fork_rng guards against any library
+        # code that still draws from it, so training continues with the state it would have had.
+        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+            generator = torch.Generator(device="cpu").manual_seed(self.seed)
+            images = pl_module.sample(
+                self.eval_batch_size, pl_module.make_scheduler(self.sampler), self.num_inference_steps, generator
+            )
+        path = Path(self.output_dir) / "samples" / f"{trainer.current_epoch:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(images, path, nrow=self.cols, padding=0)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                grid = torch.cat([torch.cat(list(row), dim=2) for row in images.split(self.cols)], dim=1)
+                logger.experiment.add_image("samples", grid, global_step=trainer.global_step)
+        rank_zero_info(f"Saved a grid of {self.eval_batch_size} samples to {path}")
+        return path
+
+
+class SaveModel(Callback):
+    """Every `save_model_epochs` epochs and at the end, save a diffusers folder (model_index.json, unet/,
+    scheduler/) to `output_dir` that `DDPMPipeline.from_pretrained(output_dir)` loads; with `push_to_hub`,
+    also upload it in the background to `hub_model_id` (default: the output folder's name).
+
+    The folder is always written, pushing or not. A missing token or an unwritable folder fails before
+    training starts; a failed upload is a counted warning and the next save uploads again.
+    """
+
+    def __init__(
+        self,
+        output_dir: str = "ddpm-butterflies-128",
+        save_model_epochs: int = 30,
+        push_to_hub: bool = False,
+        hub_model_id: str | None = None,
+        hub_private_repo: bool = False,
+    ):
+        self.output_dir = output_dir
+        self.save_model_epochs = save_model_epochs
+        self.push_to_hub = push_to_hub
+        self.uploader = HubUploader(hub_model_id or Path(output_dir).name, private=hub_private_repo) if push_to_hub else None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.uploader is not None:
+            self.uploader.check_token()  # the same answer on every rank: no rank waits for one that failed
+        error = None
+        if trainer.is_global_zero:
+            try:
+                Path(self.output_dir).mkdir(parents=True, exist_ok=True)
+                if not os.access(self.output_dir, os.W_OK):
+                    raise PermissionError(f"output_dir {self.output_dir} is not writable: choose another --output_dir.")
+                if self.uploader is not None:
+                    rank_zero_info(f"Uploads go to the Hub repo {self.uploader.create_repo()}")
+            except Exception as err:  # noqa: BLE001 - reported on every rank below
+                error = f"{type(err).__name__}: {err}"
+        error = trainer.strategy.broadcast(error, src=0)
+        if error:
+            raise RuntimeError(f"Cannot start training: {error}")
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if is_due(trainer, self.save_model_epochs) and trainer.is_global_zero:
+            self.save(pl_module, f"Epoch {trainer.current_epoch}")
+
+    def save(self, pl_module: LightningModule, message: str) -> None:
+        if self.uploader is not None:
+            self.uploader.wait()  # never rewrite the folder while it is being uploaded
+        DDPMPipeline(unet=pl_module.unet, scheduler=pl_module.scheduler).save_pretrained(self.output_dir)
+        rank_zero_info(f"Saved the model to {self.output_dir}")
+        if self.uploader is not None:
+            self.uploader.upload(self.output_dir, message)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.uploader is not None:
+            self.uploader.wait()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.on_fit_end(trainer, pl_module)

@@ -1,0 +1,54 @@
+"""The `ddpm-lightning` command: LightningCLI over ImageDataModule and DDPMModule, plus the grid and save callbacks.
+
+    ddpm-lightning fit -c configs/butterflies.yaml
+    ddpm-lightning fit -c configs/butterflies.yaml --ckpt_path last        # resume
+    ddpm-lightning fit -c configs/tiny.yaml --print_config                 # every key, with its value
+
+Outputs: grids in <output_dir>/samples, the diffusers folder in <output_dir>, TensorBoard logs and the run's
+config in <output_dir>/logs, checkpoints (last.ckpt kept) in ./checkpoints.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from .callbacks import SampleGrid, SaveModel
+from .data import ImageDataModule
+from .module import DDPMModule
+
+
+class DDPMLightningCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--output_dir", default="ddpm-butterflies-128", help="Where grids, the saved model and the logs go."
+        )
+        parser.add_lightning_class_args(SampleGrid, "grid")
+        parser.add_lightning_class_args(SaveModel, "save")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.dirpath": "checkpoints", "checkpoint.save_last": True})
+        parser.link_arguments("output_dir", "grid.output_dir")
+        parser.link_arguments("output_dir", "save.output_dir")
+        parser.link_arguments("data.image_size", "model.image_size")  # one value: the UNet's sample_size
+
+    def instantiate_trainer(self, **kwargs):
+        # Unless the config names a logger (or turns logging off), TensorBoard writes to <output_dir>/logs,
+        # the same folder on every run, so a resumed run continues its curves instead of starting version_1.
+        if self._get(self.config, "trainer").get("logger") in (None, True):
+            kwargs["logger"] = TensorBoardLogger(save_dir=self._get(self.config, "output_dir"), name="logs", version="")
+        return super().instantiate_trainer(**kwargs)
+
+
+def main(args: ArgsType = None) -> None:
+    DDPMLightningCLI(
+        DDPMModule,
+        ImageDataModule,
+        args=args,
+        auto_configure_optimizers=False,  # the module owns AdamW and the warm-up + cosine schedule
+        save_config_kwargs={"overwrite": True},  # a resumed run writes its config to the same folder
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Publishing a saved model folder to the Hugging Face Hub, in the background, without ever stopping training.
+
+    uploader = HubUploader("me/ddpm-butterflies-128", private=True)
+    uploader.check_token()     # before training: fails with the fix in the message
+    uploader.create_repo()     # exist_ok; private honoured
+    uploader.upload("ddpm-butterflies-128", "Epoch 29")   # returns at once; a failure is a counted warning
+    uploader.wait()            # before fit returns
+
+`api` is injectable (anything with HfApi's create_repo / upload_folder), so tests can stand in for the Hub;
+HF_ENDPOINT points the real client at another server.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from concurrent.futures import Future
+
+from huggingface_hub import HfApi, get_token
+
+log = logging.getLogger(__name__)
+
+# The tutorial's ignore patterns: intermediate step_* / epoch_* folders are not published.
+IGNORE_PATTERNS = ["step_*", "epoch_*"]
+
+
+class MissingHubTokenError(RuntimeError):
+    pass
+
+
+class HubUploader:
+    def __init__(self, repo_id: str, private: bool = False, token: str | None = None, api: HfApi | None = None):
+        self.repo_id = repo_id
+        self.private = private
+        self.token = token
+        self.api = api or HfApi(token=token)
+        self.failures = 0
+        self.uploads = 0
+        self._pending: Future | None = None
+
+    def check_token(self) -> None:
+        if self.token or get_token():
+            return
+        raise MissingHubTokenError(
+            f"push_to_hub is on but no Hugging Face token was found, so {self.repo_id!r} could not be uploaded. "
+            "Fix: run `hf auth login`, or set HF_TOKEN, or turn pushing off with --save.push_to_hub false."
+        )
+
+    def create_repo(self) -> str:
+        self.repo_id = self.api.create_repo(self.repo_id, private=self.private, exist_ok=True, repo_type="model").repo_id
+        return self.repo_id
+
+    def upload(self, folder: str, message: str) -> None:
+        """Start uploading `folder` in the background (one upload at a time: waits for the previous one)."""
+        self.wait()
+        self._pending = self.api.run_as_future(
+            self.api.upload_folder,
+            repo_id=self.repo_id,
+            folder_path=folder,
+            commit_message=message,
+            ignore_patterns=IGNORE_PATTERNS,
+        )
+
+    def wait(self) -> None:
+        """Wait for the upload in flight, if any; a failure becomes a counted warning, never an exception."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+            self.uploads += 1
+        except Exception as err:  # noqa: BLE001 - any failure of the upload must not stop training
+            self.failures += 1
+            msg = f"Upload to the Hub repo {self.repo_id!r} failed ({self.failures} so far): {err!r}. Training goes on; the next save uploads again."
+            log.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)

@@ -1,0 +1,133 @@
+"""The diffusion maths: `DDPMModule` trains a diffusers UNet2DModel as a DDPM and knows how to sample from it.
+
+    model = DDPMModule(image_size=32, unet=TINY_UNET)
+    images = model.sample(16, num_inference_steps=50, sampler="ddim", generator=torch.Generator().manual_seed(0))
+
+The module never writes files: callbacks decide when to sample and where results go.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.utils.torch_utils import randn_tensor
+from lightning.pytorch import LightningModule
+
+# The tutorial's UNet ("Train a diffusion model"): 6 levels, attention in the 5th down and 2nd up block.
+TUTORIAL_UNET: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 2,
+    "block_out_channels": [128, 128, 256, 256, 512, 512],
+    "down_block_types": [
+        "DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"
+    ],
+    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"],
+}
+
+Sampler = Literal["ddpm", "ddim", "dpmsolver++"]
+SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
+
+
+class DDPMModule(LightningModule):
+    """A UNet2DModel trained to predict the noise that DDPMScheduler.add_noise put into an image (MSE, float32).
+
+    Args:
+        unet: keyword arguments of `diffusers.UNet2DModel` (all of them can be set); the tutorial's UNet by
+            default. `sample_size` comes from `image_size`.
+        image_size: side of the square images; the CLI links it to `data.image_size`.
+        learning_rate: AdamW's peak learning rate.
+        lr_warmup_steps: optimizer steps of linear warm-up before the cosine decay to 0 at the run's last step.
+        adam_betas, adam_weight_decay, adam_epsilon: AdamW's other settings (torch's defaults, as the tutorial).
+        num_train_timesteps, beta_schedule, beta_start, beta_end: DDPMScheduler's noise schedule.
+    """
+
+    def __init__(
+        self,
+        unet: dict[str, Any] | None = None,
+        image_size: int = 128,
+        learning_rate: float = 1e-4,
+        lr_warmup_steps: int = 500,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_weight_decay: float = 0.01,
+        adam_epsilon: float = 1e-8,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        unet_kwargs = dict(TUTORIAL_UNET if unet is None else unet)
+        if "sample_size" in unet_kwargs and unet_kwargs["sample_size"] != image_size:
+            raise ValueError(
+                f"unet.sample_size={unet_kwargs['sample_size']} differs from image_size={image_size}: "
+                "leave unet.sample_size out, it follows data.image_size."
+            )
+        unet_kwargs["sample_size"] = image_size
+        self.unet = UNet2DModel(**unet_kwargs)
+        self.scheduler = DDPMScheduler(
+            num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end
+        )
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.denoising_loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
+        return loss
+
+    def denoising_loss(self, clean: torch.Tensor, noise: torch.Tensor | None = None, timesteps=None) -> torch.Tensor:
+        """MSE between the noise added at random timesteps and the UNet's prediction of it, in float32."""
+        if noise is None:
+            noise = torch.randn_like(clean)
+        if timesteps is None:
+            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
+        noisy = self.scheduler.add_noise(clean, noise, timesteps)
+        prediction = self.unet(noisy, timesteps, return_dict=False)[0]
+        return F.mse_loss(prediction.float(), noise.float())
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=hp.learning_rate, betas=hp.adam_betas, weight_decay=hp.adam_weight_decay, eps=hp.adam_epsilon
+        )
+        # Per optimizer step, over the whole run as the Trainer counts it (devices, accumulation, max_steps).
+        scheduler = get_cosine_schedule_with_warmup(
+            optimizer, num_warmup_steps=hp.lr_warmup_steps, num_training_steps=int(self.trainer.estimated_stepping_batches)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def make_scheduler(self, sampler: Sampler = "ddpm"):
+        """A fresh inference scheduler of the given kind with this model's noise schedule."""
+        return SAMPLERS[sampler].from_config(self.scheduler.config)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        scheduler=None,
+        num_inference_steps: int = 1000,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Turn `n` draws of Gaussian noise into images in [0, 1], shape (n, C, H, W), as DDPMPipeline does.
+
+        `scheduler` defaults to DDPM; `generator` makes the draw repeatable without touching the global RNG.
+        """
+        scheduler = scheduler or self.make_scheduler("ddpm")
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        size = self.unet.config.sample_size
+        shape = (n, self.unet.config.in_channels, size, size)
+        image = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            for t in scheduler.timesteps:
+                model_output = self.unet(image, t, return_dict=False)[0]
+                image = scheduler.step(model_output, t, image, generator=generator, return_dict=False)[0]
+        finally:
+            self.unet.train(was_training)
+        return (image / 2 + 0.5).clamp(0, 1)
