@@ -7,6 +7,7 @@ other ranks, so they never wait on it.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -15,11 +16,12 @@ import torch
 from diffusers import DDPMPipeline
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
 from torchvision.utils import save_image
 
 from .hub import HubUploader
 from .module import Sampler
+
+log = logging.getLogger(__name__)
 
 
 def is_last_epoch(trainer: Trainer) -> bool:
@@ -88,7 +90,7 @@ class SampleGrid(Callback):
             if isinstance(logger, TensorBoardLogger):
                 grid = torch.cat([torch.cat(list(row), dim=2) for row in images.split(self.cols)], dim=1)
                 logger.experiment.add_image("samples", grid, global_step=trainer.global_step)
-        rank_zero_info(f"Saved a grid of {self.eval_batch_size} samples to {path}")
+        log.info(f"[rank {trainer.global_rank}] Saved a grid of {self.eval_batch_size} samples to {path}")
         return path
 
 
@@ -126,7 +128,7 @@ class SaveModel(Callback):
                 if not os.access(self.output_dir, os.W_OK):
                     raise PermissionError(f"output_dir {self.output_dir} is not writable: choose another --output_dir.")
                 if self.uploader is not None:
-                    rank_zero_info(f"Uploads go to the Hub repo {self.uploader.create_repo()}")
+                    log.info(f"Uploads go to the Hub repo {self.uploader.create_repo()}")
             except Exception as err:  # noqa: BLE001 - reported on every rank below
                 error = f"{type(err).__name__}: {err}"
         error = trainer.strategy.broadcast(error, src=0)
@@ -135,13 +137,13 @@ class SaveModel(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if is_due(trainer, self.save_model_epochs) and trainer.is_global_zero:
-            self.save(pl_module, f"Epoch {trainer.current_epoch}")
+            self.save(trainer, pl_module, f"Epoch {trainer.current_epoch}")
 
-    def save(self, pl_module: LightningModule, message: str) -> None:
+    def save(self, trainer: Trainer, pl_module: LightningModule, message: str) -> None:
         if self.uploader is not None:
             self.uploader.wait()  # never rewrite the folder while it is being uploaded
         DDPMPipeline(unet=pl_module.unet, scheduler=pl_module.scheduler).save_pretrained(self.output_dir)
-        rank_zero_info(f"Saved the model to {self.output_dir}")
+        log.info(f"[rank {trainer.global_rank}] Saved the model to {self.output_dir}")
         if self.uploader is not None:
             self.uploader.upload(self.output_dir, message)
 

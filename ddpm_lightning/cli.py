@@ -10,6 +10,8 @@ config in <output_dir>/logs, checkpoints (last.ckpt kept) in ./checkpoints.
 
 from __future__ import annotations
 
+import logging
+
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -41,6 +43,10 @@ class DDPMLightningCLI(LightningCLI):
 
 
 def main(args: ArgsType = None) -> None:
+    package_log = logging.getLogger("ddpm_lightning")
+    if not package_log.handlers:  # show this package's INFO lines, as Lightning does for its own
+        package_log.addHandler(logging.StreamHandler())
+        package_log.setLevel(logging.INFO)
     DDPMLightningCLI(
         DDPMModule,
         ImageDataModule,

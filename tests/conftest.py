@@ -1,0 +1,101 @@
+"""Tiny image folders made on the fly, and a helper that runs `ddpm-lightning fit` through `main([...])`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+HELICONIUS = REPO.parent / "shared" / "data" / "heliconius" / "train"
+
+# The tiny.yaml UNet at 16 px with 4-image grids and 2 sampling steps: a few seconds per fit on 2 CPU cores.
+FAST = [
+    "--data.image_size", "16",
+    "--data.train_batch_size", "4",
+    "--data.num_workers", "0",
+    "--grid.eval_batch_size", "4",
+    "--grid.num_inference_steps", "2",
+    "--trainer.log_every_n_steps", "1",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path):
+    """No test reaches the Hub or the user's caches or token."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.chdir(tmp_path)  # ./checkpoints and ./ddpm-* land in the test's folder
+
+
+def write_image(path: Path, size=(20, 24), mode="RGB", seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    array = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    Image.fromarray(array.squeeze(-1) if channels == 1 else array, mode).save(path)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """12 images: names that `imagefolder` would move to other splits, nested folders, PNG and JPEG."""
+    root = tmp_path / "images"
+    names = [
+        "train_0.jpg", "train_1.png", "test_2.jpg", "test_3.JPG", "val_4.png", "val_5.jpeg",
+        "a/6.png", "a/b/7.jpg", "a/b/test_8.png", "c/val_9.jpg", "c/train_10.png", "11.png",
+    ]
+    for i, name in enumerate(names):
+        write_image(root / name, seed=i)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def fit_args(dataset: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "-c", str(TINY_CONFIG),
+        "--data.dataset", str(dataset),
+        "--output_dir", str(out),
+        *FAST,
+        *extra,
+    ]
+
+
+def scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    """{step: value} of a TensorBoard scalar, over every events file in log_dir."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in sorted(log_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+def scalar_steps(log_dir: Path, tag: str) -> list[int]:
+    """Every step a scalar was written at, duplicates kept, over every events file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for events in sorted(log_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            steps += [e.step for e in acc.Scalars(tag)]
+    return steps
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env

@@ -1,0 +1,108 @@
+"""End to end through the real entry point: `main([...])` with configs/tiny.yaml, as a user runs it."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DDPMPipeline
+from PIL import Image
+
+from conftest import HELICONIUS, REPO, child_env, fit_args, scalar_steps, scalars
+from ddpm_lightning.cli import main
+
+
+def test_fit_writes_grid_model_logs_and_checkpoints(image_folder, tmp_path):
+    out = tmp_path / "run"
+    main(fit_args(image_folder, out, "--trainer.max_epochs", "2", "--grid.save_image_epochs", "1"))
+
+    # a grid per epoch (every epoch here), 2 x 2 images of 16 px, no padding
+    grids = sorted((out / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["0000.png", "0001.png"]
+    assert Image.open(grids[-1]).size == (32, 32)
+
+    # the diffusers folder loads and generates
+    pipe = DDPMPipeline.from_pretrained(out)
+    images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 16, 16, 3)
+    assert pipe.unet.config.sample_size == 16
+
+    # TensorBoard holds loss and learning rate at every step; the run's config sits beside the logs
+    loss = scalars(out / "logs", "train/loss")
+    assert sorted(loss) == list(range(6)) and all(math.isfinite(v) for v in loss.values())
+    assert len(scalars(out / "logs", "train/lr")) == 6
+    assert "output_dir: " + str(out) in (out / "logs" / "config.yaml").read_text()
+
+    # checkpoints go to ./checkpoints (relative to the working directory), last.ckpt kept
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert last["global_step"] == 6 and last["epoch"] == 1
+
+
+def test_learning_rate_follows_warmup_then_cosine(image_folder, tmp_path):
+    out = tmp_path / "run"
+    main(fit_args(image_folder, out, "--trainer.max_steps", "12", "--trainer.max_epochs", "-1", "--model.lr_warmup_steps", "4",
+                  "--model.learning_rate", "0.002"))
+    lr = scalars(out / "logs", "train/lr")
+    assert sorted(lr) == list(range(12))
+    for k, value in lr.items():  # the rate used by optimizer step k
+        expected = 0.002 * (k / 4 if k < 4 else 0.5 * (1 + math.cos(math.pi * (k - 4) / (12 - 4))))
+        assert value == pytest.approx(expected, rel=1e-5, abs=1e-9), k
+
+
+def test_resume_from_last_continues_to_max_steps(image_folder, tmp_path):
+    out = tmp_path / "run"
+    main(fit_args(image_folder, out, "--trainer.max_steps", "6", "--trainer.max_epochs", "-1"))  # 12 images / batch 4: two epochs
+    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert first["global_step"] == 6
+
+    main(fit_args(image_folder, out, "--trainer.max_steps", "10", "--trainer.max_epochs", "-1", "--ckpt_path", "last"))
+    final = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert final["global_step"] == 10  # not more, not less
+    # the optimizer and the schedule continued instead of starting again
+    assert final["lr_schedulers"][0]["last_epoch"] == 10
+    assert final["optimizer_states"][0]["state"][0]["step"] == 10
+    # the same log folder continues: every step once, from both runs
+    assert sorted(scalar_steps(out / "logs", "train/loss")) == list(range(10))
+    assert not (out / "logs" / "version_1").exists()
+
+
+def test_ddp_two_cpu_processes_write_one_grid_and_one_folder(image_folder, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ddpm_lightning", *fit_args(image_folder, out, "--trainer.max_epochs", "2"),
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+           "--grid.save_image_epochs", "100", "--save.save_model_epochs", "100"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert [p.name for p in (out / "samples").iterdir()] == ["0001.png"]
+    assert log.count("Saved a grid") == 1 and "[rank 0] Saved a grid" in log
+    assert log.count("Saved the model") == 1 and "[rank 0] Saved the model" in log
+    DDPMPipeline.from_pretrained(out)
+    # 12 images over 2 ranks with batch 4: 2 optimizer steps per epoch
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+
+
+@pytest.mark.skipif(not HELICONIUS.is_dir(), reason="../shared/data/heliconius is not beside the checkout")
+def test_fit_on_real_heliconius_photos(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sorted(HELICONIUS.iterdir())[:8]:
+        shutil.copy(path, photos / path.name)
+    out = tmp_path / "run"
+    main(fit_args(photos, out, "--trainer.max_epochs", "1"))
+    assert Image.open(out / "samples" / "0000.png").size == (32, 32)
+    assert len(scalars(out / "logs", "train/loss")) == 2
+
+
+def test_print_config_shows_tutorial_keys(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(REPO / "configs" / "butterflies.yaml"), "--print_config"])
+    text = capsys.readouterr().out
+    for key in ("save_image_epochs: 10", "save_model_epochs: 30", "eval_batch_size: 16", "image_size: 128",
+                "train_batch_size: 16", "learning_rate: 0.0001", "lr_warmup_steps: 500", "precision: 16-mixed",
+                "max_epochs: 50", "output_dir: ddpm-butterflies-128", "push_to_hub: false", "seed_everything: 0"):
+        assert key in text, key

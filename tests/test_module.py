@@ -1,0 +1,77 @@
+"""The diffusion maths and sampling of DDPMModule, and the grid callback's use of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from ddpm_lightning.callbacks import SampleGrid, grid_shape
+from ddpm_lightning.module import TUTORIAL_UNET, DDPMModule
+
+TINY_UNET = {
+    "layers_per_block": 1,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+}
+
+
+def tiny_module(**kwargs) -> DDPMModule:
+    return DDPMModule(unet=TINY_UNET, image_size=16, **kwargs)
+
+
+def test_tutorial_unet_by_default():
+    unet = DDPMModule().unet
+    assert list(unet.config.block_out_channels) == TUTORIAL_UNET["block_out_channels"]
+    assert unet.config.sample_size == 128
+    assert 113e6 < sum(p.numel() for p in unet.parameters()) < 114e6  # the tutorial's 113.7 M
+
+
+def test_unet_sample_size_must_follow_image_size():
+    with pytest.raises(ValueError, match="image_size"):
+        DDPMModule(unet={**TINY_UNET, "sample_size": 32}, image_size=16)
+
+
+def test_loss_is_mse_against_the_added_noise():
+    torch.manual_seed(0)
+    model = tiny_module()
+    clean = torch.rand(2, 3, 16, 16) * 2 - 1
+    noise, t = torch.randn_like(clean), torch.tensor([10, 900])
+    noisy = model.scheduler.add_noise(clean, noise, t)
+    expected = ((model.unet(noisy, t).sample - noise) ** 2).mean()
+    assert model.denoising_loss(clean, noise, t).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
+def test_sample_is_repeatable_and_leaves_the_global_rng_alone(sampler):
+    model = tiny_module()
+    state = torch.get_rng_state()
+    a = model.sample(2, model.make_scheduler(sampler), 3, torch.Generator().manual_seed(1))
+    b = model.sample(2, model.make_scheduler(sampler), 3, torch.Generator().manual_seed(1))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a.shape == (2, 3, 16, 16) and torch.equal(a, b)
+    assert 0 <= a.min() and a.max() <= 1
+    assert model.unet.training  # back in training mode
+
+
+def test_grid_uses_its_own_seed_and_the_training_rng_continues(tmp_path):
+    model = tiny_module()
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+    trainer.strategy.connect(model)
+    grid = SampleGrid(output_dir=str(tmp_path), eval_batch_size=4, num_inference_steps=2, seed=3)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = grid.write_grid(trainer, model).read_bytes()
+    assert torch.equal(torch.rand(3), expected_next)
+    torch.manual_seed(999)  # a different training RNG state draws the same grid
+    assert grid.write_grid(trainer, model).read_bytes() == first
+
+
+def test_grid_shape():
+    assert grid_shape(16, None) == (4, 4)
+    assert grid_shape(8, None) == (2, 4)
+    assert grid_shape(6, 3) == (3, 2)
+    with pytest.raises(ValueError, match="grid_rows"):
+        grid_shape(10, 4)
