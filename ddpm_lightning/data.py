@@ -13,16 +13,20 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import Literal
 
 import datasets
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
+from torchvision.transforms.functional import pil_to_tensor
 
 # Files PIL can open, by extension (lower case). Everything else under an image folder is ignored.
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
@@ -86,34 +90,77 @@ def image_column_of(ds: datasets.Dataset, column: str | None) -> str:
     raise ValueError(f"No image column in the data set (it has {ds.column_names}): set --data.image_column.")
 
 
-class ImageDataset(Dataset):
-    """An image column of a `datasets.Dataset`, decoded to RGB and transformed, one tensor per item."""
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for any mode: grayscale, RGBA and palette convert as PIL does; 16-bit scales to 8 bits instead of clipping."""
+    if image.mode.startswith("I"):  # 16/32-bit integer grayscale
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
-    def __init__(self, ds: datasets.Dataset, column: str, transform):
-        self.ds = ds.select_columns([column])
+
+class ResizedImages(Dataset):
+    """Item i of an image column, decoded, made RGB and resized to a square: a uint8 tensor (3, size, size).
+
+    The random flip and the scaling to [-1, 1] happen per batch on the device (`augment`), so the same
+    resized pixels can be decoded once and cached.
+    """
+
+    def __init__(self, ds: datasets.Dataset, column: str, image_size: int):
+        # Undecoded rows ({"path", "bytes"}) so an error can name the file.
+        self.rows = ds.select_columns([column]).cast_column(column, datasets.Image(decode=False))
         self.column = column
-        self.transform = transform
+        self.resize = transforms.Resize((image_size, image_size))  # the tutorial's Resize, on the PIL image
+        self.image_size = image_size
 
     def __len__(self) -> int:
-        return len(self.ds)
+        return len(self.rows)
+
+    def load(self, i: int) -> tuple[torch.Tensor, bool]:
+        """(pixels, whether the original was smaller than image_size); a ValueError naming the file if unreadable."""
+        row = self.rows[i][self.column]
+        try:
+            image = Image.open(io.BytesIO(row["bytes"]) if row["bytes"] else row["path"])
+            image.load()  # decode now: a truncated file fails here, not later
+        except Exception as err:  # noqa: BLE001 - re-raised with the file's name
+            name = row["path"] or f"row {i}"
+            raise ValueError(f"Could not read image {name} ({type(err).__name__}: {err}): remove or fix it.") from err
+        return pil_to_tensor(self.resize(_to_rgb(image))), min(image.size) < self.image_size
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        image = self.ds[i][self.column]
-        if not isinstance(image, Image.Image):  # a path or bytes column that was not cast to datasets.Image
-            image = datasets.Image().decode_example({"path": image, "bytes": None} if isinstance(image, str) else image)
-        return self.transform(image.convert("RGB"))
+        return self.load(i)[0]
 
 
-def train_transform(image_size: int) -> transforms.Compose:
-    """The tutorial's augmentation: resize to a square, random horizontal flip, scale to [-1, 1]."""
-    return transforms.Compose(
-        [
-            transforms.Resize((image_size, image_size)),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize([0.5], [0.5]),
-        ]
-    )
+class _TryItems(Dataset):
+    """ResizedImages whose items report a failure instead of raising it (for the decoding pass)."""
+
+    def __init__(self, images: ResizedImages):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, bool, str]:
+        try:
+            return *self.images.load(i), ""
+        except ValueError as err:
+            return None, False, str(err)
+
+
+class CachedImages(Dataset):
+    def __init__(self, pixels: torch.Tensor):
+        self.pixels = pixels
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.pixels[i]
+
+
+def augment(batch: torch.Tensor) -> torch.Tensor:
+    """The tutorial's RandomHorizontalFlip + ToTensor + Normalize([0.5], [0.5]) on a uint8 batch, on its device."""
+    images = batch.float().div_(127.5).sub_(1.0)
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
 class ImageDataModule(LightningDataModule):
@@ -126,6 +173,10 @@ class ImageDataModule(LightningDataModule):
         image_size: side of the square training images; also the UNet's sample_size (linked by the CLI).
         train_batch_size: images per batch on each device.
         num_workers: loader processes per device; one per available core, at most 8, by default.
+        cache: decode and resize every image once and keep the uint8 pixels in memory ("auto": when they
+            take at most `cache_max_gb`). Unreadable images are then skipped with a counted warning.
+            Without the cache, images are decoded by `num_workers` processes every epoch.
+        cache_max_gb: the size cap for `cache: auto`.
     """
 
     def __init__(
@@ -136,11 +187,13 @@ class ImageDataModule(LightningDataModule):
         image_size: int = 128,
         train_batch_size: int = 16,
         num_workers: int | None = None,
+        cache: Literal["auto", "memory", "none"] = "auto",
+        cache_max_gb: float = 4.0,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self.train_set: ImageDataset | None = None
+        self.train_set: Dataset | None = None
 
     def setup(self, stage: str) -> None:
         if self.train_set is not None:
@@ -151,15 +204,46 @@ class ImageDataModule(LightningDataModule):
         if len(ds) == 0:
             raise ValueError(f"{hp.dataset} (split {hp.split!r}) holds no rows: nothing to train on.")
         rank_zero_info(f"Found {len(ds)} training images in {hp.dataset} (split {hp.split!r}, column {column!r}).")
-        self.train_set = ImageDataset(ds, column, train_transform(hp.image_size))
+        images = ResizedImages(ds, column, hp.image_size)
+        cache_gb = len(ds) * 3 * hp.image_size**2 / 1e9
+        if hp.cache == "memory" or (hp.cache == "auto" and cache_gb <= hp.cache_max_gb):
+            self.train_set = CachedImages(self.decode_all(images))
+        else:
+            self.train_set = images
+
+    def decode_all(self, images: ResizedImages) -> torch.Tensor:
+        """Decode and resize every image once, in `num_workers` processes; skip and count the unreadable ones."""
+        pixels, smaller, failures = [], 0, []
+        for batch in DataLoader(_TryItems(images), batch_size=32, num_workers=self.num_workers, collate_fn=list):
+            for tensor, small, error in batch:
+                if tensor is None:
+                    failures.append(error)
+                else:
+                    pixels.append(tensor)
+                    smaller += small
+        if failures:
+            rank_zero_warn(
+                f"Skipped {len(failures)} of {len(images)} images that could not be read, e.g. "
+                + "; ".join(failures[:3])
+            )
+        if not pixels:
+            raise ValueError(f"None of the {len(images)} images could be read, e.g. {failures[0]}")
+        if smaller:
+            rank_zero_info(f"{smaller} of {len(pixels)} images are smaller than {images.image_size} px and were upscaled.")
+        rank_zero_info(f"Cached {len(pixels)} images of {images.image_size} px in memory.")
+        return torch.stack(pixels)
 
     def train_dataloader(self) -> DataLoader:
+        cached = isinstance(self.train_set, CachedImages)
+        workers = 0 if cached else self.num_workers  # cached batches are a memory copy: no processes needed
         return DataLoader(
             self.train_set,
             batch_size=self.hparams.train_batch_size,
             shuffle=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
-            drop_last=False,
         )
+
+    def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
+        return augment(batch) if batch.dtype == torch.uint8 else batch

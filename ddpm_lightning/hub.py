@@ -58,7 +58,7 @@ class HubUploader:
             repo_id=self.repo_id,
             folder_path=folder,
             commit_message=message,
-            ignore_patterns=IGNORE_PATTERNS,
+            ignore_patterns=list(IGNORE_PATTERNS),  # a copy: upload_folder appends its defaults to the list it gets
         )
 
     def wait(self) -> None:

@@ -3,15 +3,17 @@
 It answers exactly the requests that `HfApi.create_repo(..., exist_ok=True)` and `HfApi.upload_folder(...)`
 send in huggingface_hub 2.x (read from its source: hf_api.py, _upload_pipeline.py, _commit_api.py):
 
+    GET  /api/agent-harnesses                      -> an empty registry (the client's User-Agent telemetry)
     POST /api/repos/create                         {"name", "organization", "visibility"?, "type"?}
          -> 200 {"url"} | 409 {"error", "url"} (exists: the client reads "url" from the 409 body too)
          | 403 when `deny_create` is set (the client then asks GET /api/models/{repo} whether it exists)
     GET  /api/models/{ns}/{name}[/revision/{rev}]  -> 200 model info {"id", "sha", "private", "siblings"} | 404 RepoNotFound
     POST /api/models/{ns}/{name}/preupload/{rev}   {"files": [{"path", "sample", "size"}]}
          -> {"files": [{"path", "uploadMode": "regular", "shouldIgnore": false, "oid": <git sha1 or null>}]}
+         | 403 for a repo added with `writable=False`
     POST /api/models/{ns}/{name}/commit/{rev}      NDJSON: {"key": "header", ...} then {"key": "file", "value":
          {"path", "content" (base64), "encoding": "base64"}} / "deletedFile" / "deletedFolder" lines
-         -> 200 {"commitUrl", "commitOid", ...} | 500 while `fail_commits` is set
+         -> 200 {"commitUrl", "commitOid", ...} | 500 while `fail_commits` is set | 403 (not writable)
 
 Every file is answered "regular", so contents travel base64-inline in the commit and the client never takes
 its LFS or Xet paths (hf_xet's CAS protocol is out of scope for a stand-in). Anything else is answered 404 and
@@ -61,6 +63,7 @@ class Repo:
     repo_type: str = "model"
     files: dict[str, bytes] = field(default_factory=dict)  # the state of the main branch
     sha: str = "0" * 40
+    writable: bool = True  # False: the token may read it, but preupload / commit answer 403
 
 
 @dataclass
@@ -77,6 +80,9 @@ class _HTTPError(Exception):
 
 
 class HubStandIn:
+    # Asked by huggingface_hub (utils/_detect_agent.py) when it first builds its User-Agent header.
+    TELEMETRY = ("/api/agent-harnesses",)
+
     def __init__(self, user: str = "fake-user", token: str = "hf_fake"):
         self.user = user
         self.token = token
@@ -88,6 +94,8 @@ class HubStandIn:
         # Switches a test flips: commits answer HTTP 500; create_repo answers 403 (no write access).
         self.fail_commits = False
         self.deny_create = False
+        # Set to a threading.Event to hold every commit until the event is set (to observe work in flight).
+        self.commit_gate: threading.Event | None = None
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -132,21 +140,31 @@ class HubStandIn:
 
         return HfApi(endpoint=self.endpoint, token=kwargs.pop("token", self.token), **kwargs)
 
-    def add_repo(self, repo_id: str, private: bool = False, files: dict[str, bytes] | None = None) -> Repo:
-        """Make a repo exist already (e.g. one the token can read but not write)."""
+    def add_repo(self, repo_id: str, private: bool = False, files: dict[str, bytes] | None = None,
+                 writable: bool = True) -> Repo:
+        """Make a repo exist already (`writable=False`: one the token can read but not write)."""
         with self._lock:
-            repo = self.repos[repo_id] = Repo(repo_id, private, files=dict(files or {}))
+            repo = self.repos[repo_id] = Repo(repo_id, private, files=dict(files or {}), writable=writable)
             return repo
+
+    def calls(self) -> list[tuple[str, str]]:
+        """(method, path) of the requests made, less the client's once-a-process telemetry fetch."""
+        return [(r.method, r.path) for r in self.requests if r.path not in self.TELEMETRY]
 
     # ------------------------------------------------------------------ routes
 
     def handle(self, method: str, path: str, headers, body: bytes) -> tuple[int, dict]:
         parts = [unquote(p) for p in urlsplit(path).path.strip("/").split("/")]
+        gate = self.commit_gate
+        if gate is not None and method == "POST" and len(parts) == 6 and parts[4] == "commit":
+            gate.wait(timeout=10)  # outside the lock: other requests are still answered meanwhile
         with self._lock:
             self.requests.append(Request(method, urlsplit(path).path, headers.get("Authorization")))
             if not (headers.get("Authorization") or "").startswith("Bearer "):
                 if method == "POST":
                     raise _HTTPError(401, "Invalid credentials in Authorization header")
+            if method == "GET" and parts == ["api", "agent-harnesses"]:
+                return 200, {"standardEnvVars": [], "harnesses": {}}
             if method == "POST" and parts == ["api", "repos", "create"]:
                 return self._create_repo(json.loads(body or b"{}"))
             if len(parts) >= 4 and parts[0] == "api" and parts[1] in ("models", "datasets", "spaces"):
@@ -161,10 +179,13 @@ class HubStandIn:
             self.unhandled.append(f"{method} {path}")
             raise _HTTPError(404, f"The stand-in does not implement {method} {path}")
 
-    def _repo(self, repo_id: str) -> Repo:
+    def _repo(self, repo_id: str, write: bool = False) -> Repo:
         if repo_id not in self.repos:
             raise _HTTPError(404, f"Repository Not Found for url: {repo_id}", error_code="RepoNotFound")
-        return self.repos[repo_id]
+        repo = self.repos[repo_id]
+        if write and not repo.writable:
+            raise _HTTPError(403, f"You don't have the rights to write to {repo_id}")
+        return repo
 
     def _create_repo(self, payload: dict) -> tuple[int, dict]:
         namespace = payload.get("organization") or self.user
@@ -189,7 +210,7 @@ class HubStandIn:
         }
 
     def _preupload(self, repo_id: str, payload: dict) -> dict:
-        repo = self._repo(repo_id)
+        repo = self._repo(repo_id, write=True)
         files = []
         for item in payload["files"]:
             remote = repo.files.get(item["path"])
@@ -204,8 +225,8 @@ class HubStandIn:
         return {"files": files}
 
     def _commit(self, repo_id: str, revision: str, body: bytes) -> dict:
-        repo = self._repo(repo_id)
         self.commit_attempts += 1
+        repo = self._repo(repo_id, write=True)
         if self.fail_commits:
             raise _HTTPError(500, "Internal Error - the stand-in was told to fail commits")
         header: dict = {}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import datasets
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
 
 from conftest import HELICONIUS, write_image
 from ddpm_lightning.data import ImageDataModule, load_source
@@ -23,8 +26,63 @@ def test_image_folder_loads_every_image_whatever_the_name(image_folder, caplog):
     assert len(dm.train_set) == 12  # imagefolder would have split test_* and val_* away
     assert "Found 12 training images" in caplog.text
     batch = next(iter(dm.train_dataloader()))
-    assert batch.shape == (4, 3, 16, 16) and batch.dtype == torch.float32
-    assert -1.0 <= batch.min() and batch.max() <= 1.0
+    assert batch.shape == (4, 3, 16, 16) and batch.dtype == torch.uint8  # resized once, augmented on the device
+    images = dm.on_after_batch_transfer(batch, 0)
+    assert images.dtype == torch.float32 and -1.0 <= images.min() and images.max() <= 1.0
+
+
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_augmentation_is_the_tutorials(image_folder, cache):
+    """Each augmented image equals the tutorial's Resize/flip/ToTensor/Normalize output, flipped or not."""
+    dm = setup_module_for(image_folder, cache=cache)
+    path = sorted(image_folder.rglob("*.png"))[0]
+    resize = transforms.Resize((16, 16))
+    tutorial = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])(resize(Image.open(path).convert("RGB")))
+    index = [i for i in range(len(dm.train_set)) if torch.equal(dm.train_set[i], (tutorial * 127.5 + 127.5).round().to(torch.uint8))]
+    assert len(index) == 1
+    torch.manual_seed(0)
+    out = dm.on_after_batch_transfer(torch.stack([dm.train_set[index[0]]] * 2000), 0)
+    flipped = torch.tensor([torch.allclose(o, tutorial.flip(-1), atol=1e-6) for o in out])
+    plain = torch.tensor([torch.allclose(o, tutorial, atol=1e-6) for o in out])
+    assert bool((flipped | plain).all())
+    assert 0.45 < flipped.float().mean() < 0.55  # RandomHorizontalFlip's p=0.5
+
+
+def bad_images(folder):
+    write_image(folder / "good_0.png", seed=0)
+    write_image(folder / "good_1.jpg", seed=1)
+    (folder / "empty.jpg").write_bytes(b"")
+    jpeg = (folder / "good_1.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "text.png").write_text("this is not a PNG")
+    return folder
+
+
+def test_unreadable_images_are_skipped_and_counted_when_cached(tmp_path):
+    with pytest.warns(UserWarning, match=r"Skipped 3 of 5 images.*empty\.jpg"):
+        dm = setup_module_for(bad_images(tmp_path), cache="memory")
+    assert len(dm.train_set) == 2
+
+
+def test_unreadable_image_names_the_file_when_streaming(tmp_path):
+    dm = setup_module_for(bad_images(tmp_path), cache="none")
+    names = {Path(dm.train_set.rows[i]["image"]["path"]).name: i for i in range(5)}
+    with pytest.raises(ValueError, match="Could not read image .*text.png.*remove or fix it"):
+        dm.train_set[names["text.png"]]
+
+
+def test_16_bit_images_scale_instead_of_clipping(tmp_path):
+    Image.fromarray(np.full((20, 20), 32896, dtype=np.uint16)).save(tmp_path / "deep.png")  # mid-grey
+    pixels = setup_module_for(tmp_path).train_set[0]
+    assert pixels.shape == (3, 16, 16) and int(pixels.float().mean()) == 128
+
+
+def test_small_images_are_upscaled_and_counted(tmp_path, caplog):
+    write_image(tmp_path / "small.png", size=(8, 8))
+    write_image(tmp_path / "big.png", size=(32, 32))
+    dm = setup_module_for(tmp_path)
+    assert "1 of 2 images are smaller than 16 px" in caplog.text
+    assert dm.train_set[0].shape == (3, 16, 16)
 
 
 @pytest.mark.skipif(not HELICONIUS.is_dir(), reason="../shared/data/heliconius is not beside the checkout")
