@@ -319,3 +319,42 @@ def test_save_model_publishes_the_saved_pipeline(hub, tmp_path, monkeypatch):
     assert all(r.authorization == "Bearer hf_fake" for r in hub.requests if r.method == "POST")
     assert hub.unhandled == []
     assert hub_module.IGNORE_PATTERNS == ["step_*", "epoch_*"]
+
+
+# ---------------------------------------------------------------------------------------------- through the CLI
+
+
+def test_fit_with_push_survives_a_failing_upload_and_publishes_at_the_end(hub, no_backoff, image_folder, tmp_path, monkeypatch):
+    """`ddpm-lightning fit --save.push_to_hub true`: the mid-run upload fails (a counted warning), training
+    goes on to the end, the final save uploads again and fit returns only after that upload."""
+    from conftest import fit_args
+    from ddpm_lightning.callbacks import SaveModel
+    from ddpm_lightning.cli import main
+
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    out = tmp_path / "ddpm-pushed"
+    hub.fail_commits = True
+
+    def recover_in_epoch_1(self, trainer, pl_module):  # the Hub comes back while epoch 1 trains
+        if trainer.current_epoch == 1:
+            hub.fail_commits = False
+
+    monkeypatch.setattr(SaveModel, "on_train_epoch_start", recover_in_epoch_1)
+    with pytest.warns(RuntimeWarning, match=r"failed \(1 so far\)"):
+        main(fit_args(image_folder, out, "--trainer.max_epochs", "2", "--save.save_model_epochs", "1",
+                      "--save.push_to_hub", "true", "--save.hub_private_repo", "true"))
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()  # training reached its end
+    assert [c.summary for c in hub.commits] == ["Epoch 1"]
+    assert hub.repos["fake-user/ddpm-pushed"].private
+    assert "unet/diffusion_pytorch_model.safetensors" in hub.repos["fake-user/ddpm-pushed"].files
+    assert (out / "model_index.json").exists()  # saved locally too, pushing or not
+
+
+def test_fit_with_push_and_no_token_fails_before_training(hf_env, image_folder, tmp_path):
+    from conftest import fit_args
+    from ddpm_lightning.cli import main
+
+    with pytest.raises(MissingHubTokenError, match="hf auth login"):
+        main(fit_args(image_folder, tmp_path / "run", "--save.push_to_hub", "true"))
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert not (tmp_path / "run" / "samples").exists()
