@@ -1,0 +1,300 @@
+"""Training and sampling speed of this project against the diffusers tutorial's Accelerate loop, side by side.
+
+On a GPU (the numbers for benchmarks/RESULTS.md), from the repository root:
+
+    python benchmarks/benchmark.py --batch-sizes 16,64,128 --out benchmarks/h100.json
+    python benchmarks/benchmark.py --batch-sizes 16,64,128 --project-args "--trainer.precision bf16-mixed" --out bf16.json
+
+CPU smoke test (a tiny UNet at 32 px on 20 images, about a minute on 2 cores; its numbers mean nothing):
+
+    python benchmarks/benchmark.py --tiny
+
+For each batch size, in this one process, on the same image files and the same UNet, it trains:
+    tutorial nw=0   tutorial_loop.py, the tutorial as written (DataLoader with num_workers=0)
+    tutorial nw=8   the same with num_workers=8
+    project         ddpm_lightning.cli.main(["fit", "--config", "configs/butterflies.yaml", ...overrides,
+                    ...--project-args]), timed by StepTimer, a callback added through --trainer.callbacks
+and reports images/s, ms per step, achieved TFLOP/s and MFU, peak GPU memory, and how many times faster the
+project is than each tutorial variant. Then, once, a grid of 16: the tutorial's DDPMPipeline (1000 steps) and
+the project's DDPMModule.sample with DDPM-1000 and DDIM-50.
+
+A run is timed from the end of its last warm-up step to the end of its last measured step, data loading
+included, with torch.cuda.synchronize() at those two points only: a sync every step would force on the
+project the per-step stall that the tutorial's `loss.item()` causes and the project avoids.
+FLOPs are the UNet's forward + backward for one image, counted once with FlopCounterMode; MFU divides the
+achieved rate by a large matmul timed on the same device (bf16 on CUDA, fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `benchmarks.benchmark.StepTimer` must import by name for --trainer.callbacks
+
+import accelerate  # noqa: E402
+import datasets  # noqa: E402
+import diffusers  # noqa: E402
+import lightning  # noqa: E402
+import torch  # noqa: E402
+from diffusers import UNet2DModel  # noqa: E402
+from lightning.pytorch import Callback  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from benchmarks import tutorial_loop  # noqa: E402
+from ddpm_lightning import cli  # noqa: E402
+from ddpm_lightning.data import find_images  # noqa: E402
+
+TINY_UNET = dict(
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+)
+# argparse defaults, full run / --tiny; None means "all images".
+DEFAULTS = dict(image_size=(128, 32), warmup=(10, 2), steps=(50, 4), max_images=(None, 20), grid_steps=(1000, 5), fast_steps=(50, 5))
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+RUNS: list[dict] = []  # StepTimer's results: cli.main returns nothing, so the callback hands them over here
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+class StepTimer(Callback):
+    """Times the project's training from inside its own Trainer, the way tutorial_loop times the tutorial;
+    after the run, one grid per sampler through DDPMModule.sample, the call SampleGrid makes."""
+
+    def __init__(self, warmup: int, steps: int, grid_steps: int = 0, fast_steps: int = 0):
+        self.warmup, self.steps, self.grid_steps, self.fast_steps = warmup, steps, grid_steps, fast_steps
+        self.batches, self.images, self.t0, self.result = 0, 0, 0.0, None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+        if self.batches == self.warmup:
+            sync()
+            self.t0 = time.perf_counter()
+        elif self.batches > self.warmup:
+            self.images += len(batch)  # the last batch of an epoch may be short
+        if self.batches == self.warmup + self.steps:
+            sync()
+            self.result = {"seconds": time.perf_counter() - self.t0, "images": self.images, "steps": self.steps}
+            self.result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if CUDA else None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # Runs after the Trainer's own end-of-run grid and save, so neither is timed here.
+        if self.result is None:
+            raise RuntimeError(f"Training stopped after {self.batches} batches, before the measured {self.warmup}+{self.steps}.")
+        for sampler, n in (("ddpm", self.grid_steps), ("ddim", self.fast_steps)):
+            if n:
+                sync()
+                t = time.perf_counter()
+                pl_module.sample(16, pl_module.make_scheduler(sampler), n, torch.Generator(device="cpu").manual_seed(0))
+                sync()
+                self.result[f"grid_{sampler}_{n}_seconds"] = time.perf_counter() - t
+        RUNS.append(self.result)
+
+
+def train_flops_per_image(unet: dict, image_size: int) -> int:
+    """FLOPs of one forward + backward of the UNet on one image: convolutions, matmuls, attention."""
+    model = UNet2DModel(sample_size=image_size, **unet).to(DEVICE)
+    x = torch.randn(1, model.config.in_channels, image_size, image_size, device=DEVICE)
+    t = torch.randint(0, 1000, (1,), device=DEVICE)
+    # The math backend spells attention as matmuls, which FlopCounterMode counts on any device (it has no
+    # formula for the CPU flash kernel); the count is the same as for the fused kernels.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, t, return_dict=False)[0].square().mean().backward()
+    return counter.get_total_flops()
+
+
+def peak_tflops() -> tuple[float, str]:
+    """The device's dense matmul rate, measured here: bf16 on CUDA (the same peak as fp16), fp32 on CPU."""
+    n, dtype, reps = (8192, torch.bfloat16, 50) if CUDA else (2048, torch.float32, 5)
+    a, b = torch.randn(n, n, device=DEVICE, dtype=dtype), torch.randn(n, n, device=DEVICE, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12, f"{str(dtype).removeprefix('torch.')} {n}x{n} matmul"
+
+
+def run_project(a, batch_size: int, image_dir: str, grids: bool) -> dict:
+    timer = {
+        "class_path": "benchmarks.benchmark.StepTimer",
+        "init_args": {"warmup": a.warmup, "steps": a.steps, "grid_steps": a.grid_steps * grids, "fast_steps": a.fast_steps * grids},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [
+            "fit", "--config", str(ROOT / "configs" / ("tiny.yaml" if a.tiny else "butterflies.yaml")),
+            "--model.unet", json.dumps(a.unet),  # the tutorial loop's UNet, whatever the config holds
+            "--data.dataset", image_dir,
+            "--data.image_size", str(a.image_size),
+            "--data.train_batch_size", str(batch_size),
+            "--trainer.max_steps", str(a.warmup + a.steps),
+            "--trainer.max_epochs", "-1",
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false",
+            "--trainer.callbacks", json.dumps([timer]),
+            "--output_dir", f"{tmp}/out",
+            "--checkpoint.dirpath", f"{tmp}/checkpoints",
+            # Nothing periodic inside the window: no per-epoch checkpoint (this disables last.ckpt too), no grid
+            # or model save before the end; the end-of-run grid is cut to one 1-step image since it is not timed.
+            "--checkpoint.every_n_epochs", "0",
+            "--grid.save_image_epochs", "1000000",
+            "--save.save_model_epochs", "1000000",
+            "--grid.eval_batch_size", "1", "--grid.sampler", "ddim", "--grid.num_inference_steps", "1",
+        ]  # fmt: skip
+        if not CUDA:
+            argv += ["--trainer.precision", "32-true"]  # the 16-mixed of butterflies.yaml needs a GPU, as the tutorial's fp16
+        argv += shlex.split(a.project_args)  # last, so they override the above
+        runs = len(RUNS)
+        cli.main(argv)
+        assert len(RUNS) == runs + 1, "StepTimer did not report: did --project-args replace --trainer.callbacks?"
+    return RUNS[-1]
+
+
+def free_memory() -> None:
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
+def markdown(report: dict) -> str:
+    fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
+    lines = [
+        f"Device: {report['device']}; peak {report['peak_tflops']:.1f} TFLOP/s ({report['peak_kind']}, measured); "
+        f"{report['flops_per_image'] / 1e9:.2f} GFLOP per training image (UNet forward + backward).",
+        "",
+        "| run | batch | images/s | ms/step | TFLOP/s | MFU | peak GiB | project ÷ this |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in report["training"]:
+        if "error" in r:
+            lines.append(f"| {r['run']} | {r['batch_size']} | {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['run']} | {r['batch_size']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | {r['tflops']:.2f} | "
+            f"{r['mfu']:.1%} | {fmt(r['peak_mem_gib'], '.2f')} | {fmt(r.get('project_speedup'), '.2f')}{'×' * ('project_speedup' in r)} |"
+        )
+    if report["grids"]:
+        lines += ["", "| grid of 16 | seconds | tutorial ÷ this |", "|---|--:|--:|"]
+        base = next((g["seconds"] for g in report["grids"] if g["grid"].startswith("tutorial")), None)
+        lines += [f"| {g['grid']} | {g['seconds']:.2f} | {fmt(base and base / g['seconds'], '.2f')}× |" for g in report["grids"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", default="../shared/data/heliconius/train", help="folder of training images (both sides)")
+    p.add_argument("--max-images", type=int, help="use only the first N images (default: all; --tiny: 20)")
+    p.add_argument("--batch-sizes", default="16", help="comma-separated, e.g. 16,64,128")
+    p.add_argument("--workers", default="0,8", help="DataLoader num_workers of the tutorial variants")
+    p.add_argument("--image-size", type=int, help="default 128 (--tiny: 32)")
+    p.add_argument("--warmup", type=int, help="untimed steps per run (default 10, --tiny: 2)")
+    p.add_argument("--steps", type=int, help="timed steps per run (default 50, --tiny: 4)")
+    p.add_argument("--grid-steps", type=int, help="DDPM steps of the grids, 0 for no grids (default 1000, --tiny: 5)")
+    p.add_argument("--fast-steps", type=int, help="DDIM steps of the project's fast grid (default 50, --tiny: 5)")
+    p.add_argument("--project-args", default="", help='extra project CLI overrides, e.g. "--trainer.precision bf16-mixed"')
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny UNet, 32 px, 20 images, a few steps")
+    p.add_argument("--out", help="write the report (with its markdown) to this JSON file")
+    a = p.parse_args()
+    for key, (full, tiny) in DEFAULTS.items():
+        if getattr(a, key) is None:
+            setattr(a, key, tiny if a.tiny else full)
+    a.unet = TINY_UNET if a.tiny else tutorial_loop.TUTORIAL_UNET
+
+    images = find_images(Path(a.images).resolve())[: a.max_images]
+    if not images:
+        sys.exit(f"No images under {a.images}: give --images DIR.")
+    report = {
+        "device": torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {m.__name__: m.__version__ for m in (torch, lightning, diffusers, accelerate, datasets)},
+        "command": shlex.join(["python", *sys.argv]),
+        "settings": {k: getattr(a, k) for k in ("tiny", "image_size", "batch_sizes", "workers", "warmup", "steps", "grid_steps", "fast_steps", "project_args")}
+        | {"images": len(images), "unet": a.unet},
+        "flops_per_image": train_flops_per_image(a.unet, a.image_size),
+    }
+    report["peak_tflops"], report["peak_kind"] = peak_tflops()
+    free_memory()
+    report["training"], report["grids"] = [], []
+
+    def record(name: str, batch_size: int, run) -> dict:
+        try:
+            r = run()
+        except torch.OutOfMemoryError:
+            row = {"run": name, "batch_size": batch_size, "error": "out of memory"}
+        else:
+            ips = r["images"] / r["seconds"]
+            tflops = report["flops_per_image"] * ips / 1e12
+            row = {"run": name, "batch_size": batch_size, "images_per_s": ips, "step_ms": 1000 * r["seconds"] / r["steps"],
+                   "tflops": tflops, "mfu": tflops / report["peak_tflops"], "peak_mem_gib": r["peak_mem_gib"], "raw": r}  # fmt: skip
+        report["training"].append(row)
+        free_memory()
+        return row
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # The project takes a folder: link exactly these files into one, and give the tutorial the same links.
+        links = []
+        for i, path in enumerate(images):
+            links.append(f"{tmp}/{i:05d}{Path(path).suffix}")
+            os.symlink(path, links[-1])
+        for i, bs in enumerate(a.batch_sizes.split(",")):
+            bs, grids = int(bs), i == 0 and a.grid_steps > 0  # grids once, with the first batch size
+            tutorial = []
+            for j, nw in enumerate(int(w) for w in a.workers.split(",")):
+                with tempfile.TemporaryDirectory() as logdir:
+                    run = lambda: tutorial_loop.run(a.unet, links, a.image_size, bs, nw, a.warmup, a.steps, logdir, a.grid_steps * (grids and j == 0))  # noqa: E731
+                    tutorial.append(record(f"tutorial nw={nw}", bs, run))
+            project = record("project", bs, lambda: run_project(a, bs, tmp, grids))
+            for row in tutorial:
+                if "error" not in row and "error" not in project:
+                    row["project_speedup"] = project["images_per_s"] / row["images_per_s"]
+            if grids:
+                t, pr = tutorial[0].get("raw", {}), project.get("raw", {})
+                for name, seconds in (
+                    (f"tutorial DDPMPipeline, DDPM {a.grid_steps} steps (fp16 autocast on CUDA)", t.get("grid_seconds")),
+                    (f"project sample(), DDPM {a.grid_steps} steps", pr.get(f"grid_ddpm_{a.grid_steps}_seconds")),
+                    (f"project sample(), DDIM {a.fast_steps} steps", pr.get(f"grid_ddim_{a.fast_steps}_seconds")),
+                ):
+                    if seconds is not None:
+                        report["grids"].append({"grid": name, "seconds": seconds})
+
+    report["markdown"] = markdown(report)
+    print("\n" + report["markdown"])
+    print(f"\n{report['date']}  " + "  ".join(f"{k} {v}" for k, v in report["versions"].items()))
+    print(f"command: {report['command']}")
+    if a.out:
+        Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    # Run as `benchmarks.benchmark`, not `__main__`: the StepTimer that --trainer.callbacks imports by name
+    # must be this module's, so that its results land in this module's RUNS.
+    from benchmarks.benchmark import main as imported_main
+
+    imported_main()
