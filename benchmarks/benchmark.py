@@ -3,7 +3,7 @@
 On a GPU (the numbers for benchmarks/RESULTS.md), from the repository root:
 
     python benchmarks/benchmark.py --batch-sizes 16,64,128 --out benchmarks/h100.json
-    python benchmarks/benchmark.py --batch-sizes 16,64,128 --project-args "--trainer.precision bf16-mixed" --out bf16.json
+    python benchmarks/benchmark.py --project-args "--trainer.precision bf16-mixed"   # a fast path, passed through
 
 CPU smoke test (a tiny UNet at 32 px on 20 images, about a minute on 2 cores; its numbers mean nothing):
 
@@ -65,7 +65,9 @@ TINY_UNET = dict(
     up_block_types=("AttnUpBlock2D", "UpBlock2D"),
 )
 # argparse defaults, full run / --tiny; None means "all images".
-DEFAULTS = dict(image_size=(128, 32), warmup=(10, 2), steps=(50, 4), max_images=(None, 20), grid_steps=(1000, 5), fast_steps=(50, 5))
+DEFAULTS = dict(
+    image_size=(128, 32), warmup=(10, 2), steps=(50, 4), max_images=(None, 20), grid_steps=(1000, 5), fast_steps=(50, 5)
+)
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -83,7 +85,7 @@ class StepTimer(Callback):
 
     def __init__(self, warmup: int, steps: int, grid_steps: int = 0, fast_steps: int = 0):
         self.warmup, self.steps, self.grid_steps, self.fast_steps = warmup, steps, grid_steps, fast_steps
-        self.batches, self.images, self.t0, self.result = 0, 0, 0.0, None
+        self.batches, self.images, self.t0, self.first_step_end, self.result = 0, 0, 0.0, 0.0, None
 
     def on_train_start(self, trainer, pl_module) -> None:
         if CUDA:
@@ -91,6 +93,9 @@ class StepTimer(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.batches += 1
+        if self.batches == 1:
+            sync()
+            self.first_step_end = time.perf_counter()
         if self.batches == self.warmup:
             sync()
             self.t0 = time.perf_counter()
@@ -98,13 +103,14 @@ class StepTimer(Callback):
             self.images += len(batch)  # the last batch of an epoch may be short
         if self.batches == self.warmup + self.steps:
             sync()
-            self.result = {"seconds": time.perf_counter() - self.t0, "images": self.images, "steps": self.steps}
+            self.result = {"seconds": time.perf_counter() - self.t0, "images": self.images, "steps": self.steps,
+                           "first_step_end": self.first_step_end}
             self.result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if CUDA else None
 
     def on_train_end(self, trainer, pl_module) -> None:
         # Runs after the Trainer's own end-of-run grid and save, so neither is timed here.
         if self.result is None:
-            raise RuntimeError(f"Training stopped after {self.batches} batches, before the measured {self.warmup}+{self.steps}.")
+            raise RuntimeError(f"Training stopped after {self.batches} batches, short of {self.warmup}+{self.steps}.")
         for sampler, n in (("ddpm", self.grid_steps), ("ddim", self.fast_steps)):
             if n:
                 sync()
@@ -142,9 +148,10 @@ def peak_tflops() -> tuple[float, str]:
 
 
 def run_project(a, batch_size: int, image_dir: str, grids: bool) -> dict:
+    grid_steps, fast_steps = (a.grid_steps, a.fast_steps) if grids else (0, 0)
     timer = {
         "class_path": "benchmarks.benchmark.StepTimer",
-        "init_args": {"warmup": a.warmup, "steps": a.steps, "grid_steps": a.grid_steps * grids, "fast_steps": a.fast_steps * grids},
+        "init_args": {"warmup": a.warmup, "steps": a.steps, "grid_steps": grid_steps, "fast_steps": fast_steps},
     }
     with tempfile.TemporaryDirectory() as tmp:
         argv = [
@@ -167,13 +174,19 @@ def run_project(a, batch_size: int, image_dir: str, grids: bool) -> dict:
             "--save.save_model_epochs", "1000000",
             "--grid.eval_batch_size", "1", "--grid.sampler", "ddim", "--grid.num_inference_steps", "1",
         ]  # fmt: skip
-        if not CUDA:
-            argv += ["--trainer.precision", "32-true"]  # the 16-mixed of butterflies.yaml needs a GPU, as the tutorial's fp16
+        if not CUDA:  # butterflies.yaml's 16-mixed needs a GPU, like the tutorial's fp16
+            argv += ["--trainer.precision", "32-true"]
         argv += shlex.split(a.project_args)  # last, so they override the above
-        runs = len(RUNS)
-        cli.main(argv)
+        runs, own_argv, started = len(RUNS), sys.argv, time.perf_counter()
+        sys.argv = sys.argv[:1]  # else LightningCLI warns that it sees this script's flags beside args=
+        try:
+            cli.main(argv)
+        finally:
+            sys.argv = own_argv
         assert len(RUNS) == runs + 1, "StepTimer did not report: did --project-args replace --trainer.callbacks?"
-    return RUNS[-1]
+    result = RUNS[-1]
+    result["first_step_s"] = result.pop("first_step_end") - started
+    return result
 
 
 def free_memory() -> None:
@@ -183,26 +196,29 @@ def free_memory() -> None:
 
 
 def markdown(report: dict) -> str:
-    fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
+    def fmt(value, spec: str, suffix: str = "") -> str:
+        return "—" if value is None else format(value, spec) + suffix
+
     lines = [
         f"Device: {report['device']}; peak {report['peak_tflops']:.1f} TFLOP/s ({report['peak_kind']}, measured); "
         f"{report['flops_per_image'] / 1e9:.2f} GFLOP per training image (UNet forward + backward).",
         "",
-        "| run | batch | images/s | ms/step | TFLOP/s | MFU | peak GiB | project ÷ this |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| run | batch | images/s | ms/step | TFLOP/s | MFU | peak GiB | 1st step s | project ÷ this |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in report["training"]:
         if "error" in r:
-            lines.append(f"| {r['run']} | {r['batch_size']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['run']} | {r['batch_size']} | {r['error']} | | | | | | |")
             continue
-        lines.append(
-            f"| {r['run']} | {r['batch_size']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | {r['tflops']:.2f} | "
-            f"{r['mfu']:.1%} | {fmt(r['peak_mem_gib'], '.2f')} | {fmt(r.get('project_speedup'), '.2f')}{'×' * ('project_speedup' in r)} |"
-        )
+        cells = [r["run"], r["batch_size"], f"{r['images_per_s']:.1f}", f"{r['step_ms']:.1f}", f"{r['tflops']:.2f}",
+                 f"{r['mfu']:.1%}", fmt(r["peak_mem_gib"], ".2f"), f"{r['first_step_s']:.1f}",
+                 fmt(r.get("project_speedup"), ".2f", "×")]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     if report["grids"]:
         lines += ["", "| grid of 16 | seconds | tutorial ÷ this |", "|---|--:|--:|"]
         base = next((g["seconds"] for g in report["grids"] if g["grid"].startswith("tutorial")), None)
-        lines += [f"| {g['grid']} | {g['seconds']:.2f} | {fmt(base and base / g['seconds'], '.2f')}× |" for g in report["grids"]]
+        for g in report["grids"]:
+            lines.append(f"| {g['grid']} | {g['seconds']:.2f} | {fmt(base and base / g['seconds'], '.2f', '×')} |")
     return "\n".join(lines)
 
 
@@ -217,7 +233,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="timed steps per run (default 50, --tiny: 4)")
     p.add_argument("--grid-steps", type=int, help="DDPM steps of the grids, 0 for no grids (default 1000, --tiny: 5)")
     p.add_argument("--fast-steps", type=int, help="DDIM steps of the project's fast grid (default 50, --tiny: 5)")
-    p.add_argument("--project-args", default="", help='extra project CLI overrides, e.g. "--trainer.precision bf16-mixed"')
+    p.add_argument("--project-args", default="", help='project CLI overrides, e.g. "--trainer.precision bf16-mixed"')
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny UNet, 32 px, 20 images, a few steps")
     p.add_argument("--out", help="write the report (with its markdown) to this JSON file")
     a = p.parse_args()
@@ -230,28 +246,28 @@ def main() -> None:
     if not images:
         sys.exit(f"No images under {a.images}: give --images DIR.")
     report = {
-        "device": torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name() if CUDA else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {m.__name__: m.__version__ for m in (torch, lightning, diffusers, accelerate, datasets)},
         "command": shlex.join(["python", *sys.argv]),
-        "settings": {k: getattr(a, k) for k in ("tiny", "image_size", "batch_sizes", "workers", "warmup", "steps", "grid_steps", "fast_steps", "project_args")}
-        | {"images": len(images), "unet": a.unet},
+        "settings": {k: v for k, v in vars(a).items() if k != "out"} | {"images": f"{len(images)} from {a.images}"},
         "flops_per_image": train_flops_per_image(a.unet, a.image_size),
     }
     report["peak_tflops"], report["peak_kind"] = peak_tflops()
     free_memory()
     report["training"], report["grids"] = [], []
 
-    def record(name: str, batch_size: int, run) -> dict:
+    def record(name: str, batch_size: int, run, *args) -> dict:
         try:
-            r = run()
+            r = run(*args)
         except torch.OutOfMemoryError:
             row = {"run": name, "batch_size": batch_size, "error": "out of memory"}
         else:
             ips = r["images"] / r["seconds"]
             tflops = report["flops_per_image"] * ips / 1e12
-            row = {"run": name, "batch_size": batch_size, "images_per_s": ips, "step_ms": 1000 * r["seconds"] / r["steps"],
-                   "tflops": tflops, "mfu": tflops / report["peak_tflops"], "peak_mem_gib": r["peak_mem_gib"], "raw": r}  # fmt: skip
+            row = {"run": name, "batch_size": batch_size, "images_per_s": ips,
+                   "step_ms": 1000 * r["seconds"] / r["steps"], "tflops": tflops, "mfu": tflops / report["peak_tflops"],
+                   "peak_mem_gib": r["peak_mem_gib"], "first_step_s": r["first_step_s"], "raw": r}  # fmt: skip
         report["training"].append(row)
         free_memory()
         return row
@@ -266,17 +282,18 @@ def main() -> None:
             bs, grids = int(bs), i == 0 and a.grid_steps > 0  # grids once, with the first batch size
             tutorial = []
             for j, nw in enumerate(int(w) for w in a.workers.split(",")):
+                grid_steps = a.grid_steps if grids and j == 0 else 0
                 with tempfile.TemporaryDirectory() as logdir:
-                    run = lambda: tutorial_loop.run(a.unet, links, a.image_size, bs, nw, a.warmup, a.steps, logdir, a.grid_steps * (grids and j == 0))  # noqa: E731
-                    tutorial.append(record(f"tutorial nw={nw}", bs, run))
-            project = record("project", bs, lambda: run_project(a, bs, tmp, grids))
+                    args = (a.unet, links, a.image_size, bs, nw, a.warmup, a.steps, logdir, grid_steps)
+                    tutorial.append(record(f"tutorial nw={nw}", bs, tutorial_loop.run, *args))
+            project = record("project", bs, run_project, a, bs, tmp, grids)
             for row in tutorial:
                 if "error" not in row and "error" not in project:
                     row["project_speedup"] = project["images_per_s"] / row["images_per_s"]
             if grids:
                 t, pr = tutorial[0].get("raw", {}), project.get("raw", {})
                 for name, seconds in (
-                    (f"tutorial DDPMPipeline, DDPM {a.grid_steps} steps (fp16 autocast on CUDA)", t.get("grid_seconds")),
+                    (f"tutorial DDPMPipeline, DDPM {a.grid_steps} steps (fp16 on CUDA)", t.get("grid_seconds")),
                     (f"project sample(), DDPM {a.grid_steps} steps", pr.get(f"grid_ddpm_{a.grid_steps}_seconds")),
                     (f"project sample(), DDIM {a.fast_steps} steps", pr.get(f"grid_ddim_{a.fast_steps}_seconds")),
                 ):

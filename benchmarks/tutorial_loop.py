@@ -61,8 +61,10 @@ def run(
     logdir: str,
     grid_steps: int = 0,
 ) -> dict:
-    """Train for warmup + steps steps; time the last `steps` (data loading included) and, if asked, one grid."""
+    """Train for warmup + steps steps; time the last `steps` (data loading included), the time from this call to
+    the end of the first step (set-up, data, first kernels), and if asked one grid."""
     assert warmup >= 1, "the clock starts at the end of the last warm-up step"
+    started = time.perf_counter()
     model = UNet2DModel(sample_size=image_size, **unet)
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
     train_dataloader = torch.utils.data.DataLoader(
@@ -114,6 +116,9 @@ def run(
             accelerator.log(logs, step=global_step)
             global_step += 1
             # --- timing: from the end of the last warm-up step to the end of the last measured one ---
+            if global_step == 1:
+                sync()
+                first_step_s = time.perf_counter() - started
             if global_step == warmup:
                 sync()
                 t0 = time.perf_counter()
@@ -122,7 +127,7 @@ def run(
             if global_step == warmup + steps:
                 break
     sync()
-    result = {"seconds": time.perf_counter() - t0, "images": images, "steps": steps}
+    result = {"seconds": time.perf_counter() - t0, "images": images, "steps": steps, "first_step_s": first_step_s}
     result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
 
     if grid_steps:

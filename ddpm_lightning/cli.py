@@ -17,6 +17,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .callbacks import SampleGrid, SaveModel
+from .checkpointing import AtomicCheckpointIO, PreemptionCheckpoint, check_ckpt_path
 from .data import ImageDataModule
 from .module import DDPMModule
 
@@ -41,6 +42,15 @@ class DDPMLightningCLI(LightningCLI):
             kwargs["logger"] = TensorBoardLogger(save_dir=self._get(self.config, "output_dir"), name="logs", version="")
         return super().instantiate_trainer(**kwargs)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        # Before LightningCLI reads the checkpoint's hyperparameters, which torch.load would fail on obscurely.
+        subcommand = self.config.get("subcommand")
+        check_ckpt_path(self.config[subcommand].get("ckpt_path") if subcommand else None, None)
+
+    def before_fit(self) -> None:
+        check_ckpt_path(self._get(self.config, "ckpt_path"), self.trainer.checkpoint_callback)
+
 
 def main(args: ArgsType = None) -> None:
     package_log = logging.getLogger("ddpm_lightning")
@@ -53,6 +63,7 @@ def main(args: ArgsType = None) -> None:
         args=args,
         auto_configure_optimizers=False,  # the module owns AdamW and the warm-up + cosine schedule
         save_config_kwargs={"overwrite": True},  # a resumed run writes its config to the same folder
+        trainer_defaults={"callbacks": [PreemptionCheckpoint()], "plugins": [AtomicCheckpointIO()]},
     )
 
 

@@ -335,8 +335,9 @@ def test_fit_with_push_survives_a_failing_upload_and_publishes_at_the_end(hub, n
     out = tmp_path / "ddpm-pushed"
     hub.fail_commits = True
 
-    def recover_in_epoch_1(self, trainer, pl_module):  # the Hub comes back while epoch 1 trains
+    def recover_in_epoch_1(self, trainer, pl_module):  # the Hub comes back once epoch 0's upload has failed
         if trainer.current_epoch == 1:
+            self.uploader.wait()
             hub.fail_commits = False
 
     monkeypatch.setattr(SaveModel, "on_train_epoch_start", recover_in_epoch_1)
