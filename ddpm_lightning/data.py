@@ -24,7 +24,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import transforms
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -145,6 +146,22 @@ class _TryItems(Dataset):
             return None, False, str(err)
 
 
+class EpochSampler(DistributedSampler):
+    """DistributedSampler (order = f(seed, epoch), one slice per rank) that reads the epoch from the Trainer
+    when an epoch's iteration starts: a run resumed mid-epoch restarts its loader before Lightning calls
+    set_epoch, and must still replay that epoch's order (the stateful loader then skips what was seen)."""
+
+    def __init__(self, dataset: Dataset, trainer, seed: int):
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        self.trainer = trainer
+
+    def __iter__(self):
+        if self.trainer is not None:
+            self.set_epoch(self.trainer.current_epoch)
+        return super().__iter__()
+
+
 class CachedImages(Dataset):
     def __init__(self, pixels: torch.Tensor):
         self.pixels = pixels
@@ -233,16 +250,21 @@ class ImageDataModule(LightningDataModule):
         rank_zero_info(f"Cached {len(pixels)} images of {images.image_size} px in memory.")
         return torch.stack(pixels)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StatefulDataLoader:
         cached = isinstance(self.train_set, CachedImages)
         workers = 0 if cached else self.num_workers  # cached batches are a memory copy: no processes needed
-        return DataLoader(
+        # The shuffle order of epoch e is a function of (seed, e) alone, on one device or many, and the loader
+        # is stateful (Lightning checkpoints its position): a run resumed mid-epoch sees exactly the batches
+        # it would have seen, and its own generator keeps the loader from drawing on the global RNG.
+        seed = torch.initial_seed()
+        return StatefulDataLoader(
             self.train_set,
             batch_size=self.hparams.train_batch_size,
-            shuffle=True,
+            sampler=EpochSampler(self.train_set, self.trainer, seed),
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:

@@ -8,7 +8,10 @@ The module never writes files: callbacks decide when to sample and where results
 
 from __future__ import annotations
 
+import random
 from typing import Any, Literal
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +93,14 @@ class DDPMModule(LightningModule):
         prediction = self.unet(noisy, timesteps, return_dict=False)[0]
         return F.mse_loss(prediction.float(), noise.float())
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning does not keep the RNG states; the noise, timestep and flip draws continue exactly with them.
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
+
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.AdamW(
@@ -131,3 +142,23 @@ class DDPMModule(LightningModule):
         finally:
             self.unet.train(was_training)
         return (image / 2 + 0.5).clamp(0, 1)
+
+
+def rng_states() -> dict[str, Any]:
+    """torch, CUDA, numpy and Python RNG states, in types that `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lightning.pytorch import Callback
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,3 +100,16 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+
+class StopAtStep(Callback):
+    """Stops the run at the end of step `step` exactly as a SIGTERM would (Lightning's signal flag is set there),
+    so the preemption save runs. Used by class path: `--trainer.callbacks+=conftest.StopAtStep`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer._signal_connector.received_sigterm = True

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import child_env, fit_args, scalar_steps
+from conftest import child_env, fit_args, scalar_steps, scalars
 from ddpm_lightning.checkpointing import AtomicCheckpointIO
 from ddpm_lightning.cli import main
 
@@ -75,3 +75,32 @@ def test_interrupted_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch)
     monkeypatch.undo()
     assert torch.load(path, weights_only=False)["global_step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, weights_only=False, map_location="cpu")["state_dict"]
+
+
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_stopped_and_resumed_run_equals_the_uninterrupted_one(image_folder, tmp_path, cache):
+    """8 steps straight vs. stopped at step 4 (in the middle of epoch 1: 3 steps an epoch) and resumed."""
+    common = ["--trainer.max_steps", "8", "--trainer.max_epochs", "-1", "--data.cache", cache,
+              "--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
+    if cache == "none":
+        common += ["--data.num_workers", "2"]  # worker processes, their seeds and prefetching too
+    main(fit_args(image_folder, tmp_path / "straight", *common, "--checkpoint.dirpath", "straight_ckpt"))
+
+    resumed = fit_args(image_folder, tmp_path / "resumed", *common, "--checkpoint.dirpath", "resumed_ckpt")
+    with pytest.raises(SystemExit):
+        main([*resumed, "--trainer.callbacks+=conftest.StopAtStep", "--trainer.callbacks.step", "4"])
+    assert last_step(tmp_path / "resumed_ckpt") == 4
+    main([*resumed, "--ckpt_path", "last"])
+
+    a, b = weights(tmp_path / "straight_ckpt" / "last.ckpt"), weights(tmp_path / "resumed_ckpt" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+    losses_a = scalars(tmp_path / "straight" / "logs", "train/loss")
+    losses_b = scalars(tmp_path / "resumed" / "logs", "train/loss")
+    assert sorted(losses_a) == sorted(losses_b) == list(range(8))
+    assert [losses_b[k] for k in range(8)] == pytest.approx([losses_a[k] for k in range(8)], rel=1e-5)
