@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -99,8 +98,8 @@ class SaveModel(Callback):
     scheduler/) to `output_dir` that `DDPMPipeline.from_pretrained(output_dir)` loads; with `push_to_hub`,
     also upload it in the background to `hub_model_id` (default: the output folder's name).
 
-    The folder is always written, pushing or not. A missing token or an unwritable folder fails before
-    training starts; a failed upload is a counted warning and the next save uploads again.
+    The folder is always written, pushing or not. A missing token or a repo that cannot be created fails
+    before training starts; a failed upload is a counted warning and the next save uploads again.
     """
 
     def __init__(
@@ -122,13 +121,9 @@ class SaveModel(Callback):
         if self.uploader is not None:
             self.uploader.check_token()  # the same answer on every rank: no rank waits for one that failed
         error = None
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.uploader is not None:
             try:
-                Path(self.output_dir).mkdir(parents=True, exist_ok=True)
-                if not os.access(self.output_dir, os.W_OK):
-                    raise PermissionError(f"output_dir {self.output_dir} is not writable: choose another --output_dir.")
-                if self.uploader is not None:
-                    log.info(f"Uploads go to the Hub repo {self.uploader.create_repo()}")
+                log.info(f"Uploads go to the Hub repo {self.uploader.create_repo()}")
             except Exception as err:  # noqa: BLE001 - reported on every rank below
                 error = f"{type(err).__name__}: {err}"
         error = trainer.strategy.broadcast(error, src=0)

@@ -11,6 +11,8 @@ config in <output_dir>/logs, checkpoints (last.ckpt kept) in ./checkpoints.
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -50,6 +52,18 @@ class DDPMLightningCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_ckpt_path(self._get(self.config, "ckpt_path"), self.trainer.checkpoint_callback)
+        check_writable(self._get(self.config, "output_dir"))
+
+
+def check_writable(folder: str) -> None:
+    """Create the output folder now, so a bad path fails before any training, naming the folder and the fix."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise RuntimeError(f"Cannot start training: output_dir {folder} is not a writable folder ({err}). "
+                           "Choose another --output_dir.") from err
 
 
 def main(args: ArgsType = None) -> None:

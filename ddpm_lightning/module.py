@@ -8,6 +8,7 @@ The module never writes files: callbacks decide when to sample and where results
 
 from __future__ import annotations
 
+import inspect
 import random
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.utils.torch_utils import randn_tensor
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 
 # The tutorial's UNet ("Train a diffusion model"): 6 levels, attention in the 5th down and 2nd up block.
 TUTORIAL_UNET: dict[str, Any] = {
@@ -47,6 +49,8 @@ class DDPMModule(LightningModule):
         lr_warmup_steps: optimizer steps of linear warm-up before the cosine decay to 0 at the run's last step.
         adam_betas, adam_weight_decay, adam_epsilon: AdamW's other settings (torch's defaults, as the tutorial).
         num_train_timesteps, beta_schedule, beta_start, beta_end: DDPMScheduler's noise schedule.
+        stop_on_nan: stop the run when the loss is NaN or infinite, naming the first such step. It is
+            tracked on the device and checked every `nan_check_every_n_steps` steps (a check waits for the GPU).
     """
 
     def __init__(
@@ -62,6 +66,8 @@ class DDPMModule(LightningModule):
         beta_schedule: str = "linear",
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
+        stop_on_nan: bool = True,
+        nan_check_every_n_steps: int = 10,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -72,6 +78,14 @@ class DDPMModule(LightningModule):
                 "leave unet.sample_size out, it follows data.image_size."
             )
         unet_kwargs["sample_size"] = image_size
+        default_blocks = inspect.signature(UNet2DModel.__init__).parameters["down_block_types"].default
+        levels = len(unet_kwargs.get("down_block_types", default_blocks))
+        if image_size % 2 ** (levels - 1):
+            factor = 2 ** (levels - 1)
+            raise ValueError(
+                f"image_size={image_size} cannot be halved {levels - 1} times by the UNet's {levels} down blocks: "
+                f"use a multiple of {factor} (e.g. {max(factor, image_size // factor * factor)}), or fewer blocks."
+            )
         self.unet = UNet2DModel(**unet_kwargs)
         self.scheduler = DDPMScheduler(
             num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end
@@ -81,7 +95,34 @@ class DDPMModule(LightningModule):
         loss = self.denoising_loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
+        if self.hparams.stop_on_nan:
+            self.track_nonfinite(loss)
         return loss
+
+    def track_nonfinite(self, loss: torch.Tensor) -> None:
+        """Remember the first step whose loss was not finite, on the device: no waiting for the GPU here."""
+        if not hasattr(self, "_first_bad_step"):
+            self._first_bad_step = torch.full((), -1, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()) & (self._first_bad_step < 0)
+        self._first_bad_step = torch.where(bad, self.trainer.global_step, self._first_bad_step)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Checked every N steps and at the end of each epoch, before any grid, save or epoch checkpoint.
+        trainer = self.trainer
+        due = (trainer.global_step % self.hparams.nan_check_every_n_steps == 0
+               or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+               or trainer.global_step >= trainer.max_steps > 0)
+        if not (self.hparams.stop_on_nan and due and hasattr(self, "_first_bad_step")):
+            return
+        first_bad = int(self._first_bad_step)
+        # Every rank decides together (a collective at the same step on all ranks): no rank is left waiting.
+        if trainer.strategy.reduce_boolean_decision(first_bad >= 0, all=False):
+            raise FloatingPointError(
+                f"The loss became NaN or infinite at step {first_bad} (rank {self.global_rank}): training stopped "
+                "instead of going on with broken weights. Lower model.learning_rate, try trainer.precision "
+                "bf16-mixed or 32-true, or check the data; resume from a checkpoint saved before that step. "
+                "model.stop_on_nan false turns this check off."
+            )
 
     def denoising_loss(self, clean: torch.Tensor, noise: torch.Tensor | None = None, timesteps=None) -> torch.Tensor:
         """MSE between the noise added at random timesteps and the UNet's prediction of it, in float32."""
@@ -107,9 +148,13 @@ class DDPMModule(LightningModule):
             self.parameters(), lr=hp.learning_rate, betas=hp.adam_betas, weight_decay=hp.adam_weight_decay, eps=hp.adam_epsilon
         )
         # Per optimizer step, over the whole run as the Trainer counts it (devices, accumulation, max_steps).
-        scheduler = get_cosine_schedule_with_warmup(
-            optimizer, num_warmup_steps=hp.lr_warmup_steps, num_training_steps=int(self.trainer.estimated_stepping_batches)
-        )
+        total = int(self.trainer.estimated_stepping_batches)
+        if hp.lr_warmup_steps >= total:
+            rank_zero_warn(
+                f"lr_warmup_steps={hp.lr_warmup_steps} is not shorter than the run ({total} optimizer steps): the "
+                f"learning rate never reaches learning_rate={hp.learning_rate}. Lower model.lr_warmup_steps."
+            )
+        scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=hp.lr_warmup_steps, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def make_scheduler(self, sampler: Sampler = "ddpm"):

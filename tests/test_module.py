@@ -75,3 +75,34 @@ def test_grid_shape():
     assert grid_shape(6, 3) == (3, 2)
     with pytest.raises(ValueError, match="grid_rows"):
         grid_shape(10, 4)
+
+
+def test_image_size_the_unet_cannot_halve_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"image_size=100 cannot be halved 5 times.*multiple of 32 \(e.g. 96\)"):
+        DDPMModule(image_size=100)
+    DDPMModule(unet=TINY_UNET, image_size=18)  # 2 levels: one halving, any even size
+
+
+def test_nan_loss_stops_the_run_naming_the_first_step(image_folder, tmp_path, monkeypatch):
+    from conftest import fit_args
+    from ddpm_lightning.cli import main
+
+    real = DDPMModule.denoising_loss
+
+    def nan_from_step_5(self, *args, **kwargs):
+        loss = real(self, *args, **kwargs)
+        return loss * float("nan") if self.trainer.global_step >= 5 else loss
+
+    monkeypatch.setattr(DDPMModule, "denoising_loss", nan_from_step_5)
+    with pytest.raises(FloatingPointError, match="NaN or infinite at step 5 .*stop_on_nan false"):
+        main(fit_args(image_folder, tmp_path / "run", "--trainer.max_steps", "20", "--trainer.max_epochs", "-1",
+                      "--model.nan_check_every_n_steps", "4"))
+    assert not (tmp_path / "run" / "model_index.json").exists()  # no final save of broken weights
+
+
+def test_warmup_longer_than_the_run_warns(image_folder, tmp_path):
+    from conftest import fit_args
+    from ddpm_lightning.cli import main
+
+    with pytest.warns(UserWarning, match=r"lr_warmup_steps=500 is not shorter than the run \(3 optimizer steps\)"):
+        main(fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "1", "--model.lr_warmup_steps", "500"))

@@ -104,3 +104,28 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(image_folder, tmp_
     losses_b = scalars(tmp_path / "resumed" / "logs", "train/loss")
     assert sorted(losses_a) == sorted(losses_b) == list(range(8))
     assert [losses_b[k] for k in range(8)] == pytest.approx([losses_a[k] for k in range(8)], rel=1e-5)
+
+
+def test_unknown_keys_are_named_by_the_cli(image_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(fit_args(image_folder, tmp_path / "run", "--model.learnin_rate", "0.1"))
+    assert "unrecognized arguments: --model.learnin_rate" in capsys.readouterr().err
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  learnin_rate: 0.1\n")
+    with pytest.raises(SystemExit):
+        main([*fit_args(image_folder, tmp_path / "run"), "-c", str(typo)])
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage text, no traceback
+    assert last_line == "error: Subcommand 'fit' does not accept option 'model.learnin_rate'"
+
+
+def test_unwritable_output_dir_fails_before_training(image_folder, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(RuntimeError, match="Cannot start training: .*a_file"):
+        main(fit_args(image_folder, blocker / "run"))
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def test_grid_that_eval_batch_cannot_fill_is_refused(image_folder, tmp_path):
+    with pytest.raises(ValueError, match="eval_batch_size=10 images do not fill a grid of 4 rows"):
+        main(fit_args(image_folder, tmp_path / "run", "--grid.eval_batch_size", "10", "--grid.grid_rows", "4"))
