@@ -47,8 +47,9 @@ class SampleGrid(Callback):
     """Every `save_image_epochs` epochs and at the end, sample `eval_batch_size` images into
     `<output_dir>/samples/{epoch:04d}.png` and TensorBoard.
 
-    The noise comes from its own generator seeded with `seed`: the same noise every time, and the training
-    RNG is left exactly as it was. DDPM with 1000 steps is the tutorial's sampler; `sampler` and
+    The noise comes from its own generator seeded with `seed` (and the rank): the same noise every time for
+    a given number of devices, and the training RNG is left exactly as it was. With several devices each
+    samples a share of the grid. DDPM with 1000 steps is the tutorial's sampler; `sampler` and
     `num_inference_steps` pick a faster one for previews.
     """
 
@@ -71,17 +72,22 @@ class SampleGrid(Callback):
         self.rows, self.cols = grid_shape(eval_batch_size, grid_rows)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if is_due(trainer, self.save_image_epochs) and trainer.is_global_zero:
+        if is_due(trainer, self.save_image_epochs):
             self.write_grid(trainer, pl_module)
 
-    def write_grid(self, trainer: Trainer, pl_module: LightningModule) -> Path:
-        # The generator makes the draw independent of the global RNG; fork_rng guards against any library
-        # code that still draws from it, so training continues with the state it would have had.
+    def write_grid(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
+        """Every rank samples its share of the grid and rank 0 writes it: no rank waits on the others' sampling
+        (a grid drawn by rank 0 alone could outlast the collective timeout of the ranks waiting for it)."""
+        share = math.ceil(self.eval_batch_size / trainer.world_size)
+        # Its own generator, one stream per rank: the draw does not depend on, or change, the training RNG.
+        # fork_rng guards against any library code that still draws from the global RNG.
         with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
-            generator = torch.Generator(device="cpu").manual_seed(self.seed)
-            images = pl_module.sample(
-                self.eval_batch_size, pl_module.make_scheduler(self.sampler), self.num_inference_steps, generator
-            )
+            generator = torch.Generator(device="cpu").manual_seed(self.seed + 1_000_003 * trainer.global_rank)
+            images = pl_module.sample(share, pl_module.make_scheduler(self.sampler), self.num_inference_steps, generator)
+        images = trainer.strategy.all_gather(images)  # collective on every rank; (world, share, C, H, W) with DDP
+        images = images.flatten(0, 1)[: self.eval_batch_size] if images.dim() == 5 else images
+        if not trainer.is_global_zero:
+            return None
         path = Path(self.output_dir) / "samples" / f"{trainer.current_epoch:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(images, path, nrow=self.cols, padding=0)

@@ -6,6 +6,7 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -106,3 +107,19 @@ def test_print_config_shows_tutorial_keys(capsys):
                 "train_batch_size: 16", "learning_rate: 0.0001", "lr_warmup_steps: 500", "precision: 16-mixed",
                 "max_epochs: 50", "output_dir: ddpm-butterflies-128", "push_to_hub: false", "seed_everything: 0"):
         assert key in text, key
+
+
+def test_ddp_grid_longer_than_the_collective_timeout_does_not_time_out(image_folder, tmp_path):
+    """Drawing the grid (1000 DDPM steps) takes longer than the 6 s collective timeout: a design where rank 0
+    draws it alone while rank 1 waits at the checkpoint barrier fails here with a gloo timeout."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ddpm_lightning", *fit_args(image_folder, out, "--trainer.max_epochs", "1"),
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+           "--trainer.strategy", "lightning.pytorch.strategies.DDPStrategy", "--trainer.strategy.timeout", "0:00:06",
+           "--grid.num_inference_steps", "1000", "--grid.sampler", "ddpm"]
+    start = time.time()
+    result = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert [p.name for p in (out / "samples").iterdir()] == ["0000.png"]
+    assert Image.open(out / "samples" / "0000.png").size == (32, 32)
+    assert time.time() - start > 6  # the grid really outlasted the timeout

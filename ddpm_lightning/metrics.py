@@ -1,0 +1,300 @@
+"""FID and KID between generated and real images, computed by torchmetrics.
+
+Usage (e.g. from a Lightning callback)::
+
+    from ddpm_lightning.metrics import InceptionWeightsUnavailable, SampleQuality
+
+    try:
+        quality = SampleQuality(weights_path=None, kid_subset_size=50)  # Inception-v3, 2048 features
+    except InceptionWeightsUnavailable as err:
+        log.warning(str(err))  # says which file is missing and where to put it; training goes on
+        quality = None
+
+    quality.to(pl_module.device)
+    if quality.num_real == 0:              # real features are kept across evaluations
+        for batch in real_loader:          # float in [0, 1] (or uint8 in [0, 255]), (N, 3, H, W)
+            quality.update_real(batch)
+    quality.update_fake(samples)           # e.g. DDPMPipeline output, (N, 3, H, W) in [0, 1]
+    scores = quality.compute()             # {"fid": ..., "kid_mean": ..., "kid_std": ...}
+    quality.reset_fake()                   # next evaluation reuses the real features
+
+The default extractor is torchmetrics' Inception-v3 (torch-fidelity's port of the TF FID network). Its weights
+are never downloaded here: they are looked up in the torch hub cache (or at ``weights_path``) and
+:class:`InceptionWeightsUnavailable` is raised at once when they are not there, instead of letting torch.hub try
+the network (which, offline, can hang on DNS/connect until a timeout). Images are resized to 299 px with
+torch-fidelity's TF1-compatible bilinear resize (``antialias=False``), so numbers are comparable with torch-fidelity
+and the original TF FID code; for the Inception extractor images are quantised to uint8 by rounding, like a saved
+PNG. Features are computed once per image and shared by FID and KID.
+
+``feature`` may also be any ``nn.Module`` mapping float images in [0, 1], (N, 3, H, W), to features (N, d); it is
+called under ``torch.no_grad()`` in float32 with autocast disabled, in chunks of ``batch_size`` images. No weights
+or torch-fidelity are needed then (the tests use a tiny random conv net).
+
+KID: each of ``kid_subsets`` subsets draws ``kid_subset_size`` real and fake features; torchmetrics raises if a
+subset is larger than the number of samples, so the size is clamped to ``min(kid_subset_size, num_real,
+num_fake)`` at ``compute()``. When it is clamped to the whole (smaller) set the subsets are all the same and
+``kid_std`` is 0. The subsets are drawn from a fixed seed (without touching the global RNG), so ``compute()`` is
+repeatable. FID and KID both need at least 2 real and 2 fake images; few images give biased FID (it needs
+thousands of images to be comparable with published values).
+
+Distributed: torchmetrics syncs the states across processes in ``compute()`` (``sync_on_compute=True``), so every
+rank must call it; pass ``sync_on_compute=False`` if only one rank evaluates, or it will wait forever.
+
+This is a plain object, not an ``nn.Module``, on purpose: attached to a LightningModule it does not put the
+~90 MB of Inception weights into checkpoints, and Lightning does not move it; call ``.to(device)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "INCEPTION_WEIGHTS_FILE",
+    "INCEPTION_WEIGHTS_URL",
+    "InceptionWeightsUnavailable",
+    "SampleQuality",
+    "inception_available",
+    "inception_weights_path",
+]
+
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
+)
+_INCEPTION_FEATURES = (64, 192, 768, 2048)
+_KID_SEED = 0
+_RANGE_TOLERANCE = 1e-3
+
+
+class InceptionWeightsUnavailable(RuntimeError):
+    """FID/KID with Inception-v3 cannot be set up here (weights file or torch-fidelity missing); the message says
+    how to fix it. Raised before any download is attempted."""
+
+
+def _torch_fidelity_installed() -> bool:
+    return importlib.util.find_spec("torch_fidelity") is not None
+
+
+def _hub_cache_file() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+
+
+def _how_to(problem: str) -> str:
+    cached = _hub_cache_file()
+    return (
+        f"FID/KID are disabled: {problem}. No download was attempted. FID/KID use torch-fidelity's Inception-v3 "
+        f"weights, the file {INCEPTION_WEIGHTS_FILE} ({INCEPTION_WEIGHTS_URL}). To enable them: "
+        f"(1) `pip install torch-fidelity`; and "
+        f"(2) put that file in the torch hub cache, {cached} (i.e. $TORCH_HOME/hub/checkpoints/; TORCH_HOME "
+        f"defaults to ~/.cache/torch), e.g. copy it there from a machine with internet where "
+        f"`curl -L -o {INCEPTION_WEIGHTS_FILE} {INCEPTION_WEIGHTS_URL}` works, "
+        f"or pass the file's path as `weights_path` in the metrics config."
+    )
+
+
+def inception_weights_path(weights_path: str | os.PathLike | None = None) -> Path:
+    """The Inception weights file to use: ``weights_path`` if given, else the torch hub cache's copy.
+
+    Only looks at the file system. Raises :class:`InceptionWeightsUnavailable` (with how to fix it) if torch-fidelity
+    is not installed or the file is not there.
+    """
+    if not _torch_fidelity_installed():
+        raise InceptionWeightsUnavailable(_how_to("torch-fidelity is not installed"))
+    if weights_path is not None:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise InceptionWeightsUnavailable(_how_to(f"weights_path={str(weights_path)!r} is not a file"))
+        return path
+    path = _hub_cache_file()
+    if not path.is_file():
+        raise InceptionWeightsUnavailable(_how_to(f"{path} does not exist"))
+    return path
+
+
+def inception_available(weights_path: str | os.PathLike | None = None) -> tuple[bool, str]:
+    """``(True, path of the weights)`` or ``(False, why not and how to fix it)``; file system only, no network."""
+    try:
+        return True, str(inception_weights_path(weights_path))
+    except InceptionWeightsUnavailable as err:
+        return False, str(err)
+
+
+class _Precomputed(nn.Module):
+    """Identity 'extractor' handed to torchmetrics: SampleQuality extracts features once and feeds both metrics."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+class SampleQuality:
+    """FID and KID of generated ("fake") images against real ones; see the module docstring for usage.
+
+    Args:
+        feature: Inception-v3 feature layer (64, 192, 768 or 2048) or a custom ``nn.Module`` (float images in
+            [0, 1], (N, 3, H, W) -> (N, d)).
+        weights_path: the Inception weights file (``weights-inception-2015-12-05-6726825d.pth``); ``None`` looks
+            in ``$TORCH_HOME/hub/checkpoints/``. Only for the Inception extractor.
+        kid_subset_size: images per KID subset, clamped at ``compute()`` to the number of real and fake images.
+        kid_subsets: number of KID subsets (mean and std are over these).
+        batch_size: images per forward pass of the extractor (``update_*`` accept any number).
+        sync_on_compute: torchmetrics' cross-process sync in ``compute()`` (all ranks must then call it).
+
+    Raises:
+        InceptionWeightsUnavailable: ``feature`` is an int and the weights or torch-fidelity are missing.
+    """
+
+    def __init__(
+        self,
+        feature: int | nn.Module = 2048,
+        weights_path: str | os.PathLike | None = None,
+        kid_subset_size: int = 50,
+        kid_subsets: int = 100,
+        batch_size: int = 64,
+        sync_on_compute: bool = True,
+    ) -> None:
+        if kid_subset_size < 2 or kid_subsets < 1 or batch_size < 1:
+            raise ValueError("kid_subset_size must be >= 2, kid_subsets and batch_size >= 1")
+        if isinstance(feature, nn.Module):
+            if weights_path is not None:
+                raise ValueError("weights_path is only used by the Inception extractor (an int `feature`)")
+            extractor, self._inception = feature, False
+        elif isinstance(feature, int) and not isinstance(feature, bool) and feature in _INCEPTION_FEATURES:
+            extractor, self._inception = self._load_inception(feature, inception_weights_path(weights_path)), True
+        else:
+            raise ValueError(f"feature must be one of {_INCEPTION_FEATURES} or an nn.Module, got {feature!r}")
+        self._extractor = extractor.eval()
+        self.kid_subset_size = kid_subset_size
+        self.kid_subsets = kid_subsets
+        self.batch_size = batch_size
+        self.sync_on_compute = sync_on_compute
+        self.device = _module_device(extractor)
+        self._fid = self._kid = None  # built at the first update, when the feature size is known
+        self.num_real = 0
+        self.num_fake = 0
+
+    @staticmethod
+    def _load_inception(feature: int, path: Path) -> nn.Module:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        try:
+            return NoTrainInceptionV3(
+                name="inception-v3-compat",
+                features_list=[str(feature)],
+                feature_extractor_weights_path=str(path),
+                antialias=False,
+            )
+        except Exception as err:  # truncated download, wrong file, torch-fidelity API change
+            raise InceptionWeightsUnavailable(
+                _how_to(f"{path} could not be loaded ({type(err).__name__}: {err})")
+            ) from err
+
+    def to(self, device: torch.device | str) -> SampleQuality:
+        """Move the extractor and the metric states (features are computed on this device)."""
+        self.device = torch.device(device)
+        self._extractor.to(self.device)
+        for metric in (self._fid, self._kid):
+            if metric is not None:
+                metric.to(self.device)
+        return self
+
+    def update_real(self, images: Tensor) -> None:
+        """Add real images: float in [0, 1] (or uint8 in [0, 255]), (N, 3, H, W), on any device."""
+        self._update(images, real=True)
+
+    def update_fake(self, images: Tensor) -> None:
+        """Add generated images: float in [0, 1] (or uint8 in [0, 255]), (N, 3, H, W), on any device."""
+        self._update(images, real=False)
+
+    def compute(self) -> dict[str, float]:
+        """``{"fid", "kid_mean", "kid_std"}`` of the fakes since the last ``reset_fake()`` against all reals."""
+        if self.num_real < 2 or self.num_fake < 2:
+            raise ValueError(
+                f"FID/KID need at least 2 real and 2 fake images, got {self.num_real} real, {self.num_fake} fake"
+            )
+        self._kid.subset_size = min(self.kid_subset_size, self.num_real, self.num_fake)
+        with torch.random.fork_rng(devices=[]):  # KID's torch.randperm: repeatable, global RNG untouched
+            torch.manual_seed(_KID_SEED)
+            kid_mean, kid_std = self._kid.compute()
+        fid = self._fid.compute()
+        return {"fid": float(fid), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
+
+    def reset_fake(self) -> None:
+        """Forget the fake images; the real features are kept for the next evaluation."""
+        for metric in (self._fid, self._kid):
+            if metric is not None:
+                metric.reset()  # reset_real_features=False: real states survive
+        self.num_fake = 0
+
+    def reset(self) -> None:
+        """Forget real and fake images (e.g. the real data set changed)."""
+        self._fid = self._kid = None
+        self.num_real = self.num_fake = 0
+
+    def _update(self, images: Tensor, real: bool) -> None:
+        features = self._features(images)
+        if self._fid is None:
+            self._build_metrics(features.shape[1])
+        self._fid.update(features.double(), real=real)
+        self._kid.update(features, real=real)
+        if real:
+            self.num_real += features.shape[0]
+        else:
+            self.num_fake += features.shape[0]
+
+    def _build_metrics(self, num_features: int) -> None:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        common = dict(reset_real_features=False, sync_on_compute=self.sync_on_compute)
+        self._fid = FrechetInceptionDistance(feature=_Precomputed(num_features), **common).to(self.device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
+            self._kid = KernelInceptionDistance(
+                feature=_Precomputed(num_features), subsets=self.kid_subsets, subset_size=self.kid_subset_size, **common
+            ).to(self.device)
+
+    def _features(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"expected images of shape (N, 3, H, W), got {shape}")
+        if images.shape[0] == 0:
+            raise ValueError("expected at least one image")
+        if images.dtype == torch.uint8:
+            images = images.float() / 255
+        elif images.is_floating_point():
+            if not bool(torch.isfinite(images).all()):
+                raise ValueError("images contain NaN or inf")
+            lo, hi = (float(v) for v in torch.aminmax(images))
+            if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
+                raise ValueError(
+                    f"expected images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]"
+                    " (model-space images in [-1, 1] map to [0, 1] with (x / 2 + 0.5).clamp(0, 1))"
+                )
+        else:
+            raise ValueError(f"expected float images in [0, 1] or uint8 images, got dtype {images.dtype}")
+        out = []
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            for chunk in images.split(self.batch_size):
+                chunk = chunk.to(self.device, torch.float32).clamp(0, 1)
+                if self._inception:
+                    chunk = (chunk * 255).round().to(torch.uint8)
+                feats = self._extractor(chunk)
+                out.append(feats.reshape(chunk.shape[0], -1).float())
+        return torch.cat(out)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
