@@ -32,8 +32,8 @@ or torch-fidelity are needed then (the tests use a tiny random conv net).
 
 KID: each of ``kid_subsets`` subsets draws ``kid_subset_size`` real and fake features; torchmetrics raises if a
 subset is larger than the number of samples, so the size is clamped to ``min(kid_subset_size, num_real,
-num_fake)`` at ``compute()``. When it is clamped to the whole (smaller) set the subsets are all the same and
-``kid_std`` is 0. The subsets are drawn from a fixed seed (without touching the global RNG), so ``compute()`` is
+num_fake)`` at ``compute()`` (with as many real as fake images, and fewer than ``kid_subset_size``, every subset is
+the whole sets and ``kid_std`` is 0). The subsets are drawn from a fixed seed (without touching the global RNG), so ``compute()`` is
 repeatable. FID and KID both need at least 2 real and 2 fake images; few images give biased FID (it needs
 thousands of images to be comparable with published values).
 

@@ -113,3 +113,14 @@ class StopAtStep(Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.step:
             trainer._signal_connector.received_sigterm = True
+
+
+class CrashAtStep(Callback):
+    """Raises on one rank at a given step (`--trainer.callbacks+=conftest.CrashAtStep`): a crash in one process."""
+
+    def __init__(self, rank: int, step: int):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            raise RuntimeError(f"injected crash on rank {self.rank} at step {self.step}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -123,3 +124,17 @@ def test_ddp_grid_longer_than_the_collective_timeout_does_not_time_out(image_fol
     assert [p.name for p in (out / "samples").iterdir()] == ["0000.png"]
     assert Image.open(out / "samples" / "0000.png").size == (32, 32)
     assert time.time() - start > 6  # the grid really outlasted the timeout
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_ddp_crash_in_one_rank_ends_the_run_with_the_error(image_folder, tmp_path, rank):
+    """With the default 30-minute collective timeout, a hang would be caught by the 120 s limit here."""
+    cmd = [sys.executable, "-m", "ddpm_lightning", *fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "3"),
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+           "--trainer.callbacks+=conftest.CrashAtStep", "--trainer.callbacks.rank", str(rank),
+           "--trainer.callbacks.step", "2"]
+    env = child_env()
+    env["PYTHONPATH"] = str(REPO / "tests") + os.pathsep + env["PYTHONPATH"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"injected crash on rank {rank} at step 2" in result.stdout + result.stderr

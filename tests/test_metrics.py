@@ -91,7 +91,9 @@ def test_reset_fake_keeps_real_features_and_compute_is_repeatable():
 def test_kid_subset_size_is_clamped_to_the_samples():
     result = scores(noise(5, seed=1), ramps(3, seed=2), kid_subset_size=50)  # torchmetrics alone would raise
     assert all(torch.isfinite(torch.tensor(v)) for v in result.values())
-    assert result["kid_std"] == 0  # subset = the whole 3-image set every time
+    assert result["kid_mean"] > 0 and result["kid_std"] > 0  # 3 of the 5 reals: the subsets differ
+    both_whole = scores(noise(3, seed=1), ramps(3, seed=2), kid_subset_size=50)
+    assert both_whole["kid_std"] == 0  # every subset is both whole sets
     with pytest.raises(ValueError, match="at least 2"):
         scores(noise(5, seed=1), ramps(1, seed=2))
 
