@@ -42,6 +42,9 @@ class DDPMLightningCLI(LightningCLI):
         # the same folder on every run, so a resumed run continues its curves instead of starting version_1.
         if self._get(self.config, "trainer").get("logger") in (None, True):
             kwargs["logger"] = TensorBoardLogger(save_dir=self._get(self.config, "output_dir"), name="logs", version="")
+        data = self._get(self.config, "data")
+        if data.val_dataset is None and not data.val_fraction and self._get(self.config, "trainer").limit_val_batches is None:
+            kwargs["limit_val_batches"] = 0  # no held-out images: no validation loop at all
         return super().instantiate_trainer(**kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:

@@ -162,6 +162,19 @@ class EpochSampler(DistributedSampler):
         return super().__iter__()
 
 
+class Indexed(Dataset):
+    """(index, item) pairs: validation noise is seeded by the image's index, so it is the same every epoch."""
+
+    def __init__(self, images: Dataset):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        return i, self.images[i]
+
+
 class CachedImages(Dataset):
     def __init__(self, pixels: torch.Tensor):
         self.pixels = pixels
@@ -194,6 +207,8 @@ class ImageDataModule(LightningDataModule):
             take at most `cache_max_gb`). Unreadable images are then skipped with a counted warning.
             Without the cache, images are decoded by `num_workers` processes every epoch.
         cache_max_gb: the size cap for `cache: auto`.
+        val_dataset, val_split: held-out images for the validation loss (any source `dataset` takes).
+        val_fraction: or hold out this fraction of `dataset` instead (a fixed, seeded split).
     """
 
     def __init__(
@@ -206,27 +221,42 @@ class ImageDataModule(LightningDataModule):
         num_workers: int | None = None,
         cache: Literal["auto", "memory", "none"] = "auto",
         cache_max_gb: float = 4.0,
+        val_dataset: str | None = None,
+        val_split: str = "train",
+        val_fraction: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
 
     def setup(self, stage: str) -> None:
-        if self.train_set is not None:
-            return
         hp = self.hparams
-        ds = load_source(hp.dataset, hp.split)
-        column = image_column_of(ds, hp.image_column)
-        if len(ds) == 0:
-            raise ValueError(f"{hp.dataset} (split {hp.split!r}) holds no rows: nothing to train on.")
-        rank_zero_info(f"Found {len(ds)} training images in {hp.dataset} (split {hp.split!r}, column {column!r}).")
-        images = ResizedImages(ds, column, hp.image_size)
-        cache_gb = len(ds) * 3 * hp.image_size**2 / 1e9
-        if hp.cache == "memory" or (hp.cache == "auto" and cache_gb <= hp.cache_max_gb):
-            self.train_set = CachedImages(self.decode_all(images))
-        else:
-            self.train_set = images
+        if self.train_set is None:
+            ds = load_source(hp.dataset, hp.split)
+            column = image_column_of(ds, hp.image_column)
+            if len(ds) == 0:
+                raise ValueError(f"{hp.dataset} (split {hp.split!r}) holds no rows: nothing to train on.")
+            rank_zero_info(f"Found {len(ds)} training images in {hp.dataset} (split {hp.split!r}, column {column!r}).")
+            val = None
+            if hp.val_dataset is not None:
+                val = load_source(hp.val_dataset, hp.val_split)
+                val_column = image_column_of(val, hp.image_column)
+                rank_zero_info(f"Found {len(val)} validation images in {hp.val_dataset} (split {hp.val_split!r}).")
+            elif hp.val_fraction > 0:
+                parts = ds.train_test_split(test_size=hp.val_fraction, seed=0, shuffle=True)
+                ds, val, val_column = parts["train"], parts["test"], column
+                rank_zero_info(f"Held out {len(val)} of them for validation (val_fraction={hp.val_fraction}).")
+            self.train_set = self.images(ds, column)
+            self.val_set = None if val is None else Indexed(self.images(val, val_column))
+
+    def images(self, ds: datasets.Dataset, column: str) -> Dataset:
+        images = ResizedImages(ds, column, self.hparams.image_size)
+        cache_gb = len(ds) * 3 * self.hparams.image_size**2 / 1e9
+        if self.hparams.cache == "memory" or (self.hparams.cache == "auto" and cache_gb <= self.hparams.cache_max_gb):
+            return CachedImages(self.decode_all(images))
+        return images
 
     def decode_all(self, images: ResizedImages) -> torch.Tensor:
         """Decode and resize every image once, in `num_workers` processes; skip and count the unreadable ones."""
@@ -267,5 +297,16 @@ class ImageDataModule(LightningDataModule):
             generator=torch.Generator().manual_seed(seed),
         )
 
-    def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
-        return augment(batch) if batch.dtype == torch.uint8 else batch
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            raise ValueError("No validation images: set --data.val_dataset or --data.val_fraction.")
+        cached = isinstance(self.val_set.images, CachedImages)
+        workers = 0 if cached else self.num_workers
+        return DataLoader(self.val_set, batch_size=self.hparams.train_batch_size, num_workers=workers)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # Training batches are uint8 images: flip and scale them here, on the device. Validation batches are
+        # (index, uint8 images): the module scales them itself, unflipped, with noise fixed per index.
+        if isinstance(batch, torch.Tensor) and batch.dtype == torch.uint8:
+            return augment(batch)
+        return batch

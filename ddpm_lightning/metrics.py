@@ -32,10 +32,10 @@ or torch-fidelity are needed then (the tests use a tiny random conv net).
 
 KID: each of ``kid_subsets`` subsets draws ``kid_subset_size`` real and fake features; torchmetrics raises if a
 subset is larger than the number of samples, so the size is clamped to ``min(kid_subset_size, num_real,
-num_fake)`` at ``compute()`` (with as many real as fake images, and fewer than ``kid_subset_size``, every subset is
-the whole sets and ``kid_std`` is 0). The subsets are drawn from a fixed seed (without touching the global RNG), so ``compute()`` is
-repeatable. FID and KID both need at least 2 real and 2 fake images; few images give biased FID (it needs
-thousands of images to be comparable with published values).
+num_fake)`` at ``compute()`` (with as many real as fake images, and fewer than ``kid_subset_size``, every subset
+is the whole sets and ``kid_std`` is 0). The subsets are drawn from a fixed seed (without touching the global RNG),
+so ``compute()`` is repeatable. FID and KID both need at least 2 real and 2 fake images; FID is biased upwards
+with few images (published values use thousands).
 
 Distributed: torchmetrics syncs the states across processes in ``compute()`` (``sync_on_compute=True``), so every
 rank must call it; pass ``sync_on_compute=False`` if only one rank evaluates, or it will wait forever.
@@ -88,13 +88,12 @@ def _hub_cache_file() -> Path:
 def _how_to(problem: str) -> str:
     cached = _hub_cache_file()
     return (
-        f"FID/KID are disabled: {problem}. No download was attempted. FID/KID use torch-fidelity's Inception-v3 "
-        f"weights, the file {INCEPTION_WEIGHTS_FILE} ({INCEPTION_WEIGHTS_URL}). To enable them: "
-        f"(1) `pip install torch-fidelity`; and "
-        f"(2) put that file in the torch hub cache, {cached} (i.e. $TORCH_HOME/hub/checkpoints/; TORCH_HOME "
-        f"defaults to ~/.cache/torch), e.g. copy it there from a machine with internet where "
-        f"`curl -L -o {INCEPTION_WEIGHTS_FILE} {INCEPTION_WEIGHTS_URL}` works, "
-        f"or pass the file's path as `weights_path` in the metrics config."
+        f"FID/KID are disabled: {problem}. No download was attempted. They use torch-fidelity's Inception-v3 "
+        f"weights, the file {INCEPTION_WEIGHTS_FILE}. To enable them: (1) have torch-fidelity installed "
+        f"(`pip install torch-fidelity`); (2) download the file where there is internet "
+        f"(`curl -L -o {INCEPTION_WEIGHTS_FILE} {INCEPTION_WEIGHTS_URL}`) and either put it in the torch hub "
+        f"cache, {cached} (i.e. $TORCH_HOME/hub/checkpoints/, TORCH_HOME defaulting to ~/.cache/torch), "
+        f"or pass its path as `weights_path` in the metrics config."
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import random
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
@@ -35,6 +37,8 @@ TUTORIAL_UNET: dict[str, Any] = {
 }
 
 Sampler = Literal["ddpm", "ddim", "dpmsolver++"]
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
 
 
@@ -49,6 +53,13 @@ class DDPMModule(LightningModule):
         lr_warmup_steps: optimizer steps of linear warm-up before the cosine decay to 0 at the run's last step.
         adam_betas, adam_weight_decay, adam_epsilon: AdamW's other settings (torch's defaults, as the tutorial).
         num_train_timesteps, beta_schedule, beta_start, beta_end: DDPMScheduler's noise schedule.
+        prediction_type: what the UNet predicts: the noise (epsilon, the tutorial's), the velocity
+            (v_prediction) or the clean image (sample, its loss weighted by SNR as diffusers' script does).
+        use_ema: keep an exponential moving average of the weights (diffusers' EMAModel with warm-up: decay =
+            min(1 - (1 + step / ema_inv_gamma) ** -ema_power, ema_max_decay)), updated after each optimizer step.
+            Grids, saved folders and exports then use the EMA weights; training goes on with the raw ones.
+        val_timesteps: the validation loss is the mean over this many fixed timesteps, spread evenly over the
+            schedule, with noise fixed per image, so it is comparable across epochs and runs.
         stop_on_nan: stop the run when the loss is NaN or infinite, naming the first such step. It is
             tracked on the device and checked every `nan_check_every_n_steps` steps (a check waits for the GPU).
     """
@@ -63,9 +74,15 @@ class DDPMModule(LightningModule):
         adam_weight_decay: float = 0.01,
         adam_epsilon: float = 1e-8,
         num_train_timesteps: int = 1000,
-        beta_schedule: str = "linear",
+        beta_schedule: BetaSchedule = "linear",
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
+        prediction_type: PredictionType = "epsilon",
+        use_ema: bool = False,
+        ema_max_decay: float = 0.9999,
+        ema_inv_gamma: float = 1.0,
+        ema_power: float = 0.75,
+        val_timesteps: int = 10,
         stop_on_nan: bool = True,
         nan_check_every_n_steps: int = 10,
     ):
@@ -88,7 +105,16 @@ class DDPMModule(LightningModule):
             )
         self.unet = UNet2DModel(**unet_kwargs)
         self.scheduler = DDPMScheduler(
-            num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end
+            num_train_timesteps=num_train_timesteps,
+            beta_schedule=beta_schedule,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            prediction_type=prediction_type,
+        )
+        self.ema = (
+            EMAModel(self.unet.parameters(), decay=ema_max_decay, use_ema_warmup=True, inv_gamma=ema_inv_gamma, power=ema_power)
+            if use_ema
+            else None
         )
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -106,7 +132,7 @@ class DDPMModule(LightningModule):
         bad = ~torch.isfinite(loss.detach()) & (self._first_bad_step < 0)
         self._first_bad_step = torch.where(bad, self.trainer.global_step, self._first_bad_step)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def check_nonfinite(self) -> None:
         # Checked every N steps and at the end of each epoch, before any grid, save or epoch checkpoint.
         trainer = self.trainer
         due = (trainer.global_step % self.hparams.nan_check_every_n_steps == 0
@@ -124,23 +150,77 @@ class DDPMModule(LightningModule):
                 "model.stop_on_nan false turns this check off."
             )
 
-    def denoising_loss(self, clean: torch.Tensor, noise: torch.Tensor | None = None, timesteps=None) -> torch.Tensor:
-        """MSE between the noise added at random timesteps and the UNet's prediction of it, in float32."""
+    def denoising_loss(
+        self, clean: torch.Tensor, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """MSE between the UNet's prediction and its target at random (or given) timesteps, in float32."""
         if noise is None:
             noise = torch.randn_like(clean)
         if timesteps is None:
             timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
         noisy = self.scheduler.add_noise(clean, noise, timesteps)
-        prediction = self.unet(noisy, timesteps, return_dict=False)[0]
-        return F.mse_loss(prediction.float(), noise.float())
+        prediction = self.unet(noisy, timesteps, return_dict=False)[0].float()
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return F.mse_loss(prediction, noise.float())
+        if kind == "v_prediction":
+            return F.mse_loss(prediction, self.scheduler.get_velocity(clean, noise, timesteps).float())
+        # "sample": weighted by the signal-to-noise ratio, as diffusers' train_unconditional.py does
+        alpha = self.scheduler.alphas_cumprod.to(clean.device)[timesteps].float().view(-1, 1, 1, 1)
+        return (alpha / (1 - alpha) * F.mse_loss(prediction, clean.float(), reduction="none")).mean()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """The denoising loss at `val_timesteps` fixed timesteps with noise fixed per image (seeded by its index)."""
+        index, images = batch
+        images = images.float() / 127.5 - 1  # no flip: the same input every epoch
+        noise = torch.stack([torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(int(i))) for i in index])
+        noise = noise.to(images.device)
+        steps = torch.linspace(0, self.scheduler.config.num_train_timesteps - 1, self.hparams.val_timesteps).long()
+        values = {"val/loss": self.fixed_loss(images, noise, steps)}
+        if self.ema is not None:
+            with self.ema_weights():
+                values["val/loss_ema"] = self.fixed_loss(images, noise, steps)
+        self.log_dict(values, on_epoch=True, sync_dist=True, batch_size=len(images))
+
+    def fixed_loss(self, images: torch.Tensor, noise: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        losses = [self.denoising_loss(images, noise, t.expand(len(images)).to(images.device)) for t in steps]
+        return torch.stack(losses).mean()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None and self.trainer.global_step != getattr(self, "_ema_step", None):
+            # Once per optimizer step (not per micro-batch under accumulation). Every rank holds the same
+            # all-reduced weights, so every rank's average is the same.
+            self.ema.to(self.device)
+            self.ema.step(self.unet.parameters())
+            self._ema_step = self.trainer.global_step
+        self.check_nonfinite()
+
+    @contextmanager
+    def ema_weights(self):
+        """Within the block, the UNet holds the EMA weights (when EMA is on); the raw ones come back after."""
+        if self.ema is None:
+            yield
+            return
+        parameters = list(self.unet.parameters())
+        self.ema.to(self.device)
+        self.ema.store(parameters)
+        self.ema.copy_to(parameters)
+        try:
+            yield
+        finally:
+            self.ema.restore(parameters)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning does not keep the RNG states; the noise, timestep and flip draws continue exactly with them.
         checkpoint["rng_states"] = rng_states()
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
 
     def configure_optimizers(self):
         hp = self.hparams
