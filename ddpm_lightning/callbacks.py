@@ -15,9 +15,11 @@ import torch
 from diffusers import DDPMPipeline
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torchvision.utils import save_image
 
 from .hub import HubUploader
+from .metrics import InceptionWeightsUnavailable, SampleQuality
 from .module import Sampler
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,20 @@ def is_last_epoch(trainer: Trainer) -> bool:
 
 def is_due(trainer: Trainer, every_n_epochs: int) -> bool:
     return (every_n_epochs > 0 and (trainer.current_epoch + 1) % every_n_epochs == 0) or is_last_epoch(trainer)
+
+
+def sample_share(trainer: Trainer, pl_module, n: int, sampler: Sampler, steps: int, seed: int) -> torch.Tensor:
+    """This rank's share of n images (ceil(n / world size)), drawn with the EMA weights when EMA is on.
+
+    Its own generator, one stream per rank: the draw neither depends on nor changes the training RNG (fork_rng
+    guards against library code that still draws from the global RNG). Every rank draws, so none waits for
+    another's sampling in a collective.
+    """
+    share = math.ceil(n / trainer.world_size)
+    with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+        generator = torch.Generator(device="cpu").manual_seed(seed + 1_000_003 * trainer.global_rank)
+        with pl_module.ema_weights():
+            return pl_module.sample(share, pl_module.make_scheduler(sampler), steps, generator)
 
 
 def grid_shape(n: int, rows: int | None) -> tuple[int, int]:
@@ -78,12 +94,7 @@ class SampleGrid(Callback):
     def write_grid(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
         """Every rank samples its share of the grid and rank 0 writes it: no rank waits on the others' sampling
         (a grid drawn by rank 0 alone could outlast the collective timeout of the ranks waiting for it)."""
-        share = math.ceil(self.eval_batch_size / trainer.world_size)
-        # Its own generator, one stream per rank: the draw does not depend on, or change, the training RNG.
-        # fork_rng guards against any library code that still draws from the global RNG.
-        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
-            generator = torch.Generator(device="cpu").manual_seed(self.seed + 1_000_003 * trainer.global_rank)
-            images = pl_module.sample(share, pl_module.make_scheduler(self.sampler), self.num_inference_steps, generator)
+        images = sample_share(trainer, pl_module, self.eval_batch_size, self.sampler, self.num_inference_steps, self.seed)
         images = trainer.strategy.all_gather(images)  # collective on every rank; (world, share, C, H, W) with DDP
         images = images.flatten(0, 1)[: self.eval_batch_size] if images.dim() == 5 else images
         if not trainer.is_global_zero:
@@ -143,7 +154,10 @@ class SaveModel(Callback):
     def save(self, trainer: Trainer, pl_module: LightningModule, message: str) -> None:
         if self.uploader is not None:
             self.uploader.wait()  # never rewrite the folder while it is being uploaded
-        DDPMPipeline(unet=pl_module.unet, scheduler=pl_module.scheduler).save_pretrained(self.output_dir)
+        with pl_module.ema_weights():
+            DDPMPipeline(unet=pl_module.unet, scheduler=pl_module.scheduler).save_pretrained(self.output_dir)
+        from .card import write_run_card  # README.md + samples.png in the folder, uploaded with it; never raises
+        write_run_card(trainer, pl_module, self.output_dir, repo_id=self.uploader.repo_id if self.uploader else None)
         log.info(f"[rank {trainer.global_rank}] Saved the model to {self.output_dir}")
         if self.uploader is not None:
             self.uploader.upload(self.output_dir, message)
@@ -155,3 +169,66 @@ class SaveModel(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.on_fit_end(trainer, pl_module)
 
+
+
+class SampleQualityMetrics(Callback):
+    """FID and KID (torchmetrics) between `num_samples` generated images and the validation images, logged
+    as val/fid, val/kid_mean, val/kid_std: every `every_n_epochs` epochs of `fit` (0: never) and in
+    `ddpm-lightning validate`. Needs validation images (data.val_dataset or data.val_fraction).
+
+    `feature` is Inception-v3's feature size (64, 192, 768 or 2048), or any nn.Module mapping images in [0, 1]
+    to features. Inception's weights are never downloaded: when they are not in the torch hub cache or at
+    `inception_weights`, one message says how to provide them, and training goes on without the metrics.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 0,
+        num_samples: int = 64,
+        sampler: Sampler = "ddim",
+        num_inference_steps: int = 50,
+        seed: int = 0,
+        feature: int | torch.nn.Module = 2048,
+        inception_weights: str | None = None,
+    ):
+        self.every_n_epochs = every_n_epochs
+        self.num_samples = num_samples
+        self.sampler = sampler
+        self.num_inference_steps = num_inference_steps
+        self.seed = seed
+        self.feature = feature
+        self.inception_weights = inception_weights
+        self.quality: SampleQuality | None = None
+        self.unavailable = False
+        self.active = False
+        self.real_done = False
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        validating = trainer.state.fn == "validate"
+        due = self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        self.active = not trainer.sanity_checking and (validating or due) and self.build()
+        if self.active:
+            self.quality.to(pl_module.device)
+
+    def build(self) -> bool:
+        if self.quality is None and not self.unavailable:
+            try:
+                self.quality = SampleQuality(self.feature, weights_path=self.inception_weights)
+            except InceptionWeightsUnavailable as err:
+                self.unavailable = True  # said once; training goes on
+                rank_zero_warn(f"FID/KID are off: {err}")
+        return self.quality is not None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.active and not self.real_done:  # the validation images are fixed: their features are kept
+            self.quality.update_real(batch[1])  # uint8 images
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.active:
+            return
+        images = sample_share(trainer, pl_module, self.num_samples, self.sampler, self.num_inference_steps, self.seed)
+        self.quality.update_fake(images)
+        scores = self.quality.compute()  # syncs across ranks: every rank is here
+        self.quality.reset_fake()
+        self.real_done = True
+        pl_module.log_dict({f"val/{k}": v for k, v in scores.items()}, sync_dist=False, rank_zero_only=False)

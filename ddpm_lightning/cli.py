@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .callbacks import SampleGrid, SaveModel
+from .callbacks import SampleGrid, SampleQualityMetrics, SaveModel
 from .checkpointing import AtomicCheckpointIO, PreemptionCheckpoint, check_ckpt_path
 from .data import ImageDataModule
 from .module import DDPMModule
@@ -31,6 +31,7 @@ class DDPMLightningCLI(LightningCLI):
         )
         parser.add_lightning_class_args(SampleGrid, "grid")
         parser.add_lightning_class_args(SaveModel, "save")
+        parser.add_lightning_class_args(SampleQualityMetrics, "quality")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.dirpath": "checkpoints", "checkpoint.save_last": True})
         parser.link_arguments("output_dir", "grid.output_dir")
@@ -42,6 +43,8 @@ class DDPMLightningCLI(LightningCLI):
         # the same folder on every run, so a resumed run continues its curves instead of starting version_1.
         if self._get(self.config, "trainer").get("logger") in (None, True):
             kwargs["logger"] = TensorBoardLogger(save_dir=self._get(self.config, "output_dir"), name="logs", version="")
+        if self._get(self.config, "trainer").get("plugins") is None:
+            kwargs["plugins"] = [AtomicCheckpointIO()]  # (not a config default: an instance would not serialize)
         data = self._get(self.config, "data")
         if data.val_dataset is None and not data.val_fraction and self._get(self.config, "trainer").limit_val_batches is None:
             kwargs["limit_val_batches"] = 0  # no held-out images: no validation loop at all
@@ -70,6 +73,10 @@ def check_writable(folder: str) -> None:
 
 
 def main(args: ArgsType = None) -> None:
+    from . import commands  # `ddpm-lightning sample ...` / `export ...`: plain commands, outside LightningCLI
+    if commands.is_command(args):
+        commands.run(args)  # returns nothing: the console script would print it and exit 1
+        return
     package_log = logging.getLogger("ddpm_lightning")
     if not package_log.handlers:  # show this package's INFO lines, as Lightning does for its own
         package_log.addHandler(logging.StreamHandler())
@@ -80,7 +87,7 @@ def main(args: ArgsType = None) -> None:
         args=args,
         auto_configure_optimizers=False,  # the module owns AdamW and the warm-up + cosine schedule
         save_config_kwargs={"overwrite": True},  # a resumed run writes its config to the same folder
-        trainer_defaults={"callbacks": [PreemptionCheckpoint()], "plugins": [AtomicCheckpointIO()]},
+        trainer_defaults={"callbacks": [PreemptionCheckpoint()]},
     )
 
 

@@ -186,8 +186,11 @@ class DDPMModule(LightningModule):
         losses = [self.denoising_loss(images, noise, t.expand(len(images)).to(images.device)) for t in steps]
         return torch.stack(losses).mean()
 
+    def on_train_start(self) -> None:
+        self._ema_step = self.trainer.global_step  # (restored on resume)
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema is not None and self.trainer.global_step != getattr(self, "_ema_step", None):
+        if self.ema is not None and self.trainer.global_step != self._ema_step:
             # Once per optimizer step (not per micro-batch under accumulation). Every rank holds the same
             # all-reduced weights, so every rank's average is the same.
             self.ema.to(self.device)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from lightning.pytorch import Callback
 from PIL import Image
 
@@ -124,3 +125,19 @@ class CrashAtStep(Callback):
     def on_train_batch_start(self, trainer, *args) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             raise RuntimeError(f"injected crash on rank {self.rank} at step {self.step}")
+
+
+class TinyFeatures(torch.nn.Module):
+    """A fixed random conv net as FID/KID's feature extractor (`--quality.feature conftest.TinyFeatures`)."""
+
+    def __init__(self, num_features: int = 16):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, num_features, 3)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=generator))
+            self.conv.bias.zero_()
+        self.num_features = num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(images.float())).mean(dim=(2, 3))

@@ -1,0 +1,185 @@
+"""The model card (README.md) of a saved model folder: Hub front matter, samples, data set, steps, config, usage.
+
+    write_model_card("ddpm-butterflies-128", config={...}, dataset="huggan/smithsonian_butterflies_subset",
+                     steps=3150, grid_path=Path("ddpm-butterflies-128/samples/0049.png"), repo_id="me/ddpm-butterflies-128")
+
+`SaveModel` writes one with every save (from the run's config, data set, global step and newest grid) and
+`ddpm-lightning export` with every export; it lives in the folder, so it is uploaded with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+log = logging.getLogger(__name__)
+
+TAGS = ["pytorch", "diffusers", "unconditional-image-generation", "ddpm-lightning"]
+SAMPLES_NAME = "samples.png"
+
+
+def is_hub_dataset(dataset: str | None) -> bool:
+    """A Hub data set id ('user/name'), not a local path: decided as data.py decides which loader to use."""
+    if not dataset or Path(dataset).expanduser().exists() or dataset.startswith((".", "/", "~")) or dataset.count("/") > 1:
+        return False
+    if os.sep != "/" and os.sep in dataset:
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(dataset)
+    except HFValidationError:
+        return False
+    return True
+
+
+def plain(value: Any) -> Any:
+    """`value` in types that yaml.safe_dump writes: mappings, lists, str, numbers, bool, None; str for the rest."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple, set)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def write_model_card(
+    folder: str | Path,
+    *,
+    config: dict | None = None,
+    dataset: str | None = None,
+    steps: int | None = None,
+    grid_path: Path | None = None,
+    repo_id: str | None = None,
+) -> Path:
+    """Write `folder/README.md`, a Hub model card, and copy `grid_path` into the folder as samples.png.
+
+    Args:
+        folder: the saved model folder (model_index.json, unet/, scheduler/).
+        config: the training config, shown as YAML (keys starting with "_" are left out).
+        dataset: the data set trained on; a Hub id also goes into the front matter's `datasets`.
+        steps: optimizer steps trained.
+        grid_path: an image of samples to show; copied in as samples.png.
+        repo_id: the Hub repo the folder goes to; the usage snippet loads it (else the folder's path).
+
+    Returns:
+        The card's path.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hub_dataset = is_hub_dataset(dataset)
+    data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="unconditional-image-generation",
+        tags=list(TAGS),
+        datasets=[dataset] if hub_dataset else None,
+    )
+
+    if grid_path is not None:
+        grid_path = Path(grid_path)
+        target = folder / SAMPLES_NAME
+        if not (target.exists() and target.samefile(grid_path)):
+            shutil.copyfile(grid_path, target)
+
+    config = plain(config) if config else None
+    name = repo_id or folder.resolve().name
+    size = None
+    if config:
+        size = (config.get("model") or {}).get("image_size") or (config.get("data") or {}).get("image_size")
+
+    lines = [f"# {name}", ""]
+    lines += [
+        "An unconditional image generation model: a diffusers `UNet2DModel` trained as a denoising diffusion "
+        "probabilistic model (DDPM) with ddpm-lightning "
+        "(PyTorch Lightning + diffusers). It turns Gaussian noise into new images"
+        + (f" of {size} x {size} pixels" if isinstance(size, int) else "") + " like those it was trained on.",
+        "",
+    ]
+    if grid_path is not None:
+        lines += [f"![Samples drawn from the model]({SAMPLES_NAME})", ""]
+    if not dataset:
+        data_line = "not recorded"
+    elif hub_dataset:
+        data_line = f"[{dataset}](https://huggingface.co/datasets/{dataset})"
+    else:
+        data_line = f"a local data set (`{dataset}`)"
+    lines += [
+        "## Training",
+        "",
+        f"- Data set: {data_line}",
+        f"- Steps trained: {steps if steps is not None else 'not recorded'}",
+        "",
+    ]
+    lines += [
+        "## Usage",
+        "",
+        "```python",
+        "from diffusers import DDPMPipeline",
+        f"pipeline = DDPMPipeline.from_pretrained({json.dumps(str(repo_id or folder))})",
+        "image = pipeline().images[0]",
+        "```",
+        "",
+    ]
+    if config:
+        lines += [
+            "## Training config",
+            "",
+            "```yaml",
+            yaml.safe_dump(config, sort_keys=False, default_flow_style=False, allow_unicode=True).rstrip("\n"),
+            "```",
+            "",
+        ]
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    path = folder / "README.md"
+    card.save(path)
+    return path
+
+
+def run_config(trainer, pl_module) -> dict | None:
+    """The config the run was started with: LightningCLI's (as in <output_dir>/logs/config.yaml) when the run
+    came from the CLI, else the model's and data module's hyperparameters."""
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    for callback in getattr(trainer, "callbacks", []):
+        if isinstance(callback, SaveConfigCallback):
+            try:
+                config = yaml.safe_load(callback.parser.dump(callback.config, skip_none=False))
+                if isinstance(config, dict):
+                    return config
+            except Exception as err:  # noqa: BLE001 - fall back to the hyperparameters below
+                log.debug(f"Could not dump the CLI config ({err!r}); the card shows the hyperparameters instead.")
+    config = {"model": dict(getattr(pl_module, "hparams", {}) or {})}
+    datamodule = getattr(trainer, "datamodule", None)
+    if getattr(datamodule, "hparams", None):
+        config["data"] = dict(datamodule.hparams)
+    return config
+
+
+def write_run_card(trainer, pl_module, output_dir: str | Path, repo_id: str | None = None) -> Path | None:
+    """The card of a saved folder during training (called by SaveModel.save). Never raises: a card that cannot
+    be written is a warning, training goes on."""
+    try:
+        datamodule = getattr(trainer, "datamodule", None)
+        dataset = (getattr(datamodule, "hparams", None) or {}).get("dataset")
+        grids = [p for p in (Path(output_dir) / "samples").glob("*.png") if p.is_file()]
+        grid = max(grids, key=lambda p: (p.stat().st_mtime_ns, p.name)) if grids else None
+        return write_model_card(
+            output_dir,
+            config=run_config(trainer, pl_module),
+            dataset=str(dataset) if dataset is not None else None,
+            steps=trainer.global_step,
+            grid_path=grid,
+            repo_id=repo_id,
+        )
+    except Exception as err:  # noqa: BLE001 - the card is a courtesy, the saved model matters
+        log.warning(f"Could not write the model card in {output_dir}: {err!r}")
+        return None

@@ -1,0 +1,289 @@
+"""`ddpm-lightning sample` and `ddpm-lightning export`: use a trained model outside of training.
+
+    ddpm-lightning sample checkpoints/last.ckpt --num_images 64 --sampler ddim   # -> samples/000000.png ... grid.png
+    ddpm-lightning sample ddpm-butterflies-128 --seed 1 --output_dir more         # a saved diffusers folder
+    ddpm-lightning sample google/ddpm-cifar10-32                                  # a Hub model id
+    ddpm-lightning export checkpoints/last.ckpt my-model --samples run/samples/0049.png
+
+A checkpoint's EMA weights are used whenever it has them (`model.use_ema`), as the saved folders do.
+
+Image `i` is drawn from its own generator, seeded from (`seed`, `i`): the same seed gives the same images
+whatever `batch_size` is (up to floating-point rounding of batched convolutions, at most a level of 8-bit
+colour in practice), and asking for more images keeps the first ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMPipeline, UNet2DModel
+from diffusers.training_utils import EMAModel
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from tqdm import tqdm
+
+from .module import SAMPLERS, DDPMModule, Sampler
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("sample", "export")
+
+
+class CommandError(RuntimeError):
+    """A problem the user can fix (its message names the fix); the command line shows it as one line."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading a model: a Lightning checkpoint, a saved diffusers folder or a Hub model id
+
+
+def load_checkpoint(path: str | Path) -> tuple[DDPMModule, dict]:
+    """A DDPMModule from a Lightning checkpoint, holding the EMA weights when the checkpoint has them, and the
+    checkpoint itself. The global RNG is left alone (Lightning's own loading would restore the run's RNG states)."""
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated file, not a checkpoint, unexpected pickled objects
+        raise CommandError(f"{path} is not a readable Lightning checkpoint of ddpm-lightning ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''}).") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise CommandError(f"{path} is not a Lightning checkpoint of DDPMModule (no state_dict / hyper_parameters).")
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+    module = DDPMModule(**hparams)
+    module.load_state_dict(checkpoint["state_dict"])
+    if checkpoint.get("ema") is not None:
+        ema = module.ema or EMAModel(module.unet.parameters())
+        ema.load_state_dict(checkpoint["ema"])
+        ema.copy_to(module.unet.parameters())
+        log.info(f"Using the EMA weights of {path}")
+    module.eval()
+    return module, checkpoint
+
+
+def is_local_path(model: str) -> bool:
+    """Looks like a path rather than a Hub id 'user/name' (as data.py decides for data sets)."""
+    return (Path(model).expanduser().exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
+            or model.endswith(".ckpt") or os.sep != "/" and os.sep in model)
+
+
+def load_pipeline(model: str) -> tuple[UNet2DModel, dict]:
+    """The UNet and the noise schedule (a scheduler config) of a checkpoint, saved folder or Hub model id."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        module, _ = load_checkpoint(path)
+        return module.unet, module.scheduler.config
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            hint = f" (it holds {', '.join(sorted(p.name for p in path.glob('*.ckpt'))[:3])})" if any(path.glob("*.ckpt")) else ""
+            raise CommandError(f"{model} is a folder without model_index.json{hint}: give a .ckpt file or a folder "
+                               "saved by `ddpm-lightning fit` / `ddpm-lightning export` (model_index.json, unet/, scheduler/).")
+        pipeline = DDPMPipeline.from_pretrained(path)
+        return pipeline.unet, pipeline.scheduler.config
+    if is_local_path(model):
+        raise CommandError(f"{model} does not exist: give a .ckpt file, a saved diffusers folder or a Hub model id 'user/name'.")
+    return load_hub_pipeline(model)
+
+
+def load_hub_pipeline(repo_id: str) -> tuple[UNet2DModel, dict]:
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.errors import HfHubHTTPError
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its "Couldn't connect to the Hub" lines would bury ours
+    try:
+        pipeline = DDPMPipeline.from_pretrained(repo_id)
+    except (OSError, ValueError, HfHubHTTPError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+        why = ("it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline
+               else f"it is not cached and could not be downloaded ({type(err).__name__})")
+        if "/" not in repo_id:
+            why += f", and there is no file or folder {repo_id!r} here"
+        raise CommandError(
+            f"Cannot load the Hub model {repo_id!r}: {why}. Fix: download it once where the Hub is reachable "
+            f"(`hf download {repo_id} --local-dir DIR`, then pass DIR), or pass a .ckpt file or a saved folder."
+        ) from err
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    return pipeline.unet, pipeline.scheduler.config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def image_generator(seed: int, index: int) -> torch.Generator:
+    """Image `index`'s own CPU generator: independent streams for every (seed, index), no overlap between seeds."""
+    state = np.random.SeedSequence([seed % 2**64, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device="cpu").manual_seed(int(state))
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """(rows, cols) as square as n allows with every cell filled: 16 -> 4 x 4, 12 -> 3 x 4, 7 -> 1 x 7."""
+    rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
+    return rows, n // rows
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A uint8 (C, H, W) tensor with 1, 3 or 4 channels as a PIL image."""
+    array = image.permute(1, 2, 0).numpy()
+    if array.shape[2] == 1:
+        return Image.fromarray(array[:, :, 0], "L")
+    if array.shape[2] in (3, 4):
+        return Image.fromarray(array, "RGB" if array.shape[2] == 3 else "RGBA")
+    raise CommandError(f"Cannot write images with {array.shape[2]} channels as PNG (1, 3 or 4 can be written).")
+
+
+@torch.no_grad()
+def draw(unet: UNet2DModel, scheduler, generators: list[torch.Generator], num_inference_steps: int,
+         progress: tqdm | None = None) -> torch.Tensor:
+    """One batch, one generator per image, as DDPMPipeline draws it; uint8 (n, C, H, W) on the CPU."""
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    shape = (len(generators), unet.config.in_channels, height, width)
+    scheduler.set_timesteps(num_inference_steps, device=unet.device)
+    image = randn_tensor(shape, generator=generators, device=unet.device, dtype=unet.dtype) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_output = unet(scheduler.scale_model_input(image, t), t, return_dict=False)[0]
+        image = scheduler.step(model_output, t, image, generator=generators, return_dict=False)[0]
+        if progress is not None:
+            progress.update(1)
+    image = (image.float() / 2 + 0.5).clamp(0, 1)
+    return image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).cpu()  # as torchvision's save_image rounds
+
+
+def sample(
+    model: str,
+    num_images: int = 16,
+    sampler: Sampler = "ddpm",
+    num_inference_steps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    output_dir: str = "samples",
+    device: str | None = None,
+) -> list[Path]:
+    """Draw images from a trained model into output_dir/000000.png, 000001.png, ... and output_dir/grid.png.
+
+    Image i is drawn from its own generator seeded from (seed, i): the same seed gives the same images whatever
+    batch_size is (up to floating-point rounding), and more images keep the first ones.
+
+    Args:
+        model: a Lightning checkpoint (.ckpt) of `ddpm-lightning fit` (its EMA weights when it has them), a
+            folder saved by `fit` or `export` (model_index.json, unet/, scheduler/), or a Hub model id.
+        num_images: how many images to draw.
+        sampler: ddpm (the training schedule's sampler), ddim or dpmsolver++ (good images in ~50 steps).
+        num_inference_steps: denoising steps; 1000 for ddpm and 50 for the others when left out.
+        seed: the images' seed.
+        batch_size: images denoised at once (memory, not the result).
+        output_dir: where the PNGs go (created if missing; files of the same names are replaced).
+        device: cuda, cuda:1, cpu, ...; cuda when available, else cpu.
+
+    Returns:
+        The paths of the images written (grid.png, the grid of all of them, is written beside them).
+    """
+    if num_images < 1 or batch_size < 1:
+        raise CommandError(f"num_images ({num_images}) and batch_size ({batch_size}) must be at least 1.")
+    if sampler not in SAMPLERS:
+        raise CommandError(f"Unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}.")
+    steps = num_inference_steps or (1000 if sampler == "ddpm" else 50)
+    if steps < 1:
+        raise CommandError(f"num_inference_steps must be at least 1, not {steps}.")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    unet, schedule = load_pipeline(model)
+    unet.to(device).eval()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    paths: list[Path] = []
+    images: list[torch.Tensor] = []
+    batches = math.ceil(num_images / batch_size)
+    with tqdm(total=batches * steps, desc=f"Sampling {num_images} images ({sampler}, {steps} steps)", unit="step",
+              dynamic_ncols=True) as progress:
+        for start in range(0, num_images, batch_size):
+            indices = range(start, min(start + batch_size, num_images))
+            scheduler = SAMPLERS[sampler].from_config(schedule)  # fresh per batch: multistep solvers keep state
+            batch = draw(unet, scheduler, [image_generator(seed, i) for i in indices], steps, progress)
+            for i, image in zip(indices, batch):
+                path = out / f"{i:06d}.png"
+                to_pil(image).save(path)
+                paths.append(path)
+            images.append(batch)
+    rows, cols = grid_shape(num_images)
+    grid = torch.cat(images).view(rows, cols, *images[0].shape[1:])  # (rows, cols, C, H, W)
+    grid = grid.permute(2, 0, 3, 1, 4).reshape(grid.shape[2], rows * grid.shape[3], cols * grid.shape[4])
+    to_pil(grid).save(out / "grid.png")
+    log.info(f"Wrote {num_images} images and grid.png ({rows} x {cols}) to {out}")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def export(ckpt: str, out: str, samples: str | None = None, repo_id: str | None = None) -> Path:
+    """Write a diffusers folder (model_index.json, unet/, scheduler/) and its model card (README.md) from a
+    checkpoint, with the EMA weights when the checkpoint has them: `DDPMPipeline.from_pretrained(out)` loads it.
+
+    Args:
+        ckpt: a Lightning checkpoint (.ckpt) of `ddpm-lightning fit`.
+        out: the folder to write (created if missing; the files it writes are replaced).
+        samples: an image to show in the model card, copied in as samples.png (e.g. a grid from
+            <output_dir>/samples or the grid.png of `ddpm-lightning sample`); none when left out.
+        repo_id: the Hub repo the folder is meant for, used in the card's usage snippet (else the folder).
+
+    Returns:
+        The folder.
+    """
+    from .card import write_model_card
+
+    path = Path(ckpt)
+    if not path.is_file():
+        raise CommandError(f"{ckpt} is not a file: give the Lightning checkpoint (.ckpt) to export.")
+    if samples is not None and not Path(samples).is_file():
+        raise CommandError(f"--samples {samples}: no such image.")
+    module, checkpoint = load_checkpoint(path)
+    folder = Path(out)
+    DDPMPipeline(unet=module.unet, scheduler=module.scheduler).save_pretrained(folder)
+    data = {k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if not k.startswith("_")}
+    model = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+    write_model_card(
+        folder,
+        config={"model": model, **({"data": data} if data else {})},
+        dataset=data.get("dataset"),
+        steps=checkpoint.get("global_step"),
+        grid_path=Path(samples) if samples else None,
+        repo_id=repo_id,
+    )
+    log.info(f"Exported {ckpt} ({'EMA' if checkpoint.get('ema') is not None else 'raw'} weights) to {folder}")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def is_command(args=None) -> bool:
+    """Whether `ddpm-lightning` was asked for one of these commands (the first argument is sample or export)."""
+    argv = sys.argv[1:] if args is None else args
+    return isinstance(argv, (list, tuple)) and len(argv) > 0 and argv[0] in COMMANDS
+
+
+def run(args=None):
+    """Parse `sample ...` / `export ...` with jsonargparse and run it; a CommandError exits with its one line."""
+    from jsonargparse import CLI
+
+    argv = list(sys.argv[1:] if args is None else args)
+    package_log = logging.getLogger("ddpm_lightning")
+    if not package_log.handlers:
+        package_log.addHandler(logging.StreamHandler())
+        package_log.setLevel(logging.INFO)
+    try:
+        return CLI([sample, export], args=argv, prog="ddpm-lightning", as_positional=True)
+    except CommandError as err:
+        raise SystemExit(f"ddpm-lightning {argv[0]}: error: {err}") from err

@@ -1,0 +1,166 @@
+"""`ddpm-lightning sample` and `ddpm-lightning export` through the real entry point, from a tiny model trained once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline
+from huggingface_hub import ModelCard
+from PIL import Image
+
+from conftest import fit_args, write_image
+from ddpm_lightning.cli import main
+from ddpm_lightning.commands import CommandError, grid_shape, sample
+
+FAST = ["--num_inference_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One tiny EMA model for the whole file: root/checkpoints/last.ckpt and the saved folder root/run."""
+    root = tmp_path_factory.mktemp("trained")
+    for i in range(12):
+        write_image(root / "images" / f"{i}.png", seed=i)
+    with pytest.MonkeyPatch.context() as mp:  # as conftest's autouse fixture does for function-scoped tests
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HOME", str(root / "hf_home"))
+        mp.delenv("HF_TOKEN", raising=False)
+        mp.chdir(root)
+        main(fit_args(root / "images", root / "run", "--trainer.max_epochs", "1", "--model.use_ema", "true"))
+    assert (root / "checkpoints" / "last.ckpt").is_file() and (root / "run" / "model_index.json").is_file()
+    return root
+
+
+def pngs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.png") if p.name != "grid.png")
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def test_sample_from_checkpoint_writes_images_and_grid(trained, tmp_path):
+    out = tmp_path / "a"
+    main(["sample", str(trained / "checkpoints" / "last.ckpt"), "--num_images", "6", "--batch_size", "4",
+          "--sampler", "ddim", *FAST, "--output_dir", str(out)])
+    images = pngs(out)
+    assert [p.name for p in images] == [f"{i:06d}.png" for i in range(6)]
+    assert all(Image.open(p).size == (16, 16) and Image.open(p).mode == "RGB" for p in images)
+    assert Image.open(out / "grid.png").size == (3 * 16, 2 * 16)  # 2 rows x 3 columns, no padding
+    # the grid is the images, row by row
+    grid = pixels(out / "grid.png")
+    assert np.array_equal(grid[16:32, 0:16], pixels(images[3]))
+
+    # the same seed: the same bytes; another seed: other images
+    again = tmp_path / "b"
+    main(["sample", str(trained / "checkpoints" / "last.ckpt"), "--num_images", "6", "--batch_size", "4",
+          "--sampler", "ddim", *FAST, "--output_dir", str(again)])
+    assert [p.read_bytes() for p in pngs(again)] == [p.read_bytes() for p in images]
+    other = tmp_path / "c"
+    main(["sample", str(trained / "checkpoints" / "last.ckpt"), "--num_images", "6", "--batch_size", "4",
+          "--sampler", "ddim", *FAST, "--seed", "1", "--output_dir", str(other)])
+    assert all(a.read_bytes() != b.read_bytes() for a, b in zip(pngs(other), images))
+
+
+def test_batch_size_does_not_change_which_images_are_drawn(trained, tmp_path):
+    # DDPM draws noise at every step too: each image's comes from its own generator
+    ckpt = str(trained / "checkpoints" / "last.ckpt")
+    one = sample(ckpt, num_images=3, batch_size=1, num_inference_steps=2, output_dir=str(tmp_path / "one"))
+    three = sample(ckpt, num_images=3, batch_size=3, num_inference_steps=2, output_dir=str(tmp_path / "three"))
+    two = sample(ckpt, num_images=2, batch_size=2, num_inference_steps=2, output_dir=str(tmp_path / "two"))
+    assert len(one) == len(three) == 3 and len(two) == 2
+    for a, b in zip(one, three):  # batched convolutions may round differently: at most one level of 255
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    for a, b in zip(two, three):  # fewer images: the same first ones
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    assert np.abs(pixels(three[0]) - pixels(three[1])).max() > 10  # and the images differ from each other
+
+
+def test_sample_from_saved_folder_matches_the_checkpoints_ema_weights(trained, tmp_path):
+    main(["sample", str(trained / "run"), "--num_images", "3", "--sampler", "dpmsolver++", *FAST,
+          "--output_dir", str(tmp_path / "folder")])
+    main(["sample", str(trained / "checkpoints" / "last.ckpt"), "--num_images", "3", "--sampler", "dpmsolver++", *FAST,
+          "--output_dir", str(tmp_path / "ckpt")])
+    from_folder, from_ckpt = pngs(tmp_path / "folder"), pngs(tmp_path / "ckpt")
+    assert len(from_folder) == 3 and Image.open(tmp_path / "folder" / "grid.png").size == (48, 16)
+    # the saved folder holds the EMA weights, and so does a sample from the checkpoint
+    assert [p.read_bytes() for p in from_folder] == [p.read_bytes() for p in from_ckpt]
+
+
+def test_export_writes_a_loadable_folder_with_the_ema_weights_and_a_card(trained, tmp_path):
+    out = tmp_path / "exported"
+    main(["export", str(trained / "checkpoints" / "last.ckpt"), str(out)])
+
+    pipe = DDPMPipeline.from_pretrained(out)
+    images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 16, 16, 3)
+
+    checkpoint = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    exported = list(pipe.unet.parameters())
+    shadow = checkpoint["ema"]["shadow_params"]
+    raw = [checkpoint["state_dict"][f"unet.{name}"] for name, _ in pipe.unet.named_parameters()]
+    assert len(exported) == len(shadow) == len(raw)
+    assert all(torch.equal(p.detach(), s) for p, s in zip(exported, shadow))  # the EMA weights ...
+    assert not all(torch.equal(p.detach(), r) for p, r in zip(exported, raw))  # ... not the raw ones
+    assert pipe.scheduler.config.num_train_timesteps == 1000
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "diffusers"
+    assert f'pipeline = DDPMPipeline.from_pretrained("{out}")' in card.text
+    assert "Steps trained: 3" in card.text and "a local data set" in card.text
+    assert "samples.png" not in card.text  # no --samples given
+
+
+def test_export_with_samples_and_repo_id(trained, tmp_path):
+    grid = sorted((trained / "run" / "samples").glob("*.png"))[-1]
+    out = tmp_path / "exported"
+    main(["export", str(trained / "checkpoints" / "last.ckpt"), str(out), "--samples", str(grid), "--repo_id", "me/tiny"])
+    assert (out / "samples.png").read_bytes() == grid.read_bytes()
+    text = (out / "README.md").read_text()
+    assert "](samples.png)" in text and 'DDPMPipeline.from_pretrained("me/tiny")' in text
+
+
+def test_hub_id_offline_fails_with_one_clear_line(trained, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "someone/ddpm-model", "--num_images", "1"])
+    message = str(exit_info.value.code)
+    assert "\n" not in message
+    assert "someone/ddpm-model" in message and "HF_HUB_OFFLINE" in message and "hf download" in message
+    with pytest.raises(CommandError, match="hf download"):  # the function itself raises
+        sample("someone/ddpm-model")
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("./missing.ckpt", "does not exist"),
+    ("missing/deeper/model", "does not exist"),
+    ("images", "without model_index.json"),  # a folder, but not a saved model
+])
+def test_bad_model_paths_fail_clearly(trained, monkeypatch, model, expected):
+    monkeypatch.chdir(trained)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", model])
+    assert expected in str(exit_info.value.code)
+
+
+def test_a_file_that_is_not_a_checkpoint_fails_clearly(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a readable Lightning checkpoint"):
+        main(["export", str(bad), str(tmp_path / "out")])
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for option in ("--num_images", "--sampler", "--num_inference_steps", "--seed", "--batch_size", "--output_dir", "--device"):
+        assert option in help_text
+
+
+def test_grid_shape_is_as_square_as_possible():
+    assert [grid_shape(n) for n in (1, 6, 7, 12, 16)] == [(1, 1), (2, 3), (1, 7), (3, 4), (4, 4)]
