@@ -20,9 +20,10 @@ import os
 import sys
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
-from diffusers import DDPMPipeline, UNet2DModel
+from diffusers import DDPMPipeline, SchedulerMixin, UNet2DModel
 from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -84,7 +85,7 @@ def load_pipeline(model: str) -> tuple[UNet2DModel, dict]:
             raise CommandError(f"{model} is a folder without model_index.json{hint}: give a .ckpt file or a folder "
                                "saved by `ddpm-lightning fit` / `ddpm-lightning export` (model_index.json, unet/, scheduler/).")
         pipeline = DDPMPipeline.from_pretrained(path)
-        return pipeline.unet, pipeline.scheduler.config
+        return aligned(pipeline.unet), pipeline.scheduler.config
     if is_local_path(model):
         raise CommandError(f"{model} does not exist: give a .ckpt file, a saved diffusers folder or a Hub model id 'user/name'.")
     return load_hub_pipeline(model)
@@ -110,11 +111,43 @@ def load_hub_pipeline(repo_id: str) -> tuple[UNet2DModel, dict]:
         ) from err
     finally:
         diffusers_logging.set_verbosity(verbosity)
-    return pipeline.unet, pipeline.scheduler.config
+    return aligned(pipeline.unet), pipeline.scheduler.config
+
+
+def aligned(unet: UNet2DModel) -> UNet2DModel:
+    """The UNet with its weights copied out of safetensors' memory map, whose tensors may sit at unaligned
+    addresses: CPU kernels then take other code paths and round differently, and a saved folder would not
+    sample exactly as the checkpoint it was saved from."""
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.data = parameter.data.clone()
+    return unet
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling
+
+
+def make_sampler(schedule: dict, sampler: Sampler):
+    """A `sampler` scheduler with the noise schedule of `schedule`, the same whether it came from a checkpoint
+    or a saved folder, and the same as the training grids' (`DDPMModule.make_scheduler`).
+
+    diffusers' `from_config` passes on only the values a scheduler was given, not those it took by default
+    (`_use_default_values`), but a config read back from a file has lost that list: a saved DDPMScheduler would
+    then hand its default `timestep_spacing="leading"` to DPMSolverMultistepScheduler, whose own is "linspace".
+    So values equal to their class's defaults are marked as defaults again.
+    """
+    config = dict(schedule)
+    if "_use_default_values" not in config:
+        source = getattr(diffusers, str(config.get("_class_name")), None)
+        try:
+            defaults = source().config if isinstance(source, type) and issubclass(source, SchedulerMixin) else {}
+        except Exception:  # noqa: BLE001 - a class that needs arguments: keep every value as given
+            defaults = {}
+        config["_use_default_values"] = [
+            k for k, v in config.items() if not k.startswith("_") and k in defaults and defaults[k] == v
+        ]
+    return SAMPLERS[sampler].from_config(config)
 
 
 def image_generator(seed: int, index: int) -> torch.Generator:
@@ -207,7 +240,7 @@ def sample(
               dynamic_ncols=True) as progress:
         for start in range(0, num_images, batch_size):
             indices = range(start, min(start + batch_size, num_images))
-            scheduler = SAMPLERS[sampler].from_config(schedule)  # fresh per batch: multistep solvers keep state
+            scheduler = make_sampler(schedule, sampler)  # fresh per batch: multistep solvers keep state
             batch = draw(unet, scheduler, [image_generator(seed, i) for i in indices], steps, progress)
             for i, image in zip(indices, batch):
                 path = out / f"{i:06d}.png"

@@ -297,9 +297,11 @@ class ImageDataModule(LightningDataModule):
             generator=torch.Generator().manual_seed(seed),
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
-            raise ValueError("No validation images: set --data.val_dataset or --data.val_fraction.")
+            if self.trainer is not None and self.trainer.state.fn == "validate":
+                raise ValueError("No validation images: set --data.val_dataset or --data.val_fraction.")
+            return []  # fit without held-out images: no validation (the CLI also sets limit_val_batches=0)
         cached = isinstance(self.val_set.images, CachedImages)
         workers = 0 if cached else self.num_workers
         return DataLoader(self.val_set, batch_size=self.hparams.train_batch_size, num_workers=workers)

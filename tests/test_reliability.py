@@ -129,3 +129,36 @@ def test_unwritable_output_dir_fails_before_training(image_folder, tmp_path):
 def test_grid_that_eval_batch_cannot_fill_is_refused(image_folder, tmp_path):
     with pytest.raises(ValueError, match="eval_batch_size=10 images do not fill a grid of 4 rows"):
         main(fit_args(image_folder, tmp_path / "run", "--grid.eval_batch_size", "10", "--grid.grid_rows", "4"))
+
+
+def test_fp16_overflow_skips_the_update_and_the_schedule_and_ema_count_it_as_documented(image_folder):
+    """README, "Long runs and failures": a step whose fp16 gradients overflow leaves the weights unchanged and
+    halves the loss scale; it still counts as an optimizer step for global_step, the LR schedule and EMA."""
+    from lightning.pytorch import Callback, Trainer
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from ddpm_lightning.data import ImageDataModule
+    from test_module import tiny_module
+
+    model = tiny_module(use_ema=True, lr_warmup_steps=2)
+    model.on_after_backward = lambda: (  # overflow in the backward pass of step 2
+        next(model.unet.parameters()).grad.fill_(float("inf")) if model.trainer.global_step == 2 else None)
+    seen = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before = next(pl_module.unet.parameters()).detach().clone()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            unchanged = torch.equal(next(pl_module.unet.parameters()), self.before)
+            seen.append((trainer.global_step, trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+                         unchanged, trainer.precision_plugin.scaler.get_scale()))
+
+    trainer = Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))], callbacks=[Record()])
+    trainer.fit(model, ImageDataModule(str(image_folder), image_size=16, train_batch_size=2, num_workers=0))
+    step, schedule, unchanged, scale = zip(*seen)
+    assert step == schedule == (1, 2, 3, 4)  # the schedule advanced on the skipped step too
+    assert unchanged[2] and not unchanged[3]  # step 2 skipped (step 0 has lr 0: warm-up), step 3 updates
+    assert scale[2] == scale[1] / 2
+    assert model.ema.optimization_step == 4  # EMA counted it: it averaged in the unchanged weights
