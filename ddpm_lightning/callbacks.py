@@ -7,6 +7,7 @@ other ranks, so they never wait on it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -36,8 +37,11 @@ def is_due(trainer: Trainer, every_n_epochs: int) -> bool:
     return (every_n_epochs > 0 and (trainer.current_epoch + 1) % every_n_epochs == 0) or is_last_epoch(trainer)
 
 
-def sample_share(trainer: Trainer, pl_module, n: int, sampler: Sampler, steps: int, seed: int) -> torch.Tensor:
-    """This rank's share of n images (ceil(n / world size)), drawn with the EMA weights when EMA is on.
+def sample_share(
+    trainer: Trainer, pl_module, n: int, sampler: Sampler, steps: int, seed: int, autocast: bool = True
+) -> torch.Tensor:
+    """This rank's share of n images (ceil(n / world size)), drawn with the EMA weights when EMA is on, under
+    the training precision's autocast when `autocast` (as the tutorial's pipeline ran under Accelerate's).
 
     Its own generator, one stream per rank: the draw neither depends on nor changes the training RNG (fork_rng
     guards against library code that still draws from the global RNG). Every rank draws, so none waits for
@@ -46,8 +50,9 @@ def sample_share(trainer: Trainer, pl_module, n: int, sampler: Sampler, steps: i
     share = math.ceil(n / trainer.world_size)
     with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
         generator = torch.Generator(device="cpu").manual_seed(seed + 1_000_003 * trainer.global_rank)
-        with pl_module.ema_weights():
-            return pl_module.sample(share, pl_module.make_scheduler(sampler), steps, generator)
+        precision = trainer.precision_plugin.forward_context() if autocast else contextlib.nullcontext()
+        with pl_module.ema_weights(), precision:
+            return pl_module.sample(share, pl_module.make_scheduler(sampler), steps, generator).float()
 
 
 def grid_shape(n: int, rows: int | None) -> tuple[int, int]:
@@ -78,6 +83,7 @@ class SampleGrid(Callback):
         sampler: Sampler = "ddpm",
         seed: int = 0,
         grid_rows: int | None = None,
+        autocast: bool = True,
     ):
         self.output_dir = output_dir
         self.save_image_epochs = save_image_epochs
@@ -86,6 +92,7 @@ class SampleGrid(Callback):
         self.sampler = sampler
         self.seed = seed
         self.rows, self.cols = grid_shape(eval_batch_size, grid_rows)
+        self.autocast = autocast
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if is_due(trainer, self.save_image_epochs):
@@ -94,7 +101,9 @@ class SampleGrid(Callback):
     def write_grid(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
         """Every rank samples its share of the grid and rank 0 writes it: no rank waits on the others' sampling
         (a grid drawn by rank 0 alone could outlast the collective timeout of the ranks waiting for it)."""
-        images = sample_share(trainer, pl_module, self.eval_batch_size, self.sampler, self.num_inference_steps, self.seed)
+        images = sample_share(
+            trainer, pl_module, self.eval_batch_size, self.sampler, self.num_inference_steps, self.seed, self.autocast
+        )
         images = trainer.strategy.all_gather(images)  # collective on every rank; (world, share, C, H, W) with DDP
         images = images.flatten(0, 1)[: self.eval_batch_size] if images.dim() == 5 else images
         if not trainer.is_global_zero:

@@ -207,6 +207,8 @@ class ImageDataModule(LightningDataModule):
             take at most `cache_max_gb`). Unreadable images are then skipped with a counted warning.
             Without the cache, images are decoded by `num_workers` processes every epoch.
         cache_max_gb: the size cap for `cache: auto`.
+        cache_on_gpu: keep the cached pixels on the training GPU (no copy per batch); by default when training
+            on a GPU.
         val_dataset, val_split: held-out images for the validation loss (any source `dataset` takes).
         val_fraction: or hold out this fraction of `dataset` instead (a fixed, seeded split).
     """
@@ -221,6 +223,7 @@ class ImageDataModule(LightningDataModule):
         num_workers: int | None = None,
         cache: Literal["auto", "memory", "none"] = "auto",
         cache_max_gb: float = 4.0,
+        cache_on_gpu: bool | None = None,
         val_dataset: str | None = None,
         val_split: str = "train",
         val_fraction: float = 0.0,
@@ -250,6 +253,10 @@ class ImageDataModule(LightningDataModule):
                 rank_zero_info(f"Held out {len(val)} of them for validation (val_fraction={hp.val_fraction}).")
             self.train_set = self.images(ds, column)
             self.val_set = None if val is None else Indexed(self.images(val, val_column))
+            device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+            on_gpu = hp.cache_on_gpu if hp.cache_on_gpu is not None else device.type == "cuda"
+            if on_gpu and isinstance(self.train_set, CachedImages):
+                self.train_set.pixels = self.train_set.pixels.to(device)
 
     def images(self, ds: datasets.Dataset, column: str) -> Dataset:
         images = ResizedImages(ds, column, self.hparams.image_size)
@@ -293,7 +300,7 @@ class ImageDataModule(LightningDataModule):
             sampler=EpochSampler(self.train_set, self.trainer, seed),
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available() and not (cached and self.train_set.pixels.is_cuda),
             generator=torch.Generator().manual_seed(seed),
         )
 

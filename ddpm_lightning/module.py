@@ -62,6 +62,13 @@ class DDPMModule(LightningModule):
             schedule, with noise fixed per image, so it is comparable across epochs and runs.
         stop_on_nan: stop the run when the loss is NaN or infinite, naming the first such step. It is
             tracked on the device and checked every `nan_check_every_n_steps` steps (a check waits for the GPU).
+        compile: torch.compile the UNet in place (its state_dict keys stay the same, so checkpoints and saved
+            folders do not change); training and sampling both use it.
+        channels_last: keep the UNet and its inputs in channels-last memory format (faster convolutions on GPUs).
+        fused_adamw: AdamW's fused kernel; by default on when the parameters are on a GPU.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
+        float32_matmul_precision: torch.set_float32_matmul_precision ("high" lets float32 matrix products use
+            TF32 on GPUs that have it; "highest" is exact float32).
     """
 
     def __init__(
@@ -85,6 +92,11 @@ class DDPMModule(LightningModule):
         val_timesteps: int = 10,
         stop_on_nan: bool = True,
         nan_check_every_n_steps: int = 10,
+        compile: bool = False,
+        channels_last: bool = False,
+        fused_adamw: bool | None = None,
+        gradient_checkpointing: bool = False,
+        float32_matmul_precision: Literal["highest", "high", "medium"] = "high",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -118,6 +130,8 @@ class DDPMModule(LightningModule):
         )
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.hparams.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         loss = self.denoising_loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
@@ -186,6 +200,18 @@ class DDPMModule(LightningModule):
         losses = [self.denoising_loss(images, noise, t.expand(len(images)).to(images.device)) for t in steps]
         return torch.stack(losses).mean()
 
+    def configure_model(self) -> None:
+        # Speed switches, applied once the module is on its device (they are no-ops where they do not apply).
+        hp = self.hparams
+        torch.set_float32_matmul_precision(hp.float32_matmul_precision)
+        if hp.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if hp.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        if hp.compile and not getattr(self, "_compiled", False):
+            self.unet.compile()  # in place: parameters and state_dict keys are the UNet's own
+            self._compiled = True
+
     def on_train_start(self) -> None:
         self._ema_step = self.trainer.global_step  # (restored on resume)
 
@@ -227,8 +253,14 @@ class DDPMModule(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
+        fused = hp.fused_adamw if hp.fused_adamw is not None else self.device.type == "cuda"
         optimizer = torch.optim.AdamW(
-            self.parameters(), lr=hp.learning_rate, betas=hp.adam_betas, weight_decay=hp.adam_weight_decay, eps=hp.adam_epsilon
+            self.unet.parameters(),
+            lr=hp.learning_rate,
+            betas=hp.adam_betas,
+            weight_decay=hp.adam_weight_decay,
+            eps=hp.adam_epsilon,
+            fused=fused or None,
         )
         # Per optimizer step, over the whole run as the Trainer counts it (devices, accumulation, max_steps).
         total = int(self.trainer.estimated_stepping_batches)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import fit_args, write_image
 from ddpm_lightning.cli import main
-from ddpm_lightning.commands import CommandError, grid_shape, sample
+from ddpm_lightning.commands import CommandError, grid_shape, load_checkpoint, make_sampler, sample
 
 FAST = ["--num_inference_steps", "2"]
 
@@ -44,40 +44,47 @@ def pixels(path: Path) -> np.ndarray:
 
 
 def test_sample_from_checkpoint_writes_images_and_grid(trained, tmp_path):
+    ckpt = str(trained / "checkpoints" / "last.ckpt")
     out = tmp_path / "a"
-    main(["sample", str(trained / "checkpoints" / "last.ckpt"), "--num_images", "6", "--batch_size", "4",
-          "--sampler", "ddim", *FAST, "--output_dir", str(out)])
+    main(["sample", ckpt, "--num_images", "6", "--batch_size", "6", "--sampler", "ddim", *FAST, "--output_dir", str(out)])
     images = pngs(out)
     assert [p.name for p in images] == [f"{i:06d}.png" for i in range(6)]
     assert all(Image.open(p).size == (16, 16) and Image.open(p).mode == "RGB" for p in images)
     assert Image.open(out / "grid.png").size == (3 * 16, 2 * 16)  # 2 rows x 3 columns, no padding
-    # the grid is the images, row by row
-    grid = pixels(out / "grid.png")
-    assert np.array_equal(grid[16:32, 0:16], pixels(images[3]))
+    grid = pixels(out / "grid.png")  # the images, row by row
+    assert np.array_equal(grid[16:32, 0:16], pixels(images[3])) and np.array_equal(grid[0:16, 32:48], pixels(images[2]))
 
     # the same seed: the same bytes; another seed: other images
     again = tmp_path / "b"
-    main(["sample", str(trained / "checkpoints" / "last.ckpt"), "--num_images", "6", "--batch_size", "4",
-          "--sampler", "ddim", *FAST, "--output_dir", str(again)])
+    main(["sample", ckpt, "--num_images", "6", "--batch_size", "6", "--sampler", "ddim", *FAST, "--output_dir", str(again)])
     assert [p.read_bytes() for p in pngs(again)] == [p.read_bytes() for p in images]
+    assert (again / "grid.png").read_bytes() == (out / "grid.png").read_bytes()
     other = tmp_path / "c"
-    main(["sample", str(trained / "checkpoints" / "last.ckpt"), "--num_images", "6", "--batch_size", "4",
-          "--sampler", "ddim", *FAST, "--seed", "1", "--output_dir", str(other)])
+    main(["sample", ckpt, "--num_images", "2", "--sampler", "ddim", *FAST, "--seed", "1", "--output_dir", str(other)])
     assert all(a.read_bytes() != b.read_bytes() for a, b in zip(pngs(other), images))
 
 
 def test_batch_size_does_not_change_which_images_are_drawn(trained, tmp_path):
     # DDPM draws noise at every step too: each image's comes from its own generator
     ckpt = str(trained / "checkpoints" / "last.ckpt")
-    one = sample(ckpt, num_images=3, batch_size=1, num_inference_steps=2, output_dir=str(tmp_path / "one"))
+    two = sample(ckpt, num_images=3, batch_size=2, num_inference_steps=2, output_dir=str(tmp_path / "two"))
     three = sample(ckpt, num_images=3, batch_size=3, num_inference_steps=2, output_dir=str(tmp_path / "three"))
-    two = sample(ckpt, num_images=2, batch_size=2, num_inference_steps=2, output_dir=str(tmp_path / "two"))
-    assert len(one) == len(three) == 3 and len(two) == 2
-    for a, b in zip(one, three):  # batched convolutions may round differently: at most one level of 255
-        assert np.abs(pixels(a) - pixels(b)).max() <= 1
-    for a, b in zip(two, three):  # fewer images: the same first ones
+    assert [p.name for p in two] == [p.name for p in three] == ["000000.png", "000001.png", "000002.png"]
+    for a, b in zip(two, three):  # batched convolutions may round differently: at most one level of 255
         assert np.abs(pixels(a) - pixels(b)).max() <= 1
     assert np.abs(pixels(three[0]) - pixels(three[1])).max() > 10  # and the images differ from each other
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
+def test_a_saved_folder_gets_the_same_sampler_as_the_checkpoint_and_the_grids(trained, sampler):
+    module, _ = load_checkpoint(trained / "checkpoints" / "last.ckpt")
+    saved = DDPMPipeline.from_pretrained(trained / "run").scheduler.config
+    for scheduler in (make_sampler(saved, sampler), make_sampler(module.scheduler.config, sampler)):
+        reference = module.make_scheduler(sampler)  # what the training grids use
+        assert type(scheduler) is type(reference)
+        scheduler.set_timesteps(7)
+        reference.set_timesteps(7)
+        assert torch.equal(scheduler.timesteps, reference.timesteps)
 
 
 def test_sample_from_saved_folder_matches_the_checkpoints_ema_weights(trained, tmp_path):

@@ -106,3 +106,24 @@ def test_warmup_longer_than_the_run_warns(image_folder, tmp_path):
 
     with pytest.warns(UserWarning, match=r"lr_warmup_steps=500 is not shorter than the run \(3 optimizer steps\)"):
         main(fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "1", "--model.lr_warmup_steps", "500"))
+
+
+def test_speed_switches_keep_checkpoint_keys_and_train_on_cpu(image_folder, tmp_path):
+    """channels_last, gradient checkpointing, fused AdamW and in-place compile degrade cleanly on a CPU."""
+    from conftest import fit_args
+    from ddpm_lightning.cli import main
+
+    main(fit_args(image_folder, tmp_path / "plain", "--trainer.max_steps", "2", "--trainer.max_epochs", "-1",
+                  "--checkpoint.dirpath", "plain"))
+    main(fit_args(image_folder, tmp_path / "fast", "--trainer.max_steps", "2", "--trainer.max_epochs", "-1",
+                  "--model.channels_last", "true", "--model.gradient_checkpointing", "true",
+                  "--model.fused_adamw", "true", "--checkpoint.dirpath", "fast"))
+    plain = torch.load(tmp_path / "plain" / "last.ckpt", weights_only=True)
+    fast = torch.load(tmp_path / "fast" / "last.ckpt", weights_only=True)
+    assert plain["state_dict"].keys() == fast["state_dict"].keys()
+    assert all(torch.isfinite(v).all() for v in fast["state_dict"].values())
+
+    model = tiny_module(compile=True)
+    keys = set(model.unet.state_dict())
+    model.configure_model()
+    assert set(model.unet.state_dict()) == keys  # compiled in place: the same keys in checkpoints and folders

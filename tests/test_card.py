@@ -1,0 +1,114 @@
+"""The model card (README.md) of saved folders: written by write_model_card, by every SaveModel save and by export."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from huggingface_hub import ModelCard
+
+from conftest import fit_args, write_image
+from ddpm_lightning.callbacks import SaveModel
+from ddpm_lightning.card import is_hub_dataset, write_model_card, write_run_card
+from ddpm_lightning.cli import main
+from test_module import tiny_module
+
+USAGE = 'from diffusers import DDPMPipeline\npipeline = DDPMPipeline.from_pretrained("{}")\nimage = pipeline().images[0]'
+
+
+def yaml_block(text: str) -> dict:
+    return yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+
+
+def test_card_with_hub_dataset_grid_config_and_repo_id(tmp_path):
+    grid = write_image(tmp_path / "grids" / "0009.png", size=(32, 32))
+    config = {"model": {"learning_rate": 1e-4, "adam_betas": (0.9, 0.999), "_instantiator": "x"},
+              "data": {"dataset": "huggan/smithsonian_butterflies_subset", "image_size": 128}}
+    folder = tmp_path / "model"
+    path = write_model_card(folder, config=config, dataset="huggan/smithsonian_butterflies_subset", steps=3150,
+                            grid_path=grid, repo_id="me/ddpm-butterflies-128")
+    assert path == folder / "README.md"
+
+    card = ModelCard.load(path)
+    assert card.data.library_name == "diffusers"
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    assert card.data.tags == ["pytorch", "diffusers", "unconditional-image-generation", "ddpm-lightning"]
+    assert card.data.datasets == ["huggan/smithsonian_butterflies_subset"]
+    text = path.read_text()
+    assert text.startswith("---\n") and "\n---\n" in text
+    assert USAGE.format("me/ddpm-butterflies-128") in text
+    assert "](samples.png)" in text and (folder / "samples.png").read_bytes() == grid.read_bytes()
+    assert "Steps trained: 3150" in text and "128 x 128 pixels" in text
+    assert "[huggan/smithsonian_butterflies_subset](https://huggingface.co/datasets/huggan/smithsonian_butterflies_subset)" in text
+    assert yaml_block(text) == {"model": {"learning_rate": 1e-4, "adam_betas": [0.9, 0.999]},  # "_" keys left out
+                                "data": {"dataset": "huggan/smithsonian_butterflies_subset", "image_size": 128}}
+
+
+def test_card_of_a_local_dataset_without_grid_or_config(tmp_path):
+    (tmp_path / "photos").mkdir()
+    folder = tmp_path / "model"
+    write_model_card(folder, config=None, dataset=str(tmp_path / "photos"), steps=None, grid_path=None, repo_id=None)
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.datasets is None
+    assert USAGE.format(folder) in card.text
+    assert "samples.png" not in card.text and not (folder / "samples.png").exists()
+    assert "a local data set" in card.text and "```yaml" not in card.text
+
+
+@pytest.mark.parametrize("dataset, hub", [
+    ("huggan/smithsonian_butterflies_subset", True), ("mnist", True), ("../shared/data/heliconius/train", False),
+    ("/data/photos", False), ("a/b/c", False), ("bad id!", False), (None, False), ("", False),
+])
+def test_hub_dataset_ids_are_told_from_paths(dataset, hub):
+    assert is_hub_dataset(dataset) is hub
+
+
+def test_every_save_writes_the_card_with_the_run_config_and_newest_grid(image_folder, tmp_path):
+    out = tmp_path / "run"
+    main(fit_args(image_folder, out, "--trainer.max_epochs", "1"))
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.datasets is None  # a local folder
+    text = (out / "README.md").read_text()
+    newest = sorted((out / "samples").glob("*.png"))[-1]
+    assert (out / "samples.png").read_bytes() == newest.read_bytes() and "](samples.png)" in text
+    assert "Steps trained: 3" in text and USAGE.format(out) in text
+    config = yaml_block(text)  # the whole CLI config, as in logs/config.yaml
+    assert config["data"]["dataset"] == str(image_folder) and config["model"]["image_size"] == 16
+    assert config["trainer"]["max_epochs"] == 1 and config["output_dir"] == str(out)
+
+
+class StubUploader:
+    repo_id = "me/ddpm-tiny"
+
+    def __init__(self):
+        self.uploaded = []
+
+    def wait(self):
+        pass
+
+    def upload(self, folder, message):
+        self.uploaded.append((folder, message))
+
+
+def test_save_names_the_upload_repo_in_the_card_before_uploading(tmp_path):
+    save = SaveModel(output_dir=str(tmp_path / "out"))
+    save.uploader = StubUploader()
+    trainer = SimpleNamespace(global_rank=0, global_step=7, callbacks=[],
+                              datamodule=SimpleNamespace(hparams={"dataset": "huggan/smithsonian_butterflies_subset"}))
+    save.save(trainer, tiny_module(), "Epoch 0")
+    assert save.uploader.uploaded == [(str(tmp_path / "out"), "Epoch 0")]
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.datasets == ["huggan/smithsonian_butterflies_subset"]
+    assert USAGE.format("me/ddpm-tiny") in card.text and "Steps trained: 7" in card.text
+    assert yaml_block(card.text)["model"]["image_size"] == 16  # the hyperparameters, without the CLI
+
+
+def test_a_card_that_cannot_be_written_is_a_warning(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    trainer = SimpleNamespace(global_step=1, callbacks=[], datamodule=None)
+    with caplog.at_level(logging.WARNING, logger="ddpm_lightning.card"):
+        assert write_run_card(trainer, tiny_module(), blocker) is None
+    assert "Could not write the model card" in caplog.text
