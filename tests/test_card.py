@@ -73,9 +73,9 @@ def test_every_save_writes_the_card_with_the_run_config_and_newest_grid(image_fo
     text = (out / "README.md").read_text()
     newest = sorted((out / "samples").glob("*.png"))[-1]
     assert (out / "samples.png").read_bytes() == newest.read_bytes() and "](samples.png)" in text
-    assert "Steps trained: 3" in text and USAGE.format(out) in text
+    assert "Steps trained: 3" in text and "16 x 16 pixels" in text and USAGE.format(out) in text
     config = yaml_block(text)  # the whole CLI config, as in logs/config.yaml
-    assert config["data"]["dataset"] == str(image_folder) and config["model"]["image_size"] == 16
+    assert config["data"]["dataset"] == str(image_folder) and config["data"]["image_size"] == 16
     assert config["trainer"]["max_epochs"] == 1 and config["output_dir"] == str(out)
 
 
