@@ -1,8 +1,10 @@
-"""When to draw grids and when to save (and publish) the model. The module knows how; these decide when.
+"""When to draw grids, save (and publish) the model and measure sample quality. The module knows how; these
+decide when.
 
-Both act at the end of every N-th epoch and at the end of the run, on rank 0 only. Paths are resolved and
-checked on every rank in `setup`, where collective calls are safe; nothing inside rank-zero code talks to the
-other ranks, so they never wait on it.
+Grids and saves happen at the end of every N-th epoch and at the end of the run. Every rank draws its share
+of a grid (so none waits on another's sampling) and rank 0 writes it; saving and uploading are rank 0's alone,
+and nothing inside rank-zero code talks to the other ranks. Checks that may fail (the Hub repo) run on every
+rank in `setup` and agree through a broadcast, where collective calls are safe.
 """
 
 from __future__ import annotations
