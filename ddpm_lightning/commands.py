@@ -56,8 +56,12 @@ def load_checkpoint(path: str | Path) -> tuple[DDPMModule, dict]:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise CommandError(f"{path} is not a Lightning checkpoint of DDPMModule (no state_dict / hyper_parameters).")
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
-    module = DDPMModule(**hparams)
-    module.load_state_dict(checkpoint["state_dict"])
+    try:
+        module = DDPMModule(**hparams)
+        module.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CommandError(f"{path} does not fit this version's DDPMModule ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0]}): was it saved by another version of ddpm-lightning?") from err
     if checkpoint.get("ema") is not None:
         ema = module.ema or EMAModel(module.unet.parameters())
         ema.load_state_dict(checkpoint["ema"])
@@ -93,8 +97,13 @@ def load_pipeline(model: str) -> tuple[UNet2DModel, dict]:
 
 def load_hub_pipeline(repo_id: str) -> tuple[UNet2DModel, dict]:
     from diffusers.utils import logging as diffusers_logging
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise CommandError(f"{repo_id} is neither a file, nor a folder, nor a valid Hub model id 'user/name'.") from err
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its "Couldn't connect to the Hub" lines would bury ours
     try:
@@ -260,8 +269,9 @@ def sample(
 
 
 def export(ckpt: str, out: str, samples: str | None = None, repo_id: str | None = None) -> Path:
-    """Write a diffusers folder (model_index.json, unet/, scheduler/) and its model card (README.md) from a
-    checkpoint, with the EMA weights when the checkpoint has them: `DDPMPipeline.from_pretrained(out)` loads it.
+    """Write a checkpoint's model as a diffusers folder (EMA weights when it has them) with a model card.
+
+    The folder (model_index.json, unet/, scheduler/, README.md) loads with `DDPMPipeline.from_pretrained(out)`.
 
     Args:
         ckpt: a Lightning checkpoint (.ckpt) of `ddpm-lightning fit`.

@@ -165,6 +165,8 @@ class HubStandIn:
                     raise _HTTPError(401, "Invalid credentials in Authorization header")
             if method == "GET" and parts == ["api", "agent-harnesses"]:
                 return 200, {"standardEnvVars": [], "harnesses": {}}
+            if method == "POST" and parts == ["api", "validate-yaml"]:
+                return 200, {"errors": [], "warnings": []}  # upload_folder checks a README.md's front matter first
             if method == "POST" and parts == ["api", "repos", "create"]:
                 return self._create_repo(json.loads(body or b"{}"))
             if len(parts) >= 4 and parts[0] == "api" and parts[1] in ("models", "datasets", "spaces"):

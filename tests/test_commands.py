@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import DDPMPipeline
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -131,6 +132,19 @@ def test_export_with_samples_and_repo_id(trained, tmp_path):
     assert "](samples.png)" in text and 'DDPMPipeline.from_pretrained("me/tiny")' in text
 
 
+def test_every_save_of_fit_writes_the_card_with_the_run_config_and_newest_grid(trained):
+    out = trained / "run"
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.datasets is None  # a local folder
+    newest = sorted((out / "samples").glob("*.png"))[-1]
+    assert (out / "samples.png").read_bytes() == newest.read_bytes() and "](samples.png)" in card.text
+    assert "Steps trained: 3" in card.text and "16 x 16 pixels" in card.text
+    assert f'pipeline = DDPMPipeline.from_pretrained("{out}")' in card.text
+    config = yaml.safe_load(card.text.split("```yaml\n", 1)[1].split("```", 1)[0])  # the whole CLI config
+    assert config["data"]["dataset"] == str(trained / "images") and config["data"]["image_size"] == 16
+    assert config["trainer"]["max_epochs"] == 1 and config["output_dir"] == str(out) and config["model"]["use_ema"] is True
+
+
 def test_hub_id_offline_fails_with_one_clear_line(trained, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["sample", "someone/ddpm-model", "--num_images", "1"])
@@ -145,6 +159,7 @@ def test_hub_id_offline_fails_with_one_clear_line(trained, capsys):
     ("./missing.ckpt", "does not exist"),
     ("missing/deeper/model", "does not exist"),
     ("images", "without model_index.json"),  # a folder, but not a saved model
+    ("not a model!", "nor a valid Hub model id"),
 ])
 def test_bad_model_paths_fail_clearly(trained, monkeypatch, model, expected):
     monkeypatch.chdir(trained)
