@@ -56,14 +56,6 @@ from benchmarks import tutorial_loop  # noqa: E402
 from ddpm_lightning import cli  # noqa: E402
 from ddpm_lightning.data import find_images  # noqa: E402
 
-TINY_UNET = dict(
-    in_channels=3,
-    out_channels=3,
-    layers_per_block=1,
-    block_out_channels=(32, 64),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-)
 # argparse defaults, full run / --tiny; None means "all images".
 DEFAULTS = dict(
     image_size=(128, 32), warmup=(10, 2), steps=(50, 4), max_images=(None, 20), grid_steps=(1000, 5), fast_steps=(50, 5)
@@ -240,7 +232,7 @@ def main() -> None:
     for key, (full, tiny) in DEFAULTS.items():
         if getattr(a, key) is None:
             setattr(a, key, tiny if a.tiny else full)
-    a.unet = TINY_UNET if a.tiny else tutorial_loop.TUTORIAL_UNET
+    a.unet = tutorial_loop.TINY_UNET if a.tiny else tutorial_loop.TUTORIAL_UNET
 
     images = find_images(Path(a.images).resolve())[: a.max_images]
     if not images:

@@ -83,15 +83,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_UNET = dict(  # benchmark.py's
-    in_channels=3,
-    out_channels=3,
-    layers_per_block=1,
-    block_out_channels=(32, 64),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-)
-# argparse defaults, full run / --tiny; None means "all images". The full UNet is tutorial_loop.TUTORIAL_UNET.
+# argparse defaults, full run / --tiny; None means "all images". The UNets are tutorial_loop's.
 DEFAULTS = dict(epochs=(10, 2), image_size=(128, 32), max_images=(None, 32), grid_steps=(1000, 5))
 PACKAGES = ("torch", "torchvision", "lightning", "diffusers", "accelerate", "datasets", "jsonargparse")
 ALPHA = 0.01
@@ -400,11 +392,10 @@ def main() -> None:
     for key, (full, tiny) in DEFAULTS.items():
         if getattr(a, key) is None:
             setattr(a, key, tiny if a.tiny else full)
-    if a.tiny:
-        unet = TINY_UNET
-    else:
-        sys.path.insert(0, str(ROOT))
-        from benchmarks.tutorial_loop import TUTORIAL_UNET as unet  # (this process trains nothing)
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.tutorial_loop import TINY_UNET, TUTORIAL_UNET  # (this process trains nothing)
+
+    unet = TINY_UNET if a.tiny else TUTORIAL_UNET
 
     images = find_images(Path(a.images).resolve())[: a.max_images]
     if not images:

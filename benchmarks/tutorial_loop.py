@@ -38,6 +38,37 @@ TUTORIAL_UNET = dict(
     down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
 )
+# The benchmarks' --tiny smoke-test UNet (configs/tiny.yaml's), for both sides.
+TINY_UNET = dict(
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+)
+
+
+def tutorial_step(batch, model, noise_scheduler, accelerator, optimizer, lr_scheduler) -> torch.Tensor:
+    """One step of the tutorial's train_loop, call for call."""
+    clean_images = batch["images"]
+    noise = torch.randn(clean_images.shape, device=clean_images.device)
+    bs = clean_images.shape[0]
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (bs,), device=clean_images.device, dtype=torch.int64
+    )
+    noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+
+    with accelerator.accumulate(model):
+        noise_pred = model(noisy_images, timesteps, return_dict=False)[0]
+        loss = F.mse_loss(noise_pred, noise)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+    return loss
 
 
 def make_dataset(image_paths: list[str], image_size: int) -> datasets.Dataset:
@@ -104,23 +135,7 @@ def run(
     global_step, images, t0 = 0, 0, 0.0
     while global_step < warmup + steps:  # the tutorial's `for epoch in range(num_epochs)`: a new iterator each epoch
         for batch in train_dataloader:
-            clean_images = batch["images"]
-            noise = torch.randn(clean_images.shape, device=clean_images.device)
-            bs = clean_images.shape[0]
-            timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (bs,), device=clean_images.device, dtype=torch.int64
-            )
-            noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
-
-            with accelerator.accumulate(model):
-                noise_pred = model(noisy_images, timesteps, return_dict=False)[0]
-                loss = F.mse_loss(noise_pred, noise)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+            loss = tutorial_step(batch, model, noise_scheduler, accelerator, optimizer, lr_scheduler)
 
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "step": global_step}
             accelerator.log(logs, step=global_step)
@@ -133,7 +148,7 @@ def run(
                 sync()
                 t0 = time.perf_counter()
             elif global_step > warmup:
-                images += bs
+                images += len(batch["images"])
             if global_step == warmup + steps:
                 break
     sync()
@@ -227,23 +242,7 @@ def train_loop(
         progress_bar = tqdm(total=len(train_dataloader), disable=not accelerator.is_local_main_process)
         progress_bar.set_description(f"Epoch {epoch}")
         for step, batch in enumerate(train_dataloader):
-            clean_images = batch["images"]
-            noise = torch.randn(clean_images.shape, device=clean_images.device)
-            bs = clean_images.shape[0]
-            timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (bs,), device=clean_images.device, dtype=torch.int64
-            )
-            noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
-
-            with accelerator.accumulate(model):
-                noise_pred = model(noisy_images, timesteps, return_dict=False)[0]
-                loss = F.mse_loss(noise_pred, noise)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+            loss = tutorial_step(batch, model, noise_scheduler, accelerator, optimizer, lr_scheduler)
 
             progress_bar.update(1)
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "step": global_step}
