@@ -1,4 +1,5 @@
-"""The `ddpm-lightning` command: LightningCLI over ImageDataModule and DDPMModule, plus the grid and save callbacks.
+"""The `ddpm-lightning` command: LightningCLI over ImageDataModule and DDPMModule with the grid, save and
+quality callbacks (fit, validate, ...), plus the plain `sample` and `export` commands (commands.py).
 
     ddpm-lightning fit -c configs/butterflies.yaml
     ddpm-lightning fit -c configs/butterflies.yaml --ckpt_path last        # resume
@@ -18,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from . import commands
 from .callbacks import SampleGrid, SampleQualityMetrics, SaveModel
 from .checkpointing import AtomicCheckpointIO, PreemptionCheckpoint, check_ckpt_path
 from .data import ImageDataModule
@@ -39,14 +41,14 @@ class DDPMLightningCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.image_size")  # one value: the UNet's sample_size
 
     def instantiate_trainer(self, **kwargs):
+        trainer, data = self._get(self.config, "trainer"), self._get(self.config, "data")
         # Unless the config names a logger (or turns logging off), TensorBoard writes to <output_dir>/logs,
         # the same folder on every run, so a resumed run continues its curves instead of starting version_1.
-        if self._get(self.config, "trainer").get("logger") in (None, True):
+        if trainer.get("logger") in (None, True):
             kwargs["logger"] = TensorBoardLogger(save_dir=self._get(self.config, "output_dir"), name="logs", version="")
-        if self._get(self.config, "trainer").get("plugins") is None:
+        if trainer.get("plugins") is None:
             kwargs["plugins"] = [AtomicCheckpointIO()]  # (not a config default: an instance would not serialize)
-        data = self._get(self.config, "data")
-        if data.val_dataset is None and not data.val_fraction and self._get(self.config, "trainer").limit_val_batches is None:
+        if data.val_dataset is None and not data.val_fraction and trainer.limit_val_batches is None:
             kwargs["limit_val_batches"] = 0  # no held-out images: no validation loop at all
         return super().instantiate_trainer(**kwargs)
 
@@ -73,8 +75,7 @@ def check_writable(folder: str) -> None:
 
 
 def main(args: ArgsType = None) -> None:
-    from . import commands  # `ddpm-lightning sample ...` / `export ...`: plain commands, outside LightningCLI
-    if commands.is_command(args):
+    if commands.is_command(args):  # `ddpm-lightning sample ...` / `export ...`: plain commands, outside LightningCLI
         commands.run(args)  # returns nothing: the console script would print it and exit 1
         return
     package_log = logging.getLogger("ddpm_lightning")
