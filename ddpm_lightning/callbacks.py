@@ -57,7 +57,7 @@ def sample_share(
             return pl_module.sample(share, pl_module.make_scheduler(sampler), steps, generator).float()
 
 
-def grid_shape(n: int, rows: int | None) -> tuple[int, int]:
+def grid_shape(n: int, rows: int | None = None) -> tuple[int, int]:
     """(rows, cols) of a grid of n images: `rows` if given, else as square as n allows (16 -> 4 x 4)."""
     if rows is None:
         rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)

@@ -75,13 +75,13 @@ def check_writable(folder: str) -> None:
 
 
 def main(args: ArgsType = None) -> None:
-    if commands.is_command(args):  # `ddpm-lightning sample ...` / `export ...`: plain commands, outside LightningCLI
-        commands.run(args)  # returns nothing: the console script would print it and exit 1
-        return
     package_log = logging.getLogger("ddpm_lightning")
     if not package_log.handlers:  # show this package's INFO lines, as Lightning does for its own
         package_log.addHandler(logging.StreamHandler())
         package_log.setLevel(logging.INFO)
+    if commands.is_command(args):  # `ddpm-lightning sample ...` / `export ...`: plain commands, outside LightningCLI
+        commands.run(args)  # returns nothing: the console script would print it and exit 1
+        return
     DDPMLightningCLI(
         DDPMModule,
         ImageDataModule,

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from diffusers import DDPMPipeline, SchedulerMixin, UNet2DModel
 from diffusers.training_utils import EMAModel
-from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm import tqdm
 
-from .module import SAMPLERS, DDPMModule, Sampler
+from .callbacks import grid_shape
+from .data import looks_like_path
+from .module import SAMPLERS, DDPMModule, Sampler, denoise
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,6 @@ def load_checkpoint(path: str | Path) -> tuple[DDPMModule, dict]:
     return module, checkpoint
 
 
-def is_local_path(model: str) -> bool:
-    """Looks like a path rather than a Hub id 'user/name' (as data.py decides for data sets)."""
-    return (Path(model).expanduser().exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
-            or model.endswith(".ckpt") or os.sep != "/" and os.sep in model)
-
-
 def load_pipeline(model: str) -> tuple[UNet2DModel, dict]:
     """The UNet and the noise schedule (a scheduler config) of a checkpoint, saved folder or Hub model id."""
     path = Path(model).expanduser()
@@ -90,7 +85,7 @@ def load_pipeline(model: str) -> tuple[UNet2DModel, dict]:
                                "saved by `ddpm-lightning fit` / `ddpm-lightning export` (model_index.json, unet/, scheduler/).")
         pipeline = DDPMPipeline.from_pretrained(path)
         return aligned(pipeline.unet), pipeline.scheduler.config
-    if is_local_path(model):
+    if looks_like_path(model) or model.endswith(".ckpt"):
         raise CommandError(f"{model} does not exist: give a .ckpt file, a saved diffusers folder or a Hub model id 'user/name'.")
     return load_hub_pipeline(model)
 
@@ -165,12 +160,6 @@ def image_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int(state))
 
 
-def grid_shape(n: int) -> tuple[int, int]:
-    """(rows, cols) as square as n allows with every cell filled: 16 -> 4 x 4, 12 -> 3 x 4, 7 -> 1 x 7."""
-    rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
-    return rows, n // rows
-
-
 def to_pil(image: torch.Tensor) -> Image.Image:
     """A uint8 (C, H, W) tensor with 1, 3 or 4 channels as a PIL image."""
     array = image.permute(1, 2, 0).numpy()
@@ -181,21 +170,11 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     raise CommandError(f"Cannot write images with {array.shape[2]} channels as PNG (1, 3 or 4 can be written).")
 
 
-@torch.no_grad()
 def draw(unet: UNet2DModel, scheduler, generators: list[torch.Generator], num_inference_steps: int,
          progress: tqdm | None = None) -> torch.Tensor:
     """One batch, one generator per image, as DDPMPipeline draws it; uint8 (n, C, H, W) on the CPU."""
-    size = unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else size
-    shape = (len(generators), unet.config.in_channels, height, width)
-    scheduler.set_timesteps(num_inference_steps, device=unet.device)
-    image = randn_tensor(shape, generator=generators, device=unet.device, dtype=unet.dtype) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        model_output = unet(scheduler.scale_model_input(image, t), t, return_dict=False)[0]
-        image = scheduler.step(model_output, t, image, generator=generators, return_dict=False)[0]
-        if progress is not None:
-            progress.update(1)
-    image = (image.float() / 2 + 0.5).clamp(0, 1)
+    on_step = (lambda: progress.update(1)) if progress is not None else None
+    image = denoise(unet, scheduler, num_inference_steps, generators, len(generators), on_step).float()
     return image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).cpu()  # as torchvision's save_image rounds
 
 
@@ -322,10 +301,6 @@ def run(args=None):
     from jsonargparse import CLI
 
     argv = list(sys.argv[1:] if args is None else args)
-    package_log = logging.getLogger("ddpm_lightning")
-    if not package_log.handlers:
-        package_log.addHandler(logging.StreamHandler())
-        package_log.setLevel(logging.INFO)
     try:
         return CLI([sample, export], args=argv, prog="ddpm-lightning", as_positional=True)
     except CommandError as err:

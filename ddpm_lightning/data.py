@@ -67,7 +67,7 @@ def load_source(source: str, split: str = "train") -> datasets.Dataset:
                 "point --data.dataset at a folder of images, a local data set or a Hub data set id."
             )
         return datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+    if looks_like_path(source):
         raise FileNotFoundError(f"{source} does not exist: give an existing folder or file, or a Hub id 'user/name'.")
     try:
         return datasets.load_dataset(source, split=split)
@@ -76,6 +76,11 @@ def load_source(source: str, split: str = "train") -> datasets.Dataset:
             f"Could not load the Hub data set {source!r} ({err}). Offline? Download it once where the Hub is "
             "reachable (it is then cached), or point --data.dataset at a local folder or data set."
         ) from err
+
+
+def looks_like_path(name: str) -> bool:
+    """A path (that may not exist) rather than a Hub id, which is 'name' or 'user/name'."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
 def image_column_of(ds: datasets.Dataset, column: str | None) -> str:

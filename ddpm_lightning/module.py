@@ -288,21 +288,31 @@ class DDPMModule(LightningModule):
 
         `scheduler` defaults to DDPM; `generator` makes the draw repeatable without touching the global RNG.
         """
-        scheduler = scheduler or self.make_scheduler("ddpm")
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        size = self.unet.config.sample_size
-        shape = (n, self.unet.config.in_channels, size, size)
-        image = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
         was_training = self.unet.training
         self.unet.eval()
         try:
-            for t in scheduler.timesteps:
-                model_output = self.unet(image, t, return_dict=False)[0]
-                image = scheduler.step(model_output, t, image, generator=generator, return_dict=False)[0]
+            return denoise(self.unet, scheduler or self.make_scheduler("ddpm"), num_inference_steps, generator, n)
         finally:
             self.unet.train(was_training)
-        return (image / 2 + 0.5).clamp(0, 1)
 
+
+@torch.no_grad()
+def denoise(unet: UNet2DModel, scheduler, num_inference_steps: int, generator, n: int, on_step=None) -> torch.Tensor:
+    """DDPMPipeline's loop: `n` draws of Gaussian noise denoised by `unet` with `scheduler`, as images in [0, 1].
+
+    `generator` is one torch.Generator or one per image; `on_step` is called after each step (a progress bar).
+    """
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    scheduler.set_timesteps(num_inference_steps, device=unet.device)
+    shape = (n, unet.config.in_channels, height, width)
+    image = randn_tensor(shape, generator=generator, device=unet.device, dtype=unet.dtype) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_output = unet(scheduler.scale_model_input(image, t), t, return_dict=False)[0]
+        image = scheduler.step(model_output, t, image, generator=generator, return_dict=False)[0]
+        if on_step is not None:
+            on_step()
+    return (image / 2 + 0.5).clamp(0, 1)
 
 def rng_states() -> dict[str, Any]:
     """torch, CUDA, numpy and Python RNG states, in types that `torch.load(weights_only=True)` accepts."""
