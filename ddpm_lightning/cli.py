@@ -18,12 +18,14 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from . import commands
 from .callbacks import SampleGrid, SampleQualityMetrics, SaveModel
 from .checkpointing import AtomicCheckpointIO, PreemptionCheckpoint, check_ckpt_path
 from .data import ImageDataModule
 from .module import DDPMModule
+from .precision import FusedClipMixedPrecision
 
 
 class DDPMLightningCLI(LightningCLI):
@@ -50,7 +52,10 @@ class DDPMLightningCLI(LightningCLI):
             kwargs["plugins"] = [AtomicCheckpointIO()]  # (not a config default: an instance would not serialize)
         if data.val_dataset is None and not data.val_fraction and trainer.limit_val_batches is None:
             kwargs["limit_val_batches"] = 0  # no held-out images: no validation loop at all
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.precision_plugin) is MixedPrecision:  # 16-mixed / bf16-mixed: clip with fused AdamW
+            trainer.strategy.precision_plugin = FusedClipMixedPrecision.replacing(trainer.strategy.precision_plugin)
+        return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)

@@ -39,6 +39,7 @@ TUTORIAL_UNET: dict[str, Any] = {
 Sampler = Literal["ddpm", "ddim", "dpmsolver++"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
 
 
@@ -62,10 +63,15 @@ class DDPMModule(LightningModule):
             schedule, with noise fixed per image, so it is comparable across epochs and runs.
         stop_on_nan: stop the run when the loss is NaN or infinite, naming the first such step. It is
             tracked on the device and checked every `nan_check_every_n_steps` steps (a check waits for the GPU).
-        compile: torch.compile the UNet in place (its state_dict keys stay the same, so checkpoints and saved
-            folders do not change); training and sampling both use it.
+        compile: torch.compile the UNet's forward (the UNet itself is not wrapped: checkpoints and saved folders
+            do not change), with static shapes. Training compiles once, for the batch size; an epoch's short
+            last batch runs eagerly rather than compiling again. Sampling (grids) compiles its own forward once
+            per sampling shape, so the training graph is never compiled again; validation runs eagerly.
+        compile_mode: torch.compile's `mode` for both forwards: "default", "reduce-overhead" (CUDA graphs on a
+            GPU; on a CPU it compiles as "default"), "max-autotune", "max-autotune-no-cudagraphs".
         channels_last: keep the UNet and its inputs in channels-last memory format (faster convolutions on GPUs).
-        fused_adamw: AdamW's fused kernel; by default on when the parameters are on a GPU.
+        fused_adamw: AdamW's fused kernel; by default on when the parameters are on a GPU. Gradient clipping
+            works with it under every precision (the CLI installs `precision.FusedClipMixedPrecision`).
         gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
         float32_matmul_precision: torch.set_float32_matmul_precision ("high" lets float32 matrix products use
             TF32 on GPUs that have it; "highest" is exact float32).
@@ -93,6 +99,7 @@ class DDPMModule(LightningModule):
         stop_on_nan: bool = True,
         nan_check_every_n_steps: int = 10,
         compile: bool = False,
+        compile_mode: CompileMode = "default",
         channels_last: bool = False,
         fused_adamw: bool | None = None,
         gradient_checkpointing: bool = False,
@@ -173,7 +180,7 @@ class DDPMModule(LightningModule):
         if timesteps is None:
             timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
         noisy = self.scheduler.add_noise(clean, noise, timesteps)
-        prediction = self.unet(noisy, timesteps, return_dict=False)[0].float()
+        prediction = self.unet_forward(noisy, timesteps).float()
         kind = self.scheduler.config.prediction_type
         if kind == "epsilon":
             return F.mse_loss(prediction, noise.float())
@@ -208,9 +215,36 @@ class DDPMModule(LightningModule):
             self.unet.to(memory_format=torch.channels_last)
         if hp.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        if hp.compile and not getattr(self, "_compiled", False):
-            self.unet.compile()  # in place: parameters and state_dict keys are the UNet's own
-            self._compiled = True
+        if hp.compile and not getattr(self, "_compiled", None):
+            # Two functions, so two code objects: dynamo keeps its compiled graphs per code object, and the
+            # no-grad sampling graph would otherwise count as a recompile of the training one. Static shapes
+            # (dynamic=False): what CUDA graphs need, and a dynamic batch dimension still recompiled (dynamo
+            # guards its range against the image size).
+            self._compiled = {
+                "train": torch.compile(unet_train_call, mode=hp.compile_mode, dynamic=False),
+                "sample": torch.compile(unet_sample_call, mode=hp.compile_mode, dynamic=False),
+            }
+            self._compiled_batch = 0
+
+    def unet_forward(self, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction for `sample` at `timesteps` (one per image) in training: compiled when `compile`
+        is on, for the largest batch seen; a smaller one (the short last batch of an epoch) runs eagerly
+        instead of compiling again. Validation (no gradients) runs eagerly."""
+        compiled = getattr(self, "_compiled", None)
+        if not compiled or not torch.is_grad_enabled() or len(sample) < self._compiled_batch:
+            return self.unet(sample, timesteps, return_dict=False)[0]
+        self._compiled_batch = len(sample)
+        if "reduce-overhead" in self.hparams.compile_mode:
+            torch.compiler.cudagraph_mark_step_begin()  # a new training step: last step's outputs are done with
+        return compiled["train"](self.unet, sample, timesteps)
+
+    def sample_forward(self, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction in sampling: compiled (when `compile` is on) once per sampling shape."""
+        compiled = getattr(self, "_compiled", None)
+        if not compiled:
+            return self.unet(sample, timesteps, return_dict=False)[0]
+        # CUDA graphs ("reduce-overhead") reuse their output buffer on the next call: copy it out.
+        return compiled["sample"](self.unet, sample, timesteps).clone()
 
     def on_train_start(self) -> None:
         self._ema_step = self.trainer.global_step  # (restored on resume)
@@ -291,28 +325,44 @@ class DDPMModule(LightningModule):
         was_training = self.unet.training
         self.unet.eval()
         try:
-            return denoise(self.unet, scheduler or self.make_scheduler("ddpm"), num_inference_steps, generator, n)
+            return denoise(self.unet, scheduler or self.make_scheduler("ddpm"), num_inference_steps, generator, n,
+                           forward=self.sample_forward)
         finally:
             self.unet.train(was_training)
 
 
 @torch.no_grad()
-def denoise(unet: UNet2DModel, scheduler, num_inference_steps: int, generator, n: int, on_step=None) -> torch.Tensor:
+def denoise(
+    unet: UNet2DModel, scheduler, num_inference_steps: int, generator, n: int, on_step=None, forward=None
+) -> torch.Tensor:
     """DDPMPipeline's loop: `n` draws of Gaussian noise denoised by `unet` with `scheduler`, as images in [0, 1].
 
-    `generator` is one torch.Generator or one per image; `on_step` is called after each step (a progress bar).
+    `generator` is one torch.Generator or one per image; `on_step` is called after each step (a progress bar);
+    `forward(sample, timesteps)` replaces `unet`'s own call (DDPMModule's compiled forward).
     """
+    if forward is None:
+        forward = lambda sample, timesteps: unet(sample, timesteps, return_dict=False)[0]  # noqa: E731
     size = unet.config.sample_size
     height, width = (size, size) if isinstance(size, int) else size
     scheduler.set_timesteps(num_inference_steps, device=unet.device)
     shape = (n, unet.config.in_channels, height, width)
     image = randn_tensor(shape, generator=generator, device=unet.device, dtype=unet.dtype) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        model_output = unet(scheduler.scale_model_input(image, t), t, return_dict=False)[0]
+        # One timestep per image, as in training: the compiled forward sees the same kind of input.
+        model_output = forward(scheduler.scale_model_input(image, t), t.expand(n))
         image = scheduler.step(model_output, t, image, generator=generator, return_dict=False)[0]
         if on_step is not None:
             on_step()
     return (image / 2 + 0.5).clamp(0, 1)
+
+
+def unet_train_call(unet: UNet2DModel, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    return unet(sample, timesteps, return_dict=False)[0]
+
+
+def unet_sample_call(unet: UNet2DModel, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    return unet(sample, timesteps, return_dict=False)[0]
+
 
 def rng_states() -> dict[str, Any]:
     """torch, CUDA, numpy and Python RNG states, in types that `torch.load(weights_only=True)` accepts."""
