@@ -22,6 +22,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
 from lightning.pytorch import LightningModule
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 
 # The tutorial's UNet ("Train a diffusion model"): 6 levels, attention in the 5th down and 2nd up block.
@@ -175,8 +176,8 @@ class DDPMModule(LightningModule):
         self, clean: torch.Tensor, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None
     ) -> torch.Tensor:
         """MSE between the UNet's prediction and its target at random (or given) timesteps, in float32."""
-        if noise is None:
-            noise = torch.randn_like(clean)
+        if noise is None:  # drawn in the standard layout: channels_last draws the same noise as the plain path
+            noise = torch.randn_like(clean, memory_format=torch.contiguous_format)
         if timesteps is None:
             timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
         noisy = self.scheduler.add_noise(clean, noise, timesteps)
@@ -288,6 +289,15 @@ class DDPMModule(LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         fused = hp.fused_adamw if hp.fused_adamw is not None else self.device.type == "cuda"
+        plugin = self.trainer.precision_plugin
+        if fused and self.trainer.gradient_clip_val and type(plugin) is MixedPrecision:
+            # Lightning's own plugin would raise at the first optimizer step; say it now, with the fixes.
+            raise ValueError(
+                f"Lightning's MixedPrecision ({plugin.precision}) cannot clip gradients for a fused AdamW. Train "
+                "through the `ddpm-lightning` CLI (it installs ddpm_lightning.precision.FusedClipMixedPrecision), "
+                "pass plugins=[FusedClipMixedPrecision(...)] to your Trainer, or set model.fused_adamw false or "
+                "trainer.gradient_clip_val null."
+            )
         optimizer = torch.optim.AdamW(
             self.unet.parameters(),
             lr=hp.learning_rate,

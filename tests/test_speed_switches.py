@@ -1,0 +1,181 @@
+"""The GPU speed switches, run on the CPU in their GPU values: fused AdamW with clipping under every precision
+(and fp16's skipped step on overflow), each switch's losses against the plain path, grids under the training
+autocast, compile without recompiles, and no host sync per training step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch.utils.data import DataLoader
+
+from conftest import fit_args
+from ddpm_lightning.callbacks import SampleGrid
+from ddpm_lightning.cli import main
+from ddpm_lightning.module import DDPMModule
+from ddpm_lightning.precision import FusedClipMixedPrecision
+
+TINY_UNET = {
+    "layers_per_block": 1,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+}
+
+
+def grad_norm(module) -> float:
+    return torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in module.parameters()])).item()
+
+
+class GradNorms(Callback):
+    """Records the gradient norm before clipping (Lightning's hook runs after unscaling, before clipping) and
+    after the step (clipped; Lightning zeroes gradients at the start of the next step).
+    Used by class path: `--trainer.callbacks+=test_speed_switches.GradNorms`."""
+
+    seen: list[tuple[float, float]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._before = grad_norm(pl_module.unet)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        GradNorms.seen.append((self._before, grad_norm(pl_module.unet)))
+
+
+# Lightning turns `precision: 16-mixed` into bf16-mixed on a CPU, so the fp16 case names the GPU's plugin itself:
+# fp16 autocast and a GradScaler, on the CPU.
+FP16_WITH_GRADSCALER = ["--trainer.precision", "null", "--trainer.plugins",
+                        '{"class_path": "lightning.pytorch.plugins.precision.MixedPrecision", '
+                        '"init_args": {"precision": "16-mixed", "device": "cpu"}}']
+PRECISIONS = {"16-mixed": FP16_WITH_GRADSCALER, "bf16-mixed": ["--trainer.precision", "bf16-mixed"],
+              "32-true": ["--trainer.precision", "32-true"]}
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_fused_adamw_trains_with_clipping_under_every_precision(precision, image_folder, tmp_path):
+    """The GPU default (fused AdamW) with clipping (the tutorial clips at 1.0; 0.1 here, below the tiny UNet's
+    gradient norm, so the clip has something to do): Lightning alone refuses to clip under AMP."""
+    GradNorms.seen = []
+    main(fit_args(image_folder, tmp_path / "run", *PRECISIONS[precision], "--model.fused_adamw", "true",
+                  "--trainer.gradient_clip_val", "0.1", "--model.learning_rate", "1e-2", "--model.lr_warmup_steps", "0",
+                  "--trainer.max_steps", "3", "--trainer.max_epochs", "-1",
+                  "--trainer.callbacks+=test_speed_switches.GradNorms"))
+    assert len(GradNorms.seen) == 3  # no step skipped (fp16 starts at a scale the tiny UNet does not overflow)
+    for before, after in GradNorms.seen:
+        assert before > 0.1  # so the clip had something to do
+        assert after == pytest.approx(0.1, rel=1e-3)  # unscaled, then clipped
+
+
+class InfGradientAt(Callback):
+    """Makes one gradient infinite after the backward of step `step` (as an fp16 overflow would)."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.params_before: dict[int, list[torch.Tensor]] = {}
+        self.params_after: dict[int, list[torch.Tensor]] = {}
+        self.scales: list[float] = []
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.params_before[trainer.global_step] = [p.detach().clone() for p in pl_module.unet.parameters()]
+        if trainer.global_step == self.step:
+            next(pl_module.unet.parameters()).grad.view(-1)[0] = float("inf")
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.params_after[trainer.global_step - 1] = [p.detach().clone() for p in pl_module.unet.parameters()]
+        self.scales.append(trainer.precision_plugin.scaler.get_scale())
+
+
+def tiny_batches(n: int = 8, batch_size: int = 4) -> DataLoader:
+    return DataLoader(torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1, batch_size=batch_size)
+
+
+def test_fp16_fused_adamw_still_skips_the_step_when_gradients_overflow():
+    spy = InfGradientAt(step=1)
+    model = DDPMModule(unet=TINY_UNET, image_size=16, fused_adamw=True, lr_warmup_steps=0, learning_rate=1e-2)
+    trainer = Trainer(accelerator="cpu", plugins=[FusedClipMixedPrecision("16-mixed", "cpu")], gradient_clip_val=1.0,
+                      max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[spy])
+    trainer.fit(model, tiny_batches(12))
+    changed = {step: any(not torch.equal(a, b) for a, b in zip(spy.params_before[step], spy.params_after[step]))
+               for step in spy.params_after}
+    # global_step advances even for a skipped step (Lightning counts optimizer.step calls)
+    assert changed == {0: True, 1: False, 2: True}
+    assert spy.scales[1] == spy.scales[0] / 2  # GradScaler saw the inf and backed off
+    assert all(torch.isfinite(p).all() for p in model.unet.parameters())
+
+
+def test_fused_clipping_under_lightnings_own_amp_plugin_fails_before_training():
+    """Outside the CLI (a plain Trainer), the combination Lightning cannot run fails before the first step,
+    naming the keys to change, instead of at the first optimizer step."""
+    started = []
+    spy = Callback()
+    spy.on_train_batch_start = lambda *args: started.append(1)
+    model = DDPMModule(unet=TINY_UNET, image_size=16, fused_adamw=True)
+    trainer = Trainer(accelerator="cpu", precision="bf16-mixed", gradient_clip_val=1.0, max_steps=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, callbacks=[spy])
+    with pytest.raises(ValueError, match="FusedClipMixedPrecision.*model.fused_adamw false.*trainer.gradient_clip_val null"):
+        trainer.fit(model, tiny_batches())
+    assert not started
+
+
+def train_losses(precision: str = "32-true", steps: int = 3, **switches) -> list[float]:
+    """The losses of `steps` training steps from the same seed, weights and batches."""
+    switches = {"fused_adamw": False, "float32_matmul_precision": "highest", **switches}  # the plain path's values
+    losses = []
+    record = Callback()
+    record.on_train_batch_end = lambda trainer, module, outputs, *args: losses.append(outputs["loss"].item())
+    seed_everything(0)
+    model = DDPMModule(unet=TINY_UNET, image_size=16, lr_warmup_steps=0, learning_rate=1e-3, **switches)
+    plugins = [FusedClipMixedPrecision(precision, "cpu")] if "mixed" in precision else []
+    trainer = Trainer(accelerator="cpu", precision=None if plugins else precision, plugins=plugins,
+                      gradient_clip_val=1.0, max_steps=steps, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[record])
+    trainer.fit(model, tiny_batches(4 * steps))
+    torch.set_float32_matmul_precision("highest")  # (process-wide: leave torch's default for the other tests)
+    return losses
+
+
+@pytest.fixture(scope="module")
+def plain_losses() -> list[float]:
+    return train_losses()
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        {"fused_adamw": True},
+        {"channels_last": True},
+        {"gradient_checkpointing": True},
+        {"float32_matmul_precision": "high"},  # TF32 on a GPU that has it; exact float32 on a CPU
+        {"fused_adamw": True, "channels_last": True, "gradient_checkpointing": True},
+    ],
+    ids=lambda switches: "+".join(switches),
+)
+def test_speed_switch_gives_the_plain_losses(switches, plain_losses):
+    # The first loss is before any step; the later ones follow the optimizer's updates.
+    assert train_losses(**switches) == pytest.approx(plain_losses, rel=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_losses_stay_near_float32(precision, plain_losses):
+    losses = train_losses(precision, fused_adamw=True)
+    assert losses == pytest.approx(plain_losses, rel=5e-2)  # half-precision matmuls: a looser bound
+    assert losses != plain_losses  # autocast really ran
+
+
+def test_compiled_training_gives_the_plain_losses(plain_losses):
+    torch._dynamo.reset()
+    assert train_losses(compile=True) == pytest.approx(plain_losses, rel=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_grid_samples_under_the_training_autocast(precision, tmp_path):
+    dtypes = []
+    model = DDPMModule(unet=TINY_UNET, image_size=16)
+    model.unet.conv_in.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    # (the plugin itself: Lightning's precision="16-mixed" would run bf16 on a CPU)
+    trainer = Trainer(accelerator="cpu", plugins=[MixedPrecision(precision, "cpu")], logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    SampleGrid(output_dir=str(tmp_path), eval_batch_size=4, num_inference_steps=2).write_grid(trainer, model)
+    assert dtypes == [{"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}[precision]] * 2
