@@ -179,3 +179,18 @@ def test_grid_samples_under_the_training_autocast(precision, tmp_path):
     trainer.strategy.connect(model)
     SampleGrid(output_dir=str(tmp_path), eval_batch_size=4, num_inference_steps=2).write_grid(trainer, model)
     assert dtypes == [{"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}[precision]] * 2
+
+
+def test_a_compiled_fit_compiles_training_once_and_sampling_once(image_folder, tmp_path, monkeypatch):
+    """Two epochs with a short last batch (of 1), validation and a grid each epoch: one training graph and one
+    sampling graph, never compiled again (error_on_recompile turns any recompile into a failure)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    # 12 images, 3 held out: 9 to train on at batch 4 -> batches of 4, 4 and 1 in each epoch
+    main(fit_args(image_folder, tmp_path / "run", "--model.compile", "true", "--data.val_fraction", "0.25",
+                  "--trainer.max_epochs", "2", "--grid.save_image_epochs", "1", "--trainer.precision", "bf16-mixed"))
+    assert counters["stats"]["unique_graphs"] == 2  # unet_train_call and unet_sample_call
+    assert (tmp_path / "run" / "samples" / "0001.png").exists()

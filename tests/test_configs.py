@@ -1,0 +1,97 @@
+"""Every YAML in configs/ trains: `fit` for a few steps on the CPU with only the sizes overridden.
+
+Picked up by glob, so a new config is tested without editing this file. A config without `model.unet` is an
+overlay, meant to be layered on configs/butterflies.yaml with a second -c (as configs/butterflies-fast.yaml
+says in its header); it is run that way. Overridden: the data (a tiny local image folder instead of the Hub
+id, 16 px, batch 4, no loader processes), the UNet (tiny), the grid (4 images, 2 steps), the length (3 steps),
+the accelerator (CPU) and the output folders. Precision, clipping, compile, channels_last, the cache and the
+other data settings stay as shipped, and fused AdamW is on as it is by default on a GPU. `16-mixed`, which
+Lightning would turn into bf16 on a CPU, runs as it does on a GPU: fp16 autocast with a GradScaler.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Callback
+
+from conftest import REPO
+from ddpm_lightning.cli import main
+from test_speed_switches import TINY_UNET
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+BASE = REPO / "configs" / "butterflies.yaml"
+
+
+def is_overlay(config: Path) -> bool:
+    return "unet" not in (yaml.safe_load(config.read_text()).get("model") or {})
+
+
+def shipped(config: Path) -> dict:
+    """The config's values as the CLI merges them (an overlay over butterflies.yaml)."""
+    merged: dict = {}
+    for path in ([BASE] if is_overlay(config) else []) + [config]:
+        for section, values in yaml.safe_load(path.read_text()).items():
+            if isinstance(values, dict):
+                merged.setdefault(section, {}).update(values)
+            else:
+                merged[section] = values
+    return merged
+
+
+class RecordSettings(Callback):
+    """What the run really used (`--trainer.callbacks+=test_configs.RecordSettings`)."""
+
+    seen: dict = {}
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        plugin = trainer.precision_plugin
+        RecordSettings.seen = {
+            "precision": trainer.precision,
+            "scaler": getattr(plugin, "scaler", None) is not None,
+            "gradient_clip_val": trainer.gradient_clip_val,
+            "fused": trainer.optimizers[0].defaults["fused"],
+            "compile": bool(getattr(pl_module, "_compiled", None)),
+            "channels_last": pl_module.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last),
+            "steps": trainer.global_step,
+        }
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
+def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path):
+    values = shipped(config)
+    precision = values.get("trainer", {}).get("precision", "32-true")
+    if precision == "16-mixed":  # as on a GPU: fp16 autocast and a GradScaler (plus the CLI's checkpoint IO)
+        precision_args = ["--trainer.precision", "null", "--trainer.plugins", json.dumps([
+            {"class_path": "lightning.pytorch.plugins.precision.MixedPrecision",
+             "init_args": {"precision": "16-mixed", "device": "cpu"}},
+            {"class_path": "ddpm_lightning.checkpointing.AtomicCheckpointIO"},
+        ])]
+    else:
+        precision_args = []
+    layers = ["-c", str(BASE)] if is_overlay(config) else []
+    main([
+        "fit", *layers, "-c", str(config),
+        "--data.dataset", str(image_folder), "--data.image_size", "16", "--data.train_batch_size", "4",
+        "--data.num_workers", "0",
+        "--model.unet", json.dumps(TINY_UNET), "--model.fused_adamw", "true",
+        "--grid.eval_batch_size", "4", "--grid.num_inference_steps", "2",
+        "--trainer.max_steps", "3", "--trainer.accelerator", "cpu",
+        "--output_dir", str(tmp_path / "out"), "--checkpoint.dirpath", str(tmp_path / "checkpoints"),
+        "--trainer.callbacks+=test_configs.RecordSettings",
+        *precision_args,
+    ])
+    seen = RecordSettings.seen
+    model = values.get("model", {})
+    assert seen["steps"] == 3
+    assert seen["precision"] == precision
+    assert seen["scaler"] == (precision == "16-mixed")
+    assert seen["gradient_clip_val"] == values.get("trainer", {}).get("gradient_clip_val")
+    assert seen["fused"] is True
+    assert seen["compile"] == model.get("compile", False)
+    assert seen["channels_last"] == model.get("channels_last", False)
+    assert (tmp_path / "out" / "model_index.json").exists()
