@@ -141,8 +141,11 @@ class DDPMModule(LightningModule):
         if self.hparams.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         loss = self.denoising_loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
+        # A progress-bar value is read back to the host every step (Lightning turns it into a float even with the
+        # bar off): a GPU sync per step. So only with a bar to show it on; the logger reads it every N steps.
+        show = self.trainer.progress_bar_callback is not None
+        self.log("train/loss", loss, prog_bar=show)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=show)
         if self.hparams.stop_on_nan:
             self.track_nonfinite(loss)
         return loss

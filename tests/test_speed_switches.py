@@ -194,3 +194,35 @@ def test_a_compiled_fit_compiles_training_once_and_sampling_once(image_folder, t
                   "--trainer.max_epochs", "2", "--grid.save_image_epochs", "1", "--trainer.precision", "bf16-mixed"))
     assert counters["stats"]["unique_graphs"] == 2  # unet_train_call and unet_sample_call
     assert (tmp_path / "run" / "samples" / "0001.png").exists()
+
+
+class CountHostReads(torch.overrides.TorchFunctionMode):
+    """Counts the tensor reads that wait for a GPU (`.item()`, `bool()`, `float()`, `.tolist()`, `.cpu()`...)."""
+
+    READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+             torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads_in_fit(image_folder, out, steps: int, *extra: str) -> int:
+    with CountHostReads() as reads:
+        main(fit_args(image_folder, out, "--trainer.max_steps", str(steps), "--trainer.max_epochs", "1",
+                      "--data.train_batch_size", "1", "--trainer.log_every_n_steps", "100",
+                      "--model.nan_check_every_n_steps", "100", "--model.fused_adamw", "true", *extra))
+    return reads.count
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_no_host_read_per_training_step(precision, image_folder, tmp_path):
+    """With the progress bar off (as in butterflies-fast.yaml), a training step never waits for the device:
+    2 steps and 6 steps of one epoch read the same number of values back (the start and the end do read)."""
+    args = [*PRECISIONS[precision], "--trainer.gradient_clip_val", "1.0"]
+    assert (host_reads_in_fit(image_folder, tmp_path / "a", 2, *args)
+            == host_reads_in_fit(image_folder, tmp_path / "b", 6, *args))
