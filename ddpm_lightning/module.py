@@ -247,6 +247,8 @@ class DDPMModule(LightningModule):
         compiled = getattr(self, "_compiled", None)
         if not compiled:
             return self.unet(sample, timesteps, return_dict=False)[0]
+        if "reduce-overhead" in self.hparams.compile_mode:
+            torch.compiler.cudagraph_mark_step_begin()
         # CUDA graphs ("reduce-overhead") reuse their output buffer on the next call: copy it out.
         return compiled["sample"](self.unet, sample, timesteps).clone()
 

@@ -21,7 +21,7 @@ from lightning.pytorch import Callback
 
 from conftest import REPO
 from ddpm_lightning.cli import main
-from test_speed_switches import TINY_UNET
+from test_speed_switches import MICRO_UNET
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 BASE = REPO / "configs" / "butterflies.yaml"
@@ -62,7 +62,8 @@ class RecordSettings(Callback):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
-def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path):
+def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # (configs that compile: once)
     values = shipped(config)
     precision = values.get("trainer", {}).get("precision", "32-true")
     if precision == "16-mixed":  # as on a GPU: fp16 autocast and a GradScaler (plus the CLI's checkpoint IO)
@@ -78,7 +79,7 @@ def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path):
         "fit", *layers, "-c", str(config),
         "--data.dataset", str(image_folder), "--data.image_size", "16", "--data.train_batch_size", "4",
         "--data.num_workers", "0",
-        "--model.unet", json.dumps(TINY_UNET), "--model.fused_adamw", "true",
+        "--model.unet", json.dumps(MICRO_UNET), "--model.fused_adamw", "true",
         "--grid.eval_batch_size", "4", "--grid.num_inference_steps", "2",
         "--trainer.max_steps", "3", "--trainer.accelerator", "cpu",
         "--output_dir", str(tmp_path / "out"), "--checkpoint.dirpath", str(tmp_path / "checkpoints"),
