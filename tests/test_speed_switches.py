@@ -240,3 +240,29 @@ def test_no_host_read_per_training_step(precision, image_folder, tmp_path):
     args = [*PRECISIONS[precision], "--trainer.gradient_clip_val", "1.0"]
     assert (host_reads_in_fit(image_folder, tmp_path / "a", 2, *args)
             == host_reads_in_fit(image_folder, tmp_path / "b", 6, *args))
+
+
+def test_cache_on_gpu_and_pin_memory_in_their_gpu_values_give_the_same_batches(image_folder, monkeypatch):
+    """The GPU branches of the data path on a CPU: the cache moved to the training device (here the CPU device,
+    through the same code), and a loader that pins memory (torch.cuda.is_available() faked for its creation;
+    without a GPU the DataLoader pins nothing). Both deliver exactly the default loader's batches."""
+    from ddpm_lightning.data import ImageDataModule
+
+    trainer = Trainer(accelerator="cpu", logger=False)
+
+    def loader(**kwargs):
+        data = ImageDataModule(dataset=str(image_folder), image_size=16, train_batch_size=4, num_workers=0,
+                               cache="memory", **kwargs)
+        data.trainer = trainer
+        data.setup("fit")
+        return data.train_dataloader()
+
+    plain = list(loader(cache_on_gpu=False))
+    assert [len(b) for b in plain] == [4, 4, 4]
+    on_device = list(loader(cache_on_gpu=True))
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        pinning = loader(cache_on_gpu=False)
+    assert pinning.pin_memory
+    for batches in (on_device, list(pinning)):
+        assert all(torch.equal(a, b) and b.device == trainer.strategy.root_device for a, b in zip(plain, batches, strict=True))
