@@ -69,7 +69,7 @@ class DDPMModule(LightningModule):
             last batch runs eagerly rather than compiling again. Sampling (grids) compiles its own forward once
             per sampling shape, so the training graph is never compiled again; validation runs eagerly.
         compile_mode: torch.compile's `mode` for both forwards: "default", "reduce-overhead" (CUDA graphs on a
-            GPU; on a CPU it compiles as "default"), "max-autotune", "max-autotune-no-cudagraphs".
+            GPU; a CPU has none, so there it runs like "default"), "max-autotune", "max-autotune-no-cudagraphs".
         channels_last: keep the UNet and its inputs in channels-last memory format (faster convolutions on GPUs).
         fused_adamw: AdamW's fused kernel; by default on when the parameters are on a GPU. Gradient clipping
             works with it under every precision (the CLI installs `precision.FusedClipMixedPrecision`).
@@ -222,8 +222,8 @@ class DDPMModule(LightningModule):
         if hp.compile and not getattr(self, "_compiled", None):
             # Two functions, so two code objects: dynamo keeps its compiled graphs per code object, and the
             # no-grad sampling graph would otherwise count as a recompile of the training one. Static shapes
-            # (dynamic=False): what CUDA graphs need, and a dynamic batch dimension still recompiled (dynamo
-            # guards its range against the image size).
+            # (dynamic=False): what CUDA graphs need; a batch dimension marked dynamic still recompiled for a
+            # last batch of 1 (dynamo specialises sizes 0 and 1).
             self._compiled = {
                 "train": torch.compile(unet_train_call, mode=hp.compile_mode, dynamic=False),
                 "sample": torch.compile(unet_sample_call, mode=hp.compile_mode, dynamic=False),
