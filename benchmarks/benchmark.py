@@ -2,21 +2,24 @@
 
 On a GPU (the numbers for benchmarks/RESULTS.md), from the repository root:
 
-    python benchmarks/benchmark.py --batch-sizes 16,64,128 --out benchmarks/h100.json
-    python benchmarks/benchmark.py --project-args "--trainer.precision bf16-mixed"   # a fast path, passed through
+    python benchmarks/benchmark.py --batch-sizes 16,64 --workers 8 \
+        --project-args "" --project-args "-c configs/butterflies-fast.yaml" --out benchmarks/h100.json
+    python benchmarks/benchmark.py --end-to-end-only --epochs 20 --max-images 750 --workers 8 \
+        --project-args "-c configs/butterflies-fast.yaml"
 
-CPU smoke test (a tiny UNet at 32 px on 20 images, about a minute on 2 cores; its numbers mean nothing):
+CPU smoke test (a tiny UNet at 32 px on 20 images; its numbers mean nothing):
 
-    python benchmarks/benchmark.py --tiny
+    python benchmarks/benchmark.py --tiny [--epochs 1]
 
 For each batch size, in this one process, on the same image files and the same UNet, it trains:
-    tutorial nw=0   tutorial_loop.py, the tutorial as written (DataLoader with num_workers=0)
-    tutorial nw=8   the same with num_workers=8
-    project         ddpm_lightning.cli.main(["fit", "--config", "configs/butterflies.yaml", ...overrides,
-                    ...--project-args]), timed by StepTimer, a callback added through --trainer.callbacks
-and reports images/s, ms per step, achieved TFLOP/s and MFU, peak GPU memory, and how many times faster the
-project is than each tutorial variant. Then, once, a grid of 16: the tutorial's DDPMPipeline (1000 steps) and
-the project's DDPMModule.sample with DDPM-1000 and DDIM-50.
+    tutorial nw=N   tutorial_loop.py, the tutorial as written, once per --workers value; the largest is the
+                    baseline that every ratio is taken against
+    project ARGS    ddpm_lightning.cli.main(["fit", "--config", "configs/butterflies.yaml", ...overrides, *ARGS]),
+                    once per --project-args, timed by StepTimer, a callback added through --trainer.callbacks
+and reports images/s, ms per step, achieved TFLOP/s and MFU, peak GPU memory, checkpoints written in the window
+(the config's own cadence is kept) and the ratio to the baseline. With the first batch size, grids of 16: each
+project's DDPMModule.sample with DDPM-1000 and DDIM-50, and the tutorial's DDPMPipeline. With --epochs E, the
+end-to-end row (end_to_end.py): the whole recipe for E epochs on each side, from process start to last file.
 
 A run is timed from the end of its last warm-up step to the end of its last measured step, data loading
 included, with torch.cuda.synchronize() at those two points only: a sync every step would force on the
