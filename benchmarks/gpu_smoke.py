@@ -200,15 +200,15 @@ def smoke(name: str, configs: list[Path], a, work: Path, gpu: bool) -> list[Step
     s.start()
     signalled = None
     while s.running():
-        if step_file.is_file() and step_file.read_text().strip().isdigit():
-            if int(step_file.read_text()) >= a.signal_step:
-                s.proc.send_signal(signal.SIGTERM)
-                signalled = int(step_file.read_text())
-                break
+        done = step_file.read_text().strip() if step_file.is_file() else ""
+        if done.isdigit() and int(done) >= a.signal_step:
+            s.proc.send_signal(signal.SIGTERM)
+            signalled = int(done)
+            break
         time.sleep(0.02)
     s.wait()
     stopped = checkpoint_step(ckpts)
-    s.note = f"SIGTERM after step {signalled}, last.ckpt at step {stopped}"
+    s.note = f"SIGTERM after step {signalled}, last.ckpt at step {stopped}" if signalled else ""
     s.check(signalled is not None, f"ended before step {a.signal_step}, no signal sent")
     s.check(stopped is not None and signalled is not None and signalled <= stopped < a.steps,
             f"last.ckpt is at step {stopped}: not saved where the signal stopped the run")
@@ -224,11 +224,11 @@ def smoke(name: str, configs: list[Path], a, work: Path, gpu: bool) -> list[Step
     s.check(final == a.steps, f"last.ckpt is at step {final}, not {a.steps}")
     s.check(bool(grids), f"no grid in {out / 'samples'}")
     s.check((out / "model_index.json").is_file(), f"no model_index.json in {out}")
-    s.check(f"Restoring states from the checkpoint path" in log_tail(s.log, 10**7), "it did not restore last.ckpt")
+    s.check("Restoring states from the checkpoint path" in log_tail(s.log, 10**7), "it did not restore last.ckpt")
     if s.error:
         return steps
 
-    last = sorted(ckpts.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)[-1]
+    last = max(ckpts.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
     # 3. sample from the checkpoint
     s = make("sample", [*cli, "sample", str(last), "--num_images", "4", "--batch_size", "4", "--sampler", "ddim",
                         "--num_inference_steps", str(a.grid_steps), "--output_dir", str(run / "samples")])  # fmt: skip
