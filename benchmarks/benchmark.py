@@ -2,21 +2,24 @@
 
 On a GPU (the numbers for benchmarks/RESULTS.md), from the repository root:
 
-    python benchmarks/benchmark.py --batch-sizes 16,64,128 --out benchmarks/h100.json
-    python benchmarks/benchmark.py --project-args "--trainer.precision bf16-mixed"   # a fast path, passed through
+    python benchmarks/benchmark.py --batch-sizes 16,64 --workers 8 \
+        --project-args "" --project-args "-c configs/butterflies-fast.yaml" --out benchmarks/h100.json
+    python benchmarks/benchmark.py --end-to-end-only --epochs 20 --max-images 750 --workers 8 \
+        --project-args "-c configs/butterflies-fast.yaml"
 
-CPU smoke test (a tiny UNet at 32 px on 20 images, about a minute on 2 cores; its numbers mean nothing):
+CPU smoke test (a tiny UNet at 32 px on 20 images; its numbers mean nothing):
 
-    python benchmarks/benchmark.py --tiny
+    python benchmarks/benchmark.py --tiny [--epochs 1]
 
 For each batch size, in this one process, on the same image files and the same UNet, it trains:
-    tutorial nw=0   tutorial_loop.py, the tutorial as written (DataLoader with num_workers=0)
-    tutorial nw=8   the same with num_workers=8
-    project         ddpm_lightning.cli.main(["fit", "--config", "configs/butterflies.yaml", ...overrides,
-                    ...--project-args]), timed by StepTimer, a callback added through --trainer.callbacks
-and reports images/s, ms per step, achieved TFLOP/s and MFU, peak GPU memory, and how many times faster the
-project is than each tutorial variant. Then, once, a grid of 16: the tutorial's DDPMPipeline (1000 steps) and
-the project's DDPMModule.sample with DDPM-1000 and DDIM-50.
+    tutorial nw=N   tutorial_loop.py, the tutorial as written, once per --workers value; the largest is the
+                    baseline that every ratio is taken against
+    project ARGS    ddpm_lightning.cli.main(["fit", "--config", "configs/butterflies.yaml", ...overrides, *ARGS]),
+                    once per --project-args, timed by StepTimer, a callback added through --trainer.callbacks
+and reports images/s, ms per step, achieved TFLOP/s and MFU, peak GPU memory, checkpoints written in the window
+(the config's own cadence is kept) and the ratio to the baseline. With the first batch size, grids of 16: each
+project's DDPMModule.sample with DDPM-1000 and DDIM-50, and the tutorial's DDPMPipeline. With --epochs E, the
+end-to-end row (end_to_end.py): the whole recipe for E epochs on each side, from process start to last file.
 
 A run is timed from the end of its last warm-up step to the end of its last measured step, data loading
 included, with torch.cuda.synchronize() at those two points only: a sync every step would force on the
@@ -78,10 +81,15 @@ class StepTimer(Callback):
     def __init__(self, warmup: int, steps: int, grid_steps: int = 0, fast_steps: int = 0):
         self.warmup, self.steps, self.grid_steps, self.fast_steps = warmup, steps, grid_steps, fast_steps
         self.batches, self.images, self.t0, self.first_step_end, self.result = 0, 0, 0.0, 0.0, None
+        self.checkpoints = 0  # saves inside the window: the config's own cadence, as users get it
 
     def on_train_start(self, trainer, pl_module) -> None:
         if CUDA:
             torch.cuda.reset_peak_memory_stats()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self.batches >= self.warmup and self.result is None:
+            self.checkpoints += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.batches += 1
@@ -96,7 +104,7 @@ class StepTimer(Callback):
         if self.batches == self.warmup + self.steps:
             sync()
             self.result = {"seconds": time.perf_counter() - self.t0, "images": self.images, "steps": self.steps,
-                           "first_step_end": self.first_step_end}
+                           "first_step_end": self.first_step_end, "checkpoints": self.checkpoints}
             self.result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if CUDA else None
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -139,7 +147,7 @@ def peak_tflops() -> tuple[float, str]:
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12, f"{str(dtype).removeprefix('torch.')} {n}x{n} matmul"
 
 
-def run_project(a, batch_size: int, image_dir: str, grids: bool) -> dict:
+def run_project(a, project_args: str, batch_size: int, image_dir: str, grids: bool) -> dict:
     grid_steps, fast_steps = (a.grid_steps, a.fast_steps) if grids else (0, 0)
     timer = {
         "class_path": "benchmarks.benchmark.StepTimer",
@@ -158,17 +166,16 @@ def run_project(a, batch_size: int, image_dir: str, grids: bool) -> dict:
             "--trainer.enable_model_summary", "false",
             "--trainer.callbacks", json.dumps([timer]),
             "--output_dir", f"{tmp}/out",
-            "--checkpoint.dirpath", f"{tmp}/checkpoints",
-            # Nothing periodic inside the window: no per-epoch checkpoint (this disables last.ckpt too), no grid
-            # or model save before the end; the end-of-run grid is cut to one 1-step image since it is not timed.
-            "--checkpoint.every_n_epochs", "0",
+            "--checkpoint.dirpath", f"{tmp}/checkpoints",  # where, not how often: the config's cadence is timed
+            # Grids and model saves come every 10 and 30 epochs, which a window of some dozen steps cannot hold in
+            # proportion: none inside it. The end-of-run grid is cut to one 1-step image since it is not timed.
             "--grid.save_image_epochs", "1000000",
             "--save.save_model_epochs", "1000000",
             "--grid.eval_batch_size", "1", "--grid.sampler", "ddim", "--grid.num_inference_steps", "1",
         ]  # fmt: skip
         if not CUDA:  # butterflies.yaml's 16-mixed needs a GPU, like the tutorial's fp16
             argv += ["--trainer.precision", "32-true"]
-        argv += shlex.split(a.project_args)  # last, so they override the above
+        argv += shlex.split(project_args)  # last, so they override the above
         runs, own_argv, started = len(RUNS), sys.argv, time.perf_counter()
         sys.argv = sys.argv[:1]  # else LightningCLI warns that it sees this script's flags beside args=
         try:
@@ -194,23 +201,27 @@ def markdown(report: dict) -> str:
     lines = [
         f"Device: {report['device']}; peak {report['peak_tflops']:.1f} TFLOP/s ({report['peak_kind']}, measured); "
         f"{report['flops_per_image'] / 1e9:.2f} GFLOP per training image (UNet forward + backward).",
-        "",
-        "| run | batch | images/s | ms/step | TFLOP/s | MFU | peak GiB | 1st step s | project ÷ this |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
+    if report["training"]:
+        lines += [
+            "",
+            f"| run | batch | images/s | ms/step | TFLOP/s | MFU | peak GiB | 1st step s | ckpts in window | "
+            f"÷ {report['baseline']} |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
     for r in report["training"]:
         if "error" in r:
-            lines.append(f"| {r['run']} | {r['batch_size']} | {r['error']} | | | | | | |")
+            lines.append(f"| {r['run']} | {r['batch_size']} | {r['error']} | | | | | | | |")
             continue
         cells = [r["run"], r["batch_size"], f"{r['images_per_s']:.1f}", f"{r['step_ms']:.1f}", f"{r['tflops']:.2f}",
                  f"{r['mfu']:.1%}", fmt(r["peak_mem_gib"], ".2f"), f"{r['first_step_s']:.1f}",
-                 fmt(r.get("project_speedup"), ".2f", "×")]  # fmt: skip
+                 fmt(r["raw"].get("checkpoints"), "d"), fmt(r.get("vs_baseline"), ".2f", "×")]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     if report["grids"]:
-        lines += ["", "| grid of 16 | seconds | tutorial ÷ this |", "|---|--:|--:|"]
-        base = next((g["seconds"] for g in report["grids"] if g["grid"].startswith("tutorial")), None)
-        for g in report["grids"]:
-            lines.append(f"| {g['grid']} | {g['seconds']:.2f} | {fmt(base and base / g['seconds'], '.2f', '×')} |")
+        lines += ["", "| grid of 16 | seconds |", "|---|--:|"]
+        lines += [f"| {g['grid']} | {g['seconds']:.2f} |" for g in report["grids"]]
+    if report.get("end_to_end"):
+        lines += ["", report["end_to_end"].get("markdown") or f"End to end: {report['end_to_end']['error']}"]
     return "\n".join(lines)
 
 
@@ -218,21 +229,36 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", default="../shared/data/heliconius/train", help="folder of training images (both sides)")
     p.add_argument("--max-images", type=int, help="use only the first N images (default: all; --tiny: 20)")
-    p.add_argument("--batch-sizes", default="16", help="comma-separated, e.g. 16,64,128")
-    p.add_argument("--workers", default="0,8", help="DataLoader num_workers of the tutorial variants")
+    p.add_argument("--batch-sizes", default="16", help="comma-separated, e.g. 16,64,128 (the first: end to end)")
+    p.add_argument("--workers", default="0,8", help="DataLoader num_workers of the tutorial variants; the largest is "
+                   "the baseline of every ratio, and the end-to-end tutorial run")
     p.add_argument("--image-size", type=int, help="default 128 (--tiny: 32)")
     p.add_argument("--warmup", type=int, help="untimed steps per run (default 10, --tiny: 2)")
     p.add_argument("--steps", type=int, help="timed steps per run (default 50, --tiny: 4)")
     p.add_argument("--grid-steps", type=int, help="DDPM steps of the grids, 0 for no grids (default 1000, --tiny: 5)")
     p.add_argument("--fast-steps", type=int, help="DDIM steps of the project's fast grid (default 50, --tiny: 5)")
-    p.add_argument("--project-args", default="", help='project CLI overrides, e.g. "--trainer.precision bf16-mixed"')
+    p.add_argument("--tutorial-grid", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the tutorial's DDPMPipeline grid too (45-57 s on an H100)")
+    p.add_argument("--project-args", action="append",
+                   help='project CLI overrides, e.g. "-c configs/butterflies-fast.yaml"; repeat it for several '
+                   'project runs beside the same tutorial runs (default: one run of configs/butterflies.yaml)')
+    p.add_argument("--epochs", type=int, default=0,
+                   help="also the end-to-end row: the whole recipe for this many epochs on both sides (0: not)")
+    p.add_argument("--end-to-end-only", action="store_true", help="only the end-to-end row")
+    p.add_argument("--seed", type=int, default=0, help="end to end: the seed of both sides")
+    p.add_argument("--last-n", type=int, default=100, help="end to end: the last steps whose losses are compared")
+    p.add_argument("--out-dir", default="ddpm-end-to-end", help="end to end: grids.png, end_to_end.json, the logs")
+    p.add_argument("--keep-runs", action="store_true", help="end to end: keep the runs' folders in OUT_DIR")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny UNet, 32 px, 20 images, a few steps")
     p.add_argument("--out", help="write the report (with its markdown) to this JSON file")
     a = p.parse_args()
     for key, (full, tiny) in DEFAULTS.items():
         if getattr(a, key) is None:
             setattr(a, key, tiny if a.tiny else full)
+    a.project_args = a.project_args or [""]
     a.unet = tutorial_loop.TINY_UNET if a.tiny else tutorial_loop.TUTORIAL_UNET
+    batch_sizes = [int(b) for b in a.batch_sizes.split(",")]
+    workers = [int(w) for w in a.workers.split(",")]
 
     images = find_images(Path(a.images).resolve())[: a.max_images]
     if not images:
@@ -244,6 +270,7 @@ def main() -> None:
         "command": shlex.join(["python", *sys.argv]),
         "settings": {k: v for k, v in vars(a).items() if k != "out"} | {"images": f"{len(images)} from {a.images}"},
         "flops_per_image": train_flops_per_image(a.unet, a.image_size),
+        "baseline": f"tutorial nw={max(workers)}",
     }
     report["peak_tflops"], report["peak_kind"] = peak_tflops()
     free_memory()
@@ -270,28 +297,37 @@ def main() -> None:
         for i, path in enumerate(images):
             links.append(f"{tmp}/{i:05d}{Path(path).suffix}")
             os.symlink(path, links[-1])
-        for i, bs in enumerate(a.batch_sizes.split(",")):
-            bs, grids = int(bs), i == 0 and a.grid_steps > 0  # grids once, with the first batch size
-            tutorial = []
-            for j, nw in enumerate(int(w) for w in a.workers.split(",")):
-                grid_steps = a.grid_steps if grids and j == 0 else 0
+        for i, bs in enumerate([] if a.end_to_end_only else batch_sizes):
+            grids = i == 0 and a.grid_steps > 0  # grids once, with the first batch size
+            rows = []
+            for nw in workers:
+                grid_steps = a.grid_steps if grids and a.tutorial_grid and nw == workers[0] else 0
                 with tempfile.TemporaryDirectory() as logdir:
                     args = (a.unet, links, a.image_size, bs, nw, a.warmup, a.steps, logdir, grid_steps)
-                    tutorial.append(record(f"tutorial nw={nw}", bs, tutorial_loop.run, *args))
-            project = record("project", bs, run_project, a, bs, tmp, grids)
-            for row in tutorial:
-                if "error" not in row and "error" not in project:
-                    row["project_speedup"] = project["images_per_s"] / row["images_per_s"]
-            if grids:
-                t, pr = tutorial[0].get("raw", {}), project.get("raw", {})
-                for name, seconds in (
-                    (f"tutorial DDPMPipeline, DDPM {a.grid_steps} steps (fp16 on CUDA)", t.get("grid_seconds")),
-                    (f"project sample(), DDPM {a.grid_steps} steps", pr.get(f"grid_ddpm_{a.grid_steps}_seconds")),
-                    (f"project sample(), DDIM {a.fast_steps} steps", pr.get(f"grid_ddim_{a.fast_steps}_seconds")),
-                ):
+                    rows.append(record(f"tutorial nw={nw}", bs, tutorial_loop.run, *args))
+                if grid_steps and "raw" in rows[-1]:
+                    name = f"tutorial DDPMPipeline, DDPM {a.grid_steps} steps (fp16 on CUDA)"
+                    report["grids"].append({"grid": name, "seconds": rows[-1]["raw"]["grid_seconds"]})
+            for project_args in a.project_args:
+                name = f"project {project_args}".strip()
+                rows.append(record(name, bs, run_project, a, project_args, bs, tmp, grids))
+                for sampler, n in (("DDPM", a.grid_steps), ("DDIM", a.fast_steps)):
+                    seconds = rows[-1].get("raw", {}).get(f"grid_{sampler.lower()}_{n}_seconds") if grids else None
                     if seconds is not None:
-                        report["grids"].append({"grid": name, "seconds": seconds})
+                        report["grids"].append({"grid": f"{name}: sample(), {sampler} {n} steps", "seconds": seconds})
+            base = next(r for r in rows if r["run"] == report["baseline"])
+            for row in rows:
+                if "error" not in row and "error" not in base:
+                    row["vs_baseline"] = row["images_per_s"] / base["images_per_s"]
 
+    if a.epochs:
+        from benchmarks import end_to_end
+
+        try:
+            report["end_to_end"] = end_to_end.run(a, images, a.unet, batch_sizes[0], max(workers))
+        except RuntimeError as err:  # a side failed: keep the rows measured so far
+            report["end_to_end"] = {"error": str(err)}
+            print(err, file=sys.stderr)
     report["markdown"] = markdown(report)
     print("\n" + report["markdown"])
     print(f"\n{report['date']}  " + "  ".join(f"{k} {v}" for k, v in report["versions"].items()))
@@ -299,6 +335,8 @@ def main() -> None:
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {a.out}")
+    if "error" in report.get("end_to_end", {}):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

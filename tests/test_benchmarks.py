@@ -1,0 +1,67 @@
+"""The benchmark scripts' CPU modes, run for real: the GPU smoke check (every shipped config through the CLI,
+SIGTERM, resume, sample, export) and benchmark.py's tiny step-rate and end-to-end rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import HELICONIUS, REPO
+
+
+def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_gpu_smoke_cpu_mode_passes_every_shipped_config(tmp_path):
+    work = tmp_path / "smoke"
+    done = run_script("benchmarks/gpu_smoke.py", "--cpu", "--images", str(HELICONIUS), "--work-dir", str(work))
+    assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-4000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("PASS", "FAIL", "SKIP"))]
+    configs = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+    for config in configs:  # a config added later is run without editing this test
+        for step in ("fit", "resume", "sample", "export"):
+            assert any(line.split()[:3] == ["PASS", config, step] for line in lines), (config, step, done.stdout)
+    assert lines[-1].startswith("PASS  all: 0 failed")
+    # the stop was a real SIGTERM mid-run, and the resumed run ended at the last step
+    for config in configs:
+        fit = next(line for line in lines if line.split()[1:3] == [config, "fit"])
+        assert "SIGTERM after step" in fit and "last.ckpt at step" in fit, fit
+        stopped = int(fit.split("last.ckpt at step ")[1].split()[0])
+        assert 4 <= stopped < 10, fit
+        assert (work / config / "export" / "model_index.json").is_file()
+        assert (work / config / "samples" / "grid.png").is_file()
+
+
+def test_gpu_smoke_fails_without_images(tmp_path):
+    (tmp_path / "empty").mkdir()
+    done = run_script("benchmarks/gpu_smoke.py", "--cpu", "--images", str(tmp_path / "empty"), timeout=120)
+    assert done.returncode == 2 and "No images under" in done.stderr
+
+
+def test_benchmark_tiny_with_end_to_end_row(tmp_path):
+    """benchmark.py --tiny: one batch size, the tutorial baseline with 0 workers beside a project run with its
+    --project-args, the checkpoint cadence inside the window, and the end-to-end row over one epoch."""
+    out, out_dir = tmp_path / "report.json", tmp_path / "e2e"
+    done = run_script(
+        "benchmarks/benchmark.py", "--tiny", "--images", str(HELICONIUS), "--max-images", "12",
+        "--batch-sizes", "4", "--workers", "0", "--warmup", "1", "--steps", "3", "--grid-steps", "2",
+        "--fast-steps", "2", "--project-args", "--trainer.precision bf16-mixed",
+        "--epochs", "1", "--last-n", "3", "--out-dir", str(out_dir), "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+    report = json.loads(out.read_text())
+    runs = [r["run"] for r in report["training"]]
+    assert runs == ["tutorial nw=0", "project --trainer.precision bf16-mixed"]
+    assert all(r["images_per_s"] > 0 and "vs_baseline" in r for r in report["training"])
+    assert report["training"][0]["vs_baseline"] == 1
+    # 12 images in 4s: 3 steps an epoch, so the 3-step window after step 1 crosses an epoch end and its checkpoint
+    assert all(r["raw"]["checkpoints"] >= 1 for r in report["training"][1:])
+    e2e = report["end_to_end"]
+    assert [r["run"] for r in e2e["runs"]] == ["tutorial nw=0", "project --trainer.precision bf16-mixed"]
+    assert all(r["steps"] == 3 and r["wall_s"] > 0 for r in e2e["runs"])
+    assert len(e2e["comparisons"]) == 1 and "End to end" in report["markdown"]
+    assert (out_dir / "grids.png").is_file() and (out_dir / "end_to_end.json").is_file()
