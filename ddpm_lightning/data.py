@@ -152,19 +152,13 @@ class _TryItems(Dataset):
 
 
 class EpochSampler(DistributedSampler):
-    """DistributedSampler (order = f(seed, epoch), one slice per rank) that reads the epoch from the Trainer
-    when an epoch's iteration starts: a run resumed mid-epoch restarts its loader before Lightning calls
-    set_epoch, and must still replay that epoch's order (the stateful loader then skips what was seen)."""
+    """DistributedSampler (order = f(seed, epoch), one slice per rank). Lightning sets the epoch before each
+    epoch's iteration starts; a resumed run sets it from the checkpoint (ImageDataModule.load_state_dict),
+    because Lightning first iterates the loader before it restores its own epoch count."""
 
     def __init__(self, dataset: Dataset, trainer, seed: int):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-        self.trainer = trainer
-
-    def __iter__(self):
-        if self.trainer is not None:
-            self.set_epoch(self.trainer.current_epoch)
-        return super().__iter__()
 
 
 class Indexed(Dataset):
@@ -238,6 +232,7 @@ class ImageDataModule(LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.resume_state: dict | None = None  # the training loader's state from a checkpoint, applied once
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
@@ -299,7 +294,7 @@ class ImageDataModule(LightningDataModule):
         # is stateful (Lightning checkpoints its position): a run resumed mid-epoch sees exactly the batches
         # it would have seen, and its own generator keeps the loader from drawing on the global RNG.
         seed = torch.initial_seed()
-        return StatefulDataLoader(
+        loader = StatefulDataLoader(
             self.train_set,
             batch_size=self.hparams.train_batch_size,
             sampler=EpochSampler(self.train_set, self.trainer, seed),
@@ -308,6 +303,28 @@ class ImageDataModule(LightningDataModule):
             pin_memory=torch.cuda.is_available() and not (cached and self.train_set.pixels.is_cuda),
             generator=torch.Generator().manual_seed(seed),
         )
+        if self.resume_state:  # see state_dict
+            state, self.resume_state = self.resume_state, None
+            loader.sampler.set_epoch(state["epoch"])
+            if "train_loader" in state:
+                loader.load_state_dict(state["train_loader"])
+        return loader
+
+    def state_dict(self) -> dict:
+        """The epoch whose order the loader is in and its position in it, saved in every checkpoint and applied
+        when the loader is built. Lightning checkpoints the position too, but applies it only when it builds the
+        loader after restoring its loops, which it does not when the schedule's length was estimated first
+        (any run with max_epochs), and it draws the first batch before it sets the sampler's epoch."""
+        trainer = self.trainer
+        loader = trainer.train_dataloader if trainer is not None else None
+        if not isinstance(loader, StatefulDataLoader) or not isinstance(loader.sampler, EpochSampler):
+            return {}
+        if trainer.fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches:
+            return {"epoch": loader.sampler.epoch + 1}  # the epoch's batches are all drawn: the next starts afresh
+        return {"epoch": loader.sampler.epoch, "train_loader": loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.resume_state = state_dict or None
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
