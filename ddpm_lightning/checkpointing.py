@@ -94,6 +94,11 @@ class PeriodicCheckpoint(ModelCheckpoint):
     previous one is deleted with the default save_top_k=1) and `last.ckpt` is a link to it.
 
     Setting `every_n_train_steps` or `every_n_epochs` replaces the time cadence; `save_top_k: -1` keeps every file.
+
+    Args:
+        train_time_interval: save every this much training time, "h:mm:ss" (default 0:10:00); null for none.
+        save_last: "link": last.ckpt links to the latest file; true: a copy; false: none.
+        enable_version_counter: add -v1, -v2 to a name that exists (off: a run has its own folder).
     """
 
     def __init__(self, *args, train_time_interval: timedelta | None = timedelta(minutes=10),
@@ -137,8 +142,13 @@ class PeriodicCheckpoint(ModelCheckpoint):
             self._save_checkpoint(trainer, self.format_checkpoint_name(candidates))
         self._save_last_checkpoint(trainer, candidates)
 
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs > 0:
+            self.save_now(trainer)  # the last epoch's end: the run's final checkpoint, named after that epoch
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.save_now(trainer)  # the end of the run is always saved, whatever the cadence
+        self.save_now(trainer)  # the end of the run is always saved, whatever the cadence (unless just saved)
         super().on_train_end(trainer, pl_module)
 
 

@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 
 from jsonargparse import ArgumentParser
@@ -63,6 +64,7 @@ class DDPMLightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.config.subcommand]
+        check_values(config)
         if config.get("checkpoint") is not None and config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(Path("checkpoints") / Path(config.output_dir).resolve().name)
 
@@ -112,6 +114,25 @@ def check_writable(folder: str) -> None:
                            "Choose another --output_dir.") from err
 
 
+# Keys whose values must be positive, with what they are: checked before anything is built, so a 0 or a
+# negative value fails with its key instead of deep inside a library ("max() arg is an empty sequence").
+POSITIVE = {
+    "data.train_batch_size": "images per batch", "data.image_size": "the image side in pixels",
+    "grid.eval_batch_size": "images in a grid", "grid.num_inference_steps": "denoising steps per grid",
+    "grid.save_image_epochs": "epochs between grids", "save.save_model_epochs": "epochs between saves",
+    "model.learning_rate": "the peak learning rate",
+}
+
+
+def check_values(config) -> None:
+    for key, what in POSITIVE.items():
+        value = config.get(key)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{key} {value}: {what} must be positive.")
+    if config.get("model.lr_warmup_steps") is not None and config.model.lr_warmup_steps < 0:
+        raise ValueError(f"--model.lr_warmup_steps {config.model.lr_warmup_steps}: must be 0 or more.")
+
+
 # What a run writes into output_dir: a fresh run refuses a folder that holds any of them (see check_fresh_run).
 RUN_FILES = ("logs", "samples", "model_index.json", "unet", "scheduler", "README.md")
 
@@ -138,6 +159,25 @@ def check_fresh_run(folder: str, checkpoint, overwrite: bool) -> None:
     logging.getLogger("ddpm_lightning").info(f"--overwrite: deleted the previous run's logs, samples and checkpoints in {folder}")
 
 
+# Lines a user cannot act on in a plain run, silenced one by one (every other warning is left alone).
+NOISE_WARNINGS = (
+    r"'set_vital' is deprecated",  # torchdata's StatefulDataLoader calls it
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # torch's pytree, from Lightning's utilities
+    r"Checkpoint directory .* exists and is not empty",  # every resume, by design
+)
+NOISE_LOG_LINES = ("💡 Tip:", "TPU available:", "Loading `train_dataloader` to estimate")
+
+
+def quiet_noise() -> None:
+    for message in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(getattr(f, "name", "") == "ddpm_lightning.noise" for f in rank_zero_log.filters):
+        noise = logging.Filter("ddpm_lightning.noise")
+        noise.filter = lambda record: not str(record.msg).lstrip().startswith(NOISE_LOG_LINES)
+        rank_zero_log.addFilter(noise)
+
+
 def main(args: ArgsType = None) -> None:
     """The `ddpm-lightning` command. From the command line (args None), an error the product raises on purpose
     prints as one line and exits 1; `--debug` or DDPM_LIGHTNING_DEBUG=1 shows the traceback instead."""
@@ -151,6 +191,7 @@ def main(args: ArgsType = None) -> None:
         argv.remove("--debug")
         one_line = False
     one_line = one_line and os.environ.get("DDPM_LIGHTNING_DEBUG", "") in ("", "0")
+    quiet_noise()
     if commands.is_command(argv):  # `ddpm-lightning sample ...` / `export ...`: plain commands, outside LightningCLI
         commands.run(argv)  # returns nothing: the console script would print it and exit 1
         return

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import transforms
@@ -40,7 +40,28 @@ def default_num_workers() -> int:
 
 
 def find_images(folder: Path) -> list[str]:
-    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Every image file under `folder`, following links to folders (each real folder once: no cycles). Files of
+    other types are counted and a few named in one warning (hidden files such as .DS_Store are not)."""
+    images, others, seen = [], [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or a second link to the same folder
+            dirs.clear()
+            continue
+        seen.add(real)
+        for name in files:
+            path = os.path.join(root, name)
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS and os.path.isfile(path):
+                images.append(path)
+            elif not name.startswith("."):
+                others.append(os.path.relpath(path, folder))
+    if others and images:
+        rank_zero_warn(
+            f"Skipped {len(others)} file(s) under {folder} that are not a supported image type, e.g. "
+            f"{', '.join(sorted(others)[:5])} (supported: {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...; "
+            "convert others, e.g. HEIC, to JPEG or PNG)."
+        )
+    return sorted(images)
 
 
 def load_source(source: str, split: str = "train") -> datasets.Dataset:
@@ -54,13 +75,24 @@ def load_source(source: str, split: str = "train") -> datasets.Dataset:
             ds = ds[split]
         return ds
     if path.is_file():
+        if path.suffix.lower() not in HUB_DATA_EXTENSIONS:
+            kind = "a single image" if path.suffix.lower() in IMAGE_EXTENSIONS else f"a {path.suffix or 'plain'} file"
+            raise ValueError(
+                f"--data.dataset {source} is {kind}: give the folder holding the images (e.g. {path.parent}), "
+                f"a data file ({', '.join(HUB_DATA_EXTENSIONS)}), a save_to_disk folder or a Hub id"
+                + (" (unzip an archive first)" if path.suffix.lower() in (".zip", ".tar", ".gz", ".tgz") else "") + "."
+            )
         builder = {".jsonl": "json"}.get(path.suffix, path.suffix.lstrip("."))
         return datasets.load_dataset(builder, data_files=str(path), split=split)
     if path.is_dir():
         suffixes = {p.suffix.lower() for p in path.rglob("*") if p.is_file()}
         images = [] if suffixes & {".parquet", ".arrow"} else find_images(path)
         if suffixes & set(HUB_DATA_EXTENSIONS) and not images:
-            return datasets.load_dataset(str(path), split=split)
+            try:
+                return datasets.load_dataset(str(path), split=split)
+            except ValueError as err:  # e.g. only an empty labels.csv: "Instruction 'train' corresponds to no data"
+                raise ValueError(f"{path} holds no images and no usable data files ({str(err).splitlines()[0]}): "
+                                 "point --data.dataset at a folder of images or a data set with rows.") from err
         if not images:
             raise FileNotFoundError(
                 f"No image files found under {path} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...): "
@@ -87,6 +119,11 @@ def image_column_of(ds: datasets.Dataset, column: str | None) -> str:
     if column is not None:
         if column not in ds.column_names:
             raise ValueError(f"Column {column!r} is not in the data set (it has {ds.column_names}): set --data.image_column.")
+        feature = ds.features[column]
+        if not isinstance(feature, (datasets.Image, dict)) and getattr(feature, "dtype", None) not in ("string", "binary", "large_string"):
+            kinds = {name: getattr(f, "dtype", type(f).__name__) for name, f in ds.features.items()}
+            raise ValueError(f"Column {column!r} holds {kinds[column]}, not images (the columns hold {kinds}): "
+                             "set --data.image_column to the image column.")
         return column
     for name, feature in ds.features.items():
         if isinstance(feature, datasets.Image):
@@ -101,6 +138,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode.startswith("I"):  # 16/32-bit integer grayscale
         image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
     return image.convert("RGB")
+
+
+def open_image(source) -> Image.Image:
+    """Decode an image file (a path or a file object) now, the right way up: the EXIF orientation a phone
+    records is applied, as `datasets.Image()` decoding does. A truncated file fails here, not later."""
+    image = Image.open(source)
+    image.load()
+    return ImageOps.exif_transpose(image)
 
 
 class ResizedImages(Dataset):
@@ -124,8 +169,7 @@ class ResizedImages(Dataset):
         """(pixels, whether the original was smaller than image_size); a ValueError naming the file if unreadable."""
         row = self.rows[i][self.column]
         try:
-            image = Image.open(io.BytesIO(row["bytes"]) if row["bytes"] else row["path"])
-            image.load()  # decode now: a truncated file fails here, not later
+            image = open_image(io.BytesIO(row["bytes"]) if row["bytes"] else row["path"])
         except Exception as err:  # noqa: BLE001 - re-raised with the file's name
             name = row["path"] or f"row {i}"
             raise ValueError(f"Could not read image {name} ({type(err).__name__}: {err}): remove or fix it.") from err

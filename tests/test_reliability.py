@@ -20,21 +20,21 @@ def last_step(folder: Path) -> int:
     return torch.load(folder / "last.ckpt", weights_only=False, map_location="cpu")["global_step"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_signal_saves_last_checkpoint_exits_cleanly_and_resume_finishes(image_folder, tmp_path, signum):
-    out, ckpts = tmp_path / "run", tmp_path / "checkpoints"
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 0), (signal.SIGUSR1, 0), (signal.SIGINT, 130)])
+def test_signal_saves_last_checkpoint_exits_cleanly_and_resume_finishes(image_folder, tmp_path, signum, status):
+    out, ckpts = tmp_path / "run", tmp_path / "checkpoints" / "run"
     args = fit_args(image_folder, out, "--trainer.max_steps", "90", "--trainer.max_epochs", "-1",
                     "--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000")
-    proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning", *args], cwd=tmp_path, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning", *args, "--checkpoint.every_n_train_steps", "3"],
+                            cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while not (ckpts / "last.ckpt").exists():  # the first epoch's checkpoint: training is under way
+    while not (ckpts / "last.ckpt").exists():  # the first checkpoint: training is under way
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.2)
-    time.sleep(0.5)  # into a later epoch
+    time.sleep(0.5)  # a few steps later
     proc.send_signal(signum)
     log = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, log[-3000:]
+    assert proc.returncode == status, log[-3000:]
     stopped_at = last_step(ckpts)
     assert 3 < stopped_at < 90 and f"Stopped by a signal at step {stopped_at}" in log
     assert not list(ckpts.glob(".*partial*"))
@@ -53,7 +53,7 @@ def test_resume_last_without_checkpoint_fails_with_the_fix(image_folder, tmp_pat
 
 def test_corrupt_checkpoint_is_named(image_folder, tmp_path):
     main(fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "1"))
-    good = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    good = (tmp_path / "checkpoints" / "run" / "last.ckpt").read_bytes()
     bad = tmp_path / "truncated.ckpt"
     bad.write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match=f"{bad}.*truncated or corrupt"):
@@ -88,15 +88,16 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(image_folder, tmp_
               "--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
     if cache == "none":
         common += ["--data.num_workers", "2"]  # worker processes, their seeds and prefetching too
-    main(fit_args(image_folder, tmp_path / "straight", *common, "--checkpoint.dirpath", "straight_ckpt"))
+    main(fit_args(image_folder, tmp_path / "straight", *common))
 
-    resumed = fit_args(image_folder, tmp_path / "resumed", *common, "--checkpoint.dirpath", "resumed_ckpt")
+    resumed = fit_args(image_folder, tmp_path / "resumed", *common)
     with pytest.raises(SystemExit):
         main([*resumed, "--trainer.callbacks+=conftest.StopAtStep", "--trainer.callbacks.step", "4"])
-    assert last_step(tmp_path / "resumed_ckpt") == 4
+    assert last_step(tmp_path / "checkpoints" / "resumed") == 4
     main([*resumed, "--ckpt_path", "last"])
 
-    a, b = weights(tmp_path / "straight_ckpt" / "last.ckpt"), weights(tmp_path / "resumed_ckpt" / "last.ckpt")
+    a = weights(tmp_path / "checkpoints" / "straight" / "last.ckpt")
+    b = weights(tmp_path / "checkpoints" / "resumed" / "last.ckpt")
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -123,7 +124,7 @@ def test_unwritable_output_dir_fails_before_training(image_folder, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(RuntimeError, match="Cannot start training: .*a_file"):
         main(fit_args(image_folder, blocker / "run"))
-    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert not (tmp_path / "checkpoints" / "run" / "last.ckpt").exists()
 
 
 def test_grid_that_eval_batch_cannot_fill_is_refused(image_folder, tmp_path):
