@@ -88,6 +88,11 @@ class DDPMLightningCLI(LightningCLI):
         # Before LightningCLI reads the checkpoint's hyperparameters, which torch.load would fail on obscurely.
         subcommand = self.config.get("subcommand")
         check_ckpt_path(self.config[subcommand].get("ckpt_path") if subcommand else None, None)
+        data = self.config[subcommand].get("data") if subcommand == "validate" else None
+        if data is not None and data.get("val_dataset") is None and not data.get("val_fraction"):
+            # (fit turns validation off without them; validate would silently do nothing)
+            raise ValueError("validate needs held-out images: set --data.val_dataset or --data.val_fraction "
+                             "(the same as the run used, e.g. -c <output_dir>/logs/config.yaml).")
 
     def before_fit(self) -> None:
         check_ckpt_path(self._get(self.config, "ckpt_path"), self.trainer.checkpoint_callback)
@@ -95,12 +100,6 @@ class DDPMLightningCLI(LightningCLI):
         if self._get(self.config, "ckpt_path") is None:
             check_fresh_run(self._get(self.config, "output_dir"), self.trainer.checkpoint_callback,
                             self._get(self.config, "overwrite"))
-
-    def before_validate(self) -> None:
-        data = self.datamodule.hparams
-        if data.val_dataset is None and not data.val_fraction:
-            raise ValueError("validate needs held-out images: set --data.val_dataset or --data.val_fraction "
-                             "(the same as the run used, e.g. -c <output_dir>/logs/config.yaml).")
 
 
 def check_writable(folder: str) -> None:

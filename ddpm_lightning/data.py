@@ -90,8 +90,10 @@ def load_source(source: str, split: str = "train") -> datasets.Dataset:
         if suffixes & set(HUB_DATA_EXTENSIONS) and not images:
             try:
                 return datasets.load_dataset(str(path), split=split)
-            except ValueError as err:  # e.g. only an empty labels.csv: "Instruction 'train' corresponds to no data"
-                raise ValueError(f"{path} holds no images and no usable data files ({str(err).splitlines()[0]}): "
+            except Exception as err:  # noqa: BLE001 - e.g. only an empty labels.csv (a pandas or split error)
+                cause = err.__cause__ or err
+                raise ValueError(f"{path} holds no images and no usable data files ({type(cause).__name__}: "
+                                 f"{str(cause).splitlines()[0] if str(cause) else ''}): "
                                  "point --data.dataset at a folder of images or a data set with rows.") from err
         if not images:
             raise FileNotFoundError(
