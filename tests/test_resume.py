@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import fit_args, scalar_steps, write_image
+from conftest import fit_args, scalar_steps, scalars, write_image
 from ddpm_lightning.cli import main
 
 NO_SAVES = ["--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
@@ -79,6 +79,20 @@ def test_run_ended_then_extended_equals_the_longer_run_while_the_lr_is_the_same(
     step_b, b = state(tmp_path / "checkpoints" / "extended" / "last.ckpt")
     assert step_a == step_b == 6
     assert_same_weights(a, b)
+
+
+def test_raising_max_epochs_on_resume_stretches_the_schedule_and_the_lr_jumps(twelve, tmp_path):
+    """README, "Resuming": the cosine's length becomes the new run's, so at the resumed step the LR jumps up."""
+    common = [*NO_SAVES, "--model.lr_warmup_steps", "1", "--model.learning_rate", "0.002"]
+    main(fit_args(twelve, tmp_path / "run", *common, "--trainer.max_epochs", "1"))
+    main(fit_args(twelve, tmp_path / "run", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    lr = scalars(tmp_path / "run" / "logs", "train/lr")
+    cosine = lambda k, total: 0.002 * 0.5 * (1 + math.cos(math.pi * (k - 1) / (total - 1)))  # noqa: E731
+    assert lr[2] == pytest.approx(cosine(2, 3), rel=1e-5)  # the first run's schedule: 3 steps
+    assert lr[3] == pytest.approx(cosine(3, 3), abs=1e-9)  # the first resumed step: the rate the old one reached
+    assert lr[4] == pytest.approx(cosine(4, 6), rel=1e-5)  # then the resumed run's, stretched to 6 steps
+    assert lr[5] == pytest.approx(cosine(5, 6), rel=1e-5)
+    assert lr[4] > lr[3]  # the jump
 
 
 def test_each_run_has_its_own_last_checkpoint(twelve, tmp_path):
