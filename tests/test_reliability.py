@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from conftest import child_env, fit_args, scalar_steps, scalars
 from ddpm_lightning.checkpointing import AtomicCheckpointIO
@@ -43,6 +45,34 @@ def test_signal_saves_last_checkpoint_exits_cleanly_and_resume_finishes(image_fo
     assert last_step(ckpts) == 90
     steps = scalar_steps(out / "logs", "train/loss")
     assert sorted(set(steps)) == list(range(90))  # no step lost; the one in flight at the signal may log twice
+
+
+class SlowSteps(Callback):
+    """A second per step, asleep: a signal sent during a step arrives before its end."""
+
+    def on_train_batch_start(self, *args) -> None:
+        time.sleep(1.0)
+
+
+def test_second_ctrl_c_aborts_at_once(image_folder, tmp_path):
+    ckpts = tmp_path / "checkpoints" / "run"
+    args = fit_args(image_folder, tmp_path / "run", "--trainer.max_steps", "90", "--trainer.max_epochs", "-1",
+                    "--checkpoint.every_n_train_steps", "1", "--trainer.callbacks+=test_reliability.SlowSteps")
+    env = child_env()
+    env["PYTHONPATH"] = str(Path(__file__).parent) + os.pathsep + env["PYTHONPATH"]
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (ckpts / "last.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)  # within the same (1 s) step
+    proc.send_signal(signal.SIGINT)
+    log = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 1, log[-3000:]
+    assert "Ctrl-C: saving a checkpoint at the end of this step" in log
+    assert "Stopped by a signal" not in log  # it did not wait for the step's end to save
 
 
 def test_resume_last_without_checkpoint_fails_with_the_fix(image_folder, tmp_path):
