@@ -97,7 +97,8 @@ class DDPMLightningCLI(LightningCLI):
     def before_fit(self) -> None:
         check_ckpt_path(self._get(self.config, "ckpt_path"), self.trainer.checkpoint_callback)
         check_writable(self._get(self.config, "output_dir"))
-        if self._get(self.config, "ckpt_path") is None:
+        # Rank 0 only: the other ranks of a run start after it and would find its own new files.
+        if self._get(self.config, "ckpt_path") is None and self.trainer.global_rank == 0:
             check_fresh_run(self._get(self.config, "output_dir"), self.trainer.checkpoint_callback,
                             self._get(self.config, "overwrite"))
 

@@ -107,6 +107,39 @@ def test_interrupted_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+def test_background_writes_are_atomic_and_the_link_and_removal_wait_for_them(tmp_path, monkeypatch):
+    """The write runs in a thread on a copy taken at once; `last` moves to the new file, and the old file goes,
+    only after the new one is complete; a failed write is raised on the training thread."""
+    from ddpm_lightning.checkpointing import BackgroundCheckpointIO
+
+    io = BackgroundCheckpointIO()
+    old, new, last = tmp_path / "epoch=0-step=1.ckpt", tmp_path / "epoch=0-step=2.ckpt", tmp_path / "last.ckpt"
+    io.checkpoint_io.save_checkpoint({"global_step": 1}, old)
+    io.checkpoint_io.link(str(old), str(last))
+    release = __import__("threading").Event()
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: (release.wait(30), real_save(obj, f)))
+    weights = torch.ones(3)
+    io.save_checkpoint({"global_step": 2, "w": weights}, new)
+    io.link(str(new), str(last))
+    io.remove_checkpoint(old)
+    weights.zero_()  # training goes on and changes the weights: the checkpoint holds the values at the save
+    time.sleep(0.2)
+    assert not new.exists() and old.exists() and os.readlink(last) == old.name  # nothing moved before the write
+    release.set()
+    io.teardown()  # what fit does at its end: wait for the queue
+    assert os.readlink(last) == new.name and not old.exists()
+    saved = torch.load(last, weights_only=False)
+    assert saved["global_step"] == 2 and torch.equal(saved["w"], torch.ones(3))
+    assert not list(tmp_path.glob(".*partial*"))
+
+    monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError("disk full")))
+    io.save_checkpoint({"global_step": 3}, tmp_path / "epoch=0-step=3.ckpt")
+    with pytest.raises(OSError, match="disk full"):
+        io.teardown()
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+
+
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, weights_only=False, map_location="cpu")["state_dict"]
 
