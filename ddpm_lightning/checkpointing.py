@@ -48,7 +48,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             partial.unlink(missing_ok=True)
 
-
     def link(self, target: str, link: str) -> None:
         """Point `link` at `target` (relative, so the folder can move); swapped in atomically like a save."""
         partial = Path(link).with_name(f".{Path(link).name}.partial-{os.getpid()}")
