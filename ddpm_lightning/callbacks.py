@@ -74,6 +74,16 @@ class SampleGrid(Callback):
     a given number of devices, and the training RNG is left exactly as it was. With several devices each
     samples a share of the grid. DDPM with 1000 steps is the tutorial's sampler; `sampler` and
     `num_inference_steps` pick a faster one for previews.
+
+    Args:
+        output_dir: the run's folder (set from --output_dir); grids go to its samples/ folder.
+        save_image_epochs: draw a grid every this many epochs (and always at the end of the run).
+        eval_batch_size: images in a grid.
+        num_inference_steps: denoising steps per grid.
+        sampler: ddpm (the tutorial's), ddim or dpmsolver++ (good previews in about 50 steps).
+        seed: the grid noise's seed: every grid of a run starts from the same noise.
+        grid_rows: rows of the grid; the squarest layout when left out.
+        autocast: sample under the training precision's autocast (faster on a GPU).
     """
 
     def __init__(
@@ -128,6 +138,13 @@ class SaveModel(Callback):
 
     The folder is always written, pushing or not. A missing token or a repo that cannot be created fails
     before training starts; a failed upload is a counted warning and the next save uploads again.
+
+    Args:
+        output_dir: the run's folder (set from --output_dir), where the diffusers folder is written.
+        save_model_epochs: save every this many epochs (and always at the end of the run).
+        push_to_hub: also upload each save to the Hub, in the background (needs `hf auth login` or HF_TOKEN).
+        hub_model_id: the Hub repo, "user/name" or "name"; the output folder's name when left out.
+        hub_private_repo: create the repo private.
     """
 
     def __init__(

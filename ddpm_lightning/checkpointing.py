@@ -1,6 +1,7 @@
-"""Checkpoints that survive interruptions: atomic writes, a save on SIGTERM / SIGUSR1, and resume checks.
+"""Checkpoints that cost little and survive interruptions: a time cadence, writes in a background thread that
+are atomic, `last.ckpt` a link, a save on SIGTERM / SIGUSR1 / Ctrl-C and at the end, and resume checks.
 
-    ddpm-lightning fit -c configs/butterflies.yaml                    # kill -TERM <pid>: saves last.ckpt, exits 0
+    ddpm-lightning fit -c configs/butterflies.yaml                    # kill -TERM <pid>: saves, exits 0
     ddpm-lightning fit -c configs/butterflies.yaml --ckpt_path last   # continues from that step
 """
 
@@ -8,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import zipfile
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.plugins import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -45,9 +48,113 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             partial.unlink(missing_ok=True)
 
+    def link(self, target: str, link: str) -> None:
+        """Point `link` at `target` (relative, so the folder can move); swapped in atomically like a save."""
+        partial = Path(link).with_name(f".{Path(link).name}.partial-{os.getpid()}")
+        partial.unlink(missing_ok=True)
+        try:
+            os.symlink(os.path.relpath(target, os.path.dirname(link)), partial)
+        except OSError:  # no symlinks (Windows without the right): a copy, as Lightning falls back to
+            shutil.copy(target, partial)
+        os.replace(partial, link)
+
+
+class BackgroundCheckpointIO(AsyncCheckpointIO):
+    """Lightning's AsyncCheckpointIO (the checkpoint is copied on the training thread, then written by one
+    background thread), with removals and links queued behind the writes: the previous checkpoint is deleted,
+    and `last.ckpt` re-pointed, only once the new file is complete. `fit` waits for the queue at its end."""
+
+    def __init__(self, checkpoint_io: AtomicCheckpointIO | None = None):
+        super().__init__(checkpoint_io or AtomicCheckpointIO())
+
+    def remove_checkpoint(self, path) -> None:
+        self._in_order(self.checkpoint_io.remove_checkpoint, path)
+
+    def link(self, target: str, link: str) -> None:
+        self._in_order(self.checkpoint_io.link, target, link)
+
+    def _in_order(self, function, *args) -> None:
+        self._ensure_setup()
+
+        def run():
+            try:
+                function(*args)
+            except BaseException as err:  # noqa: BLE001 - raised on the training thread, as AsyncCheckpointIO does
+                self._error = err
+
+        self._executor.submit(run)
+        if self._error:
+            raise self._error
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint with a cheap default: a checkpoint every `train_time_interval` of training (10 minutes)
+    rather than every epoch, one at the end of the run and one on a stop signal; each save is one file (the
+    previous one is deleted with the default save_top_k=1) and `last.ckpt` is a link to it.
+
+    Setting `every_n_train_steps` or `every_n_epochs` replaces the time cadence; `save_top_k: -1` keeps every file.
+
+    Args:
+        train_time_interval: save every this much training time, "h:mm:ss" (default 0:10:00); null for none.
+        save_last: "link": last.ckpt links to the latest file; true: a copy; false: none.
+        enable_version_counter: add -v1, -v2 to a name that exists (off: a run has its own folder).
+    """
+
+    def __init__(self, *args, train_time_interval: timedelta | None = timedelta(minutes=10),
+                 save_last: bool | str | None = "link", enable_version_counter: bool = False, **kwargs):
+        # No version counter by default: a run has its own folder, so `last.ckpt` is always this run's (the
+        # counter would write last-v1.ckpt on resume, as a linked save does not record the link's name).
+        if kwargs.get("every_n_train_steps") or kwargs.get("every_n_epochs"):
+            train_time_interval = None
+        super().__init__(*args, train_time_interval=train_time_interval, save_last=save_last,
+                         enable_version_counter=enable_version_counter, **kwargs)
+        self._stale: list[str] = []
+
+    def _remove_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        # The previous file goes once `last` points at the new one (both queued behind its write): a kill at
+        # any moment leaves `last` pointing at a complete checkpoint.
+        if self.save_last:
+            self._stale.append(filepath)
+        else:
+            super()._remove_checkpoint(trainer, filepath)
+
+    def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        stale, self._stale = self._stale, []
+        for path in stale:
+            super()._remove_checkpoint(trainer, path)
+
+    def _link_checkpoint(self, trainer: Trainer, filepath: str, linkpath: str) -> None:
+        io = trainer.strategy.checkpoint_io
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            (io.link if hasattr(io, "link") else AtomicCheckpointIO().link)(filepath, linkpath)
+        trainer.strategy.barrier()
+
+    def save_now(self, trainer: Trainer) -> None:
+        """A checkpoint at this step (unless one was just written), as the cadence would write it, and `last`."""
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is None or self.monitor in candidates:
+            self._save_topk_checkpoint(trainer, candidates)
+        else:  # the monitored metric is not there yet: a plain file
+            self._save_checkpoint(trainer, self.format_checkpoint_name(candidates))
+        self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs > 0:
+            self.save_now(trainer)  # the last epoch's end: the run's final checkpoint, named after that epoch
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.save_now(trainer)  # the end of the run is always saved, whatever the cadence (unless just saved)
+        super().on_train_end(trainer, pl_module)
+
 
 class PreemptionCheckpoint(Callback):
-    """On SIGTERM, or SIGUSR1 as SLURM sends before a time limit, save `last.ckpt` and exit with status 0.
+    """On SIGTERM, SIGUSR1 (as SLURM sends before a time limit) or Ctrl-C, save a checkpoint and `last.ckpt` at the
+    next step boundary and exit: status 0 for SIGTERM / SIGUSR1, 130 for Ctrl-C (the shell's code for it, so a
+    script chained with `&&` does not go on as if training had finished). A second Ctrl-C aborts at once.
 
     Lightning's own SIGTERM handler stops every rank at the next step boundary by raising SIGTERMException;
     this callback saves the checkpoint there (all ranks take part, as saving needs), so
@@ -55,8 +162,11 @@ class PreemptionCheckpoint(Callback):
     itself (it saves and requeues), so SIGUSR1 is left to it.
     """
 
+    interrupted = False  # set by Ctrl-C: main() turns the stop's exit status into 130
+
     def __init__(self):
         self._previous_sigusr1 = None
+        self._previous_sigint = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         environment = getattr(trainer.strategy, "cluster_environment", None)
@@ -65,17 +175,37 @@ class PreemptionCheckpoint(Callback):
             # SIGUSR1 becomes a SIGTERM, which Lightning turns into a stop at the next step on every rank.
             self._previous_sigusr1 = signal.signal(signal.SIGUSR1, lambda *_: signal.raise_signal(signal.SIGTERM))
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # From here on (Lightning's SIGTERM handler is in place), Ctrl-C stops like SIGTERM; before, it is the
+        # plain KeyboardInterrupt (no step to save yet).
+        PreemptionCheckpoint.interrupted = False
+        self._previous_sigint = signal.signal(signal.SIGINT, self._first_ctrl_c)
+
+    def _first_ctrl_c(self, *_) -> None:
+        log.info("Ctrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again aborts at once).")
+        PreemptionCheckpoint.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second one raises KeyboardInterrupt
+        signal.raise_signal(signal.SIGTERM)
+
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._previous_sigusr1 is not None:
             signal.signal(signal.SIGUSR1, self._previous_sigusr1)
             self._previous_sigusr1 = None
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         checkpoint = trainer.checkpoint_callback
-        if isinstance(exception, SIGTERMException) and checkpoint is not None and checkpoint.dirpath:
+        if not isinstance(exception, SIGTERMException) or checkpoint is None or not checkpoint.dirpath:
+            return
+        if isinstance(checkpoint, PeriodicCheckpoint):
+            checkpoint.save_now(trainer)
+            path = checkpoint.last_model_path
+        else:
             path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
             trainer.save_checkpoint(path)
-            log.info(f"[rank {trainer.global_rank}] Stopped by a signal at step {trainer.global_step}: saved {path}")
+        log.info(f"[rank {trainer.global_rank}] Stopped by a signal at step {trainer.global_step}: saved {path}")
 
 
 def check_ckpt_path(ckpt_path: str | None, checkpoint: ModelCheckpoint | None) -> None:

@@ -6,23 +6,30 @@ quality callbacks (fit, validate, ...), plus the plain `sample` and `export` com
     ddpm-lightning fit -c configs/tiny.yaml --print_config                 # every key, with its value
 
 Outputs: grids in <output_dir>/samples, the diffusers folder in <output_dir>, TensorBoard logs and the run's
-config in <output_dir>/logs, checkpoints (last.ckpt kept) in ./checkpoints.
+config in <output_dir>/logs, checkpoints in ./checkpoints/<output_dir's name> (last.ckpt links to the latest).
+Errors the product raises on purpose print as one line; `--debug` (or DDPM_LIGHTNING_DEBUG=1) shows the traceback.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import sys
 import tempfile
+import traceback
+import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import commands
 from .callbacks import SampleGrid, SampleQualityMetrics, SaveModel
-from .checkpointing import AtomicCheckpointIO, PreemptionCheckpoint, check_ckpt_path
+from .checkpointing import BackgroundCheckpointIO, PeriodicCheckpoint, PreemptionCheckpoint, check_ckpt_path
 from .data import ImageDataModule
 from .module import DDPMModule
 from .precision import FusedClipMixedPrecision
@@ -36,11 +43,32 @@ class DDPMLightningCLI(LightningCLI):
         parser.add_lightning_class_args(SampleGrid, "grid")
         parser.add_lightning_class_args(SaveModel, "save")
         parser.add_lightning_class_args(SampleQualityMetrics, "quality")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.dirpath": "checkpoints", "checkpoint.save_last": True})
+        parser.add_argument(
+            "--overwrite", type=bool, default=False,
+            help="Start a fresh run in an output_dir that already holds one: its logs, samples and checkpoints are "
+                 "deleted first; the model files and README.md are rewritten at the first save.")
+        parser.add_lightning_class_args(PeriodicCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.dirpath": None})  # None: checkpoints/<output_dir's name>, this run's own
         parser.link_arguments("output_dir", "grid.output_dir")
         parser.link_arguments("output_dir", "save.output_dir")
         parser.link_arguments("data.image_size", "model.image_size")  # one value: the UNet's sample_size
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:  # test / predict have nothing to do for a diffusion model
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        for name, help in (("sample", "Draw images from a checkpoint, a saved folder or a Hub model id."),
+                           ("export", "Write a checkpoint's model as a diffusers folder with a model card.")):
+            # Listed for --help only: main() hands `sample ...` / `export ...` to commands.run before LightningCLI.
+            parser._subcommands_action.add_subcommand(name, ArgumentParser(description=help), help=help)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.config.subcommand]
+        check_values(config)
+        if config.get("checkpoint") is not None and config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = str(Path("checkpoints") / Path(config.output_dir).resolve().name)
 
     def instantiate_trainer(self, **kwargs):
         trainer, data = self._get(self.config, "trainer"), self._get(self.config, "data")
@@ -49,8 +77,11 @@ class DDPMLightningCLI(LightningCLI):
         if trainer.get("logger") in (None, True):
             kwargs["logger"] = TensorBoardLogger(save_dir=self._get(self.config, "output_dir"), name="logs", version="")
         if trainer.get("plugins") is None:
-            kwargs["plugins"] = [AtomicCheckpointIO()]  # (not a config default: an instance would not serialize)
-        if data.val_dataset is None and not data.val_fraction and trainer.limit_val_batches is None:
+            # Atomic writes in a background thread (not a config default: an instance would not serialize)
+            kwargs["plugins"] = [BackgroundCheckpointIO()]
+        subcommand = self.config.subcommand
+        if (subcommand == "fit" and data.val_dataset is None and not data.val_fraction
+                and trainer.limit_val_batches is None):
             kwargs["limit_val_batches"] = 0  # no held-out images: no validation loop at all
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.precision_plugin) is MixedPrecision:  # 16-mixed / bf16-mixed: clip with fused AdamW
@@ -62,10 +93,19 @@ class DDPMLightningCLI(LightningCLI):
         # Before LightningCLI reads the checkpoint's hyperparameters, which torch.load would fail on obscurely.
         subcommand = self.config.get("subcommand")
         check_ckpt_path(self.config[subcommand].get("ckpt_path") if subcommand else None, None)
+        data = self.config[subcommand].get("data") if subcommand == "validate" else None
+        if data is not None and data.get("val_dataset") is None and not data.get("val_fraction"):
+            # (fit turns validation off without them; validate would silently do nothing)
+            raise ValueError("validate needs held-out images: set --data.val_dataset or --data.val_fraction "
+                             "(the same as the run used, e.g. -c <output_dir>/logs/config.yaml).")
 
     def before_fit(self) -> None:
         check_ckpt_path(self._get(self.config, "ckpt_path"), self.trainer.checkpoint_callback)
         check_writable(self._get(self.config, "output_dir"))
+        # Rank 0 only: the other ranks of a run start after it and would find its own new files.
+        if self._get(self.config, "ckpt_path") is None and self.trainer.global_rank == 0:
+            check_fresh_run(self._get(self.config, "output_dir"), self.trainer.checkpoint_callback,
+                            self._get(self.config, "overwrite"))
 
 
 def check_writable(folder: str) -> None:
@@ -79,22 +119,113 @@ def check_writable(folder: str) -> None:
                            "Choose another --output_dir.") from err
 
 
+# Keys whose values must be positive, with what they are: checked before anything is built, so a 0 or a
+# negative value fails with its key instead of deep inside a library ("max() arg is an empty sequence").
+POSITIVE = {
+    "data.train_batch_size": "images per batch", "data.image_size": "the image side in pixels",
+    "grid.eval_batch_size": "images in a grid", "grid.num_inference_steps": "denoising steps per grid",
+    "grid.save_image_epochs": "epochs between grids", "save.save_model_epochs": "epochs between saves",
+    "model.learning_rate": "the peak learning rate",
+}
+
+
+def check_values(config) -> None:
+    for key, what in POSITIVE.items():
+        value = config.get(key)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{key} {value}: {what} must be positive.")
+    if config.get("model.lr_warmup_steps") is not None and config.model.lr_warmup_steps < 0:
+        raise ValueError(f"--model.lr_warmup_steps {config.model.lr_warmup_steps}: must be 0 or more.")
+
+
+# What a run writes into output_dir: a fresh run refuses a folder that holds any of them (see check_fresh_run).
+RUN_FILES = ("logs", "samples", "model_index.json", "unet", "scheduler", "README.md")
+
+
+def check_fresh_run(folder: str, checkpoint, overwrite: bool) -> None:
+    """A fresh run (no --ckpt_path) never merges into another run's logs or `last`, nor replaces a file silently."""
+    out = Path(folder)
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    ckpt_dir = Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else None
+    ckpts = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir is not None and ckpt_dir.is_dir() else []
+    if ckpts:
+        found.append(f"{len(ckpts)} checkpoint(s) in {ckpt_dir}")
+    if not found:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"output_dir {folder} already holds a run ({', '.join(found)}). Resume it with --ckpt_path last, "
+            "choose another --output_dir, or pass --overwrite true to start it again (its logs, samples and "
+            "checkpoints are deleted; its model files and README.md are rewritten at the first save).")
+    for name in ("logs", "samples"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for ckpt in ckpts:
+        ckpt.unlink()
+    logging.getLogger("ddpm_lightning").info(f"--overwrite: deleted the previous run's logs, samples and checkpoints in {folder}")
+
+
+# Lines a user cannot act on in a plain run, silenced one by one (every other warning is left alone).
+NOISE_WARNINGS = (
+    r"'set_vital' is deprecated",  # torchdata's StatefulDataLoader calls it
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # torch's pytree, from Lightning's utilities
+    r"Checkpoint directory .* exists and is not empty",  # every resume, by design
+)
+NOISE_LOG_LINES = ("💡 Tip:", "TPU available:", "Loading `train_dataloader` to estimate")
+
+
+def quiet_noise() -> None:
+    for message in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(getattr(f, "name", "") == "ddpm_lightning.noise" for f in rank_zero_log.filters):
+        noise = logging.Filter("ddpm_lightning.noise")
+        noise.filter = lambda record: not str(record.msg).lstrip().startswith(NOISE_LOG_LINES)
+        rank_zero_log.addFilter(noise)
+
+
 def main(args: ArgsType = None) -> None:
+    """The `ddpm-lightning` command. From the command line (args None), an error the product raises on purpose
+    prints as one line and exits 1; `--debug` or DDPM_LIGHTNING_DEBUG=1 shows the traceback instead."""
     package_log = logging.getLogger("ddpm_lightning")
     if not package_log.handlers:  # show this package's INFO lines, as Lightning does for its own
         package_log.addHandler(logging.StreamHandler())
         package_log.setLevel(logging.INFO)
-    if commands.is_command(args):  # `ddpm-lightning sample ...` / `export ...`: plain commands, outside LightningCLI
-        commands.run(args)  # returns nothing: the console script would print it and exit 1
+    one_line = args is None
+    argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else args
+    if isinstance(argv, list) and "--debug" in argv:
+        argv.remove("--debug")
+        one_line = False
+    one_line = one_line and os.environ.get("DDPM_LIGHTNING_DEBUG", "") in ("", "0")
+    quiet_noise()
+    if commands.is_command(argv):  # `ddpm-lightning sample ...` / `export ...`: plain commands, outside LightningCLI
+        commands.run(argv)  # returns nothing: the console script would print it and exit 1
         return
-    DDPMLightningCLI(
-        DDPMModule,
-        ImageDataModule,
-        args=args,
-        auto_configure_optimizers=False,  # the module owns AdamW and the warm-up + cosine schedule
-        save_config_kwargs={"overwrite": True},  # a resumed run writes its config to the same folder
-        trainer_defaults={"callbacks": [PreemptionCheckpoint()]},
-    )
+    try:
+        DDPMLightningCLI(
+            DDPMModule,
+            ImageDataModule,
+            args=argv,
+            auto_configure_optimizers=False,  # the module owns AdamW and the warm-up + cosine schedule
+            save_config_kwargs={"overwrite": True},  # a resumed run writes its config to the same folder
+            trainer_defaults={"callbacks": [PreemptionCheckpoint()]},
+        )
+    except SIGTERMException:
+        if PreemptionCheckpoint.interrupted:
+            raise SystemExit(130) from None  # Ctrl-C: saved and stopped, but the run did not finish
+        raise
+    except (ValueError, OSError, RuntimeError) as err:
+        if not (one_line and raised_by_this_package(err)):
+            raise
+        subcommand = next((a for a in argv if not a.startswith("-")), "fit") if isinstance(argv, list) else "fit"
+        print(f"ddpm-lightning {subcommand}: error: {err} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def raised_by_this_package(err: BaseException) -> bool:
+    """Whether `err` comes from a raise statement in ddpm_lightning (a message written for the user), rather
+    than from deep inside a library."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().parent == Path(__file__).resolve().parent
 
 
 if __name__ == "__main__":

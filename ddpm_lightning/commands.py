@@ -211,10 +211,12 @@ def sample(
         raise CommandError(f"num_images ({num_images}) and batch_size ({batch_size}) must be at least 1.")
     if sampler not in SAMPLERS:
         raise CommandError(f"Unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}.")
-    steps = num_inference_steps or (1000 if sampler == "ddpm" else 50)
+    steps = (1000 if sampler == "ddpm" else 50) if num_inference_steps is None else num_inference_steps
     if steps < 1:
-        raise CommandError(f"num_inference_steps must be at least 1, not {steps}.")
+        raise CommandError(f"num_inference_steps must be at least 1, not {steps} (leave it out for the sampler's default).")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: no CUDA GPU is visible here. Use --device cpu, or leave --device out.")
 
     unet, schedule = load_pipeline(model)
     unet.to(device).eval()
@@ -269,8 +271,10 @@ def export(ckpt: str, out: str, samples: str | None = None, repo_id: str | None 
         raise CommandError(f"{ckpt} is not a file: give the Lightning checkpoint (.ckpt) to export.")
     if samples is not None and not Path(samples).is_file():
         raise CommandError(f"--samples {samples}: no such image.")
-    module, checkpoint = load_checkpoint(path)
     folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise CommandError(f"{out} is a file: give a folder to write the model into (created if missing).")
+    module, checkpoint = load_checkpoint(path)
     DDPMPipeline(unet=module.unet, scheduler=module.scheduler).save_pretrained(folder)
     data = {k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if not k.startswith("_")}
     model = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import transforms
@@ -40,7 +40,28 @@ def default_num_workers() -> int:
 
 
 def find_images(folder: Path) -> list[str]:
-    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Every image file under `folder`, following links to folders (each real folder once: no cycles). Files of
+    other types are counted and a few named in one warning (hidden files such as .DS_Store are not)."""
+    images, others, seen = [], [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or a second link to the same folder
+            dirs.clear()
+            continue
+        seen.add(real)
+        for name in files:
+            path = os.path.join(root, name)
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS and os.path.isfile(path):
+                images.append(path)
+            elif not name.startswith("."):
+                others.append(os.path.relpath(path, folder))
+    if others and images:
+        rank_zero_warn(
+            f"Skipped {len(others)} file(s) under {folder} that are not a supported image type, e.g. "
+            f"{', '.join(sorted(others)[:5])} (supported: {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...; "
+            "convert others, e.g. HEIC, to JPEG or PNG)."
+        )
+    return sorted(images)
 
 
 def load_source(source: str, split: str = "train") -> datasets.Dataset:
@@ -54,13 +75,26 @@ def load_source(source: str, split: str = "train") -> datasets.Dataset:
             ds = ds[split]
         return ds
     if path.is_file():
+        if path.suffix.lower() not in HUB_DATA_EXTENSIONS:
+            kind = "a single image" if path.suffix.lower() in IMAGE_EXTENSIONS else f"a {path.suffix or 'plain'} file"
+            raise ValueError(
+                f"--data.dataset {source} is {kind}: give the folder holding the images (e.g. {path.parent}), "
+                f"a data file ({', '.join(HUB_DATA_EXTENSIONS)}), a save_to_disk folder or a Hub id"
+                + (" (unzip an archive first)" if path.suffix.lower() in (".zip", ".tar", ".gz", ".tgz") else "") + "."
+            )
         builder = {".jsonl": "json"}.get(path.suffix, path.suffix.lstrip("."))
         return datasets.load_dataset(builder, data_files=str(path), split=split)
     if path.is_dir():
         suffixes = {p.suffix.lower() for p in path.rglob("*") if p.is_file()}
         images = [] if suffixes & {".parquet", ".arrow"} else find_images(path)
         if suffixes & set(HUB_DATA_EXTENSIONS) and not images:
-            return datasets.load_dataset(str(path), split=split)
+            try:
+                return datasets.load_dataset(str(path), split=split)
+            except Exception as err:  # noqa: BLE001 - e.g. only an empty labels.csv (a pandas or split error)
+                cause = err.__cause__ or err
+                raise ValueError(f"{path} holds no images and no usable data files ({type(cause).__name__}: "
+                                 f"{str(cause).splitlines()[0] if str(cause) else ''}): "
+                                 "point --data.dataset at a folder of images or a data set with rows.") from err
         if not images:
             raise FileNotFoundError(
                 f"No image files found under {path} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...): "
@@ -87,6 +121,11 @@ def image_column_of(ds: datasets.Dataset, column: str | None) -> str:
     if column is not None:
         if column not in ds.column_names:
             raise ValueError(f"Column {column!r} is not in the data set (it has {ds.column_names}): set --data.image_column.")
+        feature = ds.features[column]
+        if not isinstance(feature, (datasets.Image, dict)) and getattr(feature, "dtype", None) not in ("string", "binary", "large_string"):
+            kinds = {name: getattr(f, "dtype", type(f).__name__) for name, f in ds.features.items()}
+            raise ValueError(f"Column {column!r} holds {kinds[column]}, not images (the columns hold {kinds}): "
+                             "set --data.image_column to the image column.")
         return column
     for name, feature in ds.features.items():
         if isinstance(feature, datasets.Image):
@@ -101,6 +140,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode.startswith("I"):  # 16/32-bit integer grayscale
         image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
     return image.convert("RGB")
+
+
+def open_image(source) -> Image.Image:
+    """Decode an image file (a path or a file object) now, the right way up: the EXIF orientation a phone
+    records is applied, as `datasets.Image()` decoding does. A truncated file fails here, not later."""
+    image = Image.open(source)
+    image.load()
+    return ImageOps.exif_transpose(image)
 
 
 class ResizedImages(Dataset):
@@ -124,8 +171,7 @@ class ResizedImages(Dataset):
         """(pixels, whether the original was smaller than image_size); a ValueError naming the file if unreadable."""
         row = self.rows[i][self.column]
         try:
-            image = Image.open(io.BytesIO(row["bytes"]) if row["bytes"] else row["path"])
-            image.load()  # decode now: a truncated file fails here, not later
+            image = open_image(io.BytesIO(row["bytes"]) if row["bytes"] else row["path"])
         except Exception as err:  # noqa: BLE001 - re-raised with the file's name
             name = row["path"] or f"row {i}"
             raise ValueError(f"Could not read image {name} ({type(err).__name__}: {err}): remove or fix it.") from err
@@ -152,19 +198,13 @@ class _TryItems(Dataset):
 
 
 class EpochSampler(DistributedSampler):
-    """DistributedSampler (order = f(seed, epoch), one slice per rank) that reads the epoch from the Trainer
-    when an epoch's iteration starts: a run resumed mid-epoch restarts its loader before Lightning calls
-    set_epoch, and must still replay that epoch's order (the stateful loader then skips what was seen)."""
+    """DistributedSampler (order = f(seed, epoch), one slice per rank). Lightning sets the epoch before each
+    epoch's iteration starts; a resumed run sets it from the checkpoint (ImageDataModule.load_state_dict),
+    because Lightning first iterates the loader before it restores its own epoch count."""
 
     def __init__(self, dataset: Dataset, trainer, seed: int):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-        self.trainer = trainer
-
-    def __iter__(self):
-        if self.trainer is not None:
-            self.set_epoch(self.trainer.current_epoch)
-        return super().__iter__()
 
 
 class Indexed(Dataset):
@@ -238,6 +278,7 @@ class ImageDataModule(LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.resume_state: dict | None = None  # the training loader's state from a checkpoint, applied once
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
@@ -299,7 +340,7 @@ class ImageDataModule(LightningDataModule):
         # is stateful (Lightning checkpoints its position): a run resumed mid-epoch sees exactly the batches
         # it would have seen, and its own generator keeps the loader from drawing on the global RNG.
         seed = torch.initial_seed()
-        return StatefulDataLoader(
+        loader = StatefulDataLoader(
             self.train_set,
             batch_size=self.hparams.train_batch_size,
             sampler=EpochSampler(self.train_set, self.trainer, seed),
@@ -308,6 +349,28 @@ class ImageDataModule(LightningDataModule):
             pin_memory=torch.cuda.is_available() and not (cached and self.train_set.pixels.is_cuda),
             generator=torch.Generator().manual_seed(seed),
         )
+        if self.resume_state:  # see state_dict
+            state, self.resume_state = self.resume_state, None
+            loader.sampler.set_epoch(state["epoch"])
+            if "train_loader" in state:
+                loader.load_state_dict(state["train_loader"])
+        return loader
+
+    def state_dict(self) -> dict:
+        """The epoch whose order the loader is in and its position in it, saved in every checkpoint and applied
+        when the loader is built. Lightning checkpoints the position too, but applies it only when it builds the
+        loader after restoring its loops, which it does not when the schedule's length was estimated first
+        (any run with max_epochs), and it draws the first batch before it sets the sampler's epoch."""
+        trainer = self.trainer
+        loader = trainer.train_dataloader if trainer is not None else None
+        if not isinstance(loader, StatefulDataLoader) or not isinstance(loader.sampler, EpochSampler):
+            return {}
+        if trainer.fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches:
+            return {"epoch": loader.sampler.epoch + 1}  # the epoch's batches are all drawn: the next starts afresh
+        return {"epoch": loader.sampler.epoch, "train_loader": loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.resume_state = state_dict or None
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:

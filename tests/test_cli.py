@@ -39,8 +39,8 @@ def test_fit_writes_grid_model_logs_and_checkpoints(image_folder, tmp_path):
     assert len(scalars(out / "logs", "train/lr")) == 6
     assert "output_dir: " + str(out) in (out / "logs" / "config.yaml").read_text()
 
-    # checkpoints go to ./checkpoints (relative to the working directory), last.ckpt kept
-    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    # checkpoints go to ./checkpoints/<output_dir name> (relative to the working directory), last.ckpt kept
+    last = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False, map_location="cpu")
     assert last["global_step"] == 6 and last["epoch"] == 1
 
 
@@ -58,11 +58,11 @@ def test_learning_rate_follows_warmup_then_cosine(image_folder, tmp_path):
 def test_resume_from_last_continues_to_max_steps(image_folder, tmp_path):
     out = tmp_path / "run"
     main(fit_args(image_folder, out, "--trainer.max_steps", "6", "--trainer.max_epochs", "-1"))  # 12 images / batch 4: two epochs
-    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    first = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False, map_location="cpu")
     assert first["global_step"] == 6
 
     main(fit_args(image_folder, out, "--trainer.max_steps", "10", "--trainer.max_epochs", "-1", "--ckpt_path", "last"))
-    final = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    final = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False, map_location="cpu")
     assert final["global_step"] == 10  # not more, not less
     # the optimizer and the schedule continued instead of starting again
     assert final["lr_schedulers"][0]["last_epoch"] == 10
@@ -85,7 +85,7 @@ def test_ddp_two_cpu_processes_write_one_grid_and_one_folder(image_folder, tmp_p
     assert log.count("Saved the model") == 1 and "[rank 0] Saved the model" in log
     DDPMPipeline.from_pretrained(out)
     # 12 images over 2 ranks with batch 4: 2 optimizer steps per epoch
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False)["global_step"] == 4
 
 
 @pytest.mark.skipif(not HELICONIUS.is_dir(), reason="../shared/data/heliconius is not beside the checkout")

@@ -21,7 +21,7 @@ FAST = ["--num_inference_steps", "2"]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """One tiny EMA model for the whole file: root/checkpoints/last.ckpt and the saved folder root/run."""
+    """One tiny EMA model for the whole file: root/checkpoints/run/last.ckpt and the saved folder root/run."""
     root = tmp_path_factory.mktemp("trained")
     for i in range(12):
         write_image(root / "images" / f"{i}.png", seed=i)
@@ -32,7 +32,7 @@ def trained(tmp_path_factory) -> Path:
         mp.delenv("HF_TOKEN", raising=False)
         mp.chdir(root)
         main(fit_args(root / "images", root / "run", "--trainer.max_epochs", "1", "--model.use_ema", "true"))
-    assert (root / "checkpoints" / "last.ckpt").is_file() and (root / "run" / "model_index.json").is_file()
+    assert (root / "checkpoints" / "run" / "last.ckpt").is_file() and (root / "run" / "model_index.json").is_file()
     return root
 
 
@@ -45,7 +45,7 @@ def pixels(path: Path) -> np.ndarray:
 
 
 def test_sample_from_checkpoint_writes_images_and_grid(trained, tmp_path):
-    ckpt = str(trained / "checkpoints" / "last.ckpt")
+    ckpt = str(trained / "checkpoints" / "run" / "last.ckpt")
     out = tmp_path / "a"
     main(["sample", ckpt, "--num_images", "6", "--batch_size", "6", "--sampler", "ddim", *FAST, "--output_dir", str(out)])
     images = pngs(out)
@@ -67,7 +67,7 @@ def test_sample_from_checkpoint_writes_images_and_grid(trained, tmp_path):
 
 def test_batch_size_does_not_change_which_images_are_drawn(trained, tmp_path):
     # DDPM draws noise at every step too: each image's comes from its own generator
-    ckpt = str(trained / "checkpoints" / "last.ckpt")
+    ckpt = str(trained / "checkpoints" / "run" / "last.ckpt")
     two = sample(ckpt, num_images=3, batch_size=2, num_inference_steps=2, output_dir=str(tmp_path / "two"))
     three = sample(ckpt, num_images=3, batch_size=3, num_inference_steps=2, output_dir=str(tmp_path / "three"))
     assert [p.name for p in two] == [p.name for p in three] == ["000000.png", "000001.png", "000002.png"]
@@ -78,7 +78,7 @@ def test_batch_size_does_not_change_which_images_are_drawn(trained, tmp_path):
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
 def test_a_saved_folder_gets_the_same_sampler_as_the_checkpoint_and_the_grids(trained, sampler):
-    module, _ = load_checkpoint(trained / "checkpoints" / "last.ckpt")
+    module, _ = load_checkpoint(trained / "checkpoints" / "run" / "last.ckpt")
     saved = DDPMPipeline.from_pretrained(trained / "run").scheduler.config
     for scheduler in (make_sampler(saved, sampler), make_sampler(module.scheduler.config, sampler)):
         reference = module.make_scheduler(sampler)  # what the training grids use
@@ -91,7 +91,7 @@ def test_a_saved_folder_gets_the_same_sampler_as_the_checkpoint_and_the_grids(tr
 def test_sample_from_saved_folder_matches_the_checkpoints_ema_weights(trained, tmp_path):
     main(["sample", str(trained / "run"), "--num_images", "3", "--sampler", "dpmsolver++", *FAST,
           "--output_dir", str(tmp_path / "folder")])
-    main(["sample", str(trained / "checkpoints" / "last.ckpt"), "--num_images", "3", "--sampler", "dpmsolver++", *FAST,
+    main(["sample", str(trained / "checkpoints" / "run" / "last.ckpt"), "--num_images", "3", "--sampler", "dpmsolver++", *FAST,
           "--output_dir", str(tmp_path / "ckpt")])
     from_folder, from_ckpt = pngs(tmp_path / "folder"), pngs(tmp_path / "ckpt")
     assert len(from_folder) == 3 and Image.open(tmp_path / "folder" / "grid.png").size == (48, 16)
@@ -101,13 +101,13 @@ def test_sample_from_saved_folder_matches_the_checkpoints_ema_weights(trained, t
 
 def test_export_writes_a_loadable_folder_with_the_ema_weights_and_a_card(trained, tmp_path):
     out = tmp_path / "exported"
-    main(["export", str(trained / "checkpoints" / "last.ckpt"), str(out)])
+    main(["export", str(trained / "checkpoints" / "run" / "last.ckpt"), str(out)])
 
     pipe = DDPMPipeline.from_pretrained(out)
     images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 16, 16, 3)
 
-    checkpoint = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    checkpoint = torch.load(trained / "checkpoints" / "run" / "last.ckpt", map_location="cpu", weights_only=True)
     exported = list(pipe.unet.parameters())
     shadow = checkpoint["ema"]["shadow_params"]
     raw = [checkpoint["state_dict"][f"unet.{name}"] for name, _ in pipe.unet.named_parameters()]
@@ -126,7 +126,7 @@ def test_export_writes_a_loadable_folder_with_the_ema_weights_and_a_card(trained
 def test_export_with_samples_and_repo_id(trained, tmp_path):
     grid = sorted((trained / "run" / "samples").glob("*.png"))[-1]
     out = tmp_path / "exported"
-    main(["export", str(trained / "checkpoints" / "last.ckpt"), str(out), "--samples", str(grid), "--repo_id", "me/tiny"])
+    main(["export", str(trained / "checkpoints" / "run" / "last.ckpt"), str(out), "--samples", str(grid), "--repo_id", "me/tiny"])
     assert (out / "samples.png").read_bytes() == grid.read_bytes()
     text = (out / "README.md").read_text()
     assert "](samples.png)" in text and 'DDPMPipeline.from_pretrained("me/tiny")' in text

@@ -345,7 +345,7 @@ def test_fit_with_push_survives_a_failing_upload_and_publishes_at_the_end(hub, n
     with pytest.warns(RuntimeWarning, match=r"failed \(1 so far\)"):
         main(fit_args(image_folder, out, "--trainer.max_epochs", "2", "--save.save_model_epochs", "1",
                       "--save.push_to_hub", "true", "--save.hub_private_repo", "true"))
-    assert (tmp_path / "checkpoints" / "last.ckpt").exists()  # training reached its end
+    assert (tmp_path / "checkpoints" / "ddpm-pushed" / "last.ckpt").exists()  # training reached its end
     assert [c.summary for c in hub.commits] == ["Epoch 1"]
     assert hub.repos["fake-user/ddpm-pushed"].private
     assert "unet/diffusion_pytorch_model.safetensors" in hub.repos["fake-user/ddpm-pushed"].files
@@ -358,5 +358,5 @@ def test_fit_with_push_and_no_token_fails_before_training(hf_env, image_folder, 
 
     with pytest.raises(MissingHubTokenError, match="hf auth login"):
         main(fit_args(image_folder, tmp_path / "run", "--save.push_to_hub", "true"))
-    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert not (tmp_path / "checkpoints" / "run" / "last.ckpt").exists()
     assert not (tmp_path / "run" / "samples").exists()

@@ -45,10 +45,10 @@ def test_ema_is_restored_on_resume_and_used_for_the_saved_model(image_folder, tm
 
     args = ["--model.use_ema", "true", "--trainer.max_epochs", "-1", "--model.learning_rate", "0.01"]
     main(fit_args(image_folder, tmp_path / "run", *args, "--trainer.max_steps", "3"))
-    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    first = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=True)
     assert first["ema"]["optimization_step"] == 3
     main(fit_args(image_folder, tmp_path / "run", *args, "--trainer.max_steps", "6", "--ckpt_path", "last"))
-    final = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    final = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=True)
     assert final["ema"]["optimization_step"] == 6  # continued, not restarted at 0
 
     raw = {k.removeprefix("unet."): v for k, v in final["state_dict"].items()}
@@ -65,7 +65,7 @@ def test_validation_loss_is_deterministic_and_monitorable(image_folder, tmp_path
                   "--checkpoint.monitor", "val/loss", "--checkpoint.save_top_k", "1", "--model.use_ema", "true"))
     logged = scalars(out / "logs", "val/loss")
     assert len(logged) == 2 and len(scalars(out / "logs", "val/loss_ema")) == 2
-    best = list((tmp_path / "checkpoints").glob("epoch=*.ckpt"))
+    best = list((tmp_path / "checkpoints" / "run").glob("epoch=*.ckpt"))
     assert len(best) == 1  # chosen by val/loss
 
     # the same weights give the same number, twice: fixed timesteps and fixed noise per image
@@ -120,5 +120,5 @@ def test_missing_inception_weights_say_how_and_training_goes_on(image_folder, tm
     with pytest.warns(UserWarning, match="FID/KID are off: .*weights-inception-2015-12-05"):
         main(fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "1", "--data.val_fraction", "0.5",
                       "--quality.every_n_epochs", "1"))
-    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "checkpoints" / "run" / "last.ckpt").exists()
     assert len(scalars(tmp_path / "run" / "logs", "val/loss")) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from conftest import child_env, fit_args, scalar_steps, scalars
 from ddpm_lightning.checkpointing import AtomicCheckpointIO
@@ -20,21 +22,21 @@ def last_step(folder: Path) -> int:
     return torch.load(folder / "last.ckpt", weights_only=False, map_location="cpu")["global_step"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_signal_saves_last_checkpoint_exits_cleanly_and_resume_finishes(image_folder, tmp_path, signum):
-    out, ckpts = tmp_path / "run", tmp_path / "checkpoints"
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 0), (signal.SIGUSR1, 0), (signal.SIGINT, 130)])
+def test_signal_saves_last_checkpoint_exits_cleanly_and_resume_finishes(image_folder, tmp_path, signum, status):
+    out, ckpts = tmp_path / "run", tmp_path / "checkpoints" / "run"
     args = fit_args(image_folder, out, "--trainer.max_steps", "90", "--trainer.max_epochs", "-1",
                     "--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000")
-    proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning", *args], cwd=tmp_path, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning", *args, "--checkpoint.every_n_train_steps", "3"],
+                            cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while not (ckpts / "last.ckpt").exists():  # the first epoch's checkpoint: training is under way
+    while not (ckpts / "last.ckpt").exists():  # the first checkpoint: training is under way
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.2)
-    time.sleep(0.5)  # into a later epoch
+    time.sleep(0.5)  # a few steps later
     proc.send_signal(signum)
     log = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, log[-3000:]
+    assert proc.returncode == status, log[-3000:]
     stopped_at = last_step(ckpts)
     assert 3 < stopped_at < 90 and f"Stopped by a signal at step {stopped_at}" in log
     assert not list(ckpts.glob(".*partial*"))
@@ -45,6 +47,34 @@ def test_signal_saves_last_checkpoint_exits_cleanly_and_resume_finishes(image_fo
     assert sorted(set(steps)) == list(range(90))  # no step lost; the one in flight at the signal may log twice
 
 
+class SlowSteps(Callback):
+    """A second per step, asleep: a signal sent during a step arrives before its end."""
+
+    def on_train_batch_start(self, *args) -> None:
+        time.sleep(1.0)
+
+
+def test_second_ctrl_c_aborts_at_once(image_folder, tmp_path):
+    ckpts = tmp_path / "checkpoints" / "run"
+    args = fit_args(image_folder, tmp_path / "run", "--trainer.max_steps", "90", "--trainer.max_epochs", "-1",
+                    "--checkpoint.every_n_train_steps", "1", "--trainer.callbacks+=test_reliability.SlowSteps")
+    env = child_env()
+    env["PYTHONPATH"] = str(Path(__file__).parent) + os.pathsep + env["PYTHONPATH"]
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (ckpts / "last.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)  # within the same (1 s) step
+    proc.send_signal(signal.SIGINT)
+    log = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 1, log[-3000:]
+    assert "Ctrl-C: saving a checkpoint at the end of this step" in log
+    assert "Stopped by a signal" not in log  # it did not wait for the step's end to save
+
+
 def test_resume_last_without_checkpoint_fails_with_the_fix(image_folder, tmp_path):
     with pytest.raises(FileNotFoundError, match="no last.ckpt in .*Leave --ckpt_path out to start from scratch"):
         main(fit_args(image_folder, tmp_path / "run", "--ckpt_path", "last"))
@@ -53,7 +83,7 @@ def test_resume_last_without_checkpoint_fails_with_the_fix(image_folder, tmp_pat
 
 def test_corrupt_checkpoint_is_named(image_folder, tmp_path):
     main(fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "1"))
-    good = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    good = (tmp_path / "checkpoints" / "run" / "last.ckpt").read_bytes()
     bad = tmp_path / "truncated.ckpt"
     bad.write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match=f"{bad}.*truncated or corrupt"):
@@ -77,6 +107,39 @@ def test_interrupted_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+def test_background_writes_are_atomic_and_the_link_and_removal_wait_for_them(tmp_path, monkeypatch):
+    """The write runs in a thread on a copy taken at once; `last` moves to the new file, and the old file goes,
+    only after the new one is complete; a failed write is raised on the training thread."""
+    from ddpm_lightning.checkpointing import BackgroundCheckpointIO
+
+    io = BackgroundCheckpointIO()
+    old, new, last = tmp_path / "epoch=0-step=1.ckpt", tmp_path / "epoch=0-step=2.ckpt", tmp_path / "last.ckpt"
+    io.checkpoint_io.save_checkpoint({"global_step": 1}, old)
+    io.checkpoint_io.link(str(old), str(last))
+    release = __import__("threading").Event()
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: (release.wait(30), real_save(obj, f)))
+    weights = torch.ones(3)
+    io.save_checkpoint({"global_step": 2, "w": weights}, new)
+    io.link(str(new), str(last))
+    io.remove_checkpoint(old)
+    weights.zero_()  # training goes on and changes the weights: the checkpoint holds the values at the save
+    time.sleep(0.2)
+    assert not new.exists() and old.exists() and os.readlink(last) == old.name  # nothing moved before the write
+    release.set()
+    io.teardown()  # what fit does at its end: wait for the queue
+    assert os.readlink(last) == new.name and not old.exists()
+    saved = torch.load(last, weights_only=False)
+    assert saved["global_step"] == 2 and torch.equal(saved["w"], torch.ones(3))
+    assert not list(tmp_path.glob(".*partial*"))
+
+    monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError("disk full")))
+    io.save_checkpoint({"global_step": 3}, tmp_path / "epoch=0-step=3.ckpt")
+    with pytest.raises(OSError, match="disk full"):
+        io.teardown()
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+
+
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, weights_only=False, map_location="cpu")["state_dict"]
 
@@ -88,15 +151,16 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(image_folder, tmp_
               "--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
     if cache == "none":
         common += ["--data.num_workers", "2"]  # worker processes, their seeds and prefetching too
-    main(fit_args(image_folder, tmp_path / "straight", *common, "--checkpoint.dirpath", "straight_ckpt"))
+    main(fit_args(image_folder, tmp_path / "straight", *common))
 
-    resumed = fit_args(image_folder, tmp_path / "resumed", *common, "--checkpoint.dirpath", "resumed_ckpt")
+    resumed = fit_args(image_folder, tmp_path / "resumed", *common)
     with pytest.raises(SystemExit):
         main([*resumed, "--trainer.callbacks+=conftest.StopAtStep", "--trainer.callbacks.step", "4"])
-    assert last_step(tmp_path / "resumed_ckpt") == 4
+    assert last_step(tmp_path / "checkpoints" / "resumed") == 4
     main([*resumed, "--ckpt_path", "last"])
 
-    a, b = weights(tmp_path / "straight_ckpt" / "last.ckpt"), weights(tmp_path / "resumed_ckpt" / "last.ckpt")
+    a = weights(tmp_path / "checkpoints" / "straight" / "last.ckpt")
+    b = weights(tmp_path / "checkpoints" / "resumed" / "last.ckpt")
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -123,7 +187,7 @@ def test_unwritable_output_dir_fails_before_training(image_folder, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(RuntimeError, match="Cannot start training: .*a_file"):
         main(fit_args(image_folder, blocker / "run"))
-    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert not (tmp_path / "checkpoints" / "run" / "last.ckpt").exists()
 
 
 def test_grid_that_eval_batch_cannot_fill_is_refused(image_folder, tmp_path):

@@ -1,0 +1,151 @@
+"""Resuming exactly from every checkpoint the product writes, and runs that cannot take each other's place."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import fit_args, scalar_steps, scalars, write_image
+from ddpm_lightning.cli import main
+
+NO_SAVES = ["--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
+
+
+@pytest.fixture
+def twelve(tmp_path) -> Path:
+    """12 images: 3 steps an epoch at batch 4."""
+    for i in range(12):
+        write_image(tmp_path / "twelve" / f"{i}.png", seed=i)
+    return tmp_path / "twelve"
+
+
+def state(ckpt: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    checkpoint = torch.load(ckpt, weights_only=False, map_location="cpu")
+    return checkpoint["global_step"], checkpoint["state_dict"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The run that never crashes: 12 images, 3 steps an epoch, 2 epochs (its checkpoint cadence is irrelevant)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    for i in range(12):
+        write_image(tmp / "twelve" / f"{i}.png", seed=i)
+    with pytest.MonkeyPatch.context() as env:
+        env.chdir(tmp)
+        env.setenv("HF_HUB_OFFLINE", "1")
+        main(fit_args(tmp / "twelve", tmp / "straight", *NO_SAVES, "--trainer.max_epochs", "2"))
+    step, weights = state(tmp / "checkpoints" / "straight" / "last.ckpt")
+    assert step == 6
+    return weights
+
+
+@pytest.mark.parametrize("cadence, crash_at, saved_at", [
+    (["--checkpoint.every_n_epochs", "1"], 4, 3),  # the checkpoint an epoch's end leaves (the issue's crash case)
+    (["--checkpoint.every_n_train_steps", "3"], 5, 3),  # a step cadence landing on an epoch's last step
+    (["--checkpoint.every_n_train_steps", "2"], 3, 2),  # a step cadence in the middle of an epoch
+])
+def test_resume_after_a_crash_equals_the_straight_run(straight_run, twelve, tmp_path, cadence, crash_at, saved_at):
+    """A crash (an exception at step `crash_at`) leaves the cadence's last checkpoint; `--ckpt_path last` from it
+    ends with the very weights of the run that never crashed (max_epochs runs, as the configs are)."""
+    crashing = fit_args(twelve, tmp_path / "crashed", *NO_SAVES, "--trainer.max_epochs", "2", *cadence)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        main([*crashing, "--trainer.callbacks+=conftest.CrashAtStep", "--trainer.callbacks.rank", "0",
+              "--trainer.callbacks.step", str(crash_at)])
+    assert state(tmp_path / "checkpoints" / "crashed" / "last.ckpt")[0] == saved_at
+    main([*crashing, "--ckpt_path", "last"])
+    step, weights = state(tmp_path / "checkpoints" / "crashed" / "last.ckpt")
+    assert step == 6
+    assert_same_weights(straight_run, weights)
+
+
+def test_run_ended_then_extended_equals_the_longer_run_while_the_lr_is_the_same(twelve, tmp_path):
+    """The issue's run B: `max_epochs 1`, then resumed with `max_epochs 2`. With a warm-up longer than the run the
+    LR does not depend on the schedule's length, so the weights must match the straight 2-epoch run exactly."""
+    common = [*NO_SAVES, "--model.lr_warmup_steps", "100"]
+    main(fit_args(twelve, tmp_path / "straight", *common, "--trainer.max_epochs", "2"))
+    main(fit_args(twelve, tmp_path / "extended", *common, "--trainer.max_epochs", "1"))
+    main(fit_args(twelve, tmp_path / "extended", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    step_a, a = state(tmp_path / "checkpoints" / "straight" / "last.ckpt")
+    step_b, b = state(tmp_path / "checkpoints" / "extended" / "last.ckpt")
+    assert step_a == step_b == 6
+    assert_same_weights(a, b)
+
+
+def test_raising_max_epochs_on_resume_stretches_the_schedule_and_the_lr_jumps(twelve, tmp_path):
+    """README, "Resuming": the cosine's length becomes the new run's, so at the resumed step the LR jumps up."""
+    common = [*NO_SAVES, "--model.lr_warmup_steps", "1", "--model.learning_rate", "0.002"]
+    main(fit_args(twelve, tmp_path / "run", *common, "--trainer.max_epochs", "1"))
+    main(fit_args(twelve, tmp_path / "run", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    lr = scalars(tmp_path / "run" / "logs", "train/lr")
+    cosine = lambda k, total: 0.002 * 0.5 * (1 + math.cos(math.pi * (k - 1) / (total - 1)))  # noqa: E731
+    assert lr[2] == pytest.approx(cosine(2, 3), rel=1e-5)  # the first run's schedule: 3 steps
+    assert lr[3] == pytest.approx(cosine(3, 3), abs=1e-9)  # the first resumed step: the rate the old one reached
+    assert lr[4] == pytest.approx(cosine(4, 6), rel=1e-5)  # then the resumed run's, stretched to 6 steps
+    assert lr[5] == pytest.approx(cosine(5, 6), rel=1e-5)
+    assert lr[4] > lr[3]  # the jump
+
+
+def test_each_run_has_its_own_last_checkpoint(twelve, tmp_path):
+    """The issue's three runs in one folder: the third resumes run 1 (its own output_dir), not run 2."""
+    main(fit_args(twelve, tmp_path / "out", *NO_SAVES, "--trainer.max_epochs", "2"))
+    main(fit_args(twelve, tmp_path / "out2", *NO_SAVES, "--trainer.max_epochs", "1", "--model.learning_rate", "5e-4"))
+    assert (tmp_path / "checkpoints" / "out" / "last.ckpt").is_file()
+    assert (tmp_path / "checkpoints" / "out2" / "last.ckpt").is_file()
+    main(fit_args(twelve, tmp_path / "out", *NO_SAVES, "--trainer.max_epochs", "3", "--ckpt_path", "last"))
+    # Run 1 stopped at step 6: the resumed run logs steps 6-8 after them, none twice (run 2's would restart at 3).
+    assert scalar_steps(tmp_path / "out" / "logs", "train/loss") == list(range(9))
+    assert state(tmp_path / "checkpoints" / "out" / "last.ckpt")[0] == 9
+    assert state(tmp_path / "checkpoints" / "out2" / "last.ckpt")[0] == 3
+
+
+def test_default_checkpointing_is_one_file_linked_as_last(twelve, tmp_path):
+    """No cadence reached in a short run: one checkpoint, at the end, and last.ckpt a link to it."""
+    main(fit_args(twelve, tmp_path / "run", *NO_SAVES, "--trainer.max_epochs", "2"))
+    folder = tmp_path / "checkpoints" / "run"
+    files = sorted(p.name for p in folder.iterdir())
+    assert len(files) == 2 and files[1] == "last.ckpt" and files[0].startswith("epoch="), files
+    assert os.readlink(folder / "last.ckpt") == files[0]
+    assert state(folder / "last.ckpt")[0] == 6
+
+
+def test_step_cadence_keeps_one_file_and_moves_the_link(twelve, tmp_path):
+    main(fit_args(twelve, tmp_path / "run", *NO_SAVES, "--trainer.max_epochs", "2",
+                  "--checkpoint.every_n_train_steps", "2"))
+    folder = tmp_path / "checkpoints" / "run"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=1-step=6.ckpt", "last.ckpt"]  # one file kept
+    assert os.readlink(folder / "last.ckpt") == "epoch=1-step=6.ckpt"
+    main(fit_args(twelve, tmp_path / "all", *NO_SAVES, "--trainer.max_epochs", "2",
+                  "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "-1"))
+    kept = sorted(p.name for p in (tmp_path / "checkpoints" / "all").glob("epoch*.ckpt"))
+    assert kept == ["epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt", "epoch=1-step=6.ckpt"]
+
+
+def test_fresh_run_into_a_used_output_dir_is_refused_and_overwrite_starts_it_again(twelve, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    main(fit_args(twelve, out, *NO_SAVES, "--trainer.max_epochs", "1"))
+    with pytest.raises(FileExistsError, match=r"already holds a run .*--output_dir.*--overwrite true"):
+        main(fit_args(twelve, out, *NO_SAVES, "--trainer.max_epochs", "1"))
+    main(fit_args(twelve, out, *NO_SAVES, "--trainer.max_epochs", "1", "--overwrite", "true"))
+    assert scalar_steps(out / "logs", "train/loss") == [0, 1, 2]  # one run's curve, not two merged
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_fresh_run_never_replaces_the_users_readme(twelve, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    with pytest.raises(FileExistsError, match="README.md"):
+        main(fit_args(twelve, out, "--trainer.max_epochs", "1"))
+    assert (out / "README.md").read_text() == "my notes"
