@@ -24,6 +24,7 @@ from .callbacks import SampleGrid, SampleQualityMetrics, SaveModel
 from .checkpointing import AtomicCheckpointIO, PreemptionCheckpoint, check_ckpt_path
 from .data import ImageDataModule
 from .module import DDPMModule
+from .monitor import ImagesThroughput, RunReport
 
 
 class DDPMLightningCLI(LightningCLI):
@@ -31,11 +32,14 @@ class DDPMLightningCLI(LightningCLI):
         parser.add_argument(
             "--output_dir", default="ddpm-butterflies-128", help="Where grids, the saved model and the logs go."
         )
+        parser.add_lightning_class_args(RunReport, "report")  # first: its clock brackets the grid and save hooks
+        parser.add_lightning_class_args(ImagesThroughput, "throughput")
         parser.add_lightning_class_args(SampleGrid, "grid")
         parser.add_lightning_class_args(SaveModel, "save")
         parser.add_lightning_class_args(SampleQualityMetrics, "quality")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.dirpath": "checkpoints", "checkpoint.save_last": True})
+        parser.link_arguments("output_dir", "report.output_dir")
         parser.link_arguments("output_dir", "grid.output_dir")
         parser.link_arguments("output_dir", "save.output_dir")
         parser.link_arguments("data.image_size", "model.image_size")  # one value: the UNet's sample_size

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -287,7 +288,7 @@ def progress_bar(trainer, description: str, total: int, unit: str) -> Tqdm | Non
     progress bars (None, silent, otherwise). The caller updates and closes it."""
     if trainer is None or trainer.progress_bar_callback is None or not trainer.is_global_zero:
         return None
-    return Tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, leave=False)
+    return Tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, leave=False, file=sys.stdout)
 
 
 class ImageDataModule(LightningDataModule):

@@ -101,3 +101,16 @@ def test_cached_batch_is_one_indexing_op(photos, tmp_path, monkeypatch):
     seen = fit_and_keep(photos, tmp_path, "--trainer.max_epochs", "1", "--data.crop", "random", "--data.cache", "memory")
     assert len(seen) == len(photos)
     assert [len(c) for c in calls[1:]] == [4, 4]  # calls[0] is data.png's first 16 (here all 8)
+
+
+def test_random_crops_resume_exactly(photos, tmp_path):
+    """A run stopped mid-epoch and resumed gets the same crops and flips (device RNG restored) as one that was not."""
+    common = ["--trainer.max_steps", "5", "--trainer.max_epochs", "-1", "--data.crop", "random", "--data.random_flip", "true"]
+    straight = fit_and_keep(photos, tmp_path / "a", *common, "--checkpoint.dirpath", str(tmp_path / "a_ckpt"))
+    with pytest.raises(SystemExit):
+        fit_and_keep(photos, tmp_path / "b", *common, "--checkpoint.dirpath", str(tmp_path / "b_ckpt"),
+                     "--trainer.callbacks+=conftest.StopAtStep", "--trainer.callbacks.step", "3")
+    first = list(SEEN)
+    resumed = fit_and_keep(photos, tmp_path / "b", *common, "--checkpoint.dirpath", str(tmp_path / "b_ckpt"), "--ckpt_path", "last")
+    assert len(straight) == 20 and len(first) == 12 and len(resumed) == 8  # 2 batches of 4 an epoch
+    assert all(torch.equal(x, y) for x, y in zip(straight, first + resumed))
