@@ -23,10 +23,10 @@ import datasets
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import transforms
 from torchvision.transforms.functional import pil_to_tensor
@@ -250,28 +250,23 @@ class CachedImages(Dataset):
     def __init__(self, pixels: torch.Tensor | Strips):
         self.pixels = pixels
 
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.pixels.pixels if isinstance(self.pixels, Strips) else self.pixels
+
     def __len__(self) -> int:
-        return len(self.pixels[0] if isinstance(self.pixels, Strips) else self.pixels)
+        return len(self.tensor)
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor | Strips:
-        pixels = self.pixels
-        index = torch.as_tensor(indices, device=(pixels.pixels if isinstance(pixels, Strips) else pixels).device)
-        if isinstance(pixels, Strips):
-            return Strips(*(part[index] for part in pixels))
-        return pixels[index]
+        index = torch.as_tensor(indices, device=self.tensor.device)
+        return Strips(*(part[index] for part in self.pixels)) if isinstance(self.pixels, Strips) else self.pixels[index]
 
     def __getitem__(self, i: int) -> torch.Tensor | Strips:
-        if isinstance(self.pixels, Strips):
-            return Strips(*(part[i] for part in self.pixels))
-        return self.pixels[i]
+        return Strips(*(part[i] for part in self.pixels)) if isinstance(self.pixels, Strips) else self.pixels[i]
 
     def to(self, device: torch.device) -> CachedImages:
-        self.pixels = type(self.pixels)(*(p.to(device) for p in self.pixels)) if isinstance(self.pixels, Strips) else self.pixels.to(device)
+        self.pixels = Strips(*(p.to(device) for p in self.pixels)) if isinstance(self.pixels, Strips) else self.pixels.to(device)
         return self
-
-    @property
-    def is_cuda(self) -> bool:
-        return (self.pixels.pixels if isinstance(self.pixels, Strips) else self.pixels).is_cuda
 
 
 def augment(batch: torch.Tensor, flip: bool = True) -> torch.Tensor:
@@ -412,7 +407,7 @@ class ImageDataModule(LightningDataModule):
             sampler=EpochSampler(self.train_set, self.trainer, seed),
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available() and not (cached and self.train_set.is_cuda),
+            pin_memory=torch.cuda.is_available() and not (cached and self.train_set.tensor.is_cuda),
             generator=torch.Generator().manual_seed(seed),
             # Cached: one indexing op per batch (CachedImages.__getitems__). Streamed random crops: strips.
             collate_fn=as_batch if cached else Strips.collate if self.hparams.crop == "random" else None,
