@@ -120,7 +120,7 @@ class RunReport(Callback):
     """data.png at the start of a new run (not on resume), a summary at the end; both on rank 0.
 
     The summary's wall time runs from this callback's creation (before the data is loaded) and splits into
-    start-up (data, model, sanity check and the first step, which includes any compile), training,
+    start-up (data, sanity check and the first step, which includes any compile), training,
     validation, and epoch ends (grids, model saves, checkpoints). It is registered before the grid and save
     callbacks so that its epoch-end hook starts that clock before they run.
     """
@@ -207,7 +207,7 @@ class RunReport(Callback):
         lines = [
             f"Run summary ({out / 'run_summary.json'})",
             f"  {self.images} images seen in {self.steps} batches this run; {trainer.global_step} optimizer steps in all",
-            f"  wall time {wall['total']:.1f} s: start-up {wall['start-up']:.1f} s (data, model, first step), training "
+            f"  wall time {wall['total']:.1f} s: start-up {wall['start-up']:.1f} s (data, sanity check, first step), training "
             f"{wall['training']:.1f} s, validation {wall['validation']:.1f} s, epoch ends {wall['epoch ends']:.1f} s "
             "(grids, saves, checkpoints)",
             f"  mean {summary['mean_images_per_sec']} images/s while training; final train/loss {summary['final_train_loss']}"
