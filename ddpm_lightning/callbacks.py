@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torchvision.utils import save_image
 
+from .data import progress_bar
 from .hub import HubUploader
 from .metrics import InceptionWeightsUnavailable, SampleQuality
 from .module import Sampler
@@ -40,7 +41,7 @@ def is_due(trainer: Trainer, every_n_epochs: int) -> bool:
 
 
 def sample_share(
-    trainer: Trainer, pl_module, n: int, sampler: Sampler, steps: int, seed: int, autocast: bool = True
+    trainer: Trainer, pl_module, n: int, sampler: Sampler, steps: int, seed: int, autocast: bool = True, on_step=None
 ) -> torch.Tensor:
     """This rank's share of n images (ceil(n / world size)), drawn with the EMA weights when EMA is on, under
     the training precision's autocast when `autocast` (as the tutorial's pipeline ran under Accelerate's).
@@ -54,7 +55,7 @@ def sample_share(
         generator = torch.Generator(device="cpu").manual_seed(seed + 1_000_003 * trainer.global_rank)
         precision = trainer.precision_plugin.forward_context() if autocast else contextlib.nullcontext()
         with pl_module.ema_weights(), precision:
-            return pl_module.sample(share, pl_module.make_scheduler(sampler), steps, generator).float()
+            return pl_module.sample(share, pl_module.make_scheduler(sampler), steps, generator, on_step).float()
 
 
 def grid_shape(n: int, rows: int | None = None) -> tuple[int, int]:
@@ -113,9 +114,11 @@ class SampleGrid(Callback):
     def write_grid(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
         """Every rank samples its share of the grid and rank 0 writes it: no rank waits on the others' sampling
         (a grid drawn by rank 0 alone could outlast the collective timeout of the ranks waiting for it)."""
-        images = sample_share(
-            trainer, pl_module, self.eval_batch_size, self.sampler, self.num_inference_steps, self.seed, self.autocast
-        )
+        bar = progress_bar(trainer, f"Grid of {self.eval_batch_size} ({self.sampler})", self.num_inference_steps, "step")
+        images = sample_share(trainer, pl_module, self.eval_batch_size, self.sampler, self.num_inference_steps,
+                              self.seed, self.autocast, None if bar is None else bar.update)
+        if bar is not None:
+            bar.close()
         images = trainer.strategy.all_gather(images)  # collective on every rank; (world, share, C, H, W) with DDP
         images = images.flatten(0, 1)[: self.eval_batch_size] if images.dim() == 5 else images
         if not trainer.is_global_zero:

@@ -170,7 +170,8 @@ def write_run_card(trainer, pl_module, output_dir: str | Path, repo_id: str | No
     try:
         datamodule = getattr(trainer, "datamodule", None)
         dataset = (getattr(datamodule, "hparams", None) or {}).get("dataset")
-        grids = [p for p in (Path(output_dir) / "samples").glob("*.png") if p.is_file()]
+        # the epoch grids ({epoch:04d}.png), not data.png (the training images)
+        grids = [p for p in (Path(output_dir) / "samples").glob("[0-9]*.png") if p.is_file()]
         grid = max(grids, key=lambda p: (p.stat().st_mtime_ns, p.name)) if grids else None
         return write_model_card(
             output_dir,

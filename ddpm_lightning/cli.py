@@ -32,6 +32,7 @@ from .callbacks import SampleGrid, SampleQualityMetrics, SaveModel
 from .checkpointing import BackgroundCheckpointIO, PeriodicCheckpoint, PreemptionCheckpoint, check_ckpt_path
 from .data import ImageDataModule
 from .module import DDPMModule
+from .monitor import ImagesThroughput, RunReport
 from .precision import FusedClipMixedPrecision
 
 
@@ -40,6 +41,8 @@ class DDPMLightningCLI(LightningCLI):
         parser.add_argument(
             "--output_dir", default="ddpm-butterflies-128", help="Where grids, the saved model and the logs go."
         )
+        parser.add_lightning_class_args(RunReport, "report")  # first: its clock brackets the grid and save hooks
+        parser.add_lightning_class_args(ImagesThroughput, "throughput")
         parser.add_lightning_class_args(SampleGrid, "grid")
         parser.add_lightning_class_args(SaveModel, "save")
         parser.add_lightning_class_args(SampleQualityMetrics, "quality")
@@ -49,6 +52,7 @@ class DDPMLightningCLI(LightningCLI):
                  "deleted first; the model files and README.md are rewritten at the first save.")
         parser.add_lightning_class_args(PeriodicCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.dirpath": None})  # None: checkpoints/<output_dir's name>, this run's own
+        parser.link_arguments("output_dir", "report.output_dir")
         parser.link_arguments("output_dir", "grid.output_dir")
         parser.link_arguments("output_dir", "save.output_dir")
         parser.link_arguments("data.image_size", "model.image_size")  # one value: the UNet's sample_size

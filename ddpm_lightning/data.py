@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import datasets
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -32,6 +34,9 @@ from torchvision.transforms.functional import pil_to_tensor
 # Files PIL can open, by extension (lower case). Everything else under an image folder is ignored.
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 HUB_DATA_EXTENSIONS = (".parquet", ".arrow", ".csv", ".json", ".jsonl")
+Crop = Literal["squash", "center", "random"]
+# crop: random keeps at most this long a side (times image_size), so a panorama cannot blow up the cache.
+MAX_ASPECT = 2.0
 
 
 def default_num_workers() -> int:
@@ -151,18 +156,38 @@ def open_image(source) -> Image.Image:
 
 
 class ResizedImages(Dataset):
-    """Item i of an image column, decoded, made RGB and resized to a square: a uint8 tensor (3, size, size).
+    """Item i of an image column, decoded, made RGB and resized (`crop`): a uint8 tensor.
 
-    The random flip and the scaling to [-1, 1] happen per batch on the device (`augment`), so the same
-    resized pixels can be decoded once and cached.
+    squash: the tutorial's Resize((size, size)), (3, size, size). center: torchvision's Resize(size) (the
+    short side) then CenterCrop(size), (3, size, size). random: Resize(size) only, with the long side
+    center-cropped to at most MAX_ASPECT * size, (3, size, long) or (3, long, size); `random_crop` cuts the
+    square per batch. The random flip and the scaling to [-1, 1] also happen per batch on the device
+    (`augment`), so the same resized pixels can be decoded once and cached.
     """
 
-    def __init__(self, ds: datasets.Dataset, column: str, image_size: int):
+    def __init__(self, ds: datasets.Dataset, column: str, image_size: int, crop: Crop = "squash"):
         # Undecoded rows ({"path", "bytes"}) so an error can name the file.
         self.rows = ds.select_columns([column]).cast_column(column, datasets.Image(decode=False))
         self.column = column
-        self.resize = transforms.Resize((image_size, image_size))  # the tutorial's Resize, on the PIL image
         self.image_size = image_size
+        self.crop = crop
+        if crop == "squash":
+            self.resize = transforms.Resize((image_size, image_size))  # the tutorial's Resize, on the PIL image
+        else:
+            self.resize = transforms.Resize(image_size)  # short side to image_size, aspect kept
+        self.center = transforms.CenterCrop(image_size)
+
+    def transform(self, image: Image.Image) -> torch.Tensor:
+        """The decoded RGB image, resized and (for center/random) cropped, as torchvision's transforms do."""
+        image = self.resize(image)
+        if self.crop == "center":
+            image = self.center(image)
+        elif self.crop == "random":
+            bound = int(MAX_ASPECT * self.image_size)
+            if max(image.size) > bound:  # very wide or tall: keep the middle (the crop choice stays bounded)
+                w, h = image.size
+                image = transforms.functional.center_crop(image, [min(h, bound), min(w, bound)])
+        return pil_to_tensor(image)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -175,7 +200,7 @@ class ResizedImages(Dataset):
         except Exception as err:  # noqa: BLE001 - re-raised with the file's name
             name = row["path"] or f"row {i}"
             raise ValueError(f"Could not read image {name} ({type(err).__name__}: {err}): remove or fix it.") from err
-        return pil_to_tensor(self.resize(_to_rgb(image))), min(image.size) < self.image_size
+        return self.transform(_to_rgb(image)), min(image.size) < self.image_size
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.load(i)[0]
@@ -220,22 +245,85 @@ class Indexed(Dataset):
         return i, self.images[i]
 
 
+class Strips(NamedTuple):
+    """Images resized to a short side of `size` for `crop: random`, held landscape so they stack: portrait
+    ones transposed, all zero-padded on the right to the longest. `random_crop` cuts a square from each."""
+
+    pixels: torch.Tensor  # (N, 3, size, longest) uint8
+    lengths: torch.Tensor  # (N,) each image's long side
+    portrait: torch.Tensor  # (N,) bool: stored transposed
+
+    @staticmethod
+    def collate(images: list[torch.Tensor]) -> Strips:
+        portrait = torch.tensor([im.shape[1] > im.shape[2] for im in images])
+        images = [im.transpose(1, 2) if p else im for im, p in zip(images, portrait)]
+        lengths = torch.tensor([im.shape[2] for im in images])
+        pixels = torch.zeros(len(images), images[0].shape[0], images[0].shape[1], int(lengths.max()), dtype=torch.uint8)
+        for canvas, im in zip(pixels, images):
+            canvas[:, :, : im.shape[2]] = im
+        return Strips(pixels, lengths, portrait)
+
+
+def random_crop(strips: Strips, generator: torch.Generator | None = None) -> torch.Tensor:
+    """torchvision's RandomCrop(size) of every image in a batch of strips, in one gather on their device: a
+    uniform offset along each image's long side."""
+    pixels, lengths, portrait = strips
+    n, channels, size, _ = pixels.shape
+    draw = torch.rand(n, generator=generator, device=pixels.device if generator is None else generator.device)
+    offsets = (draw.to(pixels.device) * (lengths - size + 1)).long().clamp_max(lengths - size)
+    columns = offsets[:, None] + torch.arange(size, device=pixels.device)
+    crops = pixels.gather(3, columns[:, None, None, :].expand(n, channels, size, size))
+    return torch.where(portrait[:, None, None, None], crops.transpose(2, 3), crops)
+
+
+def as_batch(batch):
+    """collate_fn for CachedImages: its __getitems__ already returns the whole batch."""
+    return batch
+
+
 class CachedImages(Dataset):
-    def __init__(self, pixels: torch.Tensor):
+    """Decoded pixels in one tensor (on the CPU or the training GPU): squares, or Strips for `crop: random`.
+
+    The loader hands `__getitems__` a batch of indices: a batch is one indexing op, on the pixels' device.
+    """
+
+    def __init__(self, pixels: torch.Tensor | Strips):
         self.pixels = pixels
 
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.pixels.pixels if isinstance(self.pixels, Strips) else self.pixels
+
     def __len__(self) -> int:
-        return len(self.pixels)
+        return len(self.tensor)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.pixels[i]
+    def __getitems__(self, indices: list[int]) -> torch.Tensor | Strips:
+        index = torch.as_tensor(indices, device=self.tensor.device)
+        return Strips(*(part[index] for part in self.pixels)) if isinstance(self.pixels, Strips) else self.pixels[index]
+
+    def __getitem__(self, i: int) -> torch.Tensor | Strips:
+        return Strips(*(part[i] for part in self.pixels)) if isinstance(self.pixels, Strips) else self.pixels[i]
+
+    def to(self, device: torch.device) -> CachedImages:
+        self.pixels = Strips(*(p.to(device) for p in self.pixels)) if isinstance(self.pixels, Strips) else self.pixels.to(device)
+        return self
 
 
-def augment(batch: torch.Tensor) -> torch.Tensor:
+def augment(batch: torch.Tensor, flip: bool = True) -> torch.Tensor:
     """The tutorial's RandomHorizontalFlip + ToTensor + Normalize([0.5], [0.5]) on a uint8 batch, on its device."""
     images = batch.float().div_(127.5).sub_(1.0)
+    if not flip:
+        return images
     flip = torch.rand(images.shape[0], device=images.device) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def progress_bar(trainer, description: str, total: int, unit: str) -> Tqdm | None:
+    """Lightning's tqdm bar for long work outside the training loop, on rank 0 while the Trainer shows
+    progress bars (None, silent, otherwise). The caller updates and closes it."""
+    if trainer is None or trainer.progress_bar_callback is None or not trainer.is_global_zero:
+        return None
+    return Tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, leave=False, file=sys.stdout)
 
 
 class ImageDataModule(LightningDataModule):
@@ -246,6 +334,12 @@ class ImageDataModule(LightningDataModule):
         split: the split to train on, for data sets that have splits.
         image_column: the column holding the images; found from the features when left out.
         image_size: side of the square training images; also the UNet's sample_size (linked by the CLI).
+        crop: how a photo becomes a square. squash: resize to image_size x image_size, distorting wide photos
+            (the tutorial's Resize). center: resize the short side to image_size and keep the middle square
+            (train_unconditional.py's --center_crop). random: resize the short side to image_size and take a
+            new random square each epoch (RandomCrop), cut on the device per batch; sides longer than
+            2 x image_size are first trimmed to their middle. Validation images are center-cropped then.
+        random_flip: flip half of each batch left-right (the tutorial's RandomHorizontalFlip).
         train_batch_size: images per batch on each device.
         num_workers: loader processes per device; one per available core, at most 8, by default.
         cache: decode and resize every image once and keep the uint8 pixels in memory ("auto": when they
@@ -264,6 +358,8 @@ class ImageDataModule(LightningDataModule):
         split: str = "train",
         image_column: str | None = None,
         image_size: int = 128,
+        crop: Crop = "squash",
+        random_flip: bool = True,
         train_batch_size: int = 16,
         num_workers: int | None = None,
         cache: Literal["auto", "memory", "none"] = "auto",
@@ -297,30 +393,36 @@ class ImageDataModule(LightningDataModule):
                 parts = ds.train_test_split(test_size=hp.val_fraction, seed=0, shuffle=True)
                 ds, val, val_column = parts["train"], parts["test"], column
                 rank_zero_info(f"Held out {len(val)} of them for validation (val_fraction={hp.val_fraction}).")
-            self.train_set = self.images(ds, column)
-            self.val_set = None if val is None else Indexed(self.images(val, val_column))
+            self.train_set = self.images(ds, column, hp.crop)
+            val_crop = "center" if hp.crop == "random" else hp.crop  # the same input every epoch
+            self.val_set = None if val is None else Indexed(self.images(val, val_column, val_crop))
             device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
             on_gpu = hp.cache_on_gpu if hp.cache_on_gpu is not None else device.type == "cuda"
             if on_gpu and isinstance(self.train_set, CachedImages):
-                self.train_set.pixels = self.train_set.pixels.to(device)
+                self.train_set.to(device)
 
-    def images(self, ds: datasets.Dataset, column: str) -> Dataset:
-        images = ResizedImages(ds, column, self.hparams.image_size)
-        cache_gb = len(ds) * 3 * self.hparams.image_size**2 / 1e9
+    def images(self, ds: datasets.Dataset, column: str, crop: Crop) -> Dataset:
+        images = ResizedImages(ds, column, self.hparams.image_size, crop)
+        cache_gb = len(ds) * 3 * self.hparams.image_size**2 * (MAX_ASPECT if crop == "random" else 1) / 1e9
         if self.hparams.cache == "memory" or (self.hparams.cache == "auto" and cache_gb <= self.hparams.cache_max_gb):
             return CachedImages(self.decode_all(images))
         return images
 
-    def decode_all(self, images: ResizedImages) -> torch.Tensor:
+    def decode_all(self, images: ResizedImages) -> torch.Tensor | Strips:
         """Decode and resize every image once, in `num_workers` processes; skip and count the unreadable ones."""
         pixels, smaller, failures = [], 0, []
+        bar = progress_bar(self.trainer, f"Caching {len(images)} images", len(images), "image")
         for batch in DataLoader(_TryItems(images), batch_size=32, num_workers=self.num_workers, collate_fn=list):
+            if bar is not None:
+                bar.update(len(batch))
             for tensor, small, error in batch:
                 if tensor is None:
                     failures.append(error)
                 else:
                     pixels.append(tensor)
                     smaller += small
+        if bar is not None:
+            bar.close()
         if failures:
             rank_zero_warn(
                 f"Skipped {len(failures)} of {len(images)} images that could not be read, e.g. "
@@ -331,7 +433,7 @@ class ImageDataModule(LightningDataModule):
         if smaller:
             rank_zero_info(f"{smaller} of {len(pixels)} images are smaller than {images.image_size} px and were upscaled.")
         rank_zero_info(f"Cached {len(pixels)} images of {images.image_size} px in memory.")
-        return torch.stack(pixels)
+        return Strips.collate(pixels) if images.crop == "random" else torch.stack(pixels)
 
     def train_dataloader(self) -> StatefulDataLoader:
         cached = isinstance(self.train_set, CachedImages)
@@ -346,8 +448,10 @@ class ImageDataModule(LightningDataModule):
             sampler=EpochSampler(self.train_set, self.trainer, seed),
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available() and not (cached and self.train_set.pixels.is_cuda),
+            pin_memory=torch.cuda.is_available() and not (cached and self.train_set.tensor.is_cuda),
             generator=torch.Generator().manual_seed(seed),
+            # Cached: one indexing op per batch (CachedImages.__getitems__). Streamed random crops: strips.
+            collate_fn=as_batch if cached else Strips.collate if self.hparams.crop == "random" else None,
         )
         if self.resume_state:  # see state_dict
             state, self.resume_state = self.resume_state, None
@@ -382,8 +486,24 @@ class ImageDataModule(LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.hparams.train_batch_size, num_workers=workers)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        # Training batches are uint8 images: flip and scale them here, on the device. Validation batches are
-        # (index, uint8 images): the module scales them itself, unflipped, with noise fixed per index.
+        # Training batches are uint8 images (or strips to crop): crop, flip and scale them here, on the device.
+        # Validation batches are (index, uint8 images): the module scales them itself, unflipped, with noise
+        # fixed per index.
+        if isinstance(batch, Strips):
+            batch = random_crop(batch)
         if isinstance(batch, torch.Tensor) and batch.dtype == torch.uint8:
-            return augment(batch)
+            return augment(batch, self.hparams.random_flip)
         return batch
+
+    def preview(self, n: int = 16) -> torch.Tensor:
+        """The first n training images as the model sees them, before the flip: uint8 (n, 3, size, size).
+        With `crop: random`, a random crop drawn with its own seeded generator (the training RNG is untouched)."""
+        first = range(min(n, len(self.train_set)))
+        if isinstance(self.train_set, CachedImages):
+            batch = self.train_set.__getitems__(list(first))
+        else:
+            images = [self.train_set[i] for i in first]
+            batch = Strips.collate(images) if self.hparams.crop == "random" else torch.stack(images)
+        if isinstance(batch, Strips):
+            batch = random_crop(Strips(*(part.cpu() for part in batch)), torch.Generator().manual_seed(0))
+        return batch.cpu()

@@ -332,16 +332,18 @@ class DDPMModule(LightningModule):
         scheduler=None,
         num_inference_steps: int = 1000,
         generator: torch.Generator | None = None,
+        on_step=None,
     ) -> torch.Tensor:
         """Turn `n` draws of Gaussian noise into images in [0, 1], shape (n, C, H, W), as DDPMPipeline does.
 
-        `scheduler` defaults to DDPM; `generator` makes the draw repeatable without touching the global RNG.
+        `scheduler` defaults to DDPM; `generator` makes the draw repeatable without touching the global RNG;
+        `on_step` is called after each denoising step (a progress bar).
         """
         was_training = self.unet.training
         self.unet.eval()
         try:
             return denoise(self.unet, scheduler or self.make_scheduler("ddpm"), num_inference_steps, generator, n,
-                           forward=self.sample_forward)
+                           on_step, forward=self.sample_forward)
         finally:
             self.unet.train(was_training)
 

@@ -124,7 +124,7 @@ def test_export_writes_a_loadable_folder_with_the_ema_weights_and_a_card(trained
 
 
 def test_export_with_samples_and_repo_id(trained, tmp_path):
-    grid = sorted((trained / "run" / "samples").glob("*.png"))[-1]
+    grid = sorted((trained / "run" / "samples").glob("[0-9]*.png"))[-1]
     out = tmp_path / "exported"
     main(["export", str(trained / "checkpoints" / "run" / "last.ckpt"), str(out), "--samples", str(grid), "--repo_id", "me/tiny"])
     assert (out / "samples.png").read_bytes() == grid.read_bytes()
@@ -136,7 +136,7 @@ def test_every_save_of_fit_writes_the_card_with_the_run_config_and_newest_grid(t
     out = trained / "run"
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "diffusers" and card.data.datasets is None  # a local folder
-    newest = sorted((out / "samples").glob("*.png"))[-1]
+    newest = sorted((out / "samples").glob("[0-9]*.png"))[-1]
     assert (out / "samples.png").read_bytes() == newest.read_bytes() and "](samples.png)" in card.text
     assert "Steps trained: 3" in card.text and "16 x 16 pixels" in card.text
     assert f'pipeline = DDPMPipeline.from_pretrained("{out}")' in card.text

@@ -1,0 +1,220 @@
+"""What a user sees while a run trains: the data it learns from, how fast it goes, and what it did.
+
+- `RunReport`: at the start of a new run, the first 16 training images as the model gets them (after the
+  resize/crop, before the flip) in `<output_dir>/samples/data.png` and TensorBoard's `data/images`; at the end,
+  one summary block in the log and `<output_dir>/run_summary.json`.
+- `ImagesThroughput`: Lightning's ThroughputMonitor (images/s, steps/s, MFU from a FLOP count of the UNet),
+  plus peak GPU memory, measured only on the Trainer's `log_every_n_steps` cadence: no host sync per step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+from lightning.fabric.utilities.throughput import Throughput, get_available_flops
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import RunningStage
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.utils import make_grid, save_image
+
+log = logging.getLogger(__name__)
+
+
+def training_flops_per_image(unet: UNet2DModel) -> int:
+    """FLOPs of one image's forward and backward pass, counted by torch.utils.flop_counter on a copy of the
+    UNet on the meta device (shapes only: instant, no memory). Attention is counted as the math backend's
+    matmuls, which is what the fused kernels compute too."""
+    with torch.device("meta"):
+        copy = UNet2DModel.from_config(unet.config)
+    size = copy.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    x = torch.zeros(1, copy.config.in_channels, height, width, device="meta")
+    t = torch.zeros(1, dtype=torch.long, device="meta")
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        copy(x, t, return_dict=False)[0].float().square().mean().backward()
+    return counter.get_total_flops()
+
+
+class ImagesThroughput(ThroughputMonitor):
+    """Logs train/images_per_sec, train/steps_per_sec (optimizer steps), train/mfu (against the device's bf16
+    peak, where Lightning knows it, or `peak_flops`) and train/peak_memory_gb (CUDA) to the loggers, and
+    images/s to the progress bar.
+
+    ThroughputMonitor waits for the GPU after every batch to time it; here batches are only counted (sizes
+    are known on the host) and the clock is read, after one wait, on log steps, over the last `window` of them.
+    """
+
+    def __init__(self, window: int = 2, peak_flops: float | None = None):
+        super().__init__(batch_size_fn=len, window_size=window)
+        self.peak_flops = peak_flops
+        self.flops_per_image: int | None = None
+        self.samples = self.batches = 0
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # MFU against the bf16 peak whatever the training precision (the figure people compare across runs).
+        peak = self.peak_flops or get_available_flops(trainer.strategy.root_device, torch.bfloat16)
+        self._throughputs[RunningStage.TRAINING] = Throughput(available_flops=peak, world_size=trainer.world_size, **self.kwargs)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            unet = getattr(pl_module, "unet", None)
+            self.flops_per_image = training_flops_per_image(unet) if isinstance(unet, UNet2DModel) else None
+            self.samples = self.batches = 0
+            self._t0s[RunningStage.TRAINING] = time.perf_counter()
+            self._throughputs[RunningStage.TRAINING].reset()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.samples += len(batch)  # a shape, known on the host
+        self.batches += 1
+        if trainer.fit_loop._should_accumulate() or not trainer._logger_connector.should_update_logs:
+            return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # once per log step: the clock then covers the work queued before it
+        throughput = self._throughputs[RunningStage.TRAINING]
+        done = throughput._samples[-1] if throughput._samples else 0
+        throughput.update(
+            time=time.perf_counter() - self._t0s[RunningStage.TRAINING],
+            batches=self.batches,
+            samples=self.samples,
+            flops=None if self.flops_per_image is None else self.flops_per_image * (self.samples - done),
+        )
+        computed = throughput.compute()
+        if "device/samples_per_sec" not in computed:
+            return  # the window is not full yet
+        world = trainer.world_size
+        metrics = {
+            "train/images_per_sec": computed["device/samples_per_sec"] * world,
+            "train/steps_per_sec": computed["device/batches_per_sec"] / trainer.accumulate_grad_batches,
+        }
+        if "device/mfu" in computed:
+            metrics["train/mfu"] = computed["device/mfu"]
+        if trainer.strategy.root_device.type == "cuda":
+            metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 1e9
+        trainer._logger_connector.log_metrics(metrics, step=trainer.global_step)
+        pl_module.log("img/s", round(metrics["train/images_per_sec"], 1), prog_bar=True, logger=False, rank_zero_only=True)
+
+    # Validation pauses the clock (as ThroughputMonitor does) and is not itself timed.
+    def on_validation_start(self, trainer: Trainer, *_) -> None:
+        self._paused_at = time.perf_counter()
+
+    def on_validation_batch_end(self, *_, **__) -> None:
+        pass
+
+    def on_validation_end(self, trainer: Trainer, *_) -> None:
+        if RunningStage.TRAINING in self._t0s:
+            self._t0s[RunningStage.TRAINING] += time.perf_counter() - self._paused_at
+
+
+class RunReport(Callback):
+    """data.png at the start of a new run (not on resume), a summary at the end; both on rank 0.
+
+    The summary's wall time runs from this callback's creation (before the data is loaded) and splits into
+    start-up (data, sanity check and the first step, which includes any compile), training,
+    validation, and epoch ends (grids, model saves, checkpoints). It is registered before the grid and save
+    callbacks so that its epoch-end hook starts that clock before they run.
+    """
+
+    def __init__(self, output_dir: str = "ddpm-butterflies-128", preview_images: int = 16):
+        self.output_dir = output_dir
+        self.preview_images = preview_images
+        self.created = time.perf_counter()
+        self.seconds = {"start-up": 0.0, "training": 0.0, "validation": 0.0, "epoch ends": 0.0}
+        self.images = self.steps = 0
+        self.mark: float | None = None
+        self.first_step_done = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero and trainer.ckpt_path is None and hasattr(trainer.datamodule, "preview"):
+            self.write_preview(trainer)
+
+    def write_preview(self, trainer: Trainer) -> Path:
+        images = trainer.datamodule.preview(self.preview_images)
+        from .callbacks import grid_shape  # (callbacks imports the module; this file stays light)
+
+        rows, cols = grid_shape(len(images))
+        grid = make_grid(images, nrow=cols, padding=0)
+        path = Path(self.output_dir) / "samples" / "data.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid.float() / 255, path)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("data/images", grid, global_step=trainer.global_step)
+        log.info(f"Saved the first {len(images)} training images, as the model gets them, to {path}")
+        return path
+
+    # The clock: each hook closes the interval since the previous one and names it.
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] += now - (self.mark if self.mark is not None else self.created)
+        self.mark = now
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        self.images += len(batch) * trainer.world_size  # a shape, known on the host: no wait for the GPU
+        self.steps += 1
+        self.lap("training" if self.first_step_done else "start-up")
+        self.first_step_done = True
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.lap("training" if self.first_step_done else "start-up")
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.lap("validation" if self.first_step_done and not trainer.sanity_checking else "start-up")
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.lap("training")
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.mark is not None and self.first_step_done:
+            self.lap("epoch ends")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.lap("epoch ends" if self.first_step_done else "start-up")
+        if trainer.is_global_zero:
+            self.write_summary(trainer)
+
+    def write_summary(self, trainer: Trainer) -> dict:
+        out = Path(self.output_dir)
+        metrics = trainer.callback_metrics
+        grids = sorted(p for p in (out / "samples").glob("[0-9]*.png"))
+        checkpoint = trainer.checkpoint_callback
+        training = self.seconds["training"]
+        summary = {
+            "images_seen": self.images,
+            "optimizer_steps": trainer.global_step,
+            "batches_this_run": self.steps,
+            "wall_seconds": {"total": round(sum(self.seconds.values()), 2), **{k: round(v, 2) for k, v in self.seconds.items()}},
+            "mean_images_per_sec": round(self.images / training, 2) if training > 0 else None,
+            "final_train_loss": float(metrics["train/loss"]) if "train/loss" in metrics else None,
+            "val_loss": float(metrics["val/loss"]) if "val/loss" in metrics else None,
+            "model": str(out) if (out / "model_index.json").exists() else None,
+            "last_grid": str(grids[-1]) if grids else None,
+            "logs": trainer.logger.log_dir if trainer.logger is not None else None,
+            "last_checkpoint": (checkpoint.last_model_path or checkpoint.best_model_path or None) if checkpoint else None,
+        }
+        (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        wall = summary["wall_seconds"]
+        lines = [
+            f"Run summary ({out / 'run_summary.json'})",
+            f"  {self.images} images seen in {self.steps} batches this run; {trainer.global_step} optimizer steps in all",
+            f"  wall time {wall['total']:.1f} s: start-up {wall['start-up']:.1f} s (data, sanity check, first step), training "
+            f"{wall['training']:.1f} s, validation {wall['validation']:.1f} s, epoch ends {wall['epoch ends']:.1f} s "
+            "(grids, saves, checkpoints)",
+            f"  mean {summary['mean_images_per_sec']} images/s while training; final train/loss {summary['final_train_loss']}"
+            + (f", val/loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""),
+        ]
+        lines += [f"  {name}: {summary[key]}" for name, key in
+                  (("model", "model"), ("last grid", "last_grid"), ("logs", "logs"), ("last checkpoint", "last_checkpoint"))
+                  if summary[key]]
+        log.info("\n".join(lines))
+        return summary
