@@ -161,3 +161,11 @@ class SaveEMAPerRank(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         torch.save(pl_module.ema.state_dict(), f"ema_rank{trainer.global_rank}.pt")
+
+
+def pytest_sessionstart(session):
+    """CI (.ci/run sets DDPM_REQUIRE_SHARED=1) fails at once when ../shared is missing, instead of reporting the
+    tests on the real photos as skipped among the passes."""
+    if os.environ.get("DDPM_REQUIRE_SHARED") == "1" and not HELICONIUS.is_dir():
+        pytest.exit(f"DDPM_REQUIRE_SHARED=1 but {HELICONIUS} is missing: the tests on the real photos would be "
+                    "skipped. Put the shared data beside the checkout (../shared).", returncode=1)
