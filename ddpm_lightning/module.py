@@ -323,7 +323,8 @@ class DDPMModule(LightningModule):
 
     def make_scheduler(self, sampler: Sampler = "ddpm"):
         """A fresh inference scheduler of the given kind with this model's noise schedule."""
-        return SAMPLERS[sampler].from_config(self.scheduler.config)
+        # The betas themselves: DDIM and DPM-Solver++ cannot build beta_schedule "sigmoid" from its name.
+        return SAMPLERS[sampler].from_config(self.scheduler.config, trained_betas=self.scheduler.betas.tolist())
 
     @torch.no_grad()
     def sample(

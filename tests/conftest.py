@@ -141,3 +141,31 @@ class TinyFeatures(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.conv(images.float())).mean(dim=(2, 3))
+
+
+class SignalAtBatch(Callback):
+    """Sends this process a real signal (SIGTERM by default) at the end of its `batch`-th training micro-batch
+    (counted from 1 over the run): `--trainer.callbacks+=conftest.SignalAtBatch --trainer.callbacks.batch 4`."""
+
+    def __init__(self, batch: int, signum: int = 15):
+        self.batch, self.signum, self.seen = batch, signum, 0
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self.seen += 1
+        if self.seen == self.batch:
+            os.kill(os.getpid(), self.signum)
+
+
+class SaveEMAPerRank(Callback):
+    """At the end of training, every rank saves its EMA state to ./ema_rank{rank}.pt (`--trainer.callbacks+=...`)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save(pl_module.ema.state_dict(), f"ema_rank{trainer.global_rank}.pt")
+
+
+def pytest_sessionstart(session):
+    """CI (.ci/run sets DDPM_REQUIRE_SHARED=1) fails at once when ../shared is missing, instead of reporting the
+    tests on the real photos as skipped among the passes."""
+    if os.environ.get("DDPM_REQUIRE_SHARED") == "1" and not HELICONIUS.is_dir():
+        pytest.exit(f"DDPM_REQUIRE_SHARED=1 but {HELICONIUS} is missing: the tests on the real photos would be "
+                    "skipped. Put the shared data beside the checkout (../shared).", returncode=1)

@@ -93,12 +93,24 @@ def test_all_1000_heliconius_photos_train():
 
 
 def test_converts_grayscale_rgba_and_palette_images(tmp_path):
-    write_image(tmp_path / "gray.png", mode="L")
-    write_image(tmp_path / "rgba.png", mode="RGBA")
-    Image.open(write_image(tmp_path / "rgb.png")).convert("P").save(tmp_path / "palette.png")
-    dm = setup_module_for(tmp_path)
-    assert len(dm.train_set) == 4
-    assert all(dm.train_set[i].shape == (3, 16, 16) for i in range(4))
+    """At 16 px (no resizing), the pixels themselves: grey v -> (v, v, v); RGBA -> its RGB (alpha dropped, as
+    PIL's convert does); palette index i -> palette colour i."""
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    rgba = rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    index = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    Image.fromarray(gray, "L").save(tmp_path / "a_gray.png")
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "b_rgba.png")
+    indexed = Image.fromarray(index, "L").convert("P")
+    indexed.putpalette(palette.flatten().tolist())
+    indexed.save(tmp_path / "c_palette.png")
+    dm = setup_module_for(tmp_path, cache="none")  # the files in name order
+    expected = [np.stack([gray] * 3, -1), rgba[..., :3], palette[index]]
+    assert len(dm.train_set) == 3
+    for i, want in enumerate(expected):
+        assert dm.train_set[i].shape == (3, 16, 16)
+        np.testing.assert_array_equal(dm.train_set[i].permute(1, 2, 0).numpy(), want, err_msg=str(i))
 
 
 def hub_layout_parquet(root, n=6):

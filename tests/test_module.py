@@ -127,3 +127,64 @@ def test_speed_switches_keep_checkpoint_keys_and_train_on_cpu(image_folder, tmp_
     keys = set(model.unet.state_dict())
     model.configure_model()
     assert set(model.unet.state_dict()) == keys  # compiled in place: the same keys in checkpoints and folders
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
+def test_sample_equals_ddpm_pipeline_on_the_same_unet_scheduler_and_noise(sampler):
+    """`sample` (and so `denoise`, the loop of the grids and of `ddpm-lightning sample`) is DDPMPipeline's loop."""
+    from diffusers import DDPMPipeline
+
+    torch.manual_seed(0)
+    model = tiny_module()
+    ours = model.sample(2, model.make_scheduler(sampler), 4, torch.Generator().manual_seed(7))
+    pipe = DDPMPipeline(unet=model.unet.eval(), scheduler=model.make_scheduler(sampler))  # eval, as `sample` runs it
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(7), num_inference_steps=4, output_type="pt").images
+    assert theirs.shape == ours.shape == (2, 3, 16, 16)
+    assert torch.equal(ours, theirs)
+    assert 0.02 < ours.std() and not torch.equal(ours[0], ours[1])  # real images, not a constant
+
+
+def test_speed_switches_take_effect_in_a_training_step():
+    """channels_last: the UNet's weights and the batch it gets are channels-last; gradient checkpointing: each
+    checkpointed ResNet block runs its forward again in the backward pass; compile: the compiled forward runs and
+    gives the plain UNet's output."""
+    torch.manual_seed(0)
+    plain, fast = tiny_module(), tiny_module(channels_last=True, gradient_checkpointing=True, stop_on_nan=False)
+    fast.load_state_dict(plain.state_dict())
+    for model in (plain, fast):
+        model.configure_model()
+    calls, formats = {"plain": 0, "fast": 0}, []
+    for name, model in (("plain", plain), ("fast", fast)):  # (forward hooks do not fire in the recomputation)
+        block = model.unet.down_blocks[0].resnets[0]
+        block.forward = lambda *a, _name=name, _forward=block.forward, **k: calls.__setitem__(_name, calls[_name] + 1) or _forward(*a, **k)
+    fast.unet.register_forward_pre_hook(lambda m, args: formats.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    batch = torch.rand(2, 3, 16, 16) * 2 - 1
+    fast.lr_schedulers = lambda: torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)]), lambda _: 1)
+    fast.log = lambda *a, **k: None
+    for model in (plain, fast):
+        torch.manual_seed(1)
+        loss = model.training_step(batch, 0) if model is fast else model.denoising_loss(batch)
+        loss.backward()
+    assert calls == {"plain": 1, "fast": 2}  # recomputed in the backward pass
+    assert formats == [True]  # the batch reached the UNet in channels-last
+    weight = fast.unet.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert all(torch.isfinite(p.grad).all() for p in fast.unet.parameters())
+
+
+def test_compiled_unet_runs_and_matches_the_plain_one():
+    torch.manual_seed(0)
+    plain, compiled = tiny_module(), tiny_module(compile=True)
+    compiled.load_state_dict(plain.state_dict())
+    compiled.configure_model()
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    noisy, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    with torch.no_grad():
+        expected = plain.unet(noisy, t).sample
+        got = compiled.unet(noisy, t).sample
+    assert counters["stats"]["unique_graphs"] >= 1  # torch.compile traced the UNet's forward
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -11,7 +13,8 @@ from test_module import TINY_UNET, tiny_module
 
 
 def test_ema_follows_the_warmup_formula_once_per_optimizer_step(image_folder, tmp_path, monkeypatch):
-    """decay_k = min(1 - (1 + k / inv_gamma) ** -power, max_decay), counted in optimizer steps (accumulation 2)."""
+    """decay_k = min(1 - (1 + k / inv_gamma) ** -power, max_decay), counted in optimizer steps (accumulation 2).
+    inv_gamma 2 and power 0.6 (not the defaults) and a cap that applies from k = 3 only: k = 1, 2 check the formula."""
     from ddpm_lightning.module import DDPMModule
 
     seen = []
@@ -25,15 +28,16 @@ def test_ema_follows_the_warmup_formula_once_per_optimizer_step(image_folder, tm
 
     monkeypatch.setattr(DDPMModule, "on_train_batch_end", record)
     main(fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "2", "--trainer.accumulate_grad_batches", "2",
-                  "--model.use_ema", "true", "--model.ema_inv_gamma", "1.0", "--model.ema_power", "0.75",
-                  "--model.ema_max_decay", "0.5"))
+                  "--model.use_ema", "true", "--model.ema_inv_gamma", "2.0", "--model.ema_power", "0.6",
+                  "--model.ema_max_decay", "0.4"))
     # 3 batches an epoch: optimizer steps after batches 1 and 2 (the epoch's end) of each epoch
     assert [s[0] for s in seen] == [0, 1, 2, 2, 3, 4]
     assert [s[1] for s in seen] == [s[0] for s in seen]  # one EMA update per optimizer step, none per micro-batch
+    decays = {}
     for step, ema_step, decay, before, weights, after in seen[1:]:
-        k = max(0, ema_step - 1)
-        expected = 0.0 if k == 0 else min(1 - (1 + k) ** -0.75, 0.5)
-        assert decay == pytest.approx(expected)
+        decays[max(0, ema_step - 1)] = decay
+    # by hand: 1 - 1.5 ** -0.6, 1 - 2 ** -0.6, then the cap (1 - 2.5 ** -0.6 = 0.423 > 0.4)
+    assert decays == pytest.approx({0: 0.0, 1: 0.21595, 2: 0.34025, 3: 0.4}, abs=1e-5)
     # the update itself: ema = decay * ema + (1 - decay) * weights, at an update with a non-zero decay
     step, ema_step, decay, before, weights, after = seen[4]
     for b, w, a in zip(before, weights, after):
@@ -68,11 +72,15 @@ def test_validation_loss_is_deterministic_and_monitorable(image_folder, tmp_path
     best = list((tmp_path / "checkpoints" / "run").glob("epoch=*.ckpt"))
     assert len(best) == 1  # chosen by val/loss
 
-    # the same weights give the same number, twice: fixed timesteps and fixed noise per image
+    # the same weights give the same number, twice, through the CLI (read back from each run's TensorBoard logs)
+    validated = []
     for run in ("a", "b"):
         main(["validate", "-c", str(out / "logs" / "config.yaml"), "--ckpt_path", str(best[0]),
-              "--output_dir", str(tmp_path / run), "--trainer.logger", "false"])
-    # validate prints its metrics; read them back from the callback metrics of a third run in-process
+              "--output_dir", str(tmp_path / run)])
+        validated.append(scalars(tmp_path / run / "logs", "val/loss"))
+    assert validated[0] == validated[1] and len(validated[0]) == 1
+    assert math.isfinite(next(iter(validated[0].values())))
+    # and in-process, under a different global RNG state
     from lightning.pytorch import Trainer
 
     from ddpm_lightning.data import ImageDataModule
@@ -85,6 +93,40 @@ def test_validation_loss_is_deterministic_and_monitorable(image_folder, tmp_path
     first = trainer.validate(model, dm, verbose=False)[0]["val/loss"]
     torch.manual_seed(2)  # a different global RNG state changes nothing
     assert trainer.validate(model, dm, verbose=False)[0]["val/loss"] == first
+
+
+class Predicts(torch.nn.Module):
+    """A stand-in UNet whose output is a fixed tensor, whatever its input (denoising_loss calls unet(...)[0])."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__()
+        self.output = output
+
+    def forward(self, noisy, timesteps, return_dict=False):
+        return (self.output,)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_each_prediction_type_is_scored_against_its_own_target(prediction_type):
+    """A UNet that outputs exactly the right target has loss 0; one that outputs another type's target does not.
+    The targets are written out by hand from alphas_cumprod; `sample` is weighted by SNR = a / (1 - a)."""
+    torch.manual_seed(0)
+    model = tiny_module(prediction_type=prediction_type)
+    clean = torch.rand(4, 3, 16, 16) * 2 - 1
+    noise, t = torch.randn_like(clean), torch.tensor([5, 200, 600, 950])
+    a = model.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    targets = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * clean, "sample": clean}
+    for kind, target in targets.items():
+        model.unet = Predicts(target)
+        loss = model.denoising_loss(clean, noise, t).item()
+        if kind == prediction_type:
+            assert loss == pytest.approx(0.0, abs=1e-10), kind
+        else:
+            assert loss > 0.01, kind
+    # an error of 0.1 everywhere: plain MSE 0.01, or 0.01 weighted by each image's SNR for `sample`
+    model.unet = Predicts(targets[prediction_type] + 0.1)
+    weight = a / (1 - a) if prediction_type == "sample" else torch.ones_like(a)
+    assert model.denoising_loss(clean, noise, t).item() == pytest.approx(0.01 * weight.mean().item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -106,13 +148,16 @@ def test_each_prediction_type_learns(prediction_type):
     assert torch.isfinite(generated).all()
 
 
-def test_fid_and_kid_through_validate_with_a_custom_extractor(image_folder, tmp_path, capsys):
+def test_fid_and_kid_through_validate_with_a_custom_extractor(image_folder, tmp_path):
     main(fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "1", "--data.val_fraction", "0.5"))
     main(["validate", "-c", str(tmp_path / "run" / "logs" / "config.yaml"), "--ckpt_path", "last",
           "--quality.feature", "conftest.TinyFeatures", "--quality.num_samples", "6",
-          "--quality.num_inference_steps", "2", "--trainer.logger", "false"])
-    out = capsys.readouterr().out
-    assert "val/fid" in out and "val/kid_mean" in out
+          "--quality.num_inference_steps", "2"])
+    # the values themselves, read back from the validate run's TensorBoard logs: finite numbers
+    for tag in ("val/fid", "val/kid_mean", "val/kid_std"):
+        values = scalars(tmp_path / "run" / "logs", tag)
+        assert len(values) == 1 and all(math.isfinite(v) for v in values.values()), (tag, values)
+    assert next(iter(scalars(tmp_path / "run" / "logs", "val/fid").values())) > 0  # noise-like samples vs photos
 
 
 def test_missing_inception_weights_say_how_and_training_goes_on(image_folder, tmp_path, monkeypatch):

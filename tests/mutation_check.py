@@ -1,0 +1,204 @@
+"""Mutation check: plant known bugs in a temporary copy of the package, one at a time, and run the tests that
+should catch each. Not a pytest module (the name does not match test_*.py) and not part of CI's default run.
+
+    python tests/mutation_check.py              # every mutation, 2 at a time
+    python tests/mutation_check.py --jobs 1 lr_extra_step no_fsync   # some of them, one at a time
+
+Each mutation is (file, exact old text, new text). When the old text is no longer in the file (the code moved
+on), the mutation is reported STALE and counts as a failure: update its text here. A mutation is CAUGHT when
+its tests fail (pytest exit status 1), MISSED when they pass; any other exit status is an ERROR. The chosen
+tests are first run once on the unmodified copy, which must pass. Exit status 0 only when every one is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+T = "tests/"
+LR_TEST = T + "test_schedule_and_io.py::test_schedule_steps_once_per_optimizer_step_and_ends_at_zero_under_accumulation"
+EMA_TEST = T + "test_quality.py::test_ema_follows_the_warmup_formula_once_per_optimizer_step"
+TARGETS = T + "test_quality.py::test_each_prediction_type_is_scored_against_its_own_target"
+PIPELINE = T + "test_module.py::test_sample_equals_ddpm_pipeline_on_the_same_unet_scheduler_and_noise"
+SWITCHES = T + "test_module.py::test_speed_switches_take_effect_in_a_training_step"
+FIT_QUALITY = T + "test_promises.py::test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image"
+BETAS = T + "test_promises.py::test_beta_schedule_reaches_the_noise_schedule"
+EMA_GUARD = "if self.ema is not None and self.trainer.global_step != self._ema_step:"
+
+# name: (file, old text, new text, tests that must fail)
+MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
+    "lr_extra_step": (
+        "ddpm_lightning/module.py",
+        '        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)\n',
+        '        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)\n'
+        "        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:\n"
+        "            self.lr_schedulers().step()\n",
+        [LR_TEST]),
+    "lr_length_in_micro_batches": (
+        "ddpm_lightning/module.py",
+        "total = int(self.trainer.estimated_stepping_batches)",
+        "total = int(self.trainer.estimated_stepping_batches) * self.trainer.accumulate_grad_batches",
+        [LR_TEST]),
+    "no_fsync": (
+        "ddpm_lightning/checkpointing.py", "                os.fsync(f.fileno())\n", "",
+        [T + "test_schedule_and_io.py::test_checkpoint_bytes_are_fsynced_before_the_rename"]),
+    "ema_ignores_inv_gamma": ("ddpm_lightning/module.py", "inv_gamma=ema_inv_gamma", "inv_gamma=1.0", [EMA_TEST]),
+    "ema_per_micro_batch": ("ddpm_lightning/module.py", EMA_GUARD, "if self.ema is not None:", [EMA_TEST]),
+    "ema_not_restored": (
+        "ddpm_lightning/module.py", 'self.ema.load_state_dict(checkpoint["ema"])', "pass",
+        [T + "test_quality.py::test_ema_is_restored_on_resume_and_used_for_the_saved_model"]),
+    "ema_on_rank_0_only": (
+        "ddpm_lightning/module.py", EMA_GUARD, EMA_GUARD[:-1] + " and self.global_rank == 0:",
+        [T + "test_promises.py::test_every_ddp_rank_holds_the_same_ema"]),
+    "v_prediction_target_swapped": (
+        "ddpm_lightning/module.py", "self.scheduler.get_velocity(clean, noise, timesteps)",
+        "self.scheduler.get_velocity(noise, clean, timesteps)", [TARGETS + "[v_prediction]"]),
+    "sample_loss_without_snr_weight": (
+        "ddpm_lightning/module.py", "(alpha / (1 - alpha) * F.mse_loss(", "(F.mse_loss(", [TARGETS + "[sample]"]),
+    "validation_noise_not_fixed": (
+        "ddpm_lightning/module.py",
+        "noise = torch.stack([torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(int(i))) for i in index])",
+        "noise = torch.randn_like(images)",
+        [T + "test_quality.py::test_validation_loss_is_deterministic_and_monitorable"]),
+    "denoise_ignores_the_generator": (
+        "ddpm_lightning/module.py",
+        "image = scheduler.step(model_output, t, image, generator=generator, return_dict=False)[0]",
+        "image = scheduler.step(model_output, t, image, return_dict=False)[0]", [PIPELINE + "[ddpm]"]),
+    "denoise_output_not_rescaled": (
+        "ddpm_lightning/module.py", "return (image / 2 + 0.5).clamp(0, 1)", "return image.clamp(0, 1)",
+        [PIPELINE + "[ddim]"]),
+    "compile_not_applied": (
+        "ddpm_lightning/module.py", "self.unet.compile()", "None",
+        [T + "test_module.py::test_compiled_unet_runs_and_matches_the_plain_one"]),
+    "channels_last_batch_not_converted": (
+        "ddpm_lightning/module.py", "batch = batch.contiguous(memory_format=torch.channels_last)",
+        "batch = batch.contiguous()", [SWITCHES]),
+    "gradient_checkpointing_not_enabled": (
+        "ddpm_lightning/module.py", "self.unet.enable_gradient_checkpointing()",
+        "self.unet.disable_gradient_checkpointing()", [SWITCHES]),
+    "rng_states_not_restored": (
+        "ddpm_lightning/module.py", 'set_rng_states(checkpoint["rng_states"])', "pass",
+        [T + "test_reliability.py::test_stopped_and_resumed_run_equals_the_uninterrupted_one[memory]"]),
+    "beta_schedule_ignored": (
+        "ddpm_lightning/module.py", "beta_schedule=beta_schedule,", 'beta_schedule="linear",',
+        [BETAS + "[squaredcos_cap_v2]"]),
+    "samplers_rebuild_sigmoid_by_name": (
+        "ddpm_lightning/module.py", "from_config(self.scheduler.config, trained_betas=self.scheduler.betas.tolist())",
+        "from_config(self.scheduler.config)", [BETAS + "[sigmoid]"]),
+    "colour_conversion_through_grey": (
+        "ddpm_lightning/data.py", 'return image.convert("RGB")', 'return image.convert("L").convert("RGB")',
+        [T + "test_data.py::test_converts_grayscale_rgba_and_palette_images"]),
+    "val_split_ignored": (
+        "ddpm_lightning/data.py", "load_source(hp.val_dataset, hp.val_split)", "load_source(hp.val_dataset, hp.split)",
+        [T + "test_promises.py::test_val_dataset_and_val_split_name_the_validation_images"]),
+    "cache_auto_ignores_the_size_cap": (
+        "ddpm_lightning/data.py", "cache_gb <= self.hparams.cache_max_gb", "True",
+        [T + "test_promises.py::test_cache_auto_keeps_small_data_in_memory_and_streams_above_cache_max_gb"]),
+    "cache_on_gpu_ignored": (
+        "ddpm_lightning/data.py", "if on_gpu and isinstance(self.train_set, CachedImages):",
+        "if False and isinstance(self.train_set, CachedImages):",
+        [T + "test_promises.py::test_cache_on_gpu_puts_the_cached_pixels_on_the_training_device"]),
+    "single_parquet_file_read_as_json": (
+        "ddpm_lightning/data.py", 'builder = {".jsonl": "json"}.get(path.suffix, path.suffix.lstrip("."))',
+        'builder = "json"', [T + "test_promises.py::test_a_single_parquet_file_is_a_data_set"]),
+    "no_samples_image_in_tensorboard": (
+        "ddpm_lightning/callbacks.py", 'logger.experiment.add_image("samples", grid, global_step=trainer.global_step)',
+        "pass", [FIT_QUALITY]),
+    "fid_never_during_fit": (
+        "ddpm_lightning/callbacks.py",
+        "due = self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0", "due = False",
+        [FIT_QUALITY]),
+    "fid_logged_as_nan": (
+        "ddpm_lightning/callbacks.py", 'pl_module.log_dict({f"val/{k}": v for k, v in scores.items()}',
+        'pl_module.log_dict({f"val/{k}": v * float("nan") for k, v in scores.items()}',
+        [T + "test_quality.py::test_fid_and_kid_through_validate_with_a_custom_extractor"]),
+    "more_images_change_the_first_ones": (
+        "ddpm_lightning/commands.py", "[image_generator(seed, i) for i in indices]",
+        "[image_generator(seed + num_images, i) for i in indices]",
+        [T + "test_promises.py::test_asking_for_more_images_keeps_the_first_ones"]),
+    "tutorial_config_value_changed": (
+        "configs/butterflies.yaml", "max_epochs: 50 ", "max_epochs: 500",
+        [T + "test_cli.py::test_print_config_shows_tutorial_keys"]),
+}
+
+COPIED = ["ddpm_lightning", "tests", "configs", "pyproject.toml"]
+
+
+def make_copy(root: Path) -> Path:
+    for name in COPIED:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy(source, root / name)
+    return root
+
+
+def run_tests(root: Path, tests: list[str], threads: int) -> tuple[int, str, float]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root) + os.pathsep + str(root / "tests")
+    env["OMP_NUM_THREADS"] = str(threads)
+    env.pop("CI", None)  # (the copy has no ../shared beside it; the CI guard must not fire)
+    start = time.time()
+    result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                            cwd=root, env=env, capture_output=True, text=True)
+    return result.returncode, result.stdout + result.stderr, time.time() - start
+
+
+def check(name: str, threads: int) -> tuple[str, str, float]:
+    path, old, new, tests = MUTATIONS[name]
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{name}-") as tmp:
+        root = make_copy(Path(tmp))
+        text = (root / path).read_text()
+        if text.count(old) != 1:
+            return "STALE", f"old text found {text.count(old)} times in {path}", 0.0
+        (root / path).write_text(text.replace(old, new))
+        code, log, seconds = run_tests(root, tests, threads)
+    verdict = {1: "CAUGHT", 0: "MISSED"}.get(code, "ERROR")
+    detail = "" if verdict == "CAUGHT" else log.strip().splitlines()[-1] if log.strip() else f"exit {code}"
+    return verdict, detail, seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help=f"mutations to run (default: all): {', '.join(MUTATIONS)}")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (each gets cores / jobs threads)")
+    parser.add_argument("--skip-baseline", action="store_true", help="do not first run the tests unmodified")
+    args = parser.parse_args()
+    names = args.names or list(MUTATIONS)
+    unknown = [n for n in names if n not in MUTATIONS]
+    if unknown:
+        parser.error(f"unknown mutations: {unknown}")
+    threads = max(1, (os.cpu_count() or 2) // args.jobs)
+    start = time.time()
+
+    if not args.skip_baseline:
+        tests = sorted({t for n in names for t in MUTATIONS[n][3]})
+        with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as tmp:
+            code, log, seconds = run_tests(make_copy(Path(tmp)), tests, os.cpu_count() or 2)
+        print(f"baseline: {len(tests)} tests on the unmodified copy, exit {code} ({seconds:.0f} s)", flush=True)
+        if code != 0:
+            print(log[-3000:])
+            print("The tests must pass on the unmodified code first.")
+            return 2
+
+    failures = 0
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for name, (verdict, detail, seconds) in zip(names, pool.map(lambda n: check(n, threads), names)):
+            failures += verdict != "CAUGHT"
+            print(f"{verdict:7} {name:40} {seconds:5.0f} s  {detail}", flush=True)
+    print(f"{len(names) - failures} of {len(names)} planted bugs caught in {time.time() - start:.0f} s")
+    return 0 if failures == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
