@@ -189,7 +189,7 @@ def run_side(name: str, spec: dict, work: Path, log_path: Path) -> dict:
         run["argv"] = r["argv"]
     if r["written"] != {"grids": 1, "saves": 1}:
         raise RuntimeError(f"{name} wrote {r['written']}, not exactly one grid and one save: see {log_path}.")
-    grids = sorted(Path(spec["output_dir"], "samples").glob("*.png"))
+    grids = sorted(Path(spec["output_dir"], "samples").glob("[0-9]*.png"))  # epoch grids; data.png is the data
     if len(grids) != 1 or not Path(spec["output_dir"], "model_index.json").is_file():
         raise RuntimeError(f"{name}: expected one grid in {spec['output_dir']}/samples and a saved pipeline, found {grids}.")
     run["grid"] = str(grids[0])

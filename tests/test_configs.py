@@ -63,7 +63,6 @@ class RecordSettings(Callback):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
 def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # (configs that compile: once)
     values = shipped(config)
     precision = values.get("trainer", {}).get("precision", "32-true")
     if precision == "16-mixed":  # as on a GPU: fp16 autocast and a GradScaler (plus the CLI's checkpoint IO)
@@ -75,17 +74,19 @@ def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, m
     else:
         precision_args = []
     layers = ["-c", str(BASE)] if is_overlay(config) else []
-    main([
-        "fit", *layers, "-c", str(config),
-        "--data.dataset", str(image_folder), "--data.image_size", "16", "--data.train_batch_size", "4",
-        "--data.num_workers", "0",
-        "--model.unet", json.dumps(MICRO_UNET), "--model.fused_adamw", "true",
-        "--grid.eval_batch_size", "4", "--grid.num_inference_steps", "2",
-        "--trainer.max_steps", "3", "--trainer.accelerator", "cpu",
-        "--output_dir", str(tmp_path / "out"), "--checkpoint.dirpath", str(tmp_path / "checkpoints"),
-        "--trainer.callbacks+=test_configs.RecordSettings",
-        *precision_args,
-    ])
+    # Configs that compile compile once. (config.patch, not monkeypatch: its undo deletes a dynamo config entry.)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        main([
+            "fit", *layers, "-c", str(config),
+            "--data.dataset", str(image_folder), "--data.image_size", "16", "--data.train_batch_size", "4",
+            "--data.num_workers", "0",
+            "--model.unet", json.dumps(MICRO_UNET), "--model.fused_adamw", "true",
+            "--grid.eval_batch_size", "4", "--grid.num_inference_steps", "2",
+            "--trainer.max_steps", "3", "--trainer.accelerator", "cpu",
+            "--output_dir", str(tmp_path / "out"), "--checkpoint.dirpath", str(tmp_path / "checkpoints"),
+            "--trainer.callbacks+=test_configs.RecordSettings",
+            *precision_args,
+        ])
     seen = RecordSettings.seen
     model = values.get("model", {})
     assert seen["steps"] == 3

@@ -51,7 +51,7 @@ def test_cache_auto_keeps_small_data_in_memory_and_streams_above_cache_max_gb(im
 def test_cache_on_gpu_puts_the_cached_pixels_on_the_training_device(image_folder):
     """The "meta" device stands in for a GPU (no GPU here): the pixels go to the trainer's root device when asked,
     and stay in CPU memory by default when that device is not CUDA."""
-    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")), progress_bar_callback=None)
     dm = ImageDataModule(dataset=str(image_folder), image_size=16, num_workers=0, cache_on_gpu=True)
     dm.trainer = trainer
     dm.setup("fit")
@@ -99,7 +99,7 @@ def test_bf16_mixed_trains_on_cpu_under_bf16_autocast(image_folder, tmp_path, mo
     main(fit_args(image_folder, out, "--trainer.max_steps", "3", "--trainer.max_epochs", "-1",
                   "--trainer.precision", "bf16-mixed"))
     assert seen[:3] == [(True, torch.bfloat16, torch.float32)] * 3  # the UNet under bf16; the loss in float32
-    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    state = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=True)["state_dict"]
     assert all(v.dtype == torch.float32 for v in state.values())  # float32 master weights
     assert sorted(scalars(out / "logs", "train/loss")) == [0, 1, 2]
     assert all(math.isfinite(v) for v in scalars(out / "logs", "train/loss").values())
@@ -150,7 +150,7 @@ def test_every_ddp_rank_holds_the_same_ema(image_folder, tmp_path):
     assert rank0["optimization_step"] == rank1["optimization_step"] == 3
     for a, b in zip(rank0["shadow_params"], rank1["shadow_params"], strict=True):
         assert torch.equal(a, b)
-    raw = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    raw = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=True)["state_dict"]
     assert not torch.equal(rank0["shadow_params"][0], raw["unet.conv_in.weight"])  # an average, not the weights
 
 

@@ -18,7 +18,7 @@ def test_schedule_steps_once_per_optimizer_step_and_ends_at_zero_under_accumulat
     out = tmp_path / "run"
     main(fit_args(image_folder, out, "--trainer.max_epochs", "3", "--trainer.accumulate_grad_batches", "2",
                   "--model.lr_warmup_steps", "2", "--model.learning_rate", "0.002"))
-    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    last = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False, map_location="cpu")
     assert last["global_step"] == 6
     assert last["lr_schedulers"][0]["last_epoch"] == 6  # not once per micro-batch (9)
     assert last["lr_schedulers"][0]["_last_lr"] == [0.0]  # the cosine reached 0 at the run's last optimizer step

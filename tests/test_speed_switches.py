@@ -202,8 +202,9 @@ def test_a_compiled_fit_compiles_once_per_graph_and_gives_the_eager_losses(image
     main(fit_args(image_folder, tmp_path / "eager", *args, "--checkpoint.dirpath", "eager"))
     torch._dynamo.reset()
     counters.clear()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    main(fit_args(image_folder, tmp_path / "compiled", *args, "--model.compile", "true", "--checkpoint.dirpath", "compiled"))
+    with torch._dynamo.config.patch(error_on_recompile=True):  # (not monkeypatch: its undo deletes the entry)
+        main(fit_args(image_folder, tmp_path / "compiled", *args, "--model.compile", "true",
+                      "--checkpoint.dirpath", "compiled"))
     assert counters["stats"]["unique_graphs"] == 2  # unet_train_call and unet_sample_call
     assert (tmp_path / "compiled" / "samples" / "0001.png").exists()
     eager, compiled = (scalars(tmp_path / run / "logs", "train/loss") for run in ("eager", "compiled"))
