@@ -1,9 +1,9 @@
 """`ddpm-lightning sample` and `ddpm-lightning export`: use a trained model outside of training.
 
-    ddpm-lightning sample checkpoints/last.ckpt --num_images 64 --sampler ddim   # -> samples/000000.png ... grid.png
+    ddpm-lightning sample checkpoints/ddpm-butterflies-128/last.ckpt --num_images 64 --sampler ddim   # -> samples/000000.png ... grid.png
     ddpm-lightning sample ddpm-butterflies-128 --seed 1 --output_dir more         # a saved diffusers folder
     ddpm-lightning sample google/ddpm-cifar10-32                                  # a Hub model id
-    ddpm-lightning export checkpoints/last.ckpt my-model --samples run/samples/0049.png
+    ddpm-lightning export checkpoints/ddpm-butterflies-128/last.ckpt my-model --samples run/samples/0049.png
 
 A checkpoint's EMA weights are used whenever it has them (`model.use_ema`), as the saved folders do.
 

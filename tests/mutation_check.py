@@ -38,8 +38,8 @@ EMA_GUARD = "if self.ema is not None and self.trainer.global_step != self._ema_s
 MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     "lr_extra_step": (
         "ddpm_lightning/module.py",
-        '        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)\n',
-        '        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)\n'
+        '        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=show)\n',
+        '        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=show)\n'
         "        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:\n"
         "            self.lr_schedulers().step()\n",
         [LR_TEST]),
@@ -77,7 +77,9 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ddpm_lightning/module.py", "return (image / 2 + 0.5).clamp(0, 1)", "return image.clamp(0, 1)",
         [PIPELINE + "[ddim]"]),
     "compile_not_applied": (
-        "ddpm_lightning/module.py", "self.unet.compile()", "None",
+        "ddpm_lightning/module.py",
+        '"sample": torch.compile(unet_sample_call, mode=hp.compile_mode, dynamic=False),',
+        '"sample": unet_sample_call,',
         [T + "test_module.py::test_compiled_unet_runs_and_matches_the_plain_one"]),
     "channels_last_batch_not_converted": (
         "ddpm_lightning/module.py", "batch = batch.contiguous(memory_format=torch.channels_last)",

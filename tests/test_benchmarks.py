@@ -58,8 +58,9 @@ def test_benchmark_tiny_with_end_to_end_row(tmp_path):
     assert runs == ["tutorial nw=0", "project --trainer.precision bf16-mixed"]
     assert all(r["images_per_s"] > 0 and "vs_baseline" in r for r in report["training"])
     assert report["training"][0]["vs_baseline"] == 1
-    # 12 images in 4s: 3 steps an epoch, so the 3-step window after step 1 crosses an epoch end and its checkpoint
-    assert all(r["raw"]["checkpoints"] >= 1 for r in report["training"][1:])
+    # The window keeps the checkpoint cadence users get (no ModelCheckpoint turned off): by default a save every
+    # 10 minutes, so none lands in a window of a few seconds, and the column says so.
+    assert all(r["raw"]["checkpoints"] == 0 for r in report["training"][1:])
     e2e = report["end_to_end"]
     assert [r["run"] for r in e2e["runs"]] == ["tutorial nw=0", "project --trainer.precision bf16-mixed"]
     assert all(r["steps"] == 3 and r["wall_s"] > 0 for r in e2e["runs"])
