@@ -168,8 +168,9 @@ class _SignalAtOptimizerStep(_SignalConnector):
 
 class PreemptionCheckpoint(Callback):
     """On SIGTERM, SIGUSR1 (as SLURM sends before a time limit) or Ctrl-C, save a checkpoint and `last.ckpt` at the
-    next optimizer step (the end of a gradient-accumulation window) and exit: status 0 for SIGTERM / SIGUSR1, 130 for Ctrl-C (the shell's code for it, so a
-    script chained with `&&` does not go on as if training had finished). A second Ctrl-C aborts at once.
+    next optimizer step (after a gradient-accumulation window's step) and exit: status 0 for SIGTERM / SIGUSR1,
+    130 for Ctrl-C (the shell's code for it, so a script chained with `&&` does not go on as if training had
+    finished). A second Ctrl-C aborts at once.
 
     Lightning's own SIGTERM handler stops every rank at the next step boundary by raising SIGTERMException;
     this callback saves the checkpoint there (all ranks take part, as saving needs), so

@@ -243,8 +243,8 @@ trainer:
 def test_signal_and_resume_equal_the_straight_run_with_ema_accumulation_and_fp16(image_folder, tmp_path, stop_after_batch):
     """EMA on, accumulate 2, fp16 with a loss scaler (on CPU), 3 micro-batches an epoch: 6 optimizer steps
     straight, or a real SIGTERM after micro-batch 5 (epoch 1's first optimizer step), 3 (the end of epoch 0) or 4
-    (inside an accumulation window: it stops after the window's optimizer step), then resumed. The weights, the EMA weights, the loss scaler's state and every
-    logged loss are the same."""
+    (inside an accumulation window: it stops after the window's optimizer step), then resumed. The weights, the
+    EMA weights, the loss scaler's state and every logged loss are the same."""
     plugins = tmp_path / "fp16.yaml"
     plugins.write_text(FP16_ON_CPU)
     common = ["-c", str(plugins), "--trainer.max_steps", "6", "--trainer.max_epochs", "-1",
