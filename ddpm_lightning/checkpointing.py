@@ -20,6 +20,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
@@ -151,10 +152,25 @@ class PeriodicCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
 
 
+class _SignalAtOptimizerStep(_SignalConnector):
+    """Lightning's signal connector, whose SIGTERM flag reads as set only where an optimizer step has just been
+    taken: Lightning's loops check the flag after each micro-batch, and a stop inside a gradient-accumulation
+    window would lose the window's gradients (a checkpoint holds no gradients)."""
+
+    @property
+    def received_sigterm(self) -> bool:
+        return self.__dict__.get("_sigterm", False) and not self.trainer.fit_loop.epoch_loop._should_accumulate()
+
+    @received_sigterm.setter
+    def received_sigterm(self, value: bool) -> None:
+        self.__dict__["_sigterm"] = value
+
+
 class PreemptionCheckpoint(Callback):
     """On SIGTERM, SIGUSR1 (as SLURM sends before a time limit) or Ctrl-C, save a checkpoint and `last.ckpt` at the
-    next step boundary and exit: status 0 for SIGTERM / SIGUSR1, 130 for Ctrl-C (the shell's code for it, so a
-    script chained with `&&` does not go on as if training had finished). A second Ctrl-C aborts at once.
+    next optimizer step (after a gradient-accumulation window's step) and exit: status 0 for SIGTERM / SIGUSR1,
+    130 for Ctrl-C (the shell's code for it, so a script chained with `&&` does not go on as if training had
+    finished). A second Ctrl-C aborts at once.
 
     Lightning's own SIGTERM handler stops every rank at the next step boundary by raising SIGTERMException;
     this callback saves the checkpoint there (all ranks take part, as saving needs), so
@@ -165,6 +181,7 @@ class PreemptionCheckpoint(Callback):
     interrupted = False  # set by Ctrl-C: main() turns the stop's exit status into 130
 
     def __init__(self):
+        self._between_epochs = False
         self._previous_sigusr1 = None
         self._previous_sigint = None
 
@@ -174,6 +191,8 @@ class PreemptionCheckpoint(Callback):
         if stage == "fit" and hasattr(signal, "SIGUSR1") and not slurm_requeue:
             # SIGUSR1 becomes a SIGTERM, which Lightning turns into a stop at the next step on every rank.
             self._previous_sigusr1 = signal.signal(signal.SIGUSR1, lambda *_: signal.raise_signal(signal.SIGTERM))
+        if stage == "fit" and type(trainer._signal_connector) is _SignalConnector:
+            trainer._signal_connector.__class__ = _SignalAtOptimizerStep  # its handlers are bound to this object
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # From here on (Lightning's SIGTERM handler is in place), Ctrl-C stops like SIGTERM; before, it is the
@@ -195,16 +214,30 @@ class PreemptionCheckpoint(Callback):
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
 
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        # A stop after the epoch ended (Lightning checks the signal there too) is saved as the next epoch's start:
+        # the epoch loop still counts the ended epoch's batches, and Lightning the loader's position at its end,
+        # until the next epoch starts; resumed with them, the next epoch would have no batches left (skipped).
+        if self._between_epochs:
+            loops = checkpoint["loops"]["fit_loop"]
+            batches = loops["epoch_loop.batch_progress"]
+            loops["epoch_loop.batch_progress"] = {**batches, "current": dict.fromkeys(batches["current"], 0),
+                                                  "is_last_batch": False}
+            loops["state_dict"].pop("combined_loader", None)
+
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         checkpoint = trainer.checkpoint_callback
         if not isinstance(exception, SIGTERMException) or checkpoint is None or not checkpoint.dirpath:
             return
+        epochs = trainer.fit_loop.epoch_progress.current
+        self._between_epochs = epochs.completed == epochs.started  # stopped after the epoch ended: see below
         if isinstance(checkpoint, PeriodicCheckpoint):
             checkpoint.save_now(trainer)
             path = checkpoint.last_model_path
         else:
             path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
             trainer.save_checkpoint(path)
+        self._between_epochs = False
         log.info(f"[rank {trainer.global_rank}] Stopped by a signal at step {trainer.global_step}: saved {path}")
 
 
