@@ -25,6 +25,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ddpm_lightning.optim import CompiledAdamW
+
 # The tutorial's UNet ("Train a diffusion model"): 6 levels, attention in the 5th down and 2nd up block.
 TUTORIAL_UNET: dict[str, Any] = {
     "in_channels": 3,
@@ -71,8 +73,12 @@ class DDPMModule(LightningModule):
         compile_mode: torch.compile's `mode` for both forwards: "default", "reduce-overhead" (CUDA graphs on a
             GPU; a CPU has none, so there it runs like "default"), "max-autotune", "max-autotune-no-cudagraphs".
         channels_last: keep the UNet and its inputs in channels-last memory format (faster convolutions on GPUs).
-        fused_adamw: AdamW's fused kernel; by default on when the parameters are on a GPU. Gradient clipping
-            works with it under every precision (the CLI installs `precision.FusedClipMixedPrecision`).
+        fused_adamw: AdamW's fused kernel; by default on when the parameters are on a GPU (and `compile_optimizer`
+            is off). Gradient clipping works with it under every precision (the CLI installs
+            `precision.FusedClipMixedPrecision`).
+        compile_optimizer: gradient clipping and the AdamW update compiled as one function
+            (`optim.CompiledAdamW`; with compile_mode "reduce-overhead" on a GPU, one CUDA graph per step). It
+            fuses the update itself, so it excludes `fused_adamw`.
         gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
         float32_matmul_precision: torch.set_float32_matmul_precision ("high" lets float32 matrix products use
             TF32 on GPUs that have it; "highest" is exact float32).
@@ -103,6 +109,7 @@ class DDPMModule(LightningModule):
         compile_mode: CompileMode = "default",
         channels_last: bool = False,
         fused_adamw: bool | None = None,
+        compile_optimizer: bool = False,
         gradient_checkpointing: bool = False,
         float32_matmul_precision: Literal["highest", "high", "medium"] = "high",
     ):
@@ -145,7 +152,8 @@ class DDPMModule(LightningModule):
         # bar off): a GPU sync per step. So only with a bar to show it on; the logger reads it every N steps.
         show = self.trainer.progress_bar_callback is not None
         self.log("train/loss", loss, prog_bar=show)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=show)
+        lr = self.lr_schedulers().get_last_lr()[0]  # a device tensor under CompiledAdamW, filled in place: copy it
+        self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr, prog_bar=show)
         if self.hparams.stop_on_nan:
             self.track_nonfinite(loss)
         return loss
@@ -293,7 +301,12 @@ class DDPMModule(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        fused = hp.fused_adamw if hp.fused_adamw is not None else self.device.type == "cuda"
+        if hp.compile_optimizer and hp.fused_adamw:
+            raise ValueError(
+                "model.compile_optimizer compiles AdamW's update into its own fused kernels, so it cannot use "
+                "model.fused_adamw true: set model.fused_adamw false (or leave it out), or model.compile_optimizer false."
+            )
+        fused = hp.fused_adamw if hp.fused_adamw is not None else self.device.type == "cuda" and not hp.compile_optimizer
         plugin = self.trainer.precision_plugin
         if fused and self.trainer.gradient_clip_val and type(plugin) is MixedPrecision:
             # Lightning's own plugin would raise at the first optimizer step; say it now, with the fixes.
@@ -303,14 +316,13 @@ class DDPMModule(LightningModule):
                 "pass plugins=[FusedClipMixedPrecision(...)] to your Trainer, or set model.fused_adamw false or "
                 "trainer.gradient_clip_val null."
             )
-        optimizer = torch.optim.AdamW(
-            self.unet.parameters(),
-            lr=hp.learning_rate,
-            betas=hp.adam_betas,
-            weight_decay=hp.adam_weight_decay,
-            eps=hp.adam_epsilon,
-            fused=fused or None,
-        )
+        adamw = {"lr": hp.learning_rate, "betas": hp.adam_betas, "weight_decay": hp.adam_weight_decay, "eps": hp.adam_epsilon}
+        if hp.compile_optimizer:
+            optimizer = CompiledAdamW(self.unet.parameters(), clip_val=self.trainer.gradient_clip_val,
+                                      clip_algorithm=self.trainer.gradient_clip_algorithm or "norm",
+                                      compile_mode=hp.compile_mode, **adamw)
+        else:
+            optimizer = torch.optim.AdamW(self.unet.parameters(), fused=fused or None, **adamw)
         # Per optimizer step, over the whole run as the Trainer counts it (devices, accumulation, max_steps).
         total = int(self.trainer.estimated_stepping_batches)
         if hp.lr_warmup_steps >= total:
@@ -320,6 +332,14 @@ class DDPMModule(LightningModule):
             )
         scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=hp.lr_warmup_steps, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if not isinstance(optimizer, CompiledAdamW):  # that one clips inside its compiled step
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        # CompiledAdamW's graph reads the gradients at fixed addresses: zero them in place rather than free them.
+        optimizer.zero_grad(set_to_none=not isinstance(optimizer, CompiledAdamW))
 
     def make_scheduler(self, sampler: Sampler = "ddpm"):
         """A fresh inference scheduler of the given kind with this model's noise schedule."""

@@ -5,7 +5,8 @@ overlay, meant to be layered on configs/butterflies.yaml with a second -c (as co
 says in its header); it is run that way. Overridden: the data (a tiny local image folder instead of the Hub
 id, 16 px, batch 4, no loader processes), the UNet (tiny), the grid (4 images, 2 steps), the length (3 steps),
 the accelerator (CPU) and the output folders. Precision, clipping, compile, channels_last, the cache and the
-other data settings stay as shipped, and fused AdamW is on as it is by default on a GPU. `16-mixed`, which
+other data settings stay as shipped, and the optimizer is the one a GPU gets: fused AdamW (its default there), or
+the compiled clip-and-update where the config sets `model.compile_optimizer`. `16-mixed`, which
 Lightning would turn into bf16 on a CPU, runs as it does on a GPU: fp16 autocast with a GradScaler.
 """
 
@@ -21,6 +22,7 @@ from lightning.pytorch import Callback
 
 from conftest import REPO
 from ddpm_lightning.cli import main
+from ddpm_lightning.optim import CompiledAdamW
 from test_speed_switches import MICRO_UNET
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -54,7 +56,8 @@ class RecordSettings(Callback):
             "precision": trainer.precision,
             "scaler": getattr(plugin, "scaler", None) is not None,
             "gradient_clip_val": trainer.gradient_clip_val,
-            "fused": trainer.optimizers[0].defaults["fused"],
+            "fused": bool(trainer.optimizers[0].defaults["fused"]),
+            "compiled_step": isinstance(trainer.optimizers[0], CompiledAdamW),
             "compile": bool(getattr(pl_module, "_compiled", None)),
             "channels_last": pl_module.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last),
             "steps": trainer.global_step,
@@ -64,6 +67,7 @@ class RecordSettings(Callback):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
 def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, monkeypatch):
     values = shipped(config)
+    model = values.get("model", {})
     precision = values.get("trainer", {}).get("precision", "32-true")
     if precision == "16-mixed":  # as on a GPU: fp16 autocast and a GradScaler (plus the CLI's checkpoint IO)
         precision_args = ["--trainer.precision", "null", "--trainer.plugins", json.dumps([
@@ -74,13 +78,15 @@ def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, m
     else:
         precision_args = []
     layers = ["-c", str(BASE)] if is_overlay(config) else []
+    compile_optimizer = model.get("compile_optimizer", False)
+    torch._dynamo.reset()  # (the compiled step guards on its optimizer: another test's would count as a recompile)
     # Configs that compile compile once. (config.patch, not monkeypatch: its undo deletes a dynamo config entry.)
     with torch._dynamo.config.patch(error_on_recompile=True):
         main([
             "fit", *layers, "-c", str(config),
             "--data.dataset", str(image_folder), "--data.image_size", "16", "--data.train_batch_size", "4",
             "--data.num_workers", "0",
-            "--model.unet", json.dumps(MICRO_UNET), "--model.fused_adamw", "true",
+            "--model.unet", json.dumps(MICRO_UNET), "--model.fused_adamw", str(not compile_optimizer).lower(),
             "--grid.eval_batch_size", "4", "--grid.num_inference_steps", "2",
             "--trainer.max_steps", "3", "--trainer.accelerator", "cpu",
             "--output_dir", str(tmp_path / "out"), "--checkpoint.dirpath", str(tmp_path / "checkpoints"),
@@ -88,12 +94,12 @@ def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, m
             *precision_args,
         ])
     seen = RecordSettings.seen
-    model = values.get("model", {})
     assert seen["steps"] == 3
     assert seen["precision"] == precision
     assert seen["scaler"] == (precision == "16-mixed")
     assert seen["gradient_clip_val"] == values.get("trainer", {}).get("gradient_clip_val")
-    assert seen["fused"] is True
+    assert seen["fused"] is (not compile_optimizer)
+    assert seen["compiled_step"] == compile_optimizer
     assert seen["compile"] == model.get("compile", False)
     assert seen["channels_last"] == model.get("channels_last", False)
     assert (tmp_path / "out" / "model_index.json").exists()

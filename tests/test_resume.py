@@ -68,6 +68,26 @@ def test_resume_after_a_crash_equals_the_straight_run(straight_run, twelve, tmp_
     assert_same_weights(straight_run, weights)
 
 
+def test_resume_with_the_compiled_optimizer_step_equals_the_straight_run(twelve, tmp_path):
+    """`model.compile_optimizer` (butterflies-fast.yaml) keeps its LR in a tensor on the device and saves plain
+    AdamW's state: crashed at step 4 and resumed from the epoch-end checkpoint, the run ends with the weights of
+    the compiled run that never crashed."""
+    compiled = [*NO_SAVES, "--trainer.max_epochs", "2", "--model.compile_optimizer", "true",
+                "--trainer.gradient_clip_val", "0.1", "--checkpoint.every_n_epochs", "1"]
+    torch._dynamo.reset()
+    main(fit_args(twelve, tmp_path / "straight", *compiled))
+    crashing = fit_args(twelve, tmp_path / "crashed", *compiled)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        main([*crashing, "--trainer.callbacks+=conftest.CrashAtStep", "--trainer.callbacks.rank", "0",
+              "--trainer.callbacks.step", "4"])
+    assert state(tmp_path / "checkpoints" / "crashed" / "last.ckpt")[0] == 3
+    main([*crashing, "--ckpt_path", "last"])
+    step_a, a = state(tmp_path / "checkpoints" / "straight" / "last.ckpt")
+    step_b, b = state(tmp_path / "checkpoints" / "crashed" / "last.ckpt")
+    assert step_a == step_b == 6
+    assert_same_weights(a, b)
+
+
 def test_run_ended_then_extended_equals_the_longer_run_while_the_lr_is_the_same(twelve, tmp_path):
     """The issue's run B: `max_epochs 1`, then resumed with `max_epochs 2`. With a warm-up longer than the run the
     LR does not depend on the schedule's length, so the weights must match the straight 2-epoch run exactly."""

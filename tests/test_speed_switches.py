@@ -63,12 +63,18 @@ PRECISIONS = {"16-mixed": FP16_WITH_GRADSCALER, "bf16-mixed": ["--trainer.precis
               "32-true": ["--trainer.precision", "32-true"]}
 
 
+# The GPU default (fused AdamW) and the fast config's compiled clip-and-update.
+OPTIMIZERS = {"fused": ["--model.fused_adamw", "true"], "compiled": ["--model.compile_optimizer", "true"]}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_fused_adamw_trains_with_clipping_under_every_precision(precision, image_folder, tmp_path):
-    """The GPU default (fused AdamW) with clipping (the tutorial clips at 1.0; 0.1 here, below the tiny UNet's
-    gradient norm, so the clip has something to do): Lightning alone refuses to clip under AMP."""
+def test_adamw_trains_with_clipping_under_every_precision(precision, optimizer, image_folder, tmp_path):
+    """Fused AdamW or the compiled step, with clipping (the tutorial clips at 1.0; 0.1 here, below the tiny UNet's
+    gradient norm, so the clip has something to do): Lightning alone refuses to clip a fused AdamW under AMP."""
     GradNorms.seen = []
-    main(fit_args(image_folder, tmp_path / "run", *PRECISIONS[precision], "--model.fused_adamw", "true",
+    torch._dynamo.reset()  # (a compiled step guards on its optimizer: earlier tests' would fill dynamo's cache)
+    main(fit_args(image_folder, tmp_path / "run", *PRECISIONS[precision], *OPTIMIZERS[optimizer],
                   "--trainer.gradient_clip_val", "0.1", "--model.learning_rate", "1e-2", "--model.lr_warmup_steps", "0",
                   "--trainer.max_steps", "3", "--trainer.max_epochs", "-1",
                   "--trainer.callbacks+=test_speed_switches.GradNorms"))
@@ -160,10 +166,12 @@ def plain_losses() -> list[float]:
         {"gradient_checkpointing": True},
         {"float32_matmul_precision": "high"},  # TF32 on a GPU that has it; exact float32 on a CPU
         {"fused_adamw": True, "channels_last": True, "gradient_checkpointing": True},
+        {"compile_optimizer": True},  # with the LR changing every step (cosine decay over the 3 steps)
     ],
     ids=lambda switches: "+".join(switches),
 )
 def test_speed_switch_gives_the_plain_losses(switches, plain_losses):
+    torch._dynamo.reset()
     # The first loss is before any step; the later ones follow the optimizer's updates.
     assert train_losses(**switches) == pytest.approx(plain_losses, rel=1e-4)
 
@@ -230,15 +238,18 @@ def host_reads_in_fit(image_folder, out, steps: int, *extra: str) -> int:
     with CountHostReads() as reads:
         main(fit_args(image_folder, out, "--trainer.max_steps", str(steps), "--trainer.max_epochs", "1",
                       "--data.train_batch_size", "1", "--trainer.log_every_n_steps", "100",
-                      "--model.nan_check_every_n_steps", "100", "--model.fused_adamw", "true", *extra))
+                      "--model.nan_check_every_n_steps", "100", *extra))
     return reads.count
 
 
-@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
-def test_no_host_read_per_training_step(precision, image_folder, tmp_path):
+@pytest.mark.parametrize("precision, optimizer", [("16-mixed", "fused"), ("bf16-mixed", "fused"),
+                                                  ("bf16-mixed", "compiled")])
+def test_no_host_read_per_training_step(precision, optimizer, image_folder, tmp_path):
     """With the progress bar off (as in butterflies-fast.yaml), a training step never waits for the device:
-    2 steps and 6 steps of one epoch read the same number of values back (the start and the end do read)."""
-    args = [*PRECISIONS[precision], "--trainer.gradient_clip_val", "1.0"]
+    2 steps and 6 steps of one epoch read the same number of values back (the start and the end do read).
+    (16-mixed with the compiled step does read: GradScaler checks for overflow before a non-fused step.)"""
+    torch._dynamo.reset()
+    args = [*PRECISIONS[precision], *OPTIMIZERS[optimizer], "--trainer.gradient_clip_val", "1.0"]
     assert (host_reads_in_fit(image_folder, tmp_path / "a", 2, *args)
             == host_reads_in_fit(image_folder, tmp_path / "b", 6, *args))
 
@@ -267,3 +278,54 @@ def test_cache_on_gpu_and_pin_memory_in_their_gpu_values_give_the_same_batches(i
     assert pinning.pin_memory
     for batches in (on_device, list(pinning)):
         assert all(torch.equal(a, b) and b.device == trainer.strategy.root_device for a, b in zip(plain, batches, strict=True))
+
+
+def test_compiled_step_follows_the_lr_schedule_without_recompiling_and_in_its_gpu_values(monkeypatch):
+    """CompiledAdamW against torch's AdamW after Lightning's clipping, step by step over a warm-up and a decay:
+    the same weights, compiled once for the whole schedule (its LR is a tensor filled in place), in its GPU values
+    (capturable=True: the step counter and the LR stay on the device), which a CPU can run inside torch.compile. Its state_dict is plain AdamW's: a float LR, not capturable."""
+    from torch._dynamo.utils import counters
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from ddpm_lightning.optim import CompiledAdamW
+
+    def make(cls, **kwargs):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        optimizer = cls(net.parameters(), lr=1e-2, weight_decay=0.01, **kwargs)
+        return net, optimizer, LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 3) * 0.9**step)
+
+    plain, plain_opt, plain_lr = make(torch.optim.AdamW)
+    compiled, compiled_opt, compiled_lr = make(CompiledAdamW, clip_val=0.05)
+    for group in compiled_opt.param_groups:  # what its first step does on a GPU (on a CPU: capturable=False)
+        group["lr"] = torch.tensor(group["lr"])
+        group["capturable"] = True
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(6):
+            x = torch.randn(5, 8, generator=torch.Generator().manual_seed(step))
+            for net, opt in ((plain, plain_opt), (compiled, compiled_opt)):
+                opt.zero_grad(set_to_none=False)
+                net(x).square().mean().backward()
+            assert torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.05) > 0.05  # the clip has work to do
+            plain_opt.step()
+            compiled_opt.step()
+            plain_lr.step()
+            compiled_lr.step()
+            for a, b in zip(plain.parameters(), compiled.parameters(), strict=True):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 2  # the clip, and the update (torch breaks the graph at step)
+    assert isinstance(compiled_opt.param_groups[0]["lr"], torch.Tensor)
+    assert compiled_opt.param_groups[0]["lr"].item() == pytest.approx(plain_opt.param_groups[0]["lr"])
+    saved = compiled_opt.state_dict()["param_groups"][0]
+    assert type(saved["lr"]) is float and saved["capturable"] is False
+    plain_opt.load_state_dict(compiled_opt.state_dict())  # a checkpoint of it resumes without it
+
+
+def test_compiled_step_refuses_fused_adamw():
+    model = DDPMModule(unet=TINY_UNET, image_size=16, compile_optimizer=True, fused_adamw=True)
+    trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False)
+    with pytest.raises(ValueError, match="model.fused_adamw false"):
+        trainer.fit(model, tiny_batches())

@@ -1,0 +1,63 @@
+"""`CompiledAdamW`: gradient clipping and the AdamW update as one torch.compile'd function.
+
+Eager, a step of the tutorial's UNet is hundreds of small kernels (a norm per tensor, then the update); compiled
+with `mode="reduce-overhead"` on a GPU it is two CUDA graphs, two launches: the clip, and the update (torch's
+`Optimizer.step` breaks the graph at its entry on purpose, pytorch#104053). What a graph needs, and how it is met:
+- the learning rate is a tensor on the parameters' device that the LR schedule fills in place each step (as a
+  float it would be a constant of the graph: one recompile per step); `state_dict` saves it as a float, so a
+  checkpoint is plain AdamW's and resumes with or without this class;
+- `capturable=True` on a GPU, so the step counter stays on the device (no host read per step);
+- clipping by norm stays on the device (no `error_if_nonfinite` read);
+- gradients keep their storage between steps: `DDPMModule.optimizer_zero_grad` zeroes them in place instead of
+  freeing them, so the graph reads the same addresses every step.
+The loss closure (forward and backward, compiled separately by `DDPMModule`) runs eagerly before the compiled
+step. Under 16-mixed, GradScaler still unscales before the step and skips it on overflow (a host read per step:
+bf16-mixed has none).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+
+class CompiledAdamW(torch.optim.AdamW):
+    """AdamW whose `step` clips the gradients (total norm or value, as Lightning's `gradient_clip_*` keys say) and
+    updates the weights in one compiled function. See the module docstring."""
+
+    def __init__(self, params, clip_val: float | None = None, clip_algorithm: str = "norm",
+                 compile_mode: str = "default", **adamw: Any):
+        super().__init__(params, foreach=None, fused=None, **adamw)
+        self.clip_val = clip_val
+        self.clip_algorithm = clip_algorithm
+        self._compiled_step = torch.compile(self._clip_and_update, mode=compile_mode, dynamic=False)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:  # Lightning's forward + backward: not part of the compiled function
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if not isinstance(group["lr"], torch.Tensor):  # the first step, or just resumed from a checkpoint
+                device = group["params"][0].device
+                group["lr"] = torch.tensor(float(group["lr"]), device=device)
+                group["capturable"] = device.type == "cuda"
+        self._compiled_step()
+        return loss
+
+    def _clip_and_update(self) -> None:
+        if self.clip_val:
+            grads = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            if self.clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(grads, self.clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(grads, self.clip_val)
+        super().step()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        for group in state["param_groups"]:  # plain AdamW's values: a float LR, not capturable
+            group["lr"] = float(group["lr"])
+            group["capturable"] = False
+        return state
