@@ -19,9 +19,8 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
-from conftest import REPO
+from conftest import MICRO_UNET, REPO
 from ddpm_lightning.cli import main
-from test_speed_switches import MICRO_UNET
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 BASE = REPO / "configs" / "butterflies.yaml"
