@@ -1,4 +1,5 @@
-"""Tiny image folders made on the fly, and a helper that runs `ddpm-lightning fit` through `main([...])`."""
+"""What the tests share: tiny image folders made on the fly, the tests' tiny UNets, `fit_args` for running
+`ddpm-lightning fit` through `main([...])`, TensorBoard readers, and callbacks passed by class path."""
 
 from __future__ import annotations
 
