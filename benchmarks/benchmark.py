@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 sys.path.insert(0, str(ROOT))  # `benchmarks.benchmark.StepTimer` must import by name for --trainer.callbacks
 
 import accelerate  # noqa: E402
@@ -50,6 +51,7 @@ import datasets  # noqa: E402
 import diffusers  # noqa: E402
 import lightning  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from diffusers import UNet2DModel  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
@@ -155,7 +157,7 @@ def run_project(a, project_args: str, batch_size: int, image_dir: str, grids: bo
     }
     with tempfile.TemporaryDirectory() as tmp:
         argv = [
-            "fit", "--config", str(ROOT / "configs" / ("tiny.yaml" if a.tiny else "butterflies.yaml")),
+            "fit", "--config", str(TINY_CONFIG if a.tiny else ROOT / "configs" / "butterflies.yaml"),
             "--model.unet", json.dumps(a.unet),  # the tutorial loop's UNet, whatever the config holds
             "--data.dataset", image_dir,
             "--data.image_size", str(a.image_size),
@@ -256,7 +258,8 @@ def main() -> None:
         if getattr(a, key) is None:
             setattr(a, key, tiny if a.tiny else full)
     a.project_args = a.project_args or [""]
-    a.unet = tutorial_loop.TINY_UNET if a.tiny else tutorial_loop.TUTORIAL_UNET
+    # --tiny: configs/tiny.yaml's UNet, the one its project side trains anyway (as gpu_smoke.py --cpu reads it)
+    a.unet = yaml.safe_load(TINY_CONFIG.read_text())["model"]["unet"] if a.tiny else tutorial_loop.TUTORIAL_UNET
     batch_sizes = [int(b) for b in a.batch_sizes.split(",")]
     workers = [int(w) for w in a.workers.split(",")]
 

@@ -38,15 +38,6 @@ TUTORIAL_UNET = dict(
     down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
 )
-# The benchmarks' --tiny smoke-test UNet (configs/tiny.yaml's), for both sides.
-TINY_UNET = dict(
-    in_channels=3,
-    out_channels=3,
-    layers_per_block=1,
-    block_out_channels=(32, 64),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-)
 
 
 def tutorial_step(batch, model, noise_scheduler, accelerator, optimizer, lr_scheduler) -> torch.Tensor:

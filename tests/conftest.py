@@ -1,7 +1,9 @@
-"""Tiny image folders made on the fly, and a helper that runs `ddpm-lightning fit` through `main([...])`."""
+"""What the tests share: tiny image folders made on the fly, the tests' tiny UNets, `fit_args` for running
+`ddpm-lightning fit` through `main([...])`, TensorBoard readers, and callbacks passed by class path."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -15,8 +17,28 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 HELICONIUS = REPO.parent / "shared" / "data" / "heliconius" / "train"
 
-# The tiny.yaml UNet at 16 px with 4-image grids and 2 sampling steps: a few seconds per fit on 2 CPU cores.
-FAST = [
+# The tests' UNets. Their own, not configs/tiny.yaml's: that is a user config, tuned for the quality of its grid,
+# and retuning it must not slow down or change the tests.
+TINY_UNET = {
+    "layers_per_block": 1,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+}
+# Fewer kernels than TINY_UNET for the tests that compile (inductor's CPU compile dominates their time).
+MICRO_UNET = {
+    "layers_per_block": 1,
+    "block_out_channels": [16],
+    "norm_num_groups": 8,
+    "down_block_types": ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"],
+    "add_attention": False,
+}
+
+# CLI overrides for a run in seconds on 2 CPU cores: TINY_UNET at 16 px with 4-image grids and 2 sampling steps
+# (the rest of the run as configs/tiny.yaml sets it).
+TINY_RUN_ARGS = [
+    "--model.unet", json.dumps(TINY_UNET),
     "--data.image_size", "16",
     "--data.train_batch_size", "4",
     "--data.num_workers", "0",
@@ -66,42 +88,41 @@ def fit_args(dataset: Path, out: Path, *extra: str) -> list[str]:
         "fit", "-c", str(TINY_CONFIG),
         "--data.dataset", str(dataset),
         "--output_dir", str(out),
-        *FAST,
+        *TINY_RUN_ARGS,
         *extra,
     ]
 
 
+def tiny_module(**kwargs):
+    """A DDPMModule with TINY_UNET at 16 px, for tests that drive it without the CLI."""
+    from ddpm_lightning.module import DDPMModule
+
+    return DDPMModule(unet=TINY_UNET, image_size=16, **kwargs)
+
+
+def tb_events(log_dir: Path, tag: str, kind: str = "scalars") -> list:
+    """Every event of a TensorBoard tag (kind "scalars" or "images"), over every events file in log_dir, in
+    order, none dropped (a step written twice is there twice)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = []
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(path), size_guidance={kind: 0})
+        acc.Reload()
+        if tag in acc.Tags()[kind]:
+            events += acc.Scalars(tag) if kind == "scalars" else acc.Images(tag)
+    return events
+
+
 def scalars(log_dir: Path, tag: str) -> dict[int, float]:
-    """{step: value} of a TensorBoard scalar, over every events file in log_dir."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = {}
-    for events in sorted(log_dir.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
-
-
-def scalar_steps(log_dir: Path, tag: str) -> list[int]:
-    """Every step a scalar was written at, duplicates kept, over every events file."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    steps = []
-    for events in sorted(log_dir.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            steps += [e.step for e in acc.Scalars(tag)]
-    return steps
+    """{step: value} of a TensorBoard scalar (a step written twice keeps its last value)."""
+    return {e.step: e.value for e in tb_events(log_dir, tag)}
 
 
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
-
 
 
 class StopAtStep(Callback):

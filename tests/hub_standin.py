@@ -12,7 +12,7 @@ send in huggingface_hub 2.x (read from its source: hf_api.py, _upload_pipeline.p
          -> {"files": [{"path", "uploadMode": "regular", "shouldIgnore": false, "oid": <git sha1 or null>}]}
          | 403 for a repo added with `writable=False`
     POST /api/models/{ns}/{name}/commit/{rev}      NDJSON: {"key": "header", ...} then {"key": "file", "value":
-         {"path", "content" (base64), "encoding": "base64"}} / "deletedFile" / "deletedFolder" lines
+         {"path", "content" (base64), "encoding": "base64"}} lines (upload_folder without delete_patterns)
          -> 200 {"commitUrl", "commitOid", ...} | 500 while `fail_commits` is set | 403 (not writable)
 
 Every file is answered "regular", so contents travel base64-inline in the commit and the client never takes
@@ -53,7 +53,6 @@ class Commit:
     description: str
     oid: str
     files: dict[str, bytes] = field(default_factory=dict)  # added or overwritten by this commit
-    deleted: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -94,8 +93,6 @@ class HubStandIn:
         # Switches a test flips: commits answer HTTP 500; create_repo answers 403 (no write access).
         self.fail_commits = False
         self.deny_create = False
-        # Set to a threading.Event to hold every commit until the event is set (to observe work in flight).
-        self.commit_gate: threading.Event | None = None
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -134,17 +131,16 @@ class HubStandIn:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def api(self, **kwargs):
+    def api(self):
         """A real `HfApi` client pointed at this stand-in, with its fake token."""
         from huggingface_hub import HfApi
 
-        return HfApi(endpoint=self.endpoint, token=kwargs.pop("token", self.token), **kwargs)
+        return HfApi(endpoint=self.endpoint, token=self.token)
 
-    def add_repo(self, repo_id: str, private: bool = False, files: dict[str, bytes] | None = None,
-                 writable: bool = True) -> Repo:
+    def add_repo(self, repo_id: str, private: bool = False, writable: bool = True) -> Repo:
         """Make a repo exist already (`writable=False`: one the token can read but not write)."""
         with self._lock:
-            repo = self.repos[repo_id] = Repo(repo_id, private, files=dict(files or {}), writable=writable)
+            repo = self.repos[repo_id] = Repo(repo_id, private, writable=writable)
             return repo
 
     def calls(self) -> list[tuple[str, str]]:
@@ -155,9 +151,6 @@ class HubStandIn:
 
     def handle(self, method: str, path: str, headers, body: bytes) -> tuple[int, dict]:
         parts = [unquote(p) for p in urlsplit(path).path.strip("/").split("/")]
-        gate = self.commit_gate
-        if gate is not None and method == "POST" and len(parts) == 6 and parts[4] == "commit":
-            gate.wait(timeout=10)  # outside the lock: other requests are still answered meanwhile
         with self._lock:
             self.requests.append(Request(method, urlsplit(path).path, headers.get("Authorization")))
             if not (headers.get("Authorization") or "").startswith("Bearer "):
@@ -233,7 +226,6 @@ class HubStandIn:
             raise _HTTPError(500, "Internal Error - the stand-in was told to fail commits")
         header: dict = {}
         added: dict[str, bytes] = {}
-        deleted: list[str] = []
         for line in body.splitlines():
             if not line.strip():
                 continue
@@ -245,21 +237,15 @@ class HubStandIn:
                 if value.get("encoding") != "base64":
                     raise _HTTPError(400, f"unsupported encoding {value.get('encoding')!r}")
                 added[value["path"]] = base64.b64decode(value["content"])
-            elif key == "deletedFile":
-                deleted.append(value["path"])
-            elif key == "deletedFolder":
-                deleted.extend(p for p in repo.files if p.startswith(value["path"].rstrip("/") + "/"))
-            else:  # lfsFile, copies...: never asked for, since preupload answers "regular" for every file
+            else:  # lfsFile, deletions, copies...: never asked for (regular files only, no delete_patterns)
                 raise _HTTPError(422, f"The stand-in does not accept {key!r} commit operations")
         if not header:
             raise _HTTPError(400, "commit payload has no header line")
         oid = hashlib.sha1(f"{repo_id}:{len(self.commits)}:{header.get('summary')}".encode()).hexdigest()
-        for path in deleted:
-            repo.files.pop(path, None)
         repo.files.update(added)
         repo.sha = oid
         self.commits.append(
-            Commit(repo_id, revision, header.get("summary", ""), header.get("description", ""), oid, added, deleted)
+            Commit(repo_id, revision, header.get("summary", ""), header.get("description", ""), oid, added)
         )
         return {"commitUrl": f"{self.endpoint}/{repo_id}/commit/{oid}", "commitOid": oid, "success": True,
                 "pullRequestUrl": None}

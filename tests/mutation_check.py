@@ -32,6 +32,7 @@ PIPELINE = T + "test_module.py::test_sample_equals_ddpm_pipeline_on_the_same_une
 SWITCHES = T + "test_module.py::test_speed_switches_take_effect_in_a_training_step"
 FIT_QUALITY = T + "test_promises.py::test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image"
 BETAS = T + "test_promises.py::test_beta_schedule_reaches_the_noise_schedule"
+HUB = T + "test_hub.py::"
 EMA_GUARD = "if self.ema is not None and self.trainer.global_step != self._ema_step:"
 
 # name: (file, old text, new text, tests that must fail)
@@ -127,6 +128,24 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ddpm_lightning/commands.py", "[image_generator(seed, i) for i in indices]",
         "[image_generator(seed + num_images, i) for i in indices]",
         [T + "test_promises.py::test_asking_for_more_images_keeps_the_first_ones"]),
+    "hub_repo_created_public": (
+        "ddpm_lightning/hub.py", "private=self.private,", "private=False,",
+        [HUB + "test_create_repo_asks_for_the_visibility_and_takes_the_full_repo_id"]),
+    "hub_failed_upload_raises": (
+        "ddpm_lightning/hub.py", "            self.failures += 1\n", "            raise\n",
+        [HUB + "test_failed_upload_warns_counts_and_the_next_one_succeeds"]),
+    "hub_upload_does_not_wait_for_the_last": (
+        "ddpm_lightning/hub.py", "        self.wait()\n        self._pending = ", "        self._pending = ",
+        [HUB + "test_failed_upload_warns_counts_and_the_next_one_succeeds"]),
+    "hub_intermediate_folders_published": (
+        "ddpm_lightning/hub.py", "ignore_patterns=list(IGNORE_PATTERNS),", "ignore_patterns=None,",
+        [HUB + "test_save_model_creates_the_repo_uploads_the_saved_pipeline_and_waits_at_fit_end"]),
+    "hub_fit_end_does_not_wait": (
+        "ddpm_lightning/callbacks.py",
+        "    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:\n"
+        "        if self.uploader is not None:\n            self.uploader.wait()\n",
+        "    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:\n        pass\n",
+        [HUB + "test_save_model_creates_the_repo_uploads_the_saved_pipeline_and_waits_at_fit_end"]),
     "tutorial_config_value_changed": (
         "configs/butterflies.yaml", "max_epochs: 50 ", "max_epochs: 500",
         [T + "test_cli.py::test_print_config_shows_tutorial_keys"]),

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import yaml
+
 from conftest import HELICONIUS, REPO
 
 
@@ -65,4 +67,7 @@ def test_benchmark_tiny_with_end_to_end_row(tmp_path):
     assert [r["run"] for r in e2e["runs"]] == ["tutorial nw=0", "project --trainer.precision bf16-mixed"]
     assert all(r["steps"] == 3 and r["wall_s"] > 0 for r in e2e["runs"])
     assert len(e2e["comparisons"]) == 1 and "End to end" in report["markdown"]
+    welch = e2e["comparisons"][0]["loss_test"]  # scipy's Welch test ran (scipy is in the test extra)
+    assert 0 <= welch["p"] <= 1 and welch["within_noise"] == (welch["p"] > 0.01) and "Welch t =" in report["markdown"]
+    assert report["settings"]["unet"] == yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())["model"]["unet"]
     assert (out_dir / "grids.png").is_file() and (out_dir / "end_to_end.json").is_file()

@@ -11,10 +11,9 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from conftest import write_image
+from conftest import tiny_module, write_image
 from ddpm_lightning.callbacks import SaveModel
 from ddpm_lightning.card import is_hub_dataset, write_model_card, write_run_card
-from test_module import tiny_module
 
 USAGE = 'from diffusers import DDPMPipeline\npipeline = DDPMPipeline.from_pretrained("{}")\nimage = pipeline().images[0]'
 

@@ -15,7 +15,7 @@ import yaml
 from diffusers import DDPMPipeline
 from PIL import Image
 
-from conftest import HELICONIUS, REPO, child_env, fit_args, scalar_steps, scalars
+from conftest import HELICONIUS, REPO, child_env, fit_args, scalars, tb_events
 from ddpm_lightning.cli import main
 
 
@@ -69,7 +69,7 @@ def test_resume_from_last_continues_to_max_steps(image_folder, tmp_path):
     assert final["lr_schedulers"][0]["last_epoch"] == 10
     assert final["optimizer_states"][0]["state"][0]["step"] == 10
     # the same log folder continues: every step once, from both runs
-    assert sorted(scalar_steps(out / "logs", "train/loss")) == list(range(10))
+    assert sorted(e.step for e in tb_events(out / "logs", "train/loss")) == list(range(10))
     assert not (out / "logs" / "version_1").exists()
 
 

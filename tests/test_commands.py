@@ -16,7 +16,8 @@ from conftest import fit_args, write_image
 from ddpm_lightning.cli import main
 from ddpm_lightning.commands import CommandError, grid_shape, load_checkpoint, make_sampler, sample
 
-FAST = ["--num_inference_steps", "2"]
+# `sample` in 2 denoising steps (not the sampler's default count): seconds on a CPU.
+TWO_SAMPLING_STEPS = ["--num_inference_steps", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def pixels(path: Path) -> np.ndarray:
 def test_sample_from_checkpoint_writes_images_and_grid(trained, tmp_path):
     ckpt = str(trained / "checkpoints" / "run" / "last.ckpt")
     out = tmp_path / "a"
-    main(["sample", ckpt, "--num_images", "6", "--batch_size", "6", "--sampler", "ddim", *FAST, "--output_dir", str(out)])
+    main(["sample", ckpt, "--num_images", "6", "--batch_size", "6", "--sampler", "ddim", *TWO_SAMPLING_STEPS, "--output_dir", str(out)])
     images = pngs(out)
     assert [p.name for p in images] == [f"{i:06d}.png" for i in range(6)]
     assert all(Image.open(p).size == (16, 16) and Image.open(p).mode == "RGB" for p in images)
@@ -57,11 +58,11 @@ def test_sample_from_checkpoint_writes_images_and_grid(trained, tmp_path):
 
     # the same seed: the same bytes; another seed: other images
     again = tmp_path / "b"
-    main(["sample", ckpt, "--num_images", "6", "--batch_size", "6", "--sampler", "ddim", *FAST, "--output_dir", str(again)])
+    main(["sample", ckpt, "--num_images", "6", "--batch_size", "6", "--sampler", "ddim", *TWO_SAMPLING_STEPS, "--output_dir", str(again)])
     assert [p.read_bytes() for p in pngs(again)] == [p.read_bytes() for p in images]
     assert (again / "grid.png").read_bytes() == (out / "grid.png").read_bytes()
     other = tmp_path / "c"
-    main(["sample", ckpt, "--num_images", "2", "--sampler", "ddim", *FAST, "--seed", "1", "--output_dir", str(other)])
+    main(["sample", ckpt, "--num_images", "2", "--sampler", "ddim", *TWO_SAMPLING_STEPS, "--seed", "1", "--output_dir", str(other)])
     assert all(a.read_bytes() != b.read_bytes() for a, b in zip(pngs(other), images))
 
 
@@ -89,9 +90,9 @@ def test_a_saved_folder_gets_the_same_sampler_as_the_checkpoint_and_the_grids(tr
 
 
 def test_sample_from_saved_folder_matches_the_checkpoints_ema_weights(trained, tmp_path):
-    main(["sample", str(trained / "run"), "--num_images", "3", "--sampler", "dpmsolver++", *FAST,
+    main(["sample", str(trained / "run"), "--num_images", "3", "--sampler", "dpmsolver++", *TWO_SAMPLING_STEPS,
           "--output_dir", str(tmp_path / "folder")])
-    main(["sample", str(trained / "checkpoints" / "run" / "last.ckpt"), "--num_images", "3", "--sampler", "dpmsolver++", *FAST,
+    main(["sample", str(trained / "checkpoints" / "run" / "last.ckpt"), "--num_images", "3", "--sampler", "dpmsolver++", *TWO_SAMPLING_STEPS,
           "--output_dir", str(tmp_path / "ckpt")])
     from_folder, from_ckpt = pngs(tmp_path / "folder"), pngs(tmp_path / "ckpt")
     assert len(from_folder) == 3 and Image.open(tmp_path / "folder" / "grid.png").size == (48, 16)

@@ -20,10 +20,9 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
-from conftest import REPO
+from conftest import MICRO_UNET, REPO
 from ddpm_lightning.cli import main
 from ddpm_lightning.optim import CompiledAdamW
-from test_speed_switches import MICRO_UNET
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 BASE = REPO / "configs" / "butterflies.yaml"

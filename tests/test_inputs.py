@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch import Callback
 from PIL import Image
 
-from conftest import FAST, TINY_CONFIG, child_env, fit_args, write_image
+from conftest import TINY_CONFIG, TINY_RUN_ARGS, child_env, fit_args, write_image
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import ImageDataModule
 
@@ -115,7 +115,7 @@ def test_validate_without_validation_images_fails_with_the_fix(image_folder, tmp
     with zipfile.ZipFile(fake, "w") as archive:  # readable as an archive: the check must come from validate itself
         archive.writestr("data.pkl", b"")
     with pytest.raises(ValueError, match="validate needs held-out images: set --data.val_dataset or --data.val_fraction"):
-        main(["validate", "-c", str(TINY_CONFIG), "--data.dataset", str(image_folder), *FAST, "--ckpt_path", str(fake)])
+        main(["validate", "-c", str(TINY_CONFIG), "--data.dataset", str(image_folder), *TINY_RUN_ARGS, "--ckpt_path", str(fake)])
 
 
 @pytest.mark.parametrize("key, value", [

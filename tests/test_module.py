@@ -7,19 +7,9 @@ import torch
 from types import SimpleNamespace
 from lightning.pytorch import Trainer
 
+from conftest import TINY_UNET, tiny_module
 from ddpm_lightning.callbacks import SampleGrid, grid_shape
 from ddpm_lightning.module import TUTORIAL_UNET, DDPMModule
-
-TINY_UNET = {
-    "layers_per_block": 1,
-    "block_out_channels": [32, 64],
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-}
-
-
-def tiny_module(**kwargs) -> DDPMModule:
-    return DDPMModule(unet=TINY_UNET, image_size=16, **kwargs)
 
 
 def test_tutorial_unet_by_default():

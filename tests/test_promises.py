@@ -15,10 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, child_env, fit_args, scalars
+from conftest import REPO, child_env, fit_args, scalars, tb_events, tiny_module
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import CachedImages, ImageDataModule, ResizedImages
-from test_module import tiny_module
 
 
 def coloured(n: int, red: int = 0) -> datasets.Dataset:
@@ -108,8 +107,6 @@ def test_bf16_mixed_trains_on_cpu_under_bf16_autocast(image_folder, tmp_path, mo
 def test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image(image_folder, tmp_path):
     """quality.every_n_epochs 2 over 2 epochs: FID/KID once, after epoch 2, as finite numbers; the grid of each
     epoch is also TensorBoard's `samples` image, with the PNG's pixels."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     out = tmp_path / "run"
     main(fit_args(image_folder, out, "--trainer.max_epochs", "2", "--data.val_fraction", "0.5",
                   "--grid.save_image_epochs", "1", "--quality.every_n_epochs", "2",
@@ -122,12 +119,7 @@ def test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image(image_folder, tmp
         assert all(math.isfinite(v) for v in values.values())
     assert len(scalars(out / "logs", "val/loss")) == 2  # validation ran both epochs; FID only on the 2nd
 
-    images = {}
-    for events in sorted((out / "logs").glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"images": 0})
-        acc.Reload()
-        if "samples" in acc.Tags()["images"]:
-            images.update({e.step: e for e in acc.Images("samples")})
+    images = {e.step: e for e in tb_events(out / "logs", "samples", "images")}
     assert sorted(images) == [steps_per_epoch, 2 * steps_per_epoch]
     logged = np.asarray(Image.open(io.BytesIO(images[2 * steps_per_epoch].encoded_image_string)).convert("RGB"), np.int16)
     png = np.asarray(Image.open(out / "samples" / "0001.png").convert("RGB"), np.int16)

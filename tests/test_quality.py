@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from conftest import fit_args, scalars
+from conftest import fit_args, scalars, tiny_module
 from ddpm_lightning.cli import main
-from test_module import TINY_UNET, tiny_module
 
 
 def test_ema_follows_the_warmup_formula_once_per_optimizer_step(image_folder, tmp_path, monkeypatch):

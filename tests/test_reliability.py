@@ -13,7 +13,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from conftest import child_env, fit_args, scalar_steps, scalars
+from conftest import child_env, fit_args, scalars, tb_events
 from ddpm_lightning.checkpointing import AtomicCheckpointIO
 from ddpm_lightning.cli import main
 
@@ -43,7 +43,7 @@ def test_signal_saves_last_checkpoint_exits_cleanly_and_resume_finishes(image_fo
 
     main([*args, "--ckpt_path", "last"])
     assert last_step(ckpts) == 90
-    steps = scalar_steps(out / "logs", "train/loss")
+    steps = [e.step for e in tb_events(out / "logs", "train/loss")]
     assert sorted(set(steps)) == list(range(90))  # no step lost; the one in flight at the signal may log twice
 
 
@@ -207,7 +207,7 @@ def test_fp16_overflow_skips_the_update_and_the_schedule_and_ema_count_it_as_doc
     from lightning.pytorch.plugins import MixedPrecision
 
     from ddpm_lightning.data import ImageDataModule
-    from test_module import tiny_module
+    from conftest import tiny_module
 
     model = tiny_module(use_ema=True, lr_warmup_steps=2)
     model.on_after_backward = lambda: (  # overflow in the backward pass of step 2

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import fit_args, scalar_steps, scalars, write_image
+from conftest import fit_args, scalars, tb_events, write_image
 from ddpm_lightning.cli import main
 
 NO_SAVES = ["--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
@@ -123,7 +123,7 @@ def test_each_run_has_its_own_last_checkpoint(twelve, tmp_path):
     assert (tmp_path / "checkpoints" / "out2" / "last.ckpt").is_file()
     main(fit_args(twelve, tmp_path / "out", *NO_SAVES, "--trainer.max_epochs", "3", "--ckpt_path", "last"))
     # Run 1 stopped at step 6: the resumed run logs steps 6-8 after them, none twice (run 2's would restart at 3).
-    assert scalar_steps(tmp_path / "out" / "logs", "train/loss") == list(range(9))
+    assert [e.step for e in tb_events(tmp_path / "out" / "logs", "train/loss")] == list(range(9))
     assert state(tmp_path / "checkpoints" / "out" / "last.ckpt")[0] == 9
     assert state(tmp_path / "checkpoints" / "out2" / "last.ckpt")[0] == 3
 
@@ -158,7 +158,7 @@ def test_fresh_run_into_a_used_output_dir_is_refused_and_overwrite_starts_it_aga
     with pytest.raises(FileExistsError, match=r"already holds a run .*--output_dir.*--overwrite true"):
         main(fit_args(twelve, out, *NO_SAVES, "--trainer.max_epochs", "1"))
     main(fit_args(twelve, out, *NO_SAVES, "--trainer.max_epochs", "1", "--overwrite", "true"))
-    assert scalar_steps(out / "logs", "train/loss") == [0, 1, 2]  # one run's curve, not two merged
+    assert [e.step for e in tb_events(out / "logs", "train/loss")] == [0, 1, 2]  # one run's curve, not two merged
     assert (out / "notes.txt").read_text() == "mine"
 
 

@@ -10,25 +10,14 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision import transforms
 from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import make_grid
 
-from conftest import fit_args, scalars
+from conftest import fit_args, scalars, tb_events
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import find_images
 from ddpm_lightning.monitor import training_flops_per_image
-
-
-def tb_images(log_dir, tag: str) -> list:
-    events = []
-    for path in sorted(log_dir.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(path))
-        acc.Reload()
-        if tag in acc.Tags()["images"]:
-            events += acc.Images(tag)
-    return events
 
 
 def test_data_grid_throughput_bars_and_summary_then_resume(image_folder, tmp_path, capfd, caplog):
@@ -44,7 +33,7 @@ def test_data_grid_throughput_bars_and_summary_then_resume(image_folder, tmp_pat
     written = torch.from_numpy(np.array(Image.open(out / "samples" / "data.png").convert("RGB"))).permute(2, 0, 1)
     assert torch.equal(written, grid)
     logs = out / "logs"
-    [event] = tb_images(logs, "data/images")
+    [event] = tb_events(logs, "data/images", "images")
     assert (event.width, event.height, event.step) == (64, 48, 0)
 
     # Throughput on the log cadence (every step here, a window of 2 log steps): 6 steps -> steps 2..6.
@@ -77,7 +66,7 @@ def test_data_grid_throughput_bars_and_summary_then_resume(image_folder, tmp_pat
     caplog.clear()
     main([*args, "--trainer.max_epochs", "3", "--ckpt_path", "last"])
     shown = "".join(capfd.readouterr())
-    assert not (out / "samples" / "data.png").exists() and len(tb_images(logs, "data/images")) == 1
+    assert not (out / "samples" / "data.png").exists() and len(tb_events(logs, "data/images", "images")) == 1
     summary = json.loads((out / "run_summary.json").read_text())
     assert (summary["images_seen"], summary["optimizer_steps"], summary["last_grid"]) == (12, 9, str(out / "samples" / "0002.png"))
     assert "Caching" not in shown and "Grid of" not in shown and "img/s" not in shown and "Run summary" in caplog.text

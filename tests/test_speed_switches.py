@@ -12,28 +12,11 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
-from conftest import fit_args
+from conftest import MICRO_UNET, TINY_UNET, fit_args
 from ddpm_lightning.callbacks import SampleGrid
 from ddpm_lightning.cli import main
 from ddpm_lightning.module import DDPMModule
 from ddpm_lightning.precision import FusedClipMixedPrecision
-
-TINY_UNET = {
-    "layers_per_block": 1,
-    "block_out_channels": [32, 64],
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-}
-
-# Fewer kernels than TINY_UNET for the tests that compile (inductor's CPU compile dominates their time).
-MICRO_UNET = {
-    "layers_per_block": 1,
-    "block_out_channels": [16],
-    "norm_num_groups": 8,
-    "down_block_types": ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"],
-    "add_attention": False,
-}
 
 
 def grad_norm(module) -> float:
