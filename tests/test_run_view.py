@@ -17,7 +17,7 @@ from torchvision.utils import make_grid
 
 from conftest import fit_args, scalars
 from ddpm_lightning.cli import main
-from ddpm_lightning.data import find_images
+from ddpm_lightning.sources import find_images
 from ddpm_lightning.monitor import training_flops_per_image
 
 
