@@ -81,9 +81,8 @@ class SampleGrid(Callback):
         (a grid drawn by rank 0 alone could outlast the collective timeout of the ranks waiting for it)."""
         bar = progress_bar(trainer, f"Grid of {self.eval_batch_size} ({self.sampler})", self.num_inference_steps, "step")
         images = sample_share(trainer, pl_module, self.eval_batch_size, self.sampler, self.num_inference_steps,
-                              self.seed, self.autocast, None if bar is None else bar.update)
-        if bar is not None:
-            bar.close()
+                              self.seed, self.autocast, bar.update)
+        bar.close()
         images = trainer.strategy.all_gather(images)  # collective on every rank; (world, share, C, H, W) with DDP
         images = images.flatten(0, 1)[: self.eval_batch_size] if images.dim() == 5 else images
         if not trainer.is_global_zero:

@@ -246,9 +246,8 @@ class PreemptionCheckpoint(Callback):
 
 
 class RNGStates(Callback):
-    """The torch, CUDA, numpy and Python RNG states in every checkpoint, restored on resume: Lightning keeps none,
-    and with them the noise, timestep and flip draws continue exactly. Saved in types that
-    `torch.load(weights_only=True)` accepts."""
+    """The torch, CUDA, numpy and Python RNG states in every checkpoint (in types `torch.load(weights_only=True)`
+    accepts), restored on resume: Lightning keeps none, and with them the noise, timestep and flip draws continue."""
 
     def state_dict(self) -> dict[str, Any]:
         kind, keys, pos, has_gauss, gauss = np.random.get_state()

@@ -5,11 +5,8 @@
     ddpm-lightning sample google/ddpm-cifar10-32                                  # a Hub model id
     ddpm-lightning export checkpoints/ddpm-butterflies-128/last.ckpt my-model --samples run/samples/0049.png
 
-A checkpoint's EMA weights are used whenever it has them (`model.use_ema`), as the saved folders do.
-
-Image `i` is drawn from its own generator, seeded from (`seed`, `i`): the same seed gives the same images
-whatever `batch_size` is (up to floating-point rounding of batched convolutions, at most a level of 8-bit
-colour in practice), and asking for more images keeps the first ones.
+A checkpoint's EMA weights are used whenever it has them (`model.use_ema`), as the saved folders do. Image `i`
+has its own generator (see `sample`). Sampling itself is sampling.py's.
 """
 
 from __future__ import annotations
@@ -25,6 +22,7 @@ import numpy as np
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
 from PIL import Image
+from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
 from .module import DDPMModule
@@ -130,12 +128,9 @@ def image_generator(seed: int, index: int) -> torch.Generator:
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     """An image in [0, 1], (C, H, W) with 1, 3 or 4 channels, as a PIL image (rounded as torchvision's save_image)."""
-    array = image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    if array.shape[2] == 1:
-        return Image.fromarray(array[:, :, 0], "L")
-    if array.shape[2] in (3, 4):
-        return Image.fromarray(array, "RGB" if array.shape[2] == 3 else "RGBA")
-    raise CommandError(f"Cannot write images with {array.shape[2]} channels as PNG (1, 3 or 4 can be written).")
+    if image.shape[0] not in (1, 3, 4):
+        raise CommandError(f"Cannot write images with {image.shape[0]} channels as PNG (1, 3 or 4 can be written).")
+    return to_pil_image(image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).cpu())
 
 
 def sample(

@@ -99,21 +99,16 @@ class ResizedImages(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.load(i)[0]
 
-
-class _TryItems(Dataset):
-    """ResizedImages whose items report a failure instead of raising it (for the decoding pass)."""
-
-    def __init__(self, images: ResizedImages):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, bool, str]:
-        try:
-            return *self.images.load(i), ""
-        except ValueError as err:
-            return None, False, str(err)
+    def try_load(self, indices: list[int]) -> list[tuple[torch.Tensor | None, bool, str]]:
+        """`load` of each image, or (None, False, why) where it fails: the decoding pass's collate_fn (so it runs
+        in the loader's workers), which counts failures instead of stopping at the first."""
+        results = []
+        for i in indices:
+            try:
+                results.append((*self.load(i), ""))
+            except ValueError as err:
+                results.append((None, False, str(err)))
+        return results
 
 
 class EpochSampler(DistributedSampler):
@@ -298,17 +293,15 @@ class ImageDataModule(LightningDataModule):
         """Decode and resize every image once, in `num_workers` processes; skip and count the unreadable ones."""
         pixels, smaller, failures = [], 0, []
         bar = progress_bar(self.trainer, f"Caching {len(images)} images", len(images), "image")
-        for batch in DataLoader(_TryItems(images), batch_size=32, num_workers=self.num_workers, collate_fn=list):
-            if bar is not None:
-                bar.update(len(batch))
+        for batch in DataLoader(range(len(images)), batch_size=32, num_workers=self.num_workers, collate_fn=images.try_load):
+            bar.update(len(batch))
             for tensor, small, error in batch:
                 if tensor is None:
                     failures.append(error)
                 else:
                     pixels.append(tensor)
                     smaller += small
-        if bar is not None:
-            bar.close()
+        bar.close()
         if failures:
             rank_zero_warn(
                 f"Skipped {len(failures)} of {len(images)} images that could not be read, e.g. "

@@ -31,12 +31,11 @@ from .sampling import save_grid
 log = logging.getLogger(__name__)
 
 
-def progress_bar(trainer, description: str, total: int, unit: str) -> Tqdm | None:
-    """Lightning's tqdm bar for long work outside the training loop, on rank 0 while the Trainer shows
-    progress bars (None, silent, otherwise). The caller updates and closes it."""
-    if trainer is None or trainer.progress_bar_callback is None or not trainer.is_global_zero:
-        return None
-    return Tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, leave=False, file=sys.stdout)
+def progress_bar(trainer, description: str, total: int, unit: str) -> Tqdm:
+    """Lightning's tqdm bar for long work outside the training loop, shown on rank 0 while the Trainer shows
+    progress bars (disabled, silent, otherwise). The caller updates and closes it."""
+    shown = trainer is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero
+    return Tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, leave=False, file=sys.stdout, disable=not shown)
 
 
 def training_flops_per_image(unet: UNet2DModel) -> int:

@@ -1,11 +1,9 @@
-"""Sampling, in one place: the inference samplers (`make_sampler`), DDPMPipeline's denoising loop (`denoise`),
-a rank's share of the images drawn during training (`sample_share`) and grids (`grid_shape`, `save_grid`).
+"""Sampling, in one place for the module, the callbacks and `ddpm-lightning sample`: the inference samplers
+(`make_sampler`), DDPMPipeline's denoising loop (`denoise`), a rank's share of the images drawn during training
+(`sample_share`) and grids (`grid_shape`, `save_grid`).
 
-    sampler = make_sampler(model.noise_scheduler, "ddim")   # or the scheduler config of a saved folder
-    images = denoise(model.unet, sampler, 50, torch.Generator().manual_seed(0), n=16)   # (16, C, H, W) in [0, 1]
-    save_grid(images, Path("grid.png"))                                                 # 4 x 4, no padding
-
-The module, the callbacks and `ddpm-lightning sample` all sample through these.
+    images = denoise(model.unet, make_sampler(model.noise_scheduler, "ddim"), 50, torch.Generator(), n=16)
+    save_grid(images, Path("grid.png"))  # 4 x 4, no padding
 """
 
 from __future__ import annotations
@@ -29,9 +27,8 @@ SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolv
 
 def make_sampler(noise_scheduler: SchedulerMixin | dict[str, Any], sampler: Sampler = "ddpm") -> SchedulerMixin:
     """A fresh `sampler` scheduler with the noise schedule of `noise_scheduler` (a scheduler or its config, e.g. a
-    saved folder's): the same whether it came from the training module, a checkpoint or a saved folder.
+    saved folder's), and its betas themselves: DDIM and DPM-Solver++ cannot build beta_schedule "sigmoid".
 
-    It gets the betas themselves: DDIM and DPM-Solver++ cannot build beta_schedule "sigmoid" from its name.
     diffusers' `from_config` passes on only the values a scheduler was given, not those it took by default
     (`_use_default_values`), but a config read back from a file has lost that list: a saved DDPMScheduler would
     then hand its default `timestep_spacing="leading"` to DPMSolverMultistepScheduler, whose own is "linspace".
@@ -88,12 +85,9 @@ def sample_share(trainer, pl_module, n: int, sampler: Sampler, steps: int, seed:
                  on_step=None) -> torch.Tensor:
     """This rank's share of n images (ceil(n / world size)) drawn by `pl_module.sample` during training, with the
     EMA weights when EMA is on, under the training precision's autocast when `autocast` (as the tutorial's
-    pipeline ran under Accelerate's).
-
+    pipeline ran under Accelerate's). Every rank draws, so none waits for another's sampling in a collective.
     Its own generator, one stream per rank: the draw neither depends on nor changes the training RNG (fork_rng
-    guards against library code that still draws from the global RNG). Every rank draws, so none waits for
-    another's sampling in a collective.
-    """
+    guards against library code that still draws from the global RNG)."""
     share = math.ceil(n / trainer.world_size)
     with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
         generator = torch.Generator(device="cpu").manual_seed(seed + 1_000_003 * trainer.global_rank)
