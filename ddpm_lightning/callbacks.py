@@ -186,9 +186,7 @@ class SampleQualityMetrics(Callback):
         self.feature = feature
         self.inception_weights = inception_weights
         self.quality: SampleQuality | None = None
-        self.unavailable = False
-        self.active = False
-        self.real_done = False
+        self.unavailable = self.active = self.real_done = False
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         validating = trainer.state.fn == "validate"

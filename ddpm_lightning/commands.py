@@ -127,10 +127,10 @@ def image_generator(seed: int, index: int) -> torch.Generator:
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
-    """An image in [0, 1], (C, H, W) with 1, 3 or 4 channels, as a PIL image (rounded as torchvision's save_image)."""
+    """A uint8 (C, H, W) tensor with 1, 3 or 4 channels as a PIL image (L, RGB or RGBA)."""
     if image.shape[0] not in (1, 3, 4):
         raise CommandError(f"Cannot write images with {image.shape[0]} channels as PNG (1, 3 or 4 can be written).")
-    return to_pil_image(image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).cpu())
+    return to_pil_image(image)
 
 
 def sample(
@@ -187,6 +187,7 @@ def sample(
             indices = range(start, min(start + batch_size, num_images))
             fresh = make_sampler(schedule, sampler)  # per batch: multistep solvers keep state
             batch = denoise(unet, fresh, steps, [image_generator(seed, i) for i in indices], len(indices), progress.update)
+            batch = batch.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).cpu()  # as torchvision's save_image rounds
             for i, image in zip(indices, batch):
                 path = out / f"{i:06d}.png"
                 to_pil(image).save(path)

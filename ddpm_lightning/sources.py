@@ -26,7 +26,7 @@ from PIL import Image
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 HUB_DATA_EXTENSIONS = (".parquet", ".arrow", ".csv", ".json", ".jsonl")
 
-#####
+
 def find_images(folder: Path) -> list[str]:
     """Every image file under `folder`, following links to folders (each real folder once: no cycles). Files of
     other types are counted and a few named in one warning (hidden files such as .DS_Store are not)."""
