@@ -59,7 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks import tutorial_loop  # noqa: E402
 from ddpm_lightning import cli  # noqa: E402
-from ddpm_lightning.data import find_images  # noqa: E402
+from ddpm_lightning.sources import find_images  # noqa: E402
 
 # argparse defaults, full run / --tiny; None means "all images".
 DEFAULTS = dict(
@@ -117,7 +117,7 @@ class StepTimer(Callback):
             if n:
                 sync()
                 t = time.perf_counter()
-                pl_module.sample(16, pl_module.make_scheduler(sampler), n, torch.Generator(device="cpu").manual_seed(0))
+                pl_module.sample(16, sampler, n, torch.Generator(device="cpu").manual_seed(0))
                 sync()
                 self.result[f"grid_{sampler}_{n}_seconds"] = time.perf_counter() - t
         RUNS.append(self.result)

@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ddpm_lightning.data import find_images
+    from ddpm_lightning.sources import find_images
 
     gpu = not a.cpu and torch.cuda.is_available()
     if not a.cpu and not gpu:

@@ -1,5 +1,5 @@
-"""When to draw grids, save (and publish) the model and measure sample quality. The module knows how; these
-decide when.
+"""When to draw grids, save (and publish) the model and measure sample quality. The module and sampling.py know
+how; these decide when and where the results go.
 
 Grids and saves happen at the end of every N-th epoch and at the end of the run. Every rank draws its share
 of a grid (so none waits on another's sampling) and rank 0 writes it; saving and uploading are rank 0's alone,
@@ -9,22 +9,18 @@ rank in `setup` and agree through a broadcast, where collective calls are safe.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 from pathlib import Path
 
 import torch
 from diffusers import DDPMPipeline
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from torchvision.utils import save_image
 
-from .data import progress_bar
 from .hub import HubUploader
 from .metrics import InceptionWeightsUnavailable, SampleQuality
-from .module import Sampler
+from .monitor import progress_bar
+from .sampling import Sampler, grid_shape, sample_share, save_grid
 
 log = logging.getLogger(__name__)
 
@@ -38,33 +34,6 @@ def is_last_epoch(trainer: Trainer) -> bool:
 
 def is_due(trainer: Trainer, every_n_epochs: int) -> bool:
     return (every_n_epochs > 0 and (trainer.current_epoch + 1) % every_n_epochs == 0) or is_last_epoch(trainer)
-
-
-def sample_share(
-    trainer: Trainer, pl_module, n: int, sampler: Sampler, steps: int, seed: int, autocast: bool = True, on_step=None
-) -> torch.Tensor:
-    """This rank's share of n images (ceil(n / world size)), drawn with the EMA weights when EMA is on, under
-    the training precision's autocast when `autocast` (as the tutorial's pipeline ran under Accelerate's).
-
-    Its own generator, one stream per rank: the draw neither depends on nor changes the training RNG (fork_rng
-    guards against library code that still draws from the global RNG). Every rank draws, so none waits for
-    another's sampling in a collective.
-    """
-    share = math.ceil(n / trainer.world_size)
-    with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
-        generator = torch.Generator(device="cpu").manual_seed(seed + 1_000_003 * trainer.global_rank)
-        precision = trainer.precision_plugin.forward_context() if autocast else contextlib.nullcontext()
-        with pl_module.ema_weights(), precision:
-            return pl_module.sample(share, pl_module.make_scheduler(sampler), steps, generator, on_step).float()
-
-
-def grid_shape(n: int, rows: int | None = None) -> tuple[int, int]:
-    """(rows, cols) of a grid of n images: `rows` if given, else as square as n allows (16 -> 4 x 4)."""
-    if rows is None:
-        rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
-    if rows < 1 or n % rows:
-        raise ValueError(f"eval_batch_size={n} images do not fill a grid of {rows} rows: make it a multiple of grid_rows.")
-    return rows, n // rows
 
 
 class SampleGrid(Callback):
@@ -98,13 +67,9 @@ class SampleGrid(Callback):
         grid_rows: int | None = None,
         autocast: bool = True,
     ):
-        self.output_dir = output_dir
-        self.save_image_epochs = save_image_epochs
-        self.eval_batch_size = eval_batch_size
-        self.num_inference_steps = num_inference_steps
-        self.sampler = sampler
-        self.seed = seed
-        self.rows, self.cols = grid_shape(eval_batch_size, grid_rows)
+        self.rows = grid_shape(eval_batch_size, grid_rows)[0]  # (checked now, before any training)
+        self.output_dir, self.save_image_epochs, self.eval_batch_size = output_dir, save_image_epochs, eval_batch_size
+        self.sampler, self.num_inference_steps, self.seed = sampler, num_inference_steps, seed
         self.autocast = autocast
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -116,20 +81,14 @@ class SampleGrid(Callback):
         (a grid drawn by rank 0 alone could outlast the collective timeout of the ranks waiting for it)."""
         bar = progress_bar(trainer, f"Grid of {self.eval_batch_size} ({self.sampler})", self.num_inference_steps, "step")
         images = sample_share(trainer, pl_module, self.eval_batch_size, self.sampler, self.num_inference_steps,
-                              self.seed, self.autocast, None if bar is None else bar.update)
-        if bar is not None:
-            bar.close()
+                              self.seed, self.autocast, bar.update)
+        bar.close()
         images = trainer.strategy.all_gather(images)  # collective on every rank; (world, share, C, H, W) with DDP
         images = images.flatten(0, 1)[: self.eval_batch_size] if images.dim() == 5 else images
         if not trainer.is_global_zero:
             return None
-        path = Path(self.output_dir) / "samples" / f"{trainer.current_epoch:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(images, path, nrow=self.cols, padding=0)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                grid = torch.cat([torch.cat(list(row), dim=2) for row in images.split(self.cols)], dim=1)
-                logger.experiment.add_image("samples", grid, global_step=trainer.global_step)
+        path = save_grid(images, Path(self.output_dir) / "samples" / f"{trainer.current_epoch:04d}.png", self.rows,
+                         trainer.loggers, "samples", trainer.global_step)
         log.info(f"[rank {trainer.global_rank}] Saved a grid of {self.eval_batch_size} samples to {path}")
         return path
 
@@ -186,7 +145,7 @@ class SaveModel(Callback):
         if self.uploader is not None:
             self.uploader.wait()  # never rewrite the folder while it is being uploaded
         with pl_module.ema_weights():
-            DDPMPipeline(unet=pl_module.unet, scheduler=pl_module.scheduler).save_pretrained(self.output_dir)
+            DDPMPipeline(unet=pl_module.unet, scheduler=pl_module.noise_scheduler).save_pretrained(self.output_dir)
         from .card import write_run_card  # README.md + samples.png in the folder, uploaded with it; never raises
         write_run_card(trainer, pl_module, self.output_dir, repo_id=self.uploader.repo_id if self.uploader else None)
         log.info(f"[rank {trainer.global_rank}] Saved the model to {self.output_dir}")
@@ -222,17 +181,12 @@ class SampleQualityMetrics(Callback):
         feature: int | torch.nn.Module = 2048,
         inception_weights: str | None = None,
     ):
-        self.every_n_epochs = every_n_epochs
-        self.num_samples = num_samples
-        self.sampler = sampler
-        self.num_inference_steps = num_inference_steps
-        self.seed = seed
+        self.every_n_epochs, self.num_samples = every_n_epochs, num_samples
+        self.sampler, self.num_inference_steps, self.seed = sampler, num_inference_steps, seed
         self.feature = feature
         self.inception_weights = inception_weights
         self.quality: SampleQuality | None = None
-        self.unavailable = False
-        self.active = False
-        self.real_done = False
+        self.unavailable = self.active = self.real_done = False
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         validating = trainer.state.fn == "validate"

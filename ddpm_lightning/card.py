@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,29 +19,17 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from .sources import is_hub_id
+
 log = logging.getLogger(__name__)
 
 TAGS = ["pytorch", "diffusers", "unconditional-image-generation", "ddpm-lightning"]
 SAMPLES_NAME = "samples.png"
 
 
-def is_hub_dataset(dataset: str | None) -> bool:
-    """A Hub data set id ('user/name'), not a local path: decided as data.py decides which loader to use."""
-    if not dataset or Path(dataset).expanduser().exists() or dataset.startswith((".", "/", "~")) or dataset.count("/") > 1:
-        return False
-    if os.sep != "/" and os.sep in dataset:
-        return False
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(dataset)
-    except HFValidationError:
-        return False
-    return True
-
-
 def plain(value: Any) -> Any:
-    """`value` in types that yaml.safe_dump writes: mappings, lists, str, numbers, bool, None; str for the rest."""
+    """`value` in types that yaml.safe_dump writes: mappings, lists, str, numbers, bool, None; str for the rest.
+    Keys starting with "_" (LightningCLI's `_instantiator`, `_class_path` in saved hyperparameters) are left out."""
     if isinstance(value, Mapping):
         return {str(k): plain(v) for k, v in value.items() if not str(k).startswith("_")}
     if isinstance(value, (list, tuple, set)):
@@ -76,7 +63,7 @@ def write_model_card(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    hub_dataset = is_hub_dataset(dataset)
+    hub_dataset = is_hub_id(dataset)
     data = ModelCardData(
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation",

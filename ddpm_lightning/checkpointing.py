@@ -1,5 +1,6 @@
-"""Checkpoints that cost little and survive interruptions: a time cadence, writes in a background thread that
-are atomic, `last.ckpt` a link, a save on SIGTERM / SIGUSR1 / Ctrl-C and at the end, and resume checks.
+"""Checkpoints that cost little and survive interruptions, and resume exactly: a time cadence, writes in a
+background thread that are atomic, `last.ckpt` a link, a save on SIGTERM / SIGUSR1 / Ctrl-C and at the end, the
+RNG states a checkpoint carries (`RNGStates`), and resume checks.
 
     ddpm-lightning fit -c configs/butterflies.yaml                    # kill -TERM <pid>: saves, exits 0
     ddpm-lightning fit -c configs/butterflies.yaml --ckpt_path last   # continues from that step
@@ -9,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import signal
 import zipfile
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -239,6 +243,32 @@ class PreemptionCheckpoint(Callback):
             trainer.save_checkpoint(path)
         self._between_epochs = False
         log.info(f"[rank {trainer.global_rank}] Stopped by a signal at step {trainer.global_step}: saved {path}")
+
+
+class RNGStates(Callback):
+    """The torch, CUDA, numpy and Python RNG states in every checkpoint (in types `torch.load(weights_only=True)`
+    accepts), restored on resume: Lightning keeps none, and with them the noise, timestep and flip draws continue."""
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "python": random.getstate(),
+        }
+
+    def load_state_dict(self, states: dict[str, Any]) -> None:
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(states["python"])
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:  # a 0.1.0 checkpoint: the module saved them at the top level
+            self.load_state_dict(checkpoint["rng_states"])
 
 
 def check_ckpt_path(ckpt_path: str | None, checkpoint: ModelCheckpoint | None) -> None:

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import commands
 from .callbacks import SampleGrid, SampleQualityMetrics, SaveModel
-from .checkpointing import BackgroundCheckpointIO, PeriodicCheckpoint, PreemptionCheckpoint, check_ckpt_path
+from .checkpointing import BackgroundCheckpointIO, PeriodicCheckpoint, PreemptionCheckpoint, RNGStates, check_ckpt_path
 from .data import ImageDataModule
 from .module import DDPMModule
 from .monitor import ImagesThroughput, RunReport
@@ -211,7 +211,7 @@ def main(args: ArgsType = None) -> None:
             args=argv,
             auto_configure_optimizers=False,  # the module owns AdamW and the warm-up + cosine schedule
             save_config_kwargs={"overwrite": True},  # a resumed run writes its config to the same folder
-            trainer_defaults={"callbacks": [PreemptionCheckpoint()]},
+            trainer_defaults={"callbacks": [PreemptionCheckpoint(), RNGStates()]},
         )
     except SIGTERMException:
         if PreemptionCheckpoint.interrupted:

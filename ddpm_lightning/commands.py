@@ -5,32 +5,29 @@
     ddpm-lightning sample google/ddpm-cifar10-32                                  # a Hub model id
     ddpm-lightning export checkpoints/ddpm-butterflies-128/last.ckpt my-model --samples run/samples/0049.png
 
-A checkpoint's EMA weights are used whenever it has them (`model.use_ema`), as the saved folders do.
-
-Image `i` is drawn from its own generator, seeded from (`seed`, `i`): the same seed gives the same images
-whatever `batch_size` is (up to floating-point rounding of batched convolutions, at most a level of 8-bit
-colour in practice), and asking for more images keeps the first ones.
+A checkpoint's EMA weights are used whenever it has them (`model.use_ema`), as the saved folders do. Image `i`
+has its own generator (see `sample`). Sampling itself is sampling.py's.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
 import sys
 from pathlib import Path
 
-import diffusers
 import numpy as np
 import torch
-from diffusers import DDPMPipeline, SchedulerMixin, UNet2DModel
-from diffusers.training_utils import EMAModel
+from diffusers import DDPMPipeline, UNet2DModel
 from PIL import Image
+from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
-from .callbacks import grid_shape
-from .data import looks_like_path
-from .module import SAMPLERS, DDPMModule, Sampler, denoise
+from .module import DDPMModule
+from .sampling import SAMPLERS, Sampler, denoise, grid_shape, make_sampler, save_grid
+from .sources import is_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -46,30 +43,24 @@ class CommandError(RuntimeError):
 
 
 def load_checkpoint(path: str | Path) -> tuple[DDPMModule, dict]:
-    """A DDPMModule from a Lightning checkpoint, holding the EMA weights when the checkpoint has them, and the
-    checkpoint itself. The global RNG is left alone (Lightning's own loading would restore the run's RNG states)."""
+    """A DDPMModule from a Lightning checkpoint (with its EMA, when it has one: see `ema_weights`), and the
+    checkpoint itself (read memory-mapped: its tensors are not read twice). The global RNG is left alone."""
     path = Path(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - truncated file, not a checkpoint, unexpected pickled objects
         raise CommandError(f"{path} is not a readable Lightning checkpoint of ddpm-lightning ({type(err).__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else ''}).") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise CommandError(f"{path} is not a Lightning checkpoint of DDPMModule (no state_dict / hyper_parameters).")
-    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
     try:
-        module = DDPMModule(**hparams)
-        module.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, ValueError, RuntimeError) as err:
+        module = DDPMModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except (TypeError, ValueError, RuntimeError, KeyError) as err:
         raise CommandError(f"{path} does not fit this version's DDPMModule ({type(err).__name__}: "
                            f"{str(err).splitlines()[0]}): was it saved by another version of ddpm-lightning?") from err
-    if checkpoint.get("ema") is not None:
-        ema = module.ema or EMAModel(module.unet.parameters())
-        ema.load_state_dict(checkpoint["ema"])
-        ema.copy_to(module.unet.parameters())
+    if module.ema is not None:
         log.info(f"Using the EMA weights of {path}")
-    module.eval()
-    return module, checkpoint
+    return module.eval(), checkpoint
 
 
 def load_pipeline(model: str) -> tuple[UNet2DModel, dict]:
@@ -77,7 +68,8 @@ def load_pipeline(model: str) -> tuple[UNet2DModel, dict]:
     path = Path(model).expanduser()
     if path.is_file():
         module, _ = load_checkpoint(path)
-        return module.unet, module.scheduler.config
+        with module.ema_weights():  # a copy holding them
+            return copy.deepcopy(module.unet), module.noise_scheduler.config
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             hint = f" (it holds {', '.join(sorted(p.name for p in path.glob('*.ckpt'))[:3])})" if any(path.glob("*.ckpt")) else ""
@@ -85,20 +77,16 @@ def load_pipeline(model: str) -> tuple[UNet2DModel, dict]:
                                "saved by `ddpm-lightning fit` / `ddpm-lightning export` (model_index.json, unet/, scheduler/).")
         pipeline = DDPMPipeline.from_pretrained(path)
         return aligned(pipeline.unet), pipeline.scheduler.config
-    if looks_like_path(model) or model.endswith(".ckpt"):
-        raise CommandError(f"{model} does not exist: give a .ckpt file, a saved diffusers folder or a Hub model id 'user/name'.")
+    if model.endswith(".ckpt") or not is_hub_id(model):
+        raise CommandError(f"{model} does not exist: it is no file or folder here, nor a valid Hub model id 'user/name'. "
+                           "Give a .ckpt file, a saved diffusers folder or a Hub model id.")
     return load_hub_pipeline(model)
 
 
 def load_hub_pipeline(repo_id: str) -> tuple[UNet2DModel, dict]:
     from diffusers.utils import logging as diffusers_logging
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.errors import HfHubHTTPError
 
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise CommandError(f"{repo_id} is neither a file, nor a folder, nor a valid Hub model id 'user/name'.") from err
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its "Couldn't connect to the Hub" lines would bury ours
     try:
@@ -132,28 +120,6 @@ def aligned(unet: UNet2DModel) -> UNet2DModel:
 # Sampling
 
 
-def make_sampler(schedule: dict, sampler: Sampler):
-    """A `sampler` scheduler with the noise schedule of `schedule`, the same whether it came from a checkpoint
-    or a saved folder, and the same as the training grids' (`DDPMModule.make_scheduler`).
-
-    diffusers' `from_config` passes on only the values a scheduler was given, not those it took by default
-    (`_use_default_values`), but a config read back from a file has lost that list: a saved DDPMScheduler would
-    then hand its default `timestep_spacing="leading"` to DPMSolverMultistepScheduler, whose own is "linspace".
-    So values equal to their class's defaults are marked as defaults again.
-    """
-    config = dict(schedule)
-    if "_use_default_values" not in config:
-        source = getattr(diffusers, str(config.get("_class_name")), None)
-        try:
-            defaults = source().config if isinstance(source, type) and issubclass(source, SchedulerMixin) else {}
-        except Exception:  # noqa: BLE001 - a class that needs arguments: keep every value as given
-            defaults = {}
-        config["_use_default_values"] = [
-            k for k, v in config.items() if not k.startswith("_") and k in defaults and defaults[k] == v
-        ]
-    return SAMPLERS[sampler].from_config(config)
-
-
 def image_generator(seed: int, index: int) -> torch.Generator:
     """Image `index`'s own CPU generator: independent streams for every (seed, index), no overlap between seeds."""
     state = np.random.SeedSequence([seed % 2**64, index]).generate_state(1, dtype=np.uint64)[0]
@@ -161,21 +127,10 @@ def image_generator(seed: int, index: int) -> torch.Generator:
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
-    """A uint8 (C, H, W) tensor with 1, 3 or 4 channels as a PIL image."""
-    array = image.permute(1, 2, 0).numpy()
-    if array.shape[2] == 1:
-        return Image.fromarray(array[:, :, 0], "L")
-    if array.shape[2] in (3, 4):
-        return Image.fromarray(array, "RGB" if array.shape[2] == 3 else "RGBA")
-    raise CommandError(f"Cannot write images with {array.shape[2]} channels as PNG (1, 3 or 4 can be written).")
-
-
-def draw(unet: UNet2DModel, scheduler, generators: list[torch.Generator], num_inference_steps: int,
-         progress: tqdm | None = None) -> torch.Tensor:
-    """One batch, one generator per image, as DDPMPipeline draws it; uint8 (n, C, H, W) on the CPU."""
-    on_step = (lambda: progress.update(1)) if progress is not None else None
-    image = denoise(unet, scheduler, num_inference_steps, generators, len(generators), on_step).float()
-    return image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).cpu()  # as torchvision's save_image rounds
+    """A uint8 (C, H, W) tensor with 1, 3 or 4 channels as a PIL image (L, RGB or RGBA)."""
+    if image.shape[0] not in (1, 3, 4):
+        raise CommandError(f"Cannot write images with {image.shape[0]} channels as PNG (1, 3 or 4 can be written).")
+    return to_pil_image(image)
 
 
 def sample(
@@ -219,7 +174,7 @@ def sample(
         raise CommandError(f"--device {device}: no CUDA GPU is visible here. Use --device cpu, or leave --device out.")
 
     unet, schedule = load_pipeline(model)
-    unet.to(device).eval()
+    unet.to(device)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -230,17 +185,16 @@ def sample(
               dynamic_ncols=True) as progress:
         for start in range(0, num_images, batch_size):
             indices = range(start, min(start + batch_size, num_images))
-            scheduler = make_sampler(schedule, sampler)  # fresh per batch: multistep solvers keep state
-            batch = draw(unet, scheduler, [image_generator(seed, i) for i in indices], steps, progress)
+            fresh = make_sampler(schedule, sampler)  # per batch: multistep solvers keep state
+            batch = denoise(unet, fresh, steps, [image_generator(seed, i) for i in indices], len(indices), progress.update)
+            batch = batch.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).cpu()  # as torchvision's save_image rounds
             for i, image in zip(indices, batch):
                 path = out / f"{i:06d}.png"
                 to_pil(image).save(path)
                 paths.append(path)
             images.append(batch)
+    save_grid(torch.cat(images), out / "grid.png")
     rows, cols = grid_shape(num_images)
-    grid = torch.cat(images).view(rows, cols, *images[0].shape[1:])  # (rows, cols, C, H, W)
-    grid = grid.permute(2, 0, 3, 1, 4).reshape(grid.shape[2], rows * grid.shape[3], cols * grid.shape[4])
-    to_pil(grid).save(out / "grid.png")
     log.info(f"Wrote {num_images} images and grid.png ({rows} x {cols}) to {out}")
     return paths
 
@@ -275,12 +229,12 @@ def export(ckpt: str, out: str, samples: str | None = None, repo_id: str | None 
     if folder.exists() and not folder.is_dir():
         raise CommandError(f"{out} is a file: give a folder to write the model into (created if missing).")
     module, checkpoint = load_checkpoint(path)
-    DDPMPipeline(unet=module.unet, scheduler=module.scheduler).save_pretrained(folder)
-    data = {k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if not k.startswith("_")}
-    model = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+    with module.ema_weights():
+        DDPMPipeline(unet=module.unet, scheduler=module.noise_scheduler).save_pretrained(folder)
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
     write_model_card(
-        folder,
-        config={"model": model, **({"data": data} if data else {})},
+        folder,  # (the card leaves out the "_" keys LightningCLI adds)
+        config={"model": checkpoint["hyper_parameters"], **({"data": data} if data else {})},
         dataset=data.get("dataset"),
         steps=checkpoint.get("global_step"),
         grid_path=Path(samples) if samples else None,

@@ -1,29 +1,19 @@
-"""Where images come from: one `ImageDataModule` for Hub data sets, local Hub-format data sets and image folders.
+"""The training data: `ImageDataModule` (a source resolved by sources.py, decoded and resized once into a cache
+or by loader workers, flipped and scaled per batch on the device, a resumable loader) and its transforms.
 
     ddpm-lightning fit -c configs/butterflies.yaml --data.dataset path/to/my/photos
-
-`dataset` is resolved in this order:
-1. a `save_to_disk` folder (it holds `dataset_info.json` or `dataset_dict.json`) -> `datasets.load_from_disk`;
-2. a local folder or file of Hub-format data (parquet, arrow, csv, json) -> `datasets.load_dataset`, the same
-   call a Hub id goes through;
-3. any other local folder -> every image file under it, nested folders included, whatever the file names
-   (`imagefolder` would move `test_*` / `val_*` files into other splits and silently train on fewer);
-4. anything else is a Hub data set id -> `datasets.load_dataset(id, split=split)`.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import sys
-from pathlib import Path
 from typing import Literal, NamedTuple
 
 import datasets
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -31,9 +21,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import transforms
 from torchvision.transforms.functional import pil_to_tensor
 
-# Files PIL can open, by extension (lower case). Everything else under an image folder is ignored.
-IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-HUB_DATA_EXTENSIONS = (".parquet", ".arrow", ".csv", ".json", ".jsonl")
+from .monitor import progress_bar
+from .sources import image_column_of, load_source
+
 Crop = Literal["squash", "center", "random"]
 # crop: random keeps at most this long a side (times image_size), so a panorama cannot blow up the cache.
 MAX_ASPECT = 2.0
@@ -42,102 +32,6 @@ MAX_ASPECT = 2.0
 def default_num_workers() -> int:
     """One loader worker per CPU core this process may use, at most 8 (decoding a JPEG is the loader's work)."""
     return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-def find_images(folder: Path) -> list[str]:
-    """Every image file under `folder`, following links to folders (each real folder once: no cycles). Files of
-    other types are counted and a few named in one warning (hidden files such as .DS_Store are not)."""
-    images, others, seen = [], [], set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:  # a link back up the tree, or a second link to the same folder
-            dirs.clear()
-            continue
-        seen.add(real)
-        for name in files:
-            path = os.path.join(root, name)
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS and os.path.isfile(path):
-                images.append(path)
-            elif not name.startswith("."):
-                others.append(os.path.relpath(path, folder))
-    if others and images:
-        rank_zero_warn(
-            f"Skipped {len(others)} file(s) under {folder} that are not a supported image type, e.g. "
-            f"{', '.join(sorted(others)[:5])} (supported: {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...; "
-            "convert others, e.g. HEIC, to JPEG or PNG)."
-        )
-    return sorted(images)
-
-
-def load_source(source: str, split: str = "train") -> datasets.Dataset:
-    """Resolve `source` (see the module docstring) into one `datasets.Dataset`."""
-    path = Path(source).expanduser()
-    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"{source} has splits {list(ds)}, not {split!r}: set --data.split to one of them.")
-            ds = ds[split]
-        return ds
-    if path.is_file():
-        if path.suffix.lower() not in HUB_DATA_EXTENSIONS:
-            kind = "a single image" if path.suffix.lower() in IMAGE_EXTENSIONS else f"a {path.suffix or 'plain'} file"
-            raise ValueError(
-                f"--data.dataset {source} is {kind}: give the folder holding the images (e.g. {path.parent}), "
-                f"a data file ({', '.join(HUB_DATA_EXTENSIONS)}), a save_to_disk folder or a Hub id"
-                + (" (unzip an archive first)" if path.suffix.lower() in (".zip", ".tar", ".gz", ".tgz") else "") + "."
-            )
-        builder = {".jsonl": "json"}.get(path.suffix, path.suffix.lstrip("."))
-        return datasets.load_dataset(builder, data_files=str(path), split=split)
-    if path.is_dir():
-        suffixes = {p.suffix.lower() for p in path.rglob("*") if p.is_file()}
-        images = [] if suffixes & {".parquet", ".arrow"} else find_images(path)
-        if suffixes & set(HUB_DATA_EXTENSIONS) and not images:
-            try:
-                return datasets.load_dataset(str(path), split=split)
-            except Exception as err:  # noqa: BLE001 - e.g. only an empty labels.csv (a pandas or split error)
-                cause = err.__cause__ or err
-                raise ValueError(f"{path} holds no images and no usable data files ({type(cause).__name__}: "
-                                 f"{str(cause).splitlines()[0] if str(cause) else ''}): "
-                                 "point --data.dataset at a folder of images or a data set with rows.") from err
-        if not images:
-            raise FileNotFoundError(
-                f"No image files found under {path} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...): "
-                "point --data.dataset at a folder of images, a local data set or a Hub data set id."
-            )
-        return datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
-    if looks_like_path(source):
-        raise FileNotFoundError(f"{source} does not exist: give an existing folder or file, or a Hub id 'user/name'.")
-    try:
-        return datasets.load_dataset(source, split=split)
-    except ConnectionError as err:  # offline, or the Hub is unreachable
-        raise ConnectionError(
-            f"Could not load the Hub data set {source!r} ({err}). Offline? Download it once where the Hub is "
-            "reachable (it is then cached), or point --data.dataset at a local folder or data set."
-        ) from err
-
-
-def looks_like_path(name: str) -> bool:
-    """A path (that may not exist) rather than a Hub id, which is 'name' or 'user/name'."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
-
-
-def image_column_of(ds: datasets.Dataset, column: str | None) -> str:
-    if column is not None:
-        if column not in ds.column_names:
-            raise ValueError(f"Column {column!r} is not in the data set (it has {ds.column_names}): set --data.image_column.")
-        feature = ds.features[column]
-        if not isinstance(feature, (datasets.Image, dict)) and getattr(feature, "dtype", None) not in ("string", "binary", "large_string"):
-            kinds = {name: getattr(f, "dtype", type(f).__name__) for name, f in ds.features.items()}
-            raise ValueError(f"Column {column!r} holds {kinds[column]}, not images (the columns hold {kinds}): "
-                             "set --data.image_column to the image column.")
-        return column
-    for name, feature in ds.features.items():
-        if isinstance(feature, datasets.Image):
-            return name
-    if "image" in ds.column_names:
-        return "image"
-    raise ValueError(f"No image column in the data set (it has {ds.column_names}): set --data.image_column.")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -205,21 +99,16 @@ class ResizedImages(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.load(i)[0]
 
-
-class _TryItems(Dataset):
-    """ResizedImages whose items report a failure instead of raising it (for the decoding pass)."""
-
-    def __init__(self, images: ResizedImages):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, bool, str]:
-        try:
-            return *self.images.load(i), ""
-        except ValueError as err:
-            return None, False, str(err)
+    def try_load(self, indices: list[int]) -> list[tuple[torch.Tensor | None, bool, str]]:
+        """`load` of each image, or (None, False, why) where it fails: the decoding pass's collate_fn (so it runs
+        in the loader's workers), which counts failures instead of stopping at the first."""
+        results = []
+        for i in indices:
+            try:
+                results.append((*self.load(i), ""))
+            except ValueError as err:
+                results.append((None, False, str(err)))
+        return results
 
 
 class EpochSampler(DistributedSampler):
@@ -318,14 +207,6 @@ def augment(batch: torch.Tensor, flip: bool = True) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
-def progress_bar(trainer, description: str, total: int, unit: str) -> Tqdm | None:
-    """Lightning's tqdm bar for long work outside the training loop, on rank 0 while the Trainer shows
-    progress bars (None, silent, otherwise). The caller updates and closes it."""
-    if trainer is None or trainer.progress_bar_callback is None or not trainer.is_global_zero:
-        return None
-    return Tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, leave=False, file=sys.stdout)
-
-
 class ImageDataModule(LightningDataModule):
     """Training images for a DDPM.
 
@@ -412,17 +293,15 @@ class ImageDataModule(LightningDataModule):
         """Decode and resize every image once, in `num_workers` processes; skip and count the unreadable ones."""
         pixels, smaller, failures = [], 0, []
         bar = progress_bar(self.trainer, f"Caching {len(images)} images", len(images), "image")
-        for batch in DataLoader(_TryItems(images), batch_size=32, num_workers=self.num_workers, collate_fn=list):
-            if bar is not None:
-                bar.update(len(batch))
+        for batch in DataLoader(range(len(images)), batch_size=32, num_workers=self.num_workers, collate_fn=images.try_load):
+            bar.update(len(batch))
             for tensor, small, error in batch:
                 if tensor is None:
                     failures.append(error)
                 else:
                     pixels.append(tensor)
                     smaller += small
-        if bar is not None:
-            bar.close()
+        bar.close()
         if failures:
             rank_zero_warn(
                 f"Skipped {len(failures)} of {len(images)} images that could not be read, e.g. "

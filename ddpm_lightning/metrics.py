@@ -1,22 +1,10 @@
-"""FID and KID between generated and real images, computed by torchmetrics.
+"""FID and KID between generated and real images, computed by torchmetrics: `SampleQuality`, and the check for
+the Inception weights it needs (`inception_weights_path`, `inception_available`, `InceptionWeightsUnavailable`).
 
-Usage (e.g. from a Lightning callback)::
-
-    from ddpm_lightning.metrics import InceptionWeightsUnavailable, SampleQuality
-
-    try:
-        quality = SampleQuality(weights_path=None, kid_subset_size=50)  # Inception-v3, 2048 features
-    except InceptionWeightsUnavailable as err:
-        log.warning(str(err))  # says which file is missing and where to put it; training goes on
-        quality = None
-
-    quality.to(pl_module.device)
-    if quality.num_real == 0:              # real features are kept across evaluations
-        for batch in real_loader:          # float in [0, 1] (or uint8 in [0, 255]), (N, 3, H, W)
-            quality.update_real(batch)
-    quality.update_fake(samples)           # e.g. DDPMPipeline output, (N, 3, H, W) in [0, 1]
-    scores = quality.compute()             # {"fid": ..., "kid_mean": ..., "kid_std": ...}
-    quality.reset_fake()                   # next evaluation reuses the real features
+`callbacks.SampleQualityMetrics` uses it as intended: `SampleQuality(feature, weights_path=...)` once (catching
+InceptionWeightsUnavailable, whose message says which file is missing and where to put it), `update_real` with
+the validation images once (their features are kept), then per evaluation `update_fake` with the samples in
+[0, 1], `compute()` -> {"fid", "kid_mean", "kid_std"} and `reset_fake()`.
 
 The default extractor is torchmetrics' Inception-v3 (torch-fidelity's port of the TF FID network). Its weights
 are never downloaded here: they are looked up in the torch hub cache (or at ``weights_path``) and

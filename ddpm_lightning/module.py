@@ -1,7 +1,8 @@
-"""The diffusion maths: `DDPMModule` trains a diffusers UNet2DModel as a DDPM and knows how to sample from it.
+"""The diffusion maths: `DDPMModule` trains a diffusers UNet2DModel as a DDPM (noise schedule, loss, AdamW and its
+LR schedule, EMA, speed switches) and samples from it through sampling.py.
 
-    model = DDPMModule(image_size=32, unet=TINY_UNET)
-    images = model.sample(16, num_inference_steps=50, sampler="ddim", generator=torch.Generator().manual_seed(0))
+    model = DDPMModule(image_size=32)
+    images = model.sample(16, "ddim", num_inference_steps=50, generator=torch.Generator().manual_seed(0))
 
 The module never writes files: callbacks decide when to sample and where results go.
 """
@@ -9,23 +10,20 @@ The module never writes files: callbacks decide when to sample and where results
 from __future__ import annotations
 
 import inspect
-import random
 from contextlib import contextmanager
 from typing import Any, Literal
 
-import numpy as np
-
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import DDPMScheduler, SchedulerMixin, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
-from diffusers.utils.torch_utils import randn_tensor
 from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ddpm_lightning.optim import CompiledAdamW
+from .optim import CompiledAdamW
+from .sampling import Sampler, denoise, make_sampler, unet_sample_call
 
 # The tutorial's UNet ("Train a diffusion model"): 6 levels, attention in the 5th down and 2nd up block.
 TUTORIAL_UNET: dict[str, Any] = {
@@ -39,11 +37,9 @@ TUTORIAL_UNET: dict[str, Any] = {
     "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"],
 }
 
-Sampler = Literal["ddpm", "ddim", "dpmsolver++"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
 
 
 class DDPMModule(LightningModule):
@@ -131,7 +127,7 @@ class DDPMModule(LightningModule):
                 f"use a multiple of {factor} (e.g. {max(factor, image_size // factor * factor)}), or fewer blocks."
             )
         self.unet = UNet2DModel(**unet_kwargs)
-        self.scheduler = DDPMScheduler(
+        self.noise_scheduler = DDPMScheduler(
             num_train_timesteps=num_train_timesteps,
             beta_schedule=beta_schedule,
             beta_start=beta_start,
@@ -190,16 +186,16 @@ class DDPMModule(LightningModule):
         if noise is None:  # drawn in the standard layout: channels_last draws the same noise as the plain path
             noise = torch.randn_like(clean, memory_format=torch.contiguous_format)
         if timesteps is None:
-            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
-        noisy = self.scheduler.add_noise(clean, noise, timesteps)
+            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
+        noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
         prediction = self.unet_forward(noisy, timesteps).float()
-        kind = self.scheduler.config.prediction_type
+        kind = self.noise_scheduler.config.prediction_type
         if kind == "epsilon":
             return F.mse_loss(prediction, noise.float())
         if kind == "v_prediction":
-            return F.mse_loss(prediction, self.scheduler.get_velocity(clean, noise, timesteps).float())
+            return F.mse_loss(prediction, self.noise_scheduler.get_velocity(clean, noise, timesteps).float())
         # "sample": weighted by the signal-to-noise ratio, as diffusers' train_unconditional.py does
-        alpha = self.scheduler.alphas_cumprod.to(clean.device)[timesteps].float().view(-1, 1, 1, 1)
+        alpha = self.noise_scheduler.alphas_cumprod.to(clean.device)[timesteps].float().view(-1, 1, 1, 1)
         return (alpha / (1 - alpha) * F.mse_loss(prediction, clean.float(), reduction="none")).mean()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -208,7 +204,7 @@ class DDPMModule(LightningModule):
         images = images.float() / 127.5 - 1  # no flip: the same input every epoch
         noise = torch.stack([torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(int(i))) for i in index])
         noise = noise.to(images.device)
-        steps = torch.linspace(0, self.scheduler.config.num_train_timesteps - 1, self.hparams.val_timesteps).long()
+        steps = torch.linspace(0, self.noise_scheduler.config.num_train_timesteps - 1, self.hparams.val_timesteps).long()
         values = {"val/loss": self.fixed_loss(images, noise, steps)}
         if self.ema is not None:
             with self.ema_weights():
@@ -288,14 +284,10 @@ class DDPMModule(LightningModule):
             self.ema.restore(parameters)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lightning does not keep the RNG states; the noise, timestep and flip draws continue exactly with them.
-        checkpoint["rng_states"] = rng_states()
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "rng_states" in checkpoint:
-            set_rng_states(checkpoint["rng_states"])
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
 
@@ -330,8 +322,8 @@ class DDPMModule(LightningModule):
                 f"lr_warmup_steps={hp.lr_warmup_steps} is not shorter than the run ({total} optimizer steps): the "
                 f"learning rate never reaches learning_rate={hp.learning_rate}. Lower model.lr_warmup_steps."
             )
-        scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=hp.lr_warmup_steps, num_training_steps=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        lr_scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=hp.lr_warmup_steps, num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if not isinstance(optimizer, CompiledAdamW):  # that one clips inside its compiled step
@@ -341,82 +333,14 @@ class DDPMModule(LightningModule):
         # CompiledAdamW's graph reads the gradients at fixed addresses: zero them in place rather than free them.
         optimizer.zero_grad(set_to_none=not isinstance(optimizer, CompiledAdamW))
 
-    def make_scheduler(self, sampler: Sampler = "ddpm"):
-        """A fresh inference scheduler of the given kind with this model's noise schedule."""
-        # The betas themselves: DDIM and DPM-Solver++ cannot build beta_schedule "sigmoid" from its name.
-        return SAMPLERS[sampler].from_config(self.scheduler.config, trained_betas=self.scheduler.betas.tolist())
-
-    @torch.no_grad()
-    def sample(
-        self,
-        n: int,
-        scheduler=None,
-        num_inference_steps: int = 1000,
-        generator: torch.Generator | None = None,
-        on_step=None,
-    ) -> torch.Tensor:
-        """Turn `n` draws of Gaussian noise into images in [0, 1], shape (n, C, H, W), as DDPMPipeline does.
-
-        `scheduler` defaults to DDPM; `generator` makes the draw repeatable without touching the global RNG;
-        `on_step` is called after each denoising step (a progress bar).
-        """
-        was_training = self.unet.training
-        self.unet.eval()
-        try:
-            return denoise(self.unet, scheduler or self.make_scheduler("ddpm"), num_inference_steps, generator, n,
-                           on_step, forward=self.sample_forward)
-        finally:
-            self.unet.train(was_training)
-
-
-@torch.no_grad()
-def denoise(
-    unet: UNet2DModel, scheduler, num_inference_steps: int, generator, n: int, on_step=None, forward=None
-) -> torch.Tensor:
-    """DDPMPipeline's loop: `n` draws of Gaussian noise denoised by `unet` with `scheduler`, as images in [0, 1].
-
-    `generator` is one torch.Generator or one per image; `on_step` is called after each step (a progress bar);
-    `forward(sample, timesteps)` replaces `unet`'s own call (DDPMModule's compiled forward).
-    """
-    if forward is None:
-        forward = lambda sample, timesteps: unet(sample, timesteps, return_dict=False)[0]  # noqa: E731
-    size = unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else size
-    scheduler.set_timesteps(num_inference_steps, device=unet.device)
-    shape = (n, unet.config.in_channels, height, width)
-    image = randn_tensor(shape, generator=generator, device=unet.device, dtype=unet.dtype) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        # One timestep per image, as in training: the compiled forward sees the same kind of input.
-        model_output = forward(scheduler.scale_model_input(image, t), t.expand(n))
-        image = scheduler.step(model_output, t, image, generator=generator, return_dict=False)[0]
-        if on_step is not None:
-            on_step()
-    return (image / 2 + 0.5).clamp(0, 1)
+    def sample(self, n: int, sampler: Sampler | SchedulerMixin = "ddpm", num_inference_steps: int = 1000,
+               generator: torch.Generator | None = None, on_step=None) -> torch.Tensor:
+        """`n` images in [0, 1], (n, C, H, W), drawn as DDPMPipeline draws them (`sampling.denoise`) with this
+        model's noise schedule and (when `compile` is on) its compiled forward. `sampler` is a name or a scheduler;
+        `generator` makes the draw repeatable without touching the global RNG; `on_step` is called after each step."""
+        sampler = make_sampler(self.noise_scheduler, sampler) if isinstance(sampler, str) else sampler
+        return denoise(self.unet, sampler, num_inference_steps, generator, n, on_step, forward=self.sample_forward)
 
 
 def unet_train_call(unet: UNet2DModel, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     return unet(sample, timesteps, return_dict=False)[0]
-
-
-def unet_sample_call(unet: UNet2DModel, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    return unet(sample, timesteps, return_dict=False)[0]
-
-
-def rng_states() -> dict[str, Any]:
-    """torch, CUDA, numpy and Python RNG states, in types that `torch.load(weights_only=True)` accepts."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-        "python": random.getstate(),
-    }
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    kind, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(states["python"])

@@ -5,12 +5,14 @@
   one summary block in the log and `<output_dir>/run_summary.json`.
 - `ImagesThroughput`: Lightning's ThroughputMonitor (images/s, steps/s, MFU from a FLOP count of the UNet),
   plus peak GPU memory, measured only on the Trainer's `log_every_n_steps` cadence: no host sync per step.
+- `progress_bar`: a bar for long work outside the training loop (caching the images, drawing a grid).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -19,13 +21,21 @@ from diffusers import UNet2DModel
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ThroughputMonitor
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.trainer.states import RunningStage
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision.utils import make_grid, save_image
+
+from .sampling import save_grid
 
 log = logging.getLogger(__name__)
+
+
+def progress_bar(trainer, description: str, total: int, unit: str) -> Tqdm:
+    """Lightning's tqdm bar for long work outside the training loop, shown on rank 0 while the Trainer shows
+    progress bars (disabled, silent, otherwise). The caller updates and closes it."""
+    shown = trainer is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero
+    return Tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, leave=False, file=sys.stdout, disable=not shown)
 
 
 def training_flops_per_image(unet: UNet2DModel) -> int:
@@ -140,16 +150,8 @@ class RunReport(Callback):
 
     def write_preview(self, trainer: Trainer) -> Path:
         images = trainer.datamodule.preview(self.preview_images)
-        from .callbacks import grid_shape  # (callbacks imports the module; this file stays light)
-
-        rows, cols = grid_shape(len(images))
-        grid = make_grid(images, nrow=cols, padding=0)
-        path = Path(self.output_dir) / "samples" / "data.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid.float() / 255, path)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("data/images", grid, global_step=trainer.global_step)
+        path = save_grid(images, Path(self.output_dir) / "samples" / "data.png", None, trainer.loggers, "data/images",
+                         trainer.global_step)
         log.info(f"Saved the first {len(images)} training images, as the model gets them, to {path}")
         return path
 

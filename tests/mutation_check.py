@@ -61,8 +61,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ddpm_lightning/module.py", EMA_GUARD, EMA_GUARD[:-1] + " and self.global_rank == 0:",
         [T + "test_promises.py::test_every_ddp_rank_holds_the_same_ema"]),
     "v_prediction_target_swapped": (
-        "ddpm_lightning/module.py", "self.scheduler.get_velocity(clean, noise, timesteps)",
-        "self.scheduler.get_velocity(noise, clean, timesteps)", [TARGETS + "[v_prediction]"]),
+        "ddpm_lightning/module.py", "self.noise_scheduler.get_velocity(clean, noise, timesteps)",
+        "self.noise_scheduler.get_velocity(noise, clean, timesteps)", [TARGETS + "[v_prediction]"]),
     "sample_loss_without_snr_weight": (
         "ddpm_lightning/module.py", "(alpha / (1 - alpha) * F.mse_loss(", "(F.mse_loss(", [TARGETS + "[sample]"]),
     "validation_noise_not_fixed": (
@@ -71,11 +71,11 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "noise = torch.randn_like(images)",
         [T + "test_quality.py::test_validation_loss_is_deterministic_and_monitorable"]),
     "denoise_ignores_the_generator": (
-        "ddpm_lightning/module.py",
-        "image = scheduler.step(model_output, t, image, generator=generator, return_dict=False)[0]",
-        "image = scheduler.step(model_output, t, image, return_dict=False)[0]", [PIPELINE + "[ddpm]"]),
+        "ddpm_lightning/sampling.py",
+        "image = sampler.step(model_output, t, image, generator=generator, return_dict=False)[0]",
+        "image = sampler.step(model_output, t, image, return_dict=False)[0]", [PIPELINE + "[ddpm]"]),
     "denoise_output_not_rescaled": (
-        "ddpm_lightning/module.py", "return (image / 2 + 0.5).clamp(0, 1)", "return image.clamp(0, 1)",
+        "ddpm_lightning/sampling.py", "return (image / 2 + 0.5).clamp(0, 1)", "return image.clamp(0, 1)",
         [PIPELINE + "[ddim]"]),
     "compile_not_applied": (
         "ddpm_lightning/module.py",
@@ -89,14 +89,14 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ddpm_lightning/module.py", "self.unet.enable_gradient_checkpointing()",
         "self.unet.disable_gradient_checkpointing()", [SWITCHES]),
     "rng_states_not_restored": (
-        "ddpm_lightning/module.py", 'set_rng_states(checkpoint["rng_states"])', "pass",
+        "ddpm_lightning/checkpointing.py", 'torch.set_rng_state(states["torch"])\n', "return\n",
         [T + "test_reliability.py::test_stopped_and_resumed_run_equals_the_uninterrupted_one[memory]"]),
     "beta_schedule_ignored": (
         "ddpm_lightning/module.py", "beta_schedule=beta_schedule,", 'beta_schedule="linear",',
         [BETAS + "[squaredcos_cap_v2]"]),
     "samplers_rebuild_sigmoid_by_name": (
-        "ddpm_lightning/module.py", "from_config(self.scheduler.config, trained_betas=self.scheduler.betas.tolist())",
-        "from_config(self.scheduler.config)", [BETAS + "[sigmoid]"]),
+        "ddpm_lightning/sampling.py", "from_config(config, trained_betas=betas.tolist())", "from_config(config)",
+        [BETAS + "[sigmoid]", T + "test_commands.py::test_sample_from_a_sigmoid_schedule_draws_what_the_module_draws"]),
     "colour_conversion_through_grey": (
         "ddpm_lightning/data.py", 'return image.convert("RGB")', 'return image.convert("L").convert("RGB")',
         [T + "test_data.py::test_converts_grayscale_rgba_and_palette_images"]),
@@ -111,11 +111,10 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "if False and isinstance(self.train_set, CachedImages):",
         [T + "test_promises.py::test_cache_on_gpu_puts_the_cached_pixels_on_the_training_device"]),
     "single_parquet_file_read_as_json": (
-        "ddpm_lightning/data.py", 'builder = {".jsonl": "json"}.get(path.suffix, path.suffix.lstrip("."))',
+        "ddpm_lightning/sources.py", 'builder = {".jsonl": "json"}.get(path.suffix, path.suffix.lstrip("."))',
         'builder = "json"', [T + "test_promises.py::test_a_single_parquet_file_is_a_data_set"]),
     "no_samples_image_in_tensorboard": (
-        "ddpm_lightning/callbacks.py", 'logger.experiment.add_image("samples", grid, global_step=trainer.global_step)',
-        "pass", [FIT_QUALITY]),
+        "ddpm_lightning/sampling.py", "logger.experiment.add_image(tag, grid, global_step=step)", "pass", [FIT_QUALITY]),
     "fid_never_during_fit": (
         "ddpm_lightning/callbacks.py",
         "due = self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0", "due = False",

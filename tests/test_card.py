@@ -13,7 +13,8 @@ from huggingface_hub import ModelCard
 
 from conftest import tiny_module, write_image
 from ddpm_lightning.callbacks import SaveModel
-from ddpm_lightning.card import is_hub_dataset, write_model_card, write_run_card
+from ddpm_lightning.card import write_model_card, write_run_card
+from ddpm_lightning.sources import is_hub_id
 
 USAGE = 'from diffusers import DDPMPipeline\npipeline = DDPMPipeline.from_pretrained("{}")\nimage = pipeline().images[0]'
 
@@ -62,7 +63,7 @@ def test_card_of_a_local_dataset_without_grid_or_config(tmp_path):
     ("/data/photos", False), ("a/b/c", False), ("bad id!", False), (None, False), ("", False),
 ])
 def test_hub_dataset_ids_are_told_from_paths(dataset, hub):
-    assert is_hub_dataset(dataset) is hub
+    assert is_hub_id(dataset) is hub
 
 
 class StubUploader:

@@ -14,7 +14,9 @@ from PIL import Image
 
 from conftest import fit_args, write_image
 from ddpm_lightning.cli import main
-from ddpm_lightning.commands import CommandError, grid_shape, load_checkpoint, make_sampler, sample
+from ddpm_lightning.commands import CommandError, image_generator, load_checkpoint, sample
+from ddpm_lightning.module import DDPMModule
+from ddpm_lightning.sampling import grid_shape, make_sampler
 
 # `sample` in 2 denoising steps (not the sampler's default count): seconds on a CPU.
 TWO_SAMPLING_STEPS = ["--num_inference_steps", "2"]
@@ -81,12 +83,29 @@ def test_batch_size_does_not_change_which_images_are_drawn(trained, tmp_path):
 def test_a_saved_folder_gets_the_same_sampler_as_the_checkpoint_and_the_grids(trained, sampler):
     module, _ = load_checkpoint(trained / "checkpoints" / "run" / "last.ckpt")
     saved = DDPMPipeline.from_pretrained(trained / "run").scheduler.config
-    for scheduler in (make_sampler(saved, sampler), make_sampler(module.scheduler.config, sampler)):
-        reference = module.make_scheduler(sampler)  # what the training grids use
+    for scheduler in (make_sampler(saved, sampler), make_sampler(module.noise_scheduler.config, sampler)):
+        reference = make_sampler(module.noise_scheduler, sampler)  # what the training grids use
         assert type(scheduler) is type(reference)
         scheduler.set_timesteps(7)
         reference.set_timesteps(7)
         assert torch.equal(scheduler.timesteps, reference.timesteps)
+        assert torch.equal(scheduler.betas, module.noise_scheduler.betas)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++"])
+def test_sample_from_a_sigmoid_schedule_draws_what_the_module_draws(trained, tmp_path, sampler):
+    """DDIM and DPM-Solver++ cannot build beta_schedule "sigmoid" from its name: they get the betas themselves."""
+    module, _ = load_checkpoint(trained / "checkpoints" / "run" / "last.ckpt")
+    model = DDPMModule(**{**module.hparams, "beta_schedule": "sigmoid"})
+    model.load_state_dict(module.state_dict())
+    DDPMPipeline(unet=model.unet, scheduler=model.noise_scheduler).save_pretrained(tmp_path / "sigmoid")
+    main(["sample", str(tmp_path / "sigmoid"), "--num_images", "2", "--sampler", sampler, *FAST,
+          "--output_dir", str(tmp_path / "out")])
+    expected = model.sample(2, sampler, 2, [image_generator(0, i) for i in range(2)]).mul(255).add(0.5).to(torch.uint8)
+    images = pngs(tmp_path / "out")
+    assert len(images) == 2
+    for path, image in zip(images, expected):  # batched convolutions may round differently: at most one level
+        assert np.abs(pixels(path) - image.permute(1, 2, 0).numpy().astype(np.int16)).max() <= 1
 
 
 def test_sample_from_saved_folder_matches_the_checkpoints_ema_weights(trained, tmp_path):

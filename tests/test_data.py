@@ -12,7 +12,8 @@ from PIL import Image
 from torchvision import transforms
 
 from conftest import HELICONIUS, write_image
-from ddpm_lightning.data import ImageDataModule, load_source
+from ddpm_lightning.data import ImageDataModule
+from ddpm_lightning.sources import load_source
 
 
 def setup_module_for(dataset, **kwargs) -> ImageDataModule:

@@ -199,7 +199,7 @@ def test_save_model_creates_the_repo_uploads_the_saved_pipeline_and_waits_at_fit
     unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 8),
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        norm_num_groups=4)
-    module = SimpleNamespace(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10), ema_weights=contextlib.nullcontext)
+    module = SimpleNamespace(unet=unet, noise_scheduler=DDPMScheduler(num_train_timesteps=10), ema_weights=contextlib.nullcontext)
 
     callback.setup(trainer, module, "fit")
     assert fake_api.created == [{"repo_id": "ddpm-tiny", "private": True, "exist_ok": True, "repo_type": "model"}]

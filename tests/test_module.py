@@ -8,7 +8,8 @@ from types import SimpleNamespace
 from lightning.pytorch import Trainer
 
 from conftest import TINY_UNET, tiny_module
-from ddpm_lightning.callbacks import SampleGrid, grid_shape
+from ddpm_lightning.callbacks import SampleGrid
+from ddpm_lightning.sampling import grid_shape, make_sampler
 from ddpm_lightning.module import TUTORIAL_UNET, DDPMModule
 
 
@@ -29,7 +30,7 @@ def test_loss_is_mse_against_the_added_noise():
     model = tiny_module()
     clean = torch.rand(2, 3, 16, 16) * 2 - 1
     noise, t = torch.randn_like(clean), torch.tensor([10, 900])
-    noisy = model.scheduler.add_noise(clean, noise, t)
+    noisy = model.noise_scheduler.add_noise(clean, noise, t)
     expected = ((model.unet(noisy, t).sample - noise) ** 2).mean()
     assert model.denoising_loss(clean, noise, t).item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -38,8 +39,8 @@ def test_loss_is_mse_against_the_added_noise():
 def test_sample_is_repeatable_and_leaves_the_global_rng_alone(sampler):
     model = tiny_module()
     state = torch.get_rng_state()
-    a = model.sample(2, model.make_scheduler(sampler), 3, torch.Generator().manual_seed(1))
-    b = model.sample(2, model.make_scheduler(sampler), 3, torch.Generator().manual_seed(1))
+    a = model.sample(2, sampler, 3, torch.Generator().manual_seed(1))
+    b = model.sample(2, sampler, 3, torch.Generator().manual_seed(1))
     assert torch.equal(torch.get_rng_state(), state)
     assert a.shape == (2, 3, 16, 16) and torch.equal(a, b)
     assert 0 <= a.min() and a.max() <= 1
@@ -127,8 +128,8 @@ def test_sample_equals_ddpm_pipeline_on_the_same_unet_scheduler_and_noise(sample
 
     torch.manual_seed(0)
     model = tiny_module()
-    ours = model.sample(2, model.make_scheduler(sampler), 4, torch.Generator().manual_seed(7))
-    pipe = DDPMPipeline(unet=model.unet.eval(), scheduler=model.make_scheduler(sampler))  # eval, as `sample` runs it
+    ours = model.sample(2, sampler, 4, torch.Generator().manual_seed(7))
+    pipe = DDPMPipeline(unet=model.unet.eval(), scheduler=make_sampler(model.noise_scheduler, sampler))  # eval, as `sample` runs it
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(7), num_inference_steps=4, output_type="pt").images
     assert theirs.shape == ours.shape == (2, 3, 16, 16)

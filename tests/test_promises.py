@@ -71,14 +71,16 @@ def test_a_single_parquet_file_is_a_data_set(tmp_path):
 def test_beta_schedule_reaches_the_noise_schedule(schedule, tmp_path):
     from diffusers import DDPMPipeline, DDPMScheduler
 
+    from ddpm_lightning.sampling import make_sampler
+
     model = tiny_module(beta_schedule=schedule)
     expected = DDPMScheduler(beta_schedule=schedule).betas
-    torch.testing.assert_close(model.scheduler.betas, expected)
+    torch.testing.assert_close(model.noise_scheduler.betas, expected)
     if schedule != "linear":
         assert not torch.allclose(expected, DDPMScheduler(beta_schedule="linear").betas)
     for sampler in ("ddim", "dpmsolver++"):  # the grids' samplers follow it (sigmoid: by the betas themselves)
-        torch.testing.assert_close(model.make_scheduler(sampler).betas, expected)
-    DDPMPipeline(unet=model.unet, scheduler=model.scheduler).save_pretrained(tmp_path / "saved")
+        torch.testing.assert_close(make_sampler(model.noise_scheduler, sampler).betas, expected)
+    DDPMPipeline(unet=model.unet, scheduler=model.noise_scheduler).save_pretrained(tmp_path / "saved")
     assert DDPMScheduler.from_pretrained(tmp_path / "saved" / "scheduler").config.beta_schedule == schedule
 
 
@@ -166,7 +168,7 @@ def test_asking_for_more_images_keeps_the_first_ones(tmp_path):
 
     torch.manual_seed(0)
     model = tiny_module()
-    DDPMPipeline(unet=model.unet, scheduler=model.scheduler).save_pretrained(tmp_path / "model")
+    DDPMPipeline(unet=model.unet, scheduler=model.noise_scheduler).save_pretrained(tmp_path / "model")
     common = {"sampler": "ddim", "num_inference_steps": 2, "batch_size": 2, "seed": 5}
     two = sample(str(tmp_path / "model"), num_images=2, output_dir=str(tmp_path / "two"), **common)
     four = sample(str(tmp_path / "model"), num_images=4, output_dir=str(tmp_path / "four"), **common)

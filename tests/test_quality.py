@@ -113,7 +113,7 @@ def test_each_prediction_type_is_scored_against_its_own_target(prediction_type):
     model = tiny_module(prediction_type=prediction_type)
     clean = torch.rand(4, 3, 16, 16) * 2 - 1
     noise, t = torch.randn_like(clean), torch.tensor([5, 200, 600, 950])
-    a = model.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    a = model.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     targets = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * clean, "sample": clean}
     for kind, target in targets.items():
         model.unet = Predicts(target)
@@ -143,7 +143,7 @@ def test_each_prediction_type_learns(prediction_type):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
-    generated = model.sample(2, model.make_scheduler("ddim"), 3, torch.Generator().manual_seed(0))
+    generated = model.sample(2, "ddim", 3, torch.Generator().manual_seed(0))
     assert torch.isfinite(generated).all()
 
 

@@ -88,6 +88,22 @@ def test_resume_with_the_compiled_optimizer_step_equals_the_straight_run(twelve,
     assert_same_weights(a, b)
 
 
+def test_a_checkpoint_with_the_rng_states_at_the_top_level_resumes_exactly(straight_run, twelve, tmp_path):
+    """Checkpoints written before `RNGStates` (ddpm-lightning 0.1.0) hold the RNG states at the top level."""
+    crashing = fit_args(twelve, tmp_path / "old", *NO_SAVES, "--trainer.max_epochs", "2", "--checkpoint.every_n_epochs", "1")
+    with pytest.raises(RuntimeError, match="injected crash"):
+        main([*crashing, "--trainer.callbacks+=conftest.CrashAtStep", "--trainer.callbacks.rank", "0",
+              "--trainer.callbacks.step", "4"])
+    path = (tmp_path / "checkpoints" / "old" / "last.ckpt").resolve()
+    checkpoint = torch.load(path, weights_only=False, map_location="cpu")
+    checkpoint["rng_states"] = checkpoint["callbacks"].pop("RNGStates")  # the old layout
+    torch.save(checkpoint, path)
+    main([*crashing, "--ckpt_path", "last"])
+    step, weights = state(tmp_path / "checkpoints" / "old" / "last.ckpt")
+    assert step == 6
+    assert_same_weights(straight_run, weights)
+
+
 def test_run_ended_then_extended_equals_the_longer_run_while_the_lr_is_the_same(twelve, tmp_path):
     """The issue's run B: `max_epochs 1`, then resumed with `max_epochs 2`. With a warm-up longer than the run the
     LR does not depend on the schedule's length, so the weights must match the straight 2-epoch run exactly."""

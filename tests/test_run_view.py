@@ -16,7 +16,7 @@ from torchvision.utils import make_grid
 
 from conftest import fit_args, scalars, tb_events
 from ddpm_lightning.cli import main
-from ddpm_lightning.data import find_images
+from ddpm_lightning.sources import find_images
 from ddpm_lightning.monitor import training_flops_per_image
 
 

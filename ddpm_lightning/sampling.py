@@ -1,0 +1,118 @@
+"""Sampling, in one place for the module, the callbacks and `ddpm-lightning sample`: the inference samplers
+(`make_sampler`), DDPMPipeline's denoising loop (`denoise`), a rank's share of the images drawn during training
+(`sample_share`) and grids (`grid_shape`, `save_grid`).
+
+    images = denoise(model.unet, make_sampler(model.noise_scheduler, "ddim"), 50, torch.Generator(), n=16)
+    save_grid(images, Path("grid.png"))  # 4 x 4, no padding
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import diffusers
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchvision.utils import make_grid, save_image
+
+Sampler = Literal["ddpm", "ddim", "dpmsolver++"]
+SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
+
+
+def make_sampler(noise_scheduler: SchedulerMixin | dict[str, Any], sampler: Sampler = "ddpm") -> SchedulerMixin:
+    """A fresh `sampler` scheduler with the noise schedule of `noise_scheduler` (a scheduler or its config, e.g. a
+    saved folder's), and its betas themselves: DDIM and DPM-Solver++ cannot build beta_schedule "sigmoid".
+
+    diffusers' `from_config` passes on only the values a scheduler was given, not those it took by default
+    (`_use_default_values`), but a config read back from a file has lost that list: a saved DDPMScheduler would
+    then hand its default `timestep_spacing="leading"` to DPMSolverMultistepScheduler, whose own is "linspace".
+    So values equal to their class's defaults are marked as defaults again.
+    """
+    config = dict(getattr(noise_scheduler, "config", noise_scheduler))
+    if "_use_default_values" not in config:
+        source = getattr(diffusers, str(config.get("_class_name")), None)
+        try:
+            defaults = source().config if isinstance(source, type) and issubclass(source, SchedulerMixin) else {}
+        except Exception:  # noqa: BLE001 - a class that needs arguments: keep every value as given
+            defaults = {}
+        config["_use_default_values"] = [
+            k for k, v in config.items() if not k.startswith("_") and k in defaults and defaults[k] == v
+        ]
+    betas = DDPMScheduler.from_config(config).betas  # DDPM builds every beta_schedule the others take
+    return SAMPLERS[sampler].from_config(config, trained_betas=betas.tolist())
+
+
+def unet_sample_call(unet: UNet2DModel, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    return unet(sample, timesteps, return_dict=False)[0]
+
+
+@torch.no_grad()
+def denoise(unet: UNet2DModel, sampler: SchedulerMixin, num_inference_steps: int, generator, n: int, on_step=None,
+            forward=None) -> torch.Tensor:
+    """DDPMPipeline's loop: `n` draws of Gaussian noise denoised by `unet` (in eval mode, as the pipeline runs it;
+    its mode is restored after) with `sampler`, as float images in [0, 1], (n, C, H, W).
+
+    `generator` is one torch.Generator or one per image; `on_step` is called after each step (a progress bar);
+    `forward(sample, timesteps)` replaces `unet`'s own call (DDPMModule's compiled forward).
+    """
+    forward = forward or functools.partial(unet_sample_call, unet)
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    was_training = unet.training
+    unet.eval()
+    try:
+        sampler.set_timesteps(num_inference_steps, device=unet.device)
+        shape = (n, unet.config.in_channels, height, width)
+        image = randn_tensor(shape, generator=generator, device=unet.device, dtype=unet.dtype) * sampler.init_noise_sigma
+        for t in sampler.timesteps:
+            # One timestep per image, as in training: the compiled forward sees the same kind of input.
+            model_output = forward(sampler.scale_model_input(image, t), t.expand(n))
+            image = sampler.step(model_output, t, image, generator=generator, return_dict=False)[0]
+            if on_step is not None:
+                on_step()
+    finally:
+        unet.train(was_training)
+    return (image / 2 + 0.5).clamp(0, 1).float()
+
+
+def sample_share(trainer, pl_module, n: int, sampler: Sampler, steps: int, seed: int, autocast: bool = True,
+                 on_step=None) -> torch.Tensor:
+    """This rank's share of n images (ceil(n / world size)) drawn by `pl_module.sample` during training, with the
+    EMA weights when EMA is on, under the training precision's autocast when `autocast` (as the tutorial's
+    pipeline ran under Accelerate's). Every rank draws, so none waits for another's sampling in a collective.
+    Its own generator, one stream per rank: the draw neither depends on nor changes the training RNG (fork_rng
+    guards against library code that still draws from the global RNG)."""
+    share = math.ceil(n / trainer.world_size)
+    with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+        generator = torch.Generator(device="cpu").manual_seed(seed + 1_000_003 * trainer.global_rank)
+        precision = trainer.precision_plugin.forward_context() if autocast else contextlib.nullcontext()
+        with pl_module.ema_weights(), precision:
+            return pl_module.sample(share, sampler, steps, generator, on_step)
+
+
+def grid_shape(n: int, rows: int | None = None) -> tuple[int, int]:
+    """(rows, cols) of a grid of n images: `rows` if given, else as square as n allows (16 -> 4 x 4)."""
+    if rows is None:
+        rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
+    if rows < 1 or n % rows:
+        raise ValueError(f"eval_batch_size={n} images do not fill a grid of {rows} rows: make it a multiple of grid_rows.")
+    return rows, n // rows
+
+
+def save_grid(images: torch.Tensor, path: Path, rows: int | None = None, loggers=(), tag: str = "samples",
+               step: int = 0) -> Path:
+    """Tile `images` ((n, C, H, W), floats in [0, 1] or uint8) without padding, in `rows` rows (the squarest grid
+    when left out), into the PNG `path` (as torchvision's save_image rounds) and into each TensorBoard logger."""
+    grid = make_grid(images, nrow=grid_shape(len(images), rows)[1], padding=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid.float() / 255 if grid.dtype == torch.uint8 else grid, path)
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(tag, grid, global_step=step)
+    return path

@@ -1,0 +1,132 @@
+"""Where images come from: a `--data.dataset` value resolved into one `datasets.Dataset` (`load_source`) and its
+image column (`image_column_of`), and the one rule for whether a name is a Hub id or a local path (`is_hub_id`),
+which the data, the model card and `ddpm-lightning sample` all follow.
+
+`dataset` is resolved in this order:
+1. a `save_to_disk` folder (it holds `dataset_info.json` or `dataset_dict.json`) -> `datasets.load_from_disk`;
+2. a local folder or file of Hub-format data (parquet, arrow, csv, json) -> `datasets.load_dataset`, the same
+   call a Hub id goes through;
+3. any other local folder -> every image file under it, nested folders included, whatever the file names
+   (`imagefolder` would move `test_*` / `val_*` files into other splits and silently train on fewer);
+4. a Hub data set id -> `datasets.load_dataset(id, split=split)`; anything else does not exist.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import datasets
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
+
+# Files PIL can open, by extension (lower case). Everything else under an image folder is ignored.
+IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+HUB_DATA_EXTENSIONS = (".parquet", ".arrow", ".csv", ".json", ".jsonl")
+
+
+def find_images(folder: Path) -> list[str]:
+    """Every image file under `folder`, following links to folders (each real folder once: no cycles). Files of
+    other types are counted and a few named in one warning (hidden files such as .DS_Store are not)."""
+    images, others, seen = [], [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or a second link to the same folder
+            dirs.clear()
+            continue
+        seen.add(real)
+        for name in files:
+            path = os.path.join(root, name)
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS and os.path.isfile(path):
+                images.append(path)
+            elif not name.startswith("."):
+                others.append(os.path.relpath(path, folder))
+    if others and images:
+        rank_zero_warn(
+            f"Skipped {len(others)} file(s) under {folder} that are not a supported image type, e.g. "
+            f"{', '.join(sorted(others)[:5])} (supported: {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...; "
+            "convert others, e.g. HEIC, to JPEG or PNG)."
+        )
+    return sorted(images)
+
+
+def load_source(source: str, split: str = "train") -> datasets.Dataset:
+    """Resolve `source` (see the module docstring) into one `datasets.Dataset`."""
+    path = Path(source).expanduser()
+    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{source} has splits {list(ds)}, not {split!r}: set --data.split to one of them.")
+            ds = ds[split]
+        return ds
+    if path.is_file():
+        if path.suffix.lower() not in HUB_DATA_EXTENSIONS:
+            kind = "a single image" if path.suffix.lower() in IMAGE_EXTENSIONS else f"a {path.suffix or 'plain'} file"
+            raise ValueError(
+                f"--data.dataset {source} is {kind}: give the folder holding the images (e.g. {path.parent}), "
+                f"a data file ({', '.join(HUB_DATA_EXTENSIONS)}), a save_to_disk folder or a Hub id"
+                + (" (unzip an archive first)" if path.suffix.lower() in (".zip", ".tar", ".gz", ".tgz") else "") + "."
+            )
+        builder = {".jsonl": "json"}.get(path.suffix, path.suffix.lstrip("."))
+        return datasets.load_dataset(builder, data_files=str(path), split=split)
+    if path.is_dir():
+        suffixes = {p.suffix.lower() for p in path.rglob("*") if p.is_file()}
+        images = [] if suffixes & {".parquet", ".arrow"} else find_images(path)
+        if suffixes & set(HUB_DATA_EXTENSIONS) and not images:
+            try:
+                return datasets.load_dataset(str(path), split=split)
+            except Exception as err:  # noqa: BLE001 - e.g. only an empty labels.csv (a pandas or split error)
+                cause = err.__cause__ or err
+                raise ValueError(f"{path} holds no images and no usable data files ({type(cause).__name__}: "
+                                 f"{str(cause).splitlines()[0] if str(cause) else ''}): "
+                                 "point --data.dataset at a folder of images or a data set with rows.") from err
+        if not images:
+            raise FileNotFoundError(
+                f"No image files found under {path} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...): "
+                "point --data.dataset at a folder of images, a local data set or a Hub data set id."
+            )
+        return datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
+    if not is_hub_id(source):
+        raise FileNotFoundError(f"{source} does not exist: it is no file or folder here, nor a valid Hub id 'user/name'. "
+                                "Give an existing folder or file, or a Hub data set id.")
+    try:
+        return datasets.load_dataset(source, split=split)
+    except ConnectionError as err:  # offline, or the Hub is unreachable
+        raise ConnectionError(
+            f"Could not load the Hub data set {source!r} ({err}). Offline? Download it once where the Hub is "
+            "reachable (it is then cached), or point --data.dataset at a local folder or data set."
+        ) from err
+
+
+def is_hub_id(name: str | None) -> bool:
+    """Whether `name` is a Hub repo id ('name' or 'user/name') rather than a local path: no file or folder of that
+    name exists here, it does not look like a path ('.', '/' or '~' first, more than one '/', the OS's own
+    separator) and huggingface_hub accepts it as a repo id."""
+    if not name or Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return os.sep == "/" or os.sep not in name
+
+
+def image_column_of(ds: datasets.Dataset, column: str | None) -> str:
+    if column is not None:
+        if column not in ds.column_names:
+            raise ValueError(f"Column {column!r} is not in the data set (it has {ds.column_names}): set --data.image_column.")
+        feature = ds.features[column]
+        if not isinstance(feature, (datasets.Image, dict)) and getattr(feature, "dtype", None) not in ("string", "binary", "large_string"):
+            kinds = {name: getattr(f, "dtype", type(f).__name__) for name, f in ds.features.items()}
+            raise ValueError(f"Column {column!r} holds {kinds[column]}, not images (the columns hold {kinds}): "
+                             "set --data.image_column to the image column.")
+        return column
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    if "image" in ds.column_names:
+        return "image"
+    raise ValueError(f"No image column in the data set (it has {ds.column_names}): set --data.image_column.")
