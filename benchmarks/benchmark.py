@@ -57,9 +57,10 @@ from lightning.pytorch import Callback  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from benchmarks import tutorial_loop  # noqa: E402
 from ddpm_lightning import cli  # noqa: E402
 from ddpm_lightning.sources import find_images  # noqa: E402
+
+from benchmarks import tutorial_loop  # noqa: E402
 
 # argparse defaults, full run / --tiny; None means "all images".
 DEFAULTS = dict(
@@ -105,8 +106,13 @@ class StepTimer(Callback):
             self.images += len(batch)  # the last batch of an epoch may be short
         if self.batches == self.warmup + self.steps:
             sync()
-            self.result = {"seconds": time.perf_counter() - self.t0, "images": self.images, "steps": self.steps,
-                           "first_step_end": self.first_step_end, "checkpoints": self.checkpoints}
+            self.result = {
+                "seconds": time.perf_counter() - self.t0,
+                "images": self.images,
+                "steps": self.steps,
+                "first_step_end": self.first_step_end,
+                "checkpoints": self.checkpoints,
+            }
             self.result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if CUDA else None
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -232,20 +238,35 @@ def main() -> None:
     p.add_argument("--images", default="../shared/data/heliconius/train", help="folder of training images (both sides)")
     p.add_argument("--max-images", type=int, help="use only the first N images (default: all; --tiny: 20)")
     p.add_argument("--batch-sizes", default="16", help="comma-separated, e.g. 16,64,128 (the first: end to end)")
-    p.add_argument("--workers", default="0,8", help="DataLoader num_workers of the tutorial variants; the largest is "
-                   "the baseline of every ratio, and the end-to-end tutorial run")
+    p.add_argument(
+        "--workers",
+        default="0,8",
+        help="DataLoader num_workers of the tutorial variants; the largest is "
+        "the baseline of every ratio, and the end-to-end tutorial run",
+    )
     p.add_argument("--image-size", type=int, help="default 128 (--tiny: 32)")
     p.add_argument("--warmup", type=int, help="untimed steps per run (default 10, --tiny: 2)")
     p.add_argument("--steps", type=int, help="timed steps per run (default 50, --tiny: 4)")
     p.add_argument("--grid-steps", type=int, help="DDPM steps of the grids, 0 for no grids (default 1000, --tiny: 5)")
     p.add_argument("--fast-steps", type=int, help="DDIM steps of the project's fast grid (default 50, --tiny: 5)")
-    p.add_argument("--tutorial-grid", action=argparse.BooleanOptionalAction, default=True,
-                   help="time the tutorial's DDPMPipeline grid too (45-57 s on an H100)")
-    p.add_argument("--project-args", action="append",
-                   help='project CLI overrides, e.g. "-c configs/butterflies-fast.yaml"; repeat it for several '
-                   'project runs beside the same tutorial runs (default: one run of configs/butterflies.yaml)')
-    p.add_argument("--epochs", type=int, default=0,
-                   help="also the end-to-end row: the whole recipe for this many epochs on both sides (0: not)")
+    p.add_argument(
+        "--tutorial-grid",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the tutorial's DDPMPipeline grid too (45-57 s on an H100)",
+    )
+    p.add_argument(
+        "--project-args",
+        action="append",
+        help='project CLI overrides, e.g. "-c configs/butterflies-fast.yaml"; repeat it for several '
+        "project runs beside the same tutorial runs (default: one run of configs/butterflies.yaml)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=0,
+        help="also the end-to-end row: the whole recipe for this many epochs on both sides (0: not)",
+    )
     p.add_argument("--end-to-end-only", action="store_true", help="only the end-to-end row")
     p.add_argument("--seed", type=int, default=0, help="end to end: the seed of both sides")
     p.add_argument("--last-n", type=int, default=100, help="end to end: the last steps whose losses are compared")

@@ -59,9 +59,9 @@ def child(spec_path: str) -> None:
     sys.path.insert(0, str(ROOT))
     record: dict = {"started": started}
     if spec["side"] == "tutorial":
-        from benchmarks import tutorial_loop
-
         import torch
+
+        from benchmarks import tutorial_loop
 
         record["imported"] = time.monotonic()
         losses, marks = [], {}
@@ -78,8 +78,9 @@ def child(spec_path: str) -> None:
 
         import torch
 
-        from benchmarks import step_losses
         from ddpm_lightning import cli
+
+        from benchmarks import step_losses
 
         record["imported"] = time.monotonic()
         argv = list(spec["argv"])
@@ -150,6 +151,7 @@ def welch(a: list[float], b: list[float]) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # The parent: set-up, the sides, the report.
 
+
 def run_side(name: str, spec: dict, work: Path, log_path: Path) -> dict:
     spec_path = work / f"{name}.spec.json"
     spec["result"] = str(work / f"{name}.result.json")
@@ -191,7 +193,9 @@ def run_side(name: str, spec: dict, work: Path, log_path: Path) -> dict:
         raise RuntimeError(f"{name} wrote {r['written']}, not exactly one grid and one save: see {log_path}.")
     grids = sorted(Path(spec["output_dir"], "samples").glob("[0-9]*.png"))  # epoch grids; data.png is the data
     if len(grids) != 1 or not Path(spec["output_dir"], "model_index.json").is_file():
-        raise RuntimeError(f"{name}: expected one grid in {spec['output_dir']}/samples and a saved pipeline, found {grids}.")
+        raise RuntimeError(
+            f"{name}: expected one grid in {spec['output_dir']}/samples and a saved pipeline, found {grids}."
+        )
     run["grid"] = str(grids[0])
     return run
 
@@ -246,8 +250,10 @@ def markdown(report: dict) -> str:
             f"{w['t']:.2f}, df = {w['df']:.0f}, p = {w['p']:.3f}: **{verdict}** (p > {w['alpha']})."
         )
         if c["step_for_step_r"] is not None and c["step_for_step_r"] > 0.5:
-            lines.append(f"  The two runs' losses are correlated step for step (r = {c['step_for_step_r']:.2f}): they "
-                         "drew much the same noise and timesteps, so this test is conservative here.")
+            lines.append(
+                f"  The two runs' losses are correlated step for step (r = {c['step_for_step_r']:.2f}): they "
+                "drew much the same noise and timesteps, so this test is conservative here."
+            )
     return "\n".join(lines)
 
 

@@ -210,8 +210,10 @@ def smoke(name: str, configs: list[Path], a, work: Path, gpu: bool) -> list[Step
     stopped = checkpoint_step(ckpts)
     s.note = f"SIGTERM after step {signalled}, last.ckpt at step {stopped}" if signalled else ""
     s.check(signalled is not None, f"ended before step {a.signal_step}, no signal sent")
-    s.check(stopped is not None and signalled is not None and signalled <= stopped < a.steps,
-            f"last.ckpt is at step {stopped}: not saved where the signal stopped the run")
+    s.check(
+        stopped is not None and signalled is not None and signalled <= stopped < a.steps,
+        f"last.ckpt is at step {stopped}: not saved where the signal stopped the run",
+    )
     if s.error:
         return steps
 
@@ -234,21 +236,28 @@ def smoke(name: str, configs: list[Path], a, work: Path, gpu: bool) -> list[Step
                         "--num_inference_steps", str(a.grid_steps), "--output_dir", str(run / "samples")])  # fmt: skip
     s.start()
     s.wait()
-    s.check(len(list((run / "samples").glob("0*.png"))) == 4 and (run / "samples" / "grid.png").is_file(),
-            f"not 4 images and a grid.png in {run / 'samples'}")
+    s.check(
+        len(list((run / "samples").glob("0*.png"))) == 4 and (run / "samples" / "grid.png").is_file(),
+        f"not 4 images and a grid.png in {run / 'samples'}",
+    )
     # 4. export it as a diffusers folder
     s = make("export", [*cli, "export", str(last), str(run / "export"), "--samples", str(grids[-1])])
     s.start()
     s.wait()
-    s.check(all((run / "export" / f).exists() for f in ("model_index.json", "unet", "scheduler", "README.md")),
-            f"{run / 'export'} lacks model_index.json, unet/, scheduler/ or README.md")
+    s.check(
+        all((run / "export" / f).exists() for f in ("model_index.json", "unet", "scheduler", "README.md")),
+        f"{run / 'export'} lacks model_index.json, unet/, scheduler/ or README.md",
+    )
     return steps
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "heliconius" / "train"),
-                   help="folder of training images (default: ../shared/data/heliconius/train)")
+    p.add_argument(
+        "--images",
+        default=str(ROOT.parent / "shared" / "data" / "heliconius" / "train"),
+        help="folder of training images (default: ../shared/data/heliconius/train)",
+    )
     p.add_argument("--cpu", action="store_true", help="on the CPU: tiny UNet, 16 px, batch 4, few steps")
     p.add_argument("--max-images", type=int, help="use the first N images (default 200; --cpu: 10)")
     p.add_argument("--steps", type=int, help="steps of each run (default 40; --cpu: 10)")
@@ -280,8 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.configs:
         runs = {k: v for k, v in runs.items() if k in a.configs.split(",")}
     device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
-    print(f"gpu_smoke on {device}: {len(images)} images from {a.images}, {a.image_size} px, {a.steps} steps, "
-          f"configs {', '.join(runs)}" + (" (--cpu: tiny UNet, model.compile and compile_optimizer false)" if a.cpu else ""), flush=True)
+    print(
+        f"gpu_smoke on {device}: {len(images)} images from {a.images}, {a.image_size} px, {a.steps} steps, "
+        f"configs {', '.join(runs)}"
+        + (" (--cpu: tiny UNet, model.compile and compile_optimizer false)" if a.cpu else ""),
+        flush=True,
+    )
 
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="gpu-smoke-")).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -232,7 +232,7 @@ def train_loop(
     for epoch in range(num_epochs):
         progress_bar = tqdm(total=len(train_dataloader), disable=not accelerator.is_local_main_process)
         progress_bar.set_description(f"Epoch {epoch}")
-        for step, batch in enumerate(train_dataloader):
+        for _step, batch in enumerate(train_dataloader):
             loss = tutorial_step(batch, model, noise_scheduler, accelerator, optimizer, lr_scheduler)
 
             progress_bar.update(1)

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 def is_last_epoch(trainer: Trainer) -> bool:
     """True at the end of the epoch after which the fit loop stops (max_epochs, max_steps or a stop request)."""
-    epochs_done = trainer.max_epochs is not None and trainer.max_epochs >= 0 and trainer.current_epoch + 1 >= trainer.max_epochs
+    epochs_done = (
+        trainer.max_epochs is not None and trainer.max_epochs >= 0 and trainer.current_epoch + 1 >= trainer.max_epochs
+    )
     steps_done = trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps
     return epochs_done or steps_done or trainer.should_stop
 
@@ -79,16 +81,32 @@ class SampleGrid(Callback):
     def write_grid(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
         """Every rank samples its share of the grid and rank 0 writes it: no rank waits on the others' sampling
         (a grid drawn by rank 0 alone could outlast the collective timeout of the ranks waiting for it)."""
-        bar = progress_bar(trainer, f"Grid of {self.eval_batch_size} ({self.sampler})", self.num_inference_steps, "step")
-        images = sample_share(trainer, pl_module, self.eval_batch_size, self.sampler, self.num_inference_steps,
-                              self.seed, self.autocast, bar.update)
+        bar = progress_bar(
+            trainer, f"Grid of {self.eval_batch_size} ({self.sampler})", self.num_inference_steps, "step"
+        )
+        images = sample_share(
+            trainer,
+            pl_module,
+            self.eval_batch_size,
+            self.sampler,
+            self.num_inference_steps,
+            self.seed,
+            self.autocast,
+            bar.update,
+        )
         bar.close()
         images = trainer.strategy.all_gather(images)  # collective on every rank; (world, share, C, H, W) with DDP
         images = images.flatten(0, 1)[: self.eval_batch_size] if images.dim() == 5 else images
         if not trainer.is_global_zero:
             return None
-        path = save_grid(images, Path(self.output_dir) / "samples" / f"{trainer.current_epoch:04d}.png", self.rows,
-                         trainer.loggers, "samples", trainer.global_step)
+        path = save_grid(
+            images,
+            Path(self.output_dir) / "samples" / f"{trainer.current_epoch:04d}.png",
+            self.rows,
+            trainer.loggers,
+            "samples",
+            trainer.global_step,
+        )
         log.info(f"[rank {trainer.global_rank}] Saved a grid of {self.eval_batch_size} samples to {path}")
         return path
 
@@ -120,7 +138,9 @@ class SaveModel(Callback):
         self.output_dir = output_dir
         self.save_model_epochs = save_model_epochs
         self.push_to_hub = push_to_hub
-        self.uploader = HubUploader(hub_model_id or Path(output_dir).name, private=hub_private_repo) if push_to_hub else None
+        self.uploader = (
+            HubUploader(hub_model_id or Path(output_dir).name, private=hub_private_repo) if push_to_hub else None
+        )
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -131,7 +151,7 @@ class SaveModel(Callback):
         if trainer.is_global_zero and self.uploader is not None:
             try:
                 log.info(f"Uploads go to the Hub repo {self.uploader.create_repo()}")
-            except Exception as err:  # noqa: BLE001 - reported on every rank below
+            except Exception as err:
                 error = f"{type(err).__name__}: {err}"
         error = trainer.strategy.broadcast(error, src=0)
         if error:
@@ -147,6 +167,7 @@ class SaveModel(Callback):
         with pl_module.ema_weights():
             DDPMPipeline(unet=pl_module.unet, scheduler=pl_module.noise_scheduler).save_pretrained(self.output_dir)
         from .card import write_run_card  # README.md + samples.png in the folder, uploaded with it; never raises
+
         write_run_card(trainer, pl_module, self.output_dir, repo_id=self.uploader.repo_id if self.uploader else None)
         log.info(f"[rank {trainer.global_rank}] Saved the model to {self.output_dir}")
         if self.uploader is not None:
@@ -158,7 +179,6 @@ class SaveModel(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.on_fit_end(trainer, pl_module)
-
 
 
 class SampleQualityMetrics(Callback):

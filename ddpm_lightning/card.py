@@ -88,7 +88,8 @@ def write_model_card(
         "An unconditional image generation model: a diffusers `UNet2DModel` trained as a denoising diffusion "
         "probabilistic model (DDPM) with ddpm-lightning "
         "(PyTorch Lightning + diffusers). It turns Gaussian noise into new images"
-        + (f" of {size} x {size} pixels" if isinstance(size, int) else "") + " like those it was trained on.",
+        + (f" of {size} x {size} pixels" if isinstance(size, int) else "")
+        + " like those it was trained on.",
         "",
     ]
     if grid_path is not None:
@@ -142,7 +143,7 @@ def run_config(trainer, pl_module) -> dict | None:
                 config = yaml.safe_load(callback.parser.dump(callback.config, skip_none=False))
                 if isinstance(config, dict):
                     return config
-            except Exception as err:  # noqa: BLE001 - fall back to the hyperparameters below
+            except Exception as err:
                 log.debug(f"Could not dump the CLI config ({err!r}); the card shows the hyperparameters instead.")
     config = {"model": dict(getattr(pl_module, "hparams", {}) or {})}
     datamodule = getattr(trainer, "datamodule", None)
@@ -168,6 +169,6 @@ def write_run_card(trainer, pl_module, output_dir: str | Path, repo_id: str | No
             grid_path=grid,
             repo_id=repo_id,
         )
-    except Exception as err:  # noqa: BLE001 - the card is a courtesy, the saved model matters
+    except Exception as err:
         log.warning(f"Could not write the model card in {output_dir}: {err!r}")
         return None

@@ -84,7 +84,7 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
         def run():
             try:
                 function(*args)
-            except BaseException as err:  # noqa: BLE001 - raised on the training thread, as AsyncCheckpointIO does
+            except BaseException as err:
                 self._error = err
 
         self._executor.submit(run)
@@ -105,14 +105,25 @@ class PeriodicCheckpoint(ModelCheckpoint):
         enable_version_counter: add -v1, -v2 to a name that exists (off: a run has its own folder).
     """
 
-    def __init__(self, *args, train_time_interval: timedelta | None = timedelta(minutes=10),
-                 save_last: bool | str | None = "link", enable_version_counter: bool = False, **kwargs):
+    def __init__(
+        self,
+        *args,
+        train_time_interval: timedelta | None = timedelta(minutes=10),
+        save_last: bool | str | None = "link",
+        enable_version_counter: bool = False,
+        **kwargs,
+    ):
         # No version counter by default: a run has its own folder, so `last.ckpt` is always this run's (the
         # counter would write last-v1.ckpt on resume, as a linked save does not record the link's name).
         if kwargs.get("every_n_train_steps") or kwargs.get("every_n_epochs"):
             train_time_interval = None
-        super().__init__(*args, train_time_interval=train_time_interval, save_last=save_last,
-                         enable_version_counter=enable_version_counter, **kwargs)
+        super().__init__(
+            *args,
+            train_time_interval=train_time_interval,
+            save_last=save_last,
+            enable_version_counter=enable_version_counter,
+            **kwargs,
+        )
         self._stale: list[str] = []
 
     def _remove_checkpoint(self, trainer: Trainer, filepath: str) -> None:
@@ -225,8 +236,11 @@ class PreemptionCheckpoint(Callback):
         if self._between_epochs:
             loops = checkpoint["loops"]["fit_loop"]
             batches = loops["epoch_loop.batch_progress"]
-            loops["epoch_loop.batch_progress"] = {**batches, "current": dict.fromkeys(batches["current"], 0),
-                                                  "is_last_batch": False}
+            loops["epoch_loop.batch_progress"] = {
+                **batches,
+                "current": dict.fromkeys(batches["current"], 0),
+                "is_last_batch": False,
+            }
             loops["state_dict"].pop("combined_loader", None)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

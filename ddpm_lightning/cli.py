@@ -47,9 +47,12 @@ class DDPMLightningCLI(LightningCLI):
         parser.add_lightning_class_args(SaveModel, "save")
         parser.add_lightning_class_args(SampleQualityMetrics, "quality")
         parser.add_argument(
-            "--overwrite", type=bool, default=False,
+            "--overwrite",
+            type=bool,
+            default=False,
             help="Start a fresh run in an output_dir that already holds one: its logs, samples and checkpoints are "
-                 "deleted first; the model files and README.md are rewritten at the first save.")
+            "deleted first; the model files and README.md are rewritten at the first save.",
+        )
         parser.add_lightning_class_args(PeriodicCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.dirpath": None})  # None: checkpoints/<output_dir's name>, this run's own
         parser.link_arguments("output_dir", "report.output_dir")
@@ -63,8 +66,10 @@ class DDPMLightningCLI(LightningCLI):
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
         super()._add_subcommands(parser, **kwargs)
-        for name, help in (("sample", "Draw images from a checkpoint, a saved folder or a Hub model id."),
-                           ("export", "Write a checkpoint's model as a diffusers folder with a model card.")):
+        for name, help in (
+            ("sample", "Draw images from a checkpoint, a saved folder or a Hub model id."),
+            ("export", "Write a checkpoint's model as a diffusers folder with a model card."),
+        ):
             # Listed for --help only: main() hands `sample ...` / `export ...` to commands.run before LightningCLI.
             parser._subcommands_action.add_subcommand(name, ArgumentParser(description=help), help=help)
 
@@ -84,8 +89,12 @@ class DDPMLightningCLI(LightningCLI):
             # Atomic writes in a background thread (not a config default: an instance would not serialize)
             kwargs["plugins"] = [BackgroundCheckpointIO()]
         subcommand = self.config.subcommand
-        if (subcommand == "fit" and data.val_dataset is None and not data.val_fraction
-                and trainer.limit_val_batches is None):
+        if (
+            subcommand == "fit"
+            and data.val_dataset is None
+            and not data.val_fraction
+            and trainer.limit_val_batches is None
+        ):
             kwargs["limit_val_batches"] = 0  # no held-out images: no validation loop at all
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.precision_plugin) is MixedPrecision:  # 16-mixed / bf16-mixed: clip with fused AdamW
@@ -100,16 +109,21 @@ class DDPMLightningCLI(LightningCLI):
         data = self.config[subcommand].get("data") if subcommand == "validate" else None
         if data is not None and data.get("val_dataset") is None and not data.get("val_fraction"):
             # (fit turns validation off without them; validate would silently do nothing)
-            raise ValueError("validate needs held-out images: set --data.val_dataset or --data.val_fraction "
-                             "(the same as the run used, e.g. -c <output_dir>/logs/config.yaml).")
+            raise ValueError(
+                "validate needs held-out images: set --data.val_dataset or --data.val_fraction "
+                "(the same as the run used, e.g. -c <output_dir>/logs/config.yaml)."
+            )
 
     def before_fit(self) -> None:
         check_ckpt_path(self._get(self.config, "ckpt_path"), self.trainer.checkpoint_callback)
         check_writable(self._get(self.config, "output_dir"))
         # Rank 0 only: the other ranks of a run start after it and would find its own new files.
         if self._get(self.config, "ckpt_path") is None and self.trainer.global_rank == 0:
-            check_fresh_run(self._get(self.config, "output_dir"), self.trainer.checkpoint_callback,
-                            self._get(self.config, "overwrite"))
+            check_fresh_run(
+                self._get(self.config, "output_dir"),
+                self.trainer.checkpoint_callback,
+                self._get(self.config, "overwrite"),
+            )
 
 
 def check_writable(folder: str) -> None:
@@ -119,16 +133,20 @@ def check_writable(folder: str) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        raise RuntimeError(f"Cannot start training: output_dir {folder} is not a writable folder ({err}). "
-                           "Choose another --output_dir.") from err
+        raise RuntimeError(
+            f"Cannot start training: output_dir {folder} is not a writable folder ({err}). Choose another --output_dir."
+        ) from err
 
 
 # Keys whose values must be positive, with what they are: checked before anything is built, so a 0 or a
 # negative value fails with its key instead of deep inside a library ("max() arg is an empty sequence").
 POSITIVE = {
-    "data.train_batch_size": "images per batch", "data.image_size": "the image side in pixels",
-    "grid.eval_batch_size": "images in a grid", "grid.num_inference_steps": "denoising steps per grid",
-    "grid.save_image_epochs": "epochs between grids", "save.save_model_epochs": "epochs between saves",
+    "data.train_batch_size": "images per batch",
+    "data.image_size": "the image side in pixels",
+    "grid.eval_batch_size": "images in a grid",
+    "grid.num_inference_steps": "denoising steps per grid",
+    "grid.save_image_epochs": "epochs between grids",
+    "save.save_model_epochs": "epochs between saves",
     "model.learning_rate": "the peak learning rate",
 }
 
@@ -160,12 +178,15 @@ def check_fresh_run(folder: str, checkpoint, overwrite: bool) -> None:
         raise FileExistsError(
             f"output_dir {folder} already holds a run ({', '.join(found)}). Resume it with --ckpt_path last, "
             "choose another --output_dir, or pass --overwrite true to start it again (its logs, samples and "
-            "checkpoints are deleted; its model files and README.md are rewritten at the first save).")
+            "checkpoints are deleted; its model files and README.md are rewritten at the first save)."
+        )
     for name in ("logs", "samples"):
         shutil.rmtree(out / name, ignore_errors=True)
     for ckpt in ckpts:
         ckpt.unlink()
-    logging.getLogger("ddpm_lightning").info(f"--overwrite: deleted the previous run's logs, samples and checkpoints in {folder}")
+    logging.getLogger("ddpm_lightning").info(
+        f"--overwrite: deleted the previous run's logs, samples and checkpoints in {folder}"
+    )
 
 
 # Lines a user cannot act on in a plain run, silenced one by one (every other warning is left alone).

@@ -48,16 +48,20 @@ def load_checkpoint(path: str | Path) -> tuple[DDPMModule, dict]:
     path = Path(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - truncated file, not a checkpoint, unexpected pickled objects
-        raise CommandError(f"{path} is not a readable Lightning checkpoint of ddpm-lightning ({type(err).__name__}: "
-                           f"{str(err).splitlines()[0] if str(err) else ''}).") from err
+    except Exception as err:
+        raise CommandError(
+            f"{path} is not a readable Lightning checkpoint of ddpm-lightning ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})."
+        ) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise CommandError(f"{path} is not a Lightning checkpoint of DDPMModule (no state_dict / hyper_parameters).")
     try:
         module = DDPMModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except (TypeError, ValueError, RuntimeError, KeyError) as err:
-        raise CommandError(f"{path} does not fit this version's DDPMModule ({type(err).__name__}: "
-                           f"{str(err).splitlines()[0]}): was it saved by another version of ddpm-lightning?") from err
+        raise CommandError(
+            f"{path} does not fit this version's DDPMModule ({type(err).__name__}: "
+            f"{str(err).splitlines()[0]}): was it saved by another version of ddpm-lightning?"
+        ) from err
     if module.ema is not None:
         log.info(f"Using the EMA weights of {path}")
     return module.eval(), checkpoint
@@ -72,14 +76,22 @@ def load_pipeline(model: str) -> tuple[UNet2DModel, dict]:
             return copy.deepcopy(module.unet), module.noise_scheduler.config
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            hint = f" (it holds {', '.join(sorted(p.name for p in path.glob('*.ckpt'))[:3])})" if any(path.glob("*.ckpt")) else ""
-            raise CommandError(f"{model} is a folder without model_index.json{hint}: give a .ckpt file or a folder "
-                               "saved by `ddpm-lightning fit` / `ddpm-lightning export` (model_index.json, unet/, scheduler/).")
+            hint = (
+                f" (it holds {', '.join(sorted(p.name for p in path.glob('*.ckpt'))[:3])})"
+                if any(path.glob("*.ckpt"))
+                else ""
+            )
+            raise CommandError(
+                f"{model} is a folder without model_index.json{hint}: give a .ckpt file or a folder "
+                "saved by `ddpm-lightning fit` / `ddpm-lightning export` (model_index.json, unet/, scheduler/)."
+            )
         pipeline = DDPMPipeline.from_pretrained(path)
         return aligned(pipeline.unet), pipeline.scheduler.config
     if model.endswith(".ckpt") or not is_hub_id(model):
-        raise CommandError(f"{model} does not exist: it is no file or folder here, nor a valid Hub model id 'user/name'. "
-                           "Give a .ckpt file, a saved diffusers folder or a Hub model id.")
+        raise CommandError(
+            f"{model} does not exist: it is no file or folder here, nor a valid Hub model id 'user/name'. "
+            "Give a .ckpt file, a saved diffusers folder or a Hub model id."
+        )
     return load_hub_pipeline(model)
 
 
@@ -93,8 +105,11 @@ def load_hub_pipeline(repo_id: str) -> tuple[UNet2DModel, dict]:
         pipeline = DDPMPipeline.from_pretrained(repo_id)
     except (OSError, ValueError, HfHubHTTPError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-        why = ("it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline
-               else f"it is not cached and could not be downloaded ({type(err).__name__})")
+        why = (
+            "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+            if offline
+            else f"it is not cached and could not be downloaded ({type(err).__name__})"
+        )
         if "/" not in repo_id:
             why += f", and there is no file or folder {repo_id!r} here"
         raise CommandError(
@@ -168,7 +183,9 @@ def sample(
         raise CommandError(f"Unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}.")
     steps = (1000 if sampler == "ddpm" else 50) if num_inference_steps is None else num_inference_steps
     if steps < 1:
-        raise CommandError(f"num_inference_steps must be at least 1, not {steps} (leave it out for the sampler's default).")
+        raise CommandError(
+            f"num_inference_steps must be at least 1, not {steps} (leave it out for the sampler's default)."
+        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError(f"--device {device}: no CUDA GPU is visible here. Use --device cpu, or leave --device out.")
@@ -181,12 +198,18 @@ def sample(
     paths: list[Path] = []
     images: list[torch.Tensor] = []
     batches = math.ceil(num_images / batch_size)
-    with tqdm(total=batches * steps, desc=f"Sampling {num_images} images ({sampler}, {steps} steps)", unit="step",
-              dynamic_ncols=True) as progress:
+    with tqdm(
+        total=batches * steps,
+        desc=f"Sampling {num_images} images ({sampler}, {steps} steps)",
+        unit="step",
+        dynamic_ncols=True,
+    ) as progress:
         for start in range(0, num_images, batch_size):
             indices = range(start, min(start + batch_size, num_images))
             fresh = make_sampler(schedule, sampler)  # per batch: multistep solvers keep state
-            batch = denoise(unet, fresh, steps, [image_generator(seed, i) for i in indices], len(indices), progress.update)
+            batch = denoise(
+                unet, fresh, steps, [image_generator(seed, i) for i in indices], len(indices), progress.update
+            )
             batch = batch.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).cpu()  # as torchvision's save_image rounds
             for i, image in zip(indices, batch):
                 path = out / f"{i:06d}.png"

@@ -91,7 +91,7 @@ class ResizedImages(Dataset):
         row = self.rows[i][self.column]
         try:
             image = open_image(io.BytesIO(row["bytes"]) if row["bytes"] else row["path"])
-        except Exception as err:  # noqa: BLE001 - re-raised with the file's name
+        except Exception as err:
             name = row["path"] or f"row {i}"
             raise ValueError(f"Could not read image {name} ({type(err).__name__}: {err}): remove or fix it.") from err
         return self.transform(_to_rgb(image)), min(image.size) < self.image_size
@@ -194,7 +194,9 @@ class CachedImages(Dataset):
         return Strips(*(part[i] for part in self.pixels)) if isinstance(self.pixels, Strips) else self.pixels[i]
 
     def to(self, device: torch.device) -> CachedImages:
-        self.pixels = Strips(*(p.to(device) for p in self.pixels)) if isinstance(self.pixels, Strips) else self.pixels.to(device)
+        self.pixels = (
+            Strips(*(p.to(device) for p in self.pixels)) if isinstance(self.pixels, Strips) else self.pixels.to(device)
+        )
         return self
 
 
@@ -293,7 +295,9 @@ class ImageDataModule(LightningDataModule):
         """Decode and resize every image once, in `num_workers` processes; skip and count the unreadable ones."""
         pixels, smaller, failures = [], 0, []
         bar = progress_bar(self.trainer, f"Caching {len(images)} images", len(images), "image")
-        for batch in DataLoader(range(len(images)), batch_size=32, num_workers=self.num_workers, collate_fn=images.try_load):
+        for batch in DataLoader(
+            range(len(images)), batch_size=32, num_workers=self.num_workers, collate_fn=images.try_load
+        ):
             bar.update(len(batch))
             for tensor, small, error in batch:
                 if tensor is None:
@@ -310,7 +314,9 @@ class ImageDataModule(LightningDataModule):
         if not pixels:
             raise ValueError(f"None of the {len(images)} images could be read, e.g. {failures[0]}")
         if smaller:
-            rank_zero_info(f"{smaller} of {len(pixels)} images are smaller than {images.image_size} px and were upscaled.")
+            rank_zero_info(
+                f"{smaller} of {len(pixels)} images are smaller than {images.image_size} px and were upscaled."
+            )
         rank_zero_info(f"Cached {len(pixels)} images of {images.image_size} px in memory.")
         return Strips.collate(pixels) if images.crop == "random" else torch.stack(pixels)
 

@@ -47,7 +47,9 @@ class HubUploader:
         )
 
     def create_repo(self) -> str:
-        self.repo_id = self.api.create_repo(self.repo_id, private=self.private, exist_ok=True, repo_type="model").repo_id
+        self.repo_id = self.api.create_repo(
+            self.repo_id, private=self.private, exist_ok=True, repo_type="model"
+        ).repo_id
         return self.repo_id
 
     def upload(self, folder: str, message: str) -> None:
@@ -69,7 +71,7 @@ class HubUploader:
         try:
             pending.result()
             self.uploads += 1
-        except Exception as err:  # noqa: BLE001 - any failure of the upload must not stop training
+        except Exception as err:
             self.failures += 1
             msg = f"Upload to the Hub repo {self.repo_id!r} failed ({self.failures} so far): {err!r}. Training goes on; the next save uploads again."
             log.warning(msg)

@@ -52,9 +52,7 @@ __all__ = [
 ]
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_WEIGHTS_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
-)
+INCEPTION_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
 _INCEPTION_FEATURES = (64, 192, 768, 2048)
 _KID_SEED = 0
 _RANGE_TOLERANCE = 1e-3

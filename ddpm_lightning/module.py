@@ -31,9 +31,7 @@ TUTORIAL_UNET: dict[str, Any] = {
     "out_channels": 3,
     "layers_per_block": 2,
     "block_out_channels": [128, 128, 256, 256, 512, 512],
-    "down_block_types": [
-        "DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"
-    ],
+    "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"],
 }
 
@@ -135,7 +133,13 @@ class DDPMModule(LightningModule):
             prediction_type=prediction_type,
         )
         self.ema = (
-            EMAModel(self.unet.parameters(), decay=ema_max_decay, use_ema_warmup=True, inv_gamma=ema_inv_gamma, power=ema_power)
+            EMAModel(
+                self.unet.parameters(),
+                decay=ema_max_decay,
+                use_ema_warmup=True,
+                inv_gamma=ema_inv_gamma,
+                power=ema_power,
+            )
             if use_ema
             else None
         )
@@ -164,9 +168,11 @@ class DDPMModule(LightningModule):
     def check_nonfinite(self) -> None:
         # Checked every N steps and at the end of each epoch, before any grid, save or epoch checkpoint.
         trainer = self.trainer
-        due = (trainer.global_step % self.hparams.nan_check_every_n_steps == 0
-               or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-               or trainer.global_step >= trainer.max_steps > 0)
+        due = (
+            trainer.global_step % self.hparams.nan_check_every_n_steps == 0
+            or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+            or trainer.global_step >= trainer.max_steps > 0
+        )
         if not (self.hparams.stop_on_nan and due and hasattr(self, "_first_bad_step")):
             return
         first_bad = int(self._first_bad_step)
@@ -186,7 +192,9 @@ class DDPMModule(LightningModule):
         if noise is None:  # drawn in the standard layout: channels_last draws the same noise as the plain path
             noise = torch.randn_like(clean, memory_format=torch.contiguous_format)
         if timesteps is None:
-            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
+            timesteps = torch.randint(
+                0, self.noise_scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device
+            )
         noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
         prediction = self.unet_forward(noisy, timesteps).float()
         kind = self.noise_scheduler.config.prediction_type
@@ -202,9 +210,13 @@ class DDPMModule(LightningModule):
         """The denoising loss at `val_timesteps` fixed timesteps with noise fixed per image (seeded by its index)."""
         index, images = batch
         images = images.float() / 127.5 - 1  # no flip: the same input every epoch
-        noise = torch.stack([torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(int(i))) for i in index])
+        noise = torch.stack(
+            [torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(int(i))) for i in index]
+        )
         noise = noise.to(images.device)
-        steps = torch.linspace(0, self.noise_scheduler.config.num_train_timesteps - 1, self.hparams.val_timesteps).long()
+        steps = torch.linspace(
+            0, self.noise_scheduler.config.num_train_timesteps - 1, self.hparams.val_timesteps
+        ).long()
         values = {"val/loss": self.fixed_loss(images, noise, steps)}
         if self.ema is not None:
             with self.ema_weights():
@@ -298,7 +310,9 @@ class DDPMModule(LightningModule):
                 "model.compile_optimizer compiles AdamW's update into its own fused kernels, so it cannot use "
                 "model.fused_adamw true: set model.fused_adamw false (or leave it out), or model.compile_optimizer false."
             )
-        fused = hp.fused_adamw if hp.fused_adamw is not None else self.device.type == "cuda" and not hp.compile_optimizer
+        fused = (
+            hp.fused_adamw if hp.fused_adamw is not None else self.device.type == "cuda" and not hp.compile_optimizer
+        )
         plugin = self.trainer.precision_plugin
         if fused and self.trainer.gradient_clip_val and type(plugin) is MixedPrecision:
             # Lightning's own plugin would raise at the first optimizer step; say it now, with the fixes.
@@ -308,11 +322,20 @@ class DDPMModule(LightningModule):
                 "pass plugins=[FusedClipMixedPrecision(...)] to your Trainer, or set model.fused_adamw false or "
                 "trainer.gradient_clip_val null."
             )
-        adamw = {"lr": hp.learning_rate, "betas": hp.adam_betas, "weight_decay": hp.adam_weight_decay, "eps": hp.adam_epsilon}
+        adamw = {
+            "lr": hp.learning_rate,
+            "betas": hp.adam_betas,
+            "weight_decay": hp.adam_weight_decay,
+            "eps": hp.adam_epsilon,
+        }
         if hp.compile_optimizer:
-            optimizer = CompiledAdamW(self.unet.parameters(), clip_val=self.trainer.gradient_clip_val,
-                                      clip_algorithm=self.trainer.gradient_clip_algorithm or "norm",
-                                      compile_mode=hp.compile_mode, **adamw)
+            optimizer = CompiledAdamW(
+                self.unet.parameters(),
+                clip_val=self.trainer.gradient_clip_val,
+                clip_algorithm=self.trainer.gradient_clip_algorithm or "norm",
+                compile_mode=hp.compile_mode,
+                **adamw,
+            )
         else:
             optimizer = torch.optim.AdamW(self.unet.parameters(), fused=fused or None, **adamw)
         # Per optimizer step, over the whole run as the Trainer counts it (devices, accumulation, max_steps).
@@ -322,7 +345,9 @@ class DDPMModule(LightningModule):
                 f"lr_warmup_steps={hp.lr_warmup_steps} is not shorter than the run ({total} optimizer steps): the "
                 f"learning rate never reaches learning_rate={hp.learning_rate}. Lower model.lr_warmup_steps."
             )
-        lr_scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=hp.lr_warmup_steps, num_training_steps=total)
+        lr_scheduler = get_cosine_schedule_with_warmup(
+            optimizer, num_warmup_steps=hp.lr_warmup_steps, num_training_steps=total
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -333,8 +358,14 @@ class DDPMModule(LightningModule):
         # CompiledAdamW's graph reads the gradients at fixed addresses: zero them in place rather than free them.
         optimizer.zero_grad(set_to_none=not isinstance(optimizer, CompiledAdamW))
 
-    def sample(self, n: int, sampler: Sampler | SchedulerMixin = "ddpm", num_inference_steps: int = 1000,
-               generator: torch.Generator | None = None, on_step=None) -> torch.Tensor:
+    def sample(
+        self,
+        n: int,
+        sampler: Sampler | SchedulerMixin = "ddpm",
+        num_inference_steps: int = 1000,
+        generator: torch.Generator | None = None,
+        on_step=None,
+    ) -> torch.Tensor:
         """`n` images in [0, 1], (n, C, H, W), drawn as DDPMPipeline draws them (`sampling.denoise`) with this
         model's noise schedule and (when `compile` is on) its compiled forward. `sampler` is a name or a scheduler;
         `generator` makes the draw repeatable without touching the global RNG; `on_step` is called after each step."""

@@ -35,7 +35,9 @@ def progress_bar(trainer, description: str, total: int, unit: str) -> Tqdm:
     """Lightning's tqdm bar for long work outside the training loop, shown on rank 0 while the Trainer shows
     progress bars (disabled, silent, otherwise). The caller updates and closes it."""
     shown = trainer is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero
-    return Tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, leave=False, file=sys.stdout, disable=not shown)
+    return Tqdm(
+        total=total, desc=description, unit=unit, dynamic_ncols=True, leave=False, file=sys.stdout, disable=not shown
+    )
 
 
 def training_flops_per_image(unet: UNet2DModel) -> int:
@@ -72,7 +74,9 @@ class ImagesThroughput(ThroughputMonitor):
         super().setup(trainer, pl_module, stage)
         # MFU against the bf16 peak whatever the training precision (the figure people compare across runs).
         peak = self.peak_flops or get_available_flops(trainer.strategy.root_device, torch.bfloat16)
-        self._throughputs[RunningStage.TRAINING] = Throughput(available_flops=peak, world_size=trainer.world_size, **self.kwargs)
+        self._throughputs[RunningStage.TRAINING] = Throughput(
+            available_flops=peak, world_size=trainer.world_size, **self.kwargs
+        )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:
@@ -112,7 +116,9 @@ class ImagesThroughput(ThroughputMonitor):
         if trainer.strategy.root_device.type == "cuda":
             metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 1e9
         trainer._logger_connector.log_metrics(metrics, step=trainer.global_step)
-        pl_module.log("img/s", round(metrics["train/images_per_sec"], 1), prog_bar=True, logger=False, rank_zero_only=True)
+        pl_module.log(
+            "img/s", round(metrics["train/images_per_sec"], 1), prog_bar=True, logger=False, rank_zero_only=True
+        )
 
     # Validation pauses the clock (as ThroughputMonitor does) and is not itself timed.
     def on_validation_start(self, trainer: Trainer, *_) -> None:
@@ -150,8 +156,14 @@ class RunReport(Callback):
 
     def write_preview(self, trainer: Trainer) -> Path:
         images = trainer.datamodule.preview(self.preview_images)
-        path = save_grid(images, Path(self.output_dir) / "samples" / "data.png", None, trainer.loggers, "data/images",
-                         trainer.global_step)
+        path = save_grid(
+            images,
+            Path(self.output_dir) / "samples" / "data.png",
+            None,
+            trainer.loggers,
+            "data/images",
+            trainer.global_step,
+        )
         log.info(f"Saved the first {len(images)} training images, as the model gets them, to {path}")
         return path
 
@@ -195,14 +207,19 @@ class RunReport(Callback):
             "images_seen": self.images,
             "optimizer_steps": trainer.global_step,
             "batches_this_run": self.steps,
-            "wall_seconds": {"total": round(sum(self.seconds.values()), 2), **{k: round(v, 2) for k, v in self.seconds.items()}},
+            "wall_seconds": {
+                "total": round(sum(self.seconds.values()), 2),
+                **{k: round(v, 2) for k, v in self.seconds.items()},
+            },
             "mean_images_per_sec": round(self.images / training, 2) if training > 0 else None,
             "final_train_loss": float(metrics["train/loss"]) if "train/loss" in metrics else None,
             "val_loss": float(metrics["val/loss"]) if "val/loss" in metrics else None,
             "model": str(out) if (out / "model_index.json").exists() else None,
             "last_grid": str(grids[-1]) if grids else None,
             "logs": trainer.logger.log_dir if trainer.logger is not None else None,
-            "last_checkpoint": (checkpoint.last_model_path or checkpoint.best_model_path or None) if checkpoint else None,
+            "last_checkpoint": (checkpoint.last_model_path or checkpoint.best_model_path or None)
+            if checkpoint
+            else None,
         }
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         wall = summary["wall_seconds"]
@@ -215,8 +232,15 @@ class RunReport(Callback):
             f"  mean {summary['mean_images_per_sec']} images/s while training; final train/loss {summary['final_train_loss']}"
             + (f", val/loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""),
         ]
-        lines += [f"  {name}: {summary[key]}" for name, key in
-                  (("model", "model"), ("last grid", "last_grid"), ("logs", "logs"), ("last checkpoint", "last_checkpoint"))
-                  if summary[key]]
+        lines += [
+            f"  {name}: {summary[key]}"
+            for name, key in (
+                ("model", "model"),
+                ("last grid", "last_grid"),
+                ("logs", "logs"),
+                ("last checkpoint", "last_checkpoint"),
+            )
+            if summary[key]
+        ]
         log.info("\n".join(lines))
         return summary

@@ -17,7 +17,8 @@ bf16-mixed has none).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -26,8 +27,14 @@ class CompiledAdamW(torch.optim.AdamW):
     """AdamW whose `step` clips the gradients (total norm or value, as Lightning's `gradient_clip_*` keys say) and
     updates the weights in one compiled function. See the module docstring."""
 
-    def __init__(self, params, clip_val: float | None = None, clip_algorithm: str = "norm",
-                 compile_mode: str = "default", **adamw: Any):
+    def __init__(
+        self,
+        params,
+        clip_val: float | None = None,
+        clip_algorithm: str = "norm",
+        compile_mode: str = "default",
+        **adamw: Any,
+    ):
         super().__init__(params, foreach=None, fused=None, **adamw)
         self.clip_val = clip_val
         self.clip_algorithm = clip_algorithm

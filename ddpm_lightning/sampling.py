@@ -39,7 +39,7 @@ def make_sampler(noise_scheduler: SchedulerMixin | dict[str, Any], sampler: Samp
         source = getattr(diffusers, str(config.get("_class_name")), None)
         try:
             defaults = source().config if isinstance(source, type) and issubclass(source, SchedulerMixin) else {}
-        except Exception:  # noqa: BLE001 - a class that needs arguments: keep every value as given
+        except Exception:
             defaults = {}
         config["_use_default_values"] = [
             k for k, v in config.items() if not k.startswith("_") and k in defaults and defaults[k] == v
@@ -53,8 +53,9 @@ def unet_sample_call(unet: UNet2DModel, sample: torch.Tensor, timesteps: torch.T
 
 
 @torch.no_grad()
-def denoise(unet: UNet2DModel, sampler: SchedulerMixin, num_inference_steps: int, generator, n: int, on_step=None,
-            forward=None) -> torch.Tensor:
+def denoise(
+    unet: UNet2DModel, sampler: SchedulerMixin, num_inference_steps: int, generator, n: int, on_step=None, forward=None
+) -> torch.Tensor:
     """DDPMPipeline's loop: `n` draws of Gaussian noise denoised by `unet` (in eval mode, as the pipeline runs it;
     its mode is restored after) with `sampler`, as float images in [0, 1], (n, C, H, W).
 
@@ -69,7 +70,9 @@ def denoise(unet: UNet2DModel, sampler: SchedulerMixin, num_inference_steps: int
     try:
         sampler.set_timesteps(num_inference_steps, device=unet.device)
         shape = (n, unet.config.in_channels, height, width)
-        image = randn_tensor(shape, generator=generator, device=unet.device, dtype=unet.dtype) * sampler.init_noise_sigma
+        image = (
+            randn_tensor(shape, generator=generator, device=unet.device, dtype=unet.dtype) * sampler.init_noise_sigma
+        )
         for t in sampler.timesteps:
             # One timestep per image, as in training: the compiled forward sees the same kind of input.
             model_output = forward(sampler.scale_model_input(image, t), t.expand(n))
@@ -81,8 +84,9 @@ def denoise(unet: UNet2DModel, sampler: SchedulerMixin, num_inference_steps: int
     return (image / 2 + 0.5).clamp(0, 1).float()
 
 
-def sample_share(trainer, pl_module, n: int, sampler: Sampler, steps: int, seed: int, autocast: bool = True,
-                 on_step=None) -> torch.Tensor:
+def sample_share(
+    trainer, pl_module, n: int, sampler: Sampler, steps: int, seed: int, autocast: bool = True, on_step=None
+) -> torch.Tensor:
     """This rank's share of n images (ceil(n / world size)) drawn by `pl_module.sample` during training, with the
     EMA weights when EMA is on, under the training precision's autocast when `autocast` (as the tutorial's
     pipeline ran under Accelerate's). Every rank draws, so none waits for another's sampling in a collective.
@@ -101,12 +105,15 @@ def grid_shape(n: int, rows: int | None = None) -> tuple[int, int]:
     if rows is None:
         rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
     if rows < 1 or n % rows:
-        raise ValueError(f"eval_batch_size={n} images do not fill a grid of {rows} rows: make it a multiple of grid_rows.")
+        raise ValueError(
+            f"eval_batch_size={n} images do not fill a grid of {rows} rows: make it a multiple of grid_rows."
+        )
     return rows, n // rows
 
 
-def save_grid(images: torch.Tensor, path: Path, rows: int | None = None, loggers=(), tag: str = "samples",
-               step: int = 0) -> Path:
+def save_grid(
+    images: torch.Tensor, path: Path, rows: int | None = None, loggers=(), tag: str = "samples", step: int = 0
+) -> Path:
     """Tile `images` ((n, C, H, W), floats in [0, 1] or uint8) without padding, in `rows` rows (the squarest grid
     when left out), into the PNG `path` (as torchvision's save_image rounds) and into each TensorBoard logger."""
     grid = make_grid(images, nrow=grid_shape(len(images), rows)[1], padding=0)

@@ -68,7 +68,8 @@ def load_source(source: str, split: str = "train") -> datasets.Dataset:
             raise ValueError(
                 f"--data.dataset {source} is {kind}: give the folder holding the images (e.g. {path.parent}), "
                 f"a data file ({', '.join(HUB_DATA_EXTENSIONS)}), a save_to_disk folder or a Hub id"
-                + (" (unzip an archive first)" if path.suffix.lower() in (".zip", ".tar", ".gz", ".tgz") else "") + "."
+                + (" (unzip an archive first)" if path.suffix.lower() in (".zip", ".tar", ".gz", ".tgz") else "")
+                + "."
             )
         builder = {".jsonl": "json"}.get(path.suffix, path.suffix.lstrip("."))
         return datasets.load_dataset(builder, data_files=str(path), split=split)
@@ -78,11 +79,13 @@ def load_source(source: str, split: str = "train") -> datasets.Dataset:
         if suffixes & set(HUB_DATA_EXTENSIONS) and not images:
             try:
                 return datasets.load_dataset(str(path), split=split)
-            except Exception as err:  # noqa: BLE001 - e.g. only an empty labels.csv (a pandas or split error)
+            except Exception as err:
                 cause = err.__cause__ or err
-                raise ValueError(f"{path} holds no images and no usable data files ({type(cause).__name__}: "
-                                 f"{str(cause).splitlines()[0] if str(cause) else ''}): "
-                                 "point --data.dataset at a folder of images or a data set with rows.") from err
+                raise ValueError(
+                    f"{path} holds no images and no usable data files ({type(cause).__name__}: "
+                    f"{str(cause).splitlines()[0] if str(cause) else ''}): "
+                    "point --data.dataset at a folder of images or a data set with rows."
+                ) from err
         if not images:
             raise FileNotFoundError(
                 f"No image files found under {path} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...): "
@@ -90,8 +93,10 @@ def load_source(source: str, split: str = "train") -> datasets.Dataset:
             )
         return datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
     if not is_hub_id(source):
-        raise FileNotFoundError(f"{source} does not exist: it is no file or folder here, nor a valid Hub id 'user/name'. "
-                                "Give an existing folder or file, or a Hub data set id.")
+        raise FileNotFoundError(
+            f"{source} does not exist: it is no file or folder here, nor a valid Hub id 'user/name'. "
+            "Give an existing folder or file, or a Hub data set id."
+        )
     try:
         return datasets.load_dataset(source, split=split)
     except ConnectionError as err:  # offline, or the Hub is unreachable
@@ -117,12 +122,20 @@ def is_hub_id(name: str | None) -> bool:
 def image_column_of(ds: datasets.Dataset, column: str | None) -> str:
     if column is not None:
         if column not in ds.column_names:
-            raise ValueError(f"Column {column!r} is not in the data set (it has {ds.column_names}): set --data.image_column.")
+            raise ValueError(
+                f"Column {column!r} is not in the data set (it has {ds.column_names}): set --data.image_column."
+            )
         feature = ds.features[column]
-        if not isinstance(feature, (datasets.Image, dict)) and getattr(feature, "dtype", None) not in ("string", "binary", "large_string"):
+        if not isinstance(feature, (datasets.Image, dict)) and getattr(feature, "dtype", None) not in (
+            "string",
+            "binary",
+            "large_string",
+        ):
             kinds = {name: getattr(f, "dtype", type(f).__name__) for name, f in ds.features.items()}
-            raise ValueError(f"Column {column!r} holds {kinds[column]}, not images (the columns hold {kinds}): "
-                             "set --data.image_column to the image column.")
+            raise ValueError(
+                f"Column {column!r} holds {kinds[column]}, not images (the columns hold {kinds}): "
+                "set --data.image_column to the image column."
+            )
         return column
     for name, feature in ds.features.items():
         if isinstance(feature, datasets.Image):

@@ -38,15 +38,24 @@ MICRO_UNET = {
 # CLI overrides for a run in seconds on 2 CPU cores: TINY_UNET at 16 px with 4-image grids and 2 sampling steps
 # (the rest of the run as configs/tiny.yaml sets it).
 TINY_RUN_ARGS = [
-    "--model.unet", json.dumps(TINY_UNET),
-    "--data.image_size", "16",
-    "--data.train_batch_size", "4",
-    "--data.num_workers", "0",
-    "--grid.eval_batch_size", "4",
-    "--grid.num_inference_steps", "2",
-    "--trainer.log_every_n_steps", "1",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
+    "--model.unet",
+    json.dumps(TINY_UNET),
+    "--data.image_size",
+    "16",
+    "--data.train_batch_size",
+    "4",
+    "--data.num_workers",
+    "0",
+    "--grid.eval_batch_size",
+    "4",
+    "--grid.num_inference_steps",
+    "2",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
 ]
 
 
@@ -74,8 +83,18 @@ def image_folder(tmp_path) -> Path:
     """12 images: names that `imagefolder` would move to other splits, nested folders, PNG and JPEG."""
     root = tmp_path / "images"
     names = [
-        "train_0.jpg", "train_1.png", "test_2.jpg", "test_3.JPG", "val_4.png", "val_5.jpeg",
-        "a/6.png", "a/b/7.jpg", "a/b/test_8.png", "c/val_9.jpg", "c/train_10.png", "11.png",
+        "train_0.jpg",
+        "train_1.png",
+        "test_2.jpg",
+        "test_3.JPG",
+        "val_4.png",
+        "val_5.jpeg",
+        "a/6.png",
+        "a/b/7.jpg",
+        "a/b/test_8.png",
+        "c/val_9.jpg",
+        "c/train_10.png",
+        "11.png",
     ]
     for i, name in enumerate(names):
         write_image(root / name, seed=i)
@@ -85,9 +104,13 @@ def image_folder(tmp_path) -> Path:
 
 def fit_args(dataset: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "fit", "-c", str(TINY_CONFIG),
-        "--data.dataset", str(dataset),
-        "--output_dir", str(out),
+        "fit",
+        "-c",
+        str(TINY_CONFIG),
+        "--data.dataset",
+        str(dataset),
+        "--output_dir",
+        str(out),
         *TINY_RUN_ARGS,
         *extra,
     ]
@@ -188,5 +211,8 @@ def pytest_sessionstart(session):
     """CI (.ci/run sets DDPM_REQUIRE_SHARED=1) fails at once when ../shared is missing, instead of reporting the
     tests on the real photos as skipped among the passes."""
     if os.environ.get("DDPM_REQUIRE_SHARED") == "1" and not HELICONIUS.is_dir():
-        pytest.exit(f"DDPM_REQUIRE_SHARED=1 but {HELICONIUS} is missing: the tests on the real photos would be "
-                    "skipped. Put the shared data beside the checkout (../shared).", returncode=1)
+        pytest.exit(
+            f"DDPM_REQUIRE_SHARED=1 but {HELICONIUS} is missing: the tests on the real photos would be "
+            "skipped. Put the shared data beside the checkout (../shared).",
+            returncode=1,
+        )

@@ -105,7 +105,7 @@ class HubStandIn:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "HubStandIn":
+    def start(self) -> HubStandIn:
         standin = self
 
         class Handler(_Handler):
@@ -113,8 +113,9 @@ class HubStandIn:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="hub-standin", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="hub-standin", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -125,7 +126,7 @@ class HubStandIn:
             self._thread.join(timeout=5)
             self._server = self._thread = None
 
-    def __enter__(self) -> "HubStandIn":
+    def __enter__(self) -> HubStandIn:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -189,7 +190,9 @@ class HubStandIn:
         prefix = "" if repo_type == "model" else f"{repo_type}s/"
         url = f"{self.endpoint}/{prefix}{repo_id}"
         if self.deny_create:
-            raise _HTTPError(403, f"You don't have the rights to create a {repo_type} under the namespace \"{namespace}\"")
+            raise _HTTPError(
+                403, f'You don\'t have the rights to create a {repo_type} under the namespace "{namespace}"'
+            )
         if repo_id in self.repos:
             raise _HTTPError(409, f"You already created this {repo_type} repo", extra={"url": url})
         self.repos[repo_id] = Repo(repo_id, private=payload.get("visibility") == "private", repo_type=repo_type)
@@ -247,8 +250,12 @@ class HubStandIn:
         self.commits.append(
             Commit(repo_id, revision, header.get("summary", ""), header.get("description", ""), oid, added)
         )
-        return {"commitUrl": f"{self.endpoint}/{repo_id}/commit/{oid}", "commitOid": oid, "success": True,
-                "pullRequestUrl": None}
+        return {
+            "commitUrl": f"{self.endpoint}/{repo_id}/commit/{oid}",
+            "commitOid": oid,
+            "success": True,
+            "pullRequestUrl": None,
+        }
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -276,7 +283,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, payload = err.status, {"error": err.message, **err.extra}
             if err.error_code:
                 headers["X-Error-Code"] = err.error_code
-        except Exception as err:  # noqa: BLE001 - a bug in the stand-in shows up as a 500 with its message
+        except Exception as err:
             status, payload = 500, {"error": f"stand-in crashed: {err!r}"}
         data = json.dumps(payload).encode()
         self.send_response(status)

@@ -11,12 +11,15 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from conftest import tiny_module, write_image
 from ddpm_lightning.callbacks import SaveModel
 from ddpm_lightning.card import write_model_card, write_run_card
 from ddpm_lightning.sources import is_hub_id
 
-USAGE = 'from diffusers import DDPMPipeline\npipeline = DDPMPipeline.from_pretrained("{}")\nimage = pipeline().images[0]'
+from conftest import tiny_module, write_image
+
+USAGE = (
+    'from diffusers import DDPMPipeline\npipeline = DDPMPipeline.from_pretrained("{}")\nimage = pipeline().images[0]'
+)
 
 
 def yaml_block(text: str) -> dict:
@@ -25,11 +28,19 @@ def yaml_block(text: str) -> dict:
 
 def test_card_with_hub_dataset_grid_config_and_repo_id(tmp_path):
     grid = write_image(tmp_path / "grids" / "0009.png", size=(32, 32))
-    config = {"model": {"learning_rate": 1e-4, "adam_betas": (0.9, 0.999), "_instantiator": "x"},
-              "data": {"dataset": "huggan/smithsonian_butterflies_subset", "image_size": 128}}
+    config = {
+        "model": {"learning_rate": 1e-4, "adam_betas": (0.9, 0.999), "_instantiator": "x"},
+        "data": {"dataset": "huggan/smithsonian_butterflies_subset", "image_size": 128},
+    }
     folder = tmp_path / "model"
-    path = write_model_card(folder, config=config, dataset="huggan/smithsonian_butterflies_subset", steps=3150,
-                            grid_path=grid, repo_id="me/ddpm-butterflies-128")
+    path = write_model_card(
+        folder,
+        config=config,
+        dataset="huggan/smithsonian_butterflies_subset",
+        steps=3150,
+        grid_path=grid,
+        repo_id="me/ddpm-butterflies-128",
+    )
     assert path == folder / "README.md"
 
     card = ModelCard.load(path)
@@ -42,9 +53,14 @@ def test_card_with_hub_dataset_grid_config_and_repo_id(tmp_path):
     assert USAGE.format("me/ddpm-butterflies-128") in text
     assert "](samples.png)" in text and (folder / "samples.png").read_bytes() == grid.read_bytes()
     assert "Steps trained: 3150" in text and "128 x 128 pixels" in text
-    assert "[huggan/smithsonian_butterflies_subset](https://huggingface.co/datasets/huggan/smithsonian_butterflies_subset)" in text
-    assert yaml_block(text) == {"model": {"learning_rate": 1e-4, "adam_betas": [0.9, 0.999]},  # "_" keys left out
-                                "data": {"dataset": "huggan/smithsonian_butterflies_subset", "image_size": 128}}
+    assert (
+        "[huggan/smithsonian_butterflies_subset](https://huggingface.co/datasets/huggan/smithsonian_butterflies_subset)"
+        in text
+    )
+    assert yaml_block(text) == {
+        "model": {"learning_rate": 1e-4, "adam_betas": [0.9, 0.999]},  # "_" keys left out
+        "data": {"dataset": "huggan/smithsonian_butterflies_subset", "image_size": 128},
+    }
 
 
 def test_card_of_a_local_dataset_without_grid_or_config(tmp_path):
@@ -58,10 +74,19 @@ def test_card_of_a_local_dataset_without_grid_or_config(tmp_path):
     assert "a local data set" in card.text and "```yaml" not in card.text
 
 
-@pytest.mark.parametrize("dataset, hub", [
-    ("huggan/smithsonian_butterflies_subset", True), ("mnist", True), ("../shared/data/heliconius/train", False),
-    ("/data/photos", False), ("a/b/c", False), ("bad id!", False), (None, False), ("", False),
-])
+@pytest.mark.parametrize(
+    "dataset, hub",
+    [
+        ("huggan/smithsonian_butterflies_subset", True),
+        ("mnist", True),
+        ("../shared/data/heliconius/train", False),
+        ("/data/photos", False),
+        ("a/b/c", False),
+        ("bad id!", False),
+        (None, False),
+        ("", False),
+    ],
+)
 def test_hub_dataset_ids_are_told_from_paths(dataset, hub):
     assert is_hub_id(dataset) is hub
 
@@ -82,8 +107,12 @@ class StubUploader:
 def test_save_names_the_upload_repo_in_the_card_before_uploading(tmp_path):
     save = SaveModel(output_dir=str(tmp_path / "out"))
     save.uploader = StubUploader()
-    trainer = SimpleNamespace(global_rank=0, global_step=7, callbacks=[],
-                              datamodule=SimpleNamespace(hparams={"dataset": "huggan/smithsonian_butterflies_subset"}))
+    trainer = SimpleNamespace(
+        global_rank=0,
+        global_step=7,
+        callbacks=[],
+        datamodule=SimpleNamespace(hparams={"dataset": "huggan/smithsonian_butterflies_subset"}),
+    )
     save.save(trainer, tiny_module(), "Epoch 0")
     assert save.uploader.uploaded == [(str(tmp_path / "out"), "Epoch 0")]
     card = ModelCard.load(tmp_path / "out" / "README.md")

@@ -15,8 +15,9 @@ import yaml
 from diffusers import DDPMPipeline
 from PIL import Image
 
-from conftest import HELICONIUS, REPO, child_env, fit_args, scalars, tb_events
 from ddpm_lightning.cli import main
+
+from conftest import HELICONIUS, REPO, child_env, fit_args, scalars, tb_events
 
 
 def test_fit_writes_grid_model_logs_and_checkpoints(image_folder, tmp_path):
@@ -30,7 +31,9 @@ def test_fit_writes_grid_model_logs_and_checkpoints(image_folder, tmp_path):
 
     # the diffusers folder loads and generates
     pipe = DDPMPipeline.from_pretrained(out)
-    images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = pipe(
+        batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
     assert images.shape == (2, 16, 16, 3)
     assert pipe.unet.config.sample_size == 16
 
@@ -47,8 +50,20 @@ def test_fit_writes_grid_model_logs_and_checkpoints(image_folder, tmp_path):
 
 def test_learning_rate_follows_warmup_then_cosine(image_folder, tmp_path):
     out = tmp_path / "run"
-    main(fit_args(image_folder, out, "--trainer.max_steps", "12", "--trainer.max_epochs", "-1", "--model.lr_warmup_steps", "4",
-                  "--model.learning_rate", "0.002"))
+    main(
+        fit_args(
+            image_folder,
+            out,
+            "--trainer.max_steps",
+            "12",
+            "--trainer.max_epochs",
+            "-1",
+            "--model.lr_warmup_steps",
+            "4",
+            "--model.learning_rate",
+            "0.002",
+        )
+    )
     lr = scalars(out / "logs", "train/lr")
     assert sorted(lr) == list(range(12))
     for k, value in lr.items():  # the rate used by optimizer step k
@@ -58,7 +73,9 @@ def test_learning_rate_follows_warmup_then_cosine(image_folder, tmp_path):
 
 def test_resume_from_last_continues_to_max_steps(image_folder, tmp_path):
     out = tmp_path / "run"
-    main(fit_args(image_folder, out, "--trainer.max_steps", "6", "--trainer.max_epochs", "-1"))  # 12 images / batch 4: two epochs
+    main(
+        fit_args(image_folder, out, "--trainer.max_steps", "6", "--trainer.max_epochs", "-1")
+    )  # 12 images / batch 4: two epochs
     first = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False, map_location="cpu")
     assert first["global_step"] == 6
 
@@ -75,9 +92,22 @@ def test_resume_from_last_continues_to_max_steps(image_folder, tmp_path):
 
 def test_ddp_two_cpu_processes_write_one_grid_and_one_folder(image_folder, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "ddpm_lightning", *fit_args(image_folder, out, "--trainer.max_epochs", "2"),
-           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-           "--grid.save_image_epochs", "100", "--save.save_model_epochs", "100"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ddpm_lightning",
+        *fit_args(image_folder, out, "--trainer.max_epochs", "2"),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--grid.save_image_epochs",
+        "100",
+        "--save.save_model_epochs",
+        "100",
+    ]
     result = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
@@ -106,11 +136,20 @@ def test_print_config_shows_tutorial_keys(capsys):
         main(["fit", "-c", str(REPO / "configs" / "butterflies.yaml"), "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)  # the printed config, parsed: exact values, not substrings
     expected = {
-        "grid.save_image_epochs": 10, "save.save_model_epochs": 30, "grid.eval_batch_size": 16,
-        "data.image_size": 128, "data.train_batch_size": 16, "model.learning_rate": 1e-4,
-        "model.lr_warmup_steps": 500, "trainer.precision": "16-mixed", "trainer.max_epochs": 50,
-        "output_dir": "ddpm-butterflies-128", "save.push_to_hub": False, "seed_everything": 0,
-        "trainer.gradient_clip_val": 1.0, "trainer.accumulate_grad_batches": 1,
+        "grid.save_image_epochs": 10,
+        "save.save_model_epochs": 30,
+        "grid.eval_batch_size": 16,
+        "data.image_size": 128,
+        "data.train_batch_size": 16,
+        "model.learning_rate": 1e-4,
+        "model.lr_warmup_steps": 500,
+        "trainer.precision": "16-mixed",
+        "trainer.max_epochs": 50,
+        "output_dir": "ddpm-butterflies-128",
+        "save.push_to_hub": False,
+        "seed_everything": 0,
+        "trainer.gradient_clip_val": 1.0,
+        "trainer.accumulate_grad_batches": 1,
         "data.dataset": "huggan/smithsonian_butterflies_subset",
     }
     for key, value in expected.items():
@@ -125,10 +164,24 @@ def test_ddp_grid_longer_than_the_collective_timeout_does_not_time_out(image_fol
     timeout: a design where rank 0 draws it alone while rank 1 waits at the checkpoint barrier fails here with a
     gloo timeout. (10 s, not less: the same timeout bounds the ranks' rendezvous, slow on a loaded machine.)"""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "ddpm_lightning", *fit_args(image_folder, out, "--trainer.max_epochs", "1"),
-           "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-           "--trainer.strategy", "lightning.pytorch.strategies.DDPStrategy", "--trainer.strategy.timeout", "0:00:10",
-           "--grid.num_inference_steps", "1000", "--grid.sampler", "ddpm"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ddpm_lightning",
+        *fit_args(image_folder, out, "--trainer.max_epochs", "1"),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "lightning.pytorch.strategies.DDPStrategy",
+        "--trainer.strategy.timeout",
+        "0:00:10",
+        "--grid.num_inference_steps",
+        "1000",
+        "--grid.sampler",
+        "ddpm",
+    ]
     # each rank times its own share of the grid's sampling (sample_share, no collective inside) and prints it
     script = tmp_path / "timed_fit.py"
     script.write_text(
@@ -159,10 +212,23 @@ def test_ddp_grid_longer_than_the_collective_timeout_does_not_time_out(image_fol
 @pytest.mark.parametrize("rank", [0, 1])
 def test_ddp_crash_in_one_rank_ends_the_run_with_the_error(image_folder, tmp_path, rank):
     """With the default 30-minute collective timeout, a hang would be caught by the 120 s limit here."""
-    cmd = [sys.executable, "-m", "ddpm_lightning", *fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "3"),
-           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-           "--trainer.callbacks+=conftest.CrashAtStep", "--trainer.callbacks.rank", str(rank),
-           "--trainer.callbacks.step", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ddpm_lightning",
+        *fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "3"),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.callbacks+=conftest.CrashAtStep",
+        "--trainer.callbacks.rank",
+        str(rank),
+        "--trainer.callbacks.step",
+        "2",
+    ]
     env = child_env()
     env["PYTHONPATH"] = str(REPO / "tests") + os.pathsep + env["PYTHONPATH"]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

@@ -12,11 +12,12 @@ from diffusers import DDPMPipeline
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from conftest import fit_args, write_image
 from ddpm_lightning.cli import main
 from ddpm_lightning.commands import CommandError, image_generator, load_checkpoint, sample
 from ddpm_lightning.module import DDPMModule
 from ddpm_lightning.sampling import grid_shape, make_sampler
+
+from conftest import fit_args, write_image
 
 # `sample` in 2 denoising steps (not the sampler's default count): seconds on a CPU.
 TWO_SAMPLING_STEPS = ["--num_inference_steps", "2"]
@@ -50,7 +51,21 @@ def pixels(path: Path) -> np.ndarray:
 def test_sample_from_checkpoint_writes_images_and_grid(trained, tmp_path):
     ckpt = str(trained / "checkpoints" / "run" / "last.ckpt")
     out = tmp_path / "a"
-    main(["sample", ckpt, "--num_images", "6", "--batch_size", "6", "--sampler", "ddim", *TWO_SAMPLING_STEPS, "--output_dir", str(out)])
+    main(
+        [
+            "sample",
+            ckpt,
+            "--num_images",
+            "6",
+            "--batch_size",
+            "6",
+            "--sampler",
+            "ddim",
+            *TWO_SAMPLING_STEPS,
+            "--output_dir",
+            str(out),
+        ]
+    )
     images = pngs(out)
     assert [p.name for p in images] == [f"{i:06d}.png" for i in range(6)]
     assert all(Image.open(p).size == (16, 16) and Image.open(p).mode == "RGB" for p in images)
@@ -60,11 +75,39 @@ def test_sample_from_checkpoint_writes_images_and_grid(trained, tmp_path):
 
     # the same seed: the same bytes; another seed: other images
     again = tmp_path / "b"
-    main(["sample", ckpt, "--num_images", "6", "--batch_size", "6", "--sampler", "ddim", *TWO_SAMPLING_STEPS, "--output_dir", str(again)])
+    main(
+        [
+            "sample",
+            ckpt,
+            "--num_images",
+            "6",
+            "--batch_size",
+            "6",
+            "--sampler",
+            "ddim",
+            *TWO_SAMPLING_STEPS,
+            "--output_dir",
+            str(again),
+        ]
+    )
     assert [p.read_bytes() for p in pngs(again)] == [p.read_bytes() for p in images]
     assert (again / "grid.png").read_bytes() == (out / "grid.png").read_bytes()
     other = tmp_path / "c"
-    main(["sample", ckpt, "--num_images", "2", "--sampler", "ddim", *TWO_SAMPLING_STEPS, "--seed", "1", "--output_dir", str(other)])
+    main(
+        [
+            "sample",
+            ckpt,
+            "--num_images",
+            "2",
+            "--sampler",
+            "ddim",
+            *TWO_SAMPLING_STEPS,
+            "--seed",
+            "1",
+            "--output_dir",
+            str(other),
+        ]
+    )
     assert all(a.read_bytes() != b.read_bytes() for a, b in zip(pngs(other), images))
 
 
@@ -99,8 +142,19 @@ def test_sample_from_a_sigmoid_schedule_draws_what_the_module_draws(trained, tmp
     model = DDPMModule(**{**module.hparams, "beta_schedule": "sigmoid"})
     model.load_state_dict(module.state_dict())
     DDPMPipeline(unet=model.unet, scheduler=model.noise_scheduler).save_pretrained(tmp_path / "sigmoid")
-    main(["sample", str(tmp_path / "sigmoid"), "--num_images", "2", "--sampler", sampler, *FAST,
-          "--output_dir", str(tmp_path / "out")])
+    main(
+        [
+            "sample",
+            str(tmp_path / "sigmoid"),
+            "--num_images",
+            "2",
+            "--sampler",
+            sampler,
+            *TWO_SAMPLING_STEPS,
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     expected = model.sample(2, sampler, 2, [image_generator(0, i) for i in range(2)]).mul(255).add(0.5).to(torch.uint8)
     images = pngs(tmp_path / "out")
     assert len(images) == 2
@@ -109,10 +163,32 @@ def test_sample_from_a_sigmoid_schedule_draws_what_the_module_draws(trained, tmp
 
 
 def test_sample_from_saved_folder_matches_the_checkpoints_ema_weights(trained, tmp_path):
-    main(["sample", str(trained / "run"), "--num_images", "3", "--sampler", "dpmsolver++", *TWO_SAMPLING_STEPS,
-          "--output_dir", str(tmp_path / "folder")])
-    main(["sample", str(trained / "checkpoints" / "run" / "last.ckpt"), "--num_images", "3", "--sampler", "dpmsolver++", *TWO_SAMPLING_STEPS,
-          "--output_dir", str(tmp_path / "ckpt")])
+    main(
+        [
+            "sample",
+            str(trained / "run"),
+            "--num_images",
+            "3",
+            "--sampler",
+            "dpmsolver++",
+            *TWO_SAMPLING_STEPS,
+            "--output_dir",
+            str(tmp_path / "folder"),
+        ]
+    )
+    main(
+        [
+            "sample",
+            str(trained / "checkpoints" / "run" / "last.ckpt"),
+            "--num_images",
+            "3",
+            "--sampler",
+            "dpmsolver++",
+            *TWO_SAMPLING_STEPS,
+            "--output_dir",
+            str(tmp_path / "ckpt"),
+        ]
+    )
     from_folder, from_ckpt = pngs(tmp_path / "folder"), pngs(tmp_path / "ckpt")
     assert len(from_folder) == 3 and Image.open(tmp_path / "folder" / "grid.png").size == (48, 16)
     # the saved folder holds the EMA weights, and so does a sample from the checkpoint
@@ -124,7 +200,9 @@ def test_export_writes_a_loadable_folder_with_the_ema_weights_and_a_card(trained
     main(["export", str(trained / "checkpoints" / "run" / "last.ckpt"), str(out)])
 
     pipe = DDPMPipeline.from_pretrained(out)
-    images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = pipe(
+        batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
     assert images.shape == (2, 16, 16, 3)
 
     checkpoint = torch.load(trained / "checkpoints" / "run" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -146,7 +224,17 @@ def test_export_writes_a_loadable_folder_with_the_ema_weights_and_a_card(trained
 def test_export_with_samples_and_repo_id(trained, tmp_path):
     grid = sorted((trained / "run" / "samples").glob("[0-9]*.png"))[-1]
     out = tmp_path / "exported"
-    main(["export", str(trained / "checkpoints" / "run" / "last.ckpt"), str(out), "--samples", str(grid), "--repo_id", "me/tiny"])
+    main(
+        [
+            "export",
+            str(trained / "checkpoints" / "run" / "last.ckpt"),
+            str(out),
+            "--samples",
+            str(grid),
+            "--repo_id",
+            "me/tiny",
+        ]
+    )
     assert (out / "samples.png").read_bytes() == grid.read_bytes()
     text = (out / "README.md").read_text()
     assert "](samples.png)" in text and 'DDPMPipeline.from_pretrained("me/tiny")' in text
@@ -162,7 +250,9 @@ def test_every_save_of_fit_writes_the_card_with_the_run_config_and_newest_grid(t
     assert f'pipeline = DDPMPipeline.from_pretrained("{out}")' in card.text
     config = yaml.safe_load(card.text.split("```yaml\n", 1)[1].split("```", 1)[0])  # the whole CLI config
     assert config["data"]["dataset"] == str(trained / "images") and config["data"]["image_size"] == 16
-    assert config["trainer"]["max_epochs"] == 1 and config["output_dir"] == str(out) and config["model"]["use_ema"] is True
+    assert (
+        config["trainer"]["max_epochs"] == 1 and config["output_dir"] == str(out) and config["model"]["use_ema"] is True
+    )
 
 
 def test_hub_id_offline_fails_with_one_clear_line(trained, capsys):
@@ -175,12 +265,15 @@ def test_hub_id_offline_fails_with_one_clear_line(trained, capsys):
         sample("someone/ddpm-model")
 
 
-@pytest.mark.parametrize("model, expected", [
-    ("./missing.ckpt", "does not exist"),
-    ("missing/deeper/model", "does not exist"),
-    ("images", "without model_index.json"),  # a folder, but not a saved model
-    ("not a model!", "nor a valid Hub model id"),
-])
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ("./missing.ckpt", "does not exist"),
+        ("missing/deeper/model", "does not exist"),
+        ("images", "without model_index.json"),  # a folder, but not a saved model
+        ("not a model!", "nor a valid Hub model id"),
+    ],
+)
 def test_bad_model_paths_fail_clearly(trained, monkeypatch, model, expected):
     monkeypatch.chdir(trained)
     with pytest.raises(SystemExit) as exit_info:
@@ -200,7 +293,15 @@ def test_help_lists_the_options(capsys):
         main(["sample", "--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for option in ("--num_images", "--sampler", "--num_inference_steps", "--seed", "--batch_size", "--output_dir", "--device"):
+    for option in (
+        "--num_images",
+        "--sampler",
+        "--num_inference_steps",
+        "--seed",
+        "--batch_size",
+        "--output_dir",
+        "--device",
+    ):
         assert option in help_text
 
 

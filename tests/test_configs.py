@@ -20,9 +20,10 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
-from conftest import MICRO_UNET, REPO
 from ddpm_lightning.cli import main
 from ddpm_lightning.optim import CompiledAdamW
+
+from conftest import MICRO_UNET, REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 BASE = REPO / "configs" / "butterflies.yaml"
@@ -69,11 +70,20 @@ def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, m
     model = values.get("model", {})
     precision = values.get("trainer", {}).get("precision", "32-true")
     if precision == "16-mixed":  # as on a GPU: fp16 autocast and a GradScaler (plus the CLI's checkpoint IO)
-        precision_args = ["--trainer.precision", "null", "--trainer.plugins", json.dumps([
-            {"class_path": "lightning.pytorch.plugins.precision.MixedPrecision",
-             "init_args": {"precision": "16-mixed", "device": "cpu"}},
-            {"class_path": "ddpm_lightning.checkpointing.AtomicCheckpointIO"},
-        ])]
+        precision_args = [
+            "--trainer.precision",
+            "null",
+            "--trainer.plugins",
+            json.dumps(
+                [
+                    {
+                        "class_path": "lightning.pytorch.plugins.precision.MixedPrecision",
+                        "init_args": {"precision": "16-mixed", "device": "cpu"},
+                    },
+                    {"class_path": "ddpm_lightning.checkpointing.AtomicCheckpointIO"},
+                ]
+            ),
+        ]
     else:
         precision_args = []
     layers = ["-c", str(BASE)] if is_overlay(config) else []
@@ -81,17 +91,40 @@ def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, m
     torch._dynamo.reset()  # (the compiled step guards on its optimizer: another test's would count as a recompile)
     # Configs that compile compile once. (config.patch, not monkeypatch: its undo deletes a dynamo config entry.)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        main([
-            "fit", *layers, "-c", str(config),
-            "--data.dataset", str(image_folder), "--data.image_size", "16", "--data.train_batch_size", "4",
-            "--data.num_workers", "0",
-            "--model.unet", json.dumps(MICRO_UNET), "--model.fused_adamw", str(not compile_optimizer).lower(),
-            "--grid.eval_batch_size", "4", "--grid.num_inference_steps", "2",
-            "--trainer.max_steps", "3", "--trainer.accelerator", "cpu",
-            "--output_dir", str(tmp_path / "out"), "--checkpoint.dirpath", str(tmp_path / "checkpoints"),
-            "--trainer.callbacks+=test_configs.RecordSettings",
-            *precision_args,
-        ])
+        main(
+            [
+                "fit",
+                *layers,
+                "-c",
+                str(config),
+                "--data.dataset",
+                str(image_folder),
+                "--data.image_size",
+                "16",
+                "--data.train_batch_size",
+                "4",
+                "--data.num_workers",
+                "0",
+                "--model.unet",
+                json.dumps(MICRO_UNET),
+                "--model.fused_adamw",
+                str(not compile_optimizer).lower(),
+                "--grid.eval_batch_size",
+                "4",
+                "--grid.num_inference_steps",
+                "2",
+                "--trainer.max_steps",
+                "3",
+                "--trainer.accelerator",
+                "cpu",
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--checkpoint.dirpath",
+                str(tmp_path / "checkpoints"),
+                "--trainer.callbacks+=test_configs.RecordSettings",
+                *precision_args,
+            ]
+        )
     seen = RecordSettings.seen
     assert seen["steps"] == 3
     assert seen["precision"] == precision

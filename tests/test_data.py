@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from conftest import HELICONIUS, write_image
 from ddpm_lightning.data import ImageDataModule
 from ddpm_lightning.sources import load_source
+
+from conftest import HELICONIUS, write_image
 
 
 def setup_module_for(dataset, **kwargs) -> ImageDataModule:
@@ -38,8 +39,14 @@ def test_augmentation_is_the_tutorials(image_folder, cache):
     dm = setup_module_for(image_folder, cache=cache)
     path = sorted(image_folder.rglob("*.png"))[0]
     resize = transforms.Resize((16, 16))
-    tutorial = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])(resize(Image.open(path).convert("RGB")))
-    index = [i for i in range(len(dm.train_set)) if torch.equal(dm.train_set[i], (tutorial * 127.5 + 127.5).round().to(torch.uint8))]
+    tutorial = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])(
+        resize(Image.open(path).convert("RGB"))
+    )
+    index = [
+        i
+        for i in range(len(dm.train_set))
+        if torch.equal(dm.train_set[i], (tutorial * 127.5 + 127.5).round().to(torch.uint8))
+    ]
     assert len(index) == 1
     torch.manual_seed(0)
     out = dm.on_after_batch_transfer(torch.stack([dm.train_set[index[0]]] * 2000), 0)
@@ -137,7 +144,9 @@ def test_parquet_in_hub_layout_goes_through_load_dataset(tmp_path, monkeypatch):
 
 def test_hub_id_goes_through_load_dataset_and_offline_error_says_what_to_do(monkeypatch):
     calls = []
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or datasets.Dataset.from_dict({"image": []}))
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or datasets.Dataset.from_dict({"image": []})
+    )
     load_source("huggan/smithsonian_butterflies_subset")
     assert calls == [(("huggan/smithsonian_butterflies_subset",), {"split": "train"})]
     monkeypatch.undo()

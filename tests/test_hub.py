@@ -22,11 +22,12 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.utils import _detect_agent, filter_repo_objects
 from lightning.pytorch import Trainer
 
-from conftest import fit_args
 from ddpm_lightning import hub as hub_module
 from ddpm_lightning.callbacks import SaveModel
 from ddpm_lightning.cli import main
 from ddpm_lightning.hub import IGNORE_PATTERNS, HubUploader, MissingHubTokenError
+
+from conftest import fit_args
 
 try:
     from hub_standin import HubStandIn  # tests/ on sys.path (pytest's rootdir-relative import of test modules)
@@ -50,8 +51,15 @@ def write_folder(root: Path, files: dict[str, bytes]) -> Path:
 
 
 def cpu_trainer(**kwargs) -> Trainer:
-    return Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, **kwargs)
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the fake client
@@ -129,7 +137,9 @@ def test_create_repo_asks_for_the_visibility_and_takes_the_full_repo_id(fake_api
 
 def test_a_repo_that_cannot_be_created_stops_training_before_it_starts(fake_api, tmp_path, monkeypatch):
     """create_repo lets the Hub's error through; SaveModel.setup (before the first step) turns it into one error."""
-    fake_api.create_error = FakeHubError("403 Forbidden: you don't have the rights to create a model under someone-else")
+    fake_api.create_error = FakeHubError(
+        "403 Forbidden: you don't have the rights to create a model under someone-else"
+    )
     with pytest.raises(FakeHubError, match="403"):
         HubUploader("someone-else/ddpm-test", api=fake_api).create_repo()
 
@@ -196,10 +206,19 @@ def test_save_model_creates_the_repo_uploads_the_saved_pipeline_and_waits_at_fit
     callback = SaveModel(output_dir=str(out), save_model_epochs=30, push_to_hub=True, hub_private_repo=True)
     callback.uploader.api = fake_api
     trainer = cpu_trainer(max_epochs=1)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 8),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
-    module = SimpleNamespace(unet=unet, noise_scheduler=DDPMScheduler(num_train_timesteps=10), ema_weights=contextlib.nullcontext)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 8),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    module = SimpleNamespace(
+        unet=unet, noise_scheduler=DDPMScheduler(num_train_timesteps=10), ema_weights=contextlib.nullcontext
+    )
 
     callback.setup(trainer, module, "fit")
     assert fake_api.created == [{"repo_id": "ddpm-tiny", "private": True, "exist_ok": True, "repo_type": "model"}]
@@ -209,11 +228,19 @@ def test_save_model_creates_the_repo_uploads_the_saved_pipeline_and_waits_at_fit
 
     on_disk = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     published = {k: v for k, v in on_disk.items() if k not in NOT_PUBLISHED}
-    assert {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-            "scheduler/scheduler_config.json"} <= published.keys()
+    assert {
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+    } <= published.keys()
     assert (callback.uploader.uploads, callback.uploader.failures) == (1, 0)
     [upload] = fake_api.uploaded
-    assert (upload["repo_id"], upload["folder_path"], upload["commit_message"]) == ("fake-user/ddpm-tiny", str(out), "Epoch 0")
+    assert (upload["repo_id"], upload["folder_path"], upload["commit_message"]) == (
+        "fake-user/ddpm-tiny",
+        str(out),
+        "Epoch 0",
+    )
     assert upload["files"] == published
     assert hub_module.IGNORE_PATTERNS == ["step_*", "epoch_*"]
 
@@ -322,9 +349,12 @@ def test_upload_lands_exactly_the_published_files(hub, uploaders, tmp_path):
     assert hub.repos[repo_id].files == {**FOLDER, "unet/config.json": b'{"sample_size": 16}'}
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (README, Long runs and failures): a read-only token passes "
-                   "create_repo; this test flips to a failure (XPASS, strict) once setup catches it",
-                   raises=pytest.fail.Exception)  # fails only by "DID NOT RAISE", nothing else
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (README, Long runs and failures): a read-only token passes "
+    "create_repo; this test flips to a failure (XPASS, strict) once setup catches it",
+    raises=pytest.fail.Exception,
+)  # fails only by "DID NOT RAISE", nothing else
 def test_a_token_that_cannot_write_an_existing_repo_fails_before_training(hub, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", hub.token)
     hub.add_repo("someone-else/ddpm-test", private=False, writable=False)
@@ -383,7 +413,9 @@ def test_check_token_accepts_any_token_source_and_the_client_sends_it(hub, hf_en
 # ---------------------------------------------------------------------------------------------- through the CLI
 
 
-def test_fit_with_push_survives_a_failing_upload_and_publishes_at_the_end(hub, no_backoff, image_folder, tmp_path, monkeypatch):
+def test_fit_with_push_survives_a_failing_upload_and_publishes_at_the_end(
+    hub, no_backoff, image_folder, tmp_path, monkeypatch
+):
     """`ddpm-lightning fit --save.push_to_hub true`: the mid-run upload fails (a counted warning), training
     goes on to the end, the final save uploads again and fit returns only after that upload."""
     monkeypatch.setenv("HF_TOKEN", hub.token)
@@ -397,8 +429,20 @@ def test_fit_with_push_survives_a_failing_upload_and_publishes_at_the_end(hub, n
 
     monkeypatch.setattr(SaveModel, "on_train_epoch_start", recover_in_epoch_1)
     with pytest.warns(RuntimeWarning, match=r"failed \(1 so far\)"):
-        main(fit_args(image_folder, out, "--trainer.max_epochs", "2", "--save.save_model_epochs", "1",
-                      "--save.push_to_hub", "true", "--save.hub_private_repo", "true"))
+        main(
+            fit_args(
+                image_folder,
+                out,
+                "--trainer.max_epochs",
+                "2",
+                "--save.save_model_epochs",
+                "1",
+                "--save.push_to_hub",
+                "true",
+                "--save.hub_private_repo",
+                "true",
+            )
+        )
     assert (tmp_path / "checkpoints" / "ddpm-pushed" / "last.ckpt").exists()  # training reached its end
     assert [c.summary for c in hub.commits] == ["Epoch 1"]
     assert hub.commit_attempts == len(no_backoff) + 2 > 2  # the client retried the 500 before giving up

@@ -3,7 +3,6 @@ the errors and noise they see (issue 10, items 5-12)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import zipfile
@@ -15,12 +14,21 @@ import torch
 from lightning.pytorch import Callback
 from PIL import Image
 
-from conftest import TINY_CONFIG, TINY_RUN_ARGS, child_env, fit_args, write_image
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import ImageDataModule
 
-ONE_STEP = ["--trainer.max_steps", "1", "--trainer.max_epochs", "-1",
-            "--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
+from conftest import TINY_CONFIG, TINY_RUN_ARGS, child_env, fit_args, write_image
+
+ONE_STEP = [
+    "--trainer.max_steps",
+    "1",
+    "--trainer.max_epochs",
+    "-1",
+    "--grid.save_image_epochs",
+    "1000",
+    "--save.save_model_epochs",
+    "1000",
+]
 
 
 class FirstBatch(Callback):
@@ -65,8 +73,11 @@ def test_exif_orientation_is_applied_when_training(tmp_path, cache):
     photos = tmp_path / "photos"
     for i in range(4):
         sideways_photo(photos / f"{i}.jpg")
-    main(fit_args(photos, tmp_path / "run", *ONE_STEP, "--data.cache", cache,
-                  "--trainer.callbacks+=test_inputs.FirstBatch"))
+    main(
+        fit_args(
+            photos, tmp_path / "run", *ONE_STEP, "--data.cache", cache, "--trainer.callbacks+=test_inputs.FirstBatch"
+        )
+    )
     assert FirstBatch.batch is not None and FirstBatch.batch.shape[0] == 4
     assert_upright(FirstBatch.batch)
 
@@ -75,8 +86,9 @@ def test_exif_orientation_is_applied_to_validation_images(tmp_path):
     for i in range(2):
         sideways_photo(tmp_path / "val" / f"{i}.jpg")
         write_image(tmp_path / "train" / f"{i}.png", seed=i)
-    data = ImageDataModule(str(tmp_path / "train"), image_size=16, num_workers=0, val_dataset=str(tmp_path / "val"),
-                           cache="none")
+    data = ImageDataModule(
+        str(tmp_path / "train"), image_size=16, num_workers=0, val_dataset=str(tmp_path / "val"), cache="none"
+    )
     data.setup("fit")
     assert_upright(torch.stack([data.val_set[i][1] for i in range(2)]))
 
@@ -114,14 +126,32 @@ def test_validate_without_validation_images_fails_with_the_fix(image_folder, tmp
     fake = tmp_path / "x.ckpt"
     with zipfile.ZipFile(fake, "w") as archive:  # readable as an archive: the check must come from validate itself
         archive.writestr("data.pkl", b"")
-    with pytest.raises(ValueError, match="validate needs held-out images: set --data.val_dataset or --data.val_fraction"):
-        main(["validate", "-c", str(TINY_CONFIG), "--data.dataset", str(image_folder), *TINY_RUN_ARGS, "--ckpt_path", str(fake)])
+    with pytest.raises(
+        ValueError, match="validate needs held-out images: set --data.val_dataset or --data.val_fraction"
+    ):
+        main(
+            [
+                "validate",
+                "-c",
+                str(TINY_CONFIG),
+                "--data.dataset",
+                str(image_folder),
+                *TINY_RUN_ARGS,
+                "--ckpt_path",
+                str(fake),
+            ]
+        )
 
 
-@pytest.mark.parametrize("key, value", [
-    ("--grid.eval_batch_size", "0"), ("--grid.eval_batch_size", "-4"), ("--data.train_batch_size", "0"),
-    ("--model.learning_rate", "-0.0001"),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("--grid.eval_batch_size", "0"),
+        ("--grid.eval_batch_size", "-4"),
+        ("--data.train_batch_size", "0"),
+        ("--model.learning_rate", "-0.0001"),
+    ],
+)
 def test_values_that_must_be_positive_are_named(image_folder, tmp_path, key, value):
     with pytest.raises(ValueError, match=f"^{key} {value}: .* must be positive"):
         main(fit_args(image_folder, tmp_path / "run", f"{key}={value}"))  # "=": argparse would read -4 as an option
@@ -160,8 +190,9 @@ def test_sample_and_export_refuse_what_they_cannot_do(tmp_path, capsys):
 def run_cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = child_env()
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "ddpm_lightning", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ddpm_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
@@ -170,9 +201,13 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     assert plain.returncode == 1
     assert plain.stderr.strip().splitlines()[-1] == (
         "ddpm-lightning fit: error: --grid.eval_batch_size 0: images in a grid must be positive. "
-        "(--debug shows the traceback)")
+        "(--debug shows the traceback)"
+    )
     assert "Traceback" not in plain.stderr
-    for debug in (run_cli(*args, "--debug", cwd=tmp_path), run_cli(*args, cwd=tmp_path, env_extra={"DDPM_LIGHTNING_DEBUG": "1"})):
+    for debug in (
+        run_cli(*args, "--debug", cwd=tmp_path),
+        run_cli(*args, cwd=tmp_path, env_extra={"DDPM_LIGHTNING_DEBUG": "1"}),
+    ):
         assert debug.returncode == 1 and "Traceback" in debug.stderr and "must be positive" in debug.stderr
 
 
@@ -189,12 +224,29 @@ def test_help_lists_the_commands_that_work_and_documents_every_key(tmp_path):
 def test_a_plain_run_shows_no_noise_but_keeps_actionable_warnings(image_folder, tmp_path):
     args = fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "1", "--model.lr_warmup_steps", "500")
     first = run_cli(*args, cwd=tmp_path)
-    resumed = run_cli(*fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "2",
-                                "--model.lr_warmup_steps", "500", "--ckpt_path", "last"), cwd=tmp_path)
+    resumed = run_cli(
+        *fit_args(
+            image_folder,
+            tmp_path / "run",
+            "--trainer.max_epochs",
+            "2",
+            "--model.lr_warmup_steps",
+            "500",
+            "--ckpt_path",
+            "last",
+        ),
+        cwd=tmp_path,
+    )
     for result in (first, resumed):
         log = result.stdout + result.stderr
         assert result.returncode == 0, log[-3000:]
-        for noise in ("Tip:", "TPU available", "set_vital", "LeafSpec", "exists and is not empty",
-                      "Loading `train_dataloader` to estimate"):
+        for noise in (
+            "Tip:",
+            "TPU available",
+            "set_vital",
+            "LeafSpec",
+            "exists and is not empty",
+            "Loading `train_dataloader` to estimate",
+        ):
             assert noise not in log, noise
         assert "lr_warmup_steps=500 is not shorter than the run" in log  # an actionable warning stays

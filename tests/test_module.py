@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
-from types import SimpleNamespace
 from lightning.pytorch import Trainer
 
-from conftest import TINY_UNET, tiny_module
 from ddpm_lightning.callbacks import SampleGrid
-from ddpm_lightning.sampling import grid_shape, make_sampler
 from ddpm_lightning.module import TUTORIAL_UNET, DDPMModule
+from ddpm_lightning.sampling import grid_shape, make_sampler
+
+from conftest import TINY_UNET, tiny_module
 
 
 def test_tutorial_unet_by_default():
@@ -76,8 +78,9 @@ def test_image_size_the_unet_cannot_halve_is_refused_with_the_fix():
 
 
 def test_nan_loss_stops_the_run_naming_the_first_step(image_folder, tmp_path, monkeypatch):
-    from conftest import fit_args
     from ddpm_lightning.cli import main
+
+    from conftest import fit_args
 
     real = DDPMModule.denoising_loss
 
@@ -87,14 +90,25 @@ def test_nan_loss_stops_the_run_naming_the_first_step(image_folder, tmp_path, mo
 
     monkeypatch.setattr(DDPMModule, "denoising_loss", nan_from_step_5)
     with pytest.raises(FloatingPointError, match="NaN or infinite at step 5 .*stop_on_nan false"):
-        main(fit_args(image_folder, tmp_path / "run", "--trainer.max_steps", "20", "--trainer.max_epochs", "-1",
-                      "--model.nan_check_every_n_steps", "4"))
+        main(
+            fit_args(
+                image_folder,
+                tmp_path / "run",
+                "--trainer.max_steps",
+                "20",
+                "--trainer.max_epochs",
+                "-1",
+                "--model.nan_check_every_n_steps",
+                "4",
+            )
+        )
     assert not (tmp_path / "run" / "model_index.json").exists()  # no final save of broken weights
 
 
 def test_warmup_longer_than_the_run_warns(image_folder, tmp_path):
-    from conftest import fit_args
     from ddpm_lightning.cli import main
+
+    from conftest import fit_args
 
     with pytest.warns(UserWarning, match=r"lr_warmup_steps=500 is not shorter than the run \(3 optimizer steps\)"):
         main(fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "1", "--model.lr_warmup_steps", "500"))
@@ -102,14 +116,40 @@ def test_warmup_longer_than_the_run_warns(image_folder, tmp_path):
 
 def test_speed_switches_keep_checkpoint_keys_and_train_on_cpu(image_folder, tmp_path):
     """channels_last, gradient checkpointing, fused AdamW and in-place compile degrade cleanly on a CPU."""
-    from conftest import fit_args
     from ddpm_lightning.cli import main
 
-    main(fit_args(image_folder, tmp_path / "plain", "--trainer.max_steps", "2", "--trainer.max_epochs", "-1",
-                  "--checkpoint.dirpath", "plain"))
-    main(fit_args(image_folder, tmp_path / "fast", "--trainer.max_steps", "2", "--trainer.max_epochs", "-1",
-                  "--model.channels_last", "true", "--model.gradient_checkpointing", "true",
-                  "--model.fused_adamw", "true", "--checkpoint.dirpath", "fast"))
+    from conftest import fit_args
+
+    main(
+        fit_args(
+            image_folder,
+            tmp_path / "plain",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.max_epochs",
+            "-1",
+            "--checkpoint.dirpath",
+            "plain",
+        )
+    )
+    main(
+        fit_args(
+            image_folder,
+            tmp_path / "fast",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.max_epochs",
+            "-1",
+            "--model.channels_last",
+            "true",
+            "--model.gradient_checkpointing",
+            "true",
+            "--model.fused_adamw",
+            "true",
+            "--checkpoint.dirpath",
+            "fast",
+        )
+    )
     plain = torch.load(tmp_path / "plain" / "last.ckpt", weights_only=True)
     fast = torch.load(tmp_path / "fast" / "last.ckpt", weights_only=True)
     assert plain["state_dict"].keys() == fast["state_dict"].keys()
@@ -129,9 +169,13 @@ def test_sample_equals_ddpm_pipeline_on_the_same_unet_scheduler_and_noise(sample
     torch.manual_seed(0)
     model = tiny_module()
     ours = model.sample(2, sampler, 4, torch.Generator().manual_seed(7))
-    pipe = DDPMPipeline(unet=model.unet.eval(), scheduler=make_sampler(model.noise_scheduler, sampler))  # eval, as `sample` runs it
+    pipe = DDPMPipeline(
+        unet=model.unet.eval(), scheduler=make_sampler(model.noise_scheduler, sampler)
+    )  # eval, as `sample` runs it
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(7), num_inference_steps=4, output_type="pt").images
+    theirs = pipe(
+        batch_size=2, generator=torch.Generator().manual_seed(7), num_inference_steps=4, output_type="pt"
+    ).images
     assert theirs.shape == ours.shape == (2, 3, 16, 16)
     assert torch.equal(ours, theirs)
     assert 0.02 < ours.std() and not torch.equal(ours[0], ours[1])  # real images, not a constant
@@ -149,8 +193,12 @@ def test_speed_switches_take_effect_in_a_training_step():
     calls, formats = {"plain": 0, "fast": 0}, []
     for name, model in (("plain", plain), ("fast", fast)):  # (forward hooks do not fire in the recomputation)
         block = model.unet.down_blocks[0].resnets[0]
-        block.forward = lambda *a, _name=name, _forward=block.forward, **k: calls.__setitem__(_name, calls[_name] + 1) or _forward(*a, **k)
-    fast.unet.register_forward_pre_hook(lambda m, args: formats.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        block.forward = lambda *a, _name=name, _forward=block.forward, **k: (
+            calls.__setitem__(_name, calls[_name] + 1) or _forward(*a, **k)
+        )
+    fast.unet.register_forward_pre_hook(
+        lambda m, args: formats.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
     batch = torch.rand(2, 3, 16, 16) * 2 - 1
     fast.lr_schedulers = lambda: torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)]), lambda _: 1)
     fast.log = lambda *a, **k: None
@@ -178,6 +226,8 @@ def test_compiled_unet_runs_and_matches_the_plain_one():
     noisy, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
     with torch.no_grad():
         expected = plain.unet(noisy, t).sample
-        got = compiled.sample_forward(noisy, t)  # the compiled sampling forward (training has its own, tested in test_speed_switches)
+        got = compiled.sample_forward(
+            noisy, t
+        )  # the compiled sampling forward (training has its own, tested in test_speed_switches)
     assert counters["stats"]["unique_graphs"] == 1  # torch.compile traced the UNet's forward
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

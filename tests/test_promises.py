@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, child_env, fit_args, scalars, tb_events, tiny_module
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import CachedImages, ImageDataModule, ResizedImages
+
+from conftest import REPO, child_env, fit_args, scalars, tb_events, tiny_module
 
 
 def coloured(n: int, red: int = 0) -> datasets.Dataset:
@@ -97,8 +98,18 @@ def test_bf16_mixed_trains_on_cpu_under_bf16_autocast(image_folder, tmp_path, mo
 
     monkeypatch.setattr(DDPMModule, "denoising_loss", record)
     out = tmp_path / "run"
-    main(fit_args(image_folder, out, "--trainer.max_steps", "3", "--trainer.max_epochs", "-1",
-                  "--trainer.precision", "bf16-mixed"))
+    main(
+        fit_args(
+            image_folder,
+            out,
+            "--trainer.max_steps",
+            "3",
+            "--trainer.max_epochs",
+            "-1",
+            "--trainer.precision",
+            "bf16-mixed",
+        )
+    )
     assert seen[:3] == [(True, torch.bfloat16, torch.float32)] * 3  # the UNet under bf16; the loss in float32
     state = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=True)["state_dict"]
     assert all(v.dtype == torch.float32 for v in state.values())  # float32 master weights
@@ -110,10 +121,26 @@ def test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image(image_folder, tmp
     """quality.every_n_epochs 2 over 2 epochs: FID/KID once, after epoch 2, as finite numbers; the grid of each
     epoch is also TensorBoard's `samples` image, with the PNG's pixels."""
     out = tmp_path / "run"
-    main(fit_args(image_folder, out, "--trainer.max_epochs", "2", "--data.val_fraction", "0.5",
-                  "--grid.save_image_epochs", "1", "--quality.every_n_epochs", "2",
-                  "--quality.feature", "conftest.TinyFeatures", "--quality.num_samples", "4",
-                  "--quality.num_inference_steps", "2"))
+    main(
+        fit_args(
+            image_folder,
+            out,
+            "--trainer.max_epochs",
+            "2",
+            "--data.val_fraction",
+            "0.5",
+            "--grid.save_image_epochs",
+            "1",
+            "--quality.every_n_epochs",
+            "2",
+            "--quality.feature",
+            "conftest.TinyFeatures",
+            "--quality.num_samples",
+            "4",
+            "--quality.num_inference_steps",
+            "2",
+        )
+    )
     steps_per_epoch = 2  # 6 training images, batch 4
     for tag in ("val/fid", "val/kid_mean", "val/kid_std"):
         values = scalars(out / "logs", tag)
@@ -123,19 +150,38 @@ def test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image(image_folder, tmp
 
     images = {e.step: e for e in tb_events(out / "logs", "samples", "images")}
     assert sorted(images) == [steps_per_epoch, 2 * steps_per_epoch]
-    logged = np.asarray(Image.open(io.BytesIO(images[2 * steps_per_epoch].encoded_image_string)).convert("RGB"), np.int16)
+    logged = np.asarray(
+        Image.open(io.BytesIO(images[2 * steps_per_epoch].encoded_image_string)).convert("RGB"), np.int16
+    )
     png = np.asarray(Image.open(out / "samples" / "0001.png").convert("RGB"), np.int16)
     assert logged.shape == png.shape == (32, 32, 3)
     assert np.abs(logged - png).max() <= 1  # TensorBoard truncates to 8 bits, save_image rounds
 
 
 def test_every_ddp_rank_holds_the_same_ema(image_folder, tmp_path):
-    cmd = [sys.executable, "-m", "ddpm_lightning",
-           *fit_args(image_folder, tmp_path / "run", "--trainer.max_steps", "3", "--trainer.max_epochs", "-1"),
-           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-           "--model.use_ema", "true", "--model.learning_rate", "0.01", "--model.lr_warmup_steps", "1",
-           "--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000",
-           "--trainer.callbacks+=conftest.SaveEMAPerRank"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ddpm_lightning",
+        *fit_args(image_folder, tmp_path / "run", "--trainer.max_steps", "3", "--trainer.max_epochs", "-1"),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--model.use_ema",
+        "true",
+        "--model.learning_rate",
+        "0.01",
+        "--model.lr_warmup_steps",
+        "1",
+        "--grid.save_image_epochs",
+        "1000",
+        "--save.save_model_epochs",
+        "1000",
+        "--trainer.callbacks+=conftest.SaveEMAPerRank",
+    ]
     env = child_env()
     env["PYTHONPATH"] = str(REPO / "tests") + os.pathsep + env["PYTHONPATH"]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from conftest import fit_args, scalars, tiny_module
 from ddpm_lightning.cli import main
+
+from conftest import fit_args, scalars, tiny_module
 
 
 def test_ema_follows_the_warmup_formula_once_per_optimizer_step(image_folder, tmp_path, monkeypatch):
@@ -22,18 +23,41 @@ def test_ema_follows_the_warmup_formula_once_per_optimizer_step(image_folder, tm
     def record(self, outputs, batch, batch_idx):
         before = [p.detach().clone() for p in self.ema.shadow_params] if self.ema else None
         real(self, outputs, batch, batch_idx)
-        seen.append((self.trainer.global_step, self.ema.optimization_step, self.ema.cur_decay_value, before,
-                     [p.detach().clone() for p in self.unet.parameters()], [p.detach().clone() for p in self.ema.shadow_params]))
+        seen.append(
+            (
+                self.trainer.global_step,
+                self.ema.optimization_step,
+                self.ema.cur_decay_value,
+                before,
+                [p.detach().clone() for p in self.unet.parameters()],
+                [p.detach().clone() for p in self.ema.shadow_params],
+            )
+        )
 
     monkeypatch.setattr(DDPMModule, "on_train_batch_end", record)
-    main(fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "2", "--trainer.accumulate_grad_batches", "2",
-                  "--model.use_ema", "true", "--model.ema_inv_gamma", "2.0", "--model.ema_power", "0.6",
-                  "--model.ema_max_decay", "0.4"))
+    main(
+        fit_args(
+            image_folder,
+            tmp_path / "run",
+            "--trainer.max_epochs",
+            "2",
+            "--trainer.accumulate_grad_batches",
+            "2",
+            "--model.use_ema",
+            "true",
+            "--model.ema_inv_gamma",
+            "2.0",
+            "--model.ema_power",
+            "0.6",
+            "--model.ema_max_decay",
+            "0.4",
+        )
+    )
     # 3 batches an epoch: optimizer steps after batches 1 and 2 (the epoch's end) of each epoch
     assert [s[0] for s in seen] == [0, 1, 2, 2, 3, 4]
     assert [s[1] for s in seen] == [s[0] for s in seen]  # one EMA update per optimizer step, none per micro-batch
     decays = {}
-    for step, ema_step, decay, before, weights, after in seen[1:]:
+    for _step, ema_step, decay, *_ in seen[1:]:
         decays[max(0, ema_step - 1)] = decay
     # by hand: 1 - 1.5 ** -0.6, 1 - 2 ** -0.6, then the cap (1 - 2.5 ** -0.6 = 0.423 > 0.4)
     assert decays == pytest.approx({0: 0.0, 1: 0.21595, 2: 0.34025, 3: 0.4}, abs=1e-5)
@@ -64,8 +88,22 @@ def test_ema_is_restored_on_resume_and_used_for_the_saved_model(image_folder, tm
 
 def test_validation_loss_is_deterministic_and_monitorable(image_folder, tmp_path):
     out = tmp_path / "run"
-    main(fit_args(image_folder, out, "--trainer.max_epochs", "2", "--data.val_fraction", "0.25",
-                  "--checkpoint.monitor", "val/loss", "--checkpoint.save_top_k", "1", "--model.use_ema", "true"))
+    main(
+        fit_args(
+            image_folder,
+            out,
+            "--trainer.max_epochs",
+            "2",
+            "--data.val_fraction",
+            "0.25",
+            "--checkpoint.monitor",
+            "val/loss",
+            "--checkpoint.save_top_k",
+            "1",
+            "--model.use_ema",
+            "true",
+        )
+    )
     logged = scalars(out / "logs", "val/loss")
     assert len(logged) == 2 and len(scalars(out / "logs", "val/loss_ema")) == 2
     best = list((tmp_path / "checkpoints" / "run").glob("epoch=*.ckpt"))
@@ -74,8 +112,17 @@ def test_validation_loss_is_deterministic_and_monitorable(image_folder, tmp_path
     # the same weights give the same number, twice, through the CLI (read back from each run's TensorBoard logs)
     validated = []
     for run in ("a", "b"):
-        main(["validate", "-c", str(out / "logs" / "config.yaml"), "--ckpt_path", str(best[0]),
-              "--output_dir", str(tmp_path / run)])
+        main(
+            [
+                "validate",
+                "-c",
+                str(out / "logs" / "config.yaml"),
+                "--ckpt_path",
+                str(best[0]),
+                "--output_dir",
+                str(tmp_path / run),
+            ]
+        )
         validated.append(scalars(tmp_path / run / "logs", "val/loss"))
     assert validated[0] == validated[1] and len(validated[0]) == 1
     assert math.isfinite(next(iter(validated[0].values())))
@@ -149,9 +196,21 @@ def test_each_prediction_type_learns(prediction_type):
 
 def test_fid_and_kid_through_validate_with_a_custom_extractor(image_folder, tmp_path):
     main(fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "1", "--data.val_fraction", "0.5"))
-    main(["validate", "-c", str(tmp_path / "run" / "logs" / "config.yaml"), "--ckpt_path", "last",
-          "--quality.feature", "conftest.TinyFeatures", "--quality.num_samples", "6",
-          "--quality.num_inference_steps", "2"])
+    main(
+        [
+            "validate",
+            "-c",
+            str(tmp_path / "run" / "logs" / "config.yaml"),
+            "--ckpt_path",
+            "last",
+            "--quality.feature",
+            "conftest.TinyFeatures",
+            "--quality.num_samples",
+            "6",
+            "--quality.num_inference_steps",
+            "2",
+        ]
+    )
     # the values themselves, read back from the validate run's TensorBoard logs: finite numbers
     for tag in ("val/fid", "val/kid_mean", "val/kid_std"):
         values = scalars(tmp_path / "run" / "logs", tag)
@@ -162,7 +221,17 @@ def test_fid_and_kid_through_validate_with_a_custom_extractor(image_folder, tmp_
 def test_missing_inception_weights_say_how_and_training_goes_on(image_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
     with pytest.warns(UserWarning, match="FID/KID are off: .*weights-inception-2015-12-05"):
-        main(fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "1", "--data.val_fraction", "0.5",
-                      "--quality.every_n_epochs", "1"))
+        main(
+            fit_args(
+                image_folder,
+                tmp_path / "run",
+                "--trainer.max_epochs",
+                "1",
+                "--data.val_fraction",
+                "0.5",
+                "--quality.every_n_epochs",
+                "1",
+            )
+        )
     assert (tmp_path / "checkpoints" / "run" / "last.ckpt").exists()
     assert len(scalars(tmp_path / "run" / "logs", "val/loss")) == 1

@@ -13,9 +13,10 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from conftest import child_env, fit_args, scalars, tb_events
 from ddpm_lightning.checkpointing import AtomicCheckpointIO
 from ddpm_lightning.cli import main
+
+from conftest import child_env, fit_args, scalars, tb_events
 
 
 def last_step(folder: Path) -> int:
@@ -25,10 +26,26 @@ def last_step(folder: Path) -> int:
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 0), (signal.SIGUSR1, 0), (signal.SIGINT, 130)])
 def test_signal_saves_last_checkpoint_exits_cleanly_and_resume_finishes(image_folder, tmp_path, signum, status):
     out, ckpts = tmp_path / "run", tmp_path / "checkpoints" / "run"
-    args = fit_args(image_folder, out, "--trainer.max_steps", "90", "--trainer.max_epochs", "-1",
-                    "--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000")
-    proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning", *args, "--checkpoint.every_n_train_steps", "3"],
-                            cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = fit_args(
+        image_folder,
+        out,
+        "--trainer.max_steps",
+        "90",
+        "--trainer.max_epochs",
+        "-1",
+        "--grid.save_image_epochs",
+        "1000",
+        "--save.save_model_epochs",
+        "1000",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddpm_lightning", *args, "--checkpoint.every_n_train_steps", "3"],
+        cwd=tmp_path,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (ckpts / "last.ckpt").exists():  # the first checkpoint: training is under way
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
@@ -56,12 +73,27 @@ class SlowSteps(Callback):
 
 def test_second_ctrl_c_aborts_at_once(image_folder, tmp_path):
     ckpts = tmp_path / "checkpoints" / "run"
-    args = fit_args(image_folder, tmp_path / "run", "--trainer.max_steps", "90", "--trainer.max_epochs", "-1",
-                    "--checkpoint.every_n_train_steps", "1", "--trainer.callbacks+=test_reliability.SlowSteps")
+    args = fit_args(
+        image_folder,
+        tmp_path / "run",
+        "--trainer.max_steps",
+        "90",
+        "--trainer.max_epochs",
+        "-1",
+        "--checkpoint.every_n_train_steps",
+        "1",
+        "--trainer.callbacks+=test_reliability.SlowSteps",
+    )
     env = child_env()
     env["PYTHONPATH"] = str(Path(__file__).parent) + os.pathsep + env["PYTHONPATH"]
-    proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddpm_lightning", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (ckpts / "last.ckpt").exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
@@ -151,8 +183,18 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("cache", ["memory", "none"])
 def test_stopped_and_resumed_run_equals_the_uninterrupted_one(image_folder, tmp_path, cache):
     """8 steps straight vs. stopped at step 4 (in the middle of epoch 1: 3 steps an epoch) and resumed."""
-    common = ["--trainer.max_steps", "8", "--trainer.max_epochs", "-1", "--data.cache", cache,
-              "--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
+    common = [
+        "--trainer.max_steps",
+        "8",
+        "--trainer.max_epochs",
+        "-1",
+        "--data.cache",
+        cache,
+        "--grid.save_image_epochs",
+        "1000",
+        "--save.save_model_epochs",
+        "1000",
+    ]
     if cache == "none":
         common += ["--data.num_workers", "2"]  # worker processes, their seeds and prefetching too
     main(fit_args(image_folder, tmp_path / "straight", *common))
@@ -207,11 +249,13 @@ def test_fp16_overflow_skips_the_update_and_the_schedule_and_ema_count_it_as_doc
     from lightning.pytorch.plugins import MixedPrecision
 
     from ddpm_lightning.data import ImageDataModule
+
     from conftest import tiny_module
 
     model = tiny_module(use_ema=True, lr_warmup_steps=2)
     model.on_after_backward = lambda: (  # overflow in the backward pass of step 2
-        next(model.unet.parameters()).grad.fill_(float("inf")) if model.trainer.global_step == 2 else None)
+        next(model.unet.parameters()).grad.fill_(float("inf")) if model.trainer.global_step == 2 else None
+    )
     seen = []
 
     class Record(Callback):
@@ -220,11 +264,24 @@ def test_fp16_overflow_skips_the_update_and_the_schedule_and_ema_count_it_as_doc
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             unchanged = torch.equal(next(pl_module.unet.parameters()), self.before)
-            seen.append((trainer.global_step, trainer.lr_scheduler_configs[0].scheduler.last_epoch,
-                         unchanged, trainer.precision_plugin.scaler.get_scale()))
+            seen.append(
+                (
+                    trainer.global_step,
+                    trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+                    unchanged,
+                    trainer.precision_plugin.scaler.get_scale(),
+                )
+            )
 
-    trainer = Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))], callbacks=[Record()])
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))],
+        callbacks=[Record()],
+    )
     trainer.fit(model, ImageDataModule(str(image_folder), image_size=16, train_batch_size=2, num_workers=0))
     step, schedule, unchanged, scale = zip(*seen)
     assert step == schedule == (1, 2, 3, 4)  # the schedule advanced on the skipped step too
@@ -244,20 +301,46 @@ trainer:
 
 
 @pytest.mark.parametrize("stop_after_batch", [5, 3, 4])
-def test_signal_and_resume_equal_the_straight_run_with_ema_accumulation_and_fp16(image_folder, tmp_path, stop_after_batch):
+def test_signal_and_resume_equal_the_straight_run_with_ema_accumulation_and_fp16(
+    image_folder, tmp_path, stop_after_batch
+):
     """EMA on, accumulate 2, fp16 with a loss scaler (on CPU), 3 micro-batches an epoch: 6 optimizer steps
     straight, or a real SIGTERM after micro-batch 5 (epoch 1's first optimizer step), 3 (the end of epoch 0) or 4
     (inside an accumulation window: it stops after the window's optimizer step), then resumed. The weights, the
     EMA weights, the loss scaler's state and every logged loss are the same."""
     plugins = tmp_path / "fp16.yaml"
     plugins.write_text(FP16_ON_CPU)
-    common = ["-c", str(plugins), "--trainer.max_steps", "6", "--trainer.max_epochs", "-1",
-              "--trainer.accumulate_grad_batches", "2", "--model.use_ema", "true", "--model.learning_rate", "0.01",
-              "--model.lr_warmup_steps", "1", "--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
+    common = [
+        "-c",
+        str(plugins),
+        "--trainer.max_steps",
+        "6",
+        "--trainer.max_epochs",
+        "-1",
+        "--trainer.accumulate_grad_batches",
+        "2",
+        "--model.use_ema",
+        "true",
+        "--model.learning_rate",
+        "0.01",
+        "--model.lr_warmup_steps",
+        "1",
+        "--grid.save_image_epochs",
+        "1000",
+        "--save.save_model_epochs",
+        "1000",
+    ]
     main(fit_args(image_folder, tmp_path / "straight", *common, "--checkpoint.dirpath", "straight_ckpt"))
     resumed = fit_args(image_folder, tmp_path / "resumed", *common, "--checkpoint.dirpath", "resumed_ckpt")
     with pytest.raises(SystemExit):
-        main([*resumed, "--trainer.callbacks+=conftest.SignalAtBatch", "--trainer.callbacks.batch", str(stop_after_batch)])
+        main(
+            [
+                *resumed,
+                "--trainer.callbacks+=conftest.SignalAtBatch",
+                "--trainer.callbacks.batch",
+                str(stop_after_batch),
+            ]
+        )
     assert last_step(tmp_path / "resumed_ckpt") == {3: 2, 4: 3, 5: 3}[stop_after_batch]  # stopped early
     main([*resumed, "--ckpt_path", "last"])
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import fit_args, scalars, tb_events, write_image
 from ddpm_lightning.cli import main
+
+from conftest import fit_args, scalars, tb_events, write_image
 
 NO_SAVES = ["--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
 
@@ -49,18 +50,29 @@ def straight_run(tmp_path_factory) -> dict[str, torch.Tensor]:
     return weights
 
 
-@pytest.mark.parametrize("cadence, crash_at, saved_at", [
-    (["--checkpoint.every_n_epochs", "1"], 4, 3),  # the checkpoint an epoch's end leaves (the issue's crash case)
-    (["--checkpoint.every_n_train_steps", "3"], 5, 3),  # a step cadence landing on an epoch's last step
-    (["--checkpoint.every_n_train_steps", "2"], 3, 2),  # a step cadence in the middle of an epoch
-])
+@pytest.mark.parametrize(
+    "cadence, crash_at, saved_at",
+    [
+        (["--checkpoint.every_n_epochs", "1"], 4, 3),  # the checkpoint an epoch's end leaves (the issue's crash case)
+        (["--checkpoint.every_n_train_steps", "3"], 5, 3),  # a step cadence landing on an epoch's last step
+        (["--checkpoint.every_n_train_steps", "2"], 3, 2),  # a step cadence in the middle of an epoch
+    ],
+)
 def test_resume_after_a_crash_equals_the_straight_run(straight_run, twelve, tmp_path, cadence, crash_at, saved_at):
     """A crash (an exception at step `crash_at`) leaves the cadence's last checkpoint; `--ckpt_path last` from it
     ends with the very weights of the run that never crashed (max_epochs runs, as the configs are)."""
     crashing = fit_args(twelve, tmp_path / "crashed", *NO_SAVES, "--trainer.max_epochs", "2", *cadence)
     with pytest.raises(RuntimeError, match="injected crash"):
-        main([*crashing, "--trainer.callbacks+=conftest.CrashAtStep", "--trainer.callbacks.rank", "0",
-              "--trainer.callbacks.step", str(crash_at)])
+        main(
+            [
+                *crashing,
+                "--trainer.callbacks+=conftest.CrashAtStep",
+                "--trainer.callbacks.rank",
+                "0",
+                "--trainer.callbacks.step",
+                str(crash_at),
+            ]
+        )
     assert state(tmp_path / "checkpoints" / "crashed" / "last.ckpt")[0] == saved_at
     main([*crashing, "--ckpt_path", "last"])
     step, weights = state(tmp_path / "checkpoints" / "crashed" / "last.ckpt")
@@ -72,14 +84,31 @@ def test_resume_with_the_compiled_optimizer_step_equals_the_straight_run(twelve,
     """`model.compile_optimizer` (butterflies-fast.yaml) keeps its LR in a tensor on the device and saves plain
     AdamW's state: crashed at step 4 and resumed from the epoch-end checkpoint, the run ends with the weights of
     the compiled run that never crashed."""
-    compiled = [*NO_SAVES, "--trainer.max_epochs", "2", "--model.compile_optimizer", "true",
-                "--trainer.gradient_clip_val", "0.1", "--checkpoint.every_n_epochs", "1"]
+    compiled = [
+        *NO_SAVES,
+        "--trainer.max_epochs",
+        "2",
+        "--model.compile_optimizer",
+        "true",
+        "--trainer.gradient_clip_val",
+        "0.1",
+        "--checkpoint.every_n_epochs",
+        "1",
+    ]
     torch._dynamo.reset()
     main(fit_args(twelve, tmp_path / "straight", *compiled))
     crashing = fit_args(twelve, tmp_path / "crashed", *compiled)
     with pytest.raises(RuntimeError, match="injected crash"):
-        main([*crashing, "--trainer.callbacks+=conftest.CrashAtStep", "--trainer.callbacks.rank", "0",
-              "--trainer.callbacks.step", "4"])
+        main(
+            [
+                *crashing,
+                "--trainer.callbacks+=conftest.CrashAtStep",
+                "--trainer.callbacks.rank",
+                "0",
+                "--trainer.callbacks.step",
+                "4",
+            ]
+        )
     assert state(tmp_path / "checkpoints" / "crashed" / "last.ckpt")[0] == 3
     main([*crashing, "--ckpt_path", "last"])
     step_a, a = state(tmp_path / "checkpoints" / "straight" / "last.ckpt")
@@ -90,10 +119,20 @@ def test_resume_with_the_compiled_optimizer_step_equals_the_straight_run(twelve,
 
 def test_a_checkpoint_with_the_rng_states_at_the_top_level_resumes_exactly(straight_run, twelve, tmp_path):
     """Checkpoints written before `RNGStates` (ddpm-lightning 0.1.0) hold the RNG states at the top level."""
-    crashing = fit_args(twelve, tmp_path / "old", *NO_SAVES, "--trainer.max_epochs", "2", "--checkpoint.every_n_epochs", "1")
+    crashing = fit_args(
+        twelve, tmp_path / "old", *NO_SAVES, "--trainer.max_epochs", "2", "--checkpoint.every_n_epochs", "1"
+    )
     with pytest.raises(RuntimeError, match="injected crash"):
-        main([*crashing, "--trainer.callbacks+=conftest.CrashAtStep", "--trainer.callbacks.rank", "0",
-              "--trainer.callbacks.step", "4"])
+        main(
+            [
+                *crashing,
+                "--trainer.callbacks+=conftest.CrashAtStep",
+                "--trainer.callbacks.rank",
+                "0",
+                "--trainer.callbacks.step",
+                "4",
+            ]
+        )
     path = (tmp_path / "checkpoints" / "old" / "last.ckpt").resolve()
     checkpoint = torch.load(path, weights_only=False, map_location="cpu")
     checkpoint["rng_states"] = checkpoint["callbacks"].pop("RNGStates")  # the old layout
@@ -155,13 +194,27 @@ def test_default_checkpointing_is_one_file_linked_as_last(twelve, tmp_path):
 
 
 def test_step_cadence_keeps_one_file_and_moves_the_link(twelve, tmp_path):
-    main(fit_args(twelve, tmp_path / "run", *NO_SAVES, "--trainer.max_epochs", "2",
-                  "--checkpoint.every_n_train_steps", "2"))
+    main(
+        fit_args(
+            twelve, tmp_path / "run", *NO_SAVES, "--trainer.max_epochs", "2", "--checkpoint.every_n_train_steps", "2"
+        )
+    )
     folder = tmp_path / "checkpoints" / "run"
     assert sorted(p.name for p in folder.iterdir()) == ["epoch=1-step=6.ckpt", "last.ckpt"]  # one file kept
     assert os.readlink(folder / "last.ckpt") == "epoch=1-step=6.ckpt"
-    main(fit_args(twelve, tmp_path / "all", *NO_SAVES, "--trainer.max_epochs", "2",
-                  "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "-1"))
+    main(
+        fit_args(
+            twelve,
+            tmp_path / "all",
+            *NO_SAVES,
+            "--trainer.max_epochs",
+            "2",
+            "--checkpoint.every_n_train_steps",
+            "2",
+            "--checkpoint.save_top_k",
+            "-1",
+        )
+    )
     kept = sorted(p.name for p in (tmp_path / "checkpoints" / "all").glob("epoch*.ckpt"))
     assert kept == ["epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt", "epoch=1-step=6.ckpt"]
 

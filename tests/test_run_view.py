@@ -14,10 +14,11 @@ from torchvision import transforms
 from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import make_grid
 
-from conftest import fit_args, scalars, tb_events
 from ddpm_lightning.cli import main
-from ddpm_lightning.sources import find_images
 from ddpm_lightning.monitor import training_flops_per_image
+from ddpm_lightning.sources import find_images
+
+from conftest import fit_args, scalars, tb_events
 
 
 def test_data_grid_throughput_bars_and_summary_then_resume(image_folder, tmp_path, capfd, caplog):
@@ -27,8 +28,9 @@ def test_data_grid_throughput_bars_and_summary_then_resume(image_folder, tmp_pat
     shown = "".join(capfd.readouterr())  # Lightning's bars write to stdout, logging to stderr
 
     # data.png: the 12 training images in order, resized as the model gets them (squash), unflipped, 3 x 4.
-    expected = torch.stack([pil_to_tensor(transforms.Resize((16, 16))(Image.open(p).convert("RGB")))
-                            for p in find_images(image_folder)])
+    expected = torch.stack(
+        [pil_to_tensor(transforms.Resize((16, 16))(Image.open(p).convert("RGB"))) for p in find_images(image_folder)]
+    )
     grid = make_grid(expected, nrow=4, padding=0)
     written = torch.from_numpy(np.array(Image.open(out / "samples" / "data.png").convert("RGB"))).permute(2, 0, 1)
     assert torch.equal(written, grid)
@@ -68,5 +70,9 @@ def test_data_grid_throughput_bars_and_summary_then_resume(image_folder, tmp_pat
     shown = "".join(capfd.readouterr())
     assert not (out / "samples" / "data.png").exists() and len(tb_events(logs, "data/images", "images")) == 1
     summary = json.loads((out / "run_summary.json").read_text())
-    assert (summary["images_seen"], summary["optimizer_steps"], summary["last_grid"]) == (12, 9, str(out / "samples" / "0002.png"))
+    assert (summary["images_seen"], summary["optimizer_steps"], summary["last_grid"]) == (
+        12,
+        9,
+        str(out / "samples" / "0002.png"),
+    )
     assert "Caching" not in shown and "Grid of" not in shown and "img/s" not in shown and "Run summary" in caplog.text

@@ -8,16 +8,29 @@ import os
 import pytest
 import torch
 
-from conftest import fit_args, scalars
 from ddpm_lightning.cli import main
+
+from conftest import fit_args, scalars
 
 
 def test_schedule_steps_once_per_optimizer_step_and_ends_at_zero_under_accumulation(image_folder, tmp_path):
     """12 images, batch 4, accumulate 2: 3 micro-batches and 2 optimizer steps an epoch; 3 epochs = 6 optimizer
     steps. The schedule (warm-up 2, cosine to 0) is 6 steps long and steps 6 times, once per optimizer step."""
     out = tmp_path / "run"
-    main(fit_args(image_folder, out, "--trainer.max_epochs", "3", "--trainer.accumulate_grad_batches", "2",
-                  "--model.lr_warmup_steps", "2", "--model.learning_rate", "0.002"))
+    main(
+        fit_args(
+            image_folder,
+            out,
+            "--trainer.max_epochs",
+            "3",
+            "--trainer.accumulate_grad_batches",
+            "2",
+            "--model.lr_warmup_steps",
+            "2",
+            "--model.learning_rate",
+            "0.002",
+        )
+    )
     last = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False, map_location="cpu")
     assert last["global_step"] == 6
     assert last["lr_schedulers"][0]["last_epoch"] == 6  # not once per micro-batch (9)

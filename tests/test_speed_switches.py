@@ -12,11 +12,12 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
-from conftest import MICRO_UNET, TINY_UNET, fit_args
 from ddpm_lightning.callbacks import SampleGrid
 from ddpm_lightning.cli import main
 from ddpm_lightning.module import DDPMModule
 from ddpm_lightning.precision import FusedClipMixedPrecision
+
+from conftest import MICRO_UNET, TINY_UNET, fit_args
 
 
 def grad_norm(module) -> float:
@@ -39,11 +40,18 @@ class GradNorms(Callback):
 
 # Lightning turns `precision: 16-mixed` into bf16-mixed on a CPU, so the fp16 case names the GPU's plugin itself:
 # fp16 autocast and a GradScaler, on the CPU.
-FP16_WITH_GRADSCALER = ["--trainer.precision", "null", "--trainer.plugins",
-                        '{"class_path": "lightning.pytorch.plugins.precision.MixedPrecision", '
-                        '"init_args": {"precision": "16-mixed", "device": "cpu"}}']
-PRECISIONS = {"16-mixed": FP16_WITH_GRADSCALER, "bf16-mixed": ["--trainer.precision", "bf16-mixed"],
-              "32-true": ["--trainer.precision", "32-true"]}
+FP16_WITH_GRADSCALER = [
+    "--trainer.precision",
+    "null",
+    "--trainer.plugins",
+    '{"class_path": "lightning.pytorch.plugins.precision.MixedPrecision", '
+    '"init_args": {"precision": "16-mixed", "device": "cpu"}}',
+]
+PRECISIONS = {
+    "16-mixed": FP16_WITH_GRADSCALER,
+    "bf16-mixed": ["--trainer.precision", "bf16-mixed"],
+    "32-true": ["--trainer.precision", "32-true"],
+}
 
 
 # The GPU default (fused AdamW) and the fast config's compiled clip-and-update.
@@ -57,10 +65,25 @@ def test_adamw_trains_with_clipping_under_every_precision(precision, optimizer, 
     gradient norm, so the clip has something to do): Lightning alone refuses to clip a fused AdamW under AMP."""
     GradNorms.seen = []
     torch._dynamo.reset()  # (a compiled step guards on its optimizer: earlier tests' would fill dynamo's cache)
-    main(fit_args(image_folder, tmp_path / "run", *PRECISIONS[precision], *OPTIMIZERS[optimizer],
-                  "--trainer.gradient_clip_val", "0.1", "--model.learning_rate", "1e-2", "--model.lr_warmup_steps", "0",
-                  "--trainer.max_steps", "3", "--trainer.max_epochs", "-1",
-                  "--trainer.callbacks+=test_speed_switches.GradNorms"))
+    main(
+        fit_args(
+            image_folder,
+            tmp_path / "run",
+            *PRECISIONS[precision],
+            *OPTIMIZERS[optimizer],
+            "--trainer.gradient_clip_val",
+            "0.1",
+            "--model.learning_rate",
+            "1e-2",
+            "--model.lr_warmup_steps",
+            "0",
+            "--trainer.max_steps",
+            "3",
+            "--trainer.max_epochs",
+            "-1",
+            "--trainer.callbacks+=test_speed_switches.GradNorms",
+        )
+    )
     assert len(GradNorms.seen) == 3  # no step skipped (fp16 starts at a scale the tiny UNet does not overflow)
     for before, after in GradNorms.seen:
         assert before > 0.1  # so the clip had something to do
@@ -87,18 +110,30 @@ class InfGradientAt(Callback):
 
 
 def tiny_batches(n: int = 8, batch_size: int = 4) -> DataLoader:
-    return DataLoader(torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1, batch_size=batch_size)
+    return DataLoader(
+        torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1, batch_size=batch_size
+    )
 
 
 def test_fp16_fused_adamw_still_skips_the_step_when_gradients_overflow():
     spy = InfGradientAt(step=1)
     model = DDPMModule(unet=TINY_UNET, image_size=16, fused_adamw=True, lr_warmup_steps=0, learning_rate=1e-2)
-    trainer = Trainer(accelerator="cpu", plugins=[FusedClipMixedPrecision("16-mixed", "cpu")], gradient_clip_val=1.0,
-                      max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=[spy])
+    trainer = Trainer(
+        accelerator="cpu",
+        plugins=[FusedClipMixedPrecision("16-mixed", "cpu")],
+        gradient_clip_val=1.0,
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[spy],
+    )
     trainer.fit(model, tiny_batches(12))
-    changed = {step: any(not torch.equal(a, b) for a, b in zip(spy.params_before[step], spy.params_after[step]))
-               for step in spy.params_after}
+    changed = {
+        step: any(not torch.equal(a, b) for a, b in zip(spy.params_before[step], spy.params_after[step]))
+        for step in spy.params_after
+    }
     # global_step advances even for a skipped step (Lightning counts optimizer.step calls)
     assert changed == {0: True, 1: False, 2: True}
     assert spy.scales[1] == spy.scales[0] / 2  # GradScaler saw the inf and backed off
@@ -112,9 +147,19 @@ def test_fused_clipping_under_lightnings_own_amp_plugin_fails_before_training():
     spy = Callback()
     spy.on_train_batch_start = lambda *args: started.append(1)
     model = DDPMModule(unet=TINY_UNET, image_size=16, fused_adamw=True)
-    trainer = Trainer(accelerator="cpu", precision="bf16-mixed", gradient_clip_val=1.0, max_steps=1, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, callbacks=[spy])
-    with pytest.raises(ValueError, match="FusedClipMixedPrecision.*model.fused_adamw false.*trainer.gradient_clip_val null"):
+    trainer = Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        gradient_clip_val=1.0,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[spy],
+    )
+    with pytest.raises(
+        ValueError, match="FusedClipMixedPrecision.*model.fused_adamw false.*trainer.gradient_clip_val null"
+    ):
         trainer.fit(model, tiny_batches())
     assert not started
 
@@ -128,9 +173,18 @@ def train_losses(precision: str = "32-true", steps: int = 3, **switches) -> list
     seed_everything(0)
     model = DDPMModule(unet=TINY_UNET, image_size=16, lr_warmup_steps=0, learning_rate=1e-3, **switches)
     plugins = [FusedClipMixedPrecision(precision, "cpu")] if "mixed" in precision else []
-    trainer = Trainer(accelerator="cpu", precision=None if plugins else precision, plugins=plugins,
-                      gradient_clip_val=1.0, max_steps=steps, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=[record])
+    trainer = Trainer(
+        accelerator="cpu",
+        precision=None if plugins else precision,
+        plugins=plugins,
+        gradient_clip_val=1.0,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
+    )
     trainer.fit(model, tiny_batches(4 * steps))
     torch.set_float32_matmul_precision("highest")  # (process-wide: leave torch's default for the other tests)
     return losses
@@ -172,8 +226,13 @@ def test_grid_samples_under_the_training_autocast(precision, tmp_path):
     model = DDPMModule(unet=TINY_UNET, image_size=16)
     model.unet.conv_in.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
     # (the plugin itself: Lightning's precision="16-mixed" would run bf16 on a CPU)
-    trainer = Trainer(accelerator="cpu", plugins=[MixedPrecision(precision, "cpu")], logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        plugins=[MixedPrecision(precision, "cpu")],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
     trainer.strategy.connect(model)
     SampleGrid(output_dir=str(tmp_path), eval_batch_size=4, num_inference_steps=2).write_grid(trainer, model)
     assert dtypes == [{"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}[precision]] * 2
@@ -188,14 +247,31 @@ def test_a_compiled_fit_compiles_once_per_graph_and_gives_the_eager_losses(image
     from conftest import scalars
 
     # 12 images, 3 held out: 9 to train on at batch 4 -> batches of 4, 4 and 1 in each epoch
-    args = ["--model.unet", json.dumps(MICRO_UNET), "--data.val_fraction", "0.25", "--trainer.max_epochs", "2",
-            "--grid.save_image_epochs", "1"]
+    args = [
+        "--model.unet",
+        json.dumps(MICRO_UNET),
+        "--data.val_fraction",
+        "0.25",
+        "--trainer.max_epochs",
+        "2",
+        "--grid.save_image_epochs",
+        "1",
+    ]
     main(fit_args(image_folder, tmp_path / "eager", *args, "--checkpoint.dirpath", "eager"))
     torch._dynamo.reset()
     counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):  # (not monkeypatch: its undo deletes the entry)
-        main(fit_args(image_folder, tmp_path / "compiled", *args, "--model.compile", "true",
-                      "--checkpoint.dirpath", "compiled"))
+        main(
+            fit_args(
+                image_folder,
+                tmp_path / "compiled",
+                *args,
+                "--model.compile",
+                "true",
+                "--checkpoint.dirpath",
+                "compiled",
+            )
+        )
     assert counters["stats"]["unique_graphs"] == 2  # unet_train_call and unet_sample_call
     assert (tmp_path / "compiled" / "samples" / "0001.png").exists()
     eager, compiled = (scalars(tmp_path / run / "logs", "train/loss") for run in ("eager", "compiled"))
@@ -205,8 +281,15 @@ def test_a_compiled_fit_compiles_once_per_graph_and_gives_the_eager_losses(image
 class CountHostReads(torch.overrides.TorchFunctionMode):
     """Counts the tensor reads that wait for a GPU (`.item()`, `bool()`, `float()`, `.tolist()`, `.cpu()`...)."""
 
-    READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
-             torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy}
+    READS = {
+        torch.Tensor.item,
+        torch.Tensor.__bool__,
+        torch.Tensor.__float__,
+        torch.Tensor.__int__,
+        torch.Tensor.tolist,
+        torch.Tensor.cpu,
+        torch.Tensor.numpy,
+    }
 
     def __init__(self):
         super().__init__()
@@ -219,22 +302,38 @@ class CountHostReads(torch.overrides.TorchFunctionMode):
 
 def host_reads_in_fit(image_folder, out, steps: int, *extra: str) -> int:
     with CountHostReads() as reads:
-        main(fit_args(image_folder, out, "--trainer.max_steps", str(steps), "--trainer.max_epochs", "1",
-                      "--data.train_batch_size", "1", "--trainer.log_every_n_steps", "100",
-                      "--model.nan_check_every_n_steps", "100", *extra))
+        main(
+            fit_args(
+                image_folder,
+                out,
+                "--trainer.max_steps",
+                str(steps),
+                "--trainer.max_epochs",
+                "1",
+                "--data.train_batch_size",
+                "1",
+                "--trainer.log_every_n_steps",
+                "100",
+                "--model.nan_check_every_n_steps",
+                "100",
+                *extra,
+            )
+        )
     return reads.count
 
 
-@pytest.mark.parametrize("precision, optimizer", [("16-mixed", "fused"), ("bf16-mixed", "fused"),
-                                                  ("bf16-mixed", "compiled")])
+@pytest.mark.parametrize(
+    "precision, optimizer", [("16-mixed", "fused"), ("bf16-mixed", "fused"), ("bf16-mixed", "compiled")]
+)
 def test_no_host_read_per_training_step(precision, optimizer, image_folder, tmp_path):
     """With the progress bar off (as in butterflies-fast.yaml), a training step never waits for the device:
     2 steps and 6 steps of one epoch read the same number of values back (the start and the end do read).
     (16-mixed with the compiled step does read: GradScaler checks for overflow before a non-fused step.)"""
     torch._dynamo.reset()
     args = [*PRECISIONS[precision], *OPTIMIZERS[optimizer], "--trainer.gradient_clip_val", "1.0"]
-    assert (host_reads_in_fit(image_folder, tmp_path / "a", 2, *args)
-            == host_reads_in_fit(image_folder, tmp_path / "b", 6, *args))
+    assert host_reads_in_fit(image_folder, tmp_path / "a", 2, *args) == host_reads_in_fit(
+        image_folder, tmp_path / "b", 6, *args
+    )
 
 
 def test_cache_on_gpu_and_pin_memory_in_their_gpu_values_give_the_same_batches(image_folder, monkeypatch):
@@ -246,8 +345,9 @@ def test_cache_on_gpu_and_pin_memory_in_their_gpu_values_give_the_same_batches(i
     trainer = Trainer(accelerator="cpu", logger=False)
 
     def loader(**kwargs):
-        data = ImageDataModule(dataset=str(image_folder), image_size=16, train_batch_size=4, num_workers=0,
-                               cache="memory", **kwargs)
+        data = ImageDataModule(
+            dataset=str(image_folder), image_size=16, train_batch_size=4, num_workers=0, cache="memory", **kwargs
+        )
         data.trainer = trainer
         data.setup("fit")
         return data.train_dataloader()
@@ -260,7 +360,9 @@ def test_cache_on_gpu_and_pin_memory_in_their_gpu_values_give_the_same_batches(i
         pinning = loader(cache_on_gpu=False)
     assert pinning.pin_memory
     for batches in (on_device, list(pinning)):
-        assert all(torch.equal(a, b) and b.device == trainer.strategy.root_device for a, b in zip(plain, batches, strict=True))
+        assert all(
+            torch.equal(a, b) and b.device == trainer.strategy.root_device for a, b in zip(plain, batches, strict=True)
+        )
 
 
 def test_compiled_step_follows_the_lr_schedule_without_recompiling_and_in_its_gpu_values(monkeypatch):
@@ -308,7 +410,8 @@ def test_compiled_step_follows_the_lr_schedule_without_recompiling_and_in_its_gp
 
 def test_compiled_step_refuses_fused_adamw():
     model = DDPMModule(unet=TINY_UNET, image_size=16, compile_optimizer=True, fused_adamw=True)
-    trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False)
+    trainer = Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
     with pytest.raises(ValueError, match="model.fused_adamw false"):
         trainer.fit(model, tiny_batches())
