@@ -213,6 +213,7 @@ class SampleQualityMetrics(Callback):
         due = self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0
         self.active = not trainer.sanity_checking and (validating or due) and self.build()
         if self.active:
+            assert self.quality is not None  # (built)
             self.quality.to(pl_module.device)
 
     def build(self) -> bool:
@@ -226,11 +227,13 @@ class SampleQualityMetrics(Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self.active and not self.real_done:  # the validation images are fixed: their features are kept
+            assert self.quality is not None
             self.quality.update_real(batch[1])  # uint8 images
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.active:
             return
+        assert self.quality is not None
         images = sample_share(trainer, pl_module, self.num_samples, self.sampler, self.num_inference_steps, self.seed)
         self.quality.update_fake(images)
         scores = self.quality.compute()  # syncs across ranks: every rank is here

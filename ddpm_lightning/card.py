@@ -68,7 +68,7 @@ def write_model_card(
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation",
         tags=list(TAGS),
-        datasets=[dataset] if hub_dataset else None,
+        datasets=[dataset] if dataset and hub_dataset else None,
     )
 
     if grid_path is not None:
@@ -146,9 +146,9 @@ def run_config(trainer, pl_module) -> dict | None:
             except Exception as err:
                 log.debug(f"Could not dump the CLI config ({err!r}); the card shows the hyperparameters instead.")
     config = {"model": dict(getattr(pl_module, "hparams", {}) or {})}
-    datamodule = getattr(trainer, "datamodule", None)
-    if getattr(datamodule, "hparams", None):
-        config["data"] = dict(datamodule.hparams)
+    data_hparams = getattr(getattr(trainer, "datamodule", None), "hparams", None)
+    if data_hparams:
+        config["data"] = dict(data_hparams)
     return config
 
 

@@ -204,7 +204,7 @@ def quiet_noise() -> None:
     rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(getattr(f, "name", "") == "ddpm_lightning.noise" for f in rank_zero_log.filters):
         noise = logging.Filter("ddpm_lightning.noise")
-        noise.filter = lambda record: not str(record.msg).lstrip().startswith(NOISE_LOG_LINES)
+        noise.filter = lambda record: not str(record.msg).lstrip().startswith(NOISE_LOG_LINES)  # type: ignore[method-assign]
         rank_zero_log.addFilter(noise)
 
 

@@ -102,7 +102,7 @@ class ResizedImages(Dataset):
     def try_load(self, indices: list[int]) -> list[tuple[torch.Tensor | None, bool, str]]:
         """`load` of each image, or (None, False, why) where it fails: the decoding pass's collate_fn (so it runs
         in the loader's workers), which counts failures instead of stopping at the first."""
-        results = []
+        results: list[tuple[torch.Tensor | None, bool, str]] = []
         for i in indices:
             try:
                 results.append((*self.load(i), ""))
@@ -124,13 +124,13 @@ class EpochSampler(DistributedSampler):
 class Indexed(Dataset):
     """(index, item) pairs: validation noise is seeded by the image's index, so it is the same every epoch."""
 
-    def __init__(self, images: Dataset):
+    def __init__(self, images: ResizedImages | CachedImages):
         self.images = images
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | Strips]:
         return i, self.images[i]
 
 
@@ -205,8 +205,8 @@ def augment(batch: torch.Tensor, flip: bool = True) -> torch.Tensor:
     images = batch.float().div_(127.5).sub_(1.0)
     if not flip:
         return images
-    flip = torch.rand(images.shape[0], device=images.device) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+    flipped = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flipped[:, None, None, None], images.flip(-1), images)
 
 
 class ImageDataModule(LightningDataModule):
@@ -255,8 +255,8 @@ class ImageDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
+        self.train_set: ResizedImages | CachedImages | None = None
+        self.val_set: Indexed | None = None
         self.resume_state: dict | None = None  # the training loader's state from a checkpoint, applied once
 
     def setup(self, stage: str) -> None:
@@ -277,14 +277,14 @@ class ImageDataModule(LightningDataModule):
                 ds, val, val_column = parts["train"], parts["test"], column
                 rank_zero_info(f"Held out {len(val)} of them for validation (val_fraction={hp.val_fraction}).")
             self.train_set = self.images(ds, column, hp.crop)
-            val_crop = "center" if hp.crop == "random" else hp.crop  # the same input every epoch
+            val_crop: Crop = "center" if hp.crop == "random" else hp.crop  # the same input every epoch
             self.val_set = None if val is None else Indexed(self.images(val, val_column, val_crop))
             device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
             on_gpu = hp.cache_on_gpu if hp.cache_on_gpu is not None else device.type == "cuda"
             if on_gpu and isinstance(self.train_set, CachedImages):
                 self.train_set.to(device)
 
-    def images(self, ds: datasets.Dataset, column: str, crop: Crop) -> Dataset:
+    def images(self, ds: datasets.Dataset, column: str, crop: Crop) -> ResizedImages | CachedImages:
         images = ResizedImages(ds, column, self.hparams.image_size, crop)
         cache_gb = len(ds) * 3 * self.hparams.image_size**2 * (MAX_ASPECT if crop == "random" else 1) / 1e9
         if self.hparams.cache == "memory" or (self.hparams.cache == "auto" and cache_gb <= self.hparams.cache_max_gb):
@@ -296,7 +296,10 @@ class ImageDataModule(LightningDataModule):
         pixels, smaller, failures = [], 0, []
         bar = progress_bar(self.trainer, f"Caching {len(images)} images", len(images), "image")
         for batch in DataLoader(
-            range(len(images)), batch_size=32, num_workers=self.num_workers, collate_fn=images.try_load
+            range(len(images)),  # type: ignore[arg-type]  # (any sized, indexable object will do)
+            batch_size=32,
+            num_workers=self.num_workers,
+            collate_fn=images.try_load,
         ):
             bar.update(len(batch))
             for tensor, small, error in batch:
@@ -321,6 +324,7 @@ class ImageDataModule(LightningDataModule):
         return Strips.collate(pixels) if images.crop == "random" else torch.stack(pixels)
 
     def train_dataloader(self) -> StatefulDataLoader:
+        assert self.train_set is not None, "setup('fit') comes first"
         cached = isinstance(self.train_set, CachedImages)
         workers = 0 if cached else self.num_workers  # cached batches are a memory copy: no processes needed
         # The shuffle order of epoch e is a function of (seed, e) alone, on one device or many, and the loader
@@ -333,7 +337,8 @@ class ImageDataModule(LightningDataModule):
             sampler=EpochSampler(self.train_set, self.trainer, seed),
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available() and not (cached and self.train_set.tensor.is_cuda),
+            pin_memory=torch.cuda.is_available()
+            and not (isinstance(self.train_set, CachedImages) and self.train_set.tensor.is_cuda),
             generator=torch.Generator().manual_seed(seed),
             # Cached: one indexing op per batch (CachedImages.__getitems__). Streamed random crops: strips.
             collate_fn=as_batch if cached else Strips.collate if self.hparams.crop == "random" else None,
@@ -383,6 +388,7 @@ class ImageDataModule(LightningDataModule):
     def preview(self, n: int = 16) -> torch.Tensor:
         """The first n training images as the model sees them, before the flip: uint8 (n, 3, size, size).
         With `crop: random`, a random crop drawn with its own seeded generator (the training RNG is untouched)."""
+        assert self.train_set is not None, "setup('fit') comes first"
         first = range(min(n, len(self.train_set)))
         if isinstance(self.train_set, CachedImages):
             batch = self.train_set.__getitems__(list(first))

@@ -38,9 +38,14 @@ import importlib.util
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
 
 __all__ = [
     "INCEPTION_WEIGHTS_FILE",
@@ -163,7 +168,9 @@ class SampleQuality:
         self.batch_size = batch_size
         self.sync_on_compute = sync_on_compute
         self.device = _module_device(extractor)
-        self._fid = self._kid = None  # built at the first update, when the feature size is known
+        # built at the first update, when the feature size is known
+        self._fid: FrechetInceptionDistance | None = None
+        self._kid: KernelInceptionDistance | None = None
         self.num_real = 0
         self.num_fake = 0
 
@@ -206,6 +213,7 @@ class SampleQuality:
             raise ValueError(
                 f"FID/KID need at least 2 real and 2 fake images, got {self.num_real} real, {self.num_fake} fake"
             )
+        assert self._fid is not None and self._kid is not None  # (num_fake >= 2: updated)
         self._kid.subset_size = min(self.kid_subset_size, self.num_real, self.num_fake)
         with torch.random.fork_rng(devices=[]):  # KID's torch.randperm: repeatable, global RNG untouched
             torch.manual_seed(_KID_SEED)
@@ -222,13 +230,14 @@ class SampleQuality:
 
     def reset(self) -> None:
         """Forget real and fake images (e.g. the real data set changed)."""
-        self._fid = self._kid = None
+        self._fid = None
+        self._kid = None
         self.num_real = self.num_fake = 0
 
     def _update(self, images: Tensor, real: bool) -> None:
         features = self._features(images)
-        if self._fid is None:
-            self._build_metrics(features.shape[1])
+        if self._fid is None or self._kid is None:
+            self._fid, self._kid = self._build_metrics(features.shape[1])
         self._fid.update(features.double(), real=real)
         self._kid.update(features, real=real)
         if real:
@@ -236,17 +245,18 @@ class SampleQuality:
         else:
             self.num_fake += features.shape[0]
 
-    def _build_metrics(self, num_features: int) -> None:
+    def _build_metrics(self, num_features: int) -> tuple[FrechetInceptionDistance, KernelInceptionDistance]:
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.kid import KernelInceptionDistance
 
-        common = dict(reset_real_features=False, sync_on_compute=self.sync_on_compute)
-        self._fid = FrechetInceptionDistance(feature=_Precomputed(num_features), **common).to(self.device)
+        common: dict[str, Any] = {"reset_real_features": False, "sync_on_compute": self.sync_on_compute}
+        fid = FrechetInceptionDistance(feature=_Precomputed(num_features), **common).to(self.device)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
-            self._kid = KernelInceptionDistance(
+            kid = KernelInceptionDistance(
                 feature=_Precomputed(num_features), subsets=self.kid_subsets, subset_size=self.kid_subset_size, **common
             ).to(self.device)
+        return fid, kid
 
     def _features(self, images: Tensor) -> Tensor:
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
@@ -279,7 +289,7 @@ class SampleQuality:
 
 
 def _module_device(module: nn.Module) -> torch.device:
-    tensor = next(module.parameters(), None)
+    tensor: Tensor | None = next(module.parameters(), None)
     if tensor is None:
         tensor = next(module.buffers(), None)
     return tensor.device if tensor is not None else torch.device("cpu")

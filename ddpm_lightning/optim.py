@@ -40,7 +40,7 @@ class CompiledAdamW(torch.optim.AdamW):
         self.clip_algorithm = clip_algorithm
         self._compiled_step = torch.compile(self._clip_and_update, mode=compile_mode, dynamic=False)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:  # Lightning's forward + backward: not part of the compiled function
             with torch.enable_grad():

@@ -4,6 +4,9 @@
 
     images = denoise(model.unet, make_sampler(model.noise_scheduler, "ddim"), 50, torch.Generator(), n=16)
     save_grid(images, Path("grid.png"))  # 4 x 4, no padding
+
+    >>> grid_shape(16), grid_shape(12), grid_shape(12, rows=2)
+    ((4, 4), (3, 4), (2, 6))
 """
 
 from __future__ import annotations
