@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+MIN_LR = 1e-30
+
 
 class CompiledAdamW(torch.optim.AdamW):
     """AdamW whose `step` clips the gradients (total norm or value, as Lightning's `gradient_clip_*` keys say) and
@@ -60,6 +62,11 @@ class CompiledAdamW(torch.optim.AdamW):
                 torch.nn.utils.clip_grad_value_(grads, self.clip_val)
             else:
                 torch.nn.utils.clip_grad_norm_(grads, self.clip_val)
+        for group in self.param_groups:
+            # AdamW with a tensor LR (capturable, and compiled on any device) divides by the step size: an LR of
+            # exactly 0 (the warm-up's first step) gives 0/0 = NaN for a gradient that is exactly 0 (attention key
+            # biases). A floor of 1e-30 moves no float32 weight that is not itself below 1e-23.
+            group["lr"].clamp_(min=MIN_LR)
         super().step()
 
     def state_dict(self) -> dict[str, Any]:

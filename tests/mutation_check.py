@@ -37,10 +37,43 @@ EMA_GUARD = "if self.ema is not None and self.trainer.global_step != self._ema_s
 
 # name: (file, old text, new text, tests that must fail)
 MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
+    "compiled_step_float_lr": (  # a float LR is a constant of the compiled graph: one recompile per LR change
+        "ddpm_lightning/optim.py",
+        'group["lr"] = torch.tensor(float(group["lr"]), device=device)',
+        "pass",
+        [T + "test_configs.py::test_every_config_trains_as_shipped_on_cpu[butterflies-fast.yaml]"],
+    ),
+    "compiled_step_nan_at_zero_lr": (
+        "ddpm_lightning/optim.py",
+        '            group["lr"].clamp_(min=MIN_LR)\n',
+        "            pass\n",
+        [T + "test_speed_switches.py::test_compiled_step_keeps_weights_finite_at_a_zero_lr_with_zero_gradients"],
+    ),
+    "compiled_step_skips_clipping": (
+        "ddpm_lightning/optim.py",
+        "        if self.clip_val:\n",
+        "        if False:\n",
+        [T + "test_speed_switches.py::test_adamw_trains_with_clipping_under_every_precision[bf16-mixed-compiled]"],
+    ),
+    "compiled_step_saves_a_tensor_lr": (
+        "ddpm_lightning/optim.py",
+        '            group["lr"] = float(group["lr"])\n',
+        "",
+        [
+            T
+            + "test_speed_switches.py::test_compiled_step_follows_the_lr_schedule_without_recompiling_and_in_its_gpu_values"
+        ],
+    ),
+    "compiled_step_frees_gradients": (
+        "ddpm_lightning/module.py",
+        "optimizer.zero_grad(set_to_none=not isinstance(optimizer, CompiledAdamW))",
+        "optimizer.zero_grad(set_to_none=True)",
+        [T + "test_speed_switches.py::test_compiled_step_keeps_gradient_storage_between_steps"],
+    ),
     "lr_extra_step": (
         "ddpm_lightning/module.py",
-        '        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=show)\n',
-        '        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=show)\n'
+        '        self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr, prog_bar=show)\n',
+        '        self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr, prog_bar=show)\n'
         "        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:\n"
         "            self.lr_schedulers().step()\n",
         [LR_TEST],
@@ -85,8 +118,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "validation_noise_not_fixed": (
         "ddpm_lightning/module.py",
-        "noise = torch.stack([torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(int(i))) for i in index])",
-        "noise = torch.randn_like(images)",
+        "[torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(int(i))) for i in index]",
+        "[torch.randn(images.shape[1:]) for i in index]",
         [T + "test_quality.py::test_validation_loss_is_deterministic_and_monitorable"],
     ),
     "denoise_ignores_the_generator": (

@@ -415,3 +415,41 @@ def test_compiled_step_refuses_fused_adamw():
     )
     with pytest.raises(ValueError, match="model.fused_adamw false"):
         trainer.fit(model, tiny_batches())
+
+
+def test_compiled_step_keeps_gradient_storage_between_steps():
+    """CUDA graphs read the gradients at fixed addresses: with CompiledAdamW the module zeroes them in place
+    (same tensors, now zero); with torch's AdamW it frees them, as Lightning does by default."""
+    from ddpm_lightning.optim import CompiledAdamW
+
+    model = DDPMModule(unet=MICRO_UNET, image_size=16)
+    for optimizer in (CompiledAdamW(model.unet.parameters()), torch.optim.AdamW(model.unet.parameters())):
+        model.denoising_loss(torch.rand(2, 3, 16, 16)).backward()
+        grads = [p.grad for p in model.unet.parameters()]
+        model.optimizer_zero_grad(0, 0, optimizer)
+        if isinstance(optimizer, CompiledAdamW):
+            assert all(p.grad is g and not g.any() for p, g in zip(model.unet.parameters(), grads, strict=True))
+        else:
+            assert all(p.grad is None for p in model.unet.parameters())
+
+
+def test_compiled_step_keeps_weights_finite_at_a_zero_lr_with_zero_gradients():
+    """The warm-up's first step has an LR of exactly 0, and an attention key bias has a gradient of exactly 0;
+    AdamW's tensor-LR formula divides one by the other. The compiled step must leave such weights unchanged,
+    as torch's AdamW does (found by the compiled resume test: NaN weights after the first step)."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from ddpm_lightning.optim import CompiledAdamW
+
+    weights = {}
+    for cls in (torch.optim.AdamW, CompiledAdamW):
+        torch.manual_seed(0)
+        w, zero_grad = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+        optimizer = cls([w, zero_grad], lr=1e-2)
+        LambdaLR(optimizer, lambda step: step / 10)  # 0 at the first step, as the cosine warm-up
+        ((w * torch.arange(4.0)).sum() + 0 * zero_grad.sum()).backward()
+        optimizer.step()
+        weights[cls] = (w.detach().clone(), zero_grad.detach().clone())
+    for a, b in zip(weights[torch.optim.AdamW], weights[CompiledAdamW], strict=True):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-20)
