@@ -206,37 +206,35 @@ class SampleQualityMetrics(Callback):
         self.feature = feature
         self.inception_weights = inception_weights
         self.quality: SampleQuality | None = None
-        self.unavailable = self.active = self.real_done = False
+        self.active: SampleQuality | None = None  # the metrics while this validation epoch measures, else None
+        self.unavailable = self.real_done = False
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         validating = trainer.state.fn == "validate"
         due = self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-        self.active = not trainer.sanity_checking and (validating or due) and self.build()
-        if self.active:
-            assert self.quality is not None  # (built)
-            self.quality.to(pl_module.device)
+        self.active = self.build() if not trainer.sanity_checking and (validating or due) else None
+        if self.active is not None:
+            self.active.to(pl_module.device)
 
-    def build(self) -> bool:
+    def build(self) -> SampleQuality | None:
         if self.quality is None and not self.unavailable:
             try:
                 self.quality = SampleQuality(self.feature, weights_path=self.inception_weights)
             except InceptionWeightsUnavailable as err:
                 self.unavailable = True  # said once; training goes on
                 rank_zero_warn(f"FID/KID are off: {err}")
-        return self.quality is not None
+        return self.quality
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self.active and not self.real_done:  # the validation images are fixed: their features are kept
-            assert self.quality is not None
-            self.quality.update_real(batch[1])  # uint8 images
+        if self.active is not None and not self.real_done:  # the validation images are fixed: features are kept
+            self.active.update_real(batch[1])  # uint8 images
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.active:
+        if self.active is None:
             return
-        assert self.quality is not None
         images = sample_share(trainer, pl_module, self.num_samples, self.sampler, self.num_inference_steps, self.seed)
-        self.quality.update_fake(images)
-        scores = self.quality.compute()  # syncs across ranks: every rank is here
-        self.quality.reset_fake()
+        self.active.update_fake(images)
+        scores = self.active.compute()  # syncs across ranks: every rank is here
+        self.active.reset_fake()
         self.real_done = True
         pl_module.log_dict({f"val/{k}": v for k, v in scores.items()}, sync_dist=False, rank_zero_only=False)

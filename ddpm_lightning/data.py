@@ -326,6 +326,7 @@ class ImageDataModule(LightningDataModule):
     def train_dataloader(self) -> StatefulDataLoader:
         assert self.train_set is not None, "setup('fit') comes first"
         cached = isinstance(self.train_set, CachedImages)
+        cached_on_gpu = isinstance(self.train_set, CachedImages) and self.train_set.tensor.is_cuda
         workers = 0 if cached else self.num_workers  # cached batches are a memory copy: no processes needed
         # The shuffle order of epoch e is a function of (seed, e) alone, on one device or many, and the loader
         # is stateful (Lightning checkpoints its position): a run resumed mid-epoch sees exactly the batches
@@ -337,8 +338,7 @@ class ImageDataModule(LightningDataModule):
             sampler=EpochSampler(self.train_set, self.trainer, seed),
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available()
-            and not (isinstance(self.train_set, CachedImages) and self.train_set.tensor.is_cuda),
+            pin_memory=torch.cuda.is_available() and not cached_on_gpu,
             generator=torch.Generator().manual_seed(seed),
             # Cached: one indexing op per batch (CachedImages.__getitems__). Streamed random crops: strips.
             collate_fn=as_batch if cached else Strips.collate if self.hparams.crop == "random" else None,
