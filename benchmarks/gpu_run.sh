@@ -5,13 +5,14 @@
 #   bash benchmarks/gpu_run.sh           # there: install the wheels, then the parts below, logs in $OUT
 #
 # Parts, in this order, each started only if its usual time still fits in BUDGET seconds (default 540):
-#   smoke    benchmarks/gpu_smoke.py, every shipped config (issue 8)                         about 240 s
+#   smoke    benchmarks/gpu_smoke.py, every shipped config (SMOKE_CONFIGS=a,b: those)        401 s on an H200
 #   bench16  benchmark.py, batch 16: tutorial nw=8, butterflies.yaml, + butterflies-fast.yaml,
 #            the project's DDPM-1000 and DDIM-50 grids                                        about 200 s
 #   e2e      benchmark.py --end-to-end-only: 20 epochs on the 750 photos, tutorial nw=8 and
 #            butterflies-fast.yaml, each from process start to its last file                  about 300 s
 #   bench64  benchmark.py, batch 64, no grids (the MFU figure)                                about 150 s
-# PARTS="e2e bench64" bash benchmarks/gpu_run.sh runs only those (e.g. in a second lease).
+# PARTS="e2e bench64" bash benchmarks/gpu_run.sh runs only those (e.g. in a second lease); the smoke part's full
+# per-step logs come back in $OUT/smoke-logs/.
 set -u
 cd "$(dirname "$0")/.."
 IMAGES=${IMAGES:-ddpm-heliconius}
@@ -52,7 +53,10 @@ part() {  # part NAME SECONDS COMMAND...: run it if wanted and if SECONDS still 
 }
 
 FAST=(--project-args "" --project-args "-c configs/butterflies-fast.yaml")
-part smoke 240 python benchmarks/gpu_smoke.py --images "$IMAGES"
+part smoke 400 python benchmarks/gpu_smoke.py --images "$IMAGES" --work-dir /tmp/smoke ${SMOKE_CONFIGS:+--configs "$SMOKE_CONFIGS"}
+find /tmp/smoke -name "*.log" 2>/dev/null | while read -r f; do  # each step's whole log (smoke.log has their ends)
+    mkdir -p "$OUT/smoke-logs" && cp "$f" "$OUT/smoke-logs/$(echo "${f#/tmp/smoke/}" | tr / _)"
+done
 part bench16 200 python benchmarks/benchmark.py --images "$IMAGES" --batch-sizes 16 --workers 8 --no-tutorial-grid \
     "${FAST[@]}" --out "$OUT/bench16.json"
 part e2e 300 python benchmarks/benchmark.py --images "$IMAGES" --end-to-end-only --epochs 20 --workers 8 \

@@ -66,15 +66,15 @@ class DDPMModule(LightningModule):
             do not change), with static shapes. Training compiles once, for the batch size; an epoch's short
             last batch runs eagerly rather than compiling again. Sampling (grids) compiles its own forward once
             per sampling shape, so the training graph is never compiled again; validation runs eagerly.
-        compile_mode: torch.compile's `mode` for both forwards: "default", "reduce-overhead" (CUDA graphs on a
-            GPU; a CPU has none, so there it runs like "default"), "max-autotune", "max-autotune-no-cudagraphs".
+        compile_mode: torch.compile's `mode` for both forwards: "default", "reduce-overhead" and "max-autotune"
+            (CUDA graphs on a GPU; a CPU has none, so there they run without), "max-autotune-no-cudagraphs".
         channels_last: keep the UNet and its inputs in channels-last memory format (faster convolutions on GPUs).
         fused_adamw: AdamW's fused kernel; by default on when the parameters are on a GPU (and `compile_optimizer`
             is off). Gradient clipping works with it under every precision (the CLI installs
             `precision.FusedClipMixedPrecision`).
         compile_optimizer: gradient clipping and the AdamW update compiled as one function
-            (`optim.CompiledAdamW`; with compile_mode "reduce-overhead" on a GPU, one CUDA graph per step). It
-            fuses the update itself, so it excludes `fused_adamw`.
+            (`optim.CompiledAdamW`; with compile_mode "reduce-overhead" on a GPU, two CUDA graphs per step). It
+            fuses the update itself, so it excludes `fused_adamw`. Not yet run to the end on a GPU.
         gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
         float32_matmul_precision: torch.set_float32_matmul_precision ("high" lets float32 matrix products use
             TF32 on GPUs that have it; "highest" is exact float32).
@@ -256,7 +256,7 @@ class DDPMModule(LightningModule):
         if not compiled or not torch.is_grad_enabled() or len(sample) < self._compiled_batch:
             return self.unet(sample, timesteps, return_dict=False)[0]
         self._compiled_batch = len(sample)
-        if "reduce-overhead" in self.hparams.compile_mode:
+        if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new training step: last step's outputs are done with
         return compiled["train"](self.unet, sample, timesteps)
 
@@ -265,13 +265,23 @@ class DDPMModule(LightningModule):
         compiled = getattr(self, "_compiled", None)
         if not compiled:
             return self.unet(sample, timesteps, return_dict=False)[0]
-        if "reduce-overhead" in self.hparams.compile_mode:
+        if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        # CUDA graphs ("reduce-overhead") reuse their output buffer on the next call: copy it out.
+        # CUDA graphs reuse their output buffer on the next call: copy it out.
         return compiled["sample"](self.unet, sample, timesteps).clone()
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether compiled code runs as CUDA graphs on a GPU (the compile modes that use them)."""
+        return self.hparams.compile_mode in ("reduce-overhead", "max-autotune")
 
     def on_train_start(self) -> None:
         self._ema_step = self.trainer.global_step  # (restored on resume)
+
+    def on_train_end(self) -> None:
+        # Under CUDA graphs the last backward's gradients live in the graph's memory pool, and the end-of-run grid's
+        # replays overwrite it: Lightning's teardown (`module.cpu()`, which moves gradients too) would then fail.
+        self.unet.zero_grad(set_to_none=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None and self.trainer.global_step != self._ema_step:
@@ -355,10 +365,6 @@ class DDPMModule(LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if not isinstance(optimizer, CompiledAdamW):  # that one clips inside its compiled step
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
-        # CompiledAdamW's graph reads the gradients at fixed addresses: zero them in place rather than free them.
-        optimizer.zero_grad(set_to_none=not isinstance(optimizer, CompiledAdamW))
 
     def sample(
         self,

@@ -8,8 +8,10 @@ with `mode="reduce-overhead"` on a GPU it is two CUDA graphs, two launches: the 
   checkpoint is plain AdamW's and resumes with or without this class;
 - `capturable=True` on a GPU, so the step counter stays on the device (no host read per step);
 - clipping by norm stays on the device (no `error_if_nonfinite` read);
-- gradients keep their storage between steps: `DDPMModule.optimizer_zero_grad` zeroes them in place instead of
-  freeing them, so the graph reads the same addresses every step.
+- the gradients are the backward's outputs, freed each step (Lightning's `zero_grad(set_to_none=True)`): under
+  `DDPMModule`'s compiled forward with the same mode they live in its CUDA graph's memory pool, where this graph
+  reads them without a copy (pytorch#107504). Zeroed in place instead, they would be read after the next step's
+  replay had overwritten them: a GPU error that the H200 smoke check of 2026-11-26 found.
 The loss closure (forward and backward, compiled separately by `DDPMModule`) runs eagerly before the compiled
 step. Under 16-mixed, GradScaler still unscales before the step and skips it on overflow (a host read per step:
 bf16-mixed has none).
@@ -52,6 +54,9 @@ class CompiledAdamW(torch.optim.AdamW):
                 device = group["params"][0].device
                 group["lr"] = torch.tensor(float(group["lr"]), device=device)
                 group["capturable"] = device.type == "cuda"
+                for p in group["params"]:  # a resumed step count stays on the CPU (Lightning); capturable: beside p
+                    if "step" in self.state.get(p, {}):
+                        self.state[p]["step"] = self.state[p]["step"].to(device)
         self._compiled_step()
         return loss
 

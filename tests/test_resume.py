@@ -81,7 +81,7 @@ def test_resume_after_a_crash_equals_the_straight_run(straight_run, twelve, tmp_
 
 
 def test_resume_with_the_compiled_optimizer_step_equals_the_straight_run(twelve, tmp_path):
-    """`model.compile_optimizer` (butterflies-fast.yaml) keeps its LR in a tensor on the device and saves plain
+    """`model.compile_optimizer` keeps its LR in a tensor on the device and saves plain
     AdamW's state: crashed at step 4 and resumed from the epoch-end checkpoint, the run ends with the weights of
     the compiled run that never crashed."""
     compiled = [

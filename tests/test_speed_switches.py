@@ -417,20 +417,54 @@ def test_compiled_step_refuses_fused_adamw():
         trainer.fit(model, tiny_batches())
 
 
-def test_compiled_step_keeps_gradient_storage_between_steps():
-    """CUDA graphs read the gradients at fixed addresses: with CompiledAdamW the module zeroes them in place
-    (same tensors, now zero); with torch's AdamW it frees them, as Lightning does by default."""
-    from ddpm_lightning.optim import CompiledAdamW
+@pytest.mark.parametrize(
+    "mode, graphs",
+    [("reduce-overhead", True), ("max-autotune", True), ("max-autotune-no-cudagraphs", False), ("default", False)],
+)
+def test_each_compiled_call_starts_a_cuda_graph_step_in_the_modes_that_use_graphs(mode, graphs, monkeypatch):
+    """A CUDA graph's outputs are overwritten by its next replay: each compiled training forward and sampling
+    forward tells torch a new step begins (so last step's outputs are let go), in every mode that uses graphs."""
+    model = DDPMModule(unet=MICRO_UNET, image_size=16, compile=True, compile_mode=mode)
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
 
-    model = DDPMModule(unet=MICRO_UNET, image_size=16)
-    for optimizer in (CompiledAdamW(model.unet.parameters()), torch.optim.AdamW(model.unet.parameters())):
-        model.denoising_loss(torch.rand(2, 3, 16, 16)).backward()
-        grads = [p.grad for p in model.unet.parameters()]
-        model.optimizer_zero_grad(0, 0, optimizer)
-        if isinstance(optimizer, CompiledAdamW):
-            assert all(p.grad is g and not g.any() for p, g in zip(model.unet.parameters(), grads, strict=True))
-        else:
-            assert all(p.grad is None for p in model.unet.parameters())
+    def plain(unet, x, t):  # the compiled functions' signature, not compiled
+        return unet(x, t, return_dict=False)[0]
+
+    model._compiled, model._compiled_batch = {"train": plain, "sample": plain}, 0
+    x, t = torch.rand(2, 3, 16, 16), torch.tensor([1, 2])
+    model.unet_forward(x, t)
+    with torch.no_grad():
+        model.sample_forward(x, t)
+    assert len(calls) == (2 if graphs else 0)
+
+
+def test_the_last_gradients_are_freed_when_training_ends():
+    """Under CUDA graphs the last backward's gradients live in the graph's pool, which the end-of-run grid's replays
+    overwrite; Lightning's teardown moves gradients too (`module.cpu()`), so they are freed when training ends. The
+    compiled optimizer step reads the backward's outputs as they are, freed each step (Lightning's default)."""
+    freed = []
+
+    class Grads(Callback):
+        def on_before_backward(self, trainer, pl_module, loss) -> None:  # after Lightning's zero_grad
+            freed.append(all(p.grad is None for p in pl_module.unet.parameters()))
+
+    for switches in ({}, {"compile_optimizer": True}):
+        torch._dynamo.reset()
+        model = DDPMModule(unet=MICRO_UNET, image_size=16, **switches)
+        trainer = Trainer(
+            accelerator="cpu",
+            max_steps=2,
+            gradient_clip_val=1.0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[Grads()],
+        )
+        trainer.fit(model, tiny_batches())
+        assert all(p.grad is None for p in model.unet.parameters())
+    assert freed == [True] * 4
 
 
 def test_compiled_step_keeps_weights_finite_at_a_zero_lr_with_zero_gradients():
