@@ -27,9 +27,8 @@ log = logging.getLogger(__name__)
 
 def is_last_epoch(trainer: Trainer) -> bool:
     """True at the end of the epoch after which the fit loop stops (max_epochs, max_steps or a stop request)."""
-    epochs_done = (
-        trainer.max_epochs is not None and trainer.max_epochs >= 0 and trainer.current_epoch + 1 >= trainer.max_epochs
-    )
+    epochs = trainer.max_epochs
+    epochs_done = epochs is not None and epochs >= 0 and trainer.current_epoch + 1 >= epochs
     steps_done = trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps
     return epochs_done or steps_done or trainer.should_stop
 
@@ -81,32 +80,17 @@ class SampleGrid(Callback):
     def write_grid(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
         """Every rank samples its share of the grid and rank 0 writes it: no rank waits on the others' sampling
         (a grid drawn by rank 0 alone could outlast the collective timeout of the ranks waiting for it)."""
-        bar = progress_bar(
-            trainer, f"Grid of {self.eval_batch_size} ({self.sampler})", self.num_inference_steps, "step"
-        )
-        images = sample_share(
-            trainer,
-            pl_module,
-            self.eval_batch_size,
-            self.sampler,
-            self.num_inference_steps,
-            self.seed,
-            self.autocast,
-            bar.update,
-        )
+        title = f"Grid of {self.eval_batch_size} ({self.sampler})"
+        bar = progress_bar(trainer, title, self.num_inference_steps, "step")
+        share = self.eval_batch_size, self.sampler, self.num_inference_steps, self.seed, self.autocast
+        images = sample_share(trainer, pl_module, *share, bar.update)
         bar.close()
         images = trainer.strategy.all_gather(images)  # collective on every rank; (world, share, C, H, W) with DDP
         images = images.flatten(0, 1)[: self.eval_batch_size] if images.dim() == 5 else images
         if not trainer.is_global_zero:
             return None
-        path = save_grid(
-            images,
-            Path(self.output_dir) / "samples" / f"{trainer.current_epoch:04d}.png",
-            self.rows,
-            trainer.loggers,
-            "samples",
-            trainer.global_step,
-        )
+        path = Path(self.output_dir) / "samples" / f"{trainer.current_epoch:04d}.png"
+        path = save_grid(images, path, self.rows, trainer.loggers, "samples", trainer.global_step)
         log.info(f"[rank {trainer.global_rank}] Saved a grid of {self.eval_batch_size} samples to {path}")
         return path
 
@@ -138,9 +122,8 @@ class SaveModel(Callback):
         self.output_dir = output_dir
         self.save_model_epochs = save_model_epochs
         self.push_to_hub = push_to_hub
-        self.uploader = (
-            HubUploader(hub_model_id or Path(output_dir).name, private=hub_private_repo) if push_to_hub else None
-        )
+        repo_id = hub_model_id or Path(output_dir).name
+        self.uploader = HubUploader(repo_id, private=hub_private_repo) if push_to_hub else None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":

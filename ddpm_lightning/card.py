@@ -79,9 +79,7 @@ def write_model_card(
 
     config = plain(config) if config else None
     name = repo_id or folder.resolve().name
-    size = None
-    if config:
-        size = (config.get("model") or {}).get("image_size") or (config.get("data") or {}).get("image_size")
+    size = config and ((config.get("model") or {}).get("image_size") or (config.get("data") or {}).get("image_size"))
 
     lines = [f"# {name}", ""]
     lines += [
@@ -100,32 +98,14 @@ def write_model_card(
         data_line = f"[{dataset}](https://huggingface.co/datasets/{dataset})"
     else:
         data_line = f"a local data set (`{dataset}`)"
-    lines += [
-        "## Training",
-        "",
-        f"- Data set: {data_line}",
-        f"- Steps trained: {steps if steps is not None else 'not recorded'}",
-        "",
-    ]
-    lines += [
-        "## Usage",
-        "",
-        "```python",
-        "from diffusers import DDPMPipeline",
-        f"pipeline = DDPMPipeline.from_pretrained({json.dumps(str(repo_id or folder))})",
-        "image = pipeline().images[0]",
-        "```",
-        "",
-    ]
+    steps_line = steps if steps is not None else "not recorded"
+    lines += ["## Training", "", f"- Data set: {data_line}", f"- Steps trained: {steps_line}", ""]
+    load = f"pipeline = DDPMPipeline.from_pretrained({json.dumps(str(repo_id or folder))})"
+    lines += ["## Usage", "", "```python", "from diffusers import DDPMPipeline", load, "image = pipeline().images[0]"]
+    lines += ["```", ""]
     if config:
-        lines += [
-            "## Training config",
-            "",
-            "```yaml",
-            yaml.safe_dump(config, sort_keys=False, default_flow_style=False, allow_unicode=True).rstrip("\n"),
-            "```",
-            "",
-        ]
+        dumped = yaml.safe_dump(config, sort_keys=False, default_flow_style=False, allow_unicode=True).rstrip("\n")
+        lines += ["## Training config", "", "```yaml", dumped, "```", ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     path = folder / "README.md"
     card.save(path)
@@ -161,13 +141,9 @@ def write_run_card(trainer, pl_module, output_dir: str | Path, repo_id: str | No
         # the epoch grids ({epoch:04d}.png), not data.png (the training images)
         grids = [p for p in (Path(output_dir) / "samples").glob("[0-9]*.png") if p.is_file()]
         grid = max(grids, key=lambda p: (p.stat().st_mtime_ns, p.name)) if grids else None
+        config, dataset = run_config(trainer, pl_module), str(dataset) if dataset is not None else None
         return write_model_card(
-            output_dir,
-            config=run_config(trainer, pl_module),
-            dataset=str(dataset) if dataset is not None else None,
-            steps=trainer.global_step,
-            grid_path=grid,
-            repo_id=repo_id,
+            output_dir, config=config, dataset=dataset, steps=trainer.global_step, grid_path=grid, repo_id=repo_id
         )
     except Exception as err:
         log.warning(f"Could not write the model card in {output_dir}: {err!r}")

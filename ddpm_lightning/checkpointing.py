@@ -305,8 +305,7 @@ def check_ckpt_path(ckpt_path: str | None, checkpoint: ModelCheckpoint | None) -
     if not path.is_file():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file.")
     try:  # a checkpoint is a zip archive; a truncated one has lost its central directory at the end
-        with zipfile.ZipFile(path) as archive:
-            archive.namelist()
+        zipfile.ZipFile(path).close()
     except (zipfile.BadZipFile, OSError) as err:
         raise ValueError(
             f"--ckpt_path {ckpt_path} is not a readable checkpoint ({err}): it is truncated or corrupt. "

@@ -38,9 +38,7 @@ from .precision import FusedClipMixedPrecision
 
 class DDPMLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument(
-            "--output_dir", default="ddpm-butterflies-128", help="Where grids, the saved model and the logs go."
-        )
+        parser.add_argument("--output_dir", default="ddpm-butterflies-128", help="Where grids, model and logs go.")
         parser.add_lightning_class_args(RunReport, "report")  # first: its clock brackets the grid and save hooks
         parser.add_lightning_class_args(ImagesThroughput, "throughput")
         parser.add_lightning_class_args(SampleGrid, "grid")
@@ -55,9 +53,8 @@ class DDPMLightningCLI(LightningCLI):
         )
         parser.add_lightning_class_args(PeriodicCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.dirpath": None})  # None: checkpoints/<output_dir's name>, this run's own
-        parser.link_arguments("output_dir", "report.output_dir")
-        parser.link_arguments("output_dir", "grid.output_dir")
-        parser.link_arguments("output_dir", "save.output_dir")
+        for group in ("report", "grid", "save"):
+            parser.link_arguments("output_dir", f"{group}.output_dir")
         parser.link_arguments("data.image_size", "model.image_size")  # one value: the UNet's sample_size
 
     @staticmethod
@@ -88,13 +85,8 @@ class DDPMLightningCLI(LightningCLI):
         if trainer.get("plugins") is None:
             # Atomic writes in a background thread (not a config default: an instance would not serialize)
             kwargs["plugins"] = [BackgroundCheckpointIO()]
-        subcommand = self.config.subcommand
-        if (
-            subcommand == "fit"
-            and data.val_dataset is None
-            and not data.val_fraction
-            and trainer.limit_val_batches is None
-        ):
+        held_out = data.val_dataset is not None or data.val_fraction
+        if self.config.subcommand == "fit" and not held_out and trainer.limit_val_batches is None:
             kwargs["limit_val_batches"] = 0  # no held-out images: no validation loop at all
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.precision_plugin) is MixedPrecision:  # 16-mixed / bf16-mixed: clip with fused AdamW
@@ -119,11 +111,8 @@ class DDPMLightningCLI(LightningCLI):
         check_writable(self._get(self.config, "output_dir"))
         # Rank 0 only: the other ranks of a run start after it and would find its own new files.
         if self._get(self.config, "ckpt_path") is None and self.trainer.global_rank == 0:
-            check_fresh_run(
-                self._get(self.config, "output_dir"),
-                self.trainer.checkpoint_callback,
-                self._get(self.config, "overwrite"),
-            )
+            output_dir, overwrite = self._get(self.config, "output_dir"), self._get(self.config, "overwrite")
+            check_fresh_run(output_dir, self.trainer.checkpoint_callback, overwrite)
 
 
 def check_writable(folder: str) -> None:
@@ -185,7 +174,7 @@ def check_fresh_run(folder: str, checkpoint, overwrite: bool) -> None:
     for ckpt in ckpts:
         ckpt.unlink()
     logging.getLogger("ddpm_lightning").info(
-        f"--overwrite: deleted the previous run's logs, samples and checkpoints in {folder}"
+        f"--overwrite: deleted the old run's logs, samples, checkpoints in {folder}"
     )
 
 

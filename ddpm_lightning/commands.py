@@ -76,11 +76,8 @@ def load_pipeline(model: str) -> tuple[UNet2DModel, dict]:
             return copy.deepcopy(module.unet), module.noise_scheduler.config
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            hint = (
-                f" (it holds {', '.join(sorted(p.name for p in path.glob('*.ckpt'))[:3])})"
-                if any(path.glob("*.ckpt"))
-                else ""
-            )
+            held = sorted(p.name for p in path.glob("*.ckpt"))[:3]
+            hint = f" (it holds {', '.join(held)})" if held else ""
             raise CommandError(
                 f"{model} is a folder without model_index.json{hint}: give a .ckpt file or a folder "
                 "saved by `ddpm-lightning fit` / `ddpm-lightning export` (model_index.json, unet/, scheduler/)."
@@ -105,11 +102,9 @@ def load_hub_pipeline(repo_id: str) -> tuple[UNet2DModel, dict]:
         pipeline = DDPMPipeline.from_pretrained(repo_id)
     except (OSError, ValueError, HfHubHTTPError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-        why = (
-            "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
-            if offline
-            else f"it is not cached and could not be downloaded ({type(err).__name__})"
-        )
+        why = f"it is not cached and could not be downloaded ({type(err).__name__})"
+        if offline:
+            why = "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
         if "/" not in repo_id:
             why += f", and there is no file or folder {repo_id!r} here"
         raise CommandError(
@@ -183,9 +178,7 @@ def sample(
         raise CommandError(f"Unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}.")
     steps = (1000 if sampler == "ddpm" else 50) if num_inference_steps is None else num_inference_steps
     if steps < 1:
-        raise CommandError(
-            f"num_inference_steps must be at least 1, not {steps} (leave it out for the sampler's default)."
-        )
+        raise CommandError(f"num_inference_steps must be at least 1, not {steps} (leave it out for the default).")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError(f"--device {device}: no CUDA GPU is visible here. Use --device cpu, or leave --device out.")
@@ -198,18 +191,13 @@ def sample(
     paths: list[Path] = []
     images: list[torch.Tensor] = []
     batches = math.ceil(num_images / batch_size)
-    with tqdm(
-        total=batches * steps,
-        desc=f"Sampling {num_images} images ({sampler}, {steps} steps)",
-        unit="step",
-        dynamic_ncols=True,
-    ) as progress:
+    title = f"Sampling {num_images} images ({sampler}, {steps} steps)"
+    with tqdm(total=batches * steps, desc=title, unit="step", dynamic_ncols=True) as progress:
         for start in range(0, num_images, batch_size):
             indices = range(start, min(start + batch_size, num_images))
             fresh = make_sampler(schedule, sampler)  # per batch: multistep solvers keep state
-            batch = denoise(
-                unet, fresh, steps, [image_generator(seed, i) for i in indices], len(indices), progress.update
-            )
+            generators = [image_generator(seed, i) for i in indices]
+            batch = denoise(unet, fresh, steps, generators, len(indices), progress.update)
             batch = batch.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).cpu()  # as torchvision's save_image rounds
             for i, image in zip(indices, batch):
                 path = out / f"{i:06d}.png"
@@ -255,14 +243,10 @@ def export(ckpt: str, out: str, samples: str | None = None, repo_id: str | None 
     with module.ema_weights():
         DDPMPipeline(unet=module.unet, scheduler=module.noise_scheduler).save_pretrained(folder)
     data = checkpoint.get("datamodule_hyper_parameters") or {}
-    write_model_card(
-        folder,  # (the card leaves out the "_" keys LightningCLI adds)
-        config={"model": checkpoint["hyper_parameters"], **({"data": data} if data else {})},
-        dataset=data.get("dataset"),
-        steps=checkpoint.get("global_step"),
-        grid_path=Path(samples) if samples else None,
-        repo_id=repo_id,
-    )
+    config = {"model": checkpoint["hyper_parameters"], **({"data": data} if data else {})}  # card: no "_" keys
+    grid = Path(samples) if samples else None
+    steps = checkpoint.get("global_step")
+    write_model_card(folder, config=config, dataset=data.get("dataset"), steps=steps, grid_path=grid, repo_id=repo_id)
     log.info(f"Exported {ckpt} ({'EMA' if checkpoint.get('ema') is not None else 'raw'} weights) to {folder}")
     return folder
 

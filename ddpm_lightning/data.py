@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import datasets
 import numpy as np
@@ -65,10 +65,8 @@ class ResizedImages(Dataset):
         self.column = column
         self.image_size = image_size
         self.crop = crop
-        if crop == "squash":
-            self.resize = transforms.Resize((image_size, image_size))  # the tutorial's Resize, on the PIL image
-        else:
-            self.resize = transforms.Resize(image_size)  # short side to image_size, aspect kept
+        # squash: the tutorial's Resize, on the PIL image; else the short side to image_size, aspect kept
+        self.resize = transforms.Resize((image_size, image_size) if crop == "squash" else image_size)
         self.center = transforms.CenterCrop(image_size)
 
     def transform(self, image: Image.Image) -> torch.Tensor:
@@ -186,17 +184,19 @@ class CachedImages(Dataset):
     def __len__(self) -> int:
         return len(self.tensor)
 
+    def each(self, function) -> torch.Tensor | Strips:
+        """`function` of the pixels tensor, or of each tensor of the Strips."""
+        return Strips(*map(function, self.pixels)) if isinstance(self.pixels, Strips) else function(self.pixels)
+
     def __getitems__(self, indices: list[int]) -> torch.Tensor | Strips:
         index = torch.as_tensor(indices, device=self.tensor.device)
-        return Strips(*(part[index] for part in self.pixels)) if isinstance(self.pixels, Strips) else self.pixels[index]
+        return self.each(lambda t: t[index])
 
     def __getitem__(self, i: int) -> torch.Tensor | Strips:
-        return Strips(*(part[i] for part in self.pixels)) if isinstance(self.pixels, Strips) else self.pixels[i]
+        return self.each(lambda t: t[i])
 
     def to(self, device: torch.device) -> CachedImages:
-        self.pixels = (
-            Strips(*(p.to(device) for p in self.pixels)) if isinstance(self.pixels, Strips) else self.pixels.to(device)
-        )
+        self.pixels = self.each(lambda t: t.to(device))
         return self
 
 
@@ -295,12 +295,8 @@ class ImageDataModule(LightningDataModule):
         """Decode and resize every image once, in `num_workers` processes; skip and count the unreadable ones."""
         pixels, smaller, failures = [], 0, []
         bar = progress_bar(self.trainer, f"Caching {len(images)} images", len(images), "image")
-        for batch in DataLoader(
-            range(len(images)),  # type: ignore[arg-type]  # (any sized, indexable object will do)
-            batch_size=32,
-            num_workers=self.num_workers,
-            collate_fn=images.try_load,
-        ):
+        indices: Any = range(len(images))  # (any sized, indexable object will do)
+        for batch in DataLoader(indices, batch_size=32, num_workers=self.num_workers, collate_fn=images.try_load):
             bar.update(len(batch))
             for tensor, small, error in batch:
                 if tensor is None:
@@ -310,16 +306,12 @@ class ImageDataModule(LightningDataModule):
                     smaller += small
         bar.close()
         if failures:
-            rank_zero_warn(
-                f"Skipped {len(failures)} of {len(images)} images that could not be read, e.g. "
-                + "; ".join(failures[:3])
-            )
+            examples = "; ".join(failures[:3])
+            rank_zero_warn(f"Skipped {len(failures)} of {len(images)} images that could not be read, e.g. {examples}")
         if not pixels:
             raise ValueError(f"None of the {len(images)} images could be read, e.g. {failures[0]}")
         if smaller:
-            rank_zero_info(
-                f"{smaller} of {len(pixels)} images are smaller than {images.image_size} px and were upscaled."
-            )
+            rank_zero_info(f"{smaller} of {len(pixels)} images are smaller than {images.image_size} px: upscaled.")
         rank_zero_info(f"Cached {len(pixels)} images of {images.image_size} px in memory.")
         return Strips.collate(pixels) if images.crop == "random" else torch.stack(pixels)
 

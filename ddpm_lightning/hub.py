@@ -34,8 +34,7 @@ class HubUploader:
         self.private = private
         self.token = token
         self.api = api or HfApi(token=token)
-        self.failures = 0
-        self.uploads = 0
+        self.failures = self.uploads = 0
         self._pending: Future | None = None
 
     def check_token(self) -> None:
@@ -47,21 +46,16 @@ class HubUploader:
         )
 
     def create_repo(self) -> str:
-        self.repo_id = self.api.create_repo(
-            self.repo_id, private=self.private, exist_ok=True, repo_type="model"
-        ).repo_id
+        repo = self.api.create_repo(self.repo_id, private=self.private, exist_ok=True, repo_type="model")
+        self.repo_id = repo.repo_id
         return self.repo_id
 
     def upload(self, folder: str, message: str) -> None:
         """Start uploading `folder` in the background (one upload at a time: waits for the previous one)."""
         self.wait()
-        self._pending = self.api.run_as_future(
-            self.api.upload_folder,
-            repo_id=self.repo_id,
-            folder_path=folder,
-            commit_message=message,
-            ignore_patterns=list(IGNORE_PATTERNS),  # a copy: upload_folder appends its defaults to the list it gets
-        )
+        ignore = list(IGNORE_PATTERNS)  # a copy: upload_folder appends its defaults to the list it gets
+        upload = {"repo_id": self.repo_id, "folder_path": folder, "commit_message": message, "ignore_patterns": ignore}
+        self._pending = self.api.run_as_future(self.api.upload_folder, **upload)
 
     def wait(self) -> None:
         """Wait for the upload in flight, if any; a failure becomes a counted warning, never an exception."""

@@ -1,40 +1,28 @@
-"""FID and KID between generated and real images, computed by torchmetrics: `SampleQuality`, and the check for
-the Inception weights it needs (`inception_weights_path`, `inception_available`, `InceptionWeightsUnavailable`).
+"""FID and KID between generated and real images, computed by torchmetrics (`SampleQuality`), and the check for
+the Inception weights they need (`inception_weights_path`, `inception_available`, `InceptionWeightsUnavailable`).
 
-`callbacks.SampleQualityMetrics` uses it as intended: `SampleQuality(feature, weights_path=...)` once (catching
-InceptionWeightsUnavailable, whose message says which file is missing and where to put it), `update_real` with
-the validation images once (their features are kept), then per evaluation `update_fake` with the samples in
+Use (as `callbacks.SampleQualityMetrics` does): `SampleQuality(feature, weights_path=...)` once, `update_real`
+with the validation images once (their features are kept), then per evaluation `update_fake` with samples in
 [0, 1], `compute()` -> {"fid", "kid_mean", "kid_std"} and `reset_fake()`.
 
-The default extractor is torchmetrics' Inception-v3 (torch-fidelity's port of the TF FID network). Its weights
-are never downloaded here: they are looked up in the torch hub cache (or at ``weights_path``) and
-:class:`InceptionWeightsUnavailable` is raised at once when they are not there, instead of letting torch.hub try
-the network (which, offline, can hang on DNS/connect until a timeout). Images are resized to 299 px with
-torch-fidelity's TF1-compatible bilinear resize (``antialias=False``), so numbers are comparable with torch-fidelity
-and the original TF FID code; for the Inception extractor images are quantised to uint8 by rounding, like a saved
-PNG. Features are computed once per image and shared by FID and KID.
-
-``feature`` may also be any ``nn.Module`` mapping float images in [0, 1], (N, 3, H, W), to features (N, d); it is
-called under ``torch.no_grad()`` in float32 with autocast disabled, in chunks of ``batch_size`` images. No weights
-or torch-fidelity are needed then (the tests use a tiny random conv net).
-
-KID: each of ``kid_subsets`` subsets draws ``kid_subset_size`` real and fake features; torchmetrics raises if a
-subset is larger than the number of samples, so the size is clamped to ``min(kid_subset_size, num_real,
-num_fake)`` at ``compute()`` (with as many real as fake images, and fewer than ``kid_subset_size``, every subset
-is the whole sets and ``kid_std`` is 0). The subsets are drawn from a fixed seed (without touching the global RNG),
-so ``compute()`` is repeatable. FID and KID both need at least 2 real and 2 fake images; FID is biased upwards
-with few images (published values use thousands).
-
-Distributed: torchmetrics syncs the states across processes in ``compute()`` (``sync_on_compute=True``), so every
-rank must call it; pass ``sync_on_compute=False`` if only one rank evaluates, or it will wait forever.
-
-This is a plain object, not an ``nn.Module``, on purpose: attached to a LightningModule it does not put the
-~90 MB of Inception weights into checkpoints, and Lightning does not move it; call ``.to(device)``.
+- The default extractor is torchmetrics' Inception-v3 (torch-fidelity's port of the TF FID network), with
+  torch-fidelity's TF1-compatible resize to 299 px and images rounded to uint8 like a saved PNG, so numbers compare
+  with torch-fidelity's. Its weights are never downloaded: without them in the torch hub cache (or at
+  `weights_path`), InceptionWeightsUnavailable says where to put them, instead of torch.hub trying the network
+  (offline it can hang until a timeout). `feature` may instead be any nn.Module from float images in [0, 1] to
+  features (the tests use a tiny conv net). Features are computed once per image and shared by FID and KID.
+- KID's subset size is clamped to the number of real and fake images at `compute()` (torchmetrics raises
+  otherwise), and its subsets are drawn from a fixed seed: repeatable, the global RNG untouched. FID is biased
+  upwards with few images (published values use thousands).
+- torchmetrics syncs the states across processes in `compute()`: every rank must call it.
+- A plain object, not an nn.Module: attached to a LightningModule it would put ~90 MB of Inception weights into
+  checkpoints. Move it with `.to(device)`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import warnings
 from pathlib import Path
@@ -46,15 +34,6 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
-
-__all__ = [
-    "INCEPTION_WEIGHTS_FILE",
-    "INCEPTION_WEIGHTS_URL",
-    "InceptionWeightsUnavailable",
-    "SampleQuality",
-    "inception_available",
-    "inception_weights_path",
-]
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
@@ -167,28 +146,23 @@ class SampleQuality:
         self.kid_subsets = kid_subsets
         self.batch_size = batch_size
         self.sync_on_compute = sync_on_compute
-        self.device = _module_device(extractor)
+        tensors = itertools.chain(extractor.parameters(), extractor.buffers())
+        self.device = next(tensors, torch.empty(0)).device  # (CPU for an extractor without tensors)
         # built at the first update, when the feature size is known
         self._fid: FrechetInceptionDistance | None = None
         self._kid: KernelInceptionDistance | None = None
-        self.num_real = 0
-        self.num_fake = 0
+        self.num_real = self.num_fake = 0
 
     @staticmethod
     def _load_inception(feature: int, path: Path) -> nn.Module:
         from torchmetrics.image.fid import NoTrainInceptionV3
 
+        weights: dict[str, Any] = {"feature_extractor_weights_path": str(path), "antialias": False}
         try:
-            return NoTrainInceptionV3(
-                name="inception-v3-compat",
-                features_list=[str(feature)],
-                feature_extractor_weights_path=str(path),
-                antialias=False,
-            )
+            return NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(feature)], **weights)
         except Exception as err:  # truncated download, wrong file, torch-fidelity API change
-            raise InceptionWeightsUnavailable(
-                _how_to(f"{path} could not be loaded ({type(err).__name__}: {err})")
-            ) from err
+            problem = f"{path} could not be loaded ({type(err).__name__}: {err})"
+            raise InceptionWeightsUnavailable(_how_to(problem)) from err
 
     def to(self, device: torch.device | str) -> SampleQuality:
         """Move the extractor and the metric states (features are computed on this device)."""
@@ -210,9 +184,8 @@ class SampleQuality:
     def compute(self) -> dict[str, float]:
         """``{"fid", "kid_mean", "kid_std"}`` of the fakes since the last ``reset_fake()`` against all reals."""
         if self.num_real < 2 or self.num_fake < 2:
-            raise ValueError(
-                f"FID/KID need at least 2 real and 2 fake images, got {self.num_real} real, {self.num_fake} fake"
-            )
+            got = f"got {self.num_real} real, {self.num_fake} fake"
+            raise ValueError(f"FID/KID need at least 2 real and 2 fake images, {got}")
         assert self._fid is not None and self._kid is not None  # (num_fake >= 2: updated)
         self._kid.subset_size = min(self.kid_subset_size, self.num_real, self.num_fake)
         with torch.random.fork_rng(devices=[]):  # KID's torch.randperm: repeatable, global RNG untouched
@@ -230,8 +203,7 @@ class SampleQuality:
 
     def reset(self) -> None:
         """Forget real and fake images (e.g. the real data set changed)."""
-        self._fid = None
-        self._kid = None
+        self._fid = self._kid = None
         self.num_real = self.num_fake = 0
 
     def _update(self, images: Tensor, real: bool) -> None:
@@ -286,10 +258,3 @@ class SampleQuality:
                 feats = self._extractor(chunk)
                 out.append(feats.reshape(chunk.shape[0], -1).float())
         return torch.cat(out)
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    tensor: Tensor | None = next(module.parameters(), None)
-    if tensor is None:
-        tensor = next(module.buffers(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")

@@ -134,17 +134,8 @@ class DDPMModule(LightningModule):
             beta_end=beta_end,
             prediction_type=prediction_type,
         )
-        self.ema = (
-            EMAModel(
-                self.unet.parameters(),
-                decay=ema_max_decay,
-                use_ema_warmup=True,
-                inv_gamma=ema_inv_gamma,
-                power=ema_power,
-            )
-            if use_ema
-            else None
-        )
+        ema = {"decay": ema_max_decay, "use_ema_warmup": True, "inv_gamma": ema_inv_gamma, "power": ema_power}
+        self.ema = EMAModel(self.unet.parameters(), **ema) if use_ema else None
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -212,13 +203,10 @@ class DDPMModule(LightningModule):
         """The denoising loss at `val_timesteps` fixed timesteps with noise fixed per image (seeded by its index)."""
         index, images = batch
         images = images.float() / 127.5 - 1  # no flip: the same input every epoch
-        noise = torch.stack(
-            [torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(int(i))) for i in index]
-        )
-        noise = noise.to(images.device)
-        steps = torch.linspace(
-            0, self.noise_scheduler.config.num_train_timesteps - 1, self.hparams.val_timesteps
-        ).long()
+        seeded = [torch.Generator().manual_seed(int(i)) for i in index]
+        noise = torch.stack([torch.randn(images.shape[1:], generator=g) for g in seeded]).to(images.device)
+        steps = torch.linspace(0, self.noise_scheduler.config.num_train_timesteps - 1, self.hparams.val_timesteps)
+        steps = steps.long()
         values = {"val/loss": self.fixed_loss(images, noise, steps)}
         if self.ema is not None:
             with self.ema_weights():
@@ -341,13 +329,8 @@ class DDPMModule(LightningModule):
             "eps": hp.adam_epsilon,
         }
         if hp.compile_optimizer:
-            optimizer = CompiledAdamW(
-                self.unet.parameters(),
-                clip_val=self.trainer.gradient_clip_val,
-                clip_algorithm=self.trainer.gradient_clip_algorithm or "norm",
-                compile_mode=hp.compile_mode,
-                **adamw,
-            )
+            clip = self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm or "norm"
+            optimizer = CompiledAdamW(self.unet.parameters(), *clip, compile_mode=hp.compile_mode, **adamw)
         else:
             optimizer = torch.optim.AdamW(self.unet.parameters(), fused=fused or None, **adamw)
         # Per optimizer step, over the whole run as the Trainer counts it (devices, accumulation, max_steps).
@@ -357,9 +340,7 @@ class DDPMModule(LightningModule):
                 f"lr_warmup_steps={hp.lr_warmup_steps} is not shorter than the run ({total} optimizer steps): the "
                 f"learning rate never reaches learning_rate={hp.learning_rate}. Lower model.lr_warmup_steps."
             )
-        lr_scheduler = get_cosine_schedule_with_warmup(
-            optimizer, num_warmup_steps=hp.lr_warmup_steps, num_training_steps=total
-        )
+        lr_scheduler = get_cosine_schedule_with_warmup(optimizer, hp.lr_warmup_steps, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

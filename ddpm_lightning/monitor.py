@@ -35,9 +35,8 @@ def progress_bar(trainer, description: str, total: int, unit: str) -> Tqdm:
     """Lightning's tqdm bar for long work outside the training loop, shown on rank 0 while the Trainer shows
     progress bars (disabled, silent, otherwise). The caller updates and closes it."""
     shown = trainer is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero
-    return Tqdm(
-        total=total, desc=description, unit=unit, dynamic_ncols=True, leave=False, file=sys.stdout, disable=not shown
-    )
+    options = {"dynamic_ncols": True, "leave": False, "file": sys.stdout, "disable": not shown}
+    return Tqdm(total=total, desc=description, unit=unit, **options)
 
 
 def training_flops_per_image(unet: UNet2DModel) -> int:
@@ -74,9 +73,8 @@ class ImagesThroughput(ThroughputMonitor):
         super().setup(trainer, pl_module, stage)
         # MFU against the bf16 peak whatever the training precision (the figure people compare across runs).
         peak = self.peak_flops or get_available_flops(trainer.strategy.root_device, torch.bfloat16)
-        self._throughputs[RunningStage.TRAINING] = Throughput(
-            available_flops=peak, world_size=trainer.world_size, **self.kwargs
-        )
+        throughput = Throughput(available_flops=peak, world_size=trainer.world_size, **self.kwargs)
+        self._throughputs[RunningStage.TRAINING] = throughput
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:
@@ -97,12 +95,9 @@ class ImagesThroughput(ThroughputMonitor):
             torch.cuda.synchronize()  # once per log step: the clock then covers the work queued before it
         throughput = self._throughputs[RunningStage.TRAINING]
         done = throughput._samples[-1] if throughput._samples else 0
-        throughput.update(
-            time=time.perf_counter() - self._t0s[RunningStage.TRAINING],
-            batches=self.batches,
-            samples=self.samples,
-            flops=None if self.flops_per_image is None else self.flops_per_image * (self.samples - done),
-        )
+        flops = None if self.flops_per_image is None else self.flops_per_image * (self.samples - done)
+        seconds = time.perf_counter() - self._t0s[RunningStage.TRAINING]
+        throughput.update(time=seconds, batches=self.batches, samples=self.samples, flops=flops)
         computed = throughput.compute()
         if "device/samples_per_sec" not in computed:
             return  # the window is not full yet
@@ -116,9 +111,8 @@ class ImagesThroughput(ThroughputMonitor):
         if trainer.strategy.root_device.type == "cuda":
             metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 1e9
         trainer._logger_connector.log_metrics(metrics, step=trainer.global_step)
-        pl_module.log(
-            "img/s", round(metrics["train/images_per_sec"], 1), prog_bar=True, logger=False, rank_zero_only=True
-        )
+        rate = round(metrics["train/images_per_sec"], 1)
+        pl_module.log("img/s", rate, prog_bar=True, logger=False, rank_zero_only=True)
 
     # Validation pauses the clock (as ThroughputMonitor does) and is not itself timed.
     def on_validation_start(self, trainer: Trainer, *_) -> None:
@@ -156,14 +150,8 @@ class RunReport(Callback):
 
     def write_preview(self, trainer: Trainer) -> Path:
         images = trainer.datamodule.preview(self.preview_images)
-        path = save_grid(
-            images,
-            Path(self.output_dir) / "samples" / "data.png",
-            None,
-            trainer.loggers,
-            "data/images",
-            trainer.global_step,
-        )
+        path = Path(self.output_dir) / "samples" / "data.png"
+        path = save_grid(images, path, None, trainer.loggers, "data/images", trainer.global_step)
         log.info(f"Saved the first {len(images)} training images, as the model gets them, to {path}")
         return path
 
@@ -217,9 +205,7 @@ class RunReport(Callback):
             "model": str(out) if (out / "model_index.json").exists() else None,
             "last_grid": str(grids[-1]) if grids else None,
             "logs": trainer.logger.log_dir if trainer.logger is not None else None,
-            "last_checkpoint": (checkpoint.last_model_path or checkpoint.best_model_path or None)
-            if checkpoint
-            else None,
+            "last_checkpoint": checkpoint and (checkpoint.last_model_path or checkpoint.best_model_path) or None,
         }
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         wall = summary["wall_seconds"]
@@ -232,15 +218,7 @@ class RunReport(Callback):
             f"  mean {summary['mean_images_per_sec']} images/s while training; final train/loss {summary['final_train_loss']}"
             + (f", val/loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""),
         ]
-        lines += [
-            f"  {name}: {summary[key]}"
-            for name, key in (
-                ("model", "model"),
-                ("last grid", "last_grid"),
-                ("logs", "logs"),
-                ("last checkpoint", "last_checkpoint"),
-            )
-            if summary[key]
-        ]
+        names = {"model": "model", "last_grid": "last grid", "logs": "logs", "last_checkpoint": "last checkpoint"}
+        lines += [f"  {name}: {summary[key]}" for key, name in names.items() if summary[key]]
         log.info("\n".join(lines))
         return summary

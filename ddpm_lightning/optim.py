@@ -1,20 +1,15 @@
-"""`CompiledAdamW`: gradient clipping and the AdamW update as one torch.compile'd function.
+"""`CompiledAdamW`: gradient clipping and the AdamW update as torch.compile'd code (`model.compile_optimizer`).
 
-Eager, a step of the tutorial's UNet is hundreds of small kernels (a norm per tensor, then the update); compiled
-with `mode="reduce-overhead"` on a GPU it is two CUDA graphs, two launches: the clip, and the update (torch's
-`Optimizer.step` breaks the graph at its entry on purpose, pytorch#104053). What a graph needs, and how it is met:
-- the learning rate is a tensor on the parameters' device that the LR schedule fills in place each step (as a
-  float it would be a constant of the graph: one recompile per step); `state_dict` saves it as a float, so a
-  checkpoint is plain AdamW's and resumes with or without this class;
-- `capturable=True` on a GPU, so the step counter stays on the device (no host read per step);
-- clipping by norm stays on the device (no `error_if_nonfinite` read);
-- the gradients are the backward's outputs, freed each step (Lightning's `zero_grad(set_to_none=True)`): under
-  `DDPMModule`'s compiled forward with the same mode they live in its CUDA graph's memory pool, where this graph
-  reads them without a copy (pytorch#107504). Zeroed in place instead, they would be read after the next step's
-  replay had overwritten them: a GPU error that the H200 smoke check of 2026-11-26 found.
-The loss closure (forward and backward, compiled separately by `DDPMModule`) runs eagerly before the compiled
-step. Under 16-mixed, GradScaler still unscales before the step and skips it on overflow (a host read per step:
-bf16-mixed has none).
+Eager, a step of the tutorial's UNet is hundreds of small kernels; under `mode="reduce-overhead"` on a GPU it is
+two CUDA graphs, the clip and the update (torch's `Optimizer.step` breaks the graph at its entry, pytorch#104053).
+- The LR is a device tensor the LR schedule fills in place (a float would be a constant of the graph: a recompile
+  per step); `state_dict` saves it as a float, so a checkpoint is plain AdamW's and resumes with or without this.
+- On a GPU `capturable=True` keeps the step count on the device; clipping by norm never reads back to the host.
+- The gradients are the backward's outputs, freed each step (Lightning's `zero_grad(set_to_none=True)`): under
+  `DDPMModule`'s compiled forward they live in its CUDA graph pool, where this graph reads them without a copy
+  (pytorch#107504). Zeroed in place, they were read after the next replay had overwritten them (an H200, 2026-11-26).
+The forward and backward (Lightning's closure, compiled by `DDPMModule`) run before the compiled step. Under
+16-mixed, GradScaler still unscales first and skips the step on overflow (a host read per step; bf16 has none).
 """
 
 from __future__ import annotations

@@ -73,9 +73,8 @@ def denoise(
     try:
         sampler.set_timesteps(num_inference_steps, device=unet.device)
         shape = (n, unet.config.in_channels, height, width)
-        image = (
-            randn_tensor(shape, generator=generator, device=unet.device, dtype=unet.dtype) * sampler.init_noise_sigma
-        )
+        image = randn_tensor(shape, generator=generator, device=unet.device, dtype=unet.dtype)
+        image = image * sampler.init_noise_sigma
         for t in sampler.timesteps:
             # One timestep per image, as in training: the compiled forward sees the same kind of input.
             model_output = forward(sampler.scale_model_input(image, t), t.expand(n))

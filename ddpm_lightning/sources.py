@@ -122,15 +122,10 @@ def is_hub_id(name: str | None) -> bool:
 def image_column_of(ds: datasets.Dataset, column: str | None) -> str:
     if column is not None:
         if column not in ds.column_names:
-            raise ValueError(
-                f"Column {column!r} is not in the data set (it has {ds.column_names}): set --data.image_column."
-            )
+            raise ValueError(f"Column {column!r} is not in the data set ({ds.column_names}): set --data.image_column.")
         feature = ds.features[column]
-        if not isinstance(feature, (datasets.Image, dict)) and getattr(feature, "dtype", None) not in (
-            "string",
-            "binary",
-            "large_string",
-        ):
+        textual = getattr(feature, "dtype", None) in ("string", "binary", "large_string")  # paths or bytes
+        if not isinstance(feature, (datasets.Image, dict)) and not textual:
             kinds = {name: getattr(f, "dtype", type(f).__name__) for name, f in ds.features.items()}
             raise ValueError(
                 f"Column {column!r} holds {kinds[column]}, not images (the columns hold {kinds}): "

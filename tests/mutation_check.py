@@ -96,7 +96,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "",
         [T + "test_schedule_and_io.py::test_checkpoint_bytes_are_fsynced_before_the_rename"],
     ),
-    "ema_ignores_inv_gamma": ("ddpm_lightning/module.py", "inv_gamma=ema_inv_gamma", "inv_gamma=1.0", [EMA_TEST]),
+    "ema_ignores_inv_gamma": ("ddpm_lightning/module.py", '"inv_gamma": ema_inv_gamma', '"inv_gamma": 1.0', [EMA_TEST]),
     "ema_per_micro_batch": ("ddpm_lightning/module.py", EMA_GUARD, "if self.ema is not None:", [EMA_TEST]),
     "ema_not_restored": (
         "ddpm_lightning/module.py",
@@ -124,8 +124,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "validation_noise_not_fixed": (
         "ddpm_lightning/module.py",
-        "[torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(int(i))) for i in index]",
-        "[torch.randn(images.shape[1:]) for i in index]",
+        "[torch.randn(images.shape[1:], generator=g) for g in seeded]",
+        "[torch.randn(images.shape[1:]) for g in seeded]",
         [T + "test_quality.py::test_validation_loss_is_deterministic_and_monitorable"],
     ),
     "denoise_ignores_the_generator": (
@@ -244,14 +244,14 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "hub_upload_does_not_wait_for_the_last": (
         "ddpm_lightning/hub.py",
-        "        self.wait()\n        self._pending = ",
-        "        self._pending = ",
+        "        self.wait()\n        ignore = ",
+        "        ignore = ",
         [HUB + "test_failed_upload_warns_counts_and_the_next_one_succeeds"],
     ),
     "hub_intermediate_folders_published": (
         "ddpm_lightning/hub.py",
-        "ignore_patterns=list(IGNORE_PATTERNS),",
-        "ignore_patterns=None,",
+        "ignore = list(IGNORE_PATTERNS)",
+        "ignore = None",
         [HUB + "test_save_model_creates_the_repo_uploads_the_saved_pipeline_and_waits_at_fit_end"],
     ),
     "hub_fit_end_does_not_wait": (
