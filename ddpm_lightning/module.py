@@ -266,11 +266,6 @@ class DDPMModule(LightningModule):
     def on_train_start(self) -> None:
         self._ema_step = self.trainer.global_step  # (restored on resume)
 
-    def on_train_end(self) -> None:
-        # Under CUDA graphs the last backward's gradients live in the graph's memory pool, and the end-of-run grid's
-        # replays overwrite it: Lightning's teardown (`module.cpu()`, which moves gradients too) would then fail.
-        self.unet.zero_grad(set_to_none=True)
-
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None and self.trainer.global_step != self._ema_step:
             # Once per optimizer step (not per micro-batch under accumulation). Every rank holds the same
@@ -342,6 +337,13 @@ class DDPMModule(LightningModule):
             )
         lr_scheduler = get_cosine_schedule_with_warmup(optimizer, hp.lr_warmup_steps, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Freed once used, as the tutorial's loop does. Under CUDA graphs they are the backward graph's outputs, in
+        # its memory pool, which the next replay (a training step, a grid) overwrites: nothing may touch them after
+        # (Lightning's teardown moves them with the module, `module.cpu()`).
+        self.unet.zero_grad(set_to_none=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if not isinstance(optimizer, CompiledAdamW):  # that one clips inside its compiled step

@@ -5,7 +5,7 @@ two CUDA graphs, the clip and the update (torch's `Optimizer.step` breaks the gr
 - The LR is a device tensor the LR schedule fills in place (a float would be a constant of the graph: a recompile
   per step); `state_dict` saves it as a float, so a checkpoint is plain AdamW's and resumes with or without this.
 - On a GPU `capturable=True` keeps the step count on the device; clipping by norm never reads back to the host.
-- The gradients are the backward's outputs, freed each step (Lightning's `zero_grad(set_to_none=True)`): under
+- The gradients are the backward's outputs, freed after each step (`DDPMModule.optimizer_step`): under
   `DDPMModule`'s compiled forward they live in its CUDA graph pool, where this graph reads them without a copy
   (pytorch#107504). Zeroed in place, they were read after the next replay had overwritten them (an H200, 2026-11-26).
 The forward and backward (Lightning's closure, compiled by `DDPMModule`) run before the compiled step. Under

@@ -64,11 +64,14 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
             + "test_speed_switches.py::test_compiled_step_follows_the_lr_schedule_without_recompiling_and_in_its_gpu_values"
         ],
     ),
-    "gradients_kept_after_training": (
+    "gradients_kept_after_the_step": (
         "ddpm_lightning/module.py",
         "        self.unet.zero_grad(set_to_none=True)\n",
         "        pass\n",
-        [T + "test_speed_switches.py::test_the_last_gradients_are_freed_when_training_ends"],
+        [
+            T
+            + "test_speed_switches.py::test_gradients_are_freed_after_each_optimizer_step_and_kept_within_an_accumulation_window"
+        ],
     ),
     "cuda_graphs_only_reduce_overhead": (
         "ddpm_lightning/module.py",

@@ -26,16 +26,22 @@ def grad_norm(module) -> float:
 
 class GradNorms(Callback):
     """Records the gradient norm before clipping (Lightning's hook runs after unscaling, before clipping) and
-    after the step (clipped; Lightning zeroes gradients at the start of the next step).
+    right after the optimizer step (clipped; a step post-hook, as the module frees the gradients after the step).
     Used by class path: `--trainer.callbacks+=test_speed_switches.GradNorms`."""
 
     seen: list[tuple[float, float]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        def after(*_) -> None:  # (CompiledAdamW runs it twice: its own step, then AdamW's within it)
+            self._after = grad_norm(pl_module.unet)
+
+        trainer.optimizers[0].register_step_post_hook(after)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self._before = grad_norm(pl_module.unet)
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        GradNorms.seen.append((self._before, grad_norm(pl_module.unet)))
+        GradNorms.seen.append((self._before, self._after))
 
 
 # Lightning turns `precision: 16-mixed` into bf16-mixed on a CPU, so the fp16 case names the GPU's plugin itself:
@@ -439,22 +445,24 @@ def test_each_compiled_call_starts_a_cuda_graph_step_in_the_modes_that_use_graph
     assert len(calls) == (2 if graphs else 0)
 
 
-def test_the_last_gradients_are_freed_when_training_ends():
-    """Under CUDA graphs the last backward's gradients live in the graph's pool, which the end-of-run grid's replays
-    overwrite; Lightning's teardown moves gradients too (`module.cpu()`), so they are freed when training ends. The
-    compiled optimizer step reads the backward's outputs as they are, freed each step (Lightning's default)."""
-    freed = []
+def test_gradients_are_freed_after_each_optimizer_step_and_kept_within_an_accumulation_window():
+    """Under CUDA graphs the gradients are the backward graph's outputs, which the next replay (a step, a grid)
+    overwrites, and Lightning's teardown moves them (`module.cpu()`): they are freed right after each optimizer
+    step, as the tutorial's loop does, and kept between the micro-batches of an accumulation window. The compiled
+    optimizer step reads them as the backward left them."""
+    held = []
 
     class Grads(Callback):
-        def on_before_backward(self, trainer, pl_module, loss) -> None:  # after Lightning's zero_grad
-            freed.append(all(p.grad is None for p in pl_module.unet.parameters()))
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            held.append(any(p.grad is not None for p in pl_module.unet.parameters()))
 
-    for switches in ({}, {"compile_optimizer": True}):
+    for switches, accumulate in (({}, 1), ({}, 2), ({"compile_optimizer": True}, 1)):
         torch._dynamo.reset()
         model = DDPMModule(unet=MICRO_UNET, image_size=16, **switches)
         trainer = Trainer(
             accelerator="cpu",
             max_steps=2,
+            accumulate_grad_batches=accumulate,
             gradient_clip_val=1.0,
             logger=False,
             enable_checkpointing=False,
@@ -463,8 +471,9 @@ def test_the_last_gradients_are_freed_when_training_ends():
             callbacks=[Grads()],
         )
         trainer.fit(model, tiny_batches())
+        assert trainer.global_step == 2
         assert all(p.grad is None for p in model.unet.parameters())
-    assert freed == [True] * 4
+    assert held == [False, False] + [True, False, True, False] + [False, False]
 
 
 def test_compiled_step_keeps_weights_finite_at_a_zero_lr_with_zero_gradients():
