@@ -32,7 +32,7 @@ class GradNorms(Callback):
     seen: list[tuple[float, float]] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
-        def after(*_) -> None:  # (CompiledAdamW runs it twice: its own step, then AdamW's within it)
+        def after(*_) -> None:  # under CompiledAdamW it may run twice a step (its step, then AdamW's)
             self._after = grad_norm(pl_module.unet)
 
         trainer.optimizers[0].register_step_post_hook(after)
