@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -143,9 +144,18 @@ def scalars(log_dir: Path, tag: str) -> dict[int, float]:
 
 
 def child_env() -> dict[str, str]:
+    """The environment of a child `python -m ddpm_lightning`: the checkout, and tests/ for the callbacks a test
+    passes by class path (`--trainer.callbacks+=conftest.CrashAtStep`)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
     return env
+
+
+def ddp_fit_command(dataset: Path, out: Path, *extra: str) -> list[str]:
+    """`python -m ddpm_lightning` with `fit_args(dataset, out, *extra)` on two CPU processes (DDP); run it with
+    `child_env()`."""
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    return [sys.executable, "-m", "ddpm_lightning", *fit_args(dataset, out, *extra), *ddp]
 
 
 class StopAtStep(Callback):
@@ -169,6 +179,17 @@ class CrashAtStep(Callback):
     def on_train_batch_start(self, trainer, *args) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             raise RuntimeError(f"injected crash on rank {self.rank} at step {self.step}")
+
+
+def crash_args(step: int, rank: int = 0) -> list[str]:
+    """The command-line arguments that add a CrashAtStep(rank, step) to a run."""
+    return [
+        "--trainer.callbacks+=conftest.CrashAtStep",
+        "--trainer.callbacks.rank",
+        str(rank),
+        "--trainer.callbacks.step",
+        str(step),
+    ]
 
 
 class TinyFeatures(torch.nn.Module):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ from PIL import Image
 
 from ddpm_lightning.cli import main
 
-from conftest import HELICONIUS, REPO, child_env, fit_args, scalars, tb_events
+from conftest import HELICONIUS, REPO, child_env, crash_args, ddp_fit_command, fit_args, scalars, tb_events
 
 
 def test_fit_writes_grid_model_logs_and_checkpoints(image_folder, tmp_path):
@@ -93,16 +92,7 @@ def test_resume_from_last_continues_to_max_steps(image_folder, tmp_path):
 def test_ddp_two_cpu_processes_write_one_grid_and_one_folder(image_folder, tmp_path):
     out = tmp_path / "run"
     cmd = [
-        sys.executable,
-        "-m",
-        "ddpm_lightning",
-        *fit_args(image_folder, out, "--trainer.max_epochs", "2"),
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy",
-        "ddp",
+        *ddp_fit_command(image_folder, out, "--trainer.max_epochs", "2"),
         "--grid.save_image_epochs",
         "100",
         "--save.save_model_epochs",
@@ -212,25 +202,7 @@ def test_ddp_grid_longer_than_the_collective_timeout_does_not_time_out(image_fol
 @pytest.mark.parametrize("rank", [0, 1])
 def test_ddp_crash_in_one_rank_ends_the_run_with_the_error(image_folder, tmp_path, rank):
     """With the default 30-minute collective timeout, a hang would be caught by the 120 s limit here."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "ddpm_lightning",
-        *fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "3"),
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy",
-        "ddp",
-        "--trainer.callbacks+=conftest.CrashAtStep",
-        "--trainer.callbacks.rank",
-        str(rank),
-        "--trainer.callbacks.step",
-        "2",
-    ]
-    env = child_env()
-    env["PYTHONPATH"] = str(REPO / "tests") + os.pathsep + env["PYTHONPATH"]
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    cmd = [*ddp_fit_command(image_folder, tmp_path / "run", "--trainer.max_epochs", "3"), *crash_args(2, rank)]
+    result = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert f"injected crash on rank {rank} at step 2" in result.stdout + result.stderr

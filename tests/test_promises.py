@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import datasets
@@ -18,7 +16,7 @@ from PIL import Image
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import CachedImages, ImageDataModule, ResizedImages
 
-from conftest import REPO, child_env, fit_args, scalars, tb_events, tiny_module
+from conftest import child_env, ddp_fit_command, fit_args, scalars, tb_events, tiny_module
 
 
 def coloured(n: int, red: int = 0) -> datasets.Dataset:
@@ -160,16 +158,7 @@ def test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image(image_folder, tmp
 
 def test_every_ddp_rank_holds_the_same_ema(image_folder, tmp_path):
     cmd = [
-        sys.executable,
-        "-m",
-        "ddpm_lightning",
-        *fit_args(image_folder, tmp_path / "run", "--trainer.max_steps", "3", "--trainer.max_epochs", "-1"),
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy",
-        "ddp",
+        *ddp_fit_command(image_folder, tmp_path / "run", "--trainer.max_steps", "3", "--trainer.max_epochs", "-1"),
         "--model.use_ema",
         "true",
         "--model.learning_rate",
@@ -182,9 +171,7 @@ def test_every_ddp_rank_holds_the_same_ema(image_folder, tmp_path):
         "1000",
         "--trainer.callbacks+=conftest.SaveEMAPerRank",
     ]
-    env = child_env()
-    env["PYTHONPATH"] = str(REPO / "tests") + os.pathsep + env["PYTHONPATH"]
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"ema_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0["optimization_step"] == rank1["optimization_step"] == 3

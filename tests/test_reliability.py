@@ -84,12 +84,10 @@ def test_second_ctrl_c_aborts_at_once(image_folder, tmp_path):
         "1",
         "--trainer.callbacks+=test_reliability.SlowSteps",
     )
-    env = child_env()
-    env["PYTHONPATH"] = str(Path(__file__).parent) + os.pathsep + env["PYTHONPATH"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "ddpm_lightning", *args],
         cwd=tmp_path,
-        env=env,
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

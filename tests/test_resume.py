@@ -11,7 +11,7 @@ import torch
 
 from ddpm_lightning.cli import main
 
-from conftest import fit_args, scalars, tb_events, write_image
+from conftest import crash_args, fit_args, scalars, tb_events, write_image
 
 NO_SAVES = ["--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
 
@@ -63,16 +63,7 @@ def test_resume_after_a_crash_equals_the_straight_run(straight_run, twelve, tmp_
     ends with the very weights of the run that never crashed (max_epochs runs, as the configs are)."""
     crashing = fit_args(twelve, tmp_path / "crashed", *NO_SAVES, "--trainer.max_epochs", "2", *cadence)
     with pytest.raises(RuntimeError, match="injected crash"):
-        main(
-            [
-                *crashing,
-                "--trainer.callbacks+=conftest.CrashAtStep",
-                "--trainer.callbacks.rank",
-                "0",
-                "--trainer.callbacks.step",
-                str(crash_at),
-            ]
-        )
+        main([*crashing, *crash_args(crash_at)])
     assert state(tmp_path / "checkpoints" / "crashed" / "last.ckpt")[0] == saved_at
     main([*crashing, "--ckpt_path", "last"])
     step, weights = state(tmp_path / "checkpoints" / "crashed" / "last.ckpt")
@@ -99,16 +90,7 @@ def test_resume_with_the_compiled_optimizer_step_equals_the_straight_run(twelve,
     main(fit_args(twelve, tmp_path / "straight", *compiled))
     crashing = fit_args(twelve, tmp_path / "crashed", *compiled)
     with pytest.raises(RuntimeError, match="injected crash"):
-        main(
-            [
-                *crashing,
-                "--trainer.callbacks+=conftest.CrashAtStep",
-                "--trainer.callbacks.rank",
-                "0",
-                "--trainer.callbacks.step",
-                "4",
-            ]
-        )
+        main([*crashing, *crash_args(4)])
     assert state(tmp_path / "checkpoints" / "crashed" / "last.ckpt")[0] == 3
     main([*crashing, "--ckpt_path", "last"])
     step_a, a = state(tmp_path / "checkpoints" / "straight" / "last.ckpt")
@@ -123,16 +105,7 @@ def test_a_checkpoint_with_the_rng_states_at_the_top_level_resumes_exactly(strai
         twelve, tmp_path / "old", *NO_SAVES, "--trainer.max_epochs", "2", "--checkpoint.every_n_epochs", "1"
     )
     with pytest.raises(RuntimeError, match="injected crash"):
-        main(
-            [
-                *crashing,
-                "--trainer.callbacks+=conftest.CrashAtStep",
-                "--trainer.callbacks.rank",
-                "0",
-                "--trainer.callbacks.step",
-                "4",
-            ]
-        )
+        main([*crashing, *crash_args(4)])
     path = (tmp_path / "checkpoints" / "old" / "last.ckpt").resolve()
     checkpoint = torch.load(path, weights_only=False, map_location="cpu")
     checkpoint["rng_states"] = checkpoint["callbacks"].pop("RNGStates")  # the old layout
