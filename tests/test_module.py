@@ -226,8 +226,8 @@ def test_compiled_unet_runs_and_matches_the_plain_one():
     noisy, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
     with torch.no_grad():
         expected = plain.unet(noisy, t).sample
-        got = compiled.sample_forward(
-            noisy, t
+        got = compiled.unet_forward.sample(
+            compiled.unet, noisy, t
         )  # the compiled sampling forward (training has its own, tested in test_speed_switches)
     assert counters["stats"]["unique_graphs"] == 1  # torch.compile traced the UNet's forward
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -437,11 +437,12 @@ def test_each_compiled_call_starts_a_cuda_graph_step_in_the_modes_that_use_graph
     def plain(unet, x, t):  # the compiled functions' signature, not compiled
         return unet(x, t, return_dict=False)[0]
 
-    model._compiled, model._compiled_batch = {"train": plain, "sample": plain}, 0
+    model.configure_model()
+    model.unet_forward.compiled = {"train": plain, "sample": plain}
     x, t = torch.rand(2, 3, 16, 16), torch.tensor([1, 2])
-    model.unet_forward(x, t)
+    model.unet_forward.train(model.unet, x, t)
     with torch.no_grad():
-        model.sample_forward(x, t)
+        model.unet_forward.sample(model.unet, x, t)
     assert len(calls) == (2 if graphs else 0)
 
 
