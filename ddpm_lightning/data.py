@@ -109,8 +109,8 @@ class ResizedImages(Dataset):
         return results
 
 
-class EpochSampler(DistributedSampler):
-    """DistributedSampler (order = f(seed, epoch), one slice per rank). Lightning sets the epoch before each
+class EpochOrder(DistributedSampler):
+    """The training loader's torch Sampler: DistributedSampler (order = f(seed, epoch), one slice per rank). Lightning sets the epoch before each
     epoch's iteration starts; a resumed run sets it from the checkpoint (ImageDataModule.load_state_dict),
     because Lightning first iterates the loader before it restores its own epoch count."""
 
@@ -323,7 +323,7 @@ class ImageDataModule(LightningDataModule):
         loader = StatefulDataLoader(
             self.train_set,
             batch_size=self.hparams.train_batch_size,
-            sampler=EpochSampler(self.train_set, self.trainer, seed),
+            sampler=EpochOrder(self.train_set, self.trainer, seed),  # torch's Sampler: the order
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available() and not cached_on_gpu,
@@ -345,7 +345,7 @@ class ImageDataModule(LightningDataModule):
         (any run with max_epochs), and it draws the first batch before it sets the sampler's epoch."""
         trainer = self.trainer
         loader = trainer.train_dataloader if trainer is not None else None
-        if not isinstance(loader, StatefulDataLoader) or not isinstance(loader.sampler, EpochSampler):
+        if not isinstance(loader, StatefulDataLoader) or not isinstance(loader.sampler, EpochOrder):
             return {}
         if trainer.fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches:
             return {"epoch": loader.sampler.epoch + 1}  # the epoch's batches are all drawn: the next starts afresh

@@ -218,7 +218,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "fid_never_during_fit": (
         "ddpm_lightning/callbacks.py",
-        "due = self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0",
+        "due = every_n_epochs(trainer, self.measure_quality_epochs)",
         "due = False",
         [FIT_QUALITY],
     ),

@@ -229,7 +229,7 @@ def test_missing_inception_weights_say_how_and_training_goes_on(image_folder, tm
                 "1",
                 "--data.val_fraction",
                 "0.5",
-                "--quality.every_n_epochs",
+                "--quality.measure_quality_epochs",
                 "1",
             )
         )
