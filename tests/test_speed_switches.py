@@ -446,6 +446,7 @@ def test_each_compiled_call_starts_a_cuda_graph_step_in_the_modes_that_use_graph
     assert len(calls) == (2 if graphs else 0)
 
 
+@pytest.mark.slow
 def test_gradients_are_freed_after_each_optimizer_step_and_kept_within_an_accumulation_window():
     """Under CUDA graphs the gradients are the backward graph's outputs, which the next replay (a step, a grid)
     overwrites, and Lightning's teardown moves them (`module.cpu()`): they are freed right after each optimizer
