@@ -226,6 +226,7 @@ OLD_HPARAMS = {
 OLD_EMA_KEYS = {"decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power"}
 
 
+@pytest.mark.slow
 def test_a_checkpoint_in_the_layout_before_the_module_split_resumes_exactly_with_its_ema(twelve, tmp_path):
     """Checkpoints keep 0.1.0's layout: the EMA at checkpoint["ema"] (EMAModel's state), the 0.1.0
     hyperparameters (no more, no fewer) and no state of the callbacks the module now adds; one in that layout
