@@ -214,7 +214,7 @@ def test_the_old_spelling_quality_every_n_epochs_still_works_and_warns(image_fol
     from ddpm_lightning.callbacks import MeasureQuality
 
     seen = []
-    monkeypatch.setattr(MeasureQuality, "setup", lambda self, *_: seen.append(self.measure_quality_epochs))
+    monkeypatch.setattr(MeasureQuality, "setup", lambda self, *_, **__: seen.append(self.measure_quality_epochs))
     with pytest.warns(FutureWarning, match="quality.every_n_epochs is renamed quality.measure_quality_epochs"):
         main(fit_args(image_folder, tmp_path / "run", "--trainer.max_steps", "1", "--quality.every_n_epochs", "3"))
     assert seen == [3]
