@@ -64,6 +64,7 @@ PRECISIONS = {
 OPTIMIZERS = {"fused": ["--model.fused_adamw", "true"], "compiled": ["--model.compile_optimizer", "true"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_adamw_trains_with_clipping_under_every_precision(precision, optimizer, image_folder, tmp_path):
@@ -244,6 +245,7 @@ def test_grid_samples_under_the_training_autocast(precision, tmp_path):
     assert dtypes == [{"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}[precision]] * 2
 
 
+@pytest.mark.slow
 def test_a_compiled_fit_compiles_once_per_graph_and_gives_the_eager_losses(image_folder, tmp_path, monkeypatch):
     """Two epochs with a short last batch (of 1), validation and a grid each epoch: one training graph and one
     sampling graph, never compiled again (error_on_recompile turns any recompile into a failure), and the
