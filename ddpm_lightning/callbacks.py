@@ -10,6 +10,7 @@ rank in `setup` and agree through a broadcast, where collective calls are safe.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,8 +34,13 @@ def is_last_epoch(trainer: Trainer) -> bool:
     return epochs_done or steps_done or trainer.should_stop
 
 
-def is_due(trainer: Trainer, every_n_epochs: int) -> bool:
-    return (every_n_epochs > 0 and (trainer.current_epoch + 1) % every_n_epochs == 0) or is_last_epoch(trainer)
+def is_due(trainer: Trainer, epochs: int) -> bool:
+    """At the end of every `epochs`-th epoch (0: never) and of the last one."""
+    return every_n_epochs(trainer, epochs) or is_last_epoch(trainer)
+
+
+def every_n_epochs(trainer: Trainer, epochs: int) -> bool:
+    return epochs > 0 and (trainer.current_epoch + 1) % epochs == 0
 
 
 class SampleGrid(Callback):
@@ -164,27 +170,37 @@ class SaveModel(Callback):
         self.on_fit_end(trainer, pl_module)
 
 
-class SampleQualityMetrics(Callback):
-    """FID and KID (torchmetrics) between `num_samples` generated images and the validation images, logged
-    as val/fid, val/kid_mean, val/kid_std: every `every_n_epochs` epochs of `fit` (0: never) and in
-    `ddpm-lightning validate`. Needs validation images (data.val_dataset or data.val_fraction).
+class MeasureQuality(Callback):
+    """FID and KID (torchmetrics' metrics, in `metrics.SampleQuality`) between `num_samples` generated images and
+    the validation images, logged as val/fid, val/kid_mean, val/kid_std: every `measure_quality_epochs` epochs of
+    `fit` (0: never) and in `ddpm-lightning validate`. Needs validation images (data.val_dataset or data.val_fraction).
 
     `feature` is Inception-v3's feature size (64, 192, 768 or 2048), or any nn.Module mapping images in [0, 1]
     to features. Inception's weights are never downloaded: when they are not in the torch hub cache or at
     `inception_weights`, one message says how to provide them, and training goes on without the metrics.
+    `every_n_epochs` is the old spelling of `measure_quality_epochs` (deprecated: it warns).
     """
 
     def __init__(
         self,
-        every_n_epochs: int = 0,
+        measure_quality_epochs: int = 0,
         num_samples: int = 64,
         sampler: Sampler = "ddim",
         num_inference_steps: int = 50,
         seed: int = 0,
         feature: int | torch.nn.Module = 2048,
         inception_weights: str | None = None,
+        every_n_epochs: int | None = None,
     ):
-        self.every_n_epochs, self.num_samples = every_n_epochs, num_samples
+        if every_n_epochs is not None:
+            warnings.warn(
+                "quality.every_n_epochs is renamed quality.measure_quality_epochs (like grid.save_image_epochs and "
+                "save.save_model_epochs); the old name will stop working in a later release.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            measure_quality_epochs = every_n_epochs
+        self.measure_quality_epochs, self.num_samples = measure_quality_epochs, num_samples
         self.sampler, self.num_inference_steps, self.seed = sampler, num_inference_steps, seed
         self.feature = feature
         self.inception_weights = inception_weights
@@ -194,7 +210,7 @@ class SampleQualityMetrics(Callback):
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         validating = trainer.state.fn == "validate"
-        due = self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        due = every_n_epochs(trainer, self.measure_quality_epochs)
         self.active = self.build() if not trainer.sanity_checking and (validating or due) else None
         if self.active is not None:
             self.active.to(pl_module.device)

@@ -28,7 +28,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import commands
-from .callbacks import SampleGrid, SampleQualityMetrics, SaveModel
+from .callbacks import MeasureQuality, SampleGrid, SaveModel
 from .checkpointing import BackgroundCheckpointIO, PeriodicCheckpoint, PreemptionCheckpoint, RNGStates, check_ckpt_path
 from .data import ImageDataModule
 from .module import DDPMModule
@@ -43,7 +43,7 @@ class DDPMLightningCLI(LightningCLI):
         parser.add_lightning_class_args(ImagesThroughput, "throughput")
         parser.add_lightning_class_args(SampleGrid, "grid")
         parser.add_lightning_class_args(SaveModel, "save")
-        parser.add_lightning_class_args(SampleQualityMetrics, "quality")
+        parser.add_lightning_class_args(MeasureQuality, "quality")
         parser.add_argument(
             "--overwrite",
             type=bool,

@@ -22,7 +22,7 @@ from torchvision import transforms
 from torchvision.transforms.functional import pil_to_tensor
 
 from .monitor import progress_bar
-from .sources import image_column_of, load_source
+from .sources import Split, training_and_validation
 
 Crop = Literal["squash", "center", "random"]
 # crop: random keeps at most this long a side (times image_size), so a panorama cannot blow up the cache.
@@ -109,8 +109,8 @@ class ResizedImages(Dataset):
         return results
 
 
-class EpochSampler(DistributedSampler):
-    """DistributedSampler (order = f(seed, epoch), one slice per rank). Lightning sets the epoch before each
+class EpochOrder(DistributedSampler):
+    """The training loader's torch Sampler: DistributedSampler (order = f(seed, epoch), one slice per rank). Lightning sets the epoch before each
     epoch's iteration starts; a resumed run sets it from the checkpoint (ImageDataModule.load_state_dict),
     because Lightning first iterates the loader before it restores its own epoch count."""
 
@@ -200,6 +200,38 @@ class CachedImages(Dataset):
         return self
 
 
+def should_cache(images: ResizedImages, cache: str, cache_max_gb: float) -> bool:
+    """`cache: memory`, or `cache: auto` with the decoded pixels at most `cache_max_gb` (a random crop keeps up to
+    MAX_ASPECT times a square per image)."""
+    cache_gb = len(images) * 3 * images.image_size**2 * (MAX_ASPECT if images.crop == "random" else 1) / 1e9
+    return cache == "memory" or (cache == "auto" and cache_gb <= cache_max_gb)
+
+
+def decode_all(images: ResizedImages, num_workers: int, trainer=None) -> torch.Tensor | Strips:
+    """Decode and resize every image once, in `num_workers` processes; skip and count the unreadable ones."""
+    pixels, smaller, failures = [], 0, []
+    bar = progress_bar(trainer, f"Caching {len(images)} images", len(images), "image")
+    indices: Any = range(len(images))  # (any sized, indexable object will do)
+    for batch in DataLoader(indices, batch_size=32, num_workers=num_workers, collate_fn=images.try_load):
+        bar.update(len(batch))
+        for tensor, small, error in batch:
+            if tensor is None:
+                failures.append(error)
+            else:
+                pixels.append(tensor)
+                smaller += small
+    bar.close()
+    if failures:
+        examples = "; ".join(failures[:3])
+        rank_zero_warn(f"Skipped {len(failures)} of {len(images)} images that could not be read, e.g. {examples}")
+    if not pixels:
+        raise ValueError(f"None of the {len(images)} images could be read, e.g. {failures[0]}")
+    if smaller:
+        rank_zero_info(f"{smaller} of {len(pixels)} images are smaller than {images.image_size} px: upscaled.")
+    rank_zero_info(f"Cached {len(pixels)} images of {images.image_size} px in memory.")
+    return Strips.collate(pixels) if images.crop == "random" else torch.stack(pixels)
+
+
 def augment(batch: torch.Tensor, flip: bool = True) -> torch.Tensor:
     """The tutorial's RandomHorizontalFlip + ToTensor + Normalize([0.5], [0.5]) on a uint8 batch, on its device."""
     images = batch.float().div_(127.5).sub_(1.0)
@@ -260,60 +292,24 @@ class ImageDataModule(LightningDataModule):
         self.resume_state: dict | None = None  # the training loader's state from a checkpoint, applied once
 
     def setup(self, stage: str) -> None:
+        if self.train_set is not None:
+            return
         hp = self.hparams
-        if self.train_set is None:
-            ds = load_source(hp.dataset, hp.split)
-            column = image_column_of(ds, hp.image_column)
-            if len(ds) == 0:
-                raise ValueError(f"{hp.dataset} (split {hp.split!r}) holds no rows: nothing to train on.")
-            rank_zero_info(f"Found {len(ds)} training images in {hp.dataset} (split {hp.split!r}, column {column!r}).")
-            val = None
-            if hp.val_dataset is not None:
-                val = load_source(hp.val_dataset, hp.val_split)
-                val_column = image_column_of(val, hp.image_column)
-                rank_zero_info(f"Found {len(val)} validation images in {hp.val_dataset} (split {hp.val_split!r}).")
-            elif hp.val_fraction > 0:
-                parts = ds.train_test_split(test_size=hp.val_fraction, seed=0, shuffle=True)
-                ds, val, val_column = parts["train"], parts["test"], column
-                rank_zero_info(f"Held out {len(val)} of them for validation (val_fraction={hp.val_fraction}).")
-            self.train_set = self.images(ds, column, hp.crop)
-            val_crop: Crop = "center" if hp.crop == "random" else hp.crop  # the same input every epoch
-            self.val_set = None if val is None else Indexed(self.images(val, val_column, val_crop))
-            device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-            on_gpu = hp.cache_on_gpu if hp.cache_on_gpu is not None else device.type == "cuda"
-            if on_gpu and isinstance(self.train_set, CachedImages):
-                self.train_set.to(device)
+        train, val = training_and_validation(
+            hp.dataset, hp.split, hp.image_column, hp.val_dataset, hp.val_split, hp.val_fraction
+        )
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        on_gpu = hp.cache_on_gpu if hp.cache_on_gpu is not None else device.type == "cuda"
+        self.train_set = self.images(train, hp.crop, device if on_gpu else None)
+        val_crop: Crop = "center" if hp.crop == "random" else hp.crop  # the same input every epoch
+        self.val_set = None if val is None else Indexed(self.images(val, val_crop, None))
 
-    def images(self, ds: datasets.Dataset, column: str, crop: Crop) -> ResizedImages | CachedImages:
-        images = ResizedImages(ds, column, self.hparams.image_size, crop)
-        cache_gb = len(ds) * 3 * self.hparams.image_size**2 * (MAX_ASPECT if crop == "random" else 1) / 1e9
-        if self.hparams.cache == "memory" or (self.hparams.cache == "auto" and cache_gb <= self.hparams.cache_max_gb):
-            return CachedImages(self.decode_all(images))
-        return images
-
-    def decode_all(self, images: ResizedImages) -> torch.Tensor | Strips:
-        """Decode and resize every image once, in `num_workers` processes; skip and count the unreadable ones."""
-        pixels, smaller, failures = [], 0, []
-        bar = progress_bar(self.trainer, f"Caching {len(images)} images", len(images), "image")
-        indices: Any = range(len(images))  # (any sized, indexable object will do)
-        for batch in DataLoader(indices, batch_size=32, num_workers=self.num_workers, collate_fn=images.try_load):
-            bar.update(len(batch))
-            for tensor, small, error in batch:
-                if tensor is None:
-                    failures.append(error)
-                else:
-                    pixels.append(tensor)
-                    smaller += small
-        bar.close()
-        if failures:
-            examples = "; ".join(failures[:3])
-            rank_zero_warn(f"Skipped {len(failures)} of {len(images)} images that could not be read, e.g. {examples}")
-        if not pixels:
-            raise ValueError(f"None of the {len(images)} images could be read, e.g. {failures[0]}")
-        if smaller:
-            rank_zero_info(f"{smaller} of {len(pixels)} images are smaller than {images.image_size} px: upscaled.")
-        rank_zero_info(f"Cached {len(pixels)} images of {images.image_size} px in memory.")
-        return Strips.collate(pixels) if images.crop == "random" else torch.stack(pixels)
+    def images(self, split: Split, crop: Crop, cache_device: torch.device | None) -> ResizedImages | CachedImages:
+        images = ResizedImages(split.rows, split.column, self.hparams.image_size, crop)
+        if not should_cache(images, self.hparams.cache, self.hparams.cache_max_gb):
+            return images
+        cached = CachedImages(decode_all(images, self.num_workers, self.trainer))
+        return cached.to(cache_device) if cache_device is not None else cached
 
     def train_dataloader(self) -> StatefulDataLoader:
         assert self.train_set is not None, "setup('fit') comes first"
@@ -327,7 +323,7 @@ class ImageDataModule(LightningDataModule):
         loader = StatefulDataLoader(
             self.train_set,
             batch_size=self.hparams.train_batch_size,
-            sampler=EpochSampler(self.train_set, self.trainer, seed),
+            sampler=EpochOrder(self.train_set, self.trainer, seed),  # torch's Sampler: the order
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available() and not cached_on_gpu,
@@ -349,7 +345,7 @@ class ImageDataModule(LightningDataModule):
         (any run with max_epochs), and it draws the first batch before it sets the sampler's epoch."""
         trainer = self.trainer
         loader = trainer.train_dataloader if trainer is not None else None
-        if not isinstance(loader, StatefulDataLoader) or not isinstance(loader.sampler, EpochSampler):
+        if not isinstance(loader, StatefulDataLoader) or not isinstance(loader.sampler, EpochOrder):
             return {}
         if trainer.fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches:
             return {"epoch": loader.sampler.epoch + 1}  # the epoch's batches are all drawn: the next starts afresh

@@ -1,7 +1,7 @@
 """FID and KID between generated and real images, computed by torchmetrics (`SampleQuality`), and the check for
 the Inception weights they need (`inception_weights_path`, `inception_available`, `InceptionWeightsUnavailable`).
 
-Use (as `callbacks.SampleQualityMetrics` does): `SampleQuality(feature, weights_path=...)` once, `update_real`
+Use (as `callbacks.MeasureQuality` does): `SampleQuality(feature, weights_path=...)` once, `update_real`
 with the validation images once (their features are kept), then per evaluation `update_fake` with samples in
 [0, 1], `compute()` -> {"fid", "kid_mean", "kid_std"} and `reset_fake()`.
 

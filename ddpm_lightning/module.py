@@ -1,5 +1,7 @@
 """The diffusion maths: `DDPMModule` trains a diffusers UNet2DModel as a DDPM (noise schedule, loss, AdamW and its
-LR schedule, EMA, speed switches) and samples from it through sampling.py.
+LR schedule, validation loss) and samples from it through sampling.py. The mechanisms around it live in their own
+files: the weight average in ema.py, the NaN check in stop_on_nan.py, the speed switches in speed.py, optim.py
+(AdamW's choice and the compiled step) and precision.py.
 
     >>> model = DDPMModule(image_size=32)  # the tutorial's UNet (untrained here)
     >>> images = model.sample(4, "ddim", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
@@ -11,21 +13,23 @@ The module never writes files: callbacks decide when to sample and where results
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
-from contextlib import contextmanager
 from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, SchedulerMixin, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from diffusers.training_utils import EMAModel
 from lightning.pytorch import LightningModule
-from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .optim import CompiledAdamW
-from .sampling import Sampler, denoise, make_sampler, unet_sample_call
+from .ema import EMAWeights
+from .optim import CompiledAdamW, make_adamw
+from .sampling import Sampler, denoise, make_sampler
+from .speed import CompileMode, UNetForward, apply_speed_switches
+from .stop_on_nan import StopOnNaN
 
 # The tutorial's UNet ("Train a diffusion model"): 6 levels, attention in the 5th down and 2nd up block.
 TUTORIAL_UNET: dict[str, Any] = {
@@ -39,7 +43,6 @@ TUTORIAL_UNET: dict[str, Any] = {
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
-CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 class DDPMModule(LightningModule):
@@ -62,19 +65,15 @@ class DDPMModule(LightningModule):
             schedule, with noise fixed per image, so it is comparable across epochs and runs.
         stop_on_nan: stop the run when the loss is NaN or infinite, naming the first such step. It is
             tracked on the device and checked every `nan_check_every_n_steps` steps (a check waits for the GPU).
-        compile: torch.compile the UNet's forward (the UNet itself is not wrapped: checkpoints and saved folders
-            do not change), with static shapes. Training compiles once, for the batch size; an epoch's short
-            last batch runs eagerly rather than compiling again. Sampling (grids) compiles its own forward once
-            per sampling shape, so the training graph is never compiled again; validation runs eagerly.
+        compile: torch.compile the UNet's forward, training and sampling apart (`speed.UNetForward`); the UNet
+            itself is not wrapped, so checkpoints and saved folders do not change.
         compile_mode: torch.compile's `mode` for both forwards: "default", "reduce-overhead" and "max-autotune"
             (CUDA graphs on a GPU; a CPU has none, so there they run without), "max-autotune-no-cudagraphs".
         channels_last: keep the UNet and its inputs in channels-last memory format (faster convolutions on GPUs).
         fused_adamw: AdamW's fused kernel; by default on when the parameters are on a GPU (and `compile_optimizer`
-            is off). Gradient clipping works with it under every precision (the CLI installs
-            `precision.FusedClipMixedPrecision`).
-        compile_optimizer: gradient clipping and the AdamW update compiled as one function
-            (`optim.CompiledAdamW`; with compile_mode "reduce-overhead" on a GPU, two CUDA graphs per step). It
-            fuses the update itself, so it excludes `fused_adamw`. Not yet run to the end on a GPU.
+            is off). It clips under every precision through the CLI (`precision.FusedClipMixedPrecision`).
+        compile_optimizer: gradient clipping and the AdamW update compiled as one function (`optim.CompiledAdamW`),
+            which fuses the update itself, so it excludes `fused_adamw`.
         gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
         float32_matmul_precision: torch.set_float32_matmul_precision ("high" lets float32 matrix products use
             TF32 on GPUs that have it; "highest" is exact float32).
@@ -111,31 +110,13 @@ class DDPMModule(LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        unet_kwargs = dict(TUTORIAL_UNET if unet is None else unet)
-        if "sample_size" in unet_kwargs and unet_kwargs["sample_size"] != image_size:
-            raise ValueError(
-                f"unet.sample_size={unet_kwargs['sample_size']} differs from image_size={image_size}: "
-                "leave unet.sample_size out, it follows data.image_size."
-            )
-        unet_kwargs["sample_size"] = image_size
-        default_blocks = inspect.signature(UNet2DModel.__init__).parameters["down_block_types"].default
-        levels = len(unet_kwargs.get("down_block_types", default_blocks))
-        if image_size % 2 ** (levels - 1):
-            factor = 2 ** (levels - 1)
-            raise ValueError(
-                f"image_size={image_size} cannot be halved {levels - 1} times by the UNet's {levels} down blocks: "
-                f"use a multiple of {factor} (e.g. {max(factor, image_size // factor * factor)}), or fewer blocks."
-            )
-        self.unet = UNet2DModel(**unet_kwargs)
+        self.unet = build_unet(TUTORIAL_UNET if unet is None else unet, image_size)
+        schedule = {"beta_schedule": beta_schedule, "beta_start": beta_start, "beta_end": beta_end}
         self.noise_scheduler = DDPMScheduler(
-            num_train_timesteps=num_train_timesteps,
-            beta_schedule=beta_schedule,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            prediction_type=prediction_type,
+            num_train_timesteps=num_train_timesteps, prediction_type=prediction_type, **schedule
         )
-        ema = {"decay": ema_max_decay, "use_ema_warmup": True, "inv_gamma": ema_inv_gamma, "power": ema_power}
-        self.ema = EMAModel(self.unet.parameters(), **ema) if use_ema else None
+        self.ema = EMAWeights(self.unet, ema_max_decay, ema_inv_gamma, ema_power) if use_ema else None
+        self.unet_forward = UNetForward()  # eager until configure_model compiles it (`compile`)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -147,36 +128,7 @@ class DDPMModule(LightningModule):
         self.log("train/loss", loss, prog_bar=show)
         lr = self.lr_schedulers().get_last_lr()[0]  # a device tensor under CompiledAdamW, filled in place: copy it
         self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr, prog_bar=show)
-        if self.hparams.stop_on_nan:
-            self.track_nonfinite(loss)
         return loss
-
-    def track_nonfinite(self, loss: torch.Tensor) -> None:
-        """Remember the first step whose loss was not finite, on the device: no waiting for the GPU here."""
-        if not hasattr(self, "_first_bad_step"):
-            self._first_bad_step = torch.full((), -1, device=loss.device)
-        bad = ~torch.isfinite(loss.detach()) & (self._first_bad_step < 0)
-        self._first_bad_step = torch.where(bad, self.trainer.global_step, self._first_bad_step)
-
-    def check_nonfinite(self) -> None:
-        # Checked every N steps and at the end of each epoch, before any grid, save or epoch checkpoint.
-        trainer = self.trainer
-        due = (
-            trainer.global_step % self.hparams.nan_check_every_n_steps == 0
-            or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-            or trainer.global_step >= trainer.max_steps > 0
-        )
-        if not (self.hparams.stop_on_nan and due and hasattr(self, "_first_bad_step")):
-            return
-        first_bad = int(self._first_bad_step)
-        # Every rank decides together (a collective at the same step on all ranks): no rank is left waiting.
-        if trainer.strategy.reduce_boolean_decision(first_bad >= 0, all=False):
-            raise FloatingPointError(
-                f"The loss became NaN or infinite at step {first_bad} (rank {self.global_rank}): training stopped "
-                "instead of going on with broken weights. Lower model.learning_rate, try trainer.precision "
-                "bf16-mixed or 32-true, or check the data; resume from a checkpoint saved before that step. "
-                "model.stop_on_nan false turns this check off."
-            )
 
     def denoising_loss(
         self, clean: torch.Tensor, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None
@@ -189,7 +141,7 @@ class DDPMModule(LightningModule):
                 0, self.noise_scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device
             )
         noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
-        prediction = self.unet_forward(noisy, timesteps).float()
+        prediction = self.unet_forward.train(self.unet, noisy, timesteps).float()
         kind = self.noise_scheduler.config.prediction_type
         if kind == "epsilon":
             return F.mse_loss(prediction, noise.float())
@@ -217,117 +169,12 @@ class DDPMModule(LightningModule):
         losses = [self.denoising_loss(images, noise, t.expand(len(images)).to(images.device)) for t in steps]
         return torch.stack(losses).mean()
 
-    def configure_model(self) -> None:
-        # Speed switches, applied once the module is on its device (they are no-ops where they do not apply).
-        hp = self.hparams
-        torch.set_float32_matmul_precision(hp.float32_matmul_precision)
-        if hp.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
-        if hp.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        if hp.compile and not getattr(self, "_compiled", None):
-            # Two functions, so two code objects: dynamo keeps its compiled graphs per code object, and the
-            # no-grad sampling graph would otherwise count as a recompile of the training one. Static shapes
-            # (dynamic=False): what CUDA graphs need; a batch dimension marked dynamic still recompiled for a
-            # last batch of 1 (dynamo specialises sizes 0 and 1).
-            self._compiled = {
-                "train": torch.compile(unet_train_call, mode=hp.compile_mode, dynamic=False),
-                "sample": torch.compile(unet_sample_call, mode=hp.compile_mode, dynamic=False),
-            }
-            self._compiled_batch = 0
-
-    def unet_forward(self, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The UNet's prediction for `sample` at `timesteps` (one per image) in training: compiled when `compile`
-        is on, for the largest batch seen; a smaller one (the short last batch of an epoch) runs eagerly
-        instead of compiling again. Validation (no gradients) runs eagerly."""
-        compiled = getattr(self, "_compiled", None)
-        if not compiled or not torch.is_grad_enabled() or len(sample) < self._compiled_batch:
-            return self.unet(sample, timesteps, return_dict=False)[0]
-        self._compiled_batch = len(sample)
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # a new training step: last step's outputs are done with
-        return compiled["train"](self.unet, sample, timesteps)
-
-    def sample_forward(self, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The UNet's prediction in sampling: compiled (when `compile` is on) once per sampling shape."""
-        compiled = getattr(self, "_compiled", None)
-        if not compiled:
-            return self.unet(sample, timesteps, return_dict=False)[0]
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        # CUDA graphs reuse their output buffer on the next call: copy it out.
-        return compiled["sample"](self.unet, sample, timesteps).clone()
-
-    @property
-    def cuda_graphs(self) -> bool:
-        """Whether compiled code runs as CUDA graphs on a GPU (the compile modes that use them)."""
-        return self.hparams.compile_mode in ("reduce-overhead", "max-autotune")
-
-    def on_train_start(self) -> None:
-        self._ema_step = self.trainer.global_step  # (restored on resume)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema is not None and self.trainer.global_step != self._ema_step:
-            # Once per optimizer step (not per micro-batch under accumulation). Every rank holds the same
-            # all-reduced weights, so every rank's average is the same.
-            self.ema.to(self.device)
-            self.ema.step(self.unet.parameters())
-            self._ema_step = self.trainer.global_step
-        self.check_nonfinite()
-
-    @contextmanager
-    def ema_weights(self):
-        """Within the block, the UNet holds the EMA weights (when EMA is on); the raw ones come back after."""
-        if self.ema is None:
-            yield
-            return
-        parameters = list(self.unet.parameters())
-        self.ema.to(self.device)
-        self.ema.store(parameters)
-        self.ema.copy_to(parameters)
-        try:
-            yield
-        finally:
-            self.ema.restore(parameters)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.ema is not None:
-            checkpoint["ema"] = self.ema.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.ema is not None and "ema" in checkpoint:
-            self.ema.load_state_dict(checkpoint["ema"])
-
     def configure_optimizers(self):
         hp = self.hparams
-        if hp.compile_optimizer and hp.fused_adamw:
-            raise ValueError(
-                "model.compile_optimizer compiles AdamW's update into its own fused kernels, so it cannot use "
-                "model.fused_adamw true: set model.fused_adamw false (or leave it out), or model.compile_optimizer false."
-            )
-        fused = (
-            hp.fused_adamw if hp.fused_adamw is not None else self.device.type == "cuda" and not hp.compile_optimizer
-        )
-        plugin = self.trainer.precision_plugin
-        if fused and self.trainer.gradient_clip_val and type(plugin) is MixedPrecision:
-            # Lightning's own plugin would raise at the first optimizer step; say it now, with the fixes.
-            raise ValueError(
-                f"Lightning's MixedPrecision ({plugin.precision}) cannot clip gradients for a fused AdamW. Train "
-                "through the `ddpm-lightning` CLI (it installs ddpm_lightning.precision.FusedClipMixedPrecision), "
-                "pass plugins=[FusedClipMixedPrecision(...)] to your Trainer, or set model.fused_adamw false or "
-                "trainer.gradient_clip_val null."
-            )
-        adamw = {
-            "lr": hp.learning_rate,
-            "betas": hp.adam_betas,
-            "weight_decay": hp.adam_weight_decay,
-            "eps": hp.adam_epsilon,
-        }
-        if hp.compile_optimizer:
-            clip = self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm or "norm"
-            optimizer = CompiledAdamW(self.unet.parameters(), *clip, compile_mode=hp.compile_mode, **adamw)
-        else:
-            optimizer = torch.optim.AdamW(self.unet.parameters(), fused=fused or None, **adamw)
+        adamw = {"lr": hp.learning_rate, "betas": hp.adam_betas, "weight_decay": hp.adam_weight_decay}
+        adamw["eps"] = hp.adam_epsilon
+        switches = hp.fused_adamw, hp.compile_optimizer, hp.compile_mode, self.trainer
+        optimizer = make_adamw(self.unet.parameters(), adamw, *switches)
         # Per optimizer step, over the whole run as the Trainer counts it (devices, accumulation, max_steps).
         total = int(self.trainer.estimated_stepping_batches)
         if hp.lr_warmup_steps >= total:
@@ -335,8 +182,8 @@ class DDPMModule(LightningModule):
                 f"lr_warmup_steps={hp.lr_warmup_steps} is not shorter than the run ({total} optimizer steps): the "
                 f"learning rate never reaches learning_rate={hp.learning_rate}. Lower model.lr_warmup_steps."
             )
-        lr_scheduler = get_cosine_schedule_with_warmup(optimizer, hp.lr_warmup_steps, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+        lr_schedule = get_cosine_schedule_with_warmup(optimizer, hp.lr_warmup_steps, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_schedule, "interval": "step"}}
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -348,6 +195,36 @@ class DDPMModule(LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if not isinstance(optimizer, CompiledAdamW):  # that one clips inside its compiled step
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    # The mechanisms around the maths, each in its own file.
+    def configure_model(self) -> None:
+        hp = self.hparams
+        apply_speed_switches(self.unet, hp.channels_last, hp.gradient_checkpointing, hp.float32_matmul_precision)
+        if hp.compile and self.unet_forward.compiled is None:
+            self.unet_forward.compile(hp.compile_mode)
+
+    def configure_callbacks(self) -> list:
+        return [StopOnNaN(self.hparams.nan_check_every_n_steps)] if self.hparams.stop_on_nan else []
+
+    def on_train_start(self) -> None:
+        if self.ema is not None:
+            self.ema.last_step = self.trainer.global_step  # (restored on resume)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.unet, self.trainer.global_step)
+
+    def ema_weights(self) -> contextlib.AbstractContextManager:
+        """Within the block, the UNet holds the EMA weights (when EMA is on); the raw ones come back after."""
+        return self.ema.applied(self.unet) if self.ema is not None else contextlib.nullcontext()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
 
     def sample(
         self,
@@ -361,8 +238,25 @@ class DDPMModule(LightningModule):
         model's noise schedule and (when `compile` is on) its compiled forward. `sampler` is a name or a scheduler;
         `generator` makes the draw repeatable without touching the global RNG; `on_step` is called after each step."""
         sampler = make_sampler(self.noise_scheduler, cast(Sampler, sampler)) if isinstance(sampler, str) else sampler
-        return denoise(self.unet, sampler, num_inference_steps, generator, n, on_step, forward=self.sample_forward)
+        forward = functools.partial(self.unet_forward.sample, self.unet)
+        return denoise(self.unet, sampler, num_inference_steps, generator, n, on_step, forward=forward)
 
 
-def unet_train_call(unet: UNet2DModel, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    return unet(sample, timesteps, return_dict=False)[0]
+def build_unet(unet: dict[str, Any], image_size: int) -> UNet2DModel:
+    """UNet2DModel(**unet) for square images of `image_size`, refusing a size its down blocks cannot halve."""
+    unet_kwargs = dict(unet)
+    if "sample_size" in unet_kwargs and unet_kwargs["sample_size"] != image_size:
+        raise ValueError(
+            f"unet.sample_size={unet_kwargs['sample_size']} differs from image_size={image_size}: "
+            "leave unet.sample_size out, it follows data.image_size."
+        )
+    unet_kwargs["sample_size"] = image_size
+    default_blocks = inspect.signature(UNet2DModel.__init__).parameters["down_block_types"].default
+    levels = len(unet_kwargs.get("down_block_types", default_blocks))
+    if image_size % 2 ** (levels - 1):
+        factor = 2 ** (levels - 1)
+        raise ValueError(
+            f"image_size={image_size} cannot be halved {levels - 1} times by the UNet's {levels} down blocks: "
+            f"use a multiple of {factor} (e.g. {max(factor, image_size // factor * factor)}), or fewer blocks."
+        )
+    return UNet2DModel(**unet_kwargs)

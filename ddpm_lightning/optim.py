@@ -1,15 +1,17 @@
-"""`CompiledAdamW`: gradient clipping and the AdamW update as torch.compile'd code (`model.compile_optimizer`).
+"""AdamW for `DDPMModule`: `make_adamw` picks plain, fused or compiled AdamW from the model's switches and refuses the
+combinations that cannot work; `CompiledAdamW` is gradient clipping and the AdamW update as torch.compile'd code
+(`model.compile_optimizer`).
 
 Eager, a step of the tutorial's UNet is hundreds of small kernels; under `mode="reduce-overhead"` on a GPU it is
 two CUDA graphs, the clip and the update (torch's `Optimizer.step` breaks the graph at its entry, pytorch#104053).
 - The LR is a device tensor the LR schedule fills in place (a float would be a constant of the graph: a recompile
   per step); `state_dict` saves it as a float, so a checkpoint is plain AdamW's and resumes with or without this.
 - On a GPU `capturable=True` keeps the step count on the device; clipping by norm never reads back to the host.
-- The gradients are the backward's outputs, freed after each step (`DDPMModule.optimizer_step`): under
-  `DDPMModule`'s compiled forward they live in its CUDA graph pool, where this graph reads them without a copy
-  (pytorch#107504). Zeroed in place, they were read after the next replay had overwritten them (an H200, 2026-11-26).
-The forward and backward (Lightning's closure, compiled by `DDPMModule`) run before the compiled step. Under
-16-mixed, GradScaler still unscales first and skips the step on overflow (a host read per step; bf16 has none).
+- The gradients are the backward's outputs, freed after each step (`DDPMModule.optimizer_step`): under the
+  compiled forward (speed.py) they live in its CUDA graph pool, where this graph reads them without a copy
+  (pytorch#107504). Zeroed in place instead of freed, they would be read after the next replay overwrote them.
+The forward and backward (Lightning's closure) run before the compiled step. Under 16-mixed, GradScaler still
+unscales first and skips the step on overflow (a host read per step; bf16 has none).
 """
 
 from __future__ import annotations
@@ -18,8 +20,37 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 MIN_LR = 1e-30
+
+
+def make_adamw(
+    parameters, adamw: dict[str, Any], fused_adamw: bool | None, compile_optimizer: bool, compile_mode: str, trainer
+) -> torch.optim.AdamW:
+    """AdamW with the `adamw` settings: compiled (`compile_optimizer`), fused (`fused_adamw`; by default on when the
+    parameters are on a GPU and the step is not compiled) or plain. Refuses, with the fix, what would fail later."""
+    parameters = list(parameters)
+    if compile_optimizer and fused_adamw:
+        raise ValueError(
+            "model.compile_optimizer compiles AdamW's update into its own fused kernels, so it cannot use "
+            "model.fused_adamw true: set model.fused_adamw false (or leave it out), or model.compile_optimizer false."
+        )
+    on_gpu = parameters[0].device.type == "cuda"
+    fused = fused_adamw if fused_adamw is not None else on_gpu and not compile_optimizer
+    plugin = trainer.precision_plugin
+    if fused and trainer.gradient_clip_val and type(plugin) is MixedPrecision:
+        # Lightning's own plugin would raise at the first optimizer step; say it now, with the fixes.
+        raise ValueError(
+            f"Lightning's MixedPrecision ({plugin.precision}) cannot clip gradients for a fused AdamW. Train "
+            "through the `ddpm-lightning` CLI (it installs ddpm_lightning.precision.FusedClipMixedPrecision), "
+            "pass plugins=[FusedClipMixedPrecision(...)] to your Trainer, or set model.fused_adamw false or "
+            "trainer.gradient_clip_val null."
+        )
+    if compile_optimizer:
+        clip = trainer.gradient_clip_val, trainer.gradient_clip_algorithm or "norm"
+        return CompiledAdamW(parameters, *clip, compile_mode=compile_mode, **adamw)
+    return torch.optim.AdamW(parameters, fused=fused or None, **adamw)
 
 
 class CompiledAdamW(torch.optim.AdamW):

@@ -2,6 +2,10 @@
 (`make_sampler`), DDPMPipeline's denoising loop (`denoise`), a rank's share of the images drawn during training
 (`sample_share`) and grids (`grid_shape`, `save_grid`).
 
+Words: a "sampler" is the inference algorithm (ddpm, ddim, dpmsolver++; `grid.sampler`), built as a diffusers
+scheduler by `make_sampler`; the "noise scheduler" is the training schedule (`DDPMModule.noise_scheduler`); the
+training loader's torch Sampler is `data.EpochOrder`; the LR schedule is the optimizer's.
+
     images = denoise(model.unet, make_sampler(model.noise_scheduler, "ddim"), 50, torch.Generator(), n=16)
     save_grid(images, Path("grid.png"))  # 4 x 4, no padding
 

@@ -1,5 +1,6 @@
 """Where images come from: a `--data.dataset` value resolved into one `datasets.Dataset` (`load_source`) and its
-image column (`image_column_of`), and the one rule for whether a name is a Hub id or a local path (`is_hub_id`),
+image column (`image_column_of`), the training and validation images a run names (`training_and_validation`), and
+the one rule for whether a name is a Hub id or a local path (`is_hub_id`),
 which the data, the model card and `ddpm-lightning sample` all follow.
 
 `dataset` is resolved in this order:
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 
 # Files PIL can open, by extension (lower case). Everything else under an image folder is ignored.
@@ -138,3 +140,31 @@ def image_column_of(ds: datasets.Dataset, column: str | None) -> str:
     if "image" in ds.column_names:
         return "image"
     raise ValueError(f"No image column in the data set (it has {ds.column_names}): set --data.image_column.")
+
+
+class Split(NamedTuple):
+    """Rows of a data set and the column holding their images."""
+
+    rows: datasets.Dataset
+    column: str
+
+
+def training_and_validation(
+    dataset: str, split: str, image_column: str | None, val_dataset: str | None, val_split: str, val_fraction: float
+) -> tuple[Split, Split | None]:
+    """The training images and the held-out ones: `val_dataset` (any source), or a fixed, seeded `val_fraction` of
+    `dataset`, or none."""
+    ds = load_source(dataset, split)
+    column = image_column_of(ds, image_column)
+    if len(ds) == 0:
+        raise ValueError(f"{dataset} (split {split!r}) holds no rows: nothing to train on.")
+    rank_zero_info(f"Found {len(ds)} training images in {dataset} (split {split!r}, column {column!r}).")
+    if val_dataset is not None:
+        val = load_source(val_dataset, val_split)
+        rank_zero_info(f"Found {len(val)} validation images in {val_dataset} (split {val_split!r}).")
+        return Split(ds, column), Split(val, image_column_of(val, image_column))
+    if val_fraction > 0:
+        parts = ds.train_test_split(test_size=val_fraction, seed=0, shuffle=True)
+        rank_zero_info(f"Held out {len(parts['test'])} of them for validation (val_fraction={val_fraction}).")
+        return Split(parts["train"], column), Split(parts["test"], column)
+    return Split(ds, column), None

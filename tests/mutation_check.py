@@ -33,7 +33,8 @@ SWITCHES = T + "test_module.py::test_speed_switches_take_effect_in_a_training_st
 FIT_QUALITY = T + "test_promises.py::test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image"
 BETAS = T + "test_promises.py::test_beta_schedule_reaches_the_noise_schedule"
 HUB = T + "test_hub.py::"
-EMA_GUARD = "if self.ema is not None and self.trainer.global_step != self._ema_step:"
+EMA_GUARD = "        if global_step == self.last_step:\n            return\n"
+EMA_UPDATE = "        if self.ema is not None:\n            self.ema.update(self.unet, self.trainer.global_step)\n"
 
 # name: (file, old text, new text, tests that must fail)
 MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
@@ -74,9 +75,9 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         ],
     ),
     "cuda_graphs_only_reduce_overhead": (
-        "ddpm_lightning/module.py",
-        'return self.hparams.compile_mode in ("reduce-overhead", "max-autotune")',
-        'return self.hparams.compile_mode == "reduce-overhead"',
+        "ddpm_lightning/speed.py",
+        'return compile_mode in ("reduce-overhead", "max-autotune")',
+        'return compile_mode == "reduce-overhead"',
         [T + "test_speed_switches.py::test_each_compiled_call_starts_a_cuda_graph_step_in_the_modes_that_use_graphs"],
     ),
     "lr_extra_step": (
@@ -99,8 +100,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "",
         [T + "test_schedule_and_io.py::test_checkpoint_bytes_are_fsynced_before_the_rename"],
     ),
-    "ema_ignores_inv_gamma": ("ddpm_lightning/module.py", '"inv_gamma": ema_inv_gamma', '"inv_gamma": 1.0', [EMA_TEST]),
-    "ema_per_micro_batch": ("ddpm_lightning/module.py", EMA_GUARD, "if self.ema is not None:", [EMA_TEST]),
+    "ema_ignores_inv_gamma": ("ddpm_lightning/ema.py", "inv_gamma=inv_gamma", "inv_gamma=1.0", [EMA_TEST]),
+    "ema_per_micro_batch": ("ddpm_lightning/ema.py", EMA_GUARD, "", [EMA_TEST]),
     "ema_not_restored": (
         "ddpm_lightning/module.py",
         'self.ema.load_state_dict(checkpoint["ema"])',
@@ -109,8 +110,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "ema_on_rank_0_only": (
         "ddpm_lightning/module.py",
-        EMA_GUARD,
-        EMA_GUARD[:-1] + " and self.global_rank == 0:",
+        EMA_UPDATE,
+        EMA_UPDATE.replace("is not None:", "is not None and self.global_rank == 0:"),
         [T + "test_promises.py::test_every_ddp_rank_holds_the_same_ema"],
     ),
     "v_prediction_target_swapped": (
@@ -144,8 +145,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         [PIPELINE + "[ddim]"],
     ),
     "compile_not_applied": (
-        "ddpm_lightning/module.py",
-        '"sample": torch.compile(unet_sample_call, mode=hp.compile_mode, dynamic=False),',
+        "ddpm_lightning/speed.py",
+        '"sample": torch.compile(unet_sample_call, mode=mode, dynamic=False),',
         '"sample": unet_sample_call,',
         [T + "test_module.py::test_compiled_unet_runs_and_matches_the_plain_one"],
     ),
@@ -156,9 +157,9 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         [SWITCHES],
     ),
     "gradient_checkpointing_not_enabled": (
-        "ddpm_lightning/module.py",
-        "self.unet.enable_gradient_checkpointing()",
-        "self.unet.disable_gradient_checkpointing()",
+        "ddpm_lightning/speed.py",
+        "unet.enable_gradient_checkpointing()",
+        "unet.disable_gradient_checkpointing()",
         [SWITCHES],
     ),
     "rng_states_not_restored": (
@@ -169,8 +170,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "beta_schedule_ignored": (
         "ddpm_lightning/module.py",
-        "beta_schedule=beta_schedule,",
-        'beta_schedule="linear",',
+        '"beta_schedule": beta_schedule,',
+        '"beta_schedule": "linear",',
         [BETAS + "[squaredcos_cap_v2]"],
     ),
     "samplers_rebuild_sigmoid_by_name": (
@@ -186,21 +187,21 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         [T + "test_data.py::test_converts_grayscale_rgba_and_palette_images"],
     ),
     "val_split_ignored": (
-        "ddpm_lightning/data.py",
-        "load_source(hp.val_dataset, hp.val_split)",
-        "load_source(hp.val_dataset, hp.split)",
+        "ddpm_lightning/sources.py",
+        "load_source(val_dataset, val_split)",
+        "load_source(val_dataset, split)",
         [T + "test_promises.py::test_val_dataset_and_val_split_name_the_validation_images"],
     ),
     "cache_auto_ignores_the_size_cap": (
         "ddpm_lightning/data.py",
-        "cache_gb <= self.hparams.cache_max_gb",
+        "cache_gb <= cache_max_gb",
         "True",
         [T + "test_promises.py::test_cache_auto_keeps_small_data_in_memory_and_streams_above_cache_max_gb"],
     ),
     "cache_on_gpu_ignored": (
         "ddpm_lightning/data.py",
-        "if on_gpu and isinstance(self.train_set, CachedImages):",
-        "if False and isinstance(self.train_set, CachedImages):",
+        "self.images(train, hp.crop, device if on_gpu else None)",
+        "self.images(train, hp.crop, None)",
         [T + "test_promises.py::test_cache_on_gpu_puts_the_cached_pixels_on_the_training_device"],
     ),
     "single_parquet_file_read_as_json": (
@@ -217,7 +218,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "fid_never_during_fit": (
         "ddpm_lightning/callbacks.py",
-        "due = self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0",
+        "due = every_n_epochs(trainer, self.measure_quality_epochs)",
         "due = False",
         [FIT_QUALITY],
     ),

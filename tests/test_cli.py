@@ -206,3 +206,15 @@ def test_ddp_crash_in_one_rank_ends_the_run_with_the_error(image_folder, tmp_pat
     result = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert f"injected crash on rank {rank} at step 2" in result.stdout + result.stderr
+
+
+def test_the_old_spelling_quality_every_n_epochs_still_works_and_warns(image_folder, tmp_path, monkeypatch):
+    """quality.every_n_epochs was renamed quality.measure_quality_epochs: a config that still says it trains
+    with its value, and a FutureWarning names the new key."""
+    from ddpm_lightning.callbacks import MeasureQuality
+
+    seen = []
+    monkeypatch.setattr(MeasureQuality, "setup", lambda self, *_, **__: seen.append(self.measure_quality_epochs))
+    with pytest.warns(FutureWarning, match="quality.every_n_epochs is renamed quality.measure_quality_epochs"):
+        main(fit_args(image_folder, tmp_path / "run", "--trainer.max_steps", "1", "--quality.every_n_epochs", "3"))
+    assert seen == [3]

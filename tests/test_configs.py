@@ -58,7 +58,7 @@ class RecordSettings(Callback):
             "gradient_clip_val": trainer.gradient_clip_val,
             "fused": bool(trainer.optimizers[0].defaults["fused"]),
             "compiled_step": isinstance(trainer.optimizers[0], CompiledAdamW),
-            "compile": bool(getattr(pl_module, "_compiled", None)),
+            "compile": pl_module.unet_forward.compiled is not None,
             "channels_last": pl_module.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last),
             "steps": trainer.global_step,
         }

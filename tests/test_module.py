@@ -114,6 +114,7 @@ def test_warmup_longer_than_the_run_warns(image_folder, tmp_path):
         main(fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "1", "--model.lr_warmup_steps", "500"))
 
 
+@pytest.mark.slow
 def test_speed_switches_keep_checkpoint_keys_and_train_on_cpu(image_folder, tmp_path):
     """channels_last, gradient checkpointing, fused AdamW and in-place compile degrade cleanly on a CPU."""
     from ddpm_lightning.cli import main
@@ -161,6 +162,7 @@ def test_speed_switches_keep_checkpoint_keys_and_train_on_cpu(image_folder, tmp_
     assert set(model.unet.state_dict()) == keys  # compiled in place: the same keys in checkpoints and folders
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
 def test_sample_equals_ddpm_pipeline_on_the_same_unet_scheduler_and_noise(sampler):
     """`sample` (and so `denoise`, the loop of the grids and of `ddpm-lightning sample`) is DDPMPipeline's loop."""
@@ -181,6 +183,7 @@ def test_sample_equals_ddpm_pipeline_on_the_same_unet_scheduler_and_noise(sample
     assert 0.02 < ours.std() and not torch.equal(ours[0], ours[1])  # real images, not a constant
 
 
+@pytest.mark.slow
 def test_speed_switches_take_effect_in_a_training_step():
     """channels_last: the UNet's weights and the batch it gets are channels-last; gradient checkpointing: each
     checkpointed ResNet block runs its forward again in the backward pass; compile: the compiled forward runs and
@@ -214,6 +217,7 @@ def test_speed_switches_take_effect_in_a_training_step():
     assert all(torch.isfinite(p.grad).all() for p in fast.unet.parameters())
 
 
+@pytest.mark.slow
 def test_compiled_unet_runs_and_matches_the_plain_one():
     torch.manual_seed(0)
     plain, compiled = tiny_module(), tiny_module(compile=True)
@@ -226,8 +230,8 @@ def test_compiled_unet_runs_and_matches_the_plain_one():
     noisy, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
     with torch.no_grad():
         expected = plain.unet(noisy, t).sample
-        got = compiled.sample_forward(
-            noisy, t
+        got = compiled.unet_forward.sample(
+            compiled.unet, noisy, t
         )  # the compiled sampling forward (training has its own, tested in test_speed_switches)
     assert counters["stats"]["unique_graphs"] == 1  # torch.compile traced the UNet's forward
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -115,8 +115,9 @@ def test_bf16_mixed_trains_on_cpu_under_bf16_autocast(image_folder, tmp_path, mo
     assert all(math.isfinite(v) for v in scalars(out / "logs", "train/loss").values())
 
 
+@pytest.mark.slow
 def test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image(image_folder, tmp_path):
-    """quality.every_n_epochs 2 over 2 epochs: FID/KID once, after epoch 2, as finite numbers; the grid of each
+    """quality.measure_quality_epochs 2 over 2 epochs: FID/KID once, after epoch 2, as finite numbers; the grid of each
     epoch is also TensorBoard's `samples` image, with the PNG's pixels."""
     out = tmp_path / "run"
     main(
@@ -129,7 +130,7 @@ def test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image(image_folder, tmp
             "0.5",
             "--grid.save_image_epochs",
             "1",
-            "--quality.every_n_epochs",
+            "--quality.measure_quality_epochs",
             "2",
             "--quality.feature",
             "conftest.TinyFeatures",

@@ -12,6 +12,7 @@ from ddpm_lightning.cli import main
 from conftest import fit_args, scalars, tiny_module
 
 
+@pytest.mark.slow
 def test_ema_follows_the_warmup_formula_once_per_optimizer_step(image_folder, tmp_path, monkeypatch):
     """decay_k = min(1 - (1 + k / inv_gamma) ** -power, max_decay), counted in optimizer steps (accumulation 2).
     inv_gamma 2 and power 0.6 (not the defaults) and a cap that applies from k = 3 only: k = 1, 2 check the formula."""
@@ -67,6 +68,7 @@ def test_ema_follows_the_warmup_formula_once_per_optimizer_step(image_folder, tm
         torch.testing.assert_close(a, decay * b + (1 - decay) * w)
 
 
+@pytest.mark.slow
 def test_ema_is_restored_on_resume_and_used_for_the_saved_model(image_folder, tmp_path):
     from diffusers import DDPMPipeline
 
@@ -86,6 +88,7 @@ def test_ema_is_restored_on_resume_and_used_for_the_saved_model(image_folder, tm
     assert any(not torch.equal(saved[n], raw[n]) for n in names)  # ... which differ from the raw ones
 
 
+@pytest.mark.slow
 def test_validation_loss_is_deterministic_and_monitorable(image_folder, tmp_path):
     out = tmp_path / "run"
     main(
@@ -175,6 +178,7 @@ def test_each_prediction_type_is_scored_against_its_own_target(prediction_type):
     assert model.denoising_loss(clean, noise, t).item() == pytest.approx(0.01 * weight.mean().item(), rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_each_prediction_type_learns(prediction_type):
     torch.manual_seed(0)
@@ -194,6 +198,7 @@ def test_each_prediction_type_learns(prediction_type):
     assert torch.isfinite(generated).all()
 
 
+@pytest.mark.slow
 def test_fid_and_kid_through_validate_with_a_custom_extractor(image_folder, tmp_path):
     main(fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "1", "--data.val_fraction", "0.5"))
     main(
@@ -218,6 +223,7 @@ def test_fid_and_kid_through_validate_with_a_custom_extractor(image_folder, tmp_
     assert next(iter(scalars(tmp_path / "run" / "logs", "val/fid").values())) > 0  # noise-like samples vs photos
 
 
+@pytest.mark.slow
 def test_missing_inception_weights_say_how_and_training_goes_on(image_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
     with pytest.warns(UserWarning, match="FID/KID are off: .*weights-inception-2015-12-05"):
@@ -229,7 +235,7 @@ def test_missing_inception_weights_say_how_and_training_goes_on(image_folder, tm
                 "1",
                 "--data.val_fraction",
                 "0.5",
-                "--quality.every_n_epochs",
+                "--quality.measure_quality_epochs",
                 "1",
             )
         )

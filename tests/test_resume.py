@@ -211,3 +211,44 @@ def test_fresh_run_never_replaces_the_users_readme(twelve, tmp_path):
     with pytest.raises(FileExistsError, match="README.md"):
         main(fit_args(twelve, out, "--trainer.max_epochs", "1"))
     assert (out / "README.md").read_text() == "my notes"
+
+
+# The model's hyperparameters as ddpm-lightning 0.1.0 wrote them (before EMA, the NaN check and the speed
+# switches moved out of DDPMModule): LightningCLI parses a checkpoint's hyperparameters back into the model's
+# arguments on resume, so each must still be one.
+OLD_HPARAMS = {
+    "unet", "image_size", "learning_rate", "lr_warmup_steps", "adam_betas", "adam_weight_decay", "adam_epsilon",
+    "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "use_ema", "ema_max_decay",
+    "ema_inv_gamma", "ema_power", "val_timesteps", "stop_on_nan", "nan_check_every_n_steps", "compile",
+    "compile_mode", "channels_last", "fused_adamw", "compile_optimizer", "gradient_checkpointing",
+    "float32_matmul_precision",
+}  # fmt: skip
+OLD_EMA_KEYS = {"decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power"}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_in_the_layout_before_the_module_split_resumes_exactly_with_its_ema(twelve, tmp_path):
+    """Checkpoints keep 0.1.0's layout: the EMA at checkpoint["ema"] (EMAModel's state), the 0.1.0
+    hyperparameters (no more, no fewer) and no state of the callbacks the module now adds; one in that layout
+    resumes to the straight run's weights and EMA."""
+    ema = ["--model.use_ema", "true", "--model.ema_max_decay", "0.9"]
+    main(fit_args(twelve, tmp_path / "straight", *NO_SAVES, *ema, "--trainer.max_epochs", "2"))
+    crashing = fit_args(
+        twelve, tmp_path / "old", *NO_SAVES, *ema, "--trainer.max_epochs", "2", "--checkpoint.every_n_epochs", "1"
+    )
+    with pytest.raises(RuntimeError, match="injected crash"):
+        main([*crashing, *crash_args(4)])
+    path = (tmp_path / "checkpoints" / "old" / "last.ckpt").resolve()
+    checkpoint = torch.load(path, weights_only=False, map_location="cpu")
+    assert set(checkpoint["hyper_parameters"]) - {"_instantiator", "_class_path"} == OLD_HPARAMS
+    assert OLD_EMA_KEYS | {"shadow_params"} <= set(checkpoint["ema"])
+    assert checkpoint["ema"]["optimization_step"] == 3
+    assert not any(k.startswith(("StopOnNaN", "EMAWeights")) for k in checkpoint["callbacks"])
+    main([*crashing, "--ckpt_path", "last"])
+    a = torch.load(tmp_path / "checkpoints" / "straight" / "last.ckpt", weights_only=False, map_location="cpu")
+    b = torch.load(tmp_path / "checkpoints" / "old" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert a["global_step"] == b["global_step"] == 6
+    assert_same_weights(a["state_dict"], b["state_dict"])
+    assert a["ema"]["optimization_step"] == b["ema"]["optimization_step"] == 6
+    for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"], strict=True):
+        torch.testing.assert_close(y, x, rtol=0, atol=0)

@@ -21,6 +21,7 @@ from ddpm_lightning.sources import find_images
 from conftest import fit_args, scalars, tb_events
 
 
+@pytest.mark.slow
 def test_data_grid_throughput_bars_and_summary_then_resume(image_folder, tmp_path, capfd, caplog):
     out = tmp_path / "run"
     args = fit_args(image_folder, out, "--data.val_dataset", str(image_folder), "--throughput.peak_flops", "1e12")

@@ -64,6 +64,7 @@ PRECISIONS = {
 OPTIMIZERS = {"fused": ["--model.fused_adamw", "true"], "compiled": ["--model.compile_optimizer", "true"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_adamw_trains_with_clipping_under_every_precision(precision, optimizer, image_folder, tmp_path):
@@ -244,6 +245,7 @@ def test_grid_samples_under_the_training_autocast(precision, tmp_path):
     assert dtypes == [{"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}[precision]] * 2
 
 
+@pytest.mark.slow
 def test_a_compiled_fit_compiles_once_per_graph_and_gives_the_eager_losses(image_folder, tmp_path, monkeypatch):
     """Two epochs with a short last batch (of 1), validation and a grid each epoch: one training graph and one
     sampling graph, never compiled again (error_on_recompile turns any recompile into a failure), and the
@@ -437,14 +439,16 @@ def test_each_compiled_call_starts_a_cuda_graph_step_in_the_modes_that_use_graph
     def plain(unet, x, t):  # the compiled functions' signature, not compiled
         return unet(x, t, return_dict=False)[0]
 
-    model._compiled, model._compiled_batch = {"train": plain, "sample": plain}, 0
+    model.configure_model()
+    model.unet_forward.compiled = {"train": plain, "sample": plain}
     x, t = torch.rand(2, 3, 16, 16), torch.tensor([1, 2])
-    model.unet_forward(x, t)
+    model.unet_forward.train(model.unet, x, t)
     with torch.no_grad():
-        model.sample_forward(x, t)
+        model.unet_forward.sample(model.unet, x, t)
     assert len(calls) == (2 if graphs else 0)
 
 
+@pytest.mark.slow
 def test_gradients_are_freed_after_each_optimizer_step_and_kept_within_an_accumulation_window():
     """Under CUDA graphs the gradients are the backward graph's outputs, which the next replay (a step, a grid)
     overwrites, and Lightning's teardown moves them (`module.cpu()`): they are freed right after each optimizer

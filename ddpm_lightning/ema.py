@@ -1,0 +1,42 @@
+"""`EMAWeights`: the exponential moving average of the UNet's weights (`model.use_ema`), diffusers' EMAModel with
+warm-up, updated once per optimizer step and swapped into the UNet for grids, saves and exports.
+
+Its state is EMAModel's own (`state_dict`), which `DDPMModule` saves as `checkpoint["ema"]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from diffusers.training_utils import EMAModel
+
+
+class EMAWeights(EMAModel):
+    """decay = min(1 - (1 + step / inv_gamma) ** -power, max_decay), counted in optimizer steps."""
+
+    def __init__(self, unet: torch.nn.Module, max_decay: float, inv_gamma: float, power: float):
+        super().__init__(unet.parameters(), decay=max_decay, use_ema_warmup=True, inv_gamma=inv_gamma, power=power)
+        self.last_step: int | None = None  # the optimizer step last averaged in (set at the start of training)
+
+    def update(self, unet: torch.nn.Module, global_step: int) -> None:
+        """Average in the weights once per optimizer step (not per micro-batch under gradient accumulation). Every
+        rank holds the same all-reduced weights, so every rank's average is the same."""
+        if global_step == self.last_step:
+            return
+        self.to(next(unet.parameters()).device)
+        self.step(unet.parameters())
+        self.last_step = global_step
+
+    @contextmanager
+    def applied(self, unet: torch.nn.Module) -> Iterator[None]:
+        """Within the block, `unet` holds the EMA weights; its own come back after."""
+        parameters = list(unet.parameters())
+        self.to(parameters[0].device)
+        self.store(parameters)
+        self.copy_to(parameters)
+        try:
+            yield
+        finally:
+            self.restore(parameters)

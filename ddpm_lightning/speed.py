@@ -1,0 +1,79 @@
+"""The speed switches of `DDPMModule` that leave the maths alone: memory format, gradient checkpointing, matmul
+precision (`apply_speed_switches`) and the torch.compile'd UNet forwards (`UNetForward`). The compiled optimizer
+step is optim.py's; gradient clipping with a fused AdamW under mixed precision is precision.py's.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from diffusers import UNet2DModel
+
+from .sampling import unet_sample_call
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
+def apply_speed_switches(
+    unet: UNet2DModel, channels_last: bool, gradient_checkpointing: bool, float32_matmul_precision: str
+) -> None:
+    """Applied once the module is on its device (each is a no-op where it does not apply)."""
+    torch.set_float32_matmul_precision(float32_matmul_precision)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+
+def uses_cuda_graphs(compile_mode: str) -> bool:
+    """Whether compiled code runs as CUDA graphs on a GPU (the compile modes that use them)."""
+    return compile_mode in ("reduce-overhead", "max-autotune")
+
+
+class UNetForward:
+    """The UNet's prediction in training (`train`) and in sampling (`sample`): eager, or after `compile`, through
+    torch.compile'd functions with static shapes.
+
+    Training compiles once, for the largest batch seen; a smaller one (an epoch's short last batch) runs eagerly
+    rather than compiling again, and so does validation (no gradients). Sampling compiles once per shape.
+    """
+
+    def __init__(self) -> None:
+        self.compiled: dict[str, object] | None = None
+        self.cuda_graphs = False
+        self.batch = 0  # the batch size the training function was compiled for
+
+    def compile(self, mode: CompileMode) -> None:
+        # Two functions, so two code objects: dynamo keeps its compiled graphs per code object, and the no-grad
+        # sampling graph would otherwise count as a recompile of the training one. Static shapes (dynamic=False):
+        # what CUDA graphs need; a batch dimension marked dynamic still recompiled for a last batch of 1 (dynamo
+        # specialises sizes 0 and 1).
+        self.compiled = {
+            "train": torch.compile(unet_train_call, mode=mode, dynamic=False),
+            "sample": torch.compile(unet_sample_call, mode=mode, dynamic=False),
+        }
+        self.cuda_graphs = uses_cuda_graphs(mode)
+        self.batch = 0
+
+    def train(self, unet: UNet2DModel, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        compiled = self.compiled
+        if not compiled or not torch.is_grad_enabled() or len(sample) < self.batch:
+            return unet_train_call(unet, sample, timesteps)
+        self.batch = len(sample)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new training step: last step's outputs are done with
+        return compiled["train"](unet, sample, timesteps)  # type: ignore[operator]
+
+    def sample(self, unet: UNet2DModel, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        compiled = self.compiled
+        if not compiled:
+            return unet_sample_call(unet, sample, timesteps)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        # CUDA graphs reuse their output buffer on the next call: copy it out.
+        return compiled["sample"](unet, sample, timesteps).clone()  # type: ignore[operator]
+
+
+def unet_train_call(unet: UNet2DModel, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    return unet(sample, timesteps, return_dict=False)[0]

@@ -1,0 +1,240 @@
+"""Every private Lightning name the package uses, in one list, each checked against the installed Lightning: an
+upgrade that removes or reshapes one fails here, naming it, instead of breaking a run silently. A second test
+scans the package's source for private names that are not in the list.
+
+pyproject.toml pins the Lightning range these pass on; a name that leaves the list should leave the code too.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+from lightning.pytorch import Trainer
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ddpm_lightning"
+
+# (where it is defined, the private name, the parameters the package calls or overrides it with (None: not a
+# function), where the package uses it and why)
+PRIVATE_NAMES: list[tuple[str, str, list[str] | None, str]] = [
+    (
+        "lightning.pytorch.trainer.connectors.signal_connector",
+        "_SignalConnector",
+        None,
+        "checkpointing.py: the connector's class is swapped so SIGTERM stops at an optimizer step",
+    ),
+    ("lightning.pytorch.Trainer", "_signal_connector", None, "checkpointing.py: the connector swapped above"),
+    (
+        "lightning.pytorch.callbacks.ModelCheckpoint",
+        "_remove_checkpoint",
+        ["self", "trainer", "filepath"],
+        "checkpointing.py: removals wait until the new file and link are in place",
+    ),
+    (
+        "lightning.pytorch.callbacks.ModelCheckpoint",
+        "_save_last_checkpoint",
+        ["self", "trainer", "monitor_candidates"],
+        "checkpointing.py",
+    ),
+    (
+        "lightning.pytorch.callbacks.ModelCheckpoint",
+        "_link_checkpoint",
+        ["trainer", "filepath", "linkpath"],
+        "checkpointing.py: atomic links",
+    ),
+    (
+        "lightning.pytorch.callbacks.ModelCheckpoint",
+        "_should_skip_saving_checkpoint",
+        ["self", "trainer"],
+        "checkpointing.py: save_now",
+    ),
+    (
+        "lightning.pytorch.callbacks.ModelCheckpoint",
+        "_monitor_candidates",
+        ["self", "trainer"],
+        "checkpointing.py: save_now",
+    ),
+    (
+        "lightning.pytorch.callbacks.ModelCheckpoint",
+        "_save_topk_checkpoint",
+        ["self", "trainer", "monitor_candidates"],
+        "checkpointing.py: save_now",
+    ),
+    (
+        "lightning.pytorch.callbacks.ModelCheckpoint",
+        "_save_checkpoint",
+        ["self", "trainer", "filepath"],
+        "checkpointing.py: save_now",
+    ),
+    (
+        "lightning.pytorch.plugins.AsyncCheckpointIO",
+        "_ensure_setup",
+        ["self"],
+        "checkpointing.py: removals queued behind writes",
+    ),
+    ("lightning.pytorch.plugins.AsyncCheckpointIO", "_executor", None, "checkpointing.py: the same queue"),
+    ("lightning.pytorch.plugins.AsyncCheckpointIO", "_error", None, "checkpointing.py: a queued removal's error"),
+    (
+        "lightning.pytorch.loops.training_epoch_loop._TrainingEpochLoop",
+        "_should_accumulate",
+        ["self"],
+        "checkpointing.py: no stop inside an accumulation window",
+    ),
+    (
+        "lightning.pytorch.loops.fit_loop._FitLoop",
+        "_should_accumulate",
+        ["self"],
+        "monitor.py: throughput on optimizer steps (as ThroughputMonitor reads it)",
+    ),
+    (
+        "lightning.pytorch.Trainer",
+        "_logger_connector",
+        None,
+        "monitor.py: log steps and logging (as ThroughputMonitor)",
+    ),
+    (
+        "lightning.fabric.plugins.precision.amp",
+        "_optimizer_handles_unscaling",
+        ["optimizer"],
+        "precision.py: which optimizers MixedPrecision leaves unscaled",
+    ),
+    (
+        "lightning.pytorch.cli.LightningCLI",
+        "_add_subcommands",
+        ["self", "parser", "kwargs"],
+        "cli.py: sample/export in --help",
+    ),
+    (
+        "lightning.pytorch.cli.LightningCLI",
+        "_get",
+        ["self", "config", "key", "default"],
+        "cli.py: a subcommand's config value",
+    ),
+    ("lightning.pytorch.cli.LightningArgumentParser", "_subcommands_action", None, "cli.py (jsonargparse's): --help"),
+]
+# The public names of the private `_LoggerConnector` that monitor.py calls.
+LOGGER_CONNECTOR = {"should_update_logs": None, "log_metrics": ["self", "metrics", "step"]}
+
+
+def resolve(where: str):
+    try:
+        return importlib.import_module(where)
+    except ImportError:
+        module, _, name = where.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+
+def instance_of(owner):
+    """Attributes set in __init__ or setup exist only on an instance: a plain one of each class that has them."""
+    if owner is Trainer:
+        return Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    if owner.__name__ == "AsyncCheckpointIO":
+        return owner()
+    if owner.__name__ == "LightningArgumentParser":
+        parser = owner()
+        parser.add_subcommands()
+        return parser
+    return owner
+
+
+@pytest.mark.parametrize(
+    "where, name, parameters, used", PRIVATE_NAMES, ids=[f"{w.split('.')[-1]}.{n}" for w, n, *_ in PRIVATE_NAMES]
+)
+def test_each_private_lightning_name_still_exists_with_its_signature(where, name, parameters, used):
+    owner = resolve(where)
+    holder = instance_of(owner) if isinstance(owner, type) and not hasattr(owner, name) else owner
+    assert hasattr(holder, name), f"Lightning no longer has {where}.{name} (used in {used}): adapt the package or pin"
+    if parameters is not None:
+        found = list(inspect.signature(getattr(owner, name)).parameters)
+        assert found == parameters, f"{where}.{name} now takes {found}, the package expects {parameters} ({used})"
+
+
+def test_the_logger_connector_still_has_what_monitor_calls():
+    connector = instance_of(Trainer)._logger_connector
+    for name, parameters in LOGGER_CONNECTOR.items():
+        assert hasattr(connector, name), f"Lightning's _LoggerConnector no longer has {name} (monitor.py)"
+        if parameters is not None:
+            found = list(inspect.signature(getattr(type(connector), name)).parameters)
+            assert found == parameters, f"_LoggerConnector.{name} now takes {found} (monitor.py)"
+
+
+# Receivers that are Lightning objects wherever the package uses them: `<one of these>._name` is Lightning's.
+LIGHTNING_RECEIVERS = {"trainer", "fit_loop", "epoch_loop", "strategy", "plugin", "parser", "checkpoint_io"}
+
+
+def private_names_in(source: str) -> set[str]:
+    """Private Lightning names in `source`, as far as its shape shows them:
+    - `_x` names imported from lightning modules;
+    - `<receiver>._x` where the receiver is named like a Lightning object (LIGHTNING_RECEIVERS), and `super()._x`;
+    - `self._x` in a class with a Lightning base (imported from lightning), where the class neither defines nor
+      assigns `_x` itself.
+    Not seen: a Lightning object held under another name, getattr with a string, or a private reached through
+    a call's result. So the list above is also checked by reading: grep for `\\._` when touching Lightning code."""
+    tree = ast.parse(source)
+    found: set[str] = set()
+    from_lightning: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning"):
+            for alias in node.names:
+                from_lightning.add(alias.asname or alias.name)
+                if alias.name.startswith("_"):
+                    found.add(alias.name)
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+            continue
+        receiver = node.value
+        if isinstance(receiver, ast.Call) and isinstance(receiver.func, ast.Name) and receiver.func.id == "super":
+            found.add(node.attr)
+        name = receiver.attr if isinstance(receiver, ast.Attribute) else getattr(receiver, "id", None)
+        if name in LIGHTNING_RECEIVERS:
+            found.add(node.attr)
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        if not any(isinstance(b, ast.Name) and b.id in from_lightning for b in cls.bases):
+            continue
+        own = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+        for node in ast.walk(cls):
+            if isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for t in targets:
+                    if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                        own.add(t.attr)
+            if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):  # self.__dict__["_x"]
+                own.add(str(node.slice.value))
+        for node in ast.walk(cls):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "self"
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and node.attr not in own
+            ):
+                found.add(node.attr)
+    return found
+
+
+def test_the_package_uses_no_private_lightning_name_outside_the_list():
+    listed = {name for _, name, _, _ in PRIVATE_NAMES}
+    unlisted = {}
+    for path in sorted(PACKAGE.glob("*.py")):
+        extra = private_names_in(path.read_text()) - listed
+        if extra:
+            unlisted[path.name] = sorted(extra)
+    assert not unlisted, (
+        f"private Lightning names used but not listed in PRIVATE_NAMES (add them, or use public API): {unlisted}"
+    )
+
+
+def test_the_scan_sees_each_kind_of_private_use():
+    """The scan itself: it must find what it claims to find, or the test above passes vacuously."""
+    source = (
+        "from lightning.pytorch.x import _Hidden, Public\n"
+        "from lightning.pytorch import Callback\n"
+        "def f(trainer):\n    trainer._connector.go()\n    trainer.fit_loop._accumulate()\n"
+        "class C(Callback):\n    def __init__(self):\n        self._mine = 1\n"
+        "    def g(self):\n        return self._mine, self._theirs, super()._base()\n"
+    )
+    assert private_names_in(source) == {"_Hidden", "_connector", "_accumulate", "_theirs", "_base"}
