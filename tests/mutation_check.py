@@ -273,7 +273,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
 }
 
-COPIED = ["ddpm_lightning", "tests", "configs", "pyproject.toml"]
+COPIED = ["ddpm_lightning", "tests", "configs", "data", "pyproject.toml"]
 
 
 def make_copy(root: Path) -> Path:
@@ -290,7 +290,6 @@ def run_tests(root: Path, tests: list[str], threads: int) -> tuple[int, str, flo
     env = dict(os.environ)
     env["PYTHONPATH"] = str(root) + os.pathsep + str(root / "tests")
     env["OMP_NUM_THREADS"] = str(threads)
-    env.pop("CI", None)  # (the copy has no ../shared beside it; the CI guard must not fire)
     start = time.time()
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],

@@ -93,11 +93,18 @@ def test_small_images_are_upscaled_and_counted(tmp_path, caplog):
     assert dm.train_set[0].shape == (3, 16, 16)
 
 
-@pytest.mark.skipif(not HELICONIUS.is_dir(), reason="../shared/data/heliconius is not beside the checkout")
-def test_all_1000_heliconius_photos_train():
-    names = [p.name for p in HELICONIUS.iterdir()]
+def test_all_1000_heliconius_photos_train(heliconius_photos):
+    """A folder of the real photos: the file names that `imagefolder` moves to other splits all train."""
+    names = [p.name for p in heliconius_photos.iterdir()]
     assert any(n.startswith("test_") for n in names) and any(n.startswith("val_") for n in names)
-    assert len(load_source(str(HELICONIUS))) == len(names) == 1000
+    assert len(load_source(str(heliconius_photos))) == len(names) == 1000
+
+
+def test_the_shipped_data_set_has_1000_training_and_200_validation_photos_at_64_px():
+    train, val = load_source(str(HELICONIUS)), load_source(str(HELICONIUS), "validation")
+    assert (len(train), len(val)) == (1000, 200)
+    assert train.features["image"] == datasets.Image() and train[0]["image"].size == (64, 64)
+    assert (HELICONIUS / "ATTRIBUTION.md").is_file()
 
 
 def test_converts_grayscale_rgba_and_palette_images(tmp_path):
