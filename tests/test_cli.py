@@ -108,6 +108,7 @@ def test_ddp_two_cpu_processes_write_one_grid_and_one_folder(image_folder, tmp_p
     assert torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False)["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_fit_on_the_shipped_heliconius_photos(tmp_path):
     """The quick start's data as configs/tiny.yaml names it (a Hub-format parquet folder in the checkout), 2 steps."""
     out = tmp_path / "run"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import wandb
 from PIL import Image
 
@@ -18,6 +19,7 @@ def pixels(path) -> bytes:
     return np.asarray(Image.open(path).convert("RGB")).tobytes()
 
 
+@pytest.mark.slow
 def test_grids_and_data_png_reach_wandb_mlflow_and_tensorboard(image_folder, tmp_path, monkeypatch):
     home = tmp_path / "tracker-home"  # W&B's and MLflow's own files, never the user's
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
