@@ -1,6 +1,6 @@
 """Sampling, in one place for the module, the callbacks and `ddpm-lightning sample`: the inference samplers
 (`make_sampler`), DDPMPipeline's denoising loop (`denoise`), a rank's share of the images drawn during training
-(`sample_share`) and grids (`grid_shape`, `save_grid`).
+(`sample_share`) and grids (`grid_shape`, `save_grid`, `log_image`).
 
 Words: a "sampler" is the inference algorithm (ddpm, ddim, dpmsolver++; `grid.sampler`), built as a diffusers
 scheduler by `make_sampler`; the "noise scheduler" is the training schedule (`DDPMModule.noise_scheduler`); the
@@ -25,7 +25,7 @@ import diffusers
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid, save_image
 
 Sampler = Literal["ddpm", "ddim", "dpmsolver++"]
@@ -121,11 +121,24 @@ def save_grid(
     images: torch.Tensor, path: Path, rows: int | None = None, loggers=(), tag: str = "samples", step: int = 0
 ) -> Path:
     """Tile `images` ((n, C, H, W), floats in [0, 1] or uint8) without padding, in `rows` rows (the squarest grid
-    when left out), into the PNG `path` (as torchvision's save_image rounds) and into each TensorBoard logger."""
+    when left out), into the PNG `path` and into each logger (`log_image`)."""
     grid = make_grid(images, nrow=grid_shape(len(images), rows)[1], padding=0)
+    if grid.dtype != torch.uint8:  # rounded as torchvision's save_image rounds
+        grid = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+    grid = grid.cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid.float() / 255 if grid.dtype == torch.uint8 else grid, path)
+    save_image(grid.float() / 255, path)
     for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(tag, grid, global_step=step)
+        log_image(logger, tag, grid, step)
     return path
+
+
+def log_image(logger, tag: str, grid: torch.Tensor, step: int) -> None:
+    """`grid` ((C, H, W) uint8) to one Lightning logger through its own image call: TensorBoard's `add_image`,
+    W&B's `log_image`, MLflow's `log_image` (as an image artifact with a step). Other loggers get no images."""
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_image(tag, grid, global_step=step)
+    elif isinstance(logger, WandbLogger):
+        logger.log_image(tag, [grid.permute(1, 2, 0).numpy()], step=step)
+    elif isinstance(logger, MLFlowLogger):
+        logger.experiment.log_image(logger.run_id, grid.permute(1, 2, 0).numpy(), key=tag, step=step)

@@ -16,7 +16,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
-HELICONIUS = REPO.parent / "shared" / "data" / "heliconius" / "train"
+# The sample data set shipped with the project (tools/make_sample_data.py): 1000 + 200 Heliconius photos at 64 px
+HELICONIUS = REPO / "data" / "heliconius"
 
 # The tests' UNets. Their own, not configs/tiny.yaml's: that is a user config, tuned for the quality of its grid,
 # and retuning it must not slow down or change the tests.
@@ -68,6 +69,19 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.chdir(tmp_path)  # ./checkpoints and ./ddpm-* land in the test's folder
+
+
+@pytest.fixture(scope="session")
+def heliconius_photos(tmp_path_factory) -> Path:
+    """The shipped data set's 1000 training photos as a folder of JPEG files under their own names (many start
+    with test_ or val_), for what takes an image folder: the benchmarks and the image-folder loader."""
+    import pyarrow.parquet as pq
+
+    folder = tmp_path_factory.mktemp("heliconius")
+    # read with pyarrow, not datasets: a session fixture runs before _offline, so datasets would cache in ~/.cache
+    for image in pq.read_table(HELICONIUS / "train-00000-of-00001.parquet").column("image").to_pylist():
+        (folder / image["path"]).write_bytes(image["bytes"])
+    return folder
 
 
 def write_image(path: Path, size=(20, 24), mode="RGB", seed=0) -> Path:
@@ -226,14 +240,3 @@ class SaveEMAPerRank(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         torch.save(pl_module.ema.state_dict(), f"ema_rank{trainer.global_rank}.pt")
-
-
-def pytest_sessionstart(session):
-    """CI (.ci/run sets DDPM_REQUIRE_SHARED=1) fails at once when ../shared is missing, instead of reporting the
-    tests on the real photos as skipped among the passes."""
-    if os.environ.get("DDPM_REQUIRE_SHARED") == "1" and not HELICONIUS.is_dir():
-        pytest.exit(
-            f"DDPM_REQUIRE_SHARED=1 but {HELICONIUS} is missing: the tests on the real photos would be "
-            "skipped. Put the shared data beside the checkout (../shared).",
-            returncode=1,
-        )

@@ -10,7 +10,7 @@ import sys
 
 import yaml
 
-from conftest import HELICONIUS, REPO
+from conftest import REPO
 
 
 def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -18,9 +18,9 @@ def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_gpu_smoke_cpu_mode_passes_every_shipped_config(tmp_path):
+def test_gpu_smoke_cpu_mode_passes_every_shipped_config(tmp_path, heliconius_photos):
     work = tmp_path / "smoke"
-    done = run_script("benchmarks/gpu_smoke.py", "--cpu", "--images", str(HELICONIUS), "--work-dir", str(work))
+    done = run_script("benchmarks/gpu_smoke.py", "--cpu", "--images", str(heliconius_photos), "--work-dir", str(work))
     assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-4000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith(("PASS", "FAIL", "SKIP"))]
     configs = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
@@ -44,12 +44,12 @@ def test_gpu_smoke_fails_without_images(tmp_path):
     assert done.returncode == 2 and "No images under" in done.stderr
 
 
-def test_benchmark_tiny_with_end_to_end_row(tmp_path):
+def test_benchmark_tiny_with_end_to_end_row(tmp_path, heliconius_photos):
     """benchmark.py --tiny: one batch size, the tutorial baseline with 0 workers beside a project run with its
     --project-args, the checkpoint cadence inside the window, and the end-to-end row over one epoch."""
     out, out_dir = tmp_path / "report.json", tmp_path / "e2e"
     done = run_script(
-        "benchmarks/benchmark.py", "--tiny", "--images", str(HELICONIUS), "--max-images", "12",
+        "benchmarks/benchmark.py", "--tiny", "--images", str(heliconius_photos), "--max-images", "12",
         "--batch-sizes", "4", "--workers", "0", "--warmup", "1", "--steps", "3", "--grid-steps", "2",
         "--fast-steps", "2", "--project-args", "--trainer.precision bf16-mixed",
         "--epochs", "1", "--last-n", "3", "--out-dir", str(out_dir), "--out", str(out),

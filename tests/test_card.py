@@ -79,7 +79,7 @@ def test_card_of_a_local_dataset_without_grid_or_config(tmp_path):
     [
         ("huggan/smithsonian_butterflies_subset", True),
         ("mnist", True),
-        ("../shared/data/heliconius/train", False),
+        ("./data/heliconius", False),
         ("/data/photos", False),
         ("a/b/c", False),
         ("bad id!", False),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ from PIL import Image
 
 from ddpm_lightning.cli import main
 
-from conftest import HELICONIUS, REPO, child_env, crash_args, ddp_fit_command, fit_args, scalars, tb_events
+from conftest import HELICONIUS, REPO, TINY_CONFIG, child_env, crash_args, ddp_fit_command, fit_args, scalars, tb_events
 
 
 def test_fit_writes_grid_model_logs_and_checkpoints(image_folder, tmp_path):
@@ -109,16 +108,14 @@ def test_ddp_two_cpu_processes_write_one_grid_and_one_folder(image_folder, tmp_p
     assert torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False)["global_step"] == 4
 
 
-@pytest.mark.skipif(not HELICONIUS.is_dir(), reason="../shared/data/heliconius is not beside the checkout")
-def test_fit_on_real_heliconius_photos(tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for path in sorted(HELICONIUS.iterdir())[:8]:
-        shutil.copy(path, photos / path.name)
+@pytest.mark.slow
+def test_fit_on_the_shipped_heliconius_photos(tmp_path):
+    """The quick start's data as configs/tiny.yaml names it (a Hub-format parquet folder in the checkout), 2 steps."""
     out = tmp_path / "run"
-    main(fit_args(photos, out, "--trainer.max_epochs", "1"))
+    main(fit_args(HELICONIUS, out, "--trainer.max_steps", "2"))
     assert Image.open(out / "samples" / "0000.png").size == (32, 32)
     assert len(scalars(out / "logs", "train/loss")) == 2
+    assert yaml.safe_load(TINY_CONFIG.read_text())["data"]["dataset"] == "./data/heliconius"
 
 
 def test_print_config_shows_tutorial_keys(capsys):

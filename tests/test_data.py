@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -93,11 +95,38 @@ def test_small_images_are_upscaled_and_counted(tmp_path, caplog):
     assert dm.train_set[0].shape == (3, 16, 16)
 
 
-@pytest.mark.skipif(not HELICONIUS.is_dir(), reason="../shared/data/heliconius is not beside the checkout")
-def test_all_1000_heliconius_photos_train():
-    names = [p.name for p in HELICONIUS.iterdir()]
+def test_all_1000_heliconius_photos_train(heliconius_photos):
+    """A folder of the real photos: the file names that `imagefolder` moves to other splits all train."""
+    names = [p.name for p in heliconius_photos.iterdir()]
     assert any(n.startswith("test_") for n in names) and any(n.startswith("val_") for n in names)
-    assert len(load_source(str(HELICONIUS))) == len(names) == 1000
+    assert len(load_source(str(heliconius_photos))) == len(names) == 1000
+
+
+def test_the_shipped_data_set_has_1000_training_and_200_validation_photos_at_64_px():
+    train, val = load_source(str(HELICONIUS)), load_source(str(HELICONIUS), "validation")
+    assert (len(train), len(val)) == (1000, 200)
+    assert train.features["image"] == datasets.Image() and train[0]["image"].size == (64, 64)
+    assert (HELICONIUS / "ATTRIBUTION.md").is_file()
+    assert sum(p.stat().st_size for p in HELICONIUS.glob("*.parquet")) < 3e6  # docs/data.md: under 3 MB
+
+
+def test_make_sample_data_rebuilds_a_hub_format_data_set(tmp_path):
+    """tools/make_sample_data.py on a folder laid out as the originals are: both splits at --size px, each image
+    under its file name, the attribution kept beside them."""
+    source = tmp_path / "source"
+    for i in range(3):
+        write_image(source / "train" / f"test_{i}.JPG", size=(40, 30), seed=i)
+    write_image(source / "val" / "val_0.jpg", size=(40, 30))
+    (source / "ATTRIBUTION.md").write_text("CC BY 4.0, by the photographers")
+    out = tmp_path / "heliconius"
+    script = Path(__file__).parents[1] / "tools" / "make_sample_data.py"
+    args = [sys.executable, str(script), "--source", str(source), "--out", str(out), "--size", "16"]
+    subprocess.run(args, check=True, capture_output=True)
+    train, val = load_source(str(out)), load_source(str(out), "validation")
+    assert (len(train), len(val)) == (3, 1) and train[0]["image"].size == (16, 16)
+    names = train.cast_column("image", datasets.Image(decode=False))["image"]
+    assert [n["path"] for n in names] == ["test_0.JPG", "test_1.JPG", "test_2.JPG"]
+    assert "CC BY 4.0, by the photographers" in (out / "ATTRIBUTION.md").read_text()
 
 
 def test_converts_grayscale_rgba_and_palette_images(tmp_path):

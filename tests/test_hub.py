@@ -351,7 +351,7 @@ def test_upload_lands_exactly_the_published_files(hub, uploaders, tmp_path):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known gap (README, Long runs and failures): a read-only token passes "
+    reason="known gap (docs/long-runs.md, bad input): a read-only token passes "
     "create_repo; this test flips to a failure (XPASS, strict) once setup catches it",
     raises=pytest.fail.Exception,
 )  # fails only by "DID NOT RAISE", nothing else

@@ -11,12 +11,14 @@ import datasets
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import CachedImages, ImageDataModule, ResizedImages
+from ddpm_lightning.sources import load_source
 
-from conftest import child_env, ddp_fit_command, fit_args, scalars, tb_events, tiny_module
+from conftest import REPO, TINY_CONFIG, child_env, ddp_fit_command, fit_args, scalars, tb_events, tiny_module
 
 
 def coloured(n: int, red: int = 0) -> datasets.Dataset:
@@ -154,7 +156,7 @@ def test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image(image_folder, tmp
     )
     png = np.asarray(Image.open(out / "samples" / "0001.png").convert("RGB"), np.int16)
     assert logged.shape == png.shape == (32, 32, 3)
-    assert np.abs(logged - png).max() <= 1  # TensorBoard truncates to 8 bits, save_image rounds
+    assert np.array_equal(logged, png)  # the same 8-bit pixels: save_grid rounds once for the PNG and every logger
 
 
 def test_every_ddp_rank_holds_the_same_ema(image_folder, tmp_path):
@@ -208,3 +210,16 @@ def test_asking_for_more_images_keeps_the_first_ones(tmp_path):
     four = sample(str(tmp_path / "model"), num_images=4, output_dir=str(tmp_path / "four"), **common)
     assert [p.read_bytes() for p in two] == [p.read_bytes() for p in four[:2]]
     assert four[2].read_bytes() != four[0].read_bytes()
+
+
+def test_the_quick_start_is_315_steps_on_the_shipped_photos_and_ends_with_grid_0004():
+    """README's quick start: configs/tiny.yaml trains on the shipped data/heliconius (run from the repository root)
+    for 315 optimizer steps (5 epochs of 1000 photos in batches of 16), and its last grid is samples/0004.png."""
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    photos = len(load_source(str(REPO / config["data"]["dataset"])))
+    epochs, batch = config["trainer"]["max_epochs"], config["data"]["train_batch_size"]
+    steps = epochs * math.ceil(photos / batch)
+    assert (photos, epochs, batch, steps) == (1000, 5, 16, 315)
+    assert epochs % config["grid"]["save_image_epochs"] == 0  # so the last epoch's grid is the last one
+    readme = (REPO / "README.md").read_text()
+    assert f"{steps} optimizer steps" in readme and f"{config['output_dir']}/samples/{epochs - 1:04d}.png" in readme

@@ -241,7 +241,7 @@ def test_grid_that_eval_batch_cannot_fill_is_refused(image_folder, tmp_path):
 
 
 def test_fp16_overflow_skips_the_update_and_the_schedule_and_ema_count_it_as_documented(image_folder):
-    """README, "Long runs and failures": a step whose fp16 gradients overflow leaves the weights unchanged and
+    """docs/long-runs.md, "Numerics": a step whose fp16 gradients overflow leaves the weights unchanged and
     halves the loss scale; it still counts as an optimizer step for global_step, the LR schedule and EMA."""
     from lightning.pytorch import Callback, Trainer
     from lightning.pytorch.plugins import MixedPrecision

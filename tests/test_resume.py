@@ -130,7 +130,7 @@ def test_run_ended_then_extended_equals_the_longer_run_while_the_lr_is_the_same(
 
 
 def test_raising_max_epochs_on_resume_stretches_the_schedule_and_the_lr_jumps(twelve, tmp_path):
-    """README, "Resuming": the cosine's length becomes the new run's, so at the resumed step the LR jumps up."""
+    """docs/long-runs.md, "Raising `max_epochs` on resume": the cosine's length becomes the new run's, so at the resumed step the LR jumps up."""
     common = [*NO_SAVES, "--model.lr_warmup_steps", "1", "--model.learning_rate", "0.002"]
     main(fit_args(twelve, tmp_path / "run", *common, "--trainer.max_epochs", "1"))
     main(fit_args(twelve, tmp_path / "run", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"))

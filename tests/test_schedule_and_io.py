@@ -45,7 +45,7 @@ def test_schedule_steps_once_per_optimizer_step_and_ends_at_zero_under_accumulat
 
 
 def test_checkpoint_bytes_are_fsynced_before_the_rename(image_folder, tmp_path, monkeypatch):
-    """README: a checkpoint goes to a temporary file, is fsync'ed, then renamed. In a real fit, every rename onto
+    """docs/long-runs.md: a checkpoint goes to a temporary file, is fsync'ed, then renamed. In a real fit, every rename onto
     a checkpoint is preceded by an fsync of the very file being renamed, with all its bytes written."""
     events = []
     real_fsync, real_replace = os.fsync, os.replace
