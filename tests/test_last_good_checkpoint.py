@@ -1,0 +1,81 @@
+"""A full disk, a NaN or a broken `last.ckpt` never costs the last good checkpoint, and never silently restarts."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_lightning.checkpointing import CheckpointWriteError
+from ddpm_lightning.cli import main, raised_by_this_package
+
+from conftest import fit_args, write_image
+
+NO_SAVES = ["--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
+STEPS = ["--trainer.max_epochs", "-1", "--trainer.max_steps"]
+
+
+@pytest.fixture
+def twelve(tmp_path) -> Path:
+    """12 images: 3 steps an epoch at batch 4."""
+    for i in range(12):
+        write_image(tmp_path / "twelve" / f"{i}.png", seed=i)
+    return tmp_path / "twelve"
+
+
+def step_of(ckpt: Path) -> int:
+    return torch.load(ckpt, weights_only=False, map_location="cpu")["global_step"]
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """small_disk(size) -> a folder on a file system of `size` bytes: a tmpfs where this process may mount one
+    (root on Linux), else a folder whose checkpoint writes fail with ENOSPC once they would pass `size`."""
+    mounted: list[Path] = []
+
+    def make(size: int) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+        if mount.returncode == 0:
+            mounted.append(folder)
+            return folder
+        real_save = torch.save
+
+        def save(obj, f, *args, **kwargs):  # the bytes go out, then the disk says it is full
+            real_save(obj, f, *args, **kwargs)
+            target = Path(getattr(f, "name", "")).parent
+            if target == folder and sum(p.stat().st_size for p in folder.iterdir()) > size:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(torch, "save", save)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def checkpoint_size(twelve: Path, tmp_path: Path) -> int:
+    main(fit_args(twelve, tmp_path / "sizing", *NO_SAVES, *STEPS, "1"))
+    return (tmp_path / "checkpoints" / "sizing" / "last.ckpt").stat().st_size
+
+
+@pytest.mark.parametrize("room", [1.5, 0.5])  # one checkpoint fits (the second write fails), or none does
+def test_a_full_disk_keeps_the_last_good_checkpoint_and_stops_with_one_line(twelve, tmp_path, small_disk, room):
+    disk = small_disk(int(room * checkpoint_size(twelve, tmp_path)))
+    args = fit_args(twelve, tmp_path / "run", *NO_SAVES, *STEPS, "12", "--checkpoint.every_n_train_steps", "4")
+    with pytest.raises(CheckpointWriteError, match="Cannot write the checkpoint .*--ckpt_path last") as failed:
+        main([*args, "--checkpoint.dirpath", str(disk)])
+    assert raised_by_this_package(failed.value)  # the command line shows it as one line
+    names = sorted(p.name for p in disk.iterdir() if p.name != "lost+found")
+    if room > 1:
+        assert f"{disk / 'epoch=2-step=8.ckpt'}" in str(failed.value)
+        assert names == ["epoch=1-step=4.ckpt", "last.ckpt"]  # the step-4 file kept, no partial file left
+        assert os.readlink(disk / "last.ckpt") == "epoch=1-step=4.ckpt" and step_of(disk / "last.ckpt") == 4
+    else:
+        assert names == []  # no link to a file that was never written
