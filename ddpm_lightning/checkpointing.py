@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import zipfile
@@ -333,23 +334,38 @@ class RNGStates(Callback):
             self.load_state_dict(checkpoint["rng_states"])
 
 
+FRESH_START = "To start the run again from step 0 instead: leave --ckpt_path out and pass --overwrite true."
+
+
 def check_ckpt_path(ckpt_path: str | None, checkpoint: ModelCheckpoint | None) -> None:
-    """Fail before training, with the fix, where Lightning would start from scratch or fail deep inside torch.load."""
+    """Fail before training, with the fix, where Lightning would start from scratch (a `last` that is missing or
+    points at nothing) or fail deep inside torch.load (a truncated file)."""
     if ckpt_path is None or "://" in ckpt_path or ckpt_path in ("best", "hpc", "registry"):
         return
     if ckpt_path == "last":
         if checkpoint is None:  # not known yet: checked again once the Trainer exists
             return
         folder = Path(checkpoint.dirpath) if checkpoint.dirpath else None
-        found = sorted(folder.glob("last*.ckpt")) if folder is not None and folder.is_dir() else []
+        found = [p for p in folder.glob("last*.ckpt") if LAST.match(p.name)] if folder and folder.is_dir() else []
         if not found:
             raise FileNotFoundError(
                 f"--ckpt_path last: there is no last.ckpt in {folder or 'the checkpoint folder'} to resume from. "
-                "Leave --ckpt_path out to start from scratch, or give the checkpoint's path "
-                "(--checkpoint.dirpath if the run kept its checkpoints elsewhere)."
+                "Give the checkpoint's path (or --checkpoint.dirpath, if the run kept its checkpoints elsewhere). "
+                + FRESH_START
             )
-        return
-    path = Path(ckpt_path)
+        existing = [p for p in found if p.exists()]
+        if not existing:  # a link whose file was deleted or never written
+            link = found[0]
+            raise FileNotFoundError(
+                f"--ckpt_path last: {link} points at {os.readlink(link) if link.is_symlink() else '?'}, which "
+                f"does not exist. Resume from another checkpoint in {folder} by its path, if there is one. "
+                + FRESH_START
+            )
+        latest = max(existing, key=lambda p: p.stat().st_mtime)  # the one Lightning picks
+        ckpt_path = f"last ({latest} -> {latest.resolve()})" if latest.is_symlink() else f"last ({latest})"
+        path = latest.resolve()
+    else:
+        path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file.")
     try:  # a checkpoint is a zip archive; a truncated one has lost its central directory at the end
@@ -357,5 +373,8 @@ def check_ckpt_path(ckpt_path: str | None, checkpoint: ModelCheckpoint | None) -
     except (zipfile.BadZipFile, OSError) as err:
         raise ValueError(
             f"--ckpt_path {ckpt_path} is not a readable checkpoint ({err}): it is truncated or corrupt. "
-            "Resume from another checkpoint, e.g. an epoch=*.ckpt beside it."
+            "Resume from another checkpoint by its path (an epoch=*.ckpt beside it, if there is one). " + FRESH_START
         ) from err
+
+
+LAST = re.compile(r"^last(-\d+)?\.ckpt$")  # the names Lightning's `--ckpt_path last` looks for

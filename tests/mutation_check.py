@@ -279,6 +279,12 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "            if True:\n",
         [LAST_GOOD + "test_a_full_disk_keeps_the_last_good_checkpoint_and_stops_with_one_line[1.5]"],
     ),
+    "resume_from_a_dangling_last_starts_over": (
+        "ddpm_lightning/checkpointing.py",
+        "        if not existing:  # a link whose file was deleted or never written\n",
+        "        if False:\n",
+        [LAST_GOOD + "test_resume_from_a_broken_last_fails_before_training_naming_the_file_and_the_fresh_start[break_dangling]"],
+    ),
 }
 
 COPIED = ["ddpm_lightning", "tests", "configs", "pyproject.toml"]

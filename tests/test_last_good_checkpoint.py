@@ -79,3 +79,39 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_and_stops_with_one_line(twel
         assert os.readlink(disk / "last.ckpt") == "epoch=1-step=4.ckpt" and step_of(disk / "last.ckpt") == 4
     else:
         assert names == []  # no link to a file that was never written
+
+
+def break_dangling(folder: Path) -> Path:
+    target = folder / os.readlink(folder / "last.ckpt")
+    target.unlink()
+    return folder / "last.ckpt"
+
+
+def break_truncated(folder: Path) -> Path:
+    target = folder / os.readlink(folder / "last.ckpt")
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    return target
+
+
+def break_emptied(folder: Path) -> Path:
+    for path in folder.iterdir():
+        path.unlink()
+    return folder
+
+
+@pytest.mark.parametrize("damage", [break_dangling, break_truncated, break_emptied])
+def test_resume_from_a_broken_last_fails_before_training_naming_the_file_and_the_fresh_start(
+    twelve, tmp_path, damage
+):
+    import shutil
+
+    args = fit_args(twelve, tmp_path / "run", *NO_SAVES, *STEPS, "3")
+    main(args)
+    folder = tmp_path / "broken"
+    shutil.copytree(tmp_path / "checkpoints" / "run", folder, symlinks=True)
+    named = damage(folder)
+    logs = sorted((tmp_path / "run" / "logs").iterdir())
+    with pytest.raises((FileNotFoundError, ValueError), match=f"{named}.*--ckpt_path out and pass --overwrite true"):
+        main([*args[:-1], "6", "--ckpt_path", "last", "--checkpoint.dirpath", str(folder)])
+    assert sorted((tmp_path / "run" / "logs").iterdir()) == logs  # nothing trained: no new event file
