@@ -18,6 +18,7 @@ from diffusers import DDPMPipeline
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from .checkpointing import check_finite
 from .hub import HubUploader
 from .metrics import InceptionWeightsUnavailable, SampleQuality
 from .monitor import progress_bar
@@ -86,6 +87,7 @@ class SampleGrid(Callback):
     def write_grid(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
         """Every rank samples its share of the grid and rank 0 writes it: no rank waits on the others' sampling
         (a grid drawn by rank 0 alone could outlast the collective timeout of the ranks waiting for it)."""
+        check_finite(trainer)
         title = f"Grid of {self.eval_batch_size} ({self.sampler})"
         bar = progress_bar(trainer, title, self.num_inference_steps, "step")
         share = self.eval_batch_size, self.sampler, self.num_inference_steps, self.seed, self.autocast
@@ -147,7 +149,10 @@ class SaveModel(Callback):
             raise RuntimeError(f"Cannot start training: {error}")
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if is_due(trainer, self.save_model_epochs) and trainer.is_global_zero:
+        if not is_due(trainer, self.save_model_epochs):
+            return
+        check_finite(trainer)  # on every rank (it syncs), before rank 0 saves
+        if trainer.is_global_zero:
             self.save(trainer, pl_module, f"Epoch {trainer.current_epoch}")
 
     def save(self, trainer: Trainer, pl_module: LightningModule, message: str) -> None:

@@ -30,6 +30,8 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .stop_on_nan import StopOnNaN
+
 log = logging.getLogger(__name__)
 
 
@@ -195,6 +197,9 @@ class PeriodicCheckpoint(ModelCheckpoint):
             (io.link if hasattr(io, "link") else AtomicCheckpointIO().link)(filepath, linkpath)
         trainer.strategy.barrier()
 
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        check_finite(trainer)  # (called on every rank before anything is written)
+
     def save_now(self, trainer: Trainer) -> None:
         """A checkpoint at this step (unless one was just written), as the cadence would write it, and `last`."""
         if self._should_skip_saving_checkpoint(trainer):
@@ -214,6 +219,16 @@ class PeriodicCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.save_now(trainer)  # the end of the run is always saved, whatever the cadence (unless just saved)
         super().on_train_end(trainer, pl_module)
+
+
+def check_finite(trainer: Trainer) -> None:
+    """Stop the run, writing nothing, when a training loss so far was NaN or infinite: asked on every rank before
+    each checkpoint, grid and model save, so none is written from the weights that followed it and the last good
+    checkpoint stays `last` (one number read from the device, at save time only). Without `model.stop_on_nan`
+    (no StopOnNaN callback) nothing is checked."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, StopOnNaN):
+            callback.check(trainer)
 
 
 class _SignalAtOptimizerStep(_SignalConnector):

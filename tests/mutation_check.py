@@ -285,6 +285,12 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "        if False:\n",
         [LAST_GOOD + "test_resume_from_a_broken_last_fails_before_training_naming_the_file_and_the_fresh_start[break_dangling]"],
     ),
+    "checkpoint_written_after_a_nan_loss": (
+        "ddpm_lightning/checkpointing.py",
+        "        check_finite(trainer)  # (called on every rank before anything is written)\n",
+        "        pass\n",
+        [LAST_GOOD + "test_no_checkpoint_grid_or_model_is_written_after_a_nan_loss"],
+    ),
 }
 
 COPIED = ["ddpm_lightning", "tests", "configs", "pyproject.toml"]

@@ -115,3 +115,31 @@ def test_resume_from_a_broken_last_fails_before_training_naming_the_file_and_the
     with pytest.raises((FileNotFoundError, ValueError), match=f"{named}.*--ckpt_path out and pass --overwrite true"):
         main([*args[:-1], "6", "--ckpt_path", "last", "--checkpoint.dirpath", str(folder)])
     assert sorted((tmp_path / "run" / "logs").iterdir()) == logs  # nothing trained: no new event file
+
+
+@pytest.mark.parametrize(
+    "diverge, first_bad, last_good",
+    [
+        (["--trainer.callbacks+=conftest.NaNAtStep", "--trainer.callbacks.step", "5"], 5, 4),
+        (["--model.learning_rate", "1e9", "--model.lr_warmup_steps", "0"], 1, None),  # the issue's command
+    ],
+)
+def test_no_checkpoint_grid_or_model_is_written_after_a_nan_loss(twelve, tmp_path, diverge, first_bad, last_good):
+    """Checkpoints every 2 steps, the NaN check every 10: each save checks first. Grids and saves every epoch."""
+    out, folder = tmp_path / "run", tmp_path / "checkpoints" / "run"
+    saves = ["--grid.save_image_epochs", "1", "--save.save_model_epochs", "1", "--checkpoint.every_n_train_steps", "2"]
+    with pytest.raises(FloatingPointError, match=f"NaN or infinite at step {first_bad}"):
+        main(fit_args(twelve, out, *saves, *STEPS, "12", *diverge))
+    if last_good is None:
+        assert not folder.exists() or not list(folder.iterdir())
+        assert not list((out / "samples").glob("0*.png")) and not (out / "unet").exists()  # no grid, no model
+        return
+    assert step_of(folder / "last.ckpt") == last_good
+    assert sorted(p.name for p in folder.iterdir()) == [f"epoch=1-step={last_good}.ckpt", "last.ckpt"]
+    weights = torch.load(folder / "last.ckpt", weights_only=False, map_location="cpu")["state_dict"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert sorted((out / "samples").glob("0*.png")) == [out / "samples" / "0000.png"]  # epoch 0 (steps 0-2) only
+    from diffusers import UNet2DModel
+
+    saved = UNet2DModel.from_pretrained(out / "unet")
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
