@@ -283,7 +283,10 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ddpm_lightning/checkpointing.py",
         "        if not existing:  # a link whose file was deleted or never written\n",
         "        if False:\n",
-        [LAST_GOOD + "test_resume_from_a_broken_last_fails_before_training_naming_the_file_and_the_fresh_start[break_dangling]"],
+        [
+            LAST_GOOD
+            + "test_resume_from_a_broken_last_fails_before_training_naming_the_file_and_the_fresh_start[break_dangling]"
+        ],
     ),
     "checkpoint_written_after_a_nan_loss": (
         "ddpm_lightning/checkpointing.py",

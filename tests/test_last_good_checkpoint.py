@@ -40,7 +40,9 @@ def small_disk(tmp_path, monkeypatch):
     def make(size: int) -> Path:
         folder = tmp_path / f"disk{len(mounted)}"
         folder.mkdir()
-        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+        mount = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+        )
         if mount.returncode == 0:
             mounted.append(folder)
             return folder
@@ -101,9 +103,7 @@ def break_emptied(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("damage", [break_dangling, break_truncated, break_emptied])
-def test_resume_from_a_broken_last_fails_before_training_naming_the_file_and_the_fresh_start(
-    twelve, tmp_path, damage
-):
+def test_resume_from_a_broken_last_fails_before_training_naming_the_file_and_the_fresh_start(twelve, tmp_path, damage):
     import shutil
 
     args = fit_args(twelve, tmp_path / "run", *NO_SAVES, *STEPS, "3")
