@@ -34,6 +34,7 @@ from .data import ImageDataModule
 from .module import DDPMModule
 from .monitor import ImagesThroughput, RunReport
 from .precision import FusedClipMixedPrecision
+from .run_lock import RunLock
 
 
 class DDPMLightningCLI(LightningCLI):
@@ -81,7 +82,9 @@ class DDPMLightningCLI(LightningCLI):
         # Unless the config names a logger (or turns logging off), TensorBoard writes to <output_dir>/logs,
         # the same folder on every run, so a resumed run continues its curves instead of starting version_1.
         if trainer.get("logger") in (None, True):
-            kwargs["logger"] = TensorBoardLogger(save_dir=self._get(self.config, "output_dir"), name="logs", version="")
+            # validate logs (and saves its config) to <output_dir>/validate: the run's logs/ stay the record of training.
+            name = "logs" if self.config.subcommand == "fit" else self.config.subcommand
+            kwargs["logger"] = TensorBoardLogger(save_dir=self._get(self.config, "output_dir"), name=name, version="")
         if trainer.get("plugins") is None:
             # Atomic writes in a background thread (not a config default: an instance would not serialize)
             kwargs["plugins"] = [BackgroundCheckpointIO()]
@@ -107,12 +110,32 @@ class DDPMLightningCLI(LightningCLI):
             )
 
     def before_fit(self) -> None:
-        check_ckpt_path(self._get(self.config, "ckpt_path"), self.trainer.checkpoint_callback)
-        check_writable(self._get(self.config, "output_dir"))
-        # Rank 0 only: the other ranks of a run start after it and would find its own new files.
-        if self._get(self.config, "ckpt_path") is None and self.trainer.global_rank == 0:
-            output_dir, overwrite = self._get(self.config, "output_dir"), self._get(self.config, "overwrite")
-            check_fresh_run(output_dir, self.trainer.checkpoint_callback, overwrite)
+        output_dir = self._get(self.config, "output_dir")
+        check_writable(output_dir)
+        # Rank 0 only: the other ranks of a run start after it (and are the same run) and would find its new files.
+        rank_zero = self.trainer.global_rank == 0
+        self.lock = RunLock(output_dir)
+        if rank_zero:
+            self.lock.acquire()  # first: a second process on this run fails now, naming the one that holds it
+        try:
+            check_ckpt_path(self._get(self.config, "ckpt_path"), self.trainer.checkpoint_callback)
+            if self._get(self.config, "ckpt_path") is None and rank_zero:
+                check_fresh_run(output_dir, self.trainer.checkpoint_callback, self._get(self.config, "overwrite"))
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def fit(self, **kwargs) -> None:
+        """`trainer.fit` with the run's lock held. A fresh run that fails before its first optimizer step (a typo
+        in the data set, ...) leaves nothing that would make the corrected command refuse to start."""
+        try:
+            self.trainer.fit(**kwargs)
+        except BaseException:
+            if kwargs.get("ckpt_path") is None and self.trainer.global_rank == 0 and self.trainer.global_step == 0:
+                remove_unstarted_run(self._get(self.config, "output_dir"), self.trainer.checkpoint_callback)
+            raise
+        finally:
+            self.lock.release()
 
 
 def check_writable(folder: str) -> None:
@@ -176,6 +199,17 @@ def check_fresh_run(folder: str, checkpoint, overwrite: bool) -> None:
     logging.getLogger("ddpm_lightning").info(
         f"--overwrite: deleted the old run's logs, samples, checkpoints in {folder}"
     )
+
+
+def remove_unstarted_run(folder: str, checkpoint) -> None:
+    """What a fresh run wrote before failing ahead of its first optimizer step (its logs, samples/data.png): the
+    folders check_fresh_run found absent (or --overwrite emptied), so nothing of another run's; kept if the run
+    saved a checkpoint after all."""
+    ckpt_dir = Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else None
+    if ckpt_dir is not None and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
+        return
+    for name in ("logs", "samples"):
+        shutil.rmtree(Path(folder) / name, ignore_errors=True)
 
 
 # Lines a user cannot act on in a plain run, silenced one by one (every other warning is left alone).

@@ -21,7 +21,7 @@ from huggingface_hub import HfApi, get_token
 log = logging.getLogger(__name__)
 
 # The tutorial's ignore patterns: intermediate step_* / epoch_* folders are not published.
-IGNORE_PATTERNS = ["step_*", "epoch_*"]
+IGNORE_PATTERNS = ["step_*", "epoch_*", ".ddpm-lightning.lock"]  # the lock names this machine
 
 
 class MissingHubTokenError(RuntimeError):
