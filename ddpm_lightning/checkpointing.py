@@ -80,6 +80,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 PARTIAL = ".partial-"  # a write in progress: .<name>.partial-<pid> beside its destination
 
 
+def remove_partial_files(folder: str | Path | None) -> None:
+    """Delete what writes killed mid-way left in `folder` (up to a checkpoint's size each); call it only while
+    holding the run's lock, so no write of another process is in progress there."""
+    if folder is not None and Path(folder).is_dir():
+        for path in Path(folder).glob(f".*{PARTIAL}*"):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
 def write_error(path: Path, err: BaseException) -> CheckpointWriteError:
     try:
         free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
@@ -188,8 +196,21 @@ class PeriodicCheckpoint(ModelCheckpoint):
     def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
         stale, self._stale = self._stale, []
+        kept = {os.path.abspath(p) for p in [*self.best_k_models, self.last_model_path] if p}
         for path in stale:
-            super()._remove_checkpoint(trainer, path)
+            if os.path.abspath(path) not in kept:
+                super()._remove_checkpoint(trainer, path)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        # Resumed with another cadence: Lightning restores no state saved under another cadence (state_key), so
+        # the old cadence's file would stay beside the new one. Where one file is kept, it goes at the next save.
+        states = checkpoint.get("callbacks", {})
+        if self.state_key in states or self.save_top_k != 1 or self.monitor is not None:
+            return
+        for state in states.values():
+            if isinstance(state, dict) and state.get("dirpath") == self.dirpath:
+                old = [state.get("best_model_path"), *state.get("best_k_models", {})]
+                self._stale += [path for path in old if path and os.path.exists(path)]
 
     def _link_checkpoint(self, trainer: Trainer, filepath: str, linkpath: str) -> None:
         io = trainer.strategy.checkpoint_io

@@ -29,7 +29,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import commands
 from .callbacks import MeasureQuality, SampleGrid, SaveModel
-from .checkpointing import BackgroundCheckpointIO, PeriodicCheckpoint, PreemptionCheckpoint, RNGStates, check_ckpt_path
+from .checkpointing import (
+    BackgroundCheckpointIO,
+    PeriodicCheckpoint,
+    PreemptionCheckpoint,
+    RNGStates,
+    check_ckpt_path,
+    remove_partial_files,
+)
 from .data import ImageDataModule
 from .module import DDPMModule
 from .monitor import ImagesThroughput, RunReport
@@ -118,7 +125,11 @@ class DDPMLightningCLI(LightningCLI):
         if rank_zero:
             self.lock.acquire()  # first: a second process on this run fails now, naming the one that holds it
         try:
-            check_ckpt_path(self._get(self.config, "ckpt_path"), self.trainer.checkpoint_callback)
+            checkpoint = self.trainer.checkpoint_callback
+            if rank_zero:  # the lock is held: no write of another process is in progress
+                remove_partial_files(output_dir)
+                remove_partial_files(checkpoint.dirpath if checkpoint is not None else None)
+            check_ckpt_path(self._get(self.config, "ckpt_path"), checkpoint)
             if self._get(self.config, "ckpt_path") is None and rank_zero:
                 check_fresh_run(output_dir, self.trainer.checkpoint_callback, self._get(self.config, "overwrite"))
         except BaseException:

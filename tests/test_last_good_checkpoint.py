@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,36 @@ def test_no_checkpoint_grid_or_model_is_written_after_a_nan_loss(twelve, tmp_pat
 
     saved = UNet2DModel.from_pretrained(out / "unet")
     assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
+KILLED_WRITE = """
+import sys, time, torch
+from ddpm_lightning.checkpointing import AtomicCheckpointIO
+
+def stalls(obj, f):  # half a checkpoint out, then the process hangs until it is killed
+    f.write(b"PK" + bytes(100_000)); f.flush(); print("writing", flush=True); time.sleep(600)
+
+torch.save = stalls
+AtomicCheckpointIO().save_checkpoint({"global_step": 9}, sys.argv[1])
+"""
+
+
+def test_files_of_a_killed_write_and_of_an_old_cadence_are_removed_on_resume(twelve, tmp_path):
+    from conftest import child_env
+
+    args = fit_args(twelve, tmp_path / "run", *NO_SAVES, "--trainer.max_epochs", "-1")
+    folder = tmp_path / "checkpoints" / "run"
+    main([*args, "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "2"])
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITE, str(folder / "epoch=9-step=99.ckpt")],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdout.readline().strip() == "writing"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert [p.name for p in folder.glob(".*partial*")] == [f".epoch=9-step=99.ckpt.partial-{writer.pid}"]
+    # resumed with another cadence: the old cadence's file goes once the new one is written, as does the partial
+    main([*args, "--trainer.max_steps", "6", "--checkpoint.every_n_train_steps", "3", "--ckpt_path", "last"])
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=1-step=6.ckpt", "last.ckpt"]
