@@ -14,11 +14,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from diffusers import DDPMPipeline
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .checkpointing import check_finite
+from .checkpointing import check_finite, save_pipeline
 from .hub import HubUploader
 from .metrics import InceptionWeightsUnavailable, SampleQuality
 from .monitor import progress_bar
@@ -159,7 +158,7 @@ class SaveModel(Callback):
         if self.uploader is not None:
             self.uploader.wait()  # never rewrite the folder while it is being uploaded
         with pl_module.ema_weights():
-            DDPMPipeline(unet=pl_module.unet, scheduler=pl_module.noise_scheduler).save_pretrained(self.output_dir)
+            save_pipeline(pl_module.unet, pl_module.noise_scheduler, self.output_dir)
         from .card import write_run_card  # README.md + samples.png in the folder, uploaded with it; never raises
 
         write_run_card(trainer, pl_module, self.output_dir, repo_id=self.uploader.repo_id if self.uploader else None)

@@ -102,6 +102,29 @@ def write_error(path: Path, err: BaseException) -> CheckpointWriteError:
     )
 
 
+def save_pipeline(unet, scheduler, folder: str | Path) -> None:
+    """`DDPMPipeline(unet, scheduler).save_pretrained(folder)`, written beside and swapped in: the new files go to a
+    hidden folder inside `folder`, then each replaces its old self in one rename (the weights first, model_index.json
+    last). A kill at any moment leaves each file whole, old or new, and the folder a loadable model."""
+    from diffusers import DDPMPipeline
+
+    folder = Path(folder)
+    staging = folder / f".model{PARTIAL}{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging)
+        files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: (p.suffix == ".json", p.name))
+        for new in files:
+            with open(new, "rb") as f:
+                os.fsync(f.fileno())
+        for new in sorted(files, key=lambda p: p.name == "model_index.json"):
+            destination = folder / new.relative_to(staging)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(new, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 class BackgroundCheckpointIO(AsyncCheckpointIO):
     """Checkpoints written by one background thread (the tensors are copied on the training thread first, as in
     Lightning's AsyncCheckpointIO), with removals and links queued behind the writes: the previous checkpoint is

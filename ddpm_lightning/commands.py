@@ -25,6 +25,7 @@ from PIL import Image
 from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
+from .checkpointing import save_pipeline
 from .module import DDPMModule
 from .sampling import SAMPLERS, Sampler, denoise, grid_shape, make_sampler, save_grid
 from .sources import is_hub_id
@@ -241,7 +242,7 @@ def export(ckpt: str, out: str, samples: str | None = None, repo_id: str | None 
         raise CommandError(f"{out} is a file: give a folder to write the model into (created if missing).")
     module, checkpoint = load_checkpoint(path)
     with module.ema_weights():
-        DDPMPipeline(unet=module.unet, scheduler=module.noise_scheduler).save_pretrained(folder)
+        save_pipeline(module.unet, module.noise_scheduler, folder)
     data = checkpoint.get("datamodule_hyper_parameters") or {}
     config = {"model": checkpoint["hyper_parameters"], **({"data": data} if data else {})}  # card: no "_" keys
     grid = Path(samples) if samples else None
