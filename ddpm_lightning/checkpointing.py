@@ -434,6 +434,15 @@ def check_ckpt_path(ckpt_path: str | None, checkpoint: ModelCheckpoint | None) -
             f"--ckpt_path {ckpt_path} is not a readable checkpoint ({err}): it is truncated or corrupt. "
             "Resume from another checkpoint by its path (an epoch=*.ckpt beside it, if there is one). " + FRESH_START
         ) from err
+    try:  # (memory-mapped: no tensor is read) a plain torch.save of weights is no checkpoint to resume
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # objects weights_only refuses: left to Lightning's own loading
+        return
+    if not isinstance(content, dict) or "pytorch-lightning_version" not in content:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is not a Lightning checkpoint (no pytorch-lightning_version: a plain torch.save?). "
+            "Give a .ckpt written by `ddpm-lightning fit` (its checkpoint folder's last.ckpt)."
+        )
 
 
 LAST = re.compile(r"^last(-\d+)?\.ckpt$")  # the names Lightning's `--ckpt_path last` looks for

@@ -12,7 +12,9 @@ Errors the product raises on purpose print as one line; `--debug` (or DDPM_LIGHT
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 import os
 import shutil
 import sys
@@ -21,6 +23,7 @@ import traceback
 import warnings
 from pathlib import Path
 
+from diffusers import UNet2DModel
 from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -117,15 +120,16 @@ class DDPMLightningCLI(LightningCLI):
             )
 
     def before_fit(self) -> None:
-        output_dir = self._get(self.config, "output_dir")
+        output_dir, checkpoint = self._get(self.config, "output_dir"), self.trainer.checkpoint_callback
         check_writable(output_dir)
+        if checkpoint is not None and checkpoint.dirpath and self.trainer.global_rank == 0:
+            check_writable(checkpoint.dirpath, "--checkpoint.dirpath")
         # Rank 0 only: the other ranks of a run start after it (and are the same run) and would find its new files.
         rank_zero = self.trainer.global_rank == 0
         self.lock = RunLock(output_dir)
         if rank_zero:
             self.lock.acquire()  # first: a second process on this run fails now, naming the one that holds it
         try:
-            checkpoint = self.trainer.checkpoint_callback
             if rank_zero:  # the lock is held: no write of another process is in progress
                 remove_partial_files(output_dir)
                 remove_partial_files(checkpoint.dirpath if checkpoint is not None else None)
@@ -149,15 +153,16 @@ class DDPMLightningCLI(LightningCLI):
             self.lock.release()
 
 
-def check_writable(folder: str) -> None:
-    """Create the output folder now, so a bad path fails before any training, naming the folder and the fix."""
+def check_writable(folder: str, option: str = "--output_dir") -> None:
+    """Create the folder now, so a bad path fails before any training, naming the folder and the fix."""
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
         raise RuntimeError(
-            f"Cannot start training: output_dir {folder} is not a writable folder ({err}). Choose another --output_dir."
+            f"Cannot start training: {option.lstrip('-')} {folder} is not a writable folder ({err}). "
+            f"Choose another {option}."
         ) from err
 
 
@@ -181,6 +186,25 @@ def check_values(config) -> None:
             raise ValueError(f"--{key} {value}: {what} must be positive.")
     if config.get("model.lr_warmup_steps") is not None and config.model.lr_warmup_steps < 0:
         raise ValueError(f"--model.lr_warmup_steps {config.model.lr_warmup_steps}: must be 0 or more.")
+    fraction = config.get("data.val_fraction")
+    if fraction is not None and not 0 <= fraction < 1:
+        raise ValueError(f"--data.val_fraction {fraction}: the share of images held out must be in [0, 1), e.g. 0.1.")
+    check_norm_groups(config.get("model.unet"))
+
+
+def check_norm_groups(unet: dict | None) -> None:
+    """GroupNorm splits each block's channels into norm_num_groups groups: say so before diffusers fails on it."""
+    if not isinstance(unet, dict):
+        return
+    defaults = inspect.signature(UNet2DModel.__init__).parameters
+    channels = list(unet.get("block_out_channels", defaults["block_out_channels"].default))
+    groups = unet.get("norm_num_groups", defaults["norm_num_groups"].default)
+    if groups and any(c % groups for c in channels):
+        raise ValueError(
+            f"--model.unet: block_out_channels {channels} are not all multiples of norm_num_groups {groups} (each "
+            f"block's channels are split into that many groups): use multiples of {groups}, or set "
+            f"unet.norm_num_groups to a divisor of all of them (e.g. {math.gcd(*channels)})."
+        )
 
 
 # What a run writes into output_dir: a fresh run refuses a folder that holds any of them (see check_fresh_run).
@@ -228,6 +252,7 @@ NOISE_WARNINGS = (
     r"'set_vital' is deprecated",  # torchdata's StatefulDataLoader calls it
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # torch's pytree, from Lightning's utilities
     r"Checkpoint directory .* exists and is not empty",  # every resume, by design
+    r"LightningCLI's args parameter is intended to run from within Python",  # main() passes sys.argv on, edited
 )
 NOISE_LOG_LINES = ("💡 Tip:", "TPU available:", "Loading `train_dataloader` to estimate")
 

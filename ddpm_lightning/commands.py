@@ -180,6 +180,8 @@ def sample(
     steps = (1000 if sampler == "ddpm" else 50) if num_inference_steps is None else num_inference_steps
     if steps < 1:
         raise CommandError(f"num_inference_steps must be at least 1, not {steps} (leave it out for the default).")
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise CommandError(f"--output_dir {output_dir} is a file: give a folder for the images (created if missing).")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError(f"--device {device}: no CUDA GPU is visible here. Use --device cpu, or leave --device out.")
