@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_utilities.core.apply_func import apply_to_collection
 
@@ -394,6 +395,46 @@ class RNGStates(Callback):
 
 
 FRESH_START = "To start the run again from step 0 instead: leave --ckpt_path out and pass --overwrite true."
+
+
+class SameData(Callback):
+    """A checkpoint records its run's data settings (Lightning keeps the data module's hyperparameters) and the number
+    of training images; a resume that changes them says so. Another image size is refused: the UNet was trained at
+    one size, and its saved folder says which. Any other change (the data set, the batch size, images added or
+    removed, ...) goes on with one warning naming it: from there on, the images come in another order than in
+    the uninterrupted run, so it no longer equals that run."""
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        images = train_images(trainer)
+        if images is not None:
+            checkpoint["train_images"] = images
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        then = checkpoint.get("datamodule_hyper_parameters") or {}
+        now = dict(trainer.datamodule.hparams) if trainer.datamodule is not None else {}
+        if "image_size" in then and then["image_size"] != now.get("image_size", then["image_size"]):
+            raise ValueError(
+                f"The checkpoint was trained at data.image_size {then['image_size']}, not {now['image_size']}: a "
+                f"resumed run keeps its image size (resume with --data.image_size {then['image_size']}). To train "
+                "at another size, start a new run (another --output_dir)."
+            )
+        changed = [
+            f"{key} {then[key]!r} -> {now[key]!r}" for key in sorted(then) if key in now and then[key] != now[key]
+        ]
+        images = train_images(trainer)
+        if "train_images" in checkpoint and images is not None and checkpoint["train_images"] != images:
+            changed.append(f"{checkpoint['train_images']} -> {images} training images")
+        if changed:
+            rank_zero_warn(
+                f"Resuming with other data than the checkpoint's run ({'; '.join(changed)}): training goes on with "
+                "it, but the images now come in another order than in the uninterrupted run, so the result will not "
+                "equal that run's."
+            )
+
+
+def train_images(trainer: Trainer) -> int | None:
+    images = getattr(trainer.datamodule, "train_set", None)
+    return len(images) if images is not None else None
 
 
 def check_ckpt_path(ckpt_path: str | None, checkpoint: ModelCheckpoint | None) -> None:

@@ -37,6 +37,7 @@ from .checkpointing import (
     PeriodicCheckpoint,
     PreemptionCheckpoint,
     RNGStates,
+    SameData,
     check_ckpt_path,
     remove_partial_files,
 )
@@ -291,7 +292,7 @@ def main(args: ArgsType = None) -> None:
             args=argv,
             auto_configure_optimizers=False,  # the module owns AdamW and the warm-up + cosine schedule
             save_config_kwargs={"overwrite": True},  # a resumed run writes its config to the same folder
-            trainer_defaults={"callbacks": [PreemptionCheckpoint(), RNGStates()]},
+            trainer_defaults={"callbacks": [PreemptionCheckpoint(), RNGStates(), SameData()]},
         )
     except SIGTERMException:
         if PreemptionCheckpoint.interrupted:

@@ -178,3 +178,15 @@ def test_files_of_a_killed_write_and_of_an_old_cadence_are_removed_on_resume(twe
     # resumed with another cadence: the old cadence's file goes once the new one is written, as does the partial
     main([*args, "--trainer.max_steps", "6", "--checkpoint.every_n_train_steps", "3", "--ckpt_path", "last"])
     assert sorted(p.name for p in folder.iterdir()) == ["epoch=1-step=6.ckpt", "last.ckpt"]
+
+
+def test_a_resume_at_another_image_size_is_refused_and_other_data_changes_are_named(twelve, tmp_path):
+    args = fit_args(twelve, tmp_path / "run", *NO_SAVES, "--trainer.max_epochs", "-1")
+    main([*args, "--trainer.max_steps", "2"])
+    with pytest.raises(ValueError, match="trained at data.image_size 16, not 32"):
+        main([*args, "--trainer.max_steps", "4", "--ckpt_path", "last", "--data.image_size", "32"])
+    for i in range(12, 16):  # images added to the folder, and another batch size
+        write_image(twelve / f"{i}.png", seed=i)
+    with pytest.warns(UserWarning, match=r"train_batch_size 4 -> 2; 12 -> 16 training images\): .*another order"):
+        main([*args, "--trainer.max_steps", "4", "--ckpt_path", "last", "--data.train_batch_size", "2"])
+    assert step_of(tmp_path / "checkpoints" / "run" / "last.ckpt") == 4

@@ -38,7 +38,9 @@ def read_only_folder(tmp_path: Path) -> Path:
 def mistake(name: str, tmp_path: Path, images: Path) -> tuple[list[str], str]:
     """The command line of mistake `name`, and what its one line must say."""
     if name == "val_fraction":
-        return fit_args(images, tmp_path / "run", "--data.val_fraction", "2"), "--data.val_fraction 2.0: the share of images held out must be in [0, 1)"
+        return fit_args(
+            images, tmp_path / "run", "--data.val_fraction", "2"
+        ), "--data.val_fraction 2.0: the share of images held out must be in [0, 1)"
     if name == "norm_groups":
         unet = {**TINY_UNET, "block_out_channels": [16, 32]}  # not multiples of the default 32 groups
         return fit_args(images, tmp_path / "run", "--model.unet", json.dumps(unet)), "multiples of norm_num_groups 32"
