@@ -116,6 +116,8 @@ class SaveModel(Callback):
         push_to_hub: also upload each save to the Hub, in the background (needs `hf auth login` or HF_TOKEN).
         hub_model_id: the Hub repo, "user/name" or "name"; the output folder's name when left out.
         hub_private_repo: create the repo private.
+        hub_upload_logs: also upload logs/ (TensorBoard events, config.yaml) and run_summary.json; they name local
+            paths, and the event file the host; left out by default.
     """
 
     def __init__(
@@ -125,12 +127,15 @@ class SaveModel(Callback):
         push_to_hub: bool = False,
         hub_model_id: str | None = None,
         hub_private_repo: bool = False,
+        hub_upload_logs: bool = False,
     ):
         self.output_dir = output_dir
         self.save_model_epochs = save_model_epochs
         self.push_to_hub = push_to_hub
         repo_id = hub_model_id or Path(output_dir).name
-        self.uploader = HubUploader(repo_id, private=hub_private_repo) if push_to_hub else None
+        self.uploader = (
+            HubUploader(repo_id, private=hub_private_repo, upload_logs=hub_upload_logs) if push_to_hub else None
+        )
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":

@@ -117,7 +117,7 @@ def save_pipeline(unet, scheduler, folder: str | Path) -> None:
         files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: (p.suffix == ".json", p.name))
         for new in files:
             with open(new, "rb") as f:
-                os.fsync(f.fileno())
+                os.fsync(f.fileno())  # on disk before any rename
         for new in sorted(files, key=lambda p: p.name == "model_index.json"):
             destination = folder / new.relative_to(staging)
             destination.parent.mkdir(parents=True, exist_ok=True)

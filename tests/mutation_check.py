@@ -255,7 +255,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "hub_intermediate_folders_published": (
         "ddpm_lightning/hub.py",
-        "ignore = list(IGNORE_PATTERNS)",
+        "ignore = IGNORE_PATTERNS + ([] if self.upload_logs else LOCAL_RECORDS)",
         "ignore = None",
         [HUB + "test_save_model_creates_the_repo_uploads_the_saved_pipeline_and_waits_at_fit_end"],
     ),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_hub import hf_env, hub  # noqa: F401 (fixtures: the local Hub stand-in)
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.run_lock import RunInUseError
@@ -136,3 +137,19 @@ def test_a_model_save_killed_mid_write_leaves_the_previous_model_loadable(tmp_pa
     old = tiny_module().unet.state_dict()
     assert all(torch.equal(value, old[name]) for name, value in loaded.state_dict().items())  # the old model
     assert [p.name for p in folder.glob(".*")] == [f".model.partial-{writer.pid}"]  # removed by the next fit
+
+
+def test_an_upload_names_no_local_path_user_or_host(hub, image_folder, tmp_path, monkeypatch):  # noqa: F811
+    import socket
+
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    out = tmp_path / "ddpm-pushed"
+    main(fit_args(image_folder, out, "--trainer.max_epochs", "1", "--save.push_to_hub", "true"))
+    files = hub.repos["fake-user/ddpm-pushed"].files
+    assert "unet/diffusion_pytorch_model.safetensors" in files and "README.md" in files
+    assert (out / "logs" / "config.yaml").is_file() and (out / "run_summary.json").is_file()  # kept locally
+    texts = {name: data for name, data in files.items() if not name.endswith((".safetensors", ".png"))}
+    assert texts.keys() == {"README.md", "model_index.json", "unet/config.json", "scheduler/scheduler_config.json"}
+    for private in (str(tmp_path), socket.gethostname(), str(Path.home())):
+        assert not [name for name, data in texts.items() if private in name or private.encode() in data], private
+    assert f"a local data set (`{image_folder.name}`)" in files["README.md"].decode()
