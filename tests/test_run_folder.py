@@ -27,6 +27,7 @@ def twelve(tmp_path) -> Path:
     return tmp_path / "twelve"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mistake",
     [["--data.dataset", "nope"], crash_args(step=0)],  # the typo; a crash ahead of the first step
@@ -40,6 +41,7 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_the_corrected_on
     assert [e.step for e in tb_events(out / "logs", "train/loss")] == [0, 1]
 
 
+@pytest.mark.slow
 def test_validate_leaves_the_runs_config_and_logs_alone(image_folder, tmp_path):
     out = tmp_path / "run"
     main(fit_args(image_folder, out, *NO_SAVES, "--trainer.max_steps", "2", "--data.val_fraction", "0.25"))
@@ -56,6 +58,7 @@ def test_validate_leaves_the_runs_config_and_logs_alone(image_folder, tmp_path):
     assert tb_events(out / "validate", "val/loss")  # its own record, beside the run's
 
 
+@pytest.mark.slow
 def test_a_second_process_on_a_run_in_progress_fails_at_once_naming_the_first_and_a_killed_one_frees_it(
     twelve, tmp_path
 ):
@@ -139,6 +142,7 @@ def test_a_model_save_killed_mid_write_leaves_the_previous_model_loadable(tmp_pa
     assert [p.name for p in folder.glob(".*")] == [f".model.partial-{writer.pid}"]  # removed by the next fit
 
 
+@pytest.mark.slow
 def test_an_upload_names_no_local_path_user_or_host(hub, image_folder, tmp_path, monkeypatch):  # noqa: F811
     import socket
 
