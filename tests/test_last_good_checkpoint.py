@@ -23,6 +23,7 @@ STEPS = ["--trainer.max_epochs", "-1", "--trainer.max_steps"]
 
 pytestmark = pytest.mark.slow  # each test runs `fit` (or the CLI) at least once: over 10 s on 2 cores
 
+
 @pytest.fixture
 def twelve(tmp_path) -> Path:
     """12 images: 3 steps an epoch at batch 4."""

@@ -21,6 +21,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 pytestmark = pytest.mark.slow  # each test runs `fit` (or the CLI) at least once: over 10 s on 2 cores
 
+
 @pytest.fixture
 def images(tmp_path) -> Path:
     for i in range(4):
