@@ -14,10 +14,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from diffusers import DDPMPipeline
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from .checkpointing import check_finite, save_pipeline
 from .hub import HubUploader
 from .metrics import InceptionWeightsUnavailable, SampleQuality
 from .monitor import progress_bar
@@ -86,6 +86,7 @@ class SampleGrid(Callback):
     def write_grid(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
         """Every rank samples its share of the grid and rank 0 writes it: no rank waits on the others' sampling
         (a grid drawn by rank 0 alone could outlast the collective timeout of the ranks waiting for it)."""
+        check_finite(trainer)
         title = f"Grid of {self.eval_batch_size} ({self.sampler})"
         bar = progress_bar(trainer, title, self.num_inference_steps, "step")
         share = self.eval_batch_size, self.sampler, self.num_inference_steps, self.seed, self.autocast
@@ -115,6 +116,8 @@ class SaveModel(Callback):
         push_to_hub: also upload each save to the Hub, in the background (needs `hf auth login` or HF_TOKEN).
         hub_model_id: the Hub repo, "user/name" or "name"; the output folder's name when left out.
         hub_private_repo: create the repo private.
+        hub_upload_logs: also upload logs/ (TensorBoard events, config.yaml) and run_summary.json; they name local
+            paths, and the event file the host; left out by default.
     """
 
     def __init__(
@@ -124,12 +127,15 @@ class SaveModel(Callback):
         push_to_hub: bool = False,
         hub_model_id: str | None = None,
         hub_private_repo: bool = False,
+        hub_upload_logs: bool = False,
     ):
         self.output_dir = output_dir
         self.save_model_epochs = save_model_epochs
         self.push_to_hub = push_to_hub
         repo_id = hub_model_id or Path(output_dir).name
-        self.uploader = HubUploader(repo_id, private=hub_private_repo) if push_to_hub else None
+        self.uploader = (
+            HubUploader(repo_id, private=hub_private_repo, upload_logs=hub_upload_logs) if push_to_hub else None
+        )
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -147,14 +153,17 @@ class SaveModel(Callback):
             raise RuntimeError(f"Cannot start training: {error}")
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if is_due(trainer, self.save_model_epochs) and trainer.is_global_zero:
+        if not is_due(trainer, self.save_model_epochs):
+            return
+        check_finite(trainer)  # on every rank (it syncs), before rank 0 saves
+        if trainer.is_global_zero:
             self.save(trainer, pl_module, f"Epoch {trainer.current_epoch}")
 
     def save(self, trainer: Trainer, pl_module: LightningModule, message: str) -> None:
         if self.uploader is not None:
             self.uploader.wait()  # never rewrite the folder while it is being uploaded
         with pl_module.ema_weights():
-            DDPMPipeline(unet=pl_module.unet, scheduler=pl_module.noise_scheduler).save_pretrained(self.output_dir)
+            save_pipeline(pl_module.unet, pl_module.noise_scheduler, self.output_dir)
         from .card import write_run_card  # README.md + samples.png in the folder, uploaded with it; never raises
 
         write_run_card(trainer, pl_module, self.output_dir, repo_id=self.uploader.repo_id if self.uploader else None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,7 +78,7 @@ def write_model_card(
         if not (target.exists() and target.samefile(grid_path)):
             shutil.copyfile(grid_path, target)
 
-    config = plain(config) if config else None
+    config = without_local_paths(plain(config)) if config else None
     name = repo_id or folder.resolve().name
     size = config and ((config.get("model") or {}).get("image_size") or (config.get("data") or {}).get("image_size"))
 
@@ -97,7 +98,7 @@ def write_model_card(
     elif hub_dataset:
         data_line = f"[{dataset}](https://huggingface.co/datasets/{dataset})"
     else:
-        data_line = f"a local data set (`{dataset}`)"
+        data_line = f"a local data set (`{Path(dataset).name}`)"  # its name: no local path on the Hub
     steps_line = steps if steps is not None else "not recorded"
     lines += ["## Training", "", f"- Data set: {data_line}", f"- Steps trained: {steps_line}", ""]
     load = f"pipeline = DDPMPipeline.from_pretrained({json.dumps(str(repo_id or folder))})"
@@ -110,6 +111,18 @@ def write_model_card(
     path = folder / "README.md"
     card.save(path)
     return path
+
+
+def without_local_paths(value):
+    """The config with each absolute path replaced by its last part (a data folder by its name): a card is
+    published, and a local path names the user and the machine's layout."""
+    if isinstance(value, dict):
+        return {key: without_local_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(item) for item in value]
+    if isinstance(value, str) and os.path.isabs(value) and "\n" not in value:
+        return Path(value).name
+    return value
 
 
 def run_config(trainer, pl_module) -> dict | None:

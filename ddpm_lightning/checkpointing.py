@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning_utilities.core.apply_func import apply_to_collection
+
+from .stop_on_nan import StopOnNaN
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full or read-only disk, ...); the previous one is kept as `last`."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -36,26 +46,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     A process killed mid-write leaves the previous file intact. Lightning's own save renames a temporary
     file from the system's temp folder, which becomes a plain, interruptible copy when that folder is on
     another file system than the checkpoints (common on clusters: local /tmp, checkpoints on shared storage).
+    A failed write (a full disk: torch reports it as "unexpected pos ...") raises CheckpointWriteError, one line
+    naming the file, the free space and the fix.
     """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         if "://" in str(path):  # remote storage: Lightning's fsspec transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")  # never matches last*.ckpt
+        partial = path.with_name(f".{path.name}{PARTIAL}{os.getpid()}")  # never matches last*.ckpt
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(partial, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, path)  # atomic on POSIX and Windows within one file system
+        except (OSError, RuntimeError) as err:
+            raise write_error(path, err) from err
         finally:
             partial.unlink(missing_ok=True)
 
     def link(self, target: str, link: str) -> None:
         """Point `link` at `target` (relative, so the folder can move); swapped in atomically like a save."""
-        partial = Path(link).with_name(f".{Path(link).name}.partial-{os.getpid()}")
+        partial = Path(link).with_name(f".{Path(link).name}{PARTIAL}{os.getpid()}")
         partial.unlink(missing_ok=True)
         try:
             os.symlink(os.path.relpath(target, os.path.dirname(link)), partial)
@@ -64,13 +78,70 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(partial, link)
 
 
+PARTIAL = ".partial-"  # a write in progress: .<name>.partial-<pid> beside its destination
+
+
+def remove_partial_files(folder: str | Path | None) -> None:
+    """Delete what writes killed mid-way left in `folder` (up to a checkpoint's size each); call it only while
+    holding the run's lock, so no write of another process is in progress there."""
+    if folder is not None and Path(folder).is_dir():
+        for path in Path(folder).glob(f".*{PARTIAL}*"):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def write_error(path: Path, err: BaseException) -> CheckpointWriteError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "its folder cannot be read"
+    last = path.parent / "last.ckpt"
+    kept = f"last.ckpt still points at {os.readlink(last)}" if last.is_symlink() and last.exists() else "no last.ckpt"
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return CheckpointWriteError(
+        f"Cannot write the checkpoint {path} ({reason}; {free}): training stopped, nothing was deleted ({kept}). "
+        "Free some space (or choose another --checkpoint.dirpath), then resume with --ckpt_path last."
+    )
+
+
+def save_pipeline(unet, scheduler, folder: str | Path) -> None:
+    """`DDPMPipeline(unet, scheduler).save_pretrained(folder)`, written beside and swapped in: the new files go to a
+    hidden folder inside `folder`, then each replaces its old self in one rename (the weights first, model_index.json
+    last). A kill at any moment leaves each file whole, old or new, and the folder a loadable model."""
+    from diffusers import DDPMPipeline
+
+    folder = Path(folder)
+    staging = folder / f".model{PARTIAL}{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging)
+        files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: (p.suffix == ".json", p.name))
+        for new in files:
+            with open(new, "rb") as f:
+                os.fsync(f.fileno())  # on disk before any rename
+        for new in sorted(files, key=lambda p: p.name == "model_index.json"):
+            destination = folder / new.relative_to(staging)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(new, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 class BackgroundCheckpointIO(AsyncCheckpointIO):
-    """Lightning's AsyncCheckpointIO (the checkpoint is copied on the training thread, then written by one
-    background thread), with removals and links queued behind the writes: the previous checkpoint is deleted,
-    and `last.ckpt` re-pointed, only once the new file is complete. `fit` waits for the queue at its end."""
+    """Checkpoints written by one background thread (the tensors are copied on the training thread first, as in
+    Lightning's AsyncCheckpointIO), with removals and links queued behind the writes: the previous checkpoint is
+    deleted, and `last.ckpt` re-pointed, only once the new file is complete. After a failed write nothing queued
+    behind it runs (the previous checkpoint stays, and `last` on it), and the next save (or the end of `fit`, which
+    waits for the queue) raises the error."""
 
     def __init__(self, checkpoint_io: AtomicCheckpointIO | None = None):
         super().__init__(checkpoint_io or AtomicCheckpointIO())
+        self._queue: ThreadPoolExecutor | None = None
+        self._failure: BaseException | None = None  # the first failed task's error: nothing after it runs
+        self._reported = False
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        copy = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().clone())  # the values now
+        self._in_order(self.checkpoint_io.save_checkpoint, copy, path, storage_options)
 
     def remove_checkpoint(self, path) -> None:
         self._in_order(self.checkpoint_io.remove_checkpoint, path)
@@ -79,17 +150,29 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
         self._in_order(self.checkpoint_io.link, target, link)
 
     def _in_order(self, function, *args) -> None:
-        self._ensure_setup()
+        self._raise_failure()
+        if self._queue is None:  # (again after a teardown: fit, then validate)
+            self._queue = ThreadPoolExecutor(max_workers=1)
 
         def run():
-            try:
-                function(*args)
-            except BaseException as err:
-                self._error = err
+            if self._failure is None:
+                try:
+                    function(*args)
+                except BaseException as err:
+                    self._failure = err
 
-        self._executor.submit(run)
-        if self._error:
-            raise self._error
+        self._queue.submit(run)
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None and not self._reported:
+            self._reported = True  # once: Lightning tears down again while handling it
+            raise self._failure
+
+    def teardown(self) -> None:
+        if self._queue is not None:
+            self._queue.shutdown(wait=True)
+            self._queue = None
+        self._raise_failure()
 
 
 class PeriodicCheckpoint(ModelCheckpoint):
@@ -137,14 +220,30 @@ class PeriodicCheckpoint(ModelCheckpoint):
     def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
         stale, self._stale = self._stale, []
+        kept = {os.path.abspath(p) for p in [*self.best_k_models, self.last_model_path] if p}
         for path in stale:
-            super()._remove_checkpoint(trainer, path)
+            if os.path.abspath(path) not in kept:
+                super()._remove_checkpoint(trainer, path)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        # Resumed with another cadence: Lightning restores no state saved under another cadence (state_key), so
+        # the old cadence's file would stay beside the new one. Where one file is kept, it goes at the next save.
+        states = checkpoint.get("callbacks", {})
+        if self.state_key in states or self.save_top_k != 1 or self.monitor is not None:
+            return
+        for state in states.values():
+            if isinstance(state, dict) and state.get("dirpath") == self.dirpath:
+                old = [state.get("best_model_path"), *state.get("best_k_models", {})]
+                self._stale += [path for path in old if path and os.path.exists(path)]
 
     def _link_checkpoint(self, trainer: Trainer, filepath: str, linkpath: str) -> None:
         io = trainer.strategy.checkpoint_io
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
             (io.link if hasattr(io, "link") else AtomicCheckpointIO().link)(filepath, linkpath)
         trainer.strategy.barrier()
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        check_finite(trainer)  # (called on every rank before anything is written)
 
     def save_now(self, trainer: Trainer) -> None:
         """A checkpoint at this step (unless one was just written), as the cadence would write it, and `last`."""
@@ -165,6 +264,16 @@ class PeriodicCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.save_now(trainer)  # the end of the run is always saved, whatever the cadence (unless just saved)
         super().on_train_end(trainer, pl_module)
+
+
+def check_finite(trainer: Trainer) -> None:
+    """Stop the run, writing nothing, when a training loss so far was NaN or infinite: asked on every rank before
+    each checkpoint, grid and model save, so none is written from the weights that followed it and the last good
+    checkpoint stays `last` (one number read from the device, at save time only). Without `model.stop_on_nan`
+    (no StopOnNaN callback) nothing is checked."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, StopOnNaN):
+            callback.check(trainer)
 
 
 class _SignalAtOptimizerStep(_SignalConnector):
@@ -285,23 +394,78 @@ class RNGStates(Callback):
             self.load_state_dict(checkpoint["rng_states"])
 
 
+FRESH_START = "To start the run again from step 0 instead: leave --ckpt_path out and pass --overwrite true."
+
+
+class SameData(Callback):
+    """A checkpoint records its run's data settings (Lightning keeps the data module's hyperparameters) and the number
+    of training images; a resume that changes them says so. Another image size is refused: the UNet was trained at
+    one size, and its saved folder says which. Any other change (the data set, the batch size, images added or
+    removed, ...) goes on with one warning naming it: from there on, the images come in another order than in
+    the uninterrupted run, so it no longer equals that run."""
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        images = train_images(trainer)
+        if images is not None:
+            checkpoint["train_images"] = images
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        then = checkpoint.get("datamodule_hyper_parameters") or {}
+        now = dict(trainer.datamodule.hparams) if trainer.datamodule is not None else {}
+        if "image_size" in then and then["image_size"] != now.get("image_size", then["image_size"]):
+            raise ValueError(
+                f"The checkpoint was trained at data.image_size {then['image_size']}, not {now['image_size']}: a "
+                f"resumed run keeps its image size (resume with --data.image_size {then['image_size']}). To train "
+                "at another size, start a new run (another --output_dir)."
+            )
+        changed = [
+            f"{key} {then[key]!r} -> {now[key]!r}" for key in sorted(then) if key in now and then[key] != now[key]
+        ]
+        images = train_images(trainer)
+        if "train_images" in checkpoint and images is not None and checkpoint["train_images"] != images:
+            changed.append(f"{checkpoint['train_images']} -> {images} training images")
+        if changed:
+            rank_zero_warn(
+                f"Resuming with other data than the checkpoint's run ({'; '.join(changed)}): training goes on with "
+                "it, but the images now come in another order than in the uninterrupted run, so the result will not "
+                "equal that run's."
+            )
+
+
+def train_images(trainer: Trainer) -> int | None:
+    images = getattr(trainer.datamodule, "train_set", None)
+    return len(images) if images is not None else None
+
+
 def check_ckpt_path(ckpt_path: str | None, checkpoint: ModelCheckpoint | None) -> None:
-    """Fail before training, with the fix, where Lightning would start from scratch or fail deep inside torch.load."""
+    """Fail before training, with the fix, where Lightning would start from scratch (a `last` that is missing or
+    points at nothing) or fail deep inside torch.load (a truncated file)."""
     if ckpt_path is None or "://" in ckpt_path or ckpt_path in ("best", "hpc", "registry"):
         return
     if ckpt_path == "last":
         if checkpoint is None:  # not known yet: checked again once the Trainer exists
             return
         folder = Path(checkpoint.dirpath) if checkpoint.dirpath else None
-        found = sorted(folder.glob("last*.ckpt")) if folder is not None and folder.is_dir() else []
+        found = [p for p in folder.glob("last*.ckpt") if LAST.match(p.name)] if folder and folder.is_dir() else []
         if not found:
             raise FileNotFoundError(
                 f"--ckpt_path last: there is no last.ckpt in {folder or 'the checkpoint folder'} to resume from. "
-                "Leave --ckpt_path out to start from scratch, or give the checkpoint's path "
-                "(--checkpoint.dirpath if the run kept its checkpoints elsewhere)."
+                "Give the checkpoint's path (or --checkpoint.dirpath, if the run kept its checkpoints elsewhere). "
+                + FRESH_START
             )
-        return
-    path = Path(ckpt_path)
+        existing = [p for p in found if p.exists()]
+        if not existing:  # a link whose file was deleted or never written
+            link = found[0]
+            raise FileNotFoundError(
+                f"--ckpt_path last: {link} points at {os.readlink(link) if link.is_symlink() else '?'}, which "
+                f"does not exist. Resume from another checkpoint in {folder} by its path, if there is one. "
+                + FRESH_START
+            )
+        latest = max(existing, key=lambda p: p.stat().st_mtime)  # the one Lightning picks
+        ckpt_path = f"last ({latest} -> {latest.resolve()})" if latest.is_symlink() else f"last ({latest})"
+        path = latest.resolve()
+    else:
+        path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file.")
     try:  # a checkpoint is a zip archive; a truncated one has lost its central directory at the end
@@ -309,5 +473,17 @@ def check_ckpt_path(ckpt_path: str | None, checkpoint: ModelCheckpoint | None) -
     except (zipfile.BadZipFile, OSError) as err:
         raise ValueError(
             f"--ckpt_path {ckpt_path} is not a readable checkpoint ({err}): it is truncated or corrupt. "
-            "Resume from another checkpoint, e.g. an epoch=*.ckpt beside it."
+            "Resume from another checkpoint by its path (an epoch=*.ckpt beside it, if there is one). " + FRESH_START
         ) from err
+    try:  # (memory-mapped: no tensor is read) a plain torch.save of weights is no checkpoint to resume
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # objects weights_only refuses: left to Lightning's own loading
+        return
+    if not isinstance(content, dict) or "pytorch-lightning_version" not in content:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is not a Lightning checkpoint (no pytorch-lightning_version: a plain torch.save?). "
+            "Give a .ckpt written by `ddpm-lightning fit` (its checkpoint folder's last.ckpt)."
+        )
+
+
+LAST = re.compile(r"^last(-\d+)?\.ckpt$")  # the names Lightning's `--ckpt_path last` looks for

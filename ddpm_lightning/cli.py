@@ -12,7 +12,9 @@ Errors the product raises on purpose print as one line; `--debug` (or DDPM_LIGHT
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 import os
 import shutil
 import sys
@@ -21,6 +23,7 @@ import traceback
 import warnings
 from pathlib import Path
 
+from diffusers import UNet2DModel
 from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -29,11 +32,20 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import commands
 from .callbacks import MeasureQuality, SampleGrid, SaveModel
-from .checkpointing import BackgroundCheckpointIO, PeriodicCheckpoint, PreemptionCheckpoint, RNGStates, check_ckpt_path
+from .checkpointing import (
+    BackgroundCheckpointIO,
+    PeriodicCheckpoint,
+    PreemptionCheckpoint,
+    RNGStates,
+    SameData,
+    check_ckpt_path,
+    remove_partial_files,
+)
 from .data import ImageDataModule
 from .module import DDPMModule
 from .monitor import ImagesThroughput, RunReport
 from .precision import FusedClipMixedPrecision
+from .run_lock import RunLock
 
 
 class DDPMLightningCLI(LightningCLI):
@@ -81,7 +93,9 @@ class DDPMLightningCLI(LightningCLI):
         # Unless the config names a logger (or turns logging off), TensorBoard writes to <output_dir>/logs,
         # the same folder on every run, so a resumed run continues its curves instead of starting version_1.
         if trainer.get("logger") in (None, True):
-            kwargs["logger"] = TensorBoardLogger(save_dir=self._get(self.config, "output_dir"), name="logs", version="")
+            # validate logs (and saves its config) to <output_dir>/validate: the run's logs/ stay the record of training.
+            name = "logs" if self.config.subcommand == "fit" else self.config.subcommand
+            kwargs["logger"] = TensorBoardLogger(save_dir=self._get(self.config, "output_dir"), name=name, version="")
         if trainer.get("plugins") is None:
             # Atomic writes in a background thread (not a config default: an instance would not serialize)
             kwargs["plugins"] = [BackgroundCheckpointIO()]
@@ -107,23 +121,49 @@ class DDPMLightningCLI(LightningCLI):
             )
 
     def before_fit(self) -> None:
-        check_ckpt_path(self._get(self.config, "ckpt_path"), self.trainer.checkpoint_callback)
-        check_writable(self._get(self.config, "output_dir"))
-        # Rank 0 only: the other ranks of a run start after it and would find its own new files.
-        if self._get(self.config, "ckpt_path") is None and self.trainer.global_rank == 0:
-            output_dir, overwrite = self._get(self.config, "output_dir"), self._get(self.config, "overwrite")
-            check_fresh_run(output_dir, self.trainer.checkpoint_callback, overwrite)
+        output_dir, checkpoint = self._get(self.config, "output_dir"), self.trainer.checkpoint_callback
+        check_writable(output_dir)
+        if checkpoint is not None and checkpoint.dirpath and self.trainer.global_rank == 0:
+            check_writable(checkpoint.dirpath, "--checkpoint.dirpath")
+        # Rank 0 only: the other ranks of a run start after it (and are the same run) and would find its new files.
+        rank_zero = self.trainer.global_rank == 0
+        self.lock = RunLock(output_dir)
+        if rank_zero:
+            self.lock.acquire()  # first: a second process on this run fails now, naming the one that holds it
+        try:
+            if rank_zero:  # the lock is held: no write of another process is in progress
+                remove_partial_files(output_dir)
+                remove_partial_files(checkpoint.dirpath if checkpoint is not None else None)
+            check_ckpt_path(self._get(self.config, "ckpt_path"), checkpoint)
+            if self._get(self.config, "ckpt_path") is None and rank_zero:
+                check_fresh_run(output_dir, self.trainer.checkpoint_callback, self._get(self.config, "overwrite"))
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def fit(self, **kwargs) -> None:
+        """`trainer.fit` with the run's lock held. A fresh run that fails before its first optimizer step (a typo
+        in the data set, ...) leaves nothing that would make the corrected command refuse to start."""
+        try:
+            self.trainer.fit(**kwargs)
+        except BaseException:
+            if kwargs.get("ckpt_path") is None and self.trainer.global_rank == 0 and self.trainer.global_step == 0:
+                remove_unstarted_run(self._get(self.config, "output_dir"), self.trainer.checkpoint_callback)
+            raise
+        finally:
+            self.lock.release()
 
 
-def check_writable(folder: str) -> None:
-    """Create the output folder now, so a bad path fails before any training, naming the folder and the fix."""
+def check_writable(folder: str, option: str = "--output_dir") -> None:
+    """Create the folder now, so a bad path fails before any training, naming the folder and the fix."""
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
         raise RuntimeError(
-            f"Cannot start training: output_dir {folder} is not a writable folder ({err}). Choose another --output_dir."
+            f"Cannot start training: {option.lstrip('-')} {folder} is not a writable folder ({err}). "
+            f"Choose another {option}."
         ) from err
 
 
@@ -147,6 +187,25 @@ def check_values(config) -> None:
             raise ValueError(f"--{key} {value}: {what} must be positive.")
     if config.get("model.lr_warmup_steps") is not None and config.model.lr_warmup_steps < 0:
         raise ValueError(f"--model.lr_warmup_steps {config.model.lr_warmup_steps}: must be 0 or more.")
+    fraction = config.get("data.val_fraction")
+    if fraction is not None and not 0 <= fraction < 1:
+        raise ValueError(f"--data.val_fraction {fraction}: the share of images held out must be in [0, 1), e.g. 0.1.")
+    check_norm_groups(config.get("model.unet"))
+
+
+def check_norm_groups(unet: dict | None) -> None:
+    """GroupNorm splits each block's channels into norm_num_groups groups: say so before diffusers fails on it."""
+    if not isinstance(unet, dict):
+        return
+    defaults = inspect.signature(UNet2DModel.__init__).parameters
+    channels = list(unet.get("block_out_channels", defaults["block_out_channels"].default))
+    groups = unet.get("norm_num_groups", defaults["norm_num_groups"].default)
+    if groups and any(c % groups for c in channels):
+        raise ValueError(
+            f"--model.unet: block_out_channels {channels} are not all multiples of norm_num_groups {groups} (each "
+            f"block's channels are split into that many groups): use multiples of {groups}, or set "
+            f"unet.norm_num_groups to a divisor of all of them (e.g. {math.gcd(*channels)})."
+        )
 
 
 # What a run writes into output_dir: a fresh run refuses a folder that holds any of them (see check_fresh_run).
@@ -178,11 +237,23 @@ def check_fresh_run(folder: str, checkpoint, overwrite: bool) -> None:
     )
 
 
+def remove_unstarted_run(folder: str, checkpoint) -> None:
+    """What a fresh run wrote before failing ahead of its first optimizer step (its logs, samples/data.png): the
+    folders check_fresh_run found absent (or --overwrite emptied), so nothing of another run's; kept if the run
+    saved a checkpoint after all."""
+    ckpt_dir = Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else None
+    if ckpt_dir is not None and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
+        return
+    for name in ("logs", "samples"):
+        shutil.rmtree(Path(folder) / name, ignore_errors=True)
+
+
 # Lines a user cannot act on in a plain run, silenced one by one (every other warning is left alone).
 NOISE_WARNINGS = (
     r"'set_vital' is deprecated",  # torchdata's StatefulDataLoader calls it
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # torch's pytree, from Lightning's utilities
     r"Checkpoint directory .* exists and is not empty",  # every resume, by design
+    r"LightningCLI's args parameter is intended to run from within Python",  # main() passes sys.argv on, edited
 )
 NOISE_LOG_LINES = ("💡 Tip:", "TPU available:", "Loading `train_dataloader` to estimate")
 
@@ -221,7 +292,7 @@ def main(args: ArgsType = None) -> None:
             args=argv,
             auto_configure_optimizers=False,  # the module owns AdamW and the warm-up + cosine schedule
             save_config_kwargs={"overwrite": True},  # a resumed run writes its config to the same folder
-            trainer_defaults={"callbacks": [PreemptionCheckpoint(), RNGStates()]},
+            trainer_defaults={"callbacks": [PreemptionCheckpoint(), RNGStates(), SameData()]},
         )
     except SIGTERMException:
         if PreemptionCheckpoint.interrupted:

@@ -25,6 +25,7 @@ from PIL import Image
 from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
+from .checkpointing import save_pipeline
 from .module import DDPMModule
 from .sampling import SAMPLERS, Sampler, denoise, grid_shape, make_sampler, save_grid
 from .sources import is_hub_id
@@ -179,6 +180,8 @@ def sample(
     steps = (1000 if sampler == "ddpm" else 50) if num_inference_steps is None else num_inference_steps
     if steps < 1:
         raise CommandError(f"num_inference_steps must be at least 1, not {steps} (leave it out for the default).")
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise CommandError(f"--output_dir {output_dir} is a file: give a folder for the images (created if missing).")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError(f"--device {device}: no CUDA GPU is visible here. Use --device cpu, or leave --device out.")
@@ -241,7 +244,7 @@ def export(ckpt: str, out: str, samples: str | None = None, repo_id: str | None 
         raise CommandError(f"{out} is a file: give a folder to write the model into (created if missing).")
     module, checkpoint = load_checkpoint(path)
     with module.ema_weights():
-        DDPMPipeline(unet=module.unet, scheduler=module.noise_scheduler).save_pretrained(folder)
+        save_pipeline(module.unet, module.noise_scheduler, folder)
     data = checkpoint.get("datamodule_hyper_parameters") or {}
     config = {"model": checkpoint["hyper_parameters"], **({"data": data} if data else {})}  # card: no "_" keys
     grid = Path(samples) if samples else None

@@ -21,7 +21,9 @@ from huggingface_hub import HfApi, get_token
 log = logging.getLogger(__name__)
 
 # The tutorial's ignore patterns: intermediate step_* / epoch_* folders are not published.
-IGNORE_PATTERNS = ["step_*", "epoch_*"]
+IGNORE_PATTERNS = ["step_*", "epoch_*", ".ddpm-lightning.lock", ".*.partial-*"]  # (the lock names this machine)
+# The run's local records: they name local paths, and TensorBoard's event file names the host and the PID.
+LOCAL_RECORDS = ["logs/*", "run_summary.json"]
 
 
 class MissingHubTokenError(RuntimeError):
@@ -29,8 +31,16 @@ class MissingHubTokenError(RuntimeError):
 
 
 class HubUploader:
-    def __init__(self, repo_id: str, private: bool = False, token: str | None = None, api: HfApi | None = None):
+    def __init__(
+        self,
+        repo_id: str,
+        private: bool = False,
+        token: str | None = None,
+        api: HfApi | None = None,
+        upload_logs: bool = False,
+    ):
         self.repo_id = repo_id
+        self.upload_logs = upload_logs
         self.private = private
         self.token = token
         self.api = api or HfApi(token=token)
@@ -53,7 +63,7 @@ class HubUploader:
     def upload(self, folder: str, message: str) -> None:
         """Start uploading `folder` in the background (one upload at a time: waits for the previous one)."""
         self.wait()
-        ignore = list(IGNORE_PATTERNS)  # a copy: upload_folder appends its defaults to the list it gets
+        ignore = IGNORE_PATTERNS + ([] if self.upload_logs else LOCAL_RECORDS)  # a new list: upload_folder extends it
         upload = {"repo_id": self.repo_id, "folder_path": folder, "commit_message": message, "ignore_patterns": ignore}
         self._pending = self.api.run_as_future(self.api.upload_folder, **upload)
 

@@ -1,8 +1,8 @@
 """`StopOnNaN`: stop a run whose loss became NaN or infinite, naming the first such step (`model.stop_on_nan`).
 
 The module adds it (`DDPMModule.configure_callbacks`). The loss is tracked on the device at each backward (no
-wait for the GPU there) and checked every `every_n_steps` optimizer steps and at the end of each epoch, so before
-the epoch's grid, model save or checkpoint.
+wait for the GPU there) and checked every `every_n_steps` optimizer steps, at the end of each epoch, and before
+every checkpoint, grid and model save.
 """
 
 from __future__ import annotations
@@ -28,7 +28,13 @@ class StopOnNaN(Callback):
             or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
             or trainer.global_step >= trainer.max_steps > 0
         )
-        if not due or self.first_bad_step is None:
+        if due:
+            self.check(trainer)
+
+    def check(self, trainer: Trainer) -> None:
+        """Raise when a loss so far was NaN or infinite; on every rank at once (a collective). Also asked before
+        each checkpoint, grid and model save (checkpointing.check_finite)."""
+        if self.first_bad_step is None:
             return
         first_bad = int(self.first_bad_step)
         # Every rank decides together (a collective at the same step on all ranks): no rank is left waiting.

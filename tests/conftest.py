@@ -195,6 +195,18 @@ class CrashAtStep(Callback):
             raise RuntimeError(f"injected crash on rank {self.rank} at step {self.step}")
 
 
+class NaNAtStep(Callback):
+    """Fills the UNet's first weight with NaN before step `step` (`--trainer.callbacks+=conftest.NaNAtStep`): that
+    step's loss, and every one after it, is NaN."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == self.step:
+            next(pl_module.unet.parameters()).data.fill_(float("nan"))
+
+
 def crash_args(step: int, rank: int = 0) -> list[str]:
     """The command-line arguments that add a CrashAtStep(rank, step) to a run."""
     return [

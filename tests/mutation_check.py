@@ -34,6 +34,7 @@ FIT_QUALITY = T + "test_promises.py::test_fit_logs_fid_kid_every_n_epochs_and_th
 BETAS = T + "test_promises.py::test_beta_schedule_reaches_the_noise_schedule"
 HUB = T + "test_hub.py::"
 TRACKERS = T + "test_trackers.py::test_grids_and_data_png_reach_wandb_mlflow_and_tensorboard"
+LAST_GOOD = T + "test_last_good_checkpoint.py::"
 EMA_GUARD = "        if global_step == self.last_step:\n            return\n"
 EMA_UPDATE = "        if self.ema is not None:\n            self.ema.update(self.unet, self.trainer.global_step)\n"
 
@@ -255,7 +256,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "hub_intermediate_folders_published": (
         "ddpm_lightning/hub.py",
-        "ignore = list(IGNORE_PATTERNS)",
+        "ignore = IGNORE_PATTERNS + ([] if self.upload_logs else LOCAL_RECORDS)",
         "ignore = None",
         [HUB + "test_save_model_creates_the_repo_uploads_the_saved_pipeline_and_waits_at_fit_end"],
     ),
@@ -296,6 +297,28 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         '"path": path.name}',
         '"path": None}',
         [T + "test_data.py::test_make_sample_data_rebuilds_a_hub_format_data_set"],
+    ),
+    # issue 22
+    "link_and_removal_run_after_a_failed_write": (
+        "ddpm_lightning/checkpointing.py",
+        "            if self._failure is None:\n",
+        "            if True:\n",
+        [LAST_GOOD + "test_a_full_disk_keeps_the_last_good_checkpoint_and_stops_with_one_line[1.5]"],
+    ),
+    "resume_from_a_dangling_last_starts_over": (
+        "ddpm_lightning/checkpointing.py",
+        "        if not existing:  # a link whose file was deleted or never written\n",
+        "        if False:\n",
+        [
+            LAST_GOOD
+            + "test_resume_from_a_broken_last_fails_before_training_naming_the_file_and_the_fresh_start[break_dangling]"
+        ],
+    ),
+    "checkpoint_written_after_a_nan_loss": (
+        "ddpm_lightning/checkpointing.py",
+        "        check_finite(trainer)  # (called on every rank before anything is written)\n",
+        "        pass\n",
+        [LAST_GOOD + "test_no_checkpoint_grid_or_model_is_written_after_a_nan_loss"],
     ),
 }
 

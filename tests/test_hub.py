@@ -242,7 +242,7 @@ def test_save_model_creates_the_repo_uploads_the_saved_pipeline_and_waits_at_fit
         "Epoch 0",
     )
     assert upload["files"] == published
-    assert hub_module.IGNORE_PATTERNS == ["step_*", "epoch_*"]
+    assert hub_module.IGNORE_PATTERNS == ["step_*", "epoch_*", ".ddpm-lightning.lock", ".*.partial-*"]
 
 
 # ---------------------------------------------------------------------------------------------- the real client
@@ -337,7 +337,9 @@ def test_upload_lands_exactly_the_published_files(hub, uploaders, tmp_path):
     ]
     assert all(r.authorization == "Bearer hf_fake" for r in hub.requests if r.method == "POST")
     assert hub.unhandled == []
-    assert IGNORE_PATTERNS == patterns_before == ["step_*", "epoch_*"]  # upload_folder extends the list it gets
+    assert (
+        IGNORE_PATTERNS == patterns_before == ["step_*", "epoch_*", ".ddpm-lightning.lock", ".*.partial-*"]
+    )  # upload_folder extends the list it gets
 
     # The next save: only what changed is committed (the client compares git oids from preupload).
     (folder / "unet/config.json").write_bytes(b'{"sample_size": 16}')

@@ -246,6 +246,7 @@ def test_a_plain_run_shows_no_noise_but_keeps_actionable_warnings(image_folder, 
             "set_vital",
             "LeafSpec",
             "exists and is not empty",
+            "LightningCLI's args parameter",
             "Loading `train_dataloader` to estimate",
         ):
             assert noise not in log, noise

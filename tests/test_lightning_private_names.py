@@ -70,14 +70,6 @@ PRIVATE_NAMES: list[tuple[str, str, list[str] | None, str]] = [
         "checkpointing.py: save_now",
     ),
     (
-        "lightning.pytorch.plugins.AsyncCheckpointIO",
-        "_ensure_setup",
-        ["self"],
-        "checkpointing.py: removals queued behind writes",
-    ),
-    ("lightning.pytorch.plugins.AsyncCheckpointIO", "_executor", None, "checkpointing.py: the same queue"),
-    ("lightning.pytorch.plugins.AsyncCheckpointIO", "_error", None, "checkpointing.py: a queued removal's error"),
-    (
         "lightning.pytorch.loops.training_epoch_loop._TrainingEpochLoop",
         "_should_accumulate",
         ["self"],

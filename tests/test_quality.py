@@ -126,7 +126,7 @@ def test_validation_loss_is_deterministic_and_monitorable(image_folder, tmp_path
                 str(tmp_path / run),
             ]
         )
-        validated.append(scalars(tmp_path / run / "logs", "val/loss"))
+        validated.append(scalars(tmp_path / run / "validate", "val/loss"))  # not the run's logs/
     assert validated[0] == validated[1] and len(validated[0]) == 1
     assert math.isfinite(next(iter(validated[0].values())))
     # and in-process, under a different global RNG state
@@ -218,9 +218,9 @@ def test_fid_and_kid_through_validate_with_a_custom_extractor(image_folder, tmp_
     )
     # the values themselves, read back from the validate run's TensorBoard logs: finite numbers
     for tag in ("val/fid", "val/kid_mean", "val/kid_std"):
-        values = scalars(tmp_path / "run" / "logs", tag)
+        values = scalars(tmp_path / "run" / "validate", tag)
         assert len(values) == 1 and all(math.isfinite(v) for v in values.values()), (tag, values)
-    assert next(iter(scalars(tmp_path / "run" / "logs", "val/fid").values())) > 0  # noise-like samples vs photos
+    assert next(iter(scalars(tmp_path / "run" / "validate", "val/fid").values())) > 0  # noise-like samples vs photos
 
 
 @pytest.mark.slow

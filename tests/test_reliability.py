@@ -106,7 +106,7 @@ def test_second_ctrl_c_aborts_at_once(image_folder, tmp_path):
 
 
 def test_resume_last_without_checkpoint_fails_with_the_fix(image_folder, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no last.ckpt in .*Leave --ckpt_path out to start from scratch"):
+    with pytest.raises(FileNotFoundError, match="no last.ckpt in .*leave --ckpt_path out and pass --overwrite true"):
         main(fit_args(image_folder, tmp_path / "run", "--ckpt_path", "last"))
     assert not (tmp_path / "run" / "samples").exists()
 
