@@ -175,7 +175,8 @@ def from_hub(repo_id: str, revision: str | None) -> Pretrained:
 
 def hub_error(err: Exception, repo_id: str, revision: str | None) -> PretrainedError:
     """One line for a Hub lookup that failed, read from the huggingface_hub error in `err`'s chain."""
-    chain, cause = [], err
+    chain: list[BaseException] = []
+    cause: BaseException | None = err
     while cause is not None and len(chain) < 10:
         chain.append(cause)
         cause = cause.__cause__ or cause.__context__
@@ -248,7 +249,8 @@ def fitted_architecture(found: Pretrained, configured: dict[str, Any] | None, im
     at `image_size` (one warning when the model was trained at another size: a UNet is convolutional, it trains)."""
     name = found.base_model["name"]
     arch = architecture(found.unet)
-    differs = {k: arch.get(k) for k, v in (configured or {}).items() if json.loads(json.dumps(v)) != arch.get(k)}
+    configured = {k: v for k, v in (configured or {}).items() if k != "sample_size"}  # (follows image_size)
+    differs = {k: arch.get(k) for k, v in configured.items() if json.loads(json.dumps(v)) != arch.get(k)}
     if differs:
         shown = ", ".join(f"{k}={v}" for k, v in differs.items())
         rank_zero_only(log.info)(f"model.pretrained {name}: its UNet replaces model.unet, which differs in {shown}")
