@@ -108,7 +108,7 @@ def from_checkpoint(path: Path) -> Pretrained:
     noise_keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
     schedule = {k: hparams[k] for k in noise_keys if hparams.get(k) is not None}
     weights_kind = "EMA" if checkpoint.get("ema") is not None else "raw"
-    log.info(f"Fine-tuning from the {weights_kind} weights of {path}")
+    rank_zero_only(log.info)(f"Fine-tuning from the {weights_kind} weights of {path}")
     return Pretrained(unet, schedule, {"name": f"{path.parent.name}/{path.name}", "source": "checkpoint"})
 
 
