@@ -19,7 +19,7 @@ from huggingface_hub import constants
 from lightning.pytorch import Callback
 
 from ddpm_lightning.cli import main
-from ddpm_lightning.commands import sample
+from ddpm_lightning.commands import export, sample
 from ddpm_lightning.pretrained import PretrainedError, load_pretrained
 
 from conftest import MICRO_UNET, REPO, TINY_UNET, child_env, crash_args, fit_args, write_image
@@ -186,6 +186,10 @@ def test_fine_tunes_from_a_checkpoint_s_ema_weights_as_a_new_run_with_ema_from_t
     assert tuned["global_step"] == 2  # a new run: its own steps, not the source's 3 + 2
     assert tuned["base_model"] == {"name": "run/last.ckpt", "source": "checkpoint"}
     DDPMPipeline.from_pretrained(tmp_path / "tuned")
+    export(str(tmp_path / "checkpoints" / "tuned" / "last.ckpt"), str(tmp_path / "exported"))  # its card says so too
+    front, text = card_of(tmp_path / "exported")
+    assert "base_model" not in front and "- Fine-tuned from: `run/last.ckpt` (a local checkpoint)" in text
+    assert str(trained) not in text
 
 
 def test_fine_tunes_from_a_hub_id_at_a_revision_through_the_stand_in(images, tmp_path):
