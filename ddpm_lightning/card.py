@@ -48,6 +48,7 @@ def write_model_card(
     steps: int | None = None,
     grid_path: Path | None = None,
     repo_id: str | None = None,
+    base_model: dict | None = None,
 ) -> Path:
     """Write `folder/README.md`, a Hub model card, and copy `grid_path` into the folder as samples.png.
 
@@ -58,6 +59,8 @@ def write_model_card(
         steps: optimizer steps trained.
         grid_path: an image of samples to show; copied in as samples.png.
         repo_id: the Hub repo the folder goes to; the usage snippet loads it (else the folder's path).
+        base_model: what the run was fine-tuned from (`DDPMModule.base_model`): a Hub id goes into the front
+            matter's `base_model`; a folder or checkpoint is named (never its absolute path), also in the config.
 
     Returns:
         The card's path.
@@ -70,6 +73,7 @@ def write_model_card(
         pipeline_tag="unconditional-image-generation",
         tags=list(TAGS),
         datasets=[dataset] if dataset and hub_dataset else None,
+        base_model=base_model["name"] if base_model and base_model.get("source") == "hub" else None,
     )
 
     if grid_path is not None:
@@ -79,6 +83,8 @@ def write_model_card(
             shutil.copyfile(grid_path, target)
 
     config = without_local_paths(plain(config)) if config else None
+    if config and base_model and isinstance(config.get("model"), dict) and config["model"].get("pretrained"):
+        config["model"]["pretrained"] = base_model["name"]  # not the path it had on the training machine
     name = repo_id or folder.resolve().name
     size = config and ((config.get("model") or {}).get("image_size") or (config.get("data") or {}).get("image_size"))
 
@@ -100,7 +106,15 @@ def write_model_card(
     else:
         data_line = f"a local data set (`{Path(dataset).name}`)"  # its name: no local path on the Hub
     steps_line = steps if steps is not None else "not recorded"
-    lines += ["## Training", "", f"- Data set: {data_line}", f"- Steps trained: {steps_line}", ""]
+    lines += ["## Training", "", f"- Data set: {data_line}", f"- Steps trained: {steps_line}"]
+    if base_model:
+        name, revision = base_model["name"], base_model.get("revision")
+        if base_model.get("source") == "hub":
+            at = f" at revision `{revision}`" if revision else ""
+            lines += [f"- Fine-tuned from: [{name}](https://huggingface.co/{name}){at}"]
+        else:
+            lines += [f"- Fine-tuned from: `{name}` (a local {base_model.get('source', 'model')})"]
+    lines += [""]
     load = f"pipeline = DDPMPipeline.from_pretrained({json.dumps(str(repo_id or folder))})"
     lines += ["## Usage", "", "```python", "from diffusers import DDPMPipeline", load, "image = pipeline().images[0]"]
     lines += ["```", ""]
@@ -155,8 +169,15 @@ def write_run_card(trainer, pl_module, output_dir: str | Path, repo_id: str | No
         grids = [p for p in (Path(output_dir) / "samples").glob("[0-9]*.png") if p.is_file()]
         grid = max(grids, key=lambda p: (p.stat().st_mtime_ns, p.name)) if grids else None
         config, dataset = run_config(trainer, pl_module), str(dataset) if dataset is not None else None
+        base_model = getattr(pl_module, "base_model", None)
         return write_model_card(
-            output_dir, config=config, dataset=dataset, steps=trainer.global_step, grid_path=grid, repo_id=repo_id
+            output_dir,
+            config=config,
+            dataset=dataset,
+            steps=trainer.global_step,
+            grid_path=grid,
+            repo_id=repo_id,
+            base_model=base_model,
         )
     except Exception as err:
         log.warning(f"Could not write the model card in {output_dir}: {err!r}")

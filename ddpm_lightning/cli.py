@@ -254,6 +254,7 @@ NOISE_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # torch's pytree, from Lightning's utilities
     r"Checkpoint directory .* exists and is not empty",  # every resume, by design
     r"LightningCLI's args parameter is intended to run from within Python",  # main() passes sys.argv on, edited
+    r"The `local_dir_use_symlinks` argument is deprecated",  # diffusers' load_config passes it, for Hub ids
 )
 NOISE_LOG_LINES = ("💡 Tip:", "TPU available:", "Loading `train_dataloader` to estimate")
 

@@ -57,7 +57,8 @@ def load_checkpoint(path: str | Path) -> tuple[DDPMModule, dict]:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise CommandError(f"{path} is not a Lightning checkpoint of DDPMModule (no state_dict / hyper_parameters).")
     try:
-        module = DDPMModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        # pretrained=None: the weights are the checkpoint's, and its hparams.unet holds a fine-tuned run's UNet
+        module = DDPMModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, pretrained=None)
     except (TypeError, ValueError, RuntimeError, KeyError) as err:
         raise CommandError(
             f"{path} does not fit this version's DDPMModule ({type(err).__name__}: "
@@ -249,7 +250,16 @@ def export(ckpt: str, out: str, samples: str | None = None, repo_id: str | None 
     config = {"model": checkpoint["hyper_parameters"], **({"data": data} if data else {})}  # card: no "_" keys
     grid = Path(samples) if samples else None
     steps = checkpoint.get("global_step")
-    write_model_card(folder, config=config, dataset=data.get("dataset"), steps=steps, grid_path=grid, repo_id=repo_id)
+    base_model = checkpoint.get("base_model")
+    write_model_card(
+        folder,
+        config=config,
+        dataset=data.get("dataset"),
+        steps=steps,
+        grid_path=grid,
+        repo_id=repo_id,
+        base_model=base_model,
+    )
     log.info(f"Exported {ckpt} ({'EMA' if checkpoint.get('ema') is not None else 'raw'} weights) to {folder}")
     return folder
 

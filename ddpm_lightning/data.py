@@ -267,6 +267,8 @@ class ImageDataModule(LightningDataModule):
         val_fraction: or hold out this fraction of `dataset` instead (a fixed, seeded split).
     """
 
+    channels = 3  # every image is made RGB (`_to_rgb`): what the model takes and predicts
+
     def __init__(
         self,
         dataset: str = "huggan/smithsonian_butterflies_subset",

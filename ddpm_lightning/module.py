@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from .ema import EMAWeights
 from .optim import CompiledAdamW, make_adamw
+from .pretrained import check_channels, fitted_architecture, load_pretrained
 from .sampling import Sampler, denoise, make_sampler
 from .speed import CompileMode, UNetForward, apply_speed_switches
 from .stop_on_nan import StopOnNaN
@@ -51,12 +52,19 @@ class DDPMModule(LightningModule):
     Args:
         unet: keyword arguments of `diffusers.UNet2DModel` (all of them can be set); the tutorial's UNet by
             default. `sample_size` comes from `image_size`.
+        pretrained: fine-tune: start from this model's UNet (architecture and weights, which replace `unet`) and
+            noise schedule: a Hub model id, a diffusers folder (model_index.json, unet/, scheduler/), a bare UNet
+            folder (config.json and weights) or a .ckpt of this project (its EMA weights when it has them). A
+            new run, not a resume (`--ckpt_path` resumes). See docs/fine-tuning.md.
+        pretrained_revision: the branch, tag or commit of a Hub `pretrained` (its main branch when left out).
         image_size: side of the square images; the CLI links it to `data.image_size`.
         learning_rate: AdamW's peak learning rate.
         lr_warmup_steps: optimizer steps of linear warm-up before the cosine decay to 0 at the run's last step.
         adam_betas, adam_weight_decay, adam_epsilon: AdamW's other settings (torch's defaults, as the tutorial).
-        num_train_timesteps, beta_schedule, beta_start, beta_end: DDPMScheduler's noise schedule.
-        prediction_type: what the UNet predicts: the noise (epsilon, the tutorial's), the velocity
+        num_train_timesteps, beta_schedule, beta_start, beta_end: DDPMScheduler's noise schedule. Left out
+            (None), each comes from `pretrained`'s scheduler config, else DDPMScheduler's default (1000 linear
+            steps from 0.0001 to 0.02, the tutorial's); `hparams` and checkpoints hold the values used.
+        prediction_type: what the UNet predicts: the noise (epsilon, the tutorial's and the default), the velocity
             (v_prediction) or the clean image (sample, its loss weighted by SNR as diffusers' script does).
         use_ema: keep an exponential moving average of the weights (diffusers' EMAModel with warm-up: decay =
             min(1 - (1 + step / ema_inv_gamma) ** -ema_power, ema_max_decay)), updated after each optimizer step.
@@ -82,17 +90,19 @@ class DDPMModule(LightningModule):
     def __init__(
         self,
         unet: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        pretrained_revision: str | None = None,
         image_size: int = 128,
         learning_rate: float = 1e-4,
         lr_warmup_steps: int = 500,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_weight_decay: float = 0.01,
         adam_epsilon: float = 1e-8,
-        num_train_timesteps: int = 1000,
-        beta_schedule: BetaSchedule = "linear",
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        prediction_type: PredictionType = "epsilon",
+        num_train_timesteps: int | None = None,
+        beta_schedule: BetaSchedule | None = None,
+        beta_start: float | None = None,
+        beta_end: float | None = None,
+        prediction_type: PredictionType | None = None,
         use_ema: bool = False,
         ema_max_decay: float = 0.9999,
         ema_inv_gamma: float = 1.0,
@@ -110,13 +120,35 @@ class DDPMModule(LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        found = load_pretrained(pretrained, pretrained_revision) if pretrained is not None else None
+        self.base_model = found.base_model if found else None  # what it is fine-tuned from (card, run summary)
+        if found is not None:
+            unet = self.hparams.unet = fitted_architecture(found, unet, image_size)  # (checkpoints rebuild it)
         self.unet = build_unet(TUTORIAL_UNET if unet is None else unet, image_size)
-        schedule = {"beta_schedule": beta_schedule, "beta_start": beta_start, "beta_end": beta_end}
-        self.noise_scheduler = DDPMScheduler(
-            num_train_timesteps=num_train_timesteps, prediction_type=prediction_type, **schedule
-        )
+        if found is not None:  # at construction: a resumed run's checkpoint then overwrites these weights
+            self.unet.load_state_dict(found.unet.state_dict())
+        noise = {
+            "num_train_timesteps": num_train_timesteps,
+            "beta_schedule": beta_schedule,
+            "beta_start": beta_start,
+            "beta_end": beta_end,
+            "prediction_type": prediction_type,
+        }
+        # Each key: the user's value, else the pretrained schedule's, else DDPMScheduler's default; all passed by
+        # name, so that samplers built from this config (sampling.make_sampler) take them, not their own defaults.
+        known = inspect.signature(DDPMScheduler.__init__).parameters
+        base = {k: v for k, v in (found.scheduler_config if found else {}).items() if k in known}
+        noise = {k: v if v is not None else base.get(k, known[k].default) for k, v in noise.items()}
+        self.noise_scheduler = DDPMScheduler(**{**base, **noise})
+        self.hparams.update(noise)  # the values used: checkpoints (and so a resumed run's config) hold them
         self.ema = EMAWeights(self.unet, ema_max_decay, ema_inv_gamma, ema_power) if use_ema else None
         self.unet_forward = UNetForward()  # eager until configure_model compiles it (`compile`)
+
+    def setup(self, stage: str) -> None:
+        channels = getattr(self.trainer.datamodule, "channels", None)  # (ImageDataModule's: RGB)
+        if channels is not None:
+            what = f"model.pretrained {self.base_model['name']}" if self.base_model else "model.unet"
+            check_channels(self.unet, channels, what)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -221,6 +253,8 @@ class DDPMModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        if self.base_model is not None:  # for `ddpm-lightning export`'s card
+            checkpoint["base_model"] = self.base_model
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None and "ema" in checkpoint:

@@ -202,6 +202,7 @@ class RunReport(Callback):
             "last_grid": str(grids[-1]) if grids else None,
             "logs": trainer.logger.log_dir if trainer.logger is not None else None,
             "last_checkpoint": checkpoint and (checkpoint.last_model_path or checkpoint.best_model_path) or None,
+            "base_model": getattr(trainer.lightning_module, "base_model", None),  # what it was fine-tuned from
         }
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         wall = summary["wall_seconds"]

@@ -15,6 +15,12 @@ send in huggingface_hub 2.x (read from its source: hf_api.py, _upload_pipeline.p
          {"path", "content" (base64), "encoding": "base64"}} lines (upload_folder without delete_patterns)
          -> 200 {"commitUrl", "commitOid", ...} | 500 while `fail_commits` is set | 403 (not writable)
 
+and, for downloads (`hf_hub_download`, diffusers' `from_pretrained` of a repo id):
+
+    HEAD /{ns}/{name}/resolve/{rev}/{path}         -> 200 with X-Repo-Commit, ETag (the git blob id), Content-Length
+    GET  /{ns}/{name}/resolve/{rev}/{path}         -> the file's bytes (rev: "main" or the repo's sha)
+         | 404 RepoNotFound / RevisionNotFound / EntryNotFound
+
 Every file is answered "regular", so contents travel base64-inline in the commit and the client never takes
 its LFS or Xet paths (hf_xet's CAS protocol is out of scope for a stand-in). Anything else is answered 404 and
 recorded in `unhandled`, so a test can assert that the client sent nothing unexpected.
@@ -63,6 +69,14 @@ class Repo:
     files: dict[str, bytes] = field(default_factory=dict)  # the state of the main branch
     sha: str = "0" * 40
     writable: bool = True  # False: the token may read it, but preupload / commit answer 403
+
+
+@dataclass
+class RawFile:
+    """A response that is a file's bytes rather than JSON."""
+
+    content: bytes
+    headers: dict[str, str]
 
 
 @dataclass
@@ -150,7 +164,7 @@ class HubStandIn:
 
     # ------------------------------------------------------------------ routes
 
-    def handle(self, method: str, path: str, headers, body: bytes) -> tuple[int, dict]:
+    def handle(self, method: str, path: str, headers, body: bytes) -> tuple[int, dict | RawFile]:
         parts = [unquote(p) for p in urlsplit(path).path.strip("/").split("/")]
         with self._lock:
             self.requests.append(Request(method, urlsplit(path).path, headers.get("Authorization")))
@@ -163,6 +177,8 @@ class HubStandIn:
                 return 200, {"errors": [], "warnings": []}  # upload_folder checks a README.md's front matter first
             if method == "POST" and parts == ["api", "repos", "create"]:
                 return self._create_repo(json.loads(body or b"{}"))
+            if method in ("GET", "HEAD") and len(parts) >= 5 and parts[2] == "resolve":
+                return self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
             if len(parts) >= 4 and parts[0] == "api" and parts[1] in ("models", "datasets", "spaces"):
                 repo_id = f"{parts[2]}/{parts[3]}"
                 rest = parts[4:]
@@ -206,6 +222,16 @@ class HubStandIn:
             "private": repo.private,
             "siblings": [{"rfilename": path} for path in sorted(repo.files)],
         }
+
+    def _resolve(self, repo_id: str, revision: str, path: str) -> tuple[int, RawFile]:
+        repo = self._repo(repo_id)
+        if revision not in ("main", repo.sha):
+            raise _HTTPError(404, f"Invalid rev id: {revision}", error_code="RevisionNotFound")
+        if path not in repo.files:
+            raise _HTTPError(404, f"Entry not found: {path}", error_code="EntryNotFound")
+        content = repo.files[path]
+        headers = {"X-Repo-Commit": repo.sha, "ETag": f'"{git_blob_sha1(content)}"'}
+        return 200, RawFile(content, headers)
 
     def _preupload(self, repo_id: str, payload: dict) -> dict:
         repo = self._repo(repo_id, write=True)
@@ -285,14 +311,19 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["X-Error-Code"] = err.error_code
         except Exception as err:
             status, payload = 500, {"error": f"stand-in crashed: {err!r}"}
-        data = json.dumps(payload).encode()
+        if isinstance(payload, RawFile):
+            data, content_type = payload.content, "application/octet-stream"
+            headers.update(payload.headers)
+        else:
+            data, content_type = json.dumps(payload).encode(), "application/json"
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for key, value in headers.items():
             self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _serve
 

@@ -35,6 +35,7 @@ BETAS = T + "test_promises.py::test_beta_schedule_reaches_the_noise_schedule"
 HUB = T + "test_hub.py::"
 TRACKERS = T + "test_trackers.py::test_grids_and_data_png_reach_wandb_mlflow_and_tensorboard"
 LAST_GOOD = T + "test_last_good_checkpoint.py::"
+PRETRAINED = T + "test_pretrained.py::"
 EMA_GUARD = "        if global_step == self.last_step:\n            return\n"
 EMA_UPDATE = "        if self.ema is not None:\n            self.ema.update(self.unet, self.trainer.global_step)\n"
 
@@ -319,6 +320,25 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "        check_finite(trainer)  # (called on every rank before anything is written)\n",
         "        pass\n",
         [LAST_GOOD + "test_no_checkpoint_grid_or_model_is_written_after_a_nan_loss"],
+    ),
+    # issue 18
+    "pretrained_weights_not_loaded": (  # the pretrained architecture with random weights
+        "ddpm_lightning/module.py",
+        "            self.unet.load_state_dict(found.unet.state_dict())\n",
+        "            pass\n",
+        [PRETRAINED + "test_fine_tunes_from_a_bare_unet_folder_with_the_default_schedule"],
+    ),
+    "pretrained_checkpoint_raw_not_ema_weights": (
+        "ddpm_lightning/pretrained.py",
+        "            ema.copy_to(unet.parameters())\n",
+        "            pass\n",
+        [PRETRAINED + "test_fine_tunes_from_a_checkpoint_s_ema_weights_as_a_new_run_with_ema_from_them"],
+    ),
+    "pretrained_schedule_ignored": (
+        "ddpm_lightning/module.py",
+        "base = {k: v for k, v in (found.scheduler_config if found else {}).items() if k in known}",
+        "base: dict = {}",
+        [PRETRAINED + "test_fine_tunes_from_the_google_ddpm_layout_with_its_schedule_unless_set"],
     ),
 }
 
