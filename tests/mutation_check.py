@@ -30,8 +30,8 @@ EMA_TEST = T + "test_quality.py::test_ema_follows_the_warmup_formula_once_per_op
 TARGETS = T + "test_quality.py::test_each_prediction_type_is_scored_against_its_own_target"
 PIPELINE = T + "test_module.py::test_sample_equals_ddpm_pipeline_on_the_same_unet_scheduler_and_noise"
 SWITCHES = T + "test_module.py::test_speed_switches_take_effect_in_a_training_step"
-FIT_QUALITY = T + "test_promises.py::test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image"
-BETAS = T + "test_promises.py::test_beta_schedule_reaches_the_noise_schedule"
+FIT_QUALITY = T + "test_quality.py::test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image"
+BETAS = T + "test_module.py::test_beta_schedule_reaches_the_noise_schedule"
 HUB = T + "test_hub.py::"
 TRACKERS = T + "test_trackers.py::test_grids_and_data_png_reach_wandb_mlflow_and_tensorboard"
 LAST_GOOD = T + "test_last_good_checkpoint.py::"
@@ -115,7 +115,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ddpm_lightning/module.py",
         EMA_UPDATE,
         EMA_UPDATE.replace("is not None:", "is not None and self.global_rank == 0:"),
-        [T + "test_promises.py::test_every_ddp_rank_holds_the_same_ema"],
+        [T + "test_quality.py::test_every_ddp_rank_holds_the_same_ema"],
     ),
     "v_prediction_target_swapped": (
         "ddpm_lightning/module.py",
@@ -193,25 +193,25 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ddpm_lightning/sources.py",
         "load_source(val_dataset, val_split)",
         "load_source(val_dataset, split)",
-        [T + "test_promises.py::test_val_dataset_and_val_split_name_the_validation_images"],
+        [T + "test_data.py::test_val_dataset_and_val_split_name_the_validation_images"],
     ),
     "cache_auto_ignores_the_size_cap": (
         "ddpm_lightning/data.py",
         "cache_gb <= cache_max_gb",
         "True",
-        [T + "test_promises.py::test_cache_auto_keeps_small_data_in_memory_and_streams_above_cache_max_gb"],
+        [T + "test_data.py::test_cache_auto_keeps_small_data_in_memory_and_streams_above_cache_max_gb"],
     ),
     "cache_on_gpu_ignored": (
         "ddpm_lightning/data.py",
         "self.images(train, hp.crop, device if on_gpu else None)",
         "self.images(train, hp.crop, None)",
-        [T + "test_promises.py::test_cache_on_gpu_puts_the_cached_pixels_on_the_training_device"],
+        [T + "test_data.py::test_cache_on_gpu_puts_the_cached_pixels_on_the_training_device"],
     ),
     "single_parquet_file_read_as_json": (
         "ddpm_lightning/sources.py",
         'builder = {".jsonl": "json"}.get(path.suffix, path.suffix.lstrip("."))',
         'builder = "json"',
-        [T + "test_promises.py::test_a_single_parquet_file_is_a_data_set"],
+        [T + "test_data.py::test_a_single_parquet_file_is_a_data_set"],
     ),
     "no_samples_image_in_tensorboard": (
         "ddpm_lightning/sampling.py",
@@ -235,7 +235,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ddpm_lightning/commands.py",
         "[image_generator(seed, i) for i in indices]",
         "[image_generator(seed + num_images, i) for i in indices]",
-        [T + "test_promises.py::test_asking_for_more_images_keeps_the_first_ones"],
+        [T + "test_commands.py::test_asking_for_more_images_keeps_the_first_ones"],
     ),
     "hub_repo_created_public": (
         "ddpm_lightning/hub.py",
@@ -291,7 +291,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "configs/tiny.yaml",
         "dataset: ./data/heliconius ",
         "dataset: ../shared/data/heliconius/train ",
-        [T + "test_promises.py::test_the_quick_start_is_315_steps_on_the_shipped_photos_and_ends_with_grid_0004"],
+        [T + "test_configs.py::test_the_quick_start_is_315_steps_on_the_shipped_photos_and_ends_with_grid_0004"],
     ),
     "sample_data_loses_file_names": (
         "tools/make_sample_data.py",

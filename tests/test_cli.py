@@ -215,3 +215,16 @@ def test_the_old_spelling_quality_every_n_epochs_still_works_and_warns(image_fol
     with pytest.warns(FutureWarning, match="quality.every_n_epochs is renamed quality.measure_quality_epochs"):
         main(fit_args(image_folder, tmp_path / "run", "--trainer.max_steps", "1", "--quality.every_n_epochs", "3"))
     assert seen == [3]
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for subcommand in ("fit", "validate"):
+        assert f"    {subcommand} " in text, subcommand
+    for command in ("sample", "export"):  # outside LightningCLI: their own --help
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0 and f"usage: ddpm-lightning [options] {command}" in capsys.readouterr().out

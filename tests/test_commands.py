@@ -17,7 +17,7 @@ from ddpm_lightning.commands import CommandError, image_generator, load_checkpoi
 from ddpm_lightning.module import DDPMModule
 from ddpm_lightning.sampling import grid_shape, make_sampler
 
-from conftest import fit_args, write_image
+from conftest import fit_args, tiny_module, write_image
 
 # `sample` in 2 denoising steps (not the sampler's default count): seconds on a CPU.
 TWO_SAMPLING_STEPS = ["--num_inference_steps", "2"]
@@ -307,3 +307,18 @@ def test_help_lists_the_options(capsys):
 
 def test_grid_shape_is_as_square_as_possible():
     assert [grid_shape(n) for n in (1, 6, 7, 12, 16)] == [(1, 1), (2, 3), (1, 7), (3, 4), (4, 4)]
+
+
+def test_asking_for_more_images_keeps_the_first_ones(tmp_path):
+    from diffusers import DDPMPipeline
+
+    from ddpm_lightning.commands import sample
+
+    torch.manual_seed(0)
+    model = tiny_module()
+    DDPMPipeline(unet=model.unet, scheduler=model.noise_scheduler).save_pretrained(tmp_path / "model")
+    common = {"sampler": "ddim", "num_inference_steps": 2, "batch_size": 2, "seed": 5}
+    two = sample(str(tmp_path / "model"), num_images=2, output_dir=str(tmp_path / "two"), **common)
+    four = sample(str(tmp_path / "model"), num_images=4, output_dir=str(tmp_path / "four"), **common)
+    assert [p.read_bytes() for p in two] == [p.read_bytes() for p in four[:2]]
+    assert four[2].read_bytes() != four[0].read_bytes()

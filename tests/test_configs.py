@@ -13,6 +13,7 @@ Lightning would turn into bf16 on a CPU, runs as it does on a GPU: fp16 autocast
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,9 @@ from lightning.pytorch import Callback
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.optim import CompiledAdamW
+from ddpm_lightning.sources import load_source
 
-from conftest import MICRO_UNET, REPO
+from conftest import MICRO_UNET, REPO, TINY_CONFIG
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 BASE = REPO / "configs" / "butterflies.yaml"
@@ -135,3 +137,16 @@ def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, m
     assert seen["compile"] == model.get("compile", False)
     assert seen["channels_last"] == model.get("channels_last", False)
     assert (tmp_path / "out" / "model_index.json").exists()
+
+
+def test_the_quick_start_is_315_steps_on_the_shipped_photos_and_ends_with_grid_0004():
+    """README's quick start: configs/tiny.yaml trains on the shipped data/heliconius (run from the repository root)
+    for 315 optimizer steps (5 epochs of 1000 photos in batches of 16), and its last grid is samples/0004.png."""
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    photos = len(load_source(str(REPO / config["data"]["dataset"])))
+    epochs, batch = config["trainer"]["max_epochs"], config["data"]["train_batch_size"]
+    steps = epochs * math.ceil(photos / batch)
+    assert (photos, epochs, batch, steps) == (1000, 5, 16, 315)
+    assert epochs % config["grid"]["save_image_epochs"] == 0  # so the last epoch's grid is the last one
+    readme = (REPO / "README.md").read_text()
+    assert f"{steps} optimizer steps" in readme and f"{config['output_dir']}/samples/{epochs - 1:04d}.png" in readme

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from ddpm_lightning.data import ImageDataModule
+from ddpm_lightning.data import CachedImages, ImageDataModule, ResizedImages
 from ddpm_lightning.sources import load_source
 
 from conftest import HELICONIUS, write_image
@@ -203,3 +204,50 @@ def test_clear_errors_for_bad_sources(tmp_path, image_folder):
         load_source(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="--data.image_column"):
         setup_module_for(image_folder, image_column="pixels")
+
+
+def coloured(n: int, red: int = 0) -> datasets.Dataset:
+    """n images of 16 px, each one flat colour (red, i, 0): told apart by their pixels."""
+    images = [Image.new("RGB", (16, 16), (red, i, 0)) for i in range(n)]
+    return datasets.Dataset.from_dict({"img": images}, features=datasets.Features({"img": datasets.Image()}))
+
+
+def data_module(dataset, **kwargs) -> ImageDataModule:
+    dm = ImageDataModule(dataset=str(dataset), image_size=16, train_batch_size=4, num_workers=0, **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def test_val_dataset_and_val_split_name_the_validation_images(tmp_path):
+    datasets.DatasetDict({"train": coloured(5), "test": coloured(3, red=200)}).save_to_disk(str(tmp_path / "dd"))
+    dm = data_module(tmp_path / "dd", val_dataset=str(tmp_path / "dd"), val_split="test")
+    assert len(dm.train_set) == 5
+    assert [int(dm.val_set[i][1][0, 0, 0]) for i in range(len(dm.val_set))] == [200, 200, 200]  # the test split
+    assert [int(dm.val_set[i][1][1, 0, 0]) for i in range(3)] == [0, 1, 2]
+    assert [dm.val_set[i][0] for i in range(3)] == [0, 1, 2]  # (index, image): noise seeded by the index
+
+
+def test_cache_auto_keeps_small_data_in_memory_and_streams_above_cache_max_gb(image_folder):
+    assert isinstance(data_module(image_folder).train_set, CachedImages)  # 12 x 3 x 16 x 16 bytes
+    streamed = data_module(image_folder, cache_max_gb=12 * 3 * 16 * 16 / 1e9 / 2)  # half of what they take
+    assert isinstance(streamed.train_set, ResizedImages) and len(streamed.train_set) == 12
+
+
+def test_cache_on_gpu_puts_the_cached_pixels_on_the_training_device(image_folder):
+    """The "meta" device stands in for a GPU (no GPU here): the pixels go to the trainer's root device when asked,
+    and stay in CPU memory by default when that device is not CUDA."""
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")), progress_bar_callback=None)
+    dm = ImageDataModule(dataset=str(image_folder), image_size=16, num_workers=0, cache_on_gpu=True)
+    dm.trainer = trainer
+    dm.setup("fit")
+    assert dm.train_set.pixels.device.type == "meta" and dm.train_set.pixels.shape == (12, 3, 16, 16)
+    default = ImageDataModule(dataset=str(image_folder), image_size=16, num_workers=0)
+    default.trainer = trainer
+    default.setup("fit")
+    assert default.train_set.pixels.device.type == "cpu"
+
+
+def test_a_single_parquet_file_is_a_data_set(tmp_path):
+    coloured(6).to_parquet(str(tmp_path / "one.parquet"))
+    dm = data_module(tmp_path / "one.parquet")
+    assert [int(dm.train_set[i][1, 0, 0]) for i in range(len(dm.train_set))] == [0, 1, 2, 3, 4, 5]

@@ -235,3 +235,20 @@ def test_compiled_unet_runs_and_matches_the_plain_one():
         )  # the compiled sampling forward (training has its own, tested in test_speed_switches)
     assert counters["stats"]["unique_graphs"] == 1  # torch.compile traced the UNet's forward
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
+def test_beta_schedule_reaches_the_noise_schedule(schedule, tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from ddpm_lightning.sampling import make_sampler
+
+    model = tiny_module(beta_schedule=schedule)
+    expected = DDPMScheduler(beta_schedule=schedule).betas
+    torch.testing.assert_close(model.noise_scheduler.betas, expected)
+    if schedule != "linear":
+        assert not torch.allclose(expected, DDPMScheduler(beta_schedule="linear").betas)
+    for sampler in ("ddim", "dpmsolver++"):  # the grids' samplers follow it (sigmoid: by the betas themselves)
+        torch.testing.assert_close(make_sampler(model.noise_scheduler, sampler).betas, expected)
+    DDPMPipeline(unet=model.unet, scheduler=model.noise_scheduler).save_pretrained(tmp_path / "saved")
+    assert DDPMScheduler.from_pretrained(tmp_path / "saved" / "scheduler").config.beta_schedule == schedule

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import math
+import subprocess
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ddpm_lightning.cli import main
 
-from conftest import fit_args, scalars, tiny_module
+from conftest import child_env, ddp_fit_command, fit_args, scalars, tb_events, tiny_module
 
 
 @pytest.mark.slow
@@ -241,3 +245,70 @@ def test_missing_inception_weights_say_how_and_training_goes_on(image_folder, tm
         )
     assert (tmp_path / "checkpoints" / "run" / "last.ckpt").exists()
     assert len(scalars(tmp_path / "run" / "logs", "val/loss")) == 1
+
+
+@pytest.mark.slow
+def test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image(image_folder, tmp_path):
+    """quality.measure_quality_epochs 2 over 2 epochs: FID/KID once, after epoch 2, as finite numbers; the grid of each
+    epoch is also TensorBoard's `samples` image, with the PNG's pixels."""
+    out = tmp_path / "run"
+    main(
+        fit_args(
+            image_folder,
+            out,
+            "--trainer.max_epochs",
+            "2",
+            "--data.val_fraction",
+            "0.5",
+            "--grid.save_image_epochs",
+            "1",
+            "--quality.measure_quality_epochs",
+            "2",
+            "--quality.feature",
+            "conftest.TinyFeatures",
+            "--quality.num_samples",
+            "4",
+            "--quality.num_inference_steps",
+            "2",
+        )
+    )
+    steps_per_epoch = 2  # 6 training images, batch 4
+    for tag in ("val/fid", "val/kid_mean", "val/kid_std"):
+        values = scalars(out / "logs", tag)
+        assert list(values) == [2 * steps_per_epoch - 1] or list(values) == [2 * steps_per_epoch], (tag, values)
+        assert all(math.isfinite(v) for v in values.values())
+    assert len(scalars(out / "logs", "val/loss")) == 2  # validation ran both epochs; FID only on the 2nd
+
+    images = {e.step: e for e in tb_events(out / "logs", "samples", "images")}
+    assert sorted(images) == [steps_per_epoch, 2 * steps_per_epoch]
+    logged = np.asarray(
+        Image.open(io.BytesIO(images[2 * steps_per_epoch].encoded_image_string)).convert("RGB"), np.int16
+    )
+    png = np.asarray(Image.open(out / "samples" / "0001.png").convert("RGB"), np.int16)
+    assert logged.shape == png.shape == (32, 32, 3)
+    assert np.array_equal(logged, png)  # the same 8-bit pixels: save_grid rounds once for the PNG and every logger
+
+
+def test_every_ddp_rank_holds_the_same_ema(image_folder, tmp_path):
+    cmd = [
+        *ddp_fit_command(image_folder, tmp_path / "run", "--trainer.max_steps", "3", "--trainer.max_epochs", "-1"),
+        "--model.use_ema",
+        "true",
+        "--model.learning_rate",
+        "0.01",
+        "--model.lr_warmup_steps",
+        "1",
+        "--grid.save_image_epochs",
+        "1000",
+        "--save.save_model_epochs",
+        "1000",
+        "--trainer.callbacks+=conftest.SaveEMAPerRank",
+    ]
+    result = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"ema_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["optimization_step"] == rank1["optimization_step"] == 3
+    for a, b in zip(rank0["shadow_params"], rank1["shadow_params"], strict=True):
+        assert torch.equal(a, b)
+    raw = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=True)["state_dict"]
+    assert not torch.equal(rank0["shadow_params"][0], raw["unet.conv_in.weight"])  # an average, not the weights

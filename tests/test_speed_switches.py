@@ -5,6 +5,7 @@ autocast, compile without recompiles, and no host sync per training step."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from ddpm_lightning.cli import main
 from ddpm_lightning.module import DDPMModule
 from ddpm_lightning.precision import FusedClipMixedPrecision
 
-from conftest import MICRO_UNET, TINY_UNET, fit_args
+from conftest import MICRO_UNET, TINY_UNET, fit_args, scalars
 
 
 def grad_norm(module) -> float:
@@ -500,3 +501,35 @@ def test_compiled_step_keeps_weights_finite_at_a_zero_lr_with_zero_gradients():
     for a, b in zip(weights[torch.optim.AdamW], weights[CompiledAdamW], strict=True):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(b, a, rtol=0, atol=1e-20)
+
+
+def test_bf16_mixed_trains_on_cpu_under_bf16_autocast(image_folder, tmp_path, monkeypatch):
+    from ddpm_lightning.module import DDPMModule
+
+    seen = []
+    real = DDPMModule.denoising_loss
+
+    def record(self, *args, **kwargs):
+        loss = real(self, *args, **kwargs)
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), loss.dtype))
+        return loss
+
+    monkeypatch.setattr(DDPMModule, "denoising_loss", record)
+    out = tmp_path / "run"
+    main(
+        fit_args(
+            image_folder,
+            out,
+            "--trainer.max_steps",
+            "3",
+            "--trainer.max_epochs",
+            "-1",
+            "--trainer.precision",
+            "bf16-mixed",
+        )
+    )
+    assert seen[:3] == [(True, torch.bfloat16, torch.float32)] * 3  # the UNet under bf16; the loss in float32
+    state = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(v.dtype == torch.float32 for v in state.values())  # float32 master weights
+    assert sorted(scalars(out / "logs", "train/loss")) == [0, 1, 2]
+    assert all(math.isfinite(v) for v in scalars(out / "logs", "train/loss").values())
