@@ -340,6 +340,19 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "base: dict = {}",
         [PRETRAINED + "test_fine_tunes_from_the_google_ddpm_layout_with_its_schedule_unless_set"],
     ),
+    # issue 20
+    "peak_flops_sparse_h200": (  # the datasheet's "with sparsity" figure: MFU half of what it is
+        "ddpm_lightning/peak_flops.py",
+        '(r"h200", 989.5e12)',
+        '(r"h200", 1979e12)',
+        [T + "test_peak_flops.py"],
+    ),
+    "peak_flops_nvl_as_sxm": (  # without its own line, an H200 NVL matches "h200": the SXM card's peak
+        "ddpm_lightning/peak_flops.py",
+        '    (r"h200 nvl", 835.5e12),',
+        "",
+        [T + "test_peak_flops.py"],
+    ),
 }
 
 COPIED = ["ddpm_lightning", "tests", "configs", "data", "tools", "pyproject.toml", "README.md"]
