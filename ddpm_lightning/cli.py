@@ -25,6 +25,7 @@ from pathlib import Path
 
 from diffusers import UNet2DModel
 from jsonargparse import ArgumentParser
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
@@ -46,6 +47,7 @@ from .module import DDPMModule
 from .monitor import ImagesThroughput, RunReport
 from .precision import FusedClipMixedPrecision
 from .run_lock import RunLock
+from .progress import TrainingProgressBar
 
 
 class DDPMLightningCLI(LightningCLI):
@@ -103,6 +105,9 @@ class DDPMLightningCLI(LightningCLI):
         if self.config.subcommand == "fit" and not held_out and trainer.limit_val_batches is None:
             kwargs["limit_val_batches"] = 0  # no held-out images: no validation loop at all
         trainer = super().instantiate_trainer(**kwargs)
+        bar = trainer.progress_bar_callback
+        if type(bar) is TQDMProgressBar:  # Lightning's default: this one shows the loss without a sync per step
+            trainer.callbacks[trainer.callbacks.index(bar)] = TrainingProgressBar()
         if type(trainer.strategy.precision_plugin) is MixedPrecision:  # 16-mixed / bf16-mixed: clip with fused AdamW
             trainer.strategy.precision_plugin = FusedClipMixedPrecision.replacing(trainer.strategy.precision_plugin)
         return trainer

@@ -154,12 +154,9 @@ class DDPMModule(LightningModule):
         if self.hparams.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         loss = self.denoising_loss(batch)
-        # A progress-bar value is read back to the host every step (Lightning turns it into a float even with the
-        # bar off): a GPU sync per step. So only with a bar to show it on; the logger reads it every N steps.
-        show = self.trainer.progress_bar_callback is not None
-        self.log("train/loss", loss, prog_bar=show)
+        self.log("train/loss", loss)  # not prog_bar=True, read back every step: progress.py shows it every N
         lr = self.lr_schedulers().get_last_lr()[0]  # a device tensor under CompiledAdamW, filled in place: copy it
-        self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr, prog_bar=show)
+        self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)
         return loss
 
     def denoising_loss(

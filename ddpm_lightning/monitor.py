@@ -112,7 +112,7 @@ class ImagesThroughput(Callback):
             metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 1e9
         trainer._logger_connector.log_metrics(metrics, step=trainer.global_step)
         rate = round(metrics["train/images_per_sec"], 1)
-        pl_module.log("img/s", rate, prog_bar=True, logger=False, rank_zero_only=True)
+        pl_module.log("img/s", rate, logger=False, rank_zero_only=True)  # for progress.py (prog_bar: read every step)
 
     # Validation pauses the clock (as ThroughputMonitor does) and is not itself timed.
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

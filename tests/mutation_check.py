@@ -85,8 +85,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "lr_extra_step": (
         "ddpm_lightning/module.py",
-        '        self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr, prog_bar=show)\n',
-        '        self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr, prog_bar=show)\n'
+        '        self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)\n',
+        '        self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)\n'
         "        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:\n"
         "            self.lr_schedulers().step()\n",
         [LR_TEST],
@@ -352,6 +352,18 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         '    (r"h200 nvl", 835.5e12),',
         "",
         [T + "test_peak_flops.py"],
+    ),
+    "loss_on_the_bar_every_step": (  # a prog_bar value is read back to the host after every batch
+        "ddpm_lightning/module.py",
+        '        self.log("train/loss", loss)',
+        '        self.log("train/loss", loss, prog_bar=True)',
+        [T + "test_progress.py"],
+    ),
+    "images_per_sec_on_the_bar_every_step": (  # logged on log steps only, but read again after every batch
+        "ddpm_lightning/monitor.py",
+        'pl_module.log("img/s", rate, logger=False',
+        'pl_module.log("img/s", rate, prog_bar=True, logger=False',
+        [T + "test_progress.py"],
     ),
 }
 
