@@ -42,12 +42,13 @@ from .checkpointing import (
     check_ckpt_path,
     remove_partial_files,
 )
+from .compile_cache import keep_compile_cache
 from .data import ImageDataModule
 from .module import DDPMModule
 from .monitor import ImagesThroughput, RunReport
 from .precision import FusedClipMixedPrecision
-from .run_lock import RunLock
 from .progress import TrainingProgressBar
+from .run_lock import RunLock
 
 
 class DDPMLightningCLI(LightningCLI):
@@ -89,6 +90,9 @@ class DDPMLightningCLI(LightningCLI):
         check_values(config)
         if config.get("checkpoint") is not None and config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(Path("checkpoints") / Path(config.output_dir).resolve().name)
+        model = config.get("model") or {}
+        if config.get("checkpoint") is not None and any(model.get(k) for k in COMPILING):
+            keep_compile_cache(config.checkpoint.dirpath)
 
     def instantiate_trainer(self, **kwargs):
         trainer, data = self._get(self.config, "trainer"), self._get(self.config, "data")
@@ -171,6 +175,8 @@ def check_writable(folder: str, option: str = "--output_dir") -> None:
             f"Choose another {option}."
         ) from err
 
+
+COMPILING = ("compile", "compile_blocks", "compile_optimizer")  # model switches that run torch.compile
 
 # Keys whose values must be positive, with what they are: checked before anything is built, so a 0 or a
 # negative value fails with its key instead of deep inside a library ("max() arg is an empty sequence").

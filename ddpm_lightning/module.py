@@ -25,11 +25,12 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 
+from .blocks import compile_blocks
 from .ema import EMAWeights
 from .optim import CompiledAdamW, make_adamw
 from .pretrained import check_channels, fitted_architecture, load_pretrained
 from .sampling import Sampler, denoise, make_sampler
-from .speed import CompileMode, UNetForward, apply_speed_switches
+from .speed import CompileMode, UNetForward, apply_speed_switches, uses_cuda_graphs
 from .stop_on_nan import StopOnNaN
 
 # The tutorial's UNet ("Train a diffusion model"): 6 levels, attention in the 5th down and 2nd up block.
@@ -75,7 +76,9 @@ class DDPMModule(LightningModule):
             tracked on the device and checked every `nan_check_every_n_steps` steps (a check waits for the GPU).
         compile: torch.compile the UNet's forward, training and sampling apart (`speed.UNetForward`); the UNet
             itself is not wrapped, so checkpoints and saved folders do not change.
-        compile_mode: torch.compile's `mode` for both forwards: "default", "reduce-overhead" and "max-autotune"
+        compile_blocks: torch.compile each of the UNet's down, mid and up blocks instead of its whole forward
+            (`blocks.py`): a shorter compile; only training steps at the first step's batch size run compiled.
+        compile_mode: torch.compile's `mode` for both forwards (or the blocks): "default", "reduce-overhead" and "max-autotune"
             (CUDA graphs on a GPU; a CPU has none, so there they run without), "max-autotune-no-cudagraphs".
         channels_last: keep the UNet and its inputs in channels-last memory format (faster convolutions on GPUs).
         fused_adamw: AdamW's fused kernel; by default on when the parameters are on a GPU (and `compile_optimizer`
@@ -112,6 +115,7 @@ class DDPMModule(LightningModule):
         nan_check_every_n_steps: int = 10,
         compile: bool = False,
         compile_mode: CompileMode = "default",
+        compile_blocks: bool = False,
         channels_last: bool = False,
         fused_adamw: bool | None = None,
         compile_optimizer: bool = False,
@@ -124,6 +128,8 @@ class DDPMModule(LightningModule):
         self.base_model = found.base_model if found else None  # what it is fine-tuned from (card, run summary)
         if found is not None:
             unet = self.hparams.unet = fitted_architecture(found, unet, image_size)  # (checkpoints rebuild it)
+        if compile and compile_blocks:
+            raise ValueError("model.compile compiles the whole UNet, model.compile_blocks each block: set one of them.")
         self.unet = build_unet(TUTORIAL_UNET if unet is None else unet, image_size)
         if found is not None:  # at construction: a resumed run's checkpoint then overwrites these weights
             self.unet.load_state_dict(found.unet.state_dict())
@@ -231,6 +237,8 @@ class DDPMModule(LightningModule):
         apply_speed_switches(self.unet, hp.channels_last, hp.gradient_checkpointing, hp.float32_matmul_precision)
         if hp.compile and self.unet_forward.compiled is None:
             self.unet_forward.compile(hp.compile_mode)
+        if hp.compile_blocks:
+            compile_blocks(self.unet, hp.compile_mode, uses_cuda_graphs(hp.compile_mode))
 
     def configure_callbacks(self) -> list:
         return [StopOnNaN(self.hparams.nan_check_every_n_steps)] if self.hparams.stop_on_nan else []

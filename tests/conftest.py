@@ -13,6 +13,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 from PIL import Image
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -68,6 +69,9 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    # Inductor's shared cache, as set or its default: no run moves it (compile_cache.py would, into the test's
+    # folder, and for every later test: each would then compile cold).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
     monkeypatch.chdir(tmp_path)  # ./checkpoints and ./ddpm-* land in the test's folder
 
 
