@@ -26,6 +26,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .blocks import compile_blocks
+from .capture import CapturedForward, check_capture
 from .ema import EMAWeights
 from .optim import CompiledAdamW, make_adamw
 from .pretrained import check_channels, fitted_architecture, load_pretrained
@@ -78,6 +79,8 @@ class DDPMModule(LightningModule):
             itself is not wrapped, so checkpoints and saved folders do not change.
         compile_blocks: torch.compile each of the UNet's down, mid and up blocks instead of its whole forward
             (`blocks.py`): a shorter compile; only training steps at the first step's batch size run compiled.
+        cuda_graph_capture: capture the UNet's training forward and backward as CUDA graphs without torch.compile
+            (`capture.py`: a static batch; needs CUDA, refuses gradient accumulation). Not yet run on a GPU.
         compile_mode: torch.compile's `mode` for both forwards (or the blocks): "default", "reduce-overhead" and "max-autotune"
             (CUDA graphs on a GPU; a CPU has none, so there they run without), "max-autotune-no-cudagraphs".
         channels_last: keep the UNet and its inputs in channels-last memory format (faster convolutions on GPUs).
@@ -116,6 +119,7 @@ class DDPMModule(LightningModule):
         compile: bool = False,
         compile_mode: CompileMode = "default",
         compile_blocks: bool = False,
+        cuda_graph_capture: bool = False,
         channels_last: bool = False,
         fused_adamw: bool | None = None,
         compile_optimizer: bool = False,
@@ -130,6 +134,10 @@ class DDPMModule(LightningModule):
             unet = self.hparams.unet = fitted_architecture(found, unet, image_size)  # (checkpoints rebuild it)
         if compile and compile_blocks:
             raise ValueError("model.compile compiles the whole UNet, model.compile_blocks each block: set one of them.")
+        if compile + compile_blocks + cuda_graph_capture > 1:
+            raise ValueError(
+                "model.compile, model.compile_blocks and model.cuda_graph_capture exclude each other: set one."
+            )
         self.unet = build_unet(TUTORIAL_UNET if unet is None else unet, image_size)
         if found is not None:  # at construction: a resumed run's checkpoint then overwrites these weights
             self.unet.load_state_dict(found.unet.state_dict())
@@ -239,6 +247,9 @@ class DDPMModule(LightningModule):
             self.unet_forward.compile(hp.compile_mode)
         if hp.compile_blocks:
             compile_blocks(self.unet, hp.compile_mode, uses_cuda_graphs(hp.compile_mode))
+        if hp.cuda_graph_capture and self.unet_forward.captured is None:
+            check_capture(self.trainer)
+            self.unet_forward.captured = CapturedForward()
 
     def configure_callbacks(self) -> list:
         return [StopOnNaN(self.hparams.nan_check_every_n_steps)] if self.hparams.stop_on_nan else []

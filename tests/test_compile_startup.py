@@ -24,9 +24,10 @@ def test_the_cache_goes_beside_the_checkpoints_unless_the_user_set_it(tmp_path, 
     assert os.environ[VARIABLE] == str(tmp_path / "mine") and not (tmp_path / "other").exists()
 
 
-def test_whole_and_block_compile_refuse_each_other():
-    with pytest.raises(ValueError, match="model.compile compiles the whole UNet, model.compile_blocks each block"):
-        tiny_module(compile=True, compile_blocks=True)
+@pytest.mark.parametrize("pair", [("compile", "compile_blocks"), ("compile", "cuda_graph_capture")])
+def test_whole_compile_block_compile_and_capture_refuse_each_other(pair):
+    with pytest.raises(ValueError, match="model.compile, model.compile_blocks and model.cuda_graph_capture exclude"):
+        tiny_module(**dict.fromkeys(pair, True))
 
 
 def test_block_compile_compiles_each_block_once_gives_the_eager_losses_and_keeps_the_cache(
