@@ -12,6 +12,7 @@ from ddpm_lightning.cli import main, raised_by_this_package
 from conftest import fit_args, tiny_module
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -60,6 +61,7 @@ def test_captured_once_for_the_first_training_batch_and_eager_otherwise(monkeypa
         torch.testing.assert_close(p.grad, q.grad)
 
 
+@pytest.mark.slow
 def test_a_fit_trains_through_the_capture_on_its_full_batches(image_folder, tmp_path, monkeypatch):
     """The switch in a real fit, with the device check passed and the capture stood in for (as on a GPU): 12 images
     in batches of 5 capture once and replay on the 2 full batches; the short last one runs the plain UNet."""

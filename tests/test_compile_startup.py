@@ -30,6 +30,7 @@ def test_whole_compile_block_compile_and_capture_refuse_each_other(pair):
         tiny_module(**dict.fromkeys(pair, True))
 
 
+@pytest.mark.slow
 def test_block_compile_compiles_each_block_once_gives_the_eager_losses_and_keeps_the_cache(
     image_folder, tmp_path, monkeypatch
 ):

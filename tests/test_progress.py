@@ -44,6 +44,7 @@ class HostReadsPerStep(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.slow
 def test_the_bar_shows_the_loss_read_only_on_log_steps(image_folder, tmp_path, monkeypatch):
     bars = []
     setup = TrainingProgressBar.setup
