@@ -69,9 +69,9 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    # Inductor's shared cache, as set or its default: no run moves it (compile_cache.py would, into the test's
-    # folder, and for every later test: each would then compile cold).
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
+    # One inductor cache for every test, kept between sessions: set, so no run moves it (compile_cache.py would,
+    # into the test's folder, where each compiling test would compile cold).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.path.join(default_cache_dir(), "ddpm-lightning-tests"))
     monkeypatch.chdir(tmp_path)  # ./checkpoints and ./ddpm-* land in the test's folder
 
 
