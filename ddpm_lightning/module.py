@@ -81,8 +81,9 @@ class DDPMModule(LightningModule):
             (`blocks.py`): a shorter compile; only training steps at the first step's batch size run compiled.
         cuda_graph_capture: capture the UNet's training forward and backward as CUDA graphs without torch.compile
             (`capture.py`: a static batch; needs CUDA, refuses gradient accumulation). Not yet run on a GPU.
-        compile_mode: torch.compile's `mode` for both forwards (or the blocks): "default", "reduce-overhead" and "max-autotune"
-            (CUDA graphs on a GPU; a CPU has none, so there they run without), "max-autotune-no-cudagraphs".
+        compile_mode: torch.compile's `mode` for both forwards (or the blocks): "default", "reduce-overhead" and
+            "max-autotune" (CUDA graphs on a GPU; a CPU has none, so there they run without),
+            "max-autotune-no-cudagraphs".
         channels_last: keep the UNet and its inputs in channels-last memory format (faster convolutions on GPUs).
         fused_adamw: AdamW's fused kernel; by default on when the parameters are on a GPU (and `compile_optimizer`
             is off). It clips under every precision through the CLI (`precision.FusedClipMixedPrecision`).
