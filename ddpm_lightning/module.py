@@ -133,8 +133,6 @@ class DDPMModule(LightningModule):
         self.base_model = found.base_model if found else None  # what it is fine-tuned from (card, run summary)
         if found is not None:
             unet = self.hparams.unet = fitted_architecture(found, unet, image_size)  # (checkpoints rebuild it)
-        if compile and compile_blocks:
-            raise ValueError("model.compile compiles the whole UNet, model.compile_blocks each block: set one of them.")
         if compile + compile_blocks + cuda_graph_capture > 1:
             raise ValueError(
                 "model.compile, model.compile_blocks and model.cuda_graph_capture exclude each other: set one."
