@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# The GPU measurements in one call on a lent GPU machine (see benchmarks/README.md, "One GPU lease").
+# The GPU measurements in two calls on a lent GPU machine (see benchmarks/README.md, "One GPU lease").
 #
 #   bash benchmarks/gpu_run.sh prepare   # here, with network: wheels into .whl/, 750 photos into ddpm-heliconius/
-#   bash benchmarks/gpu_run.sh           # there: install the wheels, then the parts below, logs in $OUT
+#   CALL=1 bash benchmarks/gpu_run.sh    # there, first call: the fastest config's start-up, its resume, batch 16
+#   CALL=2 bash benchmarks/gpu_run.sh    # there, second call: end to end, batch 64
+#   CPU=1 CALL=1 bash benchmarks/gpu_run.sh   # on a CPU: the same parts in their tiny CPU modes (checks the script)
 #
-# Parts, in this order, each started only if its usual time still fits in BUDGET seconds (default 540):
-#   smoke    benchmarks/gpu_smoke.py, every shipped config (SMOKE_CONFIGS=a,b: those)        401 s on an H200
-#   bench16  benchmark.py, batch 16: tutorial nw=8, butterflies.yaml, + butterflies-fast.yaml,
-#            the project's DDPM-1000 and DDIM-50 grids                                        about 200 s
-#   e2e      benchmark.py --end-to-end-only: 20 epochs on the 750 photos, tutorial nw=8 and
-#            butterflies-fast.yaml, each from process start to its last file                  about 300 s
-#   bench64  benchmark.py, batch 64, no grids (the MFU figure)                                about 150 s
-# PARTS="e2e bench64" bash benchmarks/gpu_run.sh runs only those (e.g. in a second lease); the smoke part's full
-# per-step logs come back in $OUT/smoke-logs/.
+# Parts, each started only if its usual time still fits in BUDGET seconds (default 540), and cut off at the budget:
+#   CALL=1  fast     gpu_smoke.py on the fastest config (SMOKE_CONFIGS, default butterflies-fast): a fit with
+#                    cold caches, its resume (warm: inductor's cache beside the checkpoints), sample, export
+#           bench16  benchmark.py, batch 16: tutorial nw=8, butterflies.yaml, + butterflies-fast.yaml, their
+#                    DDPM-1000 and DDIM-50 grids
+#   CALL=2  e2e      benchmark.py --end-to-end-only: 20 epochs on the 750 photos, tutorial nw=8 and
+#                    butterflies-fast.yaml, each from process start to its last file
+#           bench64  benchmark.py, batch 64, no grids (the MFU figure)
+#   also:   smoke    gpu_smoke.py over every shipped config (401 s on an H200: a lease of its own)
+# PARTS="e2e bench64" picks parts by name instead of CALL. The smoke parts' whole per-step logs come back in
+# $OUT/smoke-logs/ (each holds its run summary: start-up, training, epoch ends).
 set -u
 cd "$(dirname "$0")/.."
 IMAGES=${IMAGES:-ddpm-heliconius}
@@ -32,12 +36,30 @@ fi
 
 OUT=${OUT:-/tmp/gpu-run}
 BUDGET=${BUDGET:-540}
-PARTS=${PARTS:-smoke bench16 e2e bench64}
-mkdir -p "$OUT"
-pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-{ nvidia-smi; python -c "import sys, torch, lightning, diffusers, datasets; print(sys.version); print(torch.__version__, \
-torch.version.cuda, lightning.__version__, diffusers.__version__, datasets.__version__)"; } > "$OUT/env.txt" 2>&1
+CALL=${CALL:-1}
+case $CALL in
+    1) DEFAULT_PARTS="fast bench16" ;;
+    2) DEFAULT_PARTS="e2e bench64" ;;
+    *) echo "CALL must be 1 or 2, not $CALL" >&2; exit 2 ;;
+esac
+PARTS=${PARTS:-$DEFAULT_PARTS}
+WORK=${WORK:-/tmp/gpu-run-work}
+mkdir -p "$OUT" "$WORK"
+if [ -d .whl ]; then
+    pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1
+    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+{ nvidia-smi || true; python -c "import sys, torch, lightning, diffusers, datasets; print(sys.version); \
+print(torch.__version__, torch.version.cuda, lightning.__version__, diffusers.__version__, datasets.__version__)"; \
+} > "$OUT/env.txt" 2>&1
+
+SMOKE_MODE=() BENCH_MODE=()
+if [ "${CPU:-0}" = 1 ]; then  # the scripts' own CPU modes: tiny UNet, a few steps; the numbers mean nothing
+    SMOKE_MODE=(--cpu) BENCH_MODE=(--tiny)
+    [ -d "$IMAGES" ] || IMAGES=../shared/data/heliconius/train
+fi
 
 part() {  # part NAME SECONDS COMMAND...: run it if wanted and if SECONDS still fit in the budget
     local name=$1 need=$2 left=$((BUDGET - SECONDS))
@@ -52,15 +74,29 @@ part() {  # part NAME SECONDS COMMAND...: run it if wanted and if SECONDS still 
     echo "$name: exit $? after $((SECONDS - start)) s: $*" | tee -a "$OUT/summary.txt"
 }
 
+keep_smoke_logs() {  # each step's whole log (the part's own log has their ends)
+    find "$WORK/$1" -name "*.log" 2>/dev/null | while read -r f; do
+        mkdir -p "$OUT/smoke-logs" && cp "$f" "$OUT/smoke-logs/$1-$(echo "${f#"$WORK/$1/"}" | tr / _)"
+    done
+}
+
+# The seconds each part needs, from the last H200 runs (benchmarks/README.md, "One GPU lease"): part() skips a part
+# that no longer fits rather than have the call cut off in its middle.
+part fast 300 python benchmarks/gpu_smoke.py "${SMOKE_MODE[@]}" --images "$IMAGES" --work-dir "$WORK/fast" \
+    --configs "${SMOKE_CONFIGS:-butterflies-fast}"
+keep_smoke_logs fast
+part smoke 400 python benchmarks/gpu_smoke.py "${SMOKE_MODE[@]}" --images "$IMAGES" --work-dir "$WORK/smoke" \
+    ${SMOKE_CONFIGS:+--configs "$SMOKE_CONFIGS"}
+keep_smoke_logs smoke
+# The benchmark rows start warm from the fast part's compile cache where there is one (their start-up is not the
+# cold figure: that is the fast part's fit); otherwise inductor's default.
+CACHE=$(find "$WORK/fast" -type d -name compile-cache 2>/dev/null | head -1)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-${CACHE:-$WORK/compile-cache}}
 FAST=(--project-args "" --project-args "-c configs/butterflies-fast.yaml")
-part smoke 400 python benchmarks/gpu_smoke.py --images "$IMAGES" --work-dir /tmp/smoke ${SMOKE_CONFIGS:+--configs "$SMOKE_CONFIGS"}
-find /tmp/smoke -name "*.log" 2>/dev/null | while read -r f; do  # each step's whole log (smoke.log has their ends)
-    mkdir -p "$OUT/smoke-logs" && cp "$f" "$OUT/smoke-logs/$(echo "${f#/tmp/smoke/}" | tr / _)"
-done
-part bench16 200 python benchmarks/benchmark.py --images "$IMAGES" --batch-sizes 16 --workers 8 --no-tutorial-grid \
-    "${FAST[@]}" --out "$OUT/bench16.json"
-part e2e 300 python benchmarks/benchmark.py --images "$IMAGES" --end-to-end-only --epochs 20 --workers 8 \
-    --project-args "-c configs/butterflies-fast.yaml" --out-dir "$OUT/e2e" --out "$OUT/e2e.json"
-part bench64 150 python benchmarks/benchmark.py --images "$IMAGES" --batch-sizes 64 --workers 8 --grid-steps 0 \
-    "${FAST[@]}" --out "$OUT/bench64.json"
+part bench16 200 python benchmarks/benchmark.py "${BENCH_MODE[@]}" --images "$IMAGES" --batch-sizes 16 --workers 8 \
+    --no-tutorial-grid "${FAST[@]}" --out "$OUT/bench16.json"
+part e2e 300 python benchmarks/benchmark.py "${BENCH_MODE[@]}" --images "$IMAGES" --end-to-end-only --epochs 20 \
+    --workers 8 --project-args "-c configs/butterflies-fast.yaml" --out-dir "$OUT/e2e" --out "$OUT/e2e.json"
+part bench64 150 python benchmarks/benchmark.py "${BENCH_MODE[@]}" --images "$IMAGES" --batch-sizes 64 --workers 8 \
+    --grid-steps 0 "${FAST[@]}" --out "$OUT/bench64.json"
 echo "done after $SECONDS s" | tee -a "$OUT/summary.txt"

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from diffusers import UNet2DModel
 from jsonargparse import ArgumentParser
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
@@ -41,10 +42,12 @@ from .checkpointing import (
     check_ckpt_path,
     remove_partial_files,
 )
+from .compile_cache import keep_compile_cache
 from .data import ImageDataModule
 from .module import DDPMModule
 from .monitor import ImagesThroughput, RunReport
 from .precision import FusedClipMixedPrecision
+from .progress import TrainingProgressBar
 from .run_lock import RunLock
 
 
@@ -87,6 +90,9 @@ class DDPMLightningCLI(LightningCLI):
         check_values(config)
         if config.get("checkpoint") is not None and config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(Path("checkpoints") / Path(config.output_dir).resolve().name)
+        model = config.get("model") or {}
+        if config.get("checkpoint") is not None and any(model.get(k) for k in COMPILING):
+            keep_compile_cache(config.checkpoint.dirpath)
 
     def instantiate_trainer(self, **kwargs):
         trainer, data = self._get(self.config, "trainer"), self._get(self.config, "data")
@@ -103,6 +109,9 @@ class DDPMLightningCLI(LightningCLI):
         if self.config.subcommand == "fit" and not held_out and trainer.limit_val_batches is None:
             kwargs["limit_val_batches"] = 0  # no held-out images: no validation loop at all
         trainer = super().instantiate_trainer(**kwargs)
+        bar = trainer.progress_bar_callback
+        if type(bar) is TQDMProgressBar:  # Lightning's default: this one shows the loss without a sync per step
+            trainer.callbacks[trainer.callbacks.index(bar)] = TrainingProgressBar()
         if type(trainer.strategy.precision_plugin) is MixedPrecision:  # 16-mixed / bf16-mixed: clip with fused AdamW
             trainer.strategy.precision_plugin = FusedClipMixedPrecision.replacing(trainer.strategy.precision_plugin)
         return trainer
@@ -166,6 +175,8 @@ def check_writable(folder: str, option: str = "--output_dir") -> None:
             f"Choose another {option}."
         ) from err
 
+
+COMPILING = ("compile", "compile_blocks", "compile_optimizer")  # model switches that run torch.compile
 
 # Keys whose values must be positive, with what they are: checked before anything is built, so a 0 or a
 # negative value fails with its key instead of deep inside a library ("max() arg is an empty sequence").

@@ -25,11 +25,13 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 
+from .blocks import compile_blocks
+from .capture import CapturedForward, check_capture
 from .ema import EMAWeights
 from .optim import CompiledAdamW, make_adamw
 from .pretrained import check_channels, fitted_architecture, load_pretrained
 from .sampling import Sampler, denoise, make_sampler
-from .speed import CompileMode, UNetForward, apply_speed_switches
+from .speed import CompileMode, UNetForward, apply_speed_switches, uses_cuda_graphs
 from .stop_on_nan import StopOnNaN
 
 # The tutorial's UNet ("Train a diffusion model"): 6 levels, attention in the 5th down and 2nd up block.
@@ -75,8 +77,13 @@ class DDPMModule(LightningModule):
             tracked on the device and checked every `nan_check_every_n_steps` steps (a check waits for the GPU).
         compile: torch.compile the UNet's forward, training and sampling apart (`speed.UNetForward`); the UNet
             itself is not wrapped, so checkpoints and saved folders do not change.
-        compile_mode: torch.compile's `mode` for both forwards: "default", "reduce-overhead" and "max-autotune"
-            (CUDA graphs on a GPU; a CPU has none, so there they run without), "max-autotune-no-cudagraphs".
+        compile_blocks: torch.compile each of the UNet's down, mid and up blocks instead of its whole forward
+            (`blocks.py`): a shorter compile; only training steps at the first step's batch size run compiled.
+        cuda_graph_capture: capture the UNet's training forward and backward as CUDA graphs without torch.compile
+            (`capture.py`: a static batch; needs CUDA, refuses gradient accumulation). Not yet run on a GPU.
+        compile_mode: torch.compile's `mode` for both forwards (or the blocks): "default", "reduce-overhead" and
+            "max-autotune" (CUDA graphs on a GPU; a CPU has none, so there they run without),
+            "max-autotune-no-cudagraphs".
         channels_last: keep the UNet and its inputs in channels-last memory format (faster convolutions on GPUs).
         fused_adamw: AdamW's fused kernel; by default on when the parameters are on a GPU (and `compile_optimizer`
             is off). It clips under every precision through the CLI (`precision.FusedClipMixedPrecision`).
@@ -112,6 +119,8 @@ class DDPMModule(LightningModule):
         nan_check_every_n_steps: int = 10,
         compile: bool = False,
         compile_mode: CompileMode = "default",
+        compile_blocks: bool = False,
+        cuda_graph_capture: bool = False,
         channels_last: bool = False,
         fused_adamw: bool | None = None,
         compile_optimizer: bool = False,
@@ -124,6 +133,10 @@ class DDPMModule(LightningModule):
         self.base_model = found.base_model if found else None  # what it is fine-tuned from (card, run summary)
         if found is not None:
             unet = self.hparams.unet = fitted_architecture(found, unet, image_size)  # (checkpoints rebuild it)
+        if compile + compile_blocks + cuda_graph_capture > 1:
+            raise ValueError(
+                "model.compile, model.compile_blocks and model.cuda_graph_capture exclude each other: set one."
+            )
         self.unet = build_unet(TUTORIAL_UNET if unet is None else unet, image_size)
         if found is not None:  # at construction: a resumed run's checkpoint then overwrites these weights
             self.unet.load_state_dict(found.unet.state_dict())
@@ -154,12 +167,9 @@ class DDPMModule(LightningModule):
         if self.hparams.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         loss = self.denoising_loss(batch)
-        # A progress-bar value is read back to the host every step (Lightning turns it into a float even with the
-        # bar off): a GPU sync per step. So only with a bar to show it on; the logger reads it every N steps.
-        show = self.trainer.progress_bar_callback is not None
-        self.log("train/loss", loss, prog_bar=show)
+        self.log("train/loss", loss)  # not prog_bar=True, read back every step: progress.py shows it every N
         lr = self.lr_schedulers().get_last_lr()[0]  # a device tensor under CompiledAdamW, filled in place: copy it
-        self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr, prog_bar=show)
+        self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)
         return loss
 
     def denoising_loss(
@@ -234,6 +244,11 @@ class DDPMModule(LightningModule):
         apply_speed_switches(self.unet, hp.channels_last, hp.gradient_checkpointing, hp.float32_matmul_precision)
         if hp.compile and self.unet_forward.compiled is None:
             self.unet_forward.compile(hp.compile_mode)
+        if hp.compile_blocks:
+            compile_blocks(self.unet, hp.compile_mode, uses_cuda_graphs(hp.compile_mode))
+        if hp.cuda_graph_capture and self.unet_forward.captured is None:
+            check_capture(self.trainer)
+            self.unet_forward.captured = CapturedForward()
 
     def configure_callbacks(self) -> list:
         return [StopOnNaN(self.hparams.nan_check_every_n_steps)] if self.hparams.stop_on_nan else []

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
-from lightning.fabric.utilities.throughput import Throughput, get_available_flops
+from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .peak_flops import peak_bf16_flops
 from .sampling import save_grid
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,9 @@ def training_flops_per_image(unet: UNet2DModel) -> int:
 
 
 class ImagesThroughput(Callback):
-    """Logs train/images_per_sec, train/steps_per_sec (optimizer steps), train/mfu (against the device's bf16
-    peak, where Lightning knows it, or `peak_flops`) and train/peak_memory_gb (CUDA) to the loggers, and
-    images/s to the progress bar, through Lightning's `Throughput` (the counter behind ThroughputMonitor).
+    """Logs train/images_per_sec, train/steps_per_sec (optimizer steps), train/mfu (against the device's dense
+    bf16 peak, where peak_flops.py or Lightning knows it, or `peak_flops`) and train/peak_memory_gb (CUDA) to the
+    loggers, and images/s to the progress bar, through Lightning's `Throughput` (the counter behind ThroughputMonitor).
 
     ThroughputMonitor waits for the GPU after every batch to time it; here batches are only counted (sizes
     are known on the host) and the clock is read, after one wait, on log steps, over the last `window` of them.
@@ -72,7 +73,7 @@ class ImagesThroughput(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # MFU against the bf16 peak whatever the training precision (the figure people compare across runs).
-        peak = self.peak_flops or get_available_flops(trainer.strategy.root_device, torch.bfloat16)
+        peak = self.peak_flops or peak_bf16_flops(trainer.strategy.root_device)
         self.throughput = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=self.window)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -111,7 +112,7 @@ class ImagesThroughput(Callback):
             metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 1e9
         trainer._logger_connector.log_metrics(metrics, step=trainer.global_step)
         rate = round(metrics["train/images_per_sec"], 1)
-        pl_module.log("img/s", rate, prog_bar=True, logger=False, rank_zero_only=True)
+        pl_module.log("img/s", rate, logger=False, rank_zero_only=True)  # for progress.py (prog_bar: read every step)
 
     # Validation pauses the clock (as ThroughputMonitor does) and is not itself timed.
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -5,6 +5,7 @@ step is optim.py's; gradient clipping with a fused AdamW under mixed precision i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -43,6 +44,7 @@ class UNetForward:
         self.compiled: dict[str, object] | None = None
         self.cuda_graphs = False
         self.batch = 0  # the batch size the training function was compiled for
+        self.captured: Callable[..., torch.Tensor] | None = None  # model.cuda_graph_capture's (capture.py)
 
     def compile(self, mode: CompileMode) -> None:
         # Two functions, so two code objects: dynamo keeps its compiled graphs per code object, and the no-grad
@@ -57,6 +59,8 @@ class UNetForward:
         self.batch = 0
 
     def train(self, unet: UNet2DModel, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.captured is not None:
+            return self.captured(unet, sample, timesteps)
         compiled = self.compiled
         if not compiled or not torch.is_grad_enabled() or len(sample) < self.batch:
             return unet_train_call(unet, sample, timesteps)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 from PIL import Image
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -68,6 +69,9 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    # One inductor cache for every test, kept between sessions: set, so no run moves it (compile_cache.py would,
+    # into the test's folder, where each compiling test would compile cold).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.path.join(default_cache_dir(), "ddpm-lightning-tests"))
     monkeypatch.chdir(tmp_path)  # ./checkpoints and ./ddpm-* land in the test's folder
 
 

@@ -85,8 +85,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "lr_extra_step": (
         "ddpm_lightning/module.py",
-        '        self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr, prog_bar=show)\n',
-        '        self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr, prog_bar=show)\n'
+        '        self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)\n',
+        '        self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)\n'
         "        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:\n"
         "            self.lr_schedulers().step()\n",
         [LR_TEST],
@@ -339,6 +339,31 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "base = {k: v for k, v in (found.scheduler_config if found else {}).items() if k in known}",
         "base: dict = {}",
         [PRETRAINED + "test_fine_tunes_from_the_google_ddpm_layout_with_its_schedule_unless_set"],
+    ),
+    # issue 20
+    "peak_flops_sparse_h200": (  # the datasheet's "with sparsity" figure: MFU half of what it is
+        "ddpm_lightning/peak_flops.py",
+        '(r"h200", 989.5e12)',
+        '(r"h200", 1979e12)',
+        [T + "test_peak_flops.py"],
+    ),
+    "peak_flops_nvl_as_sxm": (  # without its own line, an H200 NVL matches "h200": the SXM card's peak
+        "ddpm_lightning/peak_flops.py",
+        '    (r"h200 nvl", 835.5e12),',
+        "",
+        [T + "test_peak_flops.py"],
+    ),
+    "loss_on_the_bar_every_step": (  # a prog_bar value is read back to the host after every batch
+        "ddpm_lightning/module.py",
+        '        self.log("train/loss", loss)',
+        '        self.log("train/loss", loss, prog_bar=True)',
+        [T + "test_progress.py"],
+    ),
+    "images_per_sec_on_the_bar_every_step": (  # logged on log steps only, but read again after every batch
+        "ddpm_lightning/monitor.py",
+        'pl_module.log("img/s", rate, logger=False',
+        'pl_module.log("img/s", rate, prog_bar=True, logger=False',
+        [T + "test_progress.py"],
     ),
 }
 

@@ -205,7 +205,7 @@ def test_speed_switches_take_effect_in_a_training_step():
     batch = torch.rand(2, 3, 16, 16) * 2 - 1
     fast.lr_schedulers = lambda: torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)]), lambda _: 1)
     fast.log = lambda *a, **k: None
-    fast._trainer = SimpleNamespace(progress_bar_callback=None, global_step=0)  # (training_step asks about the bar)
+    fast._trainer = SimpleNamespace(global_step=0)
     for model in (plain, fast):
         torch.manual_seed(1)
         loss = model.training_step(batch, 0) if model is fast else model.denoising_loss(batch)

@@ -1,0 +1,37 @@
+"""The training progress bar without a GPU sync per step.
+
+Lightning turns every value logged with `prog_bar=True` into a Python number after each batch
+(`_ResultCollection.metrics`: `convert_tensors_to_scalars`), whether or not a bar shows it: a read of a device tensor,
+so a wait for the GPU every step. So DDPMModule logs train/loss and train/lr (and ImagesThroughput img/s) without it, and this bar reads
+them from `trainer.callback_metrics` (device tensors, left unread by Lightning) every `log_every_n_steps` optimizer
+steps, when the loggers read them anyway, and at the first step. The CLI puts it in place of Lightning's default bar.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+SHOWN = ("img/s", "train/loss", "train/lr")  # img/s: logged by monitor.ImagesThroughput on log steps
+
+
+class TrainingProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, with img/s, train/loss and train/lr as of the last log step (Lightning's default cadence, 50
+    steps, when `log_every_n_steps` is 0)."""
+
+    def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False):
+        super().__init__(refresh_rate, process_position, leave)
+        self.shown: dict[str, str] = {}
+        self.read_at: int | None = None  # the optimizer step of the values shown
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        due = self.read_at is None or step % (trainer.log_every_n_steps or 50) == 0
+        if due and step != self.read_at:  # once per optimizer step, not per micro-batch under accumulation
+            metrics = trainer.callback_metrics
+            self.shown = {name: f"{float(metrics[name]):.4g}" for name in SHOWN if name in metrics}
+            self.read_at = step
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, int | str | float | dict]:
+        return {**super().get_metrics(trainer, pl_module), **self.shown}
