@@ -1,7 +1,8 @@
 """`EMAWeights`: the exponential moving average of the UNet's weights (`model.use_ema`), diffusers' EMAModel with
 warm-up, updated once per optimizer step and swapped into the UNet for grids, saves and exports.
 
-Its state is EMAModel's own (`state_dict`), which `DDPMModule` saves as `checkpoint["ema"]`.
+Its state is EMAModel's own (`state_dict`), which `DDPMModule` saves as `checkpoint["ema"]`; `UpdateEMA`, a callback
+the module adds, averages the weights in.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 
 import torch
 from diffusers.training_utils import EMAModel
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 
 class EMAWeights(EMAModel):
@@ -40,3 +42,15 @@ class EMAWeights(EMAModel):
             yield
         finally:
             self.restore(parameters)
+
+
+class UpdateEMA(Callback):
+    """Averages `pl_module.ema` in after each optimizer step. A callback, not a module hook: Lightning runs every
+    callback's hook before the module's and ModelCheckpoint's last, so a checkpoint written at a step holds that
+    step's average."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.ema.last_step = trainer.global_step  # (a resumed run's average holds the steps before)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        pl_module.ema.update(pl_module.unet, trainer.global_step)

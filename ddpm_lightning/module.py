@@ -25,13 +25,11 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .blocks import compile_blocks
-from .capture import CapturedForward, check_capture
-from .ema import EMAWeights
+from .ema import EMAWeights, UpdateEMA
 from .optim import CompiledAdamW, make_adamw
 from .pretrained import check_channels, fitted_architecture, load_pretrained
 from .sampling import Sampler, denoise, make_sampler
-from .speed import CompileMode, UNetForward, apply_speed_switches, uses_cuda_graphs
+from .speed import CompileMode, UNetForward, apply_speed_switches, check_one_compiler
 from .stop_on_nan import StopOnNaN
 
 # The tutorial's UNet ("Train a diffusion model"): 6 levels, attention in the 5th down and 2nd up block.
@@ -43,6 +41,9 @@ TUTORIAL_UNET: dict[str, Any] = {
     "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"],
 }
+
+# DDPMScheduler's arguments that make the noise schedule (and so the maths): set, pretrained or default.
+NOISE_SCHEDULE = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
@@ -133,27 +134,13 @@ class DDPMModule(LightningModule):
         self.base_model = found.base_model if found else None  # what it is fine-tuned from (card, run summary)
         if found is not None:
             unet = self.hparams.unet = fitted_architecture(found, unet, image_size)  # (checkpoints rebuild it)
-        if compile + compile_blocks + cuda_graph_capture > 1:
-            raise ValueError(
-                "model.compile, model.compile_blocks and model.cuda_graph_capture exclude each other: set one."
-            )
+        check_one_compiler(compile, compile_blocks, cuda_graph_capture)
         self.unet = build_unet(TUTORIAL_UNET if unet is None else unet, image_size)
         if found is not None:  # at construction: a resumed run's checkpoint then overwrites these weights
             self.unet.load_state_dict(found.unet.state_dict())
-        noise = {
-            "num_train_timesteps": num_train_timesteps,
-            "beta_schedule": beta_schedule,
-            "beta_start": beta_start,
-            "beta_end": beta_end,
-            "prediction_type": prediction_type,
-        }
-        # Each key: the user's value, else the pretrained schedule's, else DDPMScheduler's default; all passed by
-        # name, so that samplers built from this config (sampling.make_sampler) take them, not their own defaults.
-        known = inspect.signature(DDPMScheduler.__init__).parameters
-        base = {k: v for k, v in (found.scheduler_config if found else {}).items() if k in known}
-        noise = {k: v if v is not None else base.get(k, known[k].default) for k, v in noise.items()}
-        self.noise_scheduler = DDPMScheduler(**{**base, **noise})
-        self.hparams.update(noise)  # the values used: checkpoints (and so a resumed run's config) hold them
+        chosen = {k: self.hparams[k] for k in NOISE_SCHEDULE}
+        self.noise_scheduler = noise_schedule(chosen, found.scheduler_config if found else {})
+        self.hparams.update({k: self.noise_scheduler.config[k] for k in NOISE_SCHEDULE})  # the values used
         self.ema = EMAWeights(self.unet, ema_max_decay, ema_inv_gamma, ema_power) if use_ema else None
         self.unet_forward = UNetForward()  # eager until configure_model compiles it (`compile`)
 
@@ -240,26 +227,11 @@ class DDPMModule(LightningModule):
 
     # The mechanisms around the maths, each in its own file.
     def configure_model(self) -> None:
-        hp = self.hparams
-        apply_speed_switches(self.unet, hp.channels_last, hp.gradient_checkpointing, hp.float32_matmul_precision)
-        if hp.compile and self.unet_forward.compiled is None:
-            self.unet_forward.compile(hp.compile_mode)
-        if hp.compile_blocks:
-            compile_blocks(self.unet, hp.compile_mode, uses_cuda_graphs(hp.compile_mode))
-        if hp.cuda_graph_capture and self.unet_forward.captured is None:
-            check_capture(self.trainer)
-            self.unet_forward.captured = CapturedForward()
+        apply_speed_switches(self.unet, self.unet_forward, self.hparams, self.trainer)
 
     def configure_callbacks(self) -> list:
-        return [StopOnNaN(self.hparams.nan_check_every_n_steps)] if self.hparams.stop_on_nan else []
-
-    def on_train_start(self) -> None:
-        if self.ema is not None:
-            self.ema.last_step = self.trainer.global_step  # (restored on resume)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema is not None:
-            self.ema.update(self.unet, self.trainer.global_step)
+        nan_check = [StopOnNaN(self.hparams.nan_check_every_n_steps)] if self.hparams.stop_on_nan else []
+        return nan_check + ([UpdateEMA()] if self.ema is not None else [])
 
     def ema_weights(self) -> contextlib.AbstractContextManager:
         """Within the block, the UNet holds the EMA weights (when EMA is on); the raw ones come back after."""
@@ -289,6 +261,16 @@ class DDPMModule(LightningModule):
         sampler = make_sampler(self.noise_scheduler, cast(Sampler, sampler)) if isinstance(sampler, str) else sampler
         forward = functools.partial(self.unet_forward.sample, self.unet)
         return denoise(self.unet, sampler, num_inference_steps, generator, n, on_step, forward=forward)
+
+
+def noise_schedule(chosen: dict[str, Any], pretrained: dict[str, Any]) -> DDPMScheduler:
+    """DDPMScheduler with each key of `chosen` set to its value, else (None) to the `pretrained` scheduler config's,
+    else to DDPMScheduler's default. All are passed by name, so that samplers built from this config
+    (sampling.make_sampler) take them, not their own defaults."""
+    known = inspect.signature(DDPMScheduler.__init__).parameters
+    base = {k: v for k, v in pretrained.items() if k in known}
+    chosen = {k: v if v is not None else base.get(k, known[k].default) for k, v in chosen.items()}
+    return DDPMScheduler(**{**base, **chosen})
 
 
 def build_unet(unet: dict[str, Any], image_size: int) -> UNet2DModel:

@@ -1,30 +1,46 @@
-"""The speed switches of `DDPMModule` that leave the maths alone: memory format, gradient checkpointing, matmul
-precision (`apply_speed_switches`) and the torch.compile'd UNet forwards (`UNetForward`). The compiled optimizer
+"""The speed switches of `DDPMModule` that leave the maths alone, applied by `apply_speed_switches`: memory format,
+gradient checkpointing, matmul precision, the torch.compile'd UNet forwards (`UNetForward`), the per-block compile
+(blocks.py) and the CUDA-graph capture (capture.py). The compiled optimizer
 step is optim.py's; gradient clipping with a fused AdamW under mixed precision is precision.py's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 from diffusers import UNet2DModel
 
+from .blocks import compile_blocks
+from .capture import CapturedForward, check_capture
 from .sampling import unet_sample_call
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
-def apply_speed_switches(
-    unet: UNet2DModel, channels_last: bool, gradient_checkpointing: bool, float32_matmul_precision: str
-) -> None:
-    """Applied once the module is on its device (each is a no-op where it does not apply)."""
-    torch.set_float32_matmul_precision(float32_matmul_precision)
-    if channels_last:
+def check_one_compiler(compile: bool, compile_blocks: bool, cuda_graph_capture: bool) -> None:
+    if compile + compile_blocks + cuda_graph_capture > 1:
+        raise ValueError(
+            "model.compile, model.compile_blocks and model.cuda_graph_capture exclude each other: set one."
+        )
+
+
+def apply_speed_switches(unet: UNet2DModel, forward: UNetForward, hp: Mapping[str, Any], trainer) -> None:
+    """`DDPMModule`'s switches (its hyperparameters `hp`), applied once the module is on its device: each is a
+    no-op where it does not apply, and a second fit on the same module keeps what the first compiled."""
+    torch.set_float32_matmul_precision(hp["float32_matmul_precision"])
+    if hp["channels_last"]:
         unet.to(memory_format=torch.channels_last)
-    if gradient_checkpointing:
+    if hp["gradient_checkpointing"]:
         unet.enable_gradient_checkpointing()
+    if hp["compile"] and forward.compiled is None:
+        forward.compile(hp["compile_mode"])
+    if hp["compile_blocks"]:
+        compile_blocks(unet, hp["compile_mode"], uses_cuda_graphs(hp["compile_mode"]))
+    if hp["cuda_graph_capture"] and forward.captured is None:
+        check_capture(trainer)
+        forward.captured = CapturedForward()
 
 
 def uses_cuda_graphs(compile_mode: str) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddpm_lightning import capture, module
+from ddpm_lightning import capture, speed
 from ddpm_lightning.cli import main, raised_by_this_package
 
 from conftest import fit_args, tiny_module
@@ -72,7 +72,7 @@ def test_a_fit_trains_through_the_capture_on_its_full_batches(image_folder, tmp_
         return lambda *args: replays.append(args) or module(*args)
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", graphed_stand_in)
-    monkeypatch.setattr(module, "check_capture", lambda trainer: None)
+    monkeypatch.setattr(speed, "check_capture", lambda trainer: None)
     args = ["--model.cuda_graph_capture", "true", "--data.train_batch_size", "5", "--trainer.max_epochs", "1"]
     main(fit_args(image_folder, tmp_path / "run", *args))
     assert len(captures) == 1 and len(replays) == 2 and captures[0][0].shape == (5, 3, 16, 16)

@@ -71,6 +71,26 @@ def test_resume_after_a_crash_equals_the_straight_run(straight_run, twelve, tmp_
     assert_same_weights(straight_run, weights)
 
 
+@pytest.mark.slow
+def test_a_checkpoint_in_the_middle_of_an_epoch_holds_that_steps_ema_and_resumes_to_the_straight_runs(twelve, tmp_path):
+    """A step cadence saves at the end of a training batch: the weight average of that very step is in it (not
+    the step before's), so `--ckpt_path last` ends with the straight run's average."""
+    ema = ["--model.use_ema", "true", "--model.ema_max_decay", "0.9", "--trainer.max_epochs", "2"]
+    main(fit_args(twelve, tmp_path / "straight", *NO_SAVES, *ema))
+    crashing = fit_args(twelve, tmp_path / "crashed", *NO_SAVES, *ema, "--checkpoint.every_n_train_steps", "2")
+    with pytest.raises(RuntimeError, match="injected crash"):
+        main([*crashing, *crash_args(3)])
+    saved = torch.load(tmp_path / "checkpoints" / "crashed" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert saved["global_step"] == saved["ema"]["optimization_step"] == 2
+    main([*crashing, "--ckpt_path", "last"])
+    a, b = (
+        torch.load(tmp_path / "checkpoints" / run / "last.ckpt", weights_only=False) for run in ("straight", "crashed")
+    )
+    assert a["ema"]["optimization_step"] == b["ema"]["optimization_step"] == 6
+    for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"], strict=True):
+        torch.testing.assert_close(y, x, rtol=0, atol=0)
+
+
 def test_resume_with_the_compiled_optimizer_step_equals_the_straight_run(twelve, tmp_path):
     """`model.compile_optimizer` keeps its LR in a tensor on the device and saves plain
     AdamW's state: crashed at step 4 and resumed from the epoch-end checkpoint, the run ends with the weights of
@@ -247,7 +267,7 @@ def test_a_checkpoint_in_the_layout_before_the_module_split_resumes_exactly_with
         del hparams[key]
     assert OLD_EMA_KEYS | {"shadow_params"} <= set(checkpoint["ema"])
     assert checkpoint["ema"]["optimization_step"] == 3
-    assert not any(k.startswith(("StopOnNaN", "EMAWeights")) for k in checkpoint["callbacks"])
+    assert not any(k.startswith(("StopOnNaN", "EMAWeights", "UpdateEMA")) for k in checkpoint["callbacks"])
     torch.save(checkpoint, path)
     main([*crashing, "--ckpt_path", "last"])
     a = torch.load(tmp_path / "checkpoints" / "straight" / "last.ckpt", weights_only=False, map_location="cpu")
