@@ -37,7 +37,8 @@ TRACKERS = T + "test_trackers.py::test_grids_and_data_png_reach_wandb_mlflow_and
 LAST_GOOD = T + "test_last_good_checkpoint.py::"
 PRETRAINED = T + "test_pretrained.py::"
 EMA_GUARD = "        if global_step == self.last_step:\n            return\n"
-EMA_UPDATE = "        if self.ema is not None:\n            self.ema.update(self.unet, self.trainer.global_step)\n"
+EMA_UPDATE = "        pl_module.ema.update(pl_module.unet, trainer.global_step)\n"
+EMA_CALLBACK = "        return nan_check + ([UpdateEMA()] if self.ema is not None else [])\n"
 
 # name: (file, old text, new text, tests that must fail)
 MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
@@ -112,10 +113,21 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         [T + "test_quality.py::test_ema_is_restored_on_resume_and_used_for_the_saved_model"],
     ),
     "ema_on_rank_0_only": (
-        "ddpm_lightning/module.py",
+        "ddpm_lightning/ema.py",
         EMA_UPDATE,
-        EMA_UPDATE.replace("is not None:", "is not None and self.global_rank == 0:"),
+        "        if trainer.global_rank == 0:\n    " + EMA_UPDATE,
         [T + "test_quality.py::test_every_ddp_rank_holds_the_same_ema"],
+    ),
+    "ema_averaged_after_a_step_checkpoint": (  # in a module hook, which Lightning runs after ModelCheckpoint's
+        "ddpm_lightning/module.py",
+        EMA_CALLBACK,
+        "        return nan_check\n\n    def on_train_batch_end(self, outputs, batch, batch_idx):\n"
+        "        if self.ema is not None:\n"
+        "            UpdateEMA().on_train_batch_end(self.trainer, self, outputs, batch, batch_idx)\n",
+        [
+            T
+            + "test_resume.py::test_a_checkpoint_in_the_middle_of_an_epoch_holds_that_steps_ema_and_resumes_to_the_straight_runs"
+        ],
     ),
     "v_prediction_target_swapped": (
         "ddpm_lightning/module.py",
