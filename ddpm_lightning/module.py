@@ -69,30 +69,23 @@ class DDPMModule(LightningModule):
             steps from 0.0001 to 0.02, the tutorial's); `hparams` and checkpoints hold the values used.
         prediction_type: what the UNet predicts: the noise (epsilon, the tutorial's and the default), the velocity
             (v_prediction) or the clean image (sample, its loss weighted by SNR as diffusers' script does).
-        use_ema: keep an exponential moving average of the weights (diffusers' EMAModel with warm-up: decay =
-            min(1 - (1 + step / ema_inv_gamma) ** -ema_power, ema_max_decay)), updated after each optimizer step.
-            Grids, saved folders and exports then use the EMA weights; training goes on with the raw ones.
+        use_ema: an exponential moving average of the weights (`ema.py`: decay = min(1 - (1 + step /
+            ema_inv_gamma) ** -ema_power, ema_max_decay)) for grids, saved folders and exports.
         val_timesteps: the validation loss is the mean over this many fixed timesteps, spread evenly over the
             schedule, with noise fixed per image, so it is comparable across epochs and runs.
-        stop_on_nan: stop the run when the loss is NaN or infinite, naming the first such step. It is
-            tracked on the device and checked every `nan_check_every_n_steps` steps (a check waits for the GPU).
-        compile: torch.compile the UNet's forward, training and sampling apart (`speed.UNetForward`); the UNet
-            itself is not wrapped, so checkpoints and saved folders do not change.
-        compile_blocks: torch.compile each of the UNet's down, mid and up blocks instead of its whole forward
-            (`blocks.py`): a shorter compile; only training steps at the first step's batch size run compiled.
-        cuda_graph_capture: capture the UNet's training forward and backward as CUDA graphs without torch.compile
-            (`capture.py`: a static batch; needs CUDA, refuses gradient accumulation). Not yet run on a GPU.
-        compile_mode: torch.compile's `mode` for both forwards (or the blocks): "default", "reduce-overhead" and
-            "max-autotune" (CUDA graphs on a GPU; a CPU has none, so there they run without),
-            "max-autotune-no-cudagraphs".
-        channels_last: keep the UNet and its inputs in channels-last memory format (faster convolutions on GPUs).
-        fused_adamw: AdamW's fused kernel; by default on when the parameters are on a GPU (and `compile_optimizer`
-            is off). It clips under every precision through the CLI (`precision.FusedClipMixedPrecision`).
-        compile_optimizer: gradient clipping and the AdamW update compiled as one function (`optim.CompiledAdamW`),
-            which fuses the update itself, so it excludes `fused_adamw`.
+        stop_on_nan: stop the run when the loss is NaN or infinite, naming the first such step (`stop_on_nan.py`,
+            checked every `nan_check_every_n_steps` steps: a check waits for the GPU).
+        compile: torch.compile the UNet's training and sampling forwards (`speed.UNetForward`); checkpoints and
+            saved folders do not change. At most one of `compile`, `compile_blocks`, `cuda_graph_capture`.
+        compile_blocks: torch.compile each down, mid and up block instead (`blocks.py`): a shorter compile.
+        cuda_graph_capture: the training forward and backward as CUDA graphs without torch.compile (`capture.py`;
+            a static batch, CUDA only, no gradient accumulation).
+        compile_mode: torch.compile's `mode`; "reduce-overhead" and "max-autotune" use CUDA graphs on a GPU.
+        channels_last: the UNet and its inputs in channels-last memory format (faster convolutions on GPUs).
+        fused_adamw: AdamW's fused kernel; by default on for parameters on a GPU, unless `compile_optimizer`.
+        compile_optimizer: clipping and the AdamW update compiled as one function (`optim.CompiledAdamW`).
         gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
-        float32_matmul_precision: torch.set_float32_matmul_precision ("high" lets float32 matrix products use
-            TF32 on GPUs that have it; "highest" is exact float32).
+        float32_matmul_precision: torch.set_float32_matmul_precision ("high": TF32 on GPUs that have it).
     """
 
     def __init__(
@@ -145,10 +138,7 @@ class DDPMModule(LightningModule):
         self.unet_forward = UNetForward()  # eager until configure_model compiles it (`compile`)
 
     def setup(self, stage: str) -> None:
-        channels = getattr(self.trainer.datamodule, "channels", None)  # (ImageDataModule's: RGB)
-        if channels is not None:
-            what = f"model.pretrained {self.base_model['name']}" if self.base_model else "model.unet"
-            check_channels(self.unet, channels, what)
+        check_channels(self.unet, getattr(self.trainer.datamodule, "channels", None), self.base_model)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -227,7 +217,7 @@ class DDPMModule(LightningModule):
 
     # The mechanisms around the maths, each in its own file.
     def configure_model(self) -> None:
-        apply_speed_switches(self.unet, self.unet_forward, self.hparams, self.trainer)
+        apply_speed_switches(self)
 
     def configure_callbacks(self) -> list:
         nan_check = [StopOnNaN(self.hparams.nan_check_every_n_steps)] if self.hparams.stop_on_nan else []

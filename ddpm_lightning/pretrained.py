@@ -264,8 +264,12 @@ def fitted_architecture(found: Pretrained, configured: dict[str, Any] | None, im
     return arch
 
 
-def check_channels(unet: UNet2DModel, channels: int, what: str) -> None:
-    """The UNet takes and predicts images of the data's channel count (noise of the image's shape)."""
+def check_channels(unet: UNet2DModel, channels: int | None, base_model: dict[str, Any] | None) -> None:
+    """The UNet takes and predicts images of the data's channel count (noise of the image's shape), when the data
+    module says it (ImageDataModule's `channels`: RGB)."""
+    if channels is None:
+        return
+    what = f"model.pretrained {base_model['name']}" if base_model else "model.unet"
     in_channels, out_channels = unet.config.in_channels, unet.config.out_channels
     if in_channels != channels or out_channels != channels:
         raise ValueError(

@@ -6,11 +6,12 @@ step is optim.py's; gradient clipping with a fused AdamW under mixed precision i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from diffusers import UNet2DModel
+from lightning.pytorch import LightningModule
 
 from .blocks import compile_blocks
 from .capture import CapturedForward, check_capture
@@ -26,20 +27,21 @@ def check_one_compiler(compile: bool, compile_blocks: bool, cuda_graph_capture: 
         )
 
 
-def apply_speed_switches(unet: UNet2DModel, forward: UNetForward, hp: Mapping[str, Any], trainer) -> None:
-    """`DDPMModule`'s switches (its hyperparameters `hp`), applied once the module is on its device: each is a
-    no-op where it does not apply, and a second fit on the same module keeps what the first compiled."""
-    torch.set_float32_matmul_precision(hp["float32_matmul_precision"])
-    if hp["channels_last"]:
+def apply_speed_switches(module: LightningModule) -> None:
+    """`DDPMModule`'s switches (its hyperparameters), applied to its UNet once it is on its device: each is a no-op
+    where it does not apply, and a second fit on the same module keeps what the first compiled."""
+    unet, forward, hp = module.unet, module.unet_forward, module.hparams
+    torch.set_float32_matmul_precision(hp.float32_matmul_precision)
+    if hp.channels_last:
         unet.to(memory_format=torch.channels_last)
-    if hp["gradient_checkpointing"]:
+    if hp.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if hp["compile"] and forward.compiled is None:
-        forward.compile(hp["compile_mode"])
-    if hp["compile_blocks"]:
-        compile_blocks(unet, hp["compile_mode"], uses_cuda_graphs(hp["compile_mode"]))
-    if hp["cuda_graph_capture"] and forward.captured is None:
-        check_capture(trainer)
+    if hp.compile and forward.compiled is None:
+        forward.compile(hp.compile_mode)
+    if hp.compile_blocks:
+        compile_blocks(unet, hp.compile_mode, uses_cuda_graphs(hp.compile_mode))
+    if hp.cuda_graph_capture and forward.captured is None:
+        check_capture(module.trainer)
         forward.captured = CapturedForward()
 
 
