@@ -185,8 +185,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "beta_schedule_ignored": (
         "ddpm_lightning/module.py",
-        '"beta_schedule": beta_schedule,',
-        '"beta_schedule": "linear",',
+        "        chosen = {k: self.hparams[k] for k in NOISE_SCHEDULE}\n",
+        '        chosen = {k: self.hparams[k] for k in NOISE_SCHEDULE} | {"beta_schedule": "linear"}\n',
         [BETAS + "[squaredcos_cap_v2]"],
     ),
     "samplers_rebuild_sigmoid_by_name": (
@@ -348,7 +348,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "pretrained_schedule_ignored": (
         "ddpm_lightning/module.py",
-        "base = {k: v for k, v in (found.scheduler_config if found else {}).items() if k in known}",
+        "base = {k: v for k, v in pretrained.items() if k in known}",
         "base: dict = {}",
         [PRETRAINED + "test_fine_tunes_from_the_google_ddpm_layout_with_its_schedule_unless_set"],
     ),
