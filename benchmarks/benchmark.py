@@ -269,6 +269,10 @@ def main() -> None:
     )
     p.add_argument("--end-to-end-only", action="store_true", help="only the end-to-end row")
     p.add_argument("--seed", type=int, default=0, help="end to end: the seed of both sides")
+    p.add_argument(
+        "--val-images",
+        help="end to end: held-out images; each side's saved model gets this project's val/loss on them after its run",
+    )
     p.add_argument("--last-n", type=int, default=100, help="end to end: the last steps whose losses are compared")
     p.add_argument("--out-dir", default="ddpm-end-to-end", help="end to end: grids.png, end_to_end.json, the logs")
     p.add_argument("--keep-runs", action="store_true", help="end to end: keep the runs' folders in OUT_DIR")

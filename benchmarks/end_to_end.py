@@ -107,10 +107,30 @@ def child(spec_path: str) -> None:
         if len(step_losses.RUNS) != 1:
             raise RuntimeError("StepLosses did not report: did --project-args replace --trainer.callbacks?")
         record |= step_losses.RUNS[0] | {"written": counter.written}
+    if spec.get("val_dir"):  # after the wall time stops: the same measure for both sides, from the saved model
+        record["held_out_loss"] = held_out_loss(spec["output_dir"], spec["val_dir"], spec["image_size"])
     cuda = torch.cuda.is_available()
     record["device"] = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
     record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     Path(spec["result"]).write_text(json.dumps(record))
+
+
+def held_out_loss(model_dir: str, val_dir: str, image_size: int) -> float:
+    """`val/loss` of the pipeline saved in `model_dir` over the images in `val_dir`: this project's validation loss
+    (`DDPMModule.validation_step`: fixed timesteps, noise fixed per image, float32), through `trainer.validate` on
+    the model loaded as a fine-tune's start (`model.pretrained`), so a tutorial's folder is measured as a project's."""
+    import lightning
+
+    from ddpm_lightning.data import ImageDataModule
+    from ddpm_lightning.module import DDPMModule
+
+    model = DDPMModule(pretrained=model_dir, image_size=image_size, stop_on_nan=False)
+    data = ImageDataModule(dataset=val_dir, val_dataset=val_dir, image_size=image_size, num_workers=0)
+    trainer = lightning.Trainer(
+        logger=False, enable_progress_bar=False, enable_model_summary=False, precision="32-true"
+    )
+    [metrics] = trainer.validate(model, datamodule=data, verbose=False)
+    return float(metrics["val/loss"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,6 +209,8 @@ def run_side(name: str, spec: dict, work: Path, log_path: Path) -> dict:
     }
     if "argv" in r:
         run["argv"] = r["argv"]
+    if "held_out_loss" in r:
+        run["held_out_loss"] = r["held_out_loss"]
     if r["written"] != {"grids": 1, "saves": 1}:
         raise RuntimeError(f"{name} wrote {r['written']}, not exactly one grid and one save: see {log_path}.")
     grids = sorted(Path(spec["output_dir"], "samples").glob("[0-9]*.png"))  # epoch grids; data.png is the data
@@ -224,8 +246,8 @@ def markdown(report: dict) -> str:
         "project's default checkpointing on.",
         "",
         f"| run | wall s | imports s | setup s | train s | finish s | steps | loss, last {n} steps (mean ± sd) | "
-        "tutorial ÷ this, wall |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "held-out val/loss | tutorial ÷ this, wall |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in report["runs"]:
         s = r["last_n_loss"]
@@ -233,12 +255,18 @@ def markdown(report: dict) -> str:
         speedup = r.get("project_speedup")
         cells = [r["run"], f"{r['wall_s']:.1f}", f"{r['imports_s']:.1f}", f"{r['setup_s']:.1f}", f"{r['train_s']:.1f}",
                  f"{r['finish_s']:.1f}", r["steps"], f"{s['mean']:.4f} ± {sd} (n={s['n']})",
+                 f"{r['held_out_loss']:.4f}" if "held_out_loss" in r else "—",
                  "—" if speedup is None else f"{speedup:.2f}×"]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines.append("")
     if len({r["steps"] for r in report["runs"]}) > 1:
         lines.append("- The runs took different numbers of steps: their losses are not comparable step for step.")
     for c in report["comparisons"]:
+        if c.get("held_out_ratio") is not None:
+            lines.append(
+                f"- {c['project']} vs {c['tutorial']}: held-out val/loss {c['held_out_ratio']:.3f}× the tutorial's "
+                f"({st['val_images']}); the goal is at most 1.05×."
+            )
         w = c["loss_test"]
         if w["within_noise"] is None:
             lines.append(f"- {c['project']} vs {c['tutorial']}: loss difference {w['difference']:+.4f}, {w['why']}.")
@@ -276,6 +304,19 @@ def run(a, images: list[str], unet: dict, batch_size: int, workers: int) -> dict
         os.symlink(path, links[-1])
         Path(path).read_bytes()  # into the page cache, for both sides alike
 
+    val_dir, val_note = None, None
+    if a.val_images:  # held-out photos, linked like the training ones (the project's loader takes a folder)
+        val_dir = work / "val"
+        from ddpm_lightning.sources import find_images
+
+        val = find_images(Path(a.val_images).resolve())
+        if not val:
+            raise RuntimeError(f"No images under --val-images {a.val_images}.")
+        val_dir.mkdir()
+        for i, path in enumerate(val):
+            os.symlink(path, val_dir / f"{i:05d}{Path(path).suffix}")
+        val_note = f"{len(val)} held-out images from {a.val_images}"
+
     versions = {}
     for name in PACKAGES:
         try:
@@ -289,11 +330,11 @@ def run(a, images: list[str], unet: dict, batch_size: int, workers: int) -> dict
         "settings": {"epochs": a.epochs, "images": f"{len(images)} images from {a.images}", "batch_size": batch_size,
                      "image_size": a.image_size, "grid_steps": a.grid_steps, "seed": a.seed, "last_n": a.last_n,
                      "tutorial_workers": workers, "project_args": a.project_args, "unet": unet,
-                     "within_noise": f"Welch p > {ALPHA}"},
+                     "within_noise": f"Welch p > {ALPHA}", "val_images": val_note},
         "runs": [],
     }  # fmt: skip
     common = dict(unet=unet, image_size=a.image_size, epochs=a.epochs, batch_size=batch_size, seed=a.seed,
-                  grid_steps=a.grid_steps)  # fmt: skip
+                  grid_steps=a.grid_steps, val_dir=str(val_dir) if val_dir else None)  # fmt: skip
     tutorial = f"tutorial nw={workers}"
     spec = common | {"side": "tutorial", "image_paths": links, "num_workers": workers,
                      "output_dir": str(work / f"tutorial-nw{workers}")}  # fmt: skip
@@ -331,6 +372,7 @@ def run(a, images: list[str], unet: dict, batch_size: int, workers: int) -> dict
             "tutorial": base["run"], "project": r["run"], "project_speedup": r["project_speedup"],
             "loss_test": welch(base["losses"][-a.last_n :], r["losses"][-a.last_n :]),
             "step_for_step_r": correlation(base["losses"][-a.last_n :], r["losses"][-a.last_n :]),
+            "held_out_ratio": r["held_out_loss"] / base["held_out_loss"] if "held_out_loss" in r else None,
         })  # fmt: skip
 
     out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@
 set -u
 cd "$(dirname "$0")/.."
 IMAGES=${IMAGES:-ddpm-heliconius}
+VAL_IMAGES=${VAL_IMAGES:-ddpm-heliconius-val}  # the 200 val photos: the end-to-end row's held-out val/loss
 WHEELS=(diffusers==0.42.1 datasets==5.2.0 jsonargparse==4.53.0 torchdata==0.11.0 dill==0.4.1 multiprocess==0.70.19
         importlib_metadata==10.2.0 docstring-parser==0.18.0 typeshed-client==2.15.0 importlib_resources==7.1.0)
 
@@ -30,7 +31,8 @@ if [ "${1:-}" = prepare ]; then
     ls ../shared/data/heliconius/train | sort | head -750 | while read -r f; do
         cp "../shared/data/heliconius/train/$f" "$IMAGES/"
     done
-    du -sh .whl "$IMAGES"
+    rm -rf "$VAL_IMAGES" && cp -r ../shared/data/heliconius/val "$VAL_IMAGES"
+    du -sh .whl "$IMAGES" "$VAL_IMAGES"
     exit 0
 fi
 
@@ -60,6 +62,7 @@ if [ "${CPU:-0}" = 1 ]; then  # the scripts' own CPU modes: tiny UNet, a few ste
     SMOKE_MODE=(--cpu) BENCH_MODE=(--tiny)
     [ -d "$IMAGES" ] || IMAGES=../shared/data/heliconius/train
 fi
+VAL=$([ -d "$VAL_IMAGES" ] && echo "$VAL_IMAGES")  # none carried: the end-to-end row goes without its val/loss
 
 part() {  # part NAME SECONDS COMMAND...: run it if wanted and if SECONDS still fit in the budget
     local name=$1 need=$2 left=$((BUDGET - SECONDS))
@@ -96,7 +99,8 @@ FAST=(--project-args "" --project-args "-c configs/butterflies-fast.yaml")
 part bench16 200 python benchmarks/benchmark.py "${BENCH_MODE[@]}" --images "$IMAGES" --batch-sizes 16 --workers 8 \
     --no-tutorial-grid "${FAST[@]}" --out "$OUT/bench16.json"
 part e2e 300 python benchmarks/benchmark.py "${BENCH_MODE[@]}" --images "$IMAGES" --end-to-end-only --epochs 20 \
-    --workers 8 --project-args "-c configs/butterflies-fast.yaml" --out-dir "$OUT/e2e" --out "$OUT/e2e.json"
+    --workers 8 --project-args "-c configs/butterflies-fast.yaml" --out-dir "$OUT/e2e" --out "$OUT/e2e.json" \
+    ${VAL:+--val-images "$VAL"}
 part bench64 150 python benchmarks/benchmark.py "${BENCH_MODE[@]}" --images "$IMAGES" --batch-sizes 64 --workers 8 \
     --grid-steps 0 "${FAST[@]}" --out "$OUT/bench64.json"
 echo "done after $SECONDS s" | tee -a "$OUT/summary.txt"

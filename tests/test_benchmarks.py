@@ -46,13 +46,17 @@ def test_gpu_smoke_fails_without_images(tmp_path):
 
 def test_benchmark_tiny_with_end_to_end_row(tmp_path, heliconius_photos):
     """benchmark.py --tiny: one batch size, the tutorial baseline with 0 workers beside a project run with its
-    --project-args, the checkpoint cadence inside the window, and the end-to-end row over one epoch."""
-    out, out_dir = tmp_path / "report.json", tmp_path / "e2e"
+    --project-args, the checkpoint cadence inside the window, and the end-to-end row over one epoch with the
+    held-out val/loss of each side's saved model."""
+    out, out_dir, val = tmp_path / "report.json", tmp_path / "e2e", tmp_path / "val"
+    val.mkdir()
+    for photo in sorted(heliconius_photos.iterdir())[-4:]:  # not among the first 12, which train
+        (val / photo.name).symlink_to(photo)
     done = run_script(
         "benchmarks/benchmark.py", "--tiny", "--images", str(heliconius_photos), "--max-images", "12",
         "--batch-sizes", "4", "--workers", "0", "--warmup", "1", "--steps", "3", "--grid-steps", "2",
         "--fast-steps", "2", "--project-args", "--trainer.precision bf16-mixed",
-        "--epochs", "1", "--last-n", "3", "--out-dir", str(out_dir), "--out", str(out),
+        "--epochs", "1", "--last-n", "3", "--out-dir", str(out_dir), "--out", str(out), "--val-images", str(val),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
     report = json.loads(out.read_text())
@@ -66,6 +70,10 @@ def test_benchmark_tiny_with_end_to_end_row(tmp_path, heliconius_photos):
     e2e = report["end_to_end"]
     assert [r["run"] for r in e2e["runs"]] == ["tutorial nw=0", "project --trainer.precision bf16-mixed"]
     assert all(r["steps"] == 3 and r["wall_s"] > 0 for r in e2e["runs"])
+    held_out = [r["held_out_loss"] for r in e2e["runs"]]  # one epoch of 3 steps: both still near the noise's MSE
+    assert all(0.1 < loss < 10 for loss in held_out), held_out
+    assert e2e["comparisons"][0]["held_out_ratio"] == held_out[1] / held_out[0]
+    assert "held-out val/loss" in report["markdown"] and "4 held-out images" in report["markdown"]
     assert len(e2e["comparisons"]) == 1 and "End to end" in report["markdown"]
     welch = e2e["comparisons"][0]["loss_test"]  # scipy's Welch test ran (scipy is in the test extra)
     assert 0 <= welch["p"] <= 1 and welch["within_noise"] == (welch["p"] > 0.01) and "Welch t =" in report["markdown"]
