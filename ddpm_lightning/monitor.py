@@ -128,8 +128,10 @@ class RunReport(Callback):
 
     The summary's wall time runs from this callback's creation (before the data is loaded) and splits into
     start-up (data, sanity check and the first step, which includes any compile), training,
-    validation, and epoch ends (grids, model saves, checkpoints). It is registered before the grid and save
-    callbacks so that its epoch-end hook starts that clock before they run.
+    validation, and epoch ends (grids, model saves, checkpoints). The start-up splits into set-up (data, model,
+    sanity check: to `on_train_start`) and the first step (its batch, and any compile or capture, which happen in
+    the first forward). It is registered before the grid and save callbacks so that its epoch-end hook starts that
+    clock before they run.
     """
 
     def __init__(self, output_dir: str = "ddpm-butterflies-128", preview_images: int = 16):
@@ -140,8 +142,11 @@ class RunReport(Callback):
         self.images = self.steps = 0
         self.mark: float | None = None
         self.first_step_done = False
+        self.train_started: float | None = None
+        self.start_up: dict[str, float] = {}
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.train_started = time.perf_counter()
         if trainer.is_global_zero and trainer.ckpt_path is None and hasattr(trainer.datamodule, "preview"):
             self.write_preview(trainer)
 
@@ -153,15 +158,19 @@ class RunReport(Callback):
         return path
 
     # The clock: each hook closes the interval since the previous one and names it.
-    def lap(self, phase: str) -> None:
+    def lap(self, phase: str) -> float:
         now = time.perf_counter()
         self.seconds[phase] += now - (self.mark if self.mark is not None else self.created)
         self.mark = now
+        return now
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         self.images += len(batch) * trainer.world_size  # a shape, known on the host: no wait for the GPU
         self.steps += 1
-        self.lap("training" if self.first_step_done else "start-up")
+        now = self.lap("training" if self.first_step_done else "start-up")
+        if not self.first_step_done and self.train_started is not None:
+            first_step = now - self.train_started
+            self.start_up = {"set-up": self.seconds["start-up"] - first_step, "first step": first_step}
         self.first_step_done = True
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -196,6 +205,7 @@ class RunReport(Callback):
                 "total": round(sum(self.seconds.values()), 2),
                 **{k: round(v, 2) for k, v in self.seconds.items()},
             },
+            "start_up_seconds": {k: round(v, 2) for k, v in self.start_up.items()},
             "mean_images_per_sec": round(self.images / training, 2) if training > 0 else None,
             "final_train_loss": float(metrics["train/loss"]) if "train/loss" in metrics else None,
             "val_loss": float(metrics["val/loss"]) if "val/loss" in metrics else None,
@@ -206,11 +216,14 @@ class RunReport(Callback):
             "base_model": getattr(trainer.lightning_module, "base_model", None),  # what it was fine-tuned from
         }
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        wall = summary["wall_seconds"]
+        wall, split = summary["wall_seconds"], self.start_up
+        start_up = "data, sanity check, first step"
+        if split:
+            start_up = f"set-up {split['set-up']:.1f} s: data, sanity check; first step {split['first step']:.1f} s"
         lines = [
             f"Run summary ({out / 'run_summary.json'})",
             f"  {self.images} images seen in {self.steps} batches this run; {trainer.global_step} optimizer steps in all",
-            f"  wall time {wall['total']:.1f} s: start-up {wall['start-up']:.1f} s (data, sanity check, first step), training "
+            f"  wall time {wall['total']:.1f} s: start-up {wall['start-up']:.1f} s ({start_up}), training "
             f"{wall['training']:.1f} s, validation {wall['validation']:.1f} s, epoch ends {wall['epoch ends']:.1f} s "
             "(grids, saves, checkpoints)",
             f"  mean {summary['mean_images_per_sec']} images/s while training; final train/loss {summary['final_train_loss']}"

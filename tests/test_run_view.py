@@ -56,6 +56,10 @@ def test_data_grid_throughput_bars_and_summary_then_resume(image_folder, tmp_pat
     wall = summary["wall_seconds"]
     assert wall["total"] == pytest.approx(sum(v for k, v in wall.items() if k != "total"), abs=0.05)
     assert all(wall[k] > 0 for k in ("start-up", "training", "validation", "epoch ends"))
+    split = summary["start_up_seconds"]  # to on_train_start (data, sanity check), then the first step
+    assert split["set-up"] > 0 and split["first step"] > 0
+    assert split["set-up"] + split["first step"] == pytest.approx(wall["start-up"], abs=0.02)
+    assert f"first step {split['first step']:.1f} s" in caplog.text
     assert summary["final_train_loss"] == pytest.approx(scalars(logs, "train/loss")[5], rel=1e-5)
     val = scalars(logs, "val/loss")
     assert len(val) == 2 and summary["val_loss"] == pytest.approx(val[max(val)], rel=1e-5)
