@@ -136,7 +136,7 @@ class DDPMLightningCLI(LightningCLI):
             check_writable(checkpoint.dirpath, "--checkpoint.dirpath")
         # Rank 0 only: the other ranks of a run start after it (and are the same run) and would find its new files.
         rank_zero = self.trainer.global_rank == 0
-        self.lock = RunLock(output_dir)
+        self.lock = RunLock(output_dir, checkpoint.dirpath if checkpoint is not None else None)
         if rank_zero:
             self.lock.acquire()  # first: a second process on this run fails now, naming the one that holds it
         try:

@@ -90,6 +90,12 @@ def test_a_second_process_on_a_run_in_progress_fails_at_once_naming_the_first_an
             with pytest.raises(RunInUseError, match=f"in use by ddpm-lightning PID {first.pid} on "):
                 main(second)
             assert time.time() - start < 30  # at once: before any data or model is built... or trained
+        # another output_dir of the same name: its own folder, but the default checkpoint folder is the same
+        namesake = fit_args(twelve, tmp_path / "other" / "run", *NO_SAVES, "--trainer.max_steps", "300")
+        for second in ([*namesake, "--ckpt_path", "last"], namesake):
+            with pytest.raises(RunInUseError, match=r"--checkpoint.dirpath \S*checkpoints/run is in use by another"):
+                main(second)
+            assert not (tmp_path / "other" / "run" / "logs").exists()
         assert first.poll() is None  # the first goes on
     finally:
         first.send_signal(signal.SIGKILL)
