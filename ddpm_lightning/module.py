@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from .ema import EMAWeights, UpdateEMA
 from .optim import CompiledAdamW, make_adamw
-from .pretrained import check_channels, fitted_architecture, load_pretrained
+from .pretrained import check_channels, check_resumed, fitted_architecture, load_pretrained
 from .sampling import Sampler, denoise, make_sampler
 from .speed import CompileMode, UNetForward, apply_speed_switches, check_one_compiler
 from .stop_on_nan import StopOnNaN
@@ -234,6 +234,7 @@ class DDPMModule(LightningModule):
             checkpoint["base_model"] = self.base_model
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_resumed(checkpoint.get("hyper_parameters", {}).get("pretrained"), self.hparams.pretrained)
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
 

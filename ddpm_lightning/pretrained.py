@@ -279,5 +279,17 @@ def check_channels(unet: UNet2DModel, channels: int | None, base_model: dict[str
         )
 
 
+def check_resumed(then: str | None, now: str | None) -> None:
+    """A resumed run goes on from its checkpoint's weights: a `--model.pretrained` its run did not start from would
+    be loaded and then silently replaced."""
+    if now is not None and now != then:
+        was = f"was fine-tuned from {then}" if then is not None else "was not fine-tuned"
+        raise PretrainedError(
+            f"--model.pretrained {now} with --ckpt_path: the checkpoint's run {was}, and a resumed run goes on from "
+            f"its checkpoint's weights. To fine-tune from {now}, start a new run (another --output_dir, no "
+            "--ckpt_path); to resume, leave --model.pretrained as the run had it."
+        )
+
+
 def first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

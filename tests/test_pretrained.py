@@ -234,6 +234,16 @@ def test_resumed_fine_tuning_equals_the_straight_run(trained, images, tmp_path):
         torch.testing.assert_close(y, x, rtol=0, atol=0)
 
 
+def test_a_resume_with_a_pretrained_model_its_run_did_not_start_from_is_one_line(trained, images, tmp_path):
+    """The checkpoint's weights would silently replace it: refused before training, naming both ways on."""
+    run = fit_args(images, tmp_path / "run", *NO_SAVES, "--trainer.max_steps", "1")
+    main(run)
+    resume = [*run, "--trainer.max_steps", "2", "--ckpt_path", "last", "--model.pretrained", str(trained / "run")]
+    with pytest.raises(PretrainedError, match=r"the checkpoint's run was not fine-tuned.*start a new run"):
+        main(resume)
+    assert torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False)["global_step"] == 1
+
+
 def test_the_fine_tune_overlay_trains_from_the_pretrained_model_at_its_lr(trained, images, tmp_path):
     """configs/fine-tune.yaml over configs/butterflies.yaml, as shipped but for the sizes and the length."""
     overlay = yaml.safe_load((REPO / "configs" / "fine-tune.yaml").read_text())["model"]
