@@ -20,26 +20,26 @@ from conftest import child_env, ddp_fit_command, fit_args, scalars, tb_events, t
 def test_ema_follows_the_warmup_formula_once_per_optimizer_step(image_folder, tmp_path, monkeypatch):
     """decay_k = min(1 - (1 + k / inv_gamma) ** -power, max_decay), counted in optimizer steps (accumulation 2).
     inv_gamma 2 and power 0.6 (not the defaults) and a cap that applies from k = 3 only: k = 1, 2 check the formula."""
-    from ddpm_lightning.module import DDPMModule
+    from ddpm_lightning.ema import UpdateEMA
 
     seen = []
-    real = DDPMModule.on_train_batch_end
+    real = UpdateEMA.on_train_batch_end
 
-    def record(self, outputs, batch, batch_idx):
-        before = [p.detach().clone() for p in self.ema.shadow_params] if self.ema else None
-        real(self, outputs, batch, batch_idx)
+    def record(self, trainer, module, outputs, batch, batch_idx):
+        before = [p.detach().clone() for p in module.ema.shadow_params]
+        real(self, trainer, module, outputs, batch, batch_idx)
         seen.append(
             (
-                self.trainer.global_step,
-                self.ema.optimization_step,
-                self.ema.cur_decay_value,
+                trainer.global_step,
+                module.ema.optimization_step,
+                module.ema.cur_decay_value,
                 before,
-                [p.detach().clone() for p in self.unet.parameters()],
-                [p.detach().clone() for p in self.ema.shadow_params],
+                [p.detach().clone() for p in module.unet.parameters()],
+                [p.detach().clone() for p in module.ema.shadow_params],
             )
         )
 
-    monkeypatch.setattr(DDPMModule, "on_train_batch_end", record)
+    monkeypatch.setattr(UpdateEMA, "on_train_batch_end", record)
     main(
         fit_args(
             image_folder,
