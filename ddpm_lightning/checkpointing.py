@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from .stop_on_nan import StopOnNaN
+from .stop_on_nan import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -264,16 +264,6 @@ class PeriodicCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.save_now(trainer)  # the end of the run is always saved, whatever the cadence (unless just saved)
         super().on_train_end(trainer, pl_module)
-
-
-def check_finite(trainer: Trainer) -> None:
-    """Stop the run, writing nothing, when a training loss so far was NaN or infinite: asked on every rank before
-    each checkpoint, grid and model save, so none is written from the weights that followed it and the last good
-    checkpoint stays `last` (one number read from the device, at save time only). Without `model.stop_on_nan`
-    (no StopOnNaN callback) nothing is checked."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, StopOnNaN):
-            callback.check(trainer)
 
 
 class _SignalAtOptimizerStep(_SignalConnector):
