@@ -312,6 +312,10 @@ class PreemptionCheckpoint(Callback):
     this callback saves the checkpoint there (all ranks take part, as saving needs), so
     `--ckpt_path last` continues from that step. Under SLURM with auto-requeue, Lightning handles SIGUSR1
     itself (it saves and requeues), so SIGUSR1 is left to it.
+
+    A grid or a quality measurement stops at its next denoising step (`sampling.stop_if_signalled`); what the
+    interrupted epoch end or validation had left to do is skipped, and the resume warns once (`skipped_work`).
+    A repeated SIGTERM / SIGUSR1 while stopping changes nothing (`_SignalAtOptimizerStep.teardown`).
     """
 
     interrupted = False  # set by Ctrl-C: main() turns the stop's exit status into 130
