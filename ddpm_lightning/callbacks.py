@@ -17,11 +17,12 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .checkpointing import check_finite, save_pipeline
+from .checkpointing import save_pipeline
 from .hub import HubUploader
 from .metrics import InceptionWeightsUnavailable, SampleQuality
 from .monitor import progress_bar
 from .sampling import Sampler, grid_shape, sample_share, save_grid
+from .stop_on_nan import check_finite
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -280,6 +282,9 @@ def quiet_noise() -> None:
         rank_zero_log.addFilter(noise)
 
 
+STOP_SIGNALS = [signal.SIGTERM, *([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])]
+
+
 def main(args: ArgsType = None) -> None:
     """The `ddpm-lightning` command. From the command line (args None), an error the product raises on purpose
     prints as one line and exits 1; `--debug` or DDPM_LIGHTNING_DEBUG=1 shows the traceback instead."""
@@ -297,6 +302,10 @@ def main(args: ArgsType = None) -> None:
     if commands.is_command(argv):  # `ddpm-lightning sample ...` / `export ...`: plain commands, outside LightningCLI
         commands.run(argv)  # returns nothing: the console script would print it and exit 1
         return
+    # Called from Python (args given), the caller's stop-signal handlers come back after a stop; the command
+    # line's process ends ignoring a repeated one (checkpointing._SignalAtOptimizerStep.teardown).
+    in_process = args is not None and threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS} if in_process else {}
     try:
         DDPMLightningCLI(
             DDPMModule,
@@ -316,6 +325,9 @@ def main(args: ArgsType = None) -> None:
         subcommand = next((a for a in argv if not a.startswith("-")), "fit") if isinstance(argv, list) else "fit"
         print(f"ddpm-lightning {subcommand}: error: {err} (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 def raised_by_this_package(err: BaseException) -> bool:

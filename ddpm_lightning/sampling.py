@@ -26,6 +26,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchvision.utils import make_grid, save_image
 
 Sampler = Literal["ddpm", "ddim", "dpmsolver++"]
@@ -97,13 +98,30 @@ def sample_share(
     EMA weights when EMA is on, under the training precision's autocast when `autocast` (as the tutorial's
     pipeline ran under Accelerate's). Every rank draws, so none waits for another's sampling in a collective.
     Its own generator, one stream per rank: the draw neither depends on nor changes the training RNG (fork_rng
-    guards against library code that still draws from the global RNG)."""
+    guards against library code that still draws from the global RNG). A stop signal ends the draw at the next
+    step (`stop_if_signalled`)."""
+
+    def step() -> None:
+        if on_step is not None:
+            on_step()
+        stop_if_signalled(trainer)
+
+    stop_if_signalled(trainer)
     share = math.ceil(n / trainer.world_size)
     with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
         generator = torch.Generator(device="cpu").manual_seed(seed + 1_000_003 * trainer.global_rank)
         precision = trainer.precision_plugin.forward_context() if autocast else contextlib.nullcontext()
         with pl_module.ema_weights(), precision:
-            return pl_module.sample(share, sampler, steps, generator, on_step)
+            return pl_module.sample(share, sampler, steps, generator, step)
+
+
+def stop_if_signalled(trainer) -> None:
+    """Raise Lightning's SIGTERMException once a stop signal (SIGTERM; SIGUSR1 and a first Ctrl-C become one) has
+    arrived: a grid or a quality measurement ends at that denoising step, and the run saves its checkpoint and
+    exits as a stop between training steps does (PreemptionCheckpoint), instead of after the whole draw. Every
+    rank decides together, as Lightning's training loop does at each step: none is left in the next collective."""
+    if trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):
+        raise SIGTERMException
 
 
 def grid_shape(n: int, rows: int | None = None) -> tuple[int, int]:

@@ -33,7 +33,7 @@ class StopOnNaN(Callback):
 
     def check(self, trainer: Trainer) -> None:
         """Raise when a loss so far was NaN or infinite; on every rank at once (a collective). Also asked before
-        each checkpoint, grid and model save (checkpointing.check_finite)."""
+        each checkpoint, grid and model save (check_finite)."""
         if self.first_bad_step is None:
             return
         first_bad = int(self.first_bad_step)
@@ -45,3 +45,13 @@ class StopOnNaN(Callback):
                 "bf16-mixed or 32-true, or check the data; resume from a checkpoint saved before that step. "
                 "model.stop_on_nan false turns this check off."
             )
+
+
+def check_finite(trainer: Trainer) -> None:
+    """Stop the run, writing nothing, when a training loss so far was NaN or infinite: asked on every rank before
+    each checkpoint, grid and model save, so none is written from the weights that followed it and the last good
+    checkpoint stays `last` (one number read from the device, at save time only). Without `model.stop_on_nan`
+    (no StopOnNaN callback) nothing is checked."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, StopOnNaN):
+            callback.check(trainer)

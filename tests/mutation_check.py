@@ -36,6 +36,7 @@ HUB = T + "test_hub.py::"
 TRACKERS = T + "test_trackers.py::test_grids_and_data_png_reach_wandb_mlflow_and_tensorboard"
 LAST_GOOD = T + "test_last_good_checkpoint.py::"
 PRETRAINED = T + "test_pretrained.py::"
+STOP = T + "test_stop_signal.py::"
 EMA_GUARD = "        if global_step == self.last_step:\n            return\n"
 EMA_UPDATE = "        pl_module.ema.update(pl_module.unet, trainer.global_step)\n"
 EMA_CALLBACK = "        return nan_check + ([UpdateEMA()] if self.ema is not None else [])\n"
@@ -332,6 +333,19 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "        check_finite(trainer)  # (called on every rank before anything is written)\n",
         "        pass\n",
         [LAST_GOOD + "test_no_checkpoint_grid_or_model_is_written_after_a_nan_loss"],
+    ),
+    # issue 22 (item 9: a stop signal during an epoch-end grid)
+    "stop_signal_waits_for_the_grid": (  # the grid runs to its end before the run stops
+        "ddpm_lightning/sampling.py",
+        "    if trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):\n        raise SIGTERMException\n",
+        "    pass\n",
+        [STOP + "test_a_stop_signal_during_an_epoch_end_grid_ends_it_at_the_next_step_then_saves_exits_0_and_resumes"],
+    ),
+    "repeated_stop_signal_ends_the_process": (  # SIGTERM's default back after Lightning's teardown: exit 143
+        "ddpm_lightning/checkpointing.py",
+        "            signal.signal(signal.SIGTERM, signal.SIG_IGN)\n",
+        "            pass\n",
+        [STOP + "test_a_repeated_stop_signal_is_the_same_request_the_run_exits_0_with_its_checkpoint"],
     ),
     # issue 18
     "pretrained_weights_not_loaded": (  # the pretrained architecture with random weights
