@@ -15,7 +15,18 @@ from PIL import Image
 
 from ddpm_lightning.cli import main
 
-from conftest import HELICONIUS, REPO, TINY_CONFIG, child_env, crash_args, ddp_fit_command, fit_args, scalars, tb_events
+from conftest import (
+    HELICONIUS,
+    REPO,
+    TINY_CONFIG,
+    child_env,
+    crash_args,
+    ddp_fit_command,
+    fit_args,
+    max_steps,
+    scalars,
+    tb_events,
+)
 
 
 def test_fit_writes_grid_model_logs_and_checkpoints(image_folder, tmp_path):
@@ -52,10 +63,7 @@ def test_learning_rate_follows_warmup_then_cosine(image_folder, tmp_path):
         fit_args(
             image_folder,
             out,
-            "--trainer.max_steps",
-            "12",
-            "--trainer.max_epochs",
-            "-1",
+            *max_steps(12),
             "--model.lr_warmup_steps",
             "4",
             "--model.learning_rate",
@@ -71,13 +79,11 @@ def test_learning_rate_follows_warmup_then_cosine(image_folder, tmp_path):
 
 def test_resume_from_last_continues_to_max_steps(image_folder, tmp_path):
     out = tmp_path / "run"
-    main(
-        fit_args(image_folder, out, "--trainer.max_steps", "6", "--trainer.max_epochs", "-1")
-    )  # 12 images / batch 4: two epochs
+    main(fit_args(image_folder, out, *max_steps(6)))  # 12 images / batch 4: two epochs
     first = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False, map_location="cpu")
     assert first["global_step"] == 6
 
-    main(fit_args(image_folder, out, "--trainer.max_steps", "10", "--trainer.max_epochs", "-1", "--ckpt_path", "last"))
+    main(fit_args(image_folder, out, *max_steps(10), "--ckpt_path", "last"))
     final = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False, map_location="cpu")
     assert final["global_step"] == 10  # not more, not less
     # the optimizer and the schedule continued instead of starting again

@@ -51,21 +51,8 @@ def pixels(path: Path) -> np.ndarray:
 def test_sample_from_checkpoint_writes_images_and_grid(trained, tmp_path):
     ckpt = str(trained / "checkpoints" / "run" / "last.ckpt")
     out = tmp_path / "a"
-    main(
-        [
-            "sample",
-            ckpt,
-            "--num_images",
-            "6",
-            "--batch_size",
-            "6",
-            "--sampler",
-            "ddim",
-            *TWO_SAMPLING_STEPS,
-            "--output_dir",
-            str(out),
-        ]
-    )
+    six = ["sample", ckpt, "--num_images", "6", "--batch_size", "6", "--sampler", "ddim", *TWO_SAMPLING_STEPS]
+    main([*six, "--output_dir", str(out)])
     images = pngs(out)
     assert [p.name for p in images] == [f"{i:06d}.png" for i in range(6)]
     assert all(Image.open(p).size == (16, 16) and Image.open(p).mode == "RGB" for p in images)
@@ -75,21 +62,7 @@ def test_sample_from_checkpoint_writes_images_and_grid(trained, tmp_path):
 
     # the same seed: the same bytes; another seed: other images
     again = tmp_path / "b"
-    main(
-        [
-            "sample",
-            ckpt,
-            "--num_images",
-            "6",
-            "--batch_size",
-            "6",
-            "--sampler",
-            "ddim",
-            *TWO_SAMPLING_STEPS,
-            "--output_dir",
-            str(again),
-        ]
-    )
+    main([*six, "--output_dir", str(again)])
     assert [p.read_bytes() for p in pngs(again)] == [p.read_bytes() for p in images]
     assert (again / "grid.png").read_bytes() == (out / "grid.png").read_bytes()
     other = tmp_path / "c"

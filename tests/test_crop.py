@@ -15,7 +15,7 @@ from torchvision.transforms.functional import crop, pil_to_tensor
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import CachedImages
 
-from conftest import fit_args, write_image
+from conftest import fit_args, max_steps, write_image
 
 # (width, height): landscape and portrait at several aspect ratios; 40 x 16 is wider than 2:1 (trimmed for random).
 SIZES = [(24, 16), (16, 30), (40, 16), (20, 28), (33, 18), (18, 18), (16, 21), (27, 19)]
@@ -128,10 +128,7 @@ def test_cached_batch_is_one_indexing_op(photos, tmp_path, monkeypatch):
 def test_random_crops_resume_exactly(photos, tmp_path):
     """A run stopped mid-epoch and resumed gets the same crops and flips (device RNG restored) as one that was not."""
     common = [
-        "--trainer.max_steps",
-        "5",
-        "--trainer.max_epochs",
-        "-1",
+        *max_steps(5),
         "--data.crop",
         "random",
         "--data.random_flip",

@@ -17,18 +17,9 @@ from PIL import Image
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import ImageDataModule
 
-from conftest import TINY_CONFIG, TINY_RUN_ARGS, child_env, fit_args, write_image
+from conftest import NO_SAVES, TINY_CONFIG, TINY_RUN_ARGS, child_env, fit_args, max_steps, write_image
 
-ONE_STEP = [
-    "--trainer.max_steps",
-    "1",
-    "--trainer.max_epochs",
-    "-1",
-    "--grid.save_image_epochs",
-    "1000",
-    "--save.save_model_epochs",
-    "1000",
-]
+ONE_STEP = [*max_steps(1), *NO_SAVES]
 
 
 class FirstBatch(Callback):

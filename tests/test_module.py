@@ -12,7 +12,7 @@ from ddpm_lightning.callbacks import SampleGrid
 from ddpm_lightning.module import TUTORIAL_UNET, DDPMModule
 from ddpm_lightning.sampling import grid_shape, make_sampler
 
-from conftest import TINY_UNET, tiny_module
+from conftest import TINY_UNET, max_steps, tiny_module
 
 
 def test_tutorial_unet_by_default():
@@ -94,10 +94,7 @@ def test_nan_loss_stops_the_run_naming_the_first_step(image_folder, tmp_path, mo
             fit_args(
                 image_folder,
                 tmp_path / "run",
-                "--trainer.max_steps",
-                "20",
-                "--trainer.max_epochs",
-                "-1",
+                *max_steps(20),
                 "--model.nan_check_every_n_steps",
                 "4",
             )
@@ -125,10 +122,7 @@ def test_speed_switches_keep_checkpoint_keys_and_train_on_cpu(image_folder, tmp_
         fit_args(
             image_folder,
             tmp_path / "plain",
-            "--trainer.max_steps",
-            "2",
-            "--trainer.max_epochs",
-            "-1",
+            *max_steps(2),
             "--checkpoint.dirpath",
             "plain",
         )
@@ -137,10 +131,7 @@ def test_speed_switches_keep_checkpoint_keys_and_train_on_cpu(image_folder, tmp_
         fit_args(
             image_folder,
             tmp_path / "fast",
-            "--trainer.max_steps",
-            "2",
-            "--trainer.max_epochs",
-            "-1",
+            *max_steps(2),
             "--model.channels_last",
             "true",
             "--model.gradient_checkpointing",

@@ -22,10 +22,18 @@ from ddpm_lightning.cli import main
 from ddpm_lightning.commands import export, sample
 from ddpm_lightning.pretrained import PretrainedError, load_pretrained
 
-from conftest import MICRO_UNET, REPO, TINY_UNET, child_env, crash_args, fit_args, write_image
+from conftest import (
+    MICRO_UNET,
+    NO_SAVES,
+    REPO,
+    TINY_DATA_AND_GRID,
+    TINY_UNET,
+    child_env,
+    crash_args,
+    fit_args,
+    write_image,
+)
 from hub_standin import HubStandIn
-
-NO_SAVES = ["--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
 
 
 class FirstStepWeights(Callback):
@@ -250,16 +258,7 @@ def test_the_fine_tune_overlay_trains_from_the_pretrained_model_at_its_lr(traine
             str(source),
             "--data.dataset",
             str(images),
-            "--data.image_size",
-            "16",
-            "--data.train_batch_size",
-            "4",
-            "--data.num_workers",
-            "0",
-            "--grid.eval_batch_size",
-            "4",
-            "--grid.num_inference_steps",
-            "2",
+            *TINY_DATA_AND_GRID,
             "--trainer.max_steps",
             "2",
             "--trainer.accelerator",

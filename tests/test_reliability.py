@@ -16,7 +16,7 @@ from lightning.pytorch import Callback
 from ddpm_lightning.checkpointing import AtomicCheckpointIO
 from ddpm_lightning.cli import main
 
-from conftest import child_env, fit_args, scalars, tb_events
+from conftest import EMA_AT_A_HIGH_LR, NO_SAVES, child_env, fit_args, max_steps, scalars, tb_events
 
 
 def last_step(folder: Path) -> int:
@@ -29,14 +29,8 @@ def test_signal_saves_last_checkpoint_exits_cleanly_and_resume_finishes(image_fo
     args = fit_args(
         image_folder,
         out,
-        "--trainer.max_steps",
-        "90",
-        "--trainer.max_epochs",
-        "-1",
-        "--grid.save_image_epochs",
-        "1000",
-        "--save.save_model_epochs",
-        "1000",
+        *max_steps(90),
+        *NO_SAVES,
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "ddpm_lightning", *args, "--checkpoint.every_n_train_steps", "3"],
@@ -76,10 +70,7 @@ def test_second_ctrl_c_aborts_at_once(image_folder, tmp_path):
     args = fit_args(
         image_folder,
         tmp_path / "run",
-        "--trainer.max_steps",
-        "90",
-        "--trainer.max_epochs",
-        "-1",
+        *max_steps(90),
         "--checkpoint.every_n_train_steps",
         "1",
         "--trainer.callbacks+=test_reliability.SlowSteps",
@@ -182,16 +173,10 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
 def test_stopped_and_resumed_run_equals_the_uninterrupted_one(image_folder, tmp_path, cache):
     """8 steps straight vs. stopped at step 4 (in the middle of epoch 1: 3 steps an epoch) and resumed."""
     common = [
-        "--trainer.max_steps",
-        "8",
-        "--trainer.max_epochs",
-        "-1",
+        *max_steps(8),
         "--data.cache",
         cache,
-        "--grid.save_image_epochs",
-        "1000",
-        "--save.save_model_epochs",
-        "1000",
+        *NO_SAVES,
     ]
     if cache == "none":
         common += ["--data.num_workers", "2"]  # worker processes, their seeds and prefetching too
@@ -311,22 +296,11 @@ def test_signal_and_resume_equal_the_straight_run_with_ema_accumulation_and_fp16
     common = [
         "-c",
         str(plugins),
-        "--trainer.max_steps",
-        "6",
-        "--trainer.max_epochs",
-        "-1",
+        *max_steps(6),
         "--trainer.accumulate_grad_batches",
         "2",
-        "--model.use_ema",
-        "true",
-        "--model.learning_rate",
-        "0.01",
-        "--model.lr_warmup_steps",
-        "1",
-        "--grid.save_image_epochs",
-        "1000",
-        "--save.save_model_epochs",
-        "1000",
+        *EMA_AT_A_HIGH_LR,
+        *NO_SAVES,
     ]
     main(fit_args(image_folder, tmp_path / "straight", *common, "--checkpoint.dirpath", "straight_ckpt"))
     resumed = fit_args(image_folder, tmp_path / "resumed", *common, "--checkpoint.dirpath", "resumed_ckpt")

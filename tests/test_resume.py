@@ -11,17 +11,7 @@ import torch
 
 from ddpm_lightning.cli import main
 
-from conftest import crash_args, fit_args, scalars, tb_events, write_image
-
-NO_SAVES = ["--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
-
-
-@pytest.fixture
-def twelve(tmp_path) -> Path:
-    """12 images: 3 steps an epoch at batch 4."""
-    for i in range(12):
-        write_image(tmp_path / "twelve" / f"{i}.png", seed=i)
-    return tmp_path / "twelve"
+from conftest import NO_SAVES, crash_args, fit_args, scalars, tb_events, write_image
 
 
 def state(ckpt: Path) -> tuple[int, dict[str, torch.Tensor]]:

@@ -18,7 +18,7 @@ from ddpm_lightning.cli import main
 from ddpm_lightning.module import DDPMModule
 from ddpm_lightning.precision import FusedClipMixedPrecision
 
-from conftest import MICRO_UNET, TINY_UNET, fit_args, scalars
+from conftest import MICRO_UNET, TINY_UNET, HostReads, fit_args, max_steps, scalars
 
 
 def grad_norm(module) -> float:
@@ -85,10 +85,7 @@ def test_adamw_trains_with_clipping_under_every_precision(precision, optimizer, 
             "1e-2",
             "--model.lr_warmup_steps",
             "0",
-            "--trainer.max_steps",
-            "3",
-            "--trainer.max_epochs",
-            "-1",
+            *max_steps(3),
             "--trainer.callbacks+=test_speed_switches.GradNorms",
         )
     )
@@ -287,30 +284,8 @@ def test_a_compiled_fit_compiles_once_per_graph_and_gives_the_eager_losses(image
     assert len(compiled) == 6 and compiled == pytest.approx(eager, rel=1e-3)
 
 
-class CountHostReads(torch.overrides.TorchFunctionMode):
-    """Counts the tensor reads that wait for a GPU (`.item()`, `bool()`, `float()`, `.tolist()`, `.cpu()`...)."""
-
-    READS = {
-        torch.Tensor.item,
-        torch.Tensor.__bool__,
-        torch.Tensor.__float__,
-        torch.Tensor.__int__,
-        torch.Tensor.tolist,
-        torch.Tensor.cpu,
-        torch.Tensor.numpy,
-    }
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += func in self.READS
-        return func(*args, **(kwargs or {}))
-
-
 def host_reads_in_fit(image_folder, out, steps: int, *extra: str) -> int:
-    with CountHostReads() as reads:
+    with HostReads() as reads:
         main(
             fit_args(
                 image_folder,
@@ -328,7 +303,7 @@ def host_reads_in_fit(image_folder, out, steps: int, *extra: str) -> int:
                 *extra,
             )
         )
-    return reads.count
+    return reads.total
 
 
 @pytest.mark.parametrize(
@@ -520,10 +495,7 @@ def test_bf16_mixed_trains_on_cpu_under_bf16_autocast(image_folder, tmp_path, mo
         fit_args(
             image_folder,
             out,
-            "--trainer.max_steps",
-            "3",
-            "--trainer.max_epochs",
-            "-1",
+            *max_steps(3),
             "--trainer.precision",
             "bf16-mixed",
         )
