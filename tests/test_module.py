@@ -77,6 +77,7 @@ def test_image_size_the_unet_cannot_halve_is_refused_with_the_fix():
     DDPMModule(unet=TINY_UNET, image_size=18)  # 2 levels: one halving, any even size
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_naming_the_first_step(image_folder, tmp_path, monkeypatch):
     from ddpm_lightning.cli import main
 
@@ -102,6 +103,7 @@ def test_nan_loss_stops_the_run_naming_the_first_step(image_folder, tmp_path, mo
     assert not (tmp_path / "run" / "model_index.json").exists()  # no final save of broken weights
 
 
+@pytest.mark.slow
 def test_warmup_longer_than_the_run_warns(image_folder, tmp_path):
     from ddpm_lightning.cli import main
 

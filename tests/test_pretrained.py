@@ -122,6 +122,7 @@ def card_of(folder: Path) -> tuple[dict, str]:
     return yaml.safe_load(text.split("---\n")[1]), text
 
 
+@pytest.mark.slow
 def test_fine_tunes_from_a_folder_this_project_saved(trained, images, tmp_path, caplog):
     source = shutil.copytree(trained / "run", tmp_path / "base")
     expected = weights(UNet2DModel.from_pretrained(source, subfolder="unet"))
@@ -144,6 +145,7 @@ def test_fine_tunes_from_a_folder_this_project_saved(trained, images, tmp_path, 
     assert len(sample(str(tmp_path / "checkpoints" / "tuned" / "last.ckpt"), 1, "ddim", 2)) == 1
 
 
+@pytest.mark.slow
 def test_fine_tunes_from_the_google_ddpm_layout_with_its_schedule_unless_set(images, tmp_path, caplog):
     """The pretrained scheduler's keys (100 steps, variance_type, clip_sample) reach the run; the key the user sets
     (beta_schedule) wins. Trained at 32 px, the model fine-tunes at 16 px with one warning; the saved model says 16."""
@@ -160,6 +162,7 @@ def test_fine_tunes_from_the_google_ddpm_layout_with_its_schedule_unless_set(ima
     assert (config.num_train_timesteps, config.variance_type, config.beta_schedule) == (100, "fixed_large", "linear")
 
 
+@pytest.mark.slow
 def test_the_pretrained_unet_replaces_model_unet_with_one_line(images, tmp_path, caplog):
     unet = google_layout(tmp_path / "ddpm-tiny", sample_size=16)
     with caplog.at_level("INFO", logger="ddpm_lightning"):
@@ -170,6 +173,7 @@ def test_the_pretrained_unet_replaces_model_unet_with_one_line(images, tmp_path,
     assert "block_out_channels=[32, 64]" in lines[0] and "add_attention=True" in lines[0]
 
 
+@pytest.mark.slow
 def test_fine_tunes_from_a_bare_unet_folder_with_the_default_schedule(images, tmp_path):
     torch.manual_seed(3)
     unet = UNet2DModel(**TINY_UNET, sample_size=16)
@@ -180,6 +184,7 @@ def test_fine_tunes_from_a_bare_unet_folder_with_the_default_schedule(images, tm
     assert (pipeline.scheduler.config.num_train_timesteps, pipeline.scheduler.config.beta_schedule) == (1000, "linear")
 
 
+@pytest.mark.slow
 def test_fine_tunes_from_a_checkpoint_s_ema_weights_as_a_new_run_with_ema_from_them(trained, images, tmp_path):
     ckpt = trained / "checkpoints" / "run" / "last.ckpt"
     checkpoint = torch.load(ckpt, weights_only=False, map_location="cpu")
@@ -200,6 +205,7 @@ def test_fine_tunes_from_a_checkpoint_s_ema_weights_as_a_new_run_with_ema_from_t
     assert str(trained) not in text
 
 
+@pytest.mark.slow
 def test_fine_tunes_from_a_hub_id_at_a_revision_through_the_stand_in(images, tmp_path):
     """A child process (huggingface_hub reads HF_ENDPOINT at import) downloads the repo from the stand-in."""
     unet = google_layout(tmp_path / "ddpm-tiny", sample_size=16, num_train_timesteps=50)
@@ -225,6 +231,7 @@ def test_fine_tunes_from_a_hub_id_at_a_revision_through_the_stand_in(images, tmp
     assert f"at revision `{'1' * 40}`" in text
 
 
+@pytest.mark.slow
 def test_resumed_fine_tuning_equals_the_straight_run(trained, images, tmp_path):
     """`--ckpt_path last` restores the checkpoint's weights over the pretrained ones loaded at construction."""
     common = [*NO_SAVES, "--model.pretrained", str(trained / "run"), "--model.use_ema", "true"]
@@ -242,6 +249,7 @@ def test_resumed_fine_tuning_equals_the_straight_run(trained, images, tmp_path):
         torch.testing.assert_close(y, x, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_the_fine_tune_overlay_trains_from_the_pretrained_model_at_its_lr(trained, images, tmp_path):
     """configs/fine-tune.yaml over configs/butterflies.yaml, as shipped but for the sizes and the length."""
     overlay = yaml.safe_load((REPO / "configs" / "fine-tune.yaml").read_text())["model"]
@@ -342,6 +350,7 @@ def test_each_wrong_source_fails_at_construction_with_one_line(kind, tmp_path):
     assert "\n" not in str(raised.value)
 
 
+@pytest.mark.slow
 def test_a_wrong_source_stops_fit_before_training_on_the_command_line(images, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(
         sys, "argv", ["ddpm-lightning", *fit_args(images, tmp_path / "x", "--model.pretrained", "a/b/c")]
@@ -353,6 +362,7 @@ def test_a_wrong_source_stops_fit_before_training_on_the_command_line(images, tm
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_one_channel_model_on_rgb_photos_is_one_line_naming_both(images, tmp_path):
     google_layout(tmp_path / "grey", sample_size=16, in_channels=1)
     with pytest.raises(ValueError, match=r"model.pretrained grey takes 1-channel images .* data is 3-channel \(RGB\)"):
@@ -370,6 +380,7 @@ def test_an_uncached_hub_id_offline_names_hf_hub_offline_and_the_download_comman
     assert shutil.which("hf", path=os.path.dirname(sys.executable)) is not None  # the command it names is installed
 
 
+@pytest.mark.slow
 def test_hub_repo_revision_and_unet_errors_through_the_stand_in(tmp_path):
     """A missing repo, a missing revision and a repo without a UNet, each one line (one child process)."""
     script = (

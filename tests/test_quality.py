@@ -299,6 +299,7 @@ def test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image(image_folder, tmp
     assert np.array_equal(logged, png)  # the same 8-bit pixels: save_grid rounds once for the PNG and every logger
 
 
+@pytest.mark.slow
 def test_every_ddp_rank_holds_the_same_ema(image_folder, tmp_path):
     cmd = [
         *ddp_fit_command(image_folder, tmp_path / "run", *max_steps(3)),

@@ -114,6 +114,7 @@ save_pipeline(module.unet, module.noise_scheduler, sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_a_model_save_killed_mid_write_leaves_the_previous_model_loadable(tmp_path):
     from diffusers import DDPMPipeline
 

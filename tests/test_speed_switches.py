@@ -120,6 +120,7 @@ def tiny_batches(n: int = 8, batch_size: int = 4) -> DataLoader:
     )
 
 
+@pytest.mark.slow
 def test_fp16_fused_adamw_still_skips_the_step_when_gradients_overflow():
     spy = InfGradientAt(step=1)
     model = DDPMModule(unet=TINY_UNET, image_size=16, fused_adamw=True, lr_warmup_steps=0, learning_rate=1e-2)
@@ -145,6 +146,7 @@ def test_fp16_fused_adamw_still_skips_the_step_when_gradients_overflow():
     assert all(torch.isfinite(p).all() for p in model.unet.parameters())
 
 
+@pytest.mark.slow
 def test_fused_clipping_under_lightnings_own_amp_plugin_fails_before_training():
     """Outside the CLI (a plain Trainer), the combination Lightning cannot run fails before the first step,
     naming the keys to change, instead of at the first optimizer step."""
@@ -200,6 +202,7 @@ def plain_losses() -> list[float]:
     return train_losses()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "switches",
     [
@@ -218,6 +221,7 @@ def test_speed_switch_gives_the_plain_losses(switches, plain_losses):
     assert train_losses(**switches) == pytest.approx(plain_losses, rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_mixed_precision_losses_stay_near_float32(precision, plain_losses):
     losses = train_losses(precision, fused_adamw=True)
@@ -306,6 +310,7 @@ def host_reads_in_fit(image_folder, out, steps: int, *extra: str) -> int:
     return reads.total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "precision, optimizer", [("16-mixed", "fused"), ("bf16-mixed", "fused"), ("bf16-mixed", "compiled")]
 )
@@ -392,6 +397,7 @@ def test_compiled_step_follows_the_lr_schedule_without_recompiling_and_in_its_gp
     plain_opt.load_state_dict(compiled_opt.state_dict())  # a checkpoint of it resumes without it
 
 
+@pytest.mark.slow
 def test_compiled_step_refuses_fused_adamw():
     model = DDPMModule(unet=TINY_UNET, image_size=16, compile_optimizer=True, fused_adamw=True)
     trainer = Trainer(
@@ -478,6 +484,7 @@ def test_compiled_step_keeps_weights_finite_at_a_zero_lr_with_zero_gradients():
         torch.testing.assert_close(b, a, rtol=0, atol=1e-20)
 
 
+@pytest.mark.slow
 def test_bf16_mixed_trains_on_cpu_under_bf16_autocast(image_folder, tmp_path, monkeypatch):
     from ddpm_lightning.module import DDPMModule
 
