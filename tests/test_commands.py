@@ -291,6 +291,7 @@ def test_grid_shape_is_as_square_as_possible():
     assert [grid_shape(n) for n in (1, 6, 7, 12, 16)] == [(1, 1), (2, 3), (1, 7), (3, 4), (4, 4)]
 
 
+@pytest.mark.slow
 def test_asking_for_more_images_keeps_the_first_ones(tmp_path):
     from diffusers import DDPMPipeline
 

@@ -66,6 +66,7 @@ class RecordSettings(Callback):
         }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
 def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, monkeypatch):
     values = shipped(config)

@@ -17,7 +17,7 @@ from ddpm_lightning.cli import main, raised_by_this_package
 
 from conftest import NO_SAVES, fit_args, max_steps, write_image
 
-pytestmark = pytest.mark.slow  # each test runs `fit` (or the CLI) at least once: over 10 s on 2 cores
+pytestmark = pytest.mark.slow  # each test runs `fit` (or the CLI) at least once
 
 
 def step_of(ckpt: Path) -> int:
