@@ -1,5 +1,6 @@
 """What the tests share: tiny image folders made on the fly, the tests' tiny UNets, `fit_args` for running
-`ddpm-lightning fit` through `main([...])`, TensorBoard readers, and callbacks passed by class path."""
+`ddpm-lightning fit` through `main([...])`, TensorBoard readers, a counter of host reads, and callbacks passed by
+class path."""
 
 from __future__ import annotations
 
@@ -38,11 +39,9 @@ MICRO_UNET = {
     "add_attention": False,
 }
 
-# CLI overrides for a run in seconds on 2 CPU cores: TINY_UNET at 16 px with 4-image grids and 2 sampling steps
-# (the rest of the run as configs/tiny.yaml sets it).
-TINY_RUN_ARGS = [
-    "--model.unet",
-    json.dumps(TINY_UNET),
+# The data and grid of a run in seconds on 2 CPU cores: 16 px, batch 4, loaded in this process, 4-image grids of
+# 2 sampling steps.
+TINY_DATA_AND_GRID = [
     "--data.image_size",
     "16",
     "--data.train_batch_size",
@@ -53,6 +52,13 @@ TINY_RUN_ARGS = [
     "4",
     "--grid.num_inference_steps",
     "2",
+]
+# CLI overrides for a run in seconds on 2 CPU cores: TINY_UNET with TINY_DATA_AND_GRID (the rest of the run as
+# configs/tiny.yaml sets it).
+TINY_RUN_ARGS = [
+    "--model.unet",
+    json.dumps(TINY_UNET),
+    *TINY_DATA_AND_GRID,
     "--trainer.log_every_n_steps",
     "1",
     "--trainer.enable_progress_bar",
@@ -60,6 +66,15 @@ TINY_RUN_ARGS = [
     "--trainer.enable_model_summary",
     "false",
 ]
+# A grid and a model folder only at the end of the run (each cadence is longer than any test's run).
+NO_SAVES = ["--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
+# EMA on, at a learning rate whose first steps move the weights far enough that their average differs from them.
+EMA_AT_A_HIGH_LR = ["--model.use_ema", "true", "--model.learning_rate", "0.01", "--model.lr_warmup_steps", "1"]
+
+
+def max_steps(n: int) -> list[str]:
+    """The arguments of a run of `n` optimizer steps, however many epochs that takes."""
+    return ["--trainer.max_steps", str(n), "--trainer.max_epochs", "-1"]
 
 
 @pytest.fixture(autouse=True)
@@ -95,6 +110,14 @@ def write_image(path: Path, size=(20, 24), mode="RGB", seed=0) -> Path:
     array = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
     Image.fromarray(array.squeeze(-1) if channels == 1 else array, mode).save(path)
     return path
+
+
+@pytest.fixture
+def twelve(tmp_path) -> Path:
+    """12 images: 3 steps an epoch at batch 4."""
+    for i in range(12):
+        write_image(tmp_path / "twelve" / f"{i}.png", seed=i)
+    return tmp_path / "twelve"
 
 
 @pytest.fixture
@@ -220,6 +243,45 @@ def crash_args(step: int, rank: int = 0) -> list[str]:
         "--trainer.callbacks.step",
         str(step),
     ]
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the tensor reads that would wait for a GPU (`.item()`, `bool()`, `float()`, `.tolist()`, `.cpu()`...):
+    `total`, and `steps`, {step: reads} by the optimizer step being run ("start" before the first, "end" after
+    the last), which `--trainer.callbacks+=conftest.MarkSteps` tells it."""
+
+    READS = {
+        torch.Tensor.item,
+        torch.Tensor.__bool__,
+        torch.Tensor.__float__,
+        torch.Tensor.__int__,
+        torch.Tensor.tolist,
+        torch.Tensor.cpu,
+        torch.Tensor.numpy,
+    }
+    step: int | str = "start"  # set by MarkSteps
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+        self.steps: dict[int | str, int] = {}
+        HostReads.step = "start"
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.total += 1
+            self.steps[HostReads.step] = self.steps.get(HostReads.step, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+class MarkSteps(Callback):
+    """Tells HostReads which optimizer step runs (`--trainer.callbacks+=conftest.MarkSteps`)."""
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        HostReads.step = trainer.global_step + 1
+
+    def on_train_end(self, trainer, *args) -> None:
+        HostReads.step = "end"
 
 
 class TinyFeatures(torch.nn.Module):

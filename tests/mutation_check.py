@@ -391,6 +391,13 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         'pl_module.log("img/s", rate, prog_bar=True, logger=False',
         [T + "test_progress.py"],
     ),
+    # issue 21
+    "nan_check_every_step": (  # the check reads the loss's NaN flag back from the device: a GPU sync per step
+        "ddpm_lightning/stop_on_nan.py",
+        "            trainer.global_step % self.every_n_steps == 0\n",
+        "            True\n",
+        [T + "test_speed_switches.py::test_no_host_read_per_training_step"],
+    ),
 }
 
 COPIED = ["ddpm_lightning", "tests", "configs", "data", "tools", "pyproject.toml", "README.md"]

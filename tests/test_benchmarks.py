@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import REPO
@@ -18,6 +19,7 @@ def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_gpu_smoke_cpu_mode_passes_every_shipped_config(tmp_path, heliconius_photos):
     work = tmp_path / "smoke"
     done = run_script("benchmarks/gpu_smoke.py", "--cpu", "--images", str(heliconius_photos), "--work-dir", str(work))
@@ -38,12 +40,14 @@ def test_gpu_smoke_cpu_mode_passes_every_shipped_config(tmp_path, heliconius_pho
         assert (work / config / "samples" / "grid.png").is_file()
 
 
+@pytest.mark.slow
 def test_gpu_smoke_fails_without_images(tmp_path):
     (tmp_path / "empty").mkdir()
     done = run_script("benchmarks/gpu_smoke.py", "--cpu", "--images", str(tmp_path / "empty"), timeout=120)
     assert done.returncode == 2 and "No images under" in done.stderr
 
 
+@pytest.mark.slow
 def test_benchmark_tiny_with_end_to_end_row(tmp_path, heliconius_photos):
     """benchmark.py --tiny: one batch size, the tutorial baseline with 0 workers beside a project run with its
     --project-args, the checkpoint cadence inside the window, and the end-to-end row over one epoch with the

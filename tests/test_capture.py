@@ -27,6 +27,7 @@ def test_capture_refuses_a_cpu_and_gradient_accumulation_in_one_line(extra, mess
     assert not list(tmp_path.rglob("*.ckpt"))  # before any training
 
 
+@pytest.mark.slow
 def test_captured_once_for_the_first_training_batch_and_eager_otherwise(monkeypatch):
     """The batch the graphs are captured on, from copies of its inputs, once; a smaller batch, or no gradients,
     runs the plain UNet; the gradients match the plain forward's."""

@@ -15,9 +15,21 @@ from PIL import Image
 
 from ddpm_lightning.cli import main
 
-from conftest import HELICONIUS, REPO, TINY_CONFIG, child_env, crash_args, ddp_fit_command, fit_args, scalars, tb_events
+from conftest import (
+    HELICONIUS,
+    REPO,
+    TINY_CONFIG,
+    child_env,
+    crash_args,
+    ddp_fit_command,
+    fit_args,
+    max_steps,
+    scalars,
+    tb_events,
+)
 
 
+@pytest.mark.slow
 def test_fit_writes_grid_model_logs_and_checkpoints(image_folder, tmp_path):
     out = tmp_path / "run"
     main(fit_args(image_folder, out, "--trainer.max_epochs", "2", "--grid.save_image_epochs", "1"))
@@ -46,16 +58,14 @@ def test_fit_writes_grid_model_logs_and_checkpoints(image_folder, tmp_path):
     assert last["global_step"] == 6 and last["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_learning_rate_follows_warmup_then_cosine(image_folder, tmp_path):
     out = tmp_path / "run"
     main(
         fit_args(
             image_folder,
             out,
-            "--trainer.max_steps",
-            "12",
-            "--trainer.max_epochs",
-            "-1",
+            *max_steps(12),
             "--model.lr_warmup_steps",
             "4",
             "--model.learning_rate",
@@ -69,15 +79,14 @@ def test_learning_rate_follows_warmup_then_cosine(image_folder, tmp_path):
         assert value == pytest.approx(expected, rel=1e-5, abs=1e-9), k
 
 
+@pytest.mark.slow
 def test_resume_from_last_continues_to_max_steps(image_folder, tmp_path):
     out = tmp_path / "run"
-    main(
-        fit_args(image_folder, out, "--trainer.max_steps", "6", "--trainer.max_epochs", "-1")
-    )  # 12 images / batch 4: two epochs
+    main(fit_args(image_folder, out, *max_steps(6)))  # 12 images / batch 4: two epochs
     first = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False, map_location="cpu")
     assert first["global_step"] == 6
 
-    main(fit_args(image_folder, out, "--trainer.max_steps", "10", "--trainer.max_epochs", "-1", "--ckpt_path", "last"))
+    main(fit_args(image_folder, out, *max_steps(10), "--ckpt_path", "last"))
     final = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False, map_location="cpu")
     assert final["global_step"] == 10  # not more, not less
     # the optimizer and the schedule continued instead of starting again
@@ -88,6 +97,7 @@ def test_resume_from_last_continues_to_max_steps(image_folder, tmp_path):
     assert not (out / "logs" / "version_1").exists()
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_write_one_grid_and_one_folder(image_folder, tmp_path):
     out = tmp_path / "run"
     cmd = [
@@ -146,6 +156,7 @@ def test_print_config_shows_tutorial_keys(capsys):
         assert found == value and type(found) is type(value), (key, found)
 
 
+@pytest.mark.slow
 def test_ddp_grid_longer_than_the_collective_timeout_does_not_time_out(image_folder, tmp_path):
     """Drawing the grid (1000 DDPM steps, padded to 12 s on a fast machine) takes longer than the 10 s collective
     timeout: a design where rank 0 draws it alone while rank 1 waits at the checkpoint barrier fails here with a
@@ -196,6 +207,7 @@ def test_ddp_grid_longer_than_the_collective_timeout_does_not_time_out(image_fol
     assert min(seconds.values()) > 10, seconds  # the grid's sampling itself really outlasted the 10 s timeout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [0, 1])
 def test_ddp_crash_in_one_rank_ends_the_run_with_the_error(image_folder, tmp_path, rank):
     """With the default 30-minute collective timeout, a hang would be caught by the 120 s limit here."""
@@ -205,6 +217,7 @@ def test_ddp_crash_in_one_rank_ends_the_run_with_the_error(image_folder, tmp_pat
     assert f"injected crash on rank {rank} at step 2" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_the_old_spelling_quality_every_n_epochs_still_works_and_warns(image_folder, tmp_path, monkeypatch):
     """quality.every_n_epochs was renamed quality.measure_quality_epochs: a config that still says it trains
     with its value, and a FutureWarning names the new key."""

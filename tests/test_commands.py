@@ -48,24 +48,12 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path), dtype=np.int16)
 
 
+@pytest.mark.slow
 def test_sample_from_checkpoint_writes_images_and_grid(trained, tmp_path):
     ckpt = str(trained / "checkpoints" / "run" / "last.ckpt")
     out = tmp_path / "a"
-    main(
-        [
-            "sample",
-            ckpt,
-            "--num_images",
-            "6",
-            "--batch_size",
-            "6",
-            "--sampler",
-            "ddim",
-            *TWO_SAMPLING_STEPS,
-            "--output_dir",
-            str(out),
-        ]
-    )
+    six = ["sample", ckpt, "--num_images", "6", "--batch_size", "6", "--sampler", "ddim", *TWO_SAMPLING_STEPS]
+    main([*six, "--output_dir", str(out)])
     images = pngs(out)
     assert [p.name for p in images] == [f"{i:06d}.png" for i in range(6)]
     assert all(Image.open(p).size == (16, 16) and Image.open(p).mode == "RGB" for p in images)
@@ -75,21 +63,7 @@ def test_sample_from_checkpoint_writes_images_and_grid(trained, tmp_path):
 
     # the same seed: the same bytes; another seed: other images
     again = tmp_path / "b"
-    main(
-        [
-            "sample",
-            ckpt,
-            "--num_images",
-            "6",
-            "--batch_size",
-            "6",
-            "--sampler",
-            "ddim",
-            *TWO_SAMPLING_STEPS,
-            "--output_dir",
-            str(again),
-        ]
-    )
+    main([*six, "--output_dir", str(again)])
     assert [p.read_bytes() for p in pngs(again)] == [p.read_bytes() for p in images]
     assert (again / "grid.png").read_bytes() == (out / "grid.png").read_bytes()
     other = tmp_path / "c"
@@ -111,6 +85,7 @@ def test_sample_from_checkpoint_writes_images_and_grid(trained, tmp_path):
     assert all(a.read_bytes() != b.read_bytes() for a, b in zip(pngs(other), images))
 
 
+@pytest.mark.slow
 def test_batch_size_does_not_change_which_images_are_drawn(trained, tmp_path):
     # DDPM draws noise at every step too: each image's comes from its own generator
     ckpt = str(trained / "checkpoints" / "run" / "last.ckpt")
@@ -122,6 +97,7 @@ def test_batch_size_does_not_change_which_images_are_drawn(trained, tmp_path):
     assert np.abs(pixels(three[0]) - pixels(three[1])).max() > 10  # and the images differ from each other
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
 def test_a_saved_folder_gets_the_same_sampler_as_the_checkpoint_and_the_grids(trained, sampler):
     module, _ = load_checkpoint(trained / "checkpoints" / "run" / "last.ckpt")
@@ -135,6 +111,7 @@ def test_a_saved_folder_gets_the_same_sampler_as_the_checkpoint_and_the_grids(tr
         assert torch.equal(scheduler.betas, module.noise_scheduler.betas)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++"])
 def test_sample_from_a_sigmoid_schedule_draws_what_the_module_draws(trained, tmp_path, sampler):
     """DDIM and DPM-Solver++ cannot build beta_schedule "sigmoid" from its name: they get the betas themselves."""
@@ -162,6 +139,7 @@ def test_sample_from_a_sigmoid_schedule_draws_what_the_module_draws(trained, tmp
         assert np.abs(pixels(path) - image.permute(1, 2, 0).numpy().astype(np.int16)).max() <= 1
 
 
+@pytest.mark.slow
 def test_sample_from_saved_folder_matches_the_checkpoints_ema_weights(trained, tmp_path):
     main(
         [
@@ -195,6 +173,7 @@ def test_sample_from_saved_folder_matches_the_checkpoints_ema_weights(trained, t
     assert [p.read_bytes() for p in from_folder] == [p.read_bytes() for p in from_ckpt]
 
 
+@pytest.mark.slow
 def test_export_writes_a_loadable_folder_with_the_ema_weights_and_a_card(trained, tmp_path):
     out = tmp_path / "exported"
     main(["export", str(trained / "checkpoints" / "run" / "last.ckpt"), str(out)])
@@ -221,6 +200,7 @@ def test_export_writes_a_loadable_folder_with_the_ema_weights_and_a_card(trained
     assert "samples.png" not in card.text  # no --samples given
 
 
+@pytest.mark.slow
 def test_export_with_samples_and_repo_id(trained, tmp_path):
     grid = sorted((trained / "run" / "samples").glob("[0-9]*.png"))[-1]
     out = tmp_path / "exported"
@@ -240,6 +220,7 @@ def test_export_with_samples_and_repo_id(trained, tmp_path):
     assert "](samples.png)" in text and 'DDPMPipeline.from_pretrained("me/tiny")' in text
 
 
+@pytest.mark.slow
 def test_every_save_of_fit_writes_the_card_with_the_run_config_and_newest_grid(trained):
     out = trained / "run"
     card = ModelCard.load(out / "README.md")
@@ -254,6 +235,7 @@ def test_every_save_of_fit_writes_the_card_with_the_run_config_and_newest_grid(t
     assert config["trainer"]["max_epochs"] == 1 and config["output_dir"] == "run" and config["model"]["use_ema"] is True
 
 
+@pytest.mark.slow
 def test_hub_id_offline_fails_with_one_clear_line(trained, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["sample", "someone/ddpm-model", "--num_images", "1"])
@@ -264,6 +246,7 @@ def test_hub_id_offline_fails_with_one_clear_line(trained, capsys):
         sample("someone/ddpm-model")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model, expected",
     [
@@ -308,6 +291,7 @@ def test_grid_shape_is_as_square_as_possible():
     assert [grid_shape(n) for n in (1, 6, 7, 12, 16)] == [(1, 1), (2, 3), (1, 7), (3, 4), (4, 4)]
 
 
+@pytest.mark.slow
 def test_asking_for_more_images_keeps_the_first_ones(tmp_path):
     from diffusers import DDPMPipeline
 

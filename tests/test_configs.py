@@ -25,7 +25,7 @@ from ddpm_lightning.cli import main
 from ddpm_lightning.optim import CompiledAdamW
 from ddpm_lightning.sources import load_source
 
-from conftest import MICRO_UNET, REPO, TINY_CONFIG
+from conftest import MICRO_UNET, REPO, TINY_CONFIG, TINY_DATA_AND_GRID
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 BASE = REPO / "configs" / "butterflies.yaml"
@@ -66,6 +66,7 @@ class RecordSettings(Callback):
         }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
 def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, monkeypatch):
     values = shipped(config)
@@ -101,20 +102,11 @@ def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, m
                 str(config),
                 "--data.dataset",
                 str(image_folder),
-                "--data.image_size",
-                "16",
-                "--data.train_batch_size",
-                "4",
-                "--data.num_workers",
-                "0",
+                *TINY_DATA_AND_GRID,
                 "--model.unet",
                 json.dumps(MICRO_UNET),
                 "--model.fused_adamw",
                 str(not compile_optimizer).lower(),
-                "--grid.eval_batch_size",
-                "4",
-                "--grid.num_inference_steps",
-                "2",
                 "--trainer.max_steps",
                 "3",
                 "--trainer.accelerator",

@@ -15,7 +15,7 @@ from torchvision.transforms.functional import crop, pil_to_tensor
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import CachedImages
 
-from conftest import fit_args, write_image
+from conftest import fit_args, max_steps, write_image
 
 # (width, height): landscape and portrait at several aspect ratios; 40 x 16 is wider than 2:1 (trimmed for random).
 SIZES = [(24, 16), (16, 30), (40, 16), (20, 28), (33, 18), (18, 18), (16, 21), (27, 19)]
@@ -59,6 +59,7 @@ def same_set(seen: list[torch.Tensor], expected: list[torch.Tensor]) -> bool:
     return {bytes(t.numpy()) for t in seen} == {bytes(t.numpy()) for t in expected}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", ["memory", "none"])
 @pytest.mark.parametrize("crop", ["squash", "center"])
 def test_squash_and_center_equal_torchvision(photos, tmp_path, crop, cache):
@@ -70,6 +71,7 @@ def test_squash_and_center_equal_torchvision(photos, tmp_path, crop, cache):
     assert len(seen) == len(photos) and same_set(seen, [tv(transform, p) for p in photos])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", ["memory", "none"])
 def test_random_crop_is_a_torchvision_random_crop_new_each_epoch(photos, tmp_path, cache):
     seen = fit_and_keep(photos, tmp_path, "--trainer.max_epochs", "6", "--data.crop", "random", "--data.cache", cache)
@@ -100,6 +102,7 @@ def test_random_crop_is_a_torchvision_random_crop_new_each_epoch(photos, tmp_pat
     }
 
 
+@pytest.mark.slow
 def test_random_flip_flips_about_half(photos, tmp_path):
     center = transforms.Compose([transforms.Resize(16), transforms.CenterCrop(16)])
     expected = [tv(center, p) for p in photos]
@@ -112,6 +115,7 @@ def test_random_flip_flips_about_half(photos, tmp_path):
     assert 0.25 < sum(bytes(s.numpy()) in flipped for s in seen) / len(seen) < 0.75
 
 
+@pytest.mark.slow
 def test_cached_batch_is_one_indexing_op(photos, tmp_path, monkeypatch):
     """The loader hands CachedImages a whole batch of indices: no per-image item access, no collate."""
     calls = []
@@ -125,13 +129,11 @@ def test_cached_batch_is_one_indexing_op(photos, tmp_path, monkeypatch):
     assert [len(c) for c in calls[1:]] == [4, 4]  # calls[0] is data.png's first 16 (here all 8)
 
 
+@pytest.mark.slow
 def test_random_crops_resume_exactly(photos, tmp_path):
     """A run stopped mid-epoch and resumed gets the same crops and flips (device RNG restored) as one that was not."""
     common = [
-        "--trainer.max_steps",
-        "5",
-        "--trainer.max_epochs",
-        "-1",
+        *max_steps(5),
         "--data.crop",
         "random",
         "--data.random_flip",

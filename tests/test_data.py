@@ -172,6 +172,7 @@ def test_parquet_in_hub_layout_goes_through_load_dataset(tmp_path, monkeypatch):
     assert len(dm.train_set) == 6 and dm.train_set[0].shape == (3, 16, 16)
 
 
+@pytest.mark.slow
 def test_hub_id_goes_through_load_dataset_and_offline_error_says_what_to_do(monkeypatch):
     calls = []
     monkeypatch.setattr(

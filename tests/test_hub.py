@@ -415,6 +415,7 @@ def test_check_token_accepts_any_token_source_and_the_client_sends_it(hub, hf_en
 # ---------------------------------------------------------------------------------------------- through the CLI
 
 
+@pytest.mark.slow
 def test_fit_with_push_survives_a_failing_upload_and_publishes_at_the_end(
     hub, no_backoff, image_folder, tmp_path, monkeypatch
 ):
@@ -453,6 +454,7 @@ def test_fit_with_push_survives_a_failing_upload_and_publishes_at_the_end(
     assert (out / "model_index.json").exists()  # saved locally too, pushing or not
 
 
+@pytest.mark.slow
 def test_fit_with_push_and_no_token_fails_before_training(hf_env, image_folder, tmp_path):
     with pytest.raises(MissingHubTokenError, match="hf auth login"):
         main(fit_args(image_folder, tmp_path / "run", "--save.push_to_hub", "true"))

@@ -17,18 +17,9 @@ from PIL import Image
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import ImageDataModule
 
-from conftest import TINY_CONFIG, TINY_RUN_ARGS, child_env, fit_args, write_image
+from conftest import NO_SAVES, TINY_CONFIG, TINY_RUN_ARGS, child_env, fit_args, max_steps, write_image
 
-ONE_STEP = [
-    "--trainer.max_steps",
-    "1",
-    "--trainer.max_epochs",
-    "-1",
-    "--grid.save_image_epochs",
-    "1000",
-    "--save.save_model_epochs",
-    "1000",
-]
+ONE_STEP = [*max_steps(1), *NO_SAVES]
 
 
 class FirstBatch(Callback):
@@ -68,6 +59,7 @@ def assert_upright(images: torch.Tensor) -> None:
     assert (bottom[:, 2] > bottom[:, 0]).float().mean() > 0.9, "the bottom half is not blue"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", ["memory", "none"])
 def test_exif_orientation_is_applied_when_training(tmp_path, cache):
     photos = tmp_path / "photos"
@@ -93,6 +85,7 @@ def test_exif_orientation_is_applied_to_validation_images(tmp_path):
     assert_upright(torch.stack([data.val_set[i][1] for i in range(2)]))
 
 
+@pytest.mark.slow
 def test_linked_folders_are_followed_once_and_other_files_are_counted(tmp_path):
     photos, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
     write_image(photos / "0.png")
@@ -109,6 +102,7 @@ def test_linked_folders_are_followed_once_and_other_files_are_counted(tmp_path):
     assert FirstBatch.images == 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["photo.JPG", "img.webp", "archive.zip"])
 def test_a_single_file_as_dataset_names_what_to_pass(tmp_path, name):
     path = tmp_path / "data" / name
@@ -143,6 +137,7 @@ def test_validate_without_validation_images_fails_with_the_fix(image_folder, tmp
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "key, value",
     [
@@ -157,6 +152,7 @@ def test_values_that_must_be_positive_are_named(image_folder, tmp_path, key, val
         main(fit_args(image_folder, tmp_path / "run", f"{key}={value}"))  # "=": argparse would read -4 as an option
 
 
+@pytest.mark.slow
 def test_a_column_without_images_is_named(tmp_path):
     import datasets
 
@@ -166,6 +162,7 @@ def test_a_column_without_images_is_named(tmp_path):
         main(fit_args(tmp_path / "saved", tmp_path / "run", "--data.image_column", "label"))
 
 
+@pytest.mark.slow
 def test_a_folder_with_only_an_empty_csv_is_named(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "labels.csv").write_text("")
@@ -195,6 +192,7 @@ def run_cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.
     )
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     args = ["fit", "-c", str(TINY_CONFIG), "--data.dataset", str(tmp_path / "missing"), "--grid.eval_batch_size", "0"]
     plain = run_cli(*args, cwd=tmp_path)
@@ -211,6 +209,7 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
         assert debug.returncode == 1 and "Traceback" in debug.stderr and "must be positive" in debug.stderr
 
 
+@pytest.mark.slow
 def test_help_lists_the_commands_that_work_and_documents_every_key(tmp_path):
     top = run_cli("--help", cwd=tmp_path).stdout
     assert all(f"    {name} " in top for name in ("fit", "validate", "sample", "export"))
@@ -221,6 +220,7 @@ def test_help_lists_the_commands_that_work_and_documents_every_key(tmp_path):
         assert not text.strip().startswith("(type:"), f"{key} has no help text: {text}"
 
 
+@pytest.mark.slow
 def test_a_plain_run_shows_no_noise_but_keeps_actionable_warnings(image_folder, tmp_path):
     args = fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "1", "--model.lr_warmup_steps", "500")
     first = run_cli(*args, cwd=tmp_path)

@@ -15,21 +15,9 @@ import torch
 from ddpm_lightning.checkpointing import CheckpointWriteError
 from ddpm_lightning.cli import main, raised_by_this_package
 
-from conftest import fit_args, write_image
+from conftest import NO_SAVES, fit_args, max_steps, write_image
 
-NO_SAVES = ["--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
-STEPS = ["--trainer.max_epochs", "-1", "--trainer.max_steps"]
-
-
-pytestmark = pytest.mark.slow  # each test runs `fit` (or the CLI) at least once: over 10 s on 2 cores
-
-
-@pytest.fixture
-def twelve(tmp_path) -> Path:
-    """12 images: 3 steps an epoch at batch 4."""
-    for i in range(12):
-        write_image(tmp_path / "twelve" / f"{i}.png", seed=i)
-    return tmp_path / "twelve"
+pytestmark = pytest.mark.slow  # each test runs `fit` (or the CLI) at least once
 
 
 def step_of(ckpt: Path) -> int:
@@ -68,14 +56,14 @@ def small_disk(tmp_path, monkeypatch):
 
 
 def checkpoint_size(twelve: Path, tmp_path: Path) -> int:
-    main(fit_args(twelve, tmp_path / "sizing", *NO_SAVES, *STEPS, "1"))
+    main(fit_args(twelve, tmp_path / "sizing", *NO_SAVES, *max_steps(1)))
     return (tmp_path / "checkpoints" / "sizing" / "last.ckpt").stat().st_size
 
 
 @pytest.mark.parametrize("room", [1.5, 0.5])  # one checkpoint fits (the second write fails), or none does
 def test_a_full_disk_keeps_the_last_good_checkpoint_and_stops_with_one_line(twelve, tmp_path, small_disk, room):
     disk = small_disk(int(room * checkpoint_size(twelve, tmp_path)))
-    args = fit_args(twelve, tmp_path / "run", *NO_SAVES, *STEPS, "12", "--checkpoint.every_n_train_steps", "4")
+    args = fit_args(twelve, tmp_path / "run", *NO_SAVES, *max_steps(12), "--checkpoint.every_n_train_steps", "4")
     with pytest.raises(CheckpointWriteError, match="Cannot write the checkpoint .*--ckpt_path last") as failed:
         main([*args, "--checkpoint.dirpath", str(disk)])
     assert raised_by_this_package(failed.value)  # the command line shows it as one line
@@ -111,7 +99,7 @@ def break_emptied(folder: Path) -> Path:
 def test_resume_from_a_broken_last_fails_before_training_naming_the_file_and_the_fresh_start(twelve, tmp_path, damage):
     import shutil
 
-    args = fit_args(twelve, tmp_path / "run", *NO_SAVES, *STEPS, "3")
+    args = fit_args(twelve, tmp_path / "run", *NO_SAVES, *max_steps(3))
     main(args)
     folder = tmp_path / "broken"
     shutil.copytree(tmp_path / "checkpoints" / "run", folder, symlinks=True)
@@ -134,7 +122,7 @@ def test_no_checkpoint_grid_or_model_is_written_after_a_nan_loss(twelve, tmp_pat
     out, folder = tmp_path / "run", tmp_path / "checkpoints" / "run"
     saves = ["--grid.save_image_epochs", "1", "--save.save_model_epochs", "1", "--checkpoint.every_n_train_steps", "2"]
     with pytest.raises(FloatingPointError, match=f"NaN or infinite at step {first_bad}"):
-        main(fit_args(twelve, out, *saves, *STEPS, "12", *diverge))
+        main(fit_args(twelve, out, *saves, *max_steps(12), *diverge))
     if last_good is None:
         assert not folder.exists() or not list(folder.iterdir())
         assert not list((out / "samples").glob("0*.png")) and not (out / "unet").exists()  # no grid, no model

@@ -157,6 +157,7 @@ def test_missing_torch_fidelity_is_reported(empty_torch_home, monkeypatch):
     assert "pip install torch-fidelity" in str(err.value)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TORCH_FIDELITY, reason="torch-fidelity is not installed")
 def test_inception_weights_found_in_the_hub_cache(empty_torch_home, monkeypatch):
     """Random weights in torch-fidelity's layout stand in for the real file (only the loading path is checked)."""

@@ -12,7 +12,7 @@ from ddpm_lightning.callbacks import SampleGrid
 from ddpm_lightning.module import TUTORIAL_UNET, DDPMModule
 from ddpm_lightning.sampling import grid_shape, make_sampler
 
-from conftest import TINY_UNET, tiny_module
+from conftest import TINY_UNET, max_steps, tiny_module
 
 
 def test_tutorial_unet_by_default():
@@ -77,6 +77,7 @@ def test_image_size_the_unet_cannot_halve_is_refused_with_the_fix():
     DDPMModule(unet=TINY_UNET, image_size=18)  # 2 levels: one halving, any even size
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_naming_the_first_step(image_folder, tmp_path, monkeypatch):
     from ddpm_lightning.cli import main
 
@@ -94,10 +95,7 @@ def test_nan_loss_stops_the_run_naming_the_first_step(image_folder, tmp_path, mo
             fit_args(
                 image_folder,
                 tmp_path / "run",
-                "--trainer.max_steps",
-                "20",
-                "--trainer.max_epochs",
-                "-1",
+                *max_steps(20),
                 "--model.nan_check_every_n_steps",
                 "4",
             )
@@ -105,6 +103,7 @@ def test_nan_loss_stops_the_run_naming_the_first_step(image_folder, tmp_path, mo
     assert not (tmp_path / "run" / "model_index.json").exists()  # no final save of broken weights
 
 
+@pytest.mark.slow
 def test_warmup_longer_than_the_run_warns(image_folder, tmp_path):
     from ddpm_lightning.cli import main
 
@@ -125,10 +124,7 @@ def test_speed_switches_keep_checkpoint_keys_and_train_on_cpu(image_folder, tmp_
         fit_args(
             image_folder,
             tmp_path / "plain",
-            "--trainer.max_steps",
-            "2",
-            "--trainer.max_epochs",
-            "-1",
+            *max_steps(2),
             "--checkpoint.dirpath",
             "plain",
         )
@@ -137,10 +133,7 @@ def test_speed_switches_keep_checkpoint_keys_and_train_on_cpu(image_folder, tmp_
         fit_args(
             image_folder,
             tmp_path / "fast",
-            "--trainer.max_steps",
-            "2",
-            "--trainer.max_epochs",
-            "-1",
+            *max_steps(2),
             "--model.channels_last",
             "true",
             "--model.gradient_checkpointing",

@@ -19,7 +19,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-pytestmark = pytest.mark.slow  # each test runs `fit` (or the CLI) at least once: over 10 s on 2 cores
+pytestmark = pytest.mark.slow  # each test runs `fit` (or the CLI) at least once
 
 
 @pytest.fixture

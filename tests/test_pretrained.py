@@ -22,10 +22,18 @@ from ddpm_lightning.cli import main
 from ddpm_lightning.commands import export, sample
 from ddpm_lightning.pretrained import PretrainedError, load_pretrained
 
-from conftest import MICRO_UNET, REPO, TINY_UNET, child_env, crash_args, fit_args, write_image
+from conftest import (
+    MICRO_UNET,
+    NO_SAVES,
+    REPO,
+    TINY_DATA_AND_GRID,
+    TINY_UNET,
+    child_env,
+    crash_args,
+    fit_args,
+    write_image,
+)
 from hub_standin import HubStandIn
-
-NO_SAVES = ["--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
 
 
 class FirstStepWeights(Callback):
@@ -114,6 +122,7 @@ def card_of(folder: Path) -> tuple[dict, str]:
     return yaml.safe_load(text.split("---\n")[1]), text
 
 
+@pytest.mark.slow
 def test_fine_tunes_from_a_folder_this_project_saved(trained, images, tmp_path, caplog):
     source = shutil.copytree(trained / "run", tmp_path / "base")
     expected = weights(UNet2DModel.from_pretrained(source, subfolder="unet"))
@@ -136,6 +145,7 @@ def test_fine_tunes_from_a_folder_this_project_saved(trained, images, tmp_path, 
     assert len(sample(str(tmp_path / "checkpoints" / "tuned" / "last.ckpt"), 1, "ddim", 2)) == 1
 
 
+@pytest.mark.slow
 def test_fine_tunes_from_the_google_ddpm_layout_with_its_schedule_unless_set(images, tmp_path, caplog):
     """The pretrained scheduler's keys (100 steps, variance_type, clip_sample) reach the run; the key the user sets
     (beta_schedule) wins. Trained at 32 px, the model fine-tunes at 16 px with one warning; the saved model says 16."""
@@ -152,6 +162,7 @@ def test_fine_tunes_from_the_google_ddpm_layout_with_its_schedule_unless_set(ima
     assert (config.num_train_timesteps, config.variance_type, config.beta_schedule) == (100, "fixed_large", "linear")
 
 
+@pytest.mark.slow
 def test_the_pretrained_unet_replaces_model_unet_with_one_line(images, tmp_path, caplog):
     unet = google_layout(tmp_path / "ddpm-tiny", sample_size=16)
     with caplog.at_level("INFO", logger="ddpm_lightning"):
@@ -162,6 +173,7 @@ def test_the_pretrained_unet_replaces_model_unet_with_one_line(images, tmp_path,
     assert "block_out_channels=[32, 64]" in lines[0] and "add_attention=True" in lines[0]
 
 
+@pytest.mark.slow
 def test_fine_tunes_from_a_bare_unet_folder_with_the_default_schedule(images, tmp_path):
     torch.manual_seed(3)
     unet = UNet2DModel(**TINY_UNET, sample_size=16)
@@ -172,6 +184,7 @@ def test_fine_tunes_from_a_bare_unet_folder_with_the_default_schedule(images, tm
     assert (pipeline.scheduler.config.num_train_timesteps, pipeline.scheduler.config.beta_schedule) == (1000, "linear")
 
 
+@pytest.mark.slow
 def test_fine_tunes_from_a_checkpoint_s_ema_weights_as_a_new_run_with_ema_from_them(trained, images, tmp_path):
     ckpt = trained / "checkpoints" / "run" / "last.ckpt"
     checkpoint = torch.load(ckpt, weights_only=False, map_location="cpu")
@@ -192,6 +205,7 @@ def test_fine_tunes_from_a_checkpoint_s_ema_weights_as_a_new_run_with_ema_from_t
     assert str(trained) not in text
 
 
+@pytest.mark.slow
 def test_fine_tunes_from_a_hub_id_at_a_revision_through_the_stand_in(images, tmp_path):
     """A child process (huggingface_hub reads HF_ENDPOINT at import) downloads the repo from the stand-in."""
     unet = google_layout(tmp_path / "ddpm-tiny", sample_size=16, num_train_timesteps=50)
@@ -217,6 +231,7 @@ def test_fine_tunes_from_a_hub_id_at_a_revision_through_the_stand_in(images, tmp
     assert f"at revision `{'1' * 40}`" in text
 
 
+@pytest.mark.slow
 def test_resumed_fine_tuning_equals_the_straight_run(trained, images, tmp_path):
     """`--ckpt_path last` restores the checkpoint's weights over the pretrained ones loaded at construction."""
     common = [*NO_SAVES, "--model.pretrained", str(trained / "run"), "--model.use_ema", "true"]
@@ -234,6 +249,7 @@ def test_resumed_fine_tuning_equals_the_straight_run(trained, images, tmp_path):
         torch.testing.assert_close(y, x, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_a_resume_with_a_pretrained_model_its_run_did_not_start_from_is_one_line(trained, images, tmp_path):
     """The checkpoint's weights would silently replace it: refused before training, naming both ways on."""
     run = fit_args(images, tmp_path / "run", *NO_SAVES, "--trainer.max_steps", "1")
@@ -244,6 +260,7 @@ def test_a_resume_with_a_pretrained_model_its_run_did_not_start_from_is_one_line
     assert torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False)["global_step"] == 1
 
 
+@pytest.mark.slow
 def test_the_fine_tune_overlay_trains_from_the_pretrained_model_at_its_lr(trained, images, tmp_path):
     """configs/fine-tune.yaml over configs/butterflies.yaml, as shipped but for the sizes and the length."""
     overlay = yaml.safe_load((REPO / "configs" / "fine-tune.yaml").read_text())["model"]
@@ -260,16 +277,7 @@ def test_the_fine_tune_overlay_trains_from_the_pretrained_model_at_its_lr(traine
             str(source),
             "--data.dataset",
             str(images),
-            "--data.image_size",
-            "16",
-            "--data.train_batch_size",
-            "4",
-            "--data.num_workers",
-            "0",
-            "--grid.eval_batch_size",
-            "4",
-            "--grid.num_inference_steps",
-            "2",
+            *TINY_DATA_AND_GRID,
             "--trainer.max_steps",
             "2",
             "--trainer.accelerator",
@@ -353,6 +361,7 @@ def test_each_wrong_source_fails_at_construction_with_one_line(kind, tmp_path):
     assert "\n" not in str(raised.value)
 
 
+@pytest.mark.slow
 def test_a_wrong_source_stops_fit_before_training_on_the_command_line(images, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(
         sys, "argv", ["ddpm-lightning", *fit_args(images, tmp_path / "x", "--model.pretrained", "a/b/c")]
@@ -364,6 +373,7 @@ def test_a_wrong_source_stops_fit_before_training_on_the_command_line(images, tm
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_one_channel_model_on_rgb_photos_is_one_line_naming_both(images, tmp_path):
     google_layout(tmp_path / "grey", sample_size=16, in_channels=1)
     with pytest.raises(ValueError, match=r"model.pretrained grey takes 1-channel images .* data is 3-channel \(RGB\)"):
@@ -381,6 +391,7 @@ def test_an_uncached_hub_id_offline_names_hf_hub_offline_and_the_download_comman
     assert shutil.which("hf", path=os.path.dirname(sys.executable)) is not None  # the command it names is installed
 
 
+@pytest.mark.slow
 def test_hub_repo_revision_and_unet_errors_through_the_stand_in(tmp_path):
     """A missing repo, a missing revision and a repo without a UNet, each one line (one child process)."""
     script = (

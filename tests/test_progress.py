@@ -4,44 +4,11 @@ GPU sync per step. Counted on the CPU as calls that would wait for a GPU (`.item
 from __future__ import annotations
 
 import pytest
-import torch
-from lightning.pytorch import Callback
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.progress import TrainingProgressBar
 
-from conftest import fit_args, scalars
-
-STEP: list = ["start"]  # the optimizer step being run (set by MarkSteps), where each read is counted
-
-
-class MarkSteps(Callback):
-    """Tells the counter which step runs (`--trainer.callbacks+=test_progress.MarkSteps`)."""
-
-    def on_train_batch_start(self, trainer, *args) -> None:
-        STEP[0] = trainer.global_step + 1
-
-    def on_train_end(self, trainer, *args) -> None:
-        STEP[0] = "end"
-
-
-class HostReadsPerStep(torch.overrides.TorchFunctionMode):
-    READS = {
-        torch.Tensor.item,
-        torch.Tensor.__bool__,
-        torch.Tensor.__float__,
-        torch.Tensor.__int__,
-        torch.Tensor.tolist,
-    }
-
-    def __init__(self):
-        super().__init__()
-        self.steps: dict = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.READS:
-            self.steps[STEP[0]] = self.steps.get(STEP[0], 0) + 1
-        return func(*args, **(kwargs or {}))
+from conftest import HostReads, fit_args, scalars
 
 
 @pytest.mark.slow
@@ -63,9 +30,9 @@ def test_the_bar_shows_the_loss_read_only_on_log_steps(image_folder, tmp_path, m
         "100",
         "--model.fused_adamw",
         "true",  # as on a GPU: a plain AdamW reads its step counter, a CPU tensor, back every step
-        "--trainer.callbacks+=test_progress.MarkSteps",
+        "--trainer.callbacks+=conftest.MarkSteps",
     ]
-    with HostReadsPerStep() as reads:
+    with HostReads() as reads:
         main(fit_args(image_folder, out, *args))
     [bar] = bars  # Lightning's default bar was replaced by this one
     read_steps = {s for s in reads.steps if isinstance(s, int)}

@@ -13,7 +13,17 @@ from PIL import Image
 
 from ddpm_lightning.cli import main
 
-from conftest import child_env, ddp_fit_command, fit_args, scalars, tb_events, tiny_module
+from conftest import (
+    EMA_AT_A_HIGH_LR,
+    NO_SAVES,
+    child_env,
+    ddp_fit_command,
+    fit_args,
+    max_steps,
+    scalars,
+    tb_events,
+    tiny_module,
+)
 
 
 @pytest.mark.slow
@@ -289,19 +299,12 @@ def test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image(image_folder, tmp
     assert np.array_equal(logged, png)  # the same 8-bit pixels: save_grid rounds once for the PNG and every logger
 
 
+@pytest.mark.slow
 def test_every_ddp_rank_holds_the_same_ema(image_folder, tmp_path):
     cmd = [
-        *ddp_fit_command(image_folder, tmp_path / "run", "--trainer.max_steps", "3", "--trainer.max_epochs", "-1"),
-        "--model.use_ema",
-        "true",
-        "--model.learning_rate",
-        "0.01",
-        "--model.lr_warmup_steps",
-        "1",
-        "--grid.save_image_epochs",
-        "1000",
-        "--save.save_model_epochs",
-        "1000",
+        *ddp_fit_command(image_folder, tmp_path / "run", *max_steps(3)),
+        *EMA_AT_A_HIGH_LR,
+        *NO_SAVES,
         "--trainer.callbacks+=conftest.SaveEMAPerRank",
     ]
     result = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)

@@ -16,27 +16,22 @@ from lightning.pytorch import Callback
 from ddpm_lightning.checkpointing import AtomicCheckpointIO
 from ddpm_lightning.cli import main
 
-from conftest import child_env, fit_args, scalars, tb_events
+from conftest import EMA_AT_A_HIGH_LR, NO_SAVES, child_env, fit_args, max_steps, scalars, tb_events
 
 
 def last_step(folder: Path) -> int:
     return torch.load(folder / "last.ckpt", weights_only=False, map_location="cpu")["global_step"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 0), (signal.SIGUSR1, 0), (signal.SIGINT, 130)])
 def test_signal_saves_last_checkpoint_exits_cleanly_and_resume_finishes(image_folder, tmp_path, signum, status):
     out, ckpts = tmp_path / "run", tmp_path / "checkpoints" / "run"
     args = fit_args(
         image_folder,
         out,
-        "--trainer.max_steps",
-        "90",
-        "--trainer.max_epochs",
-        "-1",
-        "--grid.save_image_epochs",
-        "1000",
-        "--save.save_model_epochs",
-        "1000",
+        *max_steps(90),
+        *NO_SAVES,
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "ddpm_lightning", *args, "--checkpoint.every_n_train_steps", "3"],
@@ -71,15 +66,13 @@ class SlowSteps(Callback):
         time.sleep(1.0)
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_aborts_at_once(image_folder, tmp_path):
     ckpts = tmp_path / "checkpoints" / "run"
     args = fit_args(
         image_folder,
         tmp_path / "run",
-        "--trainer.max_steps",
-        "90",
-        "--trainer.max_epochs",
-        "-1",
+        *max_steps(90),
         "--checkpoint.every_n_train_steps",
         "1",
         "--trainer.callbacks+=test_reliability.SlowSteps",
@@ -105,12 +98,14 @@ def test_second_ctrl_c_aborts_at_once(image_folder, tmp_path):
     assert "Stopped by a signal" not in log  # it did not wait for the step's end to save
 
 
+@pytest.mark.slow
 def test_resume_last_without_checkpoint_fails_with_the_fix(image_folder, tmp_path):
     with pytest.raises(FileNotFoundError, match="no last.ckpt in .*leave --ckpt_path out and pass --overwrite true"):
         main(fit_args(image_folder, tmp_path / "run", "--ckpt_path", "last"))
     assert not (tmp_path / "run" / "samples").exists()
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_named(image_folder, tmp_path):
     main(fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "1"))
     good = (tmp_path / "checkpoints" / "run" / "last.ckpt").read_bytes()
@@ -178,20 +173,15 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, weights_only=False, map_location="cpu")["state_dict"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", ["memory", "none"])
 def test_stopped_and_resumed_run_equals_the_uninterrupted_one(image_folder, tmp_path, cache):
     """8 steps straight vs. stopped at step 4 (in the middle of epoch 1: 3 steps an epoch) and resumed."""
     common = [
-        "--trainer.max_steps",
-        "8",
-        "--trainer.max_epochs",
-        "-1",
+        *max_steps(8),
         "--data.cache",
         cache,
-        "--grid.save_image_epochs",
-        "1000",
-        "--save.save_model_epochs",
-        "1000",
+        *NO_SAVES,
     ]
     if cache == "none":
         common += ["--data.num_workers", "2"]  # worker processes, their seeds and prefetching too
@@ -215,6 +205,7 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(image_folder, tmp_
     assert [losses_b[k] for k in range(8)] == pytest.approx([losses_a[k] for k in range(8)], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_unknown_keys_are_named_by_the_cli(image_folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(fit_args(image_folder, tmp_path / "run", "--model.learnin_rate", "0.1"))
@@ -227,6 +218,7 @@ def test_unknown_keys_are_named_by_the_cli(image_folder, tmp_path, capsys):
     assert last_line == "error: Subcommand 'fit' does not accept option 'model.learnin_rate'"
 
 
+@pytest.mark.slow
 def test_unwritable_output_dir_fails_before_training(image_folder, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -235,11 +227,13 @@ def test_unwritable_output_dir_fails_before_training(image_folder, tmp_path):
     assert not (tmp_path / "checkpoints" / "run" / "last.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_grid_that_eval_batch_cannot_fill_is_refused(image_folder, tmp_path):
     with pytest.raises(ValueError, match="eval_batch_size=10 images do not fill a grid of 4 rows"):
         main(fit_args(image_folder, tmp_path / "run", "--grid.eval_batch_size", "10", "--grid.grid_rows", "4"))
 
 
+@pytest.mark.slow
 def test_fp16_overflow_skips_the_update_and_the_schedule_and_ema_count_it_as_documented(image_folder):
     """docs/long-runs.md, "Numerics": a step whose fp16 gradients overflow leaves the weights unchanged and
     halves the loss scale; it still counts as an optimizer step for global_step, the LR schedule and EMA."""
@@ -298,6 +292,7 @@ trainer:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_after_batch", [5, 3, 4])
 def test_signal_and_resume_equal_the_straight_run_with_ema_accumulation_and_fp16(
     image_folder, tmp_path, stop_after_batch
@@ -311,22 +306,11 @@ def test_signal_and_resume_equal_the_straight_run_with_ema_accumulation_and_fp16
     common = [
         "-c",
         str(plugins),
-        "--trainer.max_steps",
-        "6",
-        "--trainer.max_epochs",
-        "-1",
+        *max_steps(6),
         "--trainer.accumulate_grad_batches",
         "2",
-        "--model.use_ema",
-        "true",
-        "--model.learning_rate",
-        "0.01",
-        "--model.lr_warmup_steps",
-        "1",
-        "--grid.save_image_epochs",
-        "1000",
-        "--save.save_model_epochs",
-        "1000",
+        *EMA_AT_A_HIGH_LR,
+        *NO_SAVES,
     ]
     main(fit_args(image_folder, tmp_path / "straight", *common, "--checkpoint.dirpath", "straight_ckpt"))
     resumed = fit_args(image_folder, tmp_path / "resumed", *common, "--checkpoint.dirpath", "resumed_ckpt")

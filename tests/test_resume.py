@@ -11,17 +11,7 @@ import torch
 
 from ddpm_lightning.cli import main
 
-from conftest import crash_args, fit_args, scalars, tb_events, write_image
-
-NO_SAVES = ["--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
-
-
-@pytest.fixture
-def twelve(tmp_path) -> Path:
-    """12 images: 3 steps an epoch at batch 4."""
-    for i in range(12):
-        write_image(tmp_path / "twelve" / f"{i}.png", seed=i)
-    return tmp_path / "twelve"
+from conftest import NO_SAVES, crash_args, fit_args, scalars, tb_events, write_image
 
 
 def state(ckpt: Path) -> tuple[int, dict[str, torch.Tensor]]:
@@ -50,6 +40,7 @@ def straight_run(tmp_path_factory) -> dict[str, torch.Tensor]:
     return weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "cadence, crash_at, saved_at",
     [
@@ -91,6 +82,7 @@ def test_a_checkpoint_in_the_middle_of_an_epoch_holds_that_steps_ema_and_resumes
         torch.testing.assert_close(y, x, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_resume_with_the_compiled_optimizer_step_equals_the_straight_run(twelve, tmp_path):
     """`model.compile_optimizer` keeps its LR in a tensor on the device and saves plain
     AdamW's state: crashed at step 4 and resumed from the epoch-end checkpoint, the run ends with the weights of
@@ -119,6 +111,7 @@ def test_resume_with_the_compiled_optimizer_step_equals_the_straight_run(twelve,
     assert_same_weights(a, b)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_the_rng_states_at_the_top_level_resumes_exactly(straight_run, twelve, tmp_path):
     """Checkpoints written before `RNGStates` (ddpm-lightning 0.1.0) hold the RNG states at the top level."""
     crashing = fit_args(
@@ -136,6 +129,7 @@ def test_a_checkpoint_with_the_rng_states_at_the_top_level_resumes_exactly(strai
     assert_same_weights(straight_run, weights)
 
 
+@pytest.mark.slow
 def test_run_ended_then_extended_equals_the_longer_run_while_the_lr_is_the_same(twelve, tmp_path):
     """The issue's run B: `max_epochs 1`, then resumed with `max_epochs 2`. With a warm-up longer than the run the
     LR does not depend on the schedule's length, so the weights must match the straight 2-epoch run exactly."""
@@ -149,6 +143,7 @@ def test_run_ended_then_extended_equals_the_longer_run_while_the_lr_is_the_same(
     assert_same_weights(a, b)
 
 
+@pytest.mark.slow
 def test_raising_max_epochs_on_resume_stretches_the_schedule_and_the_lr_jumps(twelve, tmp_path):
     """docs/long-runs.md, "Raising `max_epochs` on resume": the cosine's length becomes the new run's, so at the resumed step the LR jumps up."""
     common = [*NO_SAVES, "--model.lr_warmup_steps", "1", "--model.learning_rate", "0.002"]
@@ -163,6 +158,7 @@ def test_raising_max_epochs_on_resume_stretches_the_schedule_and_the_lr_jumps(tw
     assert lr[4] > lr[3]  # the jump
 
 
+@pytest.mark.slow
 def test_each_run_has_its_own_last_checkpoint(twelve, tmp_path):
     """The issue's three runs in one folder: the third resumes run 1 (its own output_dir), not run 2."""
     main(fit_args(twelve, tmp_path / "out", *NO_SAVES, "--trainer.max_epochs", "2"))
@@ -176,6 +172,7 @@ def test_each_run_has_its_own_last_checkpoint(twelve, tmp_path):
     assert state(tmp_path / "checkpoints" / "out2" / "last.ckpt")[0] == 3
 
 
+@pytest.mark.slow
 def test_default_checkpointing_is_one_file_linked_as_last(twelve, tmp_path):
     """No cadence reached in a short run: one checkpoint, at the end, and last.ckpt a link to it."""
     main(fit_args(twelve, tmp_path / "run", *NO_SAVES, "--trainer.max_epochs", "2"))
@@ -186,6 +183,7 @@ def test_default_checkpointing_is_one_file_linked_as_last(twelve, tmp_path):
     assert state(folder / "last.ckpt")[0] == 6
 
 
+@pytest.mark.slow
 def test_step_cadence_keeps_one_file_and_moves_the_link(twelve, tmp_path):
     main(
         fit_args(
@@ -212,6 +210,7 @@ def test_step_cadence_keeps_one_file_and_moves_the_link(twelve, tmp_path):
     assert kept == ["epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt", "epoch=1-step=6.ckpt"]
 
 
+@pytest.mark.slow
 def test_fresh_run_into_a_used_output_dir_is_refused_and_overwrite_starts_it_again(twelve, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -224,6 +223,7 @@ def test_fresh_run_into_a_used_output_dir_is_refused_and_overwrite_starts_it_aga
     assert (out / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_fresh_run_never_replaces_the_users_readme(twelve, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()

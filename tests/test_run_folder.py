@@ -15,16 +15,7 @@ from test_hub import hf_env, hub  # noqa: F401 (fixtures: the local Hub stand-in
 from ddpm_lightning.cli import main
 from ddpm_lightning.run_lock import RunInUseError
 
-from conftest import child_env, crash_args, fit_args, tb_events, write_image
-
-NO_SAVES = ["--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]
-
-
-@pytest.fixture
-def twelve(tmp_path) -> Path:
-    for i in range(12):
-        write_image(tmp_path / "twelve" / f"{i}.png", seed=i)
-    return tmp_path / "twelve"
+from conftest import NO_SAVES, child_env, crash_args, fit_args, tb_events
 
 
 @pytest.mark.slow
@@ -129,6 +120,7 @@ save_pipeline(module.unet, module.noise_scheduler, sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_a_model_save_killed_mid_write_leaves_the_previous_model_loadable(tmp_path):
     from diffusers import DDPMPipeline
 

@@ -13,6 +13,7 @@ from ddpm_lightning.cli import main
 from conftest import fit_args, scalars
 
 
+@pytest.mark.slow
 def test_schedule_steps_once_per_optimizer_step_and_ends_at_zero_under_accumulation(image_folder, tmp_path):
     """12 images, batch 4, accumulate 2: 3 micro-batches and 2 optimizer steps an epoch; 3 epochs = 6 optimizer
     steps. The schedule (warm-up 2, cosine to 0) is 6 steps long and steps 6 times, once per optimizer step."""
@@ -44,6 +45,7 @@ def test_schedule_steps_once_per_optimizer_step_and_ends_at_zero_under_accumulat
         assert value == pytest.approx(expected, rel=1e-5, abs=1e-9), k
 
 
+@pytest.mark.slow
 def test_checkpoint_bytes_are_fsynced_before_the_rename(image_folder, tmp_path, monkeypatch):
     """docs/long-runs.md: a checkpoint goes to a temporary file, is fsync'ed, then renamed. In a real fit, every rename onto
     a checkpoint is preceded by an fsync of the very file being renamed, with all its bytes written."""

@@ -18,7 +18,7 @@ from ddpm_lightning.cli import main
 from ddpm_lightning.module import DDPMModule
 from ddpm_lightning.precision import FusedClipMixedPrecision
 
-from conftest import MICRO_UNET, TINY_UNET, fit_args, scalars
+from conftest import MICRO_UNET, TINY_UNET, HostReads, fit_args, max_steps, scalars
 
 
 def grad_norm(module) -> float:
@@ -85,10 +85,7 @@ def test_adamw_trains_with_clipping_under_every_precision(precision, optimizer, 
             "1e-2",
             "--model.lr_warmup_steps",
             "0",
-            "--trainer.max_steps",
-            "3",
-            "--trainer.max_epochs",
-            "-1",
+            *max_steps(3),
             "--trainer.callbacks+=test_speed_switches.GradNorms",
         )
     )
@@ -123,6 +120,7 @@ def tiny_batches(n: int = 8, batch_size: int = 4) -> DataLoader:
     )
 
 
+@pytest.mark.slow
 def test_fp16_fused_adamw_still_skips_the_step_when_gradients_overflow():
     spy = InfGradientAt(step=1)
     model = DDPMModule(unet=TINY_UNET, image_size=16, fused_adamw=True, lr_warmup_steps=0, learning_rate=1e-2)
@@ -148,6 +146,7 @@ def test_fp16_fused_adamw_still_skips_the_step_when_gradients_overflow():
     assert all(torch.isfinite(p).all() for p in model.unet.parameters())
 
 
+@pytest.mark.slow
 def test_fused_clipping_under_lightnings_own_amp_plugin_fails_before_training():
     """Outside the CLI (a plain Trainer), the combination Lightning cannot run fails before the first step,
     naming the keys to change, instead of at the first optimizer step."""
@@ -203,6 +202,7 @@ def plain_losses() -> list[float]:
     return train_losses()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "switches",
     [
@@ -221,6 +221,7 @@ def test_speed_switch_gives_the_plain_losses(switches, plain_losses):
     assert train_losses(**switches) == pytest.approx(plain_losses, rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_mixed_precision_losses_stay_near_float32(precision, plain_losses):
     losses = train_losses(precision, fused_adamw=True)
@@ -287,30 +288,8 @@ def test_a_compiled_fit_compiles_once_per_graph_and_gives_the_eager_losses(image
     assert len(compiled) == 6 and compiled == pytest.approx(eager, rel=1e-3)
 
 
-class CountHostReads(torch.overrides.TorchFunctionMode):
-    """Counts the tensor reads that wait for a GPU (`.item()`, `bool()`, `float()`, `.tolist()`, `.cpu()`...)."""
-
-    READS = {
-        torch.Tensor.item,
-        torch.Tensor.__bool__,
-        torch.Tensor.__float__,
-        torch.Tensor.__int__,
-        torch.Tensor.tolist,
-        torch.Tensor.cpu,
-        torch.Tensor.numpy,
-    }
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += func in self.READS
-        return func(*args, **(kwargs or {}))
-
-
 def host_reads_in_fit(image_folder, out, steps: int, *extra: str) -> int:
-    with CountHostReads() as reads:
+    with HostReads() as reads:
         main(
             fit_args(
                 image_folder,
@@ -328,9 +307,10 @@ def host_reads_in_fit(image_folder, out, steps: int, *extra: str) -> int:
                 *extra,
             )
         )
-    return reads.count
+    return reads.total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "precision, optimizer", [("16-mixed", "fused"), ("bf16-mixed", "fused"), ("bf16-mixed", "compiled")]
 )
@@ -417,6 +397,7 @@ def test_compiled_step_follows_the_lr_schedule_without_recompiling_and_in_its_gp
     plain_opt.load_state_dict(compiled_opt.state_dict())  # a checkpoint of it resumes without it
 
 
+@pytest.mark.slow
 def test_compiled_step_refuses_fused_adamw():
     model = DDPMModule(unet=TINY_UNET, image_size=16, compile_optimizer=True, fused_adamw=True)
     trainer = Trainer(
@@ -503,6 +484,7 @@ def test_compiled_step_keeps_weights_finite_at_a_zero_lr_with_zero_gradients():
         torch.testing.assert_close(b, a, rtol=0, atol=1e-20)
 
 
+@pytest.mark.slow
 def test_bf16_mixed_trains_on_cpu_under_bf16_autocast(image_folder, tmp_path, monkeypatch):
     from ddpm_lightning.module import DDPMModule
 
@@ -520,10 +502,7 @@ def test_bf16_mixed_trains_on_cpu_under_bf16_autocast(image_folder, tmp_path, mo
         fit_args(
             image_folder,
             out,
-            "--trainer.max_steps",
-            "3",
-            "--trainer.max_epochs",
-            "-1",
+            *max_steps(3),
             "--trainer.precision",
             "bf16-mixed",
         )
