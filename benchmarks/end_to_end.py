@@ -173,8 +173,10 @@ def welch(a: list[float], b: list[float]) -> dict:
 
 
 def run_side(name: str, spec: dict, work: Path, log_path: Path) -> dict:
-    spec_path = work / f"{name}.spec.json"
-    spec["result"] = str(work / f"{name}.result.json")
+    """One side in its own process; its files are named after its log (`project-0`, not the run's name, which
+    holds the user's arguments: `-c configs/x.yaml` has a slash)."""
+    spec_path = work / f"{log_path.stem}.spec.json"
+    spec["result"] = str(work / f"{log_path.stem}.result.json")
     spec_path.write_text(json.dumps(spec))
     print(f"running {name} (log: {log_path}) ...", flush=True)
     with open(log_path, "w") as log:
@@ -205,6 +207,7 @@ def run_side(name: str, spec: dict, work: Path, log_path: Path) -> dict:
         "device": r["device"],
         "peak_mem_gib": r["peak_mem_gib"],
         "log": str(log_path),
+        "file_name": log_path.stem,
         "losses": losses,
     }
     if "argv" in r:
@@ -380,7 +383,7 @@ def run(a, images: list[str], unet: dict, batch_size: int, workers: int) -> dict
     report["grids_png"] = str(out / "grids.png")
     if not a.keep_runs:
         for r in report["runs"]:
-            r["grid"] = str(shutil.copy(r["grid"], out / f"grid-{r['run'].replace(' ', '-').replace('=', '')}.png"))
+            r["grid"] = str(shutil.copy(r["grid"], out / f"grid-{r['file_name']}.png"))
         shutil.rmtree(work)
     report["markdown"] = markdown(report)
     (out / "end_to_end.json").write_text(json.dumps(report, indent=2) + "\n")

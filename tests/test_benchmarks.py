@@ -83,3 +83,5 @@ def test_benchmark_tiny_with_end_to_end_row(tmp_path, heliconius_photos):
     assert 0 <= welch["p"] <= 1 and welch["within_noise"] == (welch["p"] > 0.01) and "Welch t =" in report["markdown"]
     assert report["settings"]["unet"] == yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())["model"]["unet"]
     assert (out_dir / "grids.png").is_file() and (out_dir / "end_to_end.json").is_file()
+    # each side's files are named after its log, not its run name (a user's `-c configs/x.yaml` has a slash)
+    assert sorted(p.name for p in out_dir.glob("grid-*.png")) == ["grid-project-0.png", "grid-tutorial-nw0.png"]
