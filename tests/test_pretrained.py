@@ -251,13 +251,19 @@ def test_resumed_fine_tuning_equals_the_straight_run(trained, images, tmp_path):
 
 @pytest.mark.slow
 def test_a_resume_with_a_pretrained_model_its_run_did_not_start_from_is_one_line(trained, images, tmp_path):
-    """The checkpoint's weights would silently replace it: refused before training, naming both ways on."""
+    """The checkpoint's weights would silently replace it: refused before training, naming both ways on, for a run
+    that had none and for one fine-tuned from another model."""
     run = fit_args(images, tmp_path / "run", *NO_SAVES, "--trainer.max_steps", "1")
     main(run)
     resume = [*run, "--trainer.max_steps", "2", "--ckpt_path", "last", "--model.pretrained", str(trained / "run")]
     with pytest.raises(PretrainedError, match=r"the checkpoint's run was not fine-tuned.*start a new run"):
         main(resume)
     assert torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False)["global_step"] == 1
+    tuned = fit_args(images, tmp_path / "tuned", *NO_SAVES, "--trainer.max_steps", "1", "--model.pretrained")
+    main([*tuned, str(trained / "run")])
+    other = str(trained / "checkpoints" / "run" / "last.ckpt")
+    with pytest.raises(PretrainedError, match=r"the checkpoint's run was fine-tuned from .*run, and a resumed run"):
+        main([*tuned, other, "--trainer.max_steps", "2", "--ckpt_path", "last"])
 
 
 @pytest.mark.slow
