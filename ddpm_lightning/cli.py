@@ -133,21 +133,22 @@ class DDPMLightningCLI(LightningCLI):
 
     def before_fit(self) -> None:
         output_dir, checkpoint = self._get(self.config, "output_dir"), self.trainer.checkpoint_callback
+        checkpoint_dir = checkpoint.dirpath if checkpoint is not None else None
         check_writable(output_dir)
-        if checkpoint is not None and checkpoint.dirpath and self.trainer.global_rank == 0:
-            check_writable(checkpoint.dirpath, "--checkpoint.dirpath")
+        if checkpoint_dir and self.trainer.global_rank == 0:
+            check_writable(checkpoint_dir, "--checkpoint.dirpath")
         # Rank 0 only: the other ranks of a run start after it (and are the same run) and would find its new files.
         rank_zero = self.trainer.global_rank == 0
-        self.lock = RunLock(output_dir, checkpoint.dirpath if checkpoint is not None else None)
+        self.lock = RunLock(output_dir, checkpoint_dir)
         if rank_zero:
             self.lock.acquire()  # first: a second process on this run fails now, naming the one that holds it
         try:
             if rank_zero:  # the lock is held: no write of another process is in progress
                 remove_partial_files(output_dir)
-                remove_partial_files(checkpoint.dirpath if checkpoint is not None else None)
+                remove_partial_files(checkpoint_dir)
             check_ckpt_path(self._get(self.config, "ckpt_path"), checkpoint)
             if self._get(self.config, "ckpt_path") is None and rank_zero:
-                check_fresh_run(output_dir, self.trainer.checkpoint_callback, self._get(self.config, "overwrite"))
+                check_fresh_run(output_dir, checkpoint, self._get(self.config, "overwrite"))
         except BaseException:
             self.lock.release()
             raise

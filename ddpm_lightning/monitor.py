@@ -143,7 +143,7 @@ class RunReport(Callback):
         self.mark: float | None = None
         self.first_step_done = False
         self.train_started: float | None = None
-        self.start_up: dict[str, float] = {}
+        self.first_step: float | None = None  # seconds from on_train_start to the first batch's end
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.train_started = time.perf_counter()
@@ -169,8 +169,7 @@ class RunReport(Callback):
         self.steps += 1
         now = self.lap("training" if self.first_step_done else "start-up")
         if not self.first_step_done and self.train_started is not None:
-            first_step = now - self.train_started
-            self.start_up = {"set-up": self.seconds["start-up"] - first_step, "first step": first_step}
+            self.first_step = now - self.train_started
         self.first_step_done = True
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -197,6 +196,9 @@ class RunReport(Callback):
         grids = sorted(p for p in (out / "samples").glob("[0-9]*.png"))
         checkpoint = trainer.checkpoint_callback
         training = self.seconds["training"]
+        split = {}  # the start-up less its first step is the set-up (data, sanity check)
+        if self.first_step is not None:
+            split = {"set-up": self.seconds["start-up"] - self.first_step, "first step": self.first_step}
         summary = {
             "images_seen": self.images,
             "optimizer_steps": trainer.global_step,
@@ -205,7 +207,7 @@ class RunReport(Callback):
                 "total": round(sum(self.seconds.values()), 2),
                 **{k: round(v, 2) for k, v in self.seconds.items()},
             },
-            "start_up_seconds": {k: round(v, 2) for k, v in self.start_up.items()},
+            "start_up_seconds": {k: round(v, 2) for k, v in split.items()},
             "mean_images_per_sec": round(self.images / training, 2) if training > 0 else None,
             "final_train_loss": float(metrics["train/loss"]) if "train/loss" in metrics else None,
             "val_loss": float(metrics["val/loss"]) if "val/loss" in metrics else None,
@@ -216,7 +218,7 @@ class RunReport(Callback):
             "base_model": getattr(trainer.lightning_module, "base_model", None),  # what it was fine-tuned from
         }
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        wall, split = summary["wall_seconds"], self.start_up
+        wall = summary["wall_seconds"]
         start_up = "data, sanity check, first step"
         if split:
             start_up = f"set-up {split['set-up']:.1f} s: data, sanity check; first step {split['first step']:.1f} s"
