@@ -1,5 +1,5 @@
 """When to draw grids, save (and publish) the model and measure sample quality. The module and sampling.py know
-how; these decide when and where the results go.
+how; these decide when and where the results go, and how the ranks share a draw (`sample_share`).
 
 Grids and saves happen at the end of every N-th epoch and at the end of the run. Every rank draws its share
 of a grid (so none waits on another's sampling) and rank 0 writes it; saving and uploading are rank 0's alone,
@@ -9,7 +9,9 @@ rank in `setup` and agree through a broadcast, where collective calls are safe.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -17,11 +19,12 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .checkpointing import save_pipeline
-from .hub import HubUploader
+from .checkpointing import stop_if_signalled
 from .metrics import InceptionWeightsUnavailable, SampleQuality
-from .monitor import progress_bar
-from .sampling import Sampler, grid_shape, sample_share, save_grid
+from .publish import HubUploader, save_pipeline, write_run_card
+from .reporting.grids import grid_shape, save_grid
+from .reporting.progress import progress_bar
+from .sampling import Sampler
 from .stop_on_nan import check_finite
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,30 @@ def is_due(trainer: Trainer, epochs: int) -> bool:
 
 def every_n_epochs(trainer: Trainer, epochs: int) -> bool:
     return epochs > 0 and (trainer.current_epoch + 1) % epochs == 0
+
+
+def sample_share(
+    trainer, pl_module, n: int, sampler: Sampler, steps: int, seed: int, autocast: bool = True, on_step=None
+) -> torch.Tensor:
+    """This rank's share of n images (ceil(n / world size)) drawn by `pl_module.sample` during training, with the
+    EMA weights when EMA is on, under the training precision's autocast when `autocast` (as the tutorial's
+    pipeline ran under Accelerate's). Every rank draws, so none waits for another's sampling in a collective.
+    Its own generator, one stream per rank: the draw neither depends on nor changes the training RNG (fork_rng
+    guards against library code that still draws from the global RNG). A stop signal ends the draw at the next
+    step (`stop_if_signalled`)."""
+
+    def step() -> None:
+        if on_step is not None:
+            on_step()
+        stop_if_signalled(trainer)
+
+    stop_if_signalled(trainer)
+    share = math.ceil(n / trainer.world_size)
+    with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+        generator = torch.Generator(device="cpu").manual_seed(seed + 1_000_003 * trainer.global_rank)
+        precision = trainer.precision_plugin.forward_context() if autocast else contextlib.nullcontext()
+        with pl_module.ema_weights(), precision:
+            return pl_module.sample(share, sampler, steps, generator, step)
 
 
 class SampleGrid(Callback):
@@ -165,8 +192,7 @@ class SaveModel(Callback):
             self.uploader.wait()  # never rewrite the folder while it is being uploaded
         with pl_module.ema_weights():
             save_pipeline(pl_module.unet, pl_module.noise_scheduler, self.output_dir)
-        from .card import write_run_card  # README.md + samples.png in the folder, uploaded with it; never raises
-
+        # README.md + samples.png in the folder, uploaded with it; never raises
         write_run_card(trainer, pl_module, self.output_dir, repo_id=self.uploader.repo_id if self.uploader else None)
         log.info(f"[rank {trainer.global_rank}] Saved the model to {self.output_dir}")
         if self.uploader is not None:

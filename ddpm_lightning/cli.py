@@ -12,20 +12,15 @@ Errors the product raises on purpose print as one line; `--debug` (or DDPM_LIGHT
 
 from __future__ import annotations
 
-import inspect
 import logging
-import math
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import traceback
 import warnings
 from pathlib import Path
 
-from diffusers import UNet2DModel
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -36,6 +31,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from . import commands
 from .callbacks import MeasureQuality, SampleGrid, SaveModel
 from .checkpointing import (
+    STOP_SIGNALS,
     BackgroundCheckpointIO,
     PeriodicCheckpoint,
     PreemptionCheckpoint,
@@ -44,13 +40,13 @@ from .checkpointing import (
     check_ckpt_path,
     remove_partial_files,
 )
-from .compile_cache import keep_compile_cache
 from .data import ImageDataModule
 from .module import DDPMModule
-from .monitor import ImagesThroughput, RunReport
-from .precision import FusedClipMixedPrecision
-from .progress import TrainingProgressBar
-from .run_lock import RunLock
+from .reporting.monitor import ImagesThroughput, RunReport
+from .reporting.progress import TrainingProgressBar
+from .run_folder import RunLock, check_fresh_run, check_writable, remove_unstarted_run
+from .speed import FusedClipMixedPrecision, keep_compile_cache
+from .unet import check_norm_groups
 
 
 class DDPMLightningCLI(LightningCLI):
@@ -166,19 +162,6 @@ class DDPMLightningCLI(LightningCLI):
             self.lock.release()
 
 
-def check_writable(folder: str, option: str = "--output_dir") -> None:
-    """Create the folder now, so a bad path fails before any training, naming the folder and the fix."""
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise RuntimeError(
-            f"Cannot start training: {option.lstrip('-')} {folder} is not a writable folder ({err}). "
-            f"Choose another {option}."
-        ) from err
-
-
 COMPILING = ("compile", "compile_blocks", "compile_optimizer")  # model switches that run torch.compile
 
 # Keys whose values must be positive, with what they are: checked before anything is built, so a 0 or a
@@ -207,61 +190,6 @@ def check_values(config) -> None:
     check_norm_groups(config.get("model.unet"))
 
 
-def check_norm_groups(unet: dict | None) -> None:
-    """GroupNorm splits each block's channels into norm_num_groups groups: say so before diffusers fails on it."""
-    if not isinstance(unet, dict):
-        return
-    defaults = inspect.signature(UNet2DModel.__init__).parameters
-    channels = list(unet.get("block_out_channels", defaults["block_out_channels"].default))
-    groups = unet.get("norm_num_groups", defaults["norm_num_groups"].default)
-    if groups and any(c % groups for c in channels):
-        raise ValueError(
-            f"--model.unet: block_out_channels {channels} are not all multiples of norm_num_groups {groups} (each "
-            f"block's channels are split into that many groups): use multiples of {groups}, or set "
-            f"unet.norm_num_groups to a divisor of all of them (e.g. {math.gcd(*channels)})."
-        )
-
-
-# What a run writes into output_dir: a fresh run refuses a folder that holds any of them (see check_fresh_run).
-RUN_FILES = ("logs", "samples", "model_index.json", "unet", "scheduler", "README.md")
-
-
-def check_fresh_run(folder: str, checkpoint, overwrite: bool) -> None:
-    """A fresh run (no --ckpt_path) never merges into another run's logs or `last`, nor replaces a file silently."""
-    out = Path(folder)
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    ckpt_dir = Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else None
-    ckpts = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir is not None and ckpt_dir.is_dir() else []
-    if ckpts:
-        found.append(f"{len(ckpts)} checkpoint(s) in {ckpt_dir}")
-    if not found:
-        return
-    if not overwrite:
-        raise FileExistsError(
-            f"output_dir {folder} already holds a run ({', '.join(found)}). Resume it with --ckpt_path last, "
-            "choose another --output_dir, or pass --overwrite true to start it again (its logs, samples and "
-            "checkpoints are deleted; its model files and README.md are rewritten at the first save)."
-        )
-    for name in ("logs", "samples"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    for ckpt in ckpts:
-        ckpt.unlink()
-    logging.getLogger("ddpm_lightning").info(
-        f"--overwrite: deleted the old run's logs, samples, checkpoints in {folder}"
-    )
-
-
-def remove_unstarted_run(folder: str, checkpoint) -> None:
-    """What a fresh run wrote before failing ahead of its first optimizer step (its logs, samples/data.png): the
-    folders check_fresh_run found absent (or --overwrite emptied), so nothing of another run's; kept if the run
-    saved a checkpoint after all."""
-    ckpt_dir = Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else None
-    if ckpt_dir is not None and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
-        return
-    for name in ("logs", "samples"):
-        shutil.rmtree(Path(folder) / name, ignore_errors=True)
-
-
 # Lines a user cannot act on in a plain run, silenced one by one (every other warning is left alone).
 NOISE_WARNINGS = (
     r"'set_vital' is deprecated",  # torchdata's StatefulDataLoader calls it
@@ -281,9 +209,6 @@ def quiet_noise() -> None:
         noise = logging.Filter("ddpm_lightning.noise")
         noise.filter = lambda record: not str(record.msg).lstrip().startswith(NOISE_LOG_LINES)  # type: ignore[method-assign]
         rank_zero_log.addFilter(noise)
-
-
-STOP_SIGNALS = [signal.SIGTERM, *([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])]
 
 
 def main(args: ArgsType = None) -> None:
@@ -335,7 +260,7 @@ def raised_by_this_package(err: BaseException) -> bool:
     """Whether `err` comes from a raise statement in ddpm_lightning (a message written for the user), rather
     than from deep inside a library."""
     frames = traceback.extract_tb(err.__traceback__)
-    return bool(frames) and Path(frames[-1].filename).resolve().parent == Path(__file__).resolve().parent
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(Path(__file__).resolve().parent)
 
 
 if __name__ == "__main__":

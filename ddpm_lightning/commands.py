@@ -5,30 +5,28 @@
     ddpm-lightning sample google/ddpm-cifar10-32                                  # a Hub model id
     ddpm-lightning export checkpoints/ddpm-butterflies-128/last.ckpt my-model --samples run/samples/0049.png
 
-A checkpoint's EMA weights are used whenever it has them (`model.use_ema`), as the saved folders do. Image `i`
-has its own generator (see `sample`). Sampling itself is sampling.py's.
+Both take every model source `fit --model.pretrained` takes (model_source.py): a checkpoint (its EMA weights
+whenever it has them, as the saved folders do), a saved diffusers folder, a bare UNet folder or a Hub model id.
+Image `i` has its own generator (see `sample`). Sampling itself is sampling.py's.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMPipeline, UNet2DModel
 from PIL import Image
 from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
-from .checkpointing import save_pipeline
-from .module import DDPMModule
-from .sampling import SAMPLERS, Sampler, denoise, grid_shape, make_sampler, save_grid
-from .sources import is_hub_id
+from .model_source import POSITIONAL, ModelSourceError, load_model
+from .publish import save_pipeline, write_model_card
+from .reporting.grids import grid_shape, save_grid
+from .sampling import SAMPLERS, Sampler, denoise, make_sampler
 
 log = logging.getLogger(__name__)
 
@@ -37,95 +35,6 @@ COMMANDS = ("sample", "export")
 
 class CommandError(RuntimeError):
     """A problem the user can fix (its message names the fix); the command line shows it as one line."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading a model: a Lightning checkpoint, a saved diffusers folder or a Hub model id
-
-
-def load_checkpoint(path: str | Path) -> tuple[DDPMModule, dict]:
-    """A DDPMModule from a Lightning checkpoint (with its EMA, when it has one: see `ema_weights`), and the
-    checkpoint itself (read memory-mapped: its tensors are not read twice). The global RNG is left alone."""
-    path = Path(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise CommandError(
-            f"{path} is not a readable Lightning checkpoint of ddpm-lightning ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''})."
-        ) from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise CommandError(f"{path} is not a Lightning checkpoint of DDPMModule (no state_dict / hyper_parameters).")
-    try:
-        # pretrained=None: the weights are the checkpoint's, and its hparams.unet holds a fine-tuned run's UNet
-        module = DDPMModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, pretrained=None)
-    except (TypeError, ValueError, RuntimeError, KeyError) as err:
-        raise CommandError(
-            f"{path} does not fit this version's DDPMModule ({type(err).__name__}: "
-            f"{str(err).splitlines()[0]}): was it saved by another version of ddpm-lightning?"
-        ) from err
-    if module.ema is not None:
-        log.info(f"Using the EMA weights of {path}")
-    return module.eval(), checkpoint
-
-
-def load_pipeline(model: str) -> tuple[UNet2DModel, dict]:
-    """The UNet and the noise schedule (a scheduler config) of a checkpoint, saved folder or Hub model id."""
-    path = Path(model).expanduser()
-    if path.is_file():
-        module, _ = load_checkpoint(path)
-        with module.ema_weights():  # a copy holding them
-            return copy.deepcopy(module.unet), module.noise_scheduler.config
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            held = sorted(p.name for p in path.glob("*.ckpt"))[:3]
-            hint = f" (it holds {', '.join(held)})" if held else ""
-            raise CommandError(
-                f"{model} is a folder without model_index.json{hint}: give a .ckpt file or a folder "
-                "saved by `ddpm-lightning fit` / `ddpm-lightning export` (model_index.json, unet/, scheduler/)."
-            )
-        pipeline = DDPMPipeline.from_pretrained(path)
-        return aligned(pipeline.unet), pipeline.scheduler.config
-    if model.endswith(".ckpt") or not is_hub_id(model):
-        raise CommandError(
-            f"{model} does not exist: it is no file or folder here, nor a valid Hub model id 'user/name'. "
-            "Give a .ckpt file, a saved diffusers folder or a Hub model id."
-        )
-    return load_hub_pipeline(model)
-
-
-def load_hub_pipeline(repo_id: str) -> tuple[UNet2DModel, dict]:
-    from diffusers.utils import logging as diffusers_logging
-    from huggingface_hub.errors import HfHubHTTPError
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # its "Couldn't connect to the Hub" lines would bury ours
-    try:
-        pipeline = DDPMPipeline.from_pretrained(repo_id)
-    except (OSError, ValueError, HfHubHTTPError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-        why = f"it is not cached and could not be downloaded ({type(err).__name__})"
-        if offline:
-            why = "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
-        if "/" not in repo_id:
-            why += f", and there is no file or folder {repo_id!r} here"
-        raise CommandError(
-            f"Cannot load the Hub model {repo_id!r}: {why}. Fix: download it once where the Hub is reachable "
-            f"(`hf download {repo_id} --local-dir DIR`, then pass DIR), or pass a .ckpt file or a saved folder."
-        ) from err
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    return aligned(pipeline.unet), pipeline.scheduler.config
-
-
-def aligned(unet: UNet2DModel) -> UNet2DModel:
-    """The UNet with its weights copied out of safetensors' memory map, whose tensors may sit at unaligned
-    addresses: CPU kernels then take other code paths and round differently, and a saved folder would not
-    sample exactly as the checkpoint it was saved from."""
-    with torch.no_grad():
-        for parameter in unet.parameters():
-            parameter.data = parameter.data.clone()
-    return unet
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,6 +63,7 @@ def sample(
     batch_size: int = 16,
     output_dir: str = "samples",
     device: str | None = None,
+    revision: str | None = None,
 ) -> list[Path]:
     """Draw images from a trained model into output_dir/000000.png, 000001.png, ... and output_dir/grid.png.
 
@@ -162,7 +72,8 @@ def sample(
 
     Args:
         model: a Lightning checkpoint (.ckpt) of `ddpm-lightning fit` (its EMA weights when it has them), a
-            folder saved by `fit` or `export` (model_index.json, unet/, scheduler/), or a Hub model id.
+            folder saved by `fit` or `export` (model_index.json, unet/, scheduler/), a UNet folder (config.json
+            and weights) or a Hub model id.
         num_images: how many images to draw.
         sampler: ddpm (the training schedule's sampler), ddim or dpmsolver++ (good images in ~50 steps).
         num_inference_steps: denoising steps; 1000 for ddpm and 50 for the others when left out.
@@ -170,6 +81,7 @@ def sample(
         batch_size: images denoised at once (memory, not the result).
         output_dir: where the PNGs go (created if missing; files of the same names are replaced).
         device: cuda, cuda:1, cpu, ...; cuda when available, else cpu.
+        revision: the branch, tag or commit of a Hub model id (its main branch when left out).
 
     Returns:
         The paths of the images written (grid.png, the grid of all of them, is written beside them).
@@ -187,8 +99,8 @@ def sample(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError(f"--device {device}: no CUDA GPU is visible here. Use --device cpu, or leave --device out.")
 
-    unet, schedule = load_pipeline(model)
-    unet.to(device)
+    found = load_model(model, revision, POSITIONAL)
+    unet, schedule = found.unet.to(device), found.scheduler_config
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -218,49 +130,45 @@ def sample(
 # Export
 
 
-def export(ckpt: str, out: str, samples: str | None = None, repo_id: str | None = None) -> Path:
-    """Write a checkpoint's model as a diffusers folder (EMA weights when it has them) with a model card.
+def export(
+    model: str, out: str, samples: str | None = None, repo_id: str | None = None, revision: str | None = None
+) -> Path:
+    """Write a model as a diffusers folder (a checkpoint's EMA weights when it has them) with a model card.
 
     The folder (model_index.json, unet/, scheduler/, README.md) loads with `DDPMPipeline.from_pretrained(out)`.
 
     Args:
-        ckpt: a Lightning checkpoint (.ckpt) of `ddpm-lightning fit`.
+        model: a Lightning checkpoint (.ckpt) of `ddpm-lightning fit`, or any other model source `sample` takes.
         out: the folder to write (created if missing; the files it writes are replaced).
         samples: an image to show in the model card, copied in as samples.png (e.g. a grid from
             <output_dir>/samples or the grid.png of `ddpm-lightning sample`); none when left out.
         repo_id: the Hub repo the folder is meant for, used in the card's usage snippet (else the folder).
+        revision: the branch, tag or commit of a Hub model id (its main branch when left out).
 
     Returns:
         The folder.
     """
-    from .card import write_model_card
-
-    path = Path(ckpt)
-    if not path.is_file():
-        raise CommandError(f"{ckpt} is not a file: give the Lightning checkpoint (.ckpt) to export.")
     if samples is not None and not Path(samples).is_file():
         raise CommandError(f"--samples {samples}: no such image.")
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise CommandError(f"{out} is a file: give a folder to write the model into (created if missing).")
-    module, checkpoint = load_checkpoint(path)
-    with module.ema_weights():
-        save_pipeline(module.unet, module.noise_scheduler, folder)
+    found = load_model(model, revision, POSITIONAL)
+    save_pipeline(found.unet, found.noise_scheduler(), folder)
+    checkpoint = found.checkpoint or {}
     data = checkpoint.get("datamodule_hyper_parameters") or {}
-    config = {"model": checkpoint["hyper_parameters"], **({"data": data} if data else {})}  # card: no "_" keys
-    grid = Path(samples) if samples else None
-    steps = checkpoint.get("global_step")
-    base_model = checkpoint.get("base_model")
+    hparams = checkpoint.get("hyper_parameters")
+    config = {**({"model": hparams} if hparams else {}), **({"data": data} if data else {})}  # card: no "_" keys
     write_model_card(
         folder,
-        config=config,
+        config=config or None,
         dataset=data.get("dataset"),
-        steps=steps,
-        grid_path=grid,
+        steps=checkpoint.get("global_step"),
+        grid_path=Path(samples) if samples else None,
         repo_id=repo_id,
-        base_model=base_model,
+        base_model=checkpoint.get("base_model") if found.checkpoint else found.base_model,
     )
-    log.info(f"Exported {ckpt} ({'EMA' if checkpoint.get('ema') is not None else 'raw'} weights) to {folder}")
+    log.info(f"Exported {model} to {folder}")
     return folder
 
 
@@ -275,11 +183,12 @@ def is_command(args=None) -> bool:
 
 
 def run(args=None):
-    """Parse `sample ...` / `export ...` with jsonargparse and run it; a CommandError exits with its one line."""
+    """Parse `sample ...` / `export ...` with jsonargparse and run it; a CommandError or a model source that cannot
+    be used exits with its one line."""
     from jsonargparse import CLI
 
     argv = list(sys.argv[1:] if args is None else args)
     try:
         return CLI([sample, export], args=argv, prog="ddpm-lightning", as_positional=True)
-    except CommandError as err:
+    except (CommandError, ModelSourceError) as err:
         raise SystemExit(f"ddpm-lightning {argv[0]}: error: {err}") from err

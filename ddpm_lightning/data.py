@@ -21,8 +21,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import transforms
 from torchvision.transforms.functional import pil_to_tensor
 
-from .monitor import progress_bar
+from .reporting.progress import progress_bar
 from .sources import Split, training_and_validation
+from .unet import to_model_range
 
 Crop = Literal["squash", "center", "random"]
 # crop: random keeps at most this long a side (times image_size), so a panorama cannot blow up the cache.
@@ -234,7 +235,7 @@ def decode_all(images: ResizedImages, num_workers: int, trainer=None) -> torch.T
 
 def augment(batch: torch.Tensor, flip: bool = True) -> torch.Tensor:
     """The tutorial's RandomHorizontalFlip + ToTensor + Normalize([0.5], [0.5]) on a uint8 batch, on its device."""
-    images = batch.float().div_(127.5).sub_(1.0)
+    images = to_model_range(batch)
     if not flip:
         return images
     flipped = torch.rand(images.shape[0], device=images.device) < 0.5

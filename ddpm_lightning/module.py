@@ -1,7 +1,7 @@
 """The diffusion maths: `DDPMModule` trains a diffusers UNet2DModel as a DDPM (noise schedule, loss, AdamW and its
 LR schedule, validation loss) and samples from it through sampling.py. The mechanisms around it live in their own
-files: the weight average in ema.py, the NaN check in stop_on_nan.py, the speed switches in speed.py, optim.py
-(AdamW's choice and the compiled step) and precision.py.
+homes: the UNet's description in unet.py, the model it may start from in model_source.py, the weight average in
+ema.py, the NaN check in stop_on_nan.py, the speed switches (and AdamW's choice) in speed/.
 
     >>> model = DDPMModule(image_size=32)  # the tutorial's UNet (untrained here)
     >>> images = model.sample(4, "ddim", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
@@ -15,38 +15,30 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, SchedulerMixin, UNet2DModel
+from diffusers import SchedulerMixin
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .ema import EMAWeights, UpdateEMA
-from .optim import CompiledAdamW, make_adamw
-from .pretrained import check_channels, check_resumed, fitted_architecture, load_pretrained
+from .model_source import check_resumed, fitted_architecture, load_model
 from .sampling import Sampler, denoise, make_sampler
-from .speed import CompileMode, UNetForward, apply_speed_switches, check_one_compiler
+from .speed import CompiledAdamW, CompileMode, UNetForward, apply_speed_switches, check_one_compiler, make_adamw
 from .stop_on_nan import StopOnNaN
-
-# The tutorial's UNet ("Train a diffusion model"): 6 levels, attention in the 5th down and 2nd up block.
-TUTORIAL_UNET: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "layers_per_block": 2,
-    "block_out_channels": [128, 128, 256, 256, 512, 512],
-    "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"],
-}
-
-# DDPMScheduler's arguments that make the noise schedule (and so the maths): set, pretrained or default.
-NOISE_SCHEDULE = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
-
-PredictionType = Literal["epsilon", "v_prediction", "sample"]
-BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
+from .unet import (
+    NOISE_SCHEDULE,
+    TUTORIAL_UNET,
+    BetaSchedule,
+    PredictionType,
+    build_unet,
+    check_channels,
+    noise_schedule,
+    to_model_range,
+)
 
 
 class DDPMModule(LightningModule):
@@ -123,7 +115,7 @@ class DDPMModule(LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        found = load_pretrained(pretrained, pretrained_revision) if pretrained is not None else None
+        found = load_model(pretrained, pretrained_revision) if pretrained is not None else None
         self.base_model = found.base_model if found else None  # what it is fine-tuned from (card, run summary)
         if found is not None:
             unet = self.hparams.unet = fitted_architecture(found, unet, image_size)  # (checkpoints rebuild it)
@@ -173,7 +165,7 @@ class DDPMModule(LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         """The denoising loss at `val_timesteps` fixed timesteps with noise fixed per image (seeded by its index)."""
         index, images = batch
-        images = images.float() / 127.5 - 1  # no flip: the same input every epoch
+        images = to_model_range(images)  # no flip: the same input every epoch
         seeded = [torch.Generator().manual_seed(int(i)) for i in index]
         noise = torch.stack([torch.randn(images.shape[1:], generator=g) for g in seeded]).to(images.device)
         steps = torch.linspace(0, self.noise_scheduler.config.num_train_timesteps - 1, self.hparams.val_timesteps)
@@ -252,33 +244,3 @@ class DDPMModule(LightningModule):
         sampler = make_sampler(self.noise_scheduler, cast(Sampler, sampler)) if isinstance(sampler, str) else sampler
         forward = functools.partial(self.unet_forward.sample, self.unet)
         return denoise(self.unet, sampler, num_inference_steps, generator, n, on_step, forward=forward)
-
-
-def noise_schedule(chosen: dict[str, Any], pretrained: dict[str, Any]) -> DDPMScheduler:
-    """DDPMScheduler with each key of `chosen` set to its value, else (None) to the `pretrained` scheduler config's,
-    else to DDPMScheduler's default. All are passed by name, so that samplers built from this config
-    (sampling.make_sampler) take them, not their own defaults."""
-    known = inspect.signature(DDPMScheduler.__init__).parameters
-    base = {k: v for k, v in pretrained.items() if k in known}
-    chosen = {k: v if v is not None else base.get(k, known[k].default) for k, v in chosen.items()}
-    return DDPMScheduler(**{**base, **chosen})
-
-
-def build_unet(unet: dict[str, Any], image_size: int) -> UNet2DModel:
-    """UNet2DModel(**unet) for square images of `image_size`, refusing a size its down blocks cannot halve."""
-    unet_kwargs = dict(unet)
-    if "sample_size" in unet_kwargs and unet_kwargs["sample_size"] != image_size:
-        raise ValueError(
-            f"unet.sample_size={unet_kwargs['sample_size']} differs from image_size={image_size}: "
-            "leave unet.sample_size out, it follows data.image_size."
-        )
-    unet_kwargs["sample_size"] = image_size
-    default_blocks = inspect.signature(UNet2DModel.__init__).parameters["down_block_types"].default
-    levels = len(unet_kwargs.get("down_block_types", default_blocks))
-    if image_size % 2 ** (levels - 1):
-        factor = 2 ** (levels - 1)
-        raise ValueError(
-            f"image_size={image_size} cannot be halved {levels - 1} times by the UNet's {levels} down blocks: "
-            f"use a multiple of {factor} (e.g. {max(factor, image_size // factor * factor)}), or fewer blocks."
-        )
-    return UNet2DModel(**unet_kwargs)

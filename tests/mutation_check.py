@@ -44,25 +44,25 @@ EMA_CALLBACK = "        return nan_check + ([UpdateEMA()] if self.ema is not Non
 # name: (file, old text, new text, tests that must fail)
 MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     "compiled_step_float_lr": (  # a float LR is a constant of the compiled graph: one recompile per LR change
-        "ddpm_lightning/optim.py",
+        "ddpm_lightning/speed/optim.py",
         'group["lr"] = torch.tensor(float(group["lr"]), device=device)',
         "pass",
         [T + "test_resume.py::test_resume_with_the_compiled_optimizer_step_equals_the_straight_run"],
     ),
     "compiled_step_nan_at_zero_lr": (
-        "ddpm_lightning/optim.py",
+        "ddpm_lightning/speed/optim.py",
         '            group["lr"].clamp_(min=MIN_LR)\n',
         "            pass\n",
         [T + "test_speed_switches.py::test_compiled_step_keeps_weights_finite_at_a_zero_lr_with_zero_gradients"],
     ),
     "compiled_step_skips_clipping": (
-        "ddpm_lightning/optim.py",
+        "ddpm_lightning/speed/optim.py",
         "        if self.clip_val:\n",
         "        if False:\n",
         [T + "test_speed_switches.py::test_adamw_trains_with_clipping_under_every_precision[bf16-mixed-compiled]"],
     ),
     "compiled_step_saves_a_tensor_lr": (
-        "ddpm_lightning/optim.py",
+        "ddpm_lightning/speed/optim.py",
         '            group["lr"] = float(group["lr"])\n',
         "",
         [
@@ -80,7 +80,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         ],
     ),
     "cuda_graphs_only_reduce_overhead": (
-        "ddpm_lightning/speed.py",
+        "ddpm_lightning/speed/switches.py",
         'return compile_mode in ("reduce-overhead", "max-autotune")',
         'return compile_mode == "reduce-overhead"',
         [T + "test_speed_switches.py::test_each_compiled_call_starts_a_cuda_graph_step_in_the_modes_that_use_graphs"],
@@ -100,7 +100,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         [LR_TEST],
     ),
     "no_fsync": (
-        "ddpm_lightning/checkpointing.py",
+        "ddpm_lightning/checkpointing/writes.py",
         "                os.fsync(f.fileno())\n",
         "",
         [T + "test_schedule_and_io.py::test_checkpoint_bytes_are_fsynced_before_the_rename"],
@@ -161,9 +161,9 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         [PIPELINE + "[ddim]"],
     ),
     "compile_not_applied": (
-        "ddpm_lightning/speed.py",
-        '"sample": torch.compile(unet_sample_call, mode=mode, dynamic=False),',
-        '"sample": unet_sample_call,',
+        "ddpm_lightning/speed/switches.py",
+        '"sample": torch.compile(predict, mode=mode, dynamic=False),',
+        '"sample": predict,',
         [T + "test_module.py::test_compiled_unet_runs_and_matches_the_plain_one"],
     ),
     "channels_last_batch_not_converted": (
@@ -173,13 +173,13 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         [SWITCHES],
     ),
     "gradient_checkpointing_not_enabled": (
-        "ddpm_lightning/speed.py",
+        "ddpm_lightning/speed/switches.py",
         "unet.enable_gradient_checkpointing()",
         "unet.disable_gradient_checkpointing()",
         [SWITCHES],
     ),
     "rng_states_not_restored": (
-        "ddpm_lightning/checkpointing.py",
+        "ddpm_lightning/checkpointing/resume.py",
         'torch.set_rng_state(states["torch"])\n',
         "return\n",
         [T + "test_reliability.py::test_stopped_and_resumed_run_equals_the_uninterrupted_one[memory]"],
@@ -227,7 +227,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         [T + "test_data.py::test_a_single_parquet_file_is_a_data_set"],
     ),
     "no_samples_image_in_tensorboard": (
-        "ddpm_lightning/sampling.py",
+        "ddpm_lightning/reporting/grids.py",
         "logger.experiment.add_image(tag, grid, global_step=step)",
         "pass",
         [FIT_QUALITY],
@@ -251,25 +251,25 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         [T + "test_commands.py::test_asking_for_more_images_keeps_the_first_ones"],
     ),
     "hub_repo_created_public": (
-        "ddpm_lightning/hub.py",
+        "ddpm_lightning/publish/hub.py",
         "private=self.private,",
         "private=False,",
         [HUB + "test_create_repo_asks_for_the_visibility_and_takes_the_full_repo_id"],
     ),
     "hub_failed_upload_raises": (
-        "ddpm_lightning/hub.py",
+        "ddpm_lightning/publish/hub.py",
         "            self.failures += 1\n",
         "            raise\n",
         [HUB + "test_failed_upload_warns_counts_and_the_next_one_succeeds"],
     ),
     "hub_upload_does_not_wait_for_the_last": (
-        "ddpm_lightning/hub.py",
+        "ddpm_lightning/publish/hub.py",
         "        self.wait()\n        ignore = ",
         "        ignore = ",
         [HUB + "test_failed_upload_warns_counts_and_the_next_one_succeeds"],
     ),
     "hub_intermediate_folders_published": (
-        "ddpm_lightning/hub.py",
+        "ddpm_lightning/publish/hub.py",
         "ignore = IGNORE_PATTERNS + ([] if self.upload_logs else LOCAL_RECORDS)",
         "ignore = None",
         [HUB + "test_save_model_creates_the_repo_uploads_the_saved_pipeline_and_waits_at_fit_end"],
@@ -289,13 +289,13 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     # issue 19
     "wandb_gets_no_images": (
-        "ddpm_lightning/sampling.py",
+        "ddpm_lightning/reporting/grids.py",
         "logger.log_image(tag, [grid.permute(1, 2, 0).numpy()], step=step)",
         "pass",
         [TRACKERS],
     ),
     "mlflow_gets_no_images": (
-        "ddpm_lightning/sampling.py",
+        "ddpm_lightning/reporting/grids.py",
         "logger.experiment.log_image(logger.run_id, grid.permute(1, 2, 0).numpy(), key=tag, step=step)",
         "pass",
         [TRACKERS],
@@ -314,13 +314,13 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     # issue 22
     "link_and_removal_run_after_a_failed_write": (
-        "ddpm_lightning/checkpointing.py",
+        "ddpm_lightning/checkpointing/writes.py",
         "            if self._failure is None:\n",
         "            if True:\n",
         [LAST_GOOD + "test_a_full_disk_keeps_the_last_good_checkpoint_and_stops_with_one_line[1.5]"],
     ),
     "resume_from_a_dangling_last_starts_over": (
-        "ddpm_lightning/checkpointing.py",
+        "ddpm_lightning/checkpointing/resume.py",
         "        if not existing:  # a link whose file was deleted or never written\n",
         "        if False:\n",
         [
@@ -329,20 +329,20 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         ],
     ),
     "checkpoint_written_after_a_nan_loss": (
-        "ddpm_lightning/checkpointing.py",
+        "ddpm_lightning/checkpointing/cadence.py",
         "        check_finite(trainer)  # (called on every rank before anything is written)\n",
         "        pass\n",
         [LAST_GOOD + "test_no_checkpoint_grid_or_model_is_written_after_a_nan_loss"],
     ),
     # issue 22 (item 9: a stop signal during an epoch-end grid)
     "stop_signal_waits_for_the_grid": (  # the grid runs to its end before the run stops
-        "ddpm_lightning/sampling.py",
+        "ddpm_lightning/checkpointing/signals.py",
         "    if trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):\n        raise SIGTERMException\n",
         "    pass\n",
         [STOP + "test_a_stop_signal_during_an_epoch_end_grid_ends_it_at_the_next_step_then_saves_exits_0_and_resumes"],
     ),
     "repeated_stop_signal_ends_the_process": (  # SIGTERM's default back after Lightning's teardown: exit 143
-        "ddpm_lightning/checkpointing.py",
+        "ddpm_lightning/checkpointing/signals.py",
         "            signal.signal(signal.SIGTERM, signal.SIG_IGN)\n",
         "            pass\n",
         [STOP + "test_a_repeated_stop_signal_is_the_same_request_the_run_exits_0_with_its_checkpoint"],
@@ -355,26 +355,26 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         [PRETRAINED + "test_fine_tunes_from_a_bare_unet_folder_with_the_default_schedule"],
     ),
     "pretrained_checkpoint_raw_not_ema_weights": (
-        "ddpm_lightning/pretrained.py",
+        "ddpm_lightning/model_source.py",
         "            ema.copy_to(unet.parameters())\n",
         "            pass\n",
         [PRETRAINED + "test_fine_tunes_from_a_checkpoint_s_ema_weights_as_a_new_run_with_ema_from_them"],
     ),
     "pretrained_schedule_ignored": (
-        "ddpm_lightning/module.py",
+        "ddpm_lightning/unet.py",
         "base = {k: v for k, v in pretrained.items() if k in known}",
         "base: dict = {}",
         [PRETRAINED + "test_fine_tunes_from_the_google_ddpm_layout_with_its_schedule_unless_set"],
     ),
     # issue 20
     "peak_flops_sparse_h200": (  # the datasheet's "with sparsity" figure: MFU half of what it is
-        "ddpm_lightning/peak_flops.py",
+        "ddpm_lightning/reporting/peak_flops.py",
         '(r"h200", 989.5e12)',
         '(r"h200", 1979e12)',
         [T + "test_peak_flops.py"],
     ),
     "peak_flops_nvl_as_sxm": (  # without its own line, an H200 NVL matches "h200": the SXM card's peak
-        "ddpm_lightning/peak_flops.py",
+        "ddpm_lightning/reporting/peak_flops.py",
         '    (r"h200 nvl", 835.5e12),',
         "",
         [T + "test_peak_flops.py"],
@@ -386,7 +386,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         [T + "test_progress.py"],
     ),
     "images_per_sec_on_the_bar_every_step": (  # logged on log steps only, but read again after every batch
-        "ddpm_lightning/monitor.py",
+        "ddpm_lightning/reporting/monitor.py",
         'pl_module.log("img/s", rate, logger=False',
         'pl_module.log("img/s", rate, prog_bar=True, logger=False',
         [T + "test_progress.py"],

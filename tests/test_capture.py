@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddpm_lightning import capture, speed
+from ddpm_lightning.speed import capture, switches as speed
 from ddpm_lightning.cli import main, raised_by_this_package
 
 from conftest import fit_args, tiny_module

@@ -12,7 +12,7 @@ import yaml
 from huggingface_hub import ModelCard
 
 from ddpm_lightning.callbacks import SaveModel
-from ddpm_lightning.card import write_model_card, write_run_card
+from ddpm_lightning.publish.card import write_model_card, write_run_card
 from ddpm_lightning.sources import is_hub_id
 
 from conftest import tiny_module, write_image
@@ -125,6 +125,6 @@ def test_a_card_that_cannot_be_written_is_a_warning(tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     trainer = SimpleNamespace(global_step=1, callbacks=[], datamodule=None)
-    with caplog.at_level(logging.WARNING, logger="ddpm_lightning.card"):
+    with caplog.at_level(logging.WARNING, logger="ddpm_lightning.publish.card"):
         assert write_run_card(trainer, tiny_module(), blocker) is None
     assert "Could not write the model card" in caplog.text

@@ -13,9 +13,10 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from ddpm_lightning.cli import main
-from ddpm_lightning.commands import CommandError, image_generator, load_checkpoint, sample
+from ddpm_lightning.commands import CommandError, image_generator, sample
 from ddpm_lightning.module import DDPMModule
-from ddpm_lightning.sampling import grid_shape, make_sampler
+from ddpm_lightning.reporting.grids import grid_shape
+from ddpm_lightning.sampling import make_sampler
 
 from conftest import fit_args, tiny_module, write_image
 
@@ -100,7 +101,7 @@ def test_batch_size_does_not_change_which_images_are_drawn(trained, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
 def test_a_saved_folder_gets_the_same_sampler_as_the_checkpoint_and_the_grids(trained, sampler):
-    module, _ = load_checkpoint(trained / "checkpoints" / "run" / "last.ckpt")
+    module = DDPMModule.load_from_checkpoint(trained / "checkpoints" / "run" / "last.ckpt", map_location="cpu")
     saved = DDPMPipeline.from_pretrained(trained / "run").scheduler.config
     for scheduler in (make_sampler(saved, sampler), make_sampler(module.noise_scheduler.config, sampler)):
         reference = make_sampler(module.noise_scheduler, sampler)  # what the training grids use
@@ -115,7 +116,7 @@ def test_a_saved_folder_gets_the_same_sampler_as_the_checkpoint_and_the_grids(tr
 @pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++"])
 def test_sample_from_a_sigmoid_schedule_draws_what_the_module_draws(trained, tmp_path, sampler):
     """DDIM and DPM-Solver++ cannot build beta_schedule "sigmoid" from its name: they get the betas themselves."""
-    module, _ = load_checkpoint(trained / "checkpoints" / "run" / "last.ckpt")
+    module = DDPMModule.load_from_checkpoint(trained / "checkpoints" / "run" / "last.ckpt", map_location="cpu")
     model = DDPMModule(**{**module.hparams, "beta_schedule": "sigmoid"})
     model.load_state_dict(module.state_dict())
     DDPMPipeline(unet=model.unet, scheduler=model.noise_scheduler).save_pretrained(tmp_path / "sigmoid")
@@ -252,8 +253,8 @@ def test_hub_id_offline_fails_with_one_clear_line(trained, capsys):
     [
         ("./missing.ckpt", "does not exist"),
         ("missing/deeper/model", "does not exist"),
-        ("images", "without model_index.json"),  # a folder, but not a saved model
-        ("not a model!", "nor a valid Hub model id"),
+        ("images", "is a folder but not a diffusers model"),  # a folder, but not a saved model
+        ("not a model!", "nor a Hub model id"),
     ],
 )
 def test_bad_model_paths_fail_clearly(trained, monkeypatch, model, expected):
@@ -266,7 +267,7 @@ def test_bad_model_paths_fail_clearly(trained, monkeypatch, model, expected):
 def test_a_file_that_is_not_a_checkpoint_fails_clearly(tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="not a readable Lightning checkpoint"):
+    with pytest.raises(SystemExit, match="is not a readable checkpoint"):
         main(["export", str(bad), str(tmp_path / "out")])
 
 

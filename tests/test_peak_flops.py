@@ -10,8 +10,8 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch import Trainer
 
-from ddpm_lightning.monitor import ImagesThroughput
-from ddpm_lightning.peak_flops import peak_bf16_flops
+from ddpm_lightning.reporting.monitor import ImagesThroughput
+from ddpm_lightning.reporting.peak_flops import peak_bf16_flops
 
 CUDA = torch.device("cuda", 0)
 

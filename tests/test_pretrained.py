@@ -20,7 +20,7 @@ from lightning.pytorch import Callback
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.commands import export, sample
-from ddpm_lightning.pretrained import PretrainedError, load_pretrained
+from ddpm_lightning.model_source import ModelSourceError, load_model
 
 from conftest import (
     MICRO_UNET,
@@ -256,13 +256,13 @@ def test_a_resume_with_a_pretrained_model_its_run_did_not_start_from_is_one_line
     run = fit_args(images, tmp_path / "run", *NO_SAVES, "--trainer.max_steps", "1")
     main(run)
     resume = [*run, "--trainer.max_steps", "2", "--ckpt_path", "last", "--model.pretrained", str(trained / "run")]
-    with pytest.raises(PretrainedError, match=r"the checkpoint's run was not fine-tuned.*start a new run"):
+    with pytest.raises(ModelSourceError, match=r"the checkpoint's run was not fine-tuned.*start a new run"):
         main(resume)
     assert torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False)["global_step"] == 1
     tuned = fit_args(images, tmp_path / "tuned", *NO_SAVES, "--trainer.max_steps", "1", "--model.pretrained")
     main([*tuned, str(trained / "run")])
     other = str(trained / "checkpoints" / "run" / "last.ckpt")
-    with pytest.raises(PretrainedError, match=r"the checkpoint's run was fine-tuned from .*run, and a resumed run"):
+    with pytest.raises(ModelSourceError, match=r"the checkpoint's run was fine-tuned from .*run, and a resumed run"):
         main([*tuned, other, "--trainer.max_steps", "2", "--ckpt_path", "last"])
 
 
@@ -362,7 +362,7 @@ def test_each_wrong_source_fails_at_construction_with_one_line(kind, tmp_path):
     from ddpm_lightning.module import DDPMModule
 
     source, extra = make_error_source(kind, tmp_path)
-    with pytest.raises(PretrainedError, match=ERRORS[kind]) as raised:
+    with pytest.raises(ModelSourceError, match=ERRORS[kind]) as raised:
         DDPMModule(pretrained=source, image_size=16, **extra)
     assert "\n" not in str(raised.value)
 
@@ -389,8 +389,8 @@ def test_a_one_channel_model_on_rgb_photos_is_one_line_naming_both(images, tmp_p
 
 def test_an_uncached_hub_id_offline_names_hf_hub_offline_and_the_download_command(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # (read at import; the conftest sets the variable later)
-    with pytest.raises(PretrainedError) as raised:
-        load_pretrained("someone/ddpm-not-cached", revision="v2")
+    with pytest.raises(ModelSourceError) as raised:
+        load_model("someone/ddpm-not-cached", revision="v2")
     message = str(raised.value)
     assert "\n" not in message and "HF_HUB_OFFLINE is set" in message
     assert "`hf download someone/ddpm-not-cached --revision v2`" in message
@@ -401,10 +401,10 @@ def test_an_uncached_hub_id_offline_names_hf_hub_offline_and_the_download_comman
 def test_hub_repo_revision_and_unet_errors_through_the_stand_in(tmp_path):
     """A missing repo, a missing revision and a repo without a UNet, each one line (one child process)."""
     script = (
-        "import json, sys\nfrom ddpm_lightning.pretrained import load_pretrained, PretrainedError\nout = []\n"
+        "import json, sys\nfrom ddpm_lightning.model_source import load_model, ModelSourceError\nout = []\n"
         "for repo, revision in json.loads(sys.argv[1]):\n"
-        "    try:\n        load_pretrained(repo, revision)\n        out.append(None)\n"
-        "    except PretrainedError as err:\n        out.append(str(err))\nprint(json.dumps(out))\n"
+        "    try:\n        load_model(repo, revision)\n        out.append(None)\n"
+        "    except ModelSourceError as err:\n        out.append(str(err))\nprint(json.dumps(out))\n"
     )
     cases = [["someone/missing", None], ["someone/model", "nope"], ["someone/no-unet", None]]
     with HubStandIn() as hub:

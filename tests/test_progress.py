@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ddpm_lightning.cli import main
-from ddpm_lightning.progress import TrainingProgressBar
+from ddpm_lightning.reporting.progress import TrainingProgressBar
 
 from conftest import HostReads, fit_args, scalars
 

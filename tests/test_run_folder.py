@@ -13,7 +13,7 @@ import torch
 from test_hub import hf_env, hub  # noqa: F401 (fixtures: the local Hub stand-in)
 
 from ddpm_lightning.cli import main
-from ddpm_lightning.run_lock import RunInUseError
+from ddpm_lightning.run_folder import RunInUseError
 
 from conftest import NO_SAVES, child_env, crash_args, fit_args, tb_events
 
@@ -99,7 +99,7 @@ def test_a_second_process_on_a_run_in_progress_fails_at_once_naming_the_first_an
 KILLED_SAVE = """
 import sys, time, safetensors.torch, torch
 from conftest import tiny_module
-from ddpm_lightning.checkpointing import save_pipeline
+from ddpm_lightning.publish import save_pipeline
 
 torch.manual_seed(0)
 module = tiny_module()

@@ -15,7 +15,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import make_grid
 
 from ddpm_lightning.cli import main
-from ddpm_lightning.monitor import training_flops_per_image
+from ddpm_lightning.reporting.monitor import training_flops_per_image
 from ddpm_lightning.sources import find_images
 
 from conftest import fit_args, scalars, tb_events

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from ddpm_lightning.callbacks import SampleGrid
 from ddpm_lightning.cli import main
 from ddpm_lightning.module import DDPMModule
-from ddpm_lightning.precision import FusedClipMixedPrecision
+from ddpm_lightning.speed.precision import FusedClipMixedPrecision
 
 from conftest import MICRO_UNET, TINY_UNET, HostReads, fit_args, max_steps, scalars
 
@@ -282,7 +282,7 @@ def test_a_compiled_fit_compiles_once_per_graph_and_gives_the_eager_losses(image
                 "compiled",
             )
         )
-    assert counters["stats"]["unique_graphs"] == 2  # unet_train_call and unet_sample_call
+    assert counters["stats"]["unique_graphs"] == 2  # the training call and predict
     assert (tmp_path / "compiled" / "samples" / "0001.png").exists()
     eager, compiled = (scalars(tmp_path / run / "logs", "train/loss") for run in ("eager", "compiled"))
     assert len(compiled) == 6 and compiled == pytest.approx(eager, rel=1e-3)
@@ -361,7 +361,7 @@ def test_compiled_step_follows_the_lr_schedule_without_recompiling_and_in_its_gp
     from torch._dynamo.utils import counters
     from torch.optim.lr_scheduler import LambdaLR
 
-    from ddpm_lightning.optim import CompiledAdamW
+    from ddpm_lightning.speed.optim import CompiledAdamW
 
     def make(cls, **kwargs):
         torch.manual_seed(0)
@@ -468,7 +468,7 @@ def test_compiled_step_keeps_weights_finite_at_a_zero_lr_with_zero_gradients():
     as torch's AdamW does (found by the compiled resume test: NaN weights after the first step)."""
     from torch.optim.lr_scheduler import LambdaLR
 
-    from ddpm_lightning.optim import CompiledAdamW
+    from ddpm_lightning.speed.optim import CompiledAdamW
 
     weights = {}
     for cls in (torch.optim.AdamW, CompiledAdamW):

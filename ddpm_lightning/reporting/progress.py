@@ -1,4 +1,5 @@
-"""The training progress bar without a GPU sync per step.
+"""Progress bars: the training bar without a GPU sync per step (`TrainingProgressBar`), and a bar for long work
+outside the training loop (`progress_bar`: caching the images, drawing a grid).
 
 Lightning turns every value logged with `prog_bar=True` into a Python number after each batch
 (`_ResultCollection.metrics`: `convert_tensors_to_scalars`), whether or not a bar shows it: a read of a device tensor,
@@ -9,8 +10,11 @@ steps, when the loggers read them anyway, and at the first step. The CLI puts it
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 SHOWN = ("img/s", "train/loss", "train/lr")  # img/s: logged by monitor.ImagesThroughput on log steps
 
@@ -35,3 +39,11 @@ class TrainingProgressBar(TQDMProgressBar):
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, int | str | float | dict]:
         return {**super().get_metrics(trainer, pl_module), **self.shown}
+
+
+def progress_bar(trainer, description: str, total: int, unit: str) -> Tqdm:
+    """Lightning's tqdm bar for long work outside the training loop, shown on rank 0 while the Trainer shows
+    progress bars (disabled, silent, otherwise). The caller updates and closes it."""
+    shown = trainer is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero
+    options = {"dynamic_ncols": True, "leave": False, "file": sys.stdout, "disable": not shown}
+    return Tqdm(total=total, desc=description, unit=unit, **options)

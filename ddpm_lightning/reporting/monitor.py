@@ -5,14 +5,12 @@
   one summary block in the log and `<output_dir>/run_summary.json`.
 - `ImagesThroughput`: Lightning's Throughput counter (images/s, steps/s, MFU from a FLOP count of the UNet),
   plus peak GPU memory, measured only on the Trainer's `log_every_n_steps` cadence: no host sync per step.
-- `progress_bar`: a bar for long work outside the training loop (caching the images, drawing a grid).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -20,22 +18,13 @@ import torch
 from diffusers import UNet2DModel
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .grids import save_grid
 from .peak_flops import peak_bf16_flops
-from .sampling import save_grid
 
 log = logging.getLogger(__name__)
-
-
-def progress_bar(trainer, description: str, total: int, unit: str) -> Tqdm:
-    """Lightning's tqdm bar for long work outside the training loop, shown on rank 0 while the Trainer shows
-    progress bars (disabled, silent, otherwise). The caller updates and closes it."""
-    shown = trainer is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero
-    options = {"dynamic_ncols": True, "leave": False, "file": sys.stdout, "disable": not shown}
-    return Tqdm(total=total, desc=description, unit=unit, **options)
 
 
 def training_flops_per_image(unet: UNet2DModel) -> int:

@@ -1,15 +1,16 @@
-"""Fine-tuning: the pretrained model a run starts from (`--model.pretrained`), resolved into its UNet (architecture
-and weights), its noise schedule and the name the model card gives it.
+"""Where a trained model comes from, resolved once for every command: `fit --model.pretrained` (and `validate`
+with it), `sample` and `export` take the same sources through `load_model`, with the same one-line errors.
 
-    found = load_pretrained("google/ddpm-cifar10-32")             # a Hub model id (revision: a branch, tag or commit)
-    found = load_pretrained("ddpm-butterflies-128")               # a diffusers folder: model_index.json, unet/, scheduler/
-    found = load_pretrained("old-unet")                           # a bare UNet folder: config.json and weights at its top
-    found = load_pretrained("checkpoints/run/last.ckpt")          # a checkpoint of ddpm-lightning: its EMA weights if any
-    found.unet, found.scheduler_config, found.base_model
+    found = load_model("google/ddpm-cifar10-32")             # a Hub model id (revision: a branch, tag or commit)
+    found = load_model("ddpm-butterflies-128")               # a diffusers folder: model_index.json, unet/, scheduler/
+    found = load_model("old-unet")                           # a bare UNet folder: config.json and weights at its top
+    found = load_model("checkpoints/run/last.ckpt")          # a checkpoint of ddpm-lightning: its EMA weights if any
+    found.unet, found.scheduler_config, found.base_model, found.checkpoint
 
 Folders and Hub repos load through diffusers' own `UNet2DModel.from_pretrained` and `DDPMScheduler.load_config`; a
 Hub repo's layout is found with huggingface_hub's `hf_hub_download` (which also reads its local cache offline). A
-source that cannot be used raises `PretrainedError`, one line naming the fix, before anything trains.
+source that cannot be used raises `ModelSourceError`, one line naming the fix, before anything trains or samples.
+What fine-tuning from a source checks (`fitted_architecture`, `check_resumed`) is here too.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from huggingface_hub.errors import (
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from .sources import is_hub_id
+from .unet import NOISE_SCHEDULE, TUTORIAL_UNET, architecture, noise_schedule
 
 log = logging.getLogger(__name__)
 
@@ -41,57 +43,68 @@ WHAT_IT_TAKES = (
     "give a Hub model id, a folder saved by `ddpm-lightning fit` / `export` or by DDPMPipeline.save_pretrained "
     "(model_index.json, unet/, scheduler/), a UNet folder (config.json and weights), or a .ckpt of ddpm-lightning"
 )
+# How each command names the source and its revision in an error: `fit --model.pretrained X`, `sample X`.
+PRETRAINED = ("--model.pretrained", "--model.pretrained_revision")
+POSITIONAL = ("", "--revision")
 
 
-class PretrainedError(ValueError):
-    """A `--model.pretrained` that cannot be used; the message names the fix."""
+class ModelSourceError(ValueError):
+    """A model source that cannot be used; the message names the fix."""
 
 
 @dataclass
-class Pretrained:
-    unet: UNet2DModel
+class ModelSource:
+    unet: UNet2DModel  # a checkpoint's EMA weights when it has them
     scheduler_config: dict[str, Any]  # its noise schedule; empty when it has none (a bare UNet folder)
     base_model: dict[str, Any]  # for the card and the run summary: {"name", "source", "revision"}
+    checkpoint: dict[str, Any] | None = None  # a checkpoint's contents (memory-mapped): its config, steps, ...
+
+    def noise_scheduler(self) -> DDPMScheduler:
+        """The noise schedule the model was trained with (DDPMScheduler's defaults where it names none)."""
+        return noise_schedule({}, self.scheduler_config)
 
 
-def load_pretrained(source: str, revision: str | None = None) -> Pretrained:
-    """The UNet, noise schedule and name of `source`: a local .ckpt or folder first, else a Hub model id."""
+def load_model(source: str, revision: str | None = None, names: tuple[str, str] = PRETRAINED) -> ModelSource:
+    """The UNet, noise schedule and name of `source`: a local .ckpt or folder first, else a Hub model id. `names`
+    are the option names the errors give the source and the revision (`PRETRAINED`, or `POSITIONAL` for a
+    command's argument)."""
     path = Path(source).expanduser()
+    option = named(names[0], source)
     if revision is not None and path.exists():
-        raise PretrainedError(
-            f"--model.pretrained_revision {revision}: only a Hub model id has revisions, not {source}."
-        )
+        raise ModelSourceError(f"{names[1]} {revision}: only a Hub model id has revisions, not {source}.")
     if path.is_file():
-        return from_checkpoint(path)
+        return from_checkpoint(path, option)
     if path.is_dir():
-        return from_folder(path)
+        return from_folder(path, option)
     if source.endswith(".ckpt") or not is_hub_id(source):
-        raise PretrainedError(
-            f"--model.pretrained {source} does not exist: it is no file or folder here, nor a Hub model id "
-            f"'user/name'. Check the path, or {WHAT_IT_TAKES}."
+        raise ModelSourceError(
+            f"{option} does not exist: it is no file or folder here, nor a Hub model id 'user/name'. Check the "
+            f"path, or {WHAT_IT_TAKES}."
         )
-    return from_hub(source, revision)
+    return from_hub(source, revision, option, names[1])
 
 
-def from_checkpoint(path: Path) -> Pretrained:
+def named(option: str, source: str | Path) -> str:
+    return f"{option} {source}" if option else str(source)
+
+
+def from_checkpoint(path: Path, option: str) -> ModelSource:
     """A checkpoint's UNet (`model.unet` and `image_size` of its hyperparameters) with its EMA weights when it
-    has them, its raw ones otherwise, and its noise schedule: a new run's start, not a resume."""
+    has them, its raw ones otherwise, and its noise schedule (the values its run used)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
-        raise PretrainedError(
-            f"--model.pretrained {path} is not a readable checkpoint ({type(err).__name__}): {WHAT_IT_TAKES}."
+        raise ModelSourceError(
+            f"{option} is not a readable checkpoint ({type(err).__name__}): {WHAT_IT_TAKES}."
         ) from err
     weights = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
     unet_weights = {k.removeprefix("unet."): v for k, v in weights.items() if k.startswith("unet.")}
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not unet_weights or not isinstance(hparams, dict) or "image_size" not in hparams:
-        raise PretrainedError(
-            f"--model.pretrained {path} is not a checkpoint of ddpm-lightning (no unet.* weights and "
-            f"hyperparameters in it): {WHAT_IT_TAKES}."
+        raise ModelSourceError(
+            f"{option} is not a checkpoint of ddpm-lightning (no unet.* weights and hyperparameters in it): "
+            f"{WHAT_IT_TAKES}."
         )
-    from .module import TUTORIAL_UNET  # (module.py imports this file)
-
     kwargs = dict(TUTORIAL_UNET if hparams.get("unet") is None else hparams["unet"])
     try:
         unet = UNet2DModel(**{**kwargs, "sample_size": hparams["image_size"]})
@@ -101,39 +114,38 @@ def from_checkpoint(path: Path) -> Pretrained:
             ema.load_state_dict(checkpoint["ema"])
             ema.copy_to(unet.parameters())
     except (TypeError, ValueError, RuntimeError) as err:
-        raise PretrainedError(
-            f"--model.pretrained {path}: its weights do not fit the UNet its hyperparameters describe "
-            f"({type(err).__name__}: {first_line(err)}); was it written by another version of ddpm-lightning?"
+        raise ModelSourceError(
+            f"{option}: its weights do not fit the UNet its hyperparameters describe ({type(err).__name__}: "
+            f"{first_line(err)}); was it written by another version of ddpm-lightning?"
         ) from err
-    noise_keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
-    schedule = {k: hparams[k] for k in noise_keys if hparams.get(k) is not None}
-    weights_kind = "EMA" if checkpoint.get("ema") is not None else "raw"
-    rank_zero_only(log.info)(f"Fine-tuning from the {weights_kind} weights of {path}")
-    return Pretrained(unet, schedule, {"name": f"{path.parent.name}/{path.name}", "source": "checkpoint"})
+    schedule = {k: hparams[k] for k in NOISE_SCHEDULE if hparams.get(k) is not None}
+    rank_zero_only(log.info)(f"Using the {'EMA' if checkpoint.get('ema') is not None else 'raw'} weights of {path}")
+    base_model = {"name": f"{path.parent.name}/{path.name}", "source": "checkpoint"}
+    return ModelSource(unet.eval(), schedule, base_model, checkpoint)
 
 
-def from_folder(path: Path) -> Pretrained:
+def from_folder(path: Path, option: str) -> ModelSource:
     name = path.resolve().name
     if (path / "model_index.json").is_file():
-        check_pipeline_unet(json.loads((path / "model_index.json").read_text()), str(path))
-        unet = read_unet(str(path), "unet", None)
+        check_pipeline_unet(json.loads((path / "model_index.json").read_text()), option)
+        unet = read_unet(str(path), "unet", None, option)
         has_schedule = (path / "scheduler" / "scheduler_config.json").is_file()
         schedule = DDPMScheduler.load_config(path, subfolder="scheduler") if has_schedule else {}
     elif (path / "config.json").is_file():
-        check_unet_config(json.loads((path / "config.json").read_text()), str(path))
-        unet = read_unet(str(path), None, None)
+        check_unet_config(json.loads((path / "config.json").read_text()), option)
+        unet = read_unet(str(path), None, None, option)
         schedule = DDPMScheduler.load_config(path) if (path / "scheduler_config.json").is_file() else {}
     else:
         held = sorted(p.name for p in path.glob("*.ckpt"))[:3]
         hint = f"; it holds {', '.join(held)}: pass one of them" if held else ""
-        raise PretrainedError(
-            f"--model.pretrained {path} is a folder but not a diffusers model (no model_index.json, no "
-            f"config.json{hint}): {WHAT_IT_TAKES}."
+        raise ModelSourceError(
+            f"{option} is a folder but not a diffusers model (no model_index.json, no config.json{hint}): "
+            f"{WHAT_IT_TAKES}."
         )
-    return Pretrained(unet, dict(schedule), {"name": name, "source": "folder"})
+    return ModelSource(aligned(unet), dict(schedule), {"name": name, "source": "folder"})
 
 
-def from_hub(repo_id: str, revision: str | None) -> Pretrained:
+def from_hub(repo_id: str, revision: str | None, option: str, revision_option: str) -> ModelSource:
     """A Hub repo in either layout: a pipeline (model_index.json, unet/, scheduler/) or a bare UNet."""
     try:
         try:
@@ -143,7 +155,7 @@ def from_hub(repo_id: str, revision: str | None) -> Pretrained:
         except EntryNotFoundError:
             index = None
         if index is not None:
-            check_pipeline_unet(json.loads(Path(index).read_text()), repo_id)
+            check_pipeline_unet(json.loads(Path(index).read_text()), option)
             subfolder: str | None = "unet"
         else:
             try:
@@ -151,13 +163,13 @@ def from_hub(repo_id: str, revision: str | None) -> Pretrained:
             except LocalEntryNotFoundError:
                 raise
             except EntryNotFoundError as err:
-                raise PretrainedError(
-                    f"--model.pretrained {repo_id}: the Hub repo holds no diffusers UNet (no model_index.json, no "
-                    "config.json): pick an unconditional model, e.g. google/ddpm-cifar10-32."
+                raise ModelSourceError(
+                    f"{option}: the Hub repo holds no diffusers UNet (no model_index.json, no config.json): pick "
+                    "an unconditional model, e.g. google/ddpm-cifar10-32."
                 ) from err
-            check_unet_config(json.loads(Path(config).read_text()), repo_id)
+            check_unet_config(json.loads(Path(config).read_text()), option)
             subfolder = None
-        unet = read_unet(repo_id, subfolder, revision)
+        unet = read_unet(repo_id, subfolder, revision, option)
         try:
             schedule = DDPMScheduler.load_config(
                 repo_id, subfolder="scheduler" if subfolder else None, revision=revision
@@ -166,14 +178,16 @@ def from_hub(repo_id: str, revision: str | None) -> Pretrained:
             if subfolder:  # a pipeline has one; a bare UNet repo may not
                 raise
             schedule = {}
-    except PretrainedError:
+    except ModelSourceError:
         raise
     except Exception as err:
-        raise hub_error(err, repo_id, revision) from err
-    return Pretrained(unet, dict(schedule), {"name": repo_id, "source": "hub", "revision": revision})
+        raise hub_error(err, repo_id, revision, option, revision_option) from err
+    return ModelSource(aligned(unet), dict(schedule), {"name": repo_id, "source": "hub", "revision": revision})
 
 
-def hub_error(err: Exception, repo_id: str, revision: str | None) -> PretrainedError:
+def hub_error(
+    err: Exception, repo_id: str, revision: str | None, option: str, revision_option: str
+) -> ModelSourceError:
     """One line for a Hub lookup that failed, read from the huggingface_hub error in `err`'s chain."""
     chain: list[BaseException] = []
     cause: BaseException | None = err
@@ -182,26 +196,26 @@ def hub_error(err: Exception, repo_id: str, revision: str | None) -> PretrainedE
         cause = cause.__cause__ or cause.__context__
     found = lambda kind: any(isinstance(e, kind) for e in chain)  # noqa: E731
     if found(RevisionNotFoundError):
-        return PretrainedError(
-            f"--model.pretrained_revision {revision}: the Hub repo {repo_id} has no such branch, tag or commit."
+        return ModelSourceError(
+            f"{revision_option} {revision}: the Hub repo {repo_id} has no such branch, tag or commit."
         )
     if found(RepositoryNotFoundError):
-        return PretrainedError(
-            f"--model.pretrained {repo_id}: no such model repo on the Hub (a private or gated one needs "
-            "`hf auth login`): check the id, or give a local folder or .ckpt."
+        return ModelSourceError(
+            f"{option}: no such model repo on the Hub (a private or gated one needs `hf auth login`): check the "
+            "id, or give a local folder or .ckpt."
         )
     if found(LocalEntryNotFoundError) or found(ConnectionError) or is_offline_mode():
         why = "HF_HUB_OFFLINE is set" if is_offline_mode() else "the Hub cannot be reached (HF_HUB_OFFLINE unset)"
         download = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
-        return PretrainedError(
-            f"--model.pretrained {repo_id} is not in the local Hugging Face cache and {why}: download it once "
-            f"where the Hub is reachable (`{download}`), then run again; or give a local folder."
+        return ModelSourceError(
+            f"{option} is not in the local Hugging Face cache and {why}: download it once where the Hub is "
+            f"reachable (`{download}`), then run again; or give a local folder."
         )
     kind = "Hub error" if found(HfHubHTTPError) else type(err).__name__
-    return PretrainedError(f"--model.pretrained {repo_id}: could not load it ({kind}: {first_line(err)}).")
+    return ModelSourceError(f"{option}: could not load it ({kind}: {first_line(err)}).")
 
 
-def check_pipeline_unet(index: dict, where: str) -> None:
+def check_pipeline_unet(index: dict, option: str) -> None:
     """A pipeline's model_index.json names a UNet2DModel as its `unet` (as DDPMPipeline's does)."""
     entry = index.get("unet")
     kind = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
@@ -211,40 +225,42 @@ def check_pipeline_unet(index: dict, where: str) -> None:
             if kind
             else f"it has no unet (it holds {', '.join(k for k in index if k[0] != '_')})"
         )
-        raise PretrainedError(
-            f"--model.pretrained {where}: {has}, not the UNet2DModel of an unconditional DDPM; pick an "
-            "unconditional model (e.g. google/ddpm-cifar10-32), or a folder this project saved."
+        raise ModelSourceError(
+            f"{option}: {has}, not the UNet2DModel of an unconditional DDPM; pick an unconditional model (e.g. "
+            "google/ddpm-cifar10-32), or a folder this project saved."
         )
 
 
-def check_unet_config(config: dict, where: str) -> None:
+def check_unet_config(config: dict, option: str) -> None:
     if config.get("_class_name") != "UNet2DModel":
         kind = config.get("_class_name") or "no diffusers _class_name"
-        raise PretrainedError(
-            f"--model.pretrained {where}: its config.json describes {kind}, not a UNet2DModel; {WHAT_IT_TAKES}."
-        )
+        raise ModelSourceError(f"{option}: its config.json describes {kind}, not a UNet2DModel; {WHAT_IT_TAKES}.")
 
 
-def read_unet(location: str, subfolder: str | None, revision: str | None) -> UNet2DModel:
+def read_unet(location: str, subfolder: str | None, revision: str | None, option: str) -> UNet2DModel:
     try:
         return UNet2DModel.from_pretrained(location, subfolder=subfolder, revision=revision)
     except OSError as err:
         if not Path(location).exists():
             raise  # a Hub lookup: hub_error words it
         where = f"{location}/{subfolder}" if subfolder else location
-        raise PretrainedError(
-            f"--model.pretrained {location}: cannot read the UNet in {where} ({first_line(err)}): it needs "
-            "config.json and diffusion_pytorch_model.safetensors (or .bin)."
+        raise ModelSourceError(
+            f"{option}: cannot read the UNet in {where} ({first_line(err)}): it needs config.json and "
+            "diffusion_pytorch_model.safetensors (or .bin)."
         ) from err
 
 
-def architecture(unet: UNet2DModel) -> dict[str, Any]:
-    """`unet`'s constructor arguments as plain JSON values, less sample_size (it follows data.image_size)."""
-    config = {k: v for k, v in unet.config.items() if not k.startswith("_") and k != "sample_size"}
-    return json.loads(json.dumps(config))
+def aligned(unet: UNet2DModel) -> UNet2DModel:
+    """The UNet with its weights copied out of safetensors' memory map, whose tensors may sit at unaligned
+    addresses: CPU kernels then take other code paths and round differently, and a saved folder would not
+    sample exactly as the checkpoint it was saved from."""
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.data = parameter.data.clone()
+    return unet.eval()
 
 
-def fitted_architecture(found: Pretrained, configured: dict[str, Any] | None, image_size: int) -> dict[str, Any]:
+def fitted_architecture(found: ModelSource, configured: dict[str, Any] | None, image_size: int) -> dict[str, Any]:
     """The pretrained UNet's architecture, which replaces `model.unet` (one line names what differs), for a run
     at `image_size` (one warning when the model was trained at another size: a UNet is convolutional, it trains)."""
     name = found.base_model["name"]
@@ -264,27 +280,12 @@ def fitted_architecture(found: Pretrained, configured: dict[str, Any] | None, im
     return arch
 
 
-def check_channels(unet: UNet2DModel, channels: int | None, base_model: dict[str, Any] | None) -> None:
-    """The UNet takes and predicts images of the data's channel count (noise of the image's shape), when the data
-    module says it (ImageDataModule's `channels`: RGB)."""
-    if channels is None:
-        return
-    what = f"model.pretrained {base_model['name']}" if base_model else "model.unet"
-    in_channels, out_channels = unet.config.in_channels, unet.config.out_channels
-    if in_channels != channels or out_channels != channels:
-        raise ValueError(
-            f"{what} takes {in_channels}-channel images and predicts {out_channels} channels, but the data is "
-            f"{channels}-channel ({'RGB' if channels == 3 else 'images'}): pick a model with in_channels and "
-            f"out_channels {channels}."
-        )
-
-
 def check_resumed(then: str | None, now: str | None) -> None:
     """A resumed run goes on from its checkpoint's weights: a `--model.pretrained` its run did not start from would
     be loaded and then silently replaced."""
     if now is not None and now != then:
         was = f"was fine-tuned from {then}" if then is not None else "was not fine-tuned"
-        raise PretrainedError(
+        raise ModelSourceError(
             f"--model.pretrained {now} with --ckpt_path: the checkpoint's run {was}, and a resumed run goes on from "
             f"its checkpoint's weights. To fine-tune from {now}, start a new run (another --output_dir, no "
             "--ckpt_path); to resume, leave --model.pretrained as the run had it."
@@ -292,4 +293,5 @@ def check_resumed(then: str | None, now: str | None) -> None:
 
 
 def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): one line for the user."""
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -15,8 +15,6 @@ import logging
 import os
 from pathlib import Path
 
-from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
 VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
 log = logging.getLogger(__name__)
 
@@ -25,6 +23,9 @@ def keep_compile_cache(checkpoint_dir: str) -> str | None:
     """Point inductor's cache at `compile-cache/` beside `checkpoint_dir` unless TORCHINDUCTOR_CACHE_DIR is set to
     another place than inductor's default;
     the folder used, or None when left to the user's setting (or when that folder cannot be created)."""
+    # Private, and imported here only: a run that compiles nothing never loads inductor.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     if os.environ.get(VARIABLE, "") not in ("", default_cache_dir()):
         return None  # the user's (importing Lightning sets it to inductor's default: not a choice)
     folder = Path(checkpoint_dir).resolve().parent / "compile-cache"

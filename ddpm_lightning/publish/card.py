@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from .sources import is_hub_id
+from ..sources import is_hub_id
 
 log = logging.getLogger(__name__)
 

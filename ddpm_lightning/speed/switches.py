@@ -13,9 +13,9 @@ import torch
 from diffusers import UNet2DModel
 from lightning.pytorch import LightningModule
 
+from ..unet import predict
 from .blocks import compile_blocks
 from .capture import CapturedForward, check_capture
-from .sampling import unet_sample_call
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -71,7 +71,7 @@ class UNetForward:
         # specialises sizes 0 and 1).
         self.compiled = {
             "train": torch.compile(unet_train_call, mode=mode, dynamic=False),
-            "sample": torch.compile(unet_sample_call, mode=mode, dynamic=False),
+            "sample": torch.compile(predict, mode=mode, dynamic=False),
         }
         self.cuda_graphs = uses_cuda_graphs(mode)
         self.batch = 0
@@ -90,7 +90,7 @@ class UNetForward:
     def sample(self, unet: UNet2DModel, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         compiled = self.compiled
         if not compiled:
-            return unet_sample_call(unet, sample, timesteps)
+            return predict(unet, sample, timesteps)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         # CUDA graphs reuse their output buffer on the next call: copy it out.

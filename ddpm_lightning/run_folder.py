@@ -1,4 +1,8 @@
-"""One process at a time on a run: `fit` holds an exclusive lock on `<output_dir>/.ddpm-lightning.lock` while it
+"""The run folder's life cycle: `fit` checks that `output_dir` can be written (`check_writable`) and that a fresh run
+does not merge into another (`check_fresh_run`), removes what a run that failed before its first step wrote
+(`remove_unstarted_run`), and holds the run's lock while it trains (`RunLock`).
+
+One process at a time on a run: `fit` holds an exclusive lock on `<output_dir>/.ddpm-lightning.lock` while it
 trains, and a second `fit` on the same output_dir fails at once, naming the process that holds it. It also locks its
 checkpoint folder (the folder itself: no file in it), which two output_dirs of one name share by default
 (`checkpoints/<output_dir's name>`).
@@ -9,8 +13,11 @@ lock is never left stuck; the file stays behind, unlocked. Where fcntl is missin
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import TextIO
@@ -81,3 +88,56 @@ class RunLock:
         if self.checkpoint_fd is not None:
             os.close(self.checkpoint_fd)
             self.checkpoint_fd = None
+
+
+def check_writable(folder: str, option: str = "--output_dir") -> None:
+    """Create the folder now, so a bad path fails before any training, naming the folder and the fix."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise RuntimeError(
+            f"Cannot start training: {option.lstrip('-')} {folder} is not a writable folder ({err}). "
+            f"Choose another {option}."
+        ) from err
+
+
+# What a run writes into output_dir: a fresh run refuses a folder that holds any of them (see check_fresh_run).
+RUN_FILES = ("logs", "samples", "model_index.json", "unet", "scheduler", "README.md")
+
+
+def check_fresh_run(folder: str, checkpoint, overwrite: bool) -> None:
+    """A fresh run (no --ckpt_path) never merges into another run's logs or `last`, nor replaces a file silently."""
+    out = Path(folder)
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    ckpt_dir = Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else None
+    ckpts = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir is not None and ckpt_dir.is_dir() else []
+    if ckpts:
+        found.append(f"{len(ckpts)} checkpoint(s) in {ckpt_dir}")
+    if not found:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"output_dir {folder} already holds a run ({', '.join(found)}). Resume it with --ckpt_path last, "
+            "choose another --output_dir, or pass --overwrite true to start it again (its logs, samples and "
+            "checkpoints are deleted; its model files and README.md are rewritten at the first save)."
+        )
+    for name in ("logs", "samples"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for ckpt in ckpts:
+        ckpt.unlink()
+    logging.getLogger("ddpm_lightning").info(
+        f"--overwrite: deleted the old run's logs, samples, checkpoints in {folder}"
+    )
+
+
+def remove_unstarted_run(folder: str, checkpoint) -> None:
+    """What a fresh run wrote before failing ahead of its first optimizer step (its logs, samples/data.png): the
+    folders check_fresh_run found absent (or --overwrite emptied), so nothing of another run's; kept if the run
+    saved a checkpoint after all."""
+    ckpt_dir = Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else None
+    if ckpt_dir is not None and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
+        return
+    for name in ("logs", "samples"):
+        shutil.rmtree(Path(folder) / name, ignore_errors=True)

@@ -1,0 +1,105 @@
+"""When checkpoints are written: `PeriodicCheckpoint`, every 10 minutes of training by default, at the end of the
+run and on a stop signal (signals.py), one file at a time with `last.ckpt` a link to it.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from ..stop_on_nan import check_finite
+from .writes import AtomicCheckpointIO
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint with a cheap default: a checkpoint every `train_time_interval` of training (10 minutes)
+    rather than every epoch, one at the end of the run and one on a stop signal; each save is one file (the
+    previous one is deleted with the default save_top_k=1) and `last.ckpt` is a link to it.
+
+    Setting `every_n_train_steps` or `every_n_epochs` replaces the time cadence; `save_top_k: -1` keeps every file.
+
+    Args:
+        train_time_interval: save every this much training time, "h:mm:ss" (default 0:10:00); null for none.
+        save_last: "link": last.ckpt links to the latest file; true: a copy; false: none.
+        enable_version_counter: add -v1, -v2 to a name that exists (off: a run has its own folder).
+    """
+
+    def __init__(
+        self,
+        *args,
+        train_time_interval: timedelta | None = timedelta(minutes=10),
+        save_last: bool | str | None = "link",
+        enable_version_counter: bool = False,
+        **kwargs,
+    ):
+        # No version counter by default: a run has its own folder, so `last.ckpt` is always this run's (the
+        # counter would write last-v1.ckpt on resume, as a linked save does not record the link's name).
+        if kwargs.get("every_n_train_steps") or kwargs.get("every_n_epochs"):
+            train_time_interval = None
+        super().__init__(
+            *args,
+            train_time_interval=train_time_interval,
+            save_last=save_last,
+            enable_version_counter=enable_version_counter,
+            **kwargs,
+        )
+        self._stale: list[str] = []
+
+    def _remove_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        # The previous file goes once `last` points at the new one (both queued behind its write): a kill at
+        # any moment leaves `last` pointing at a complete checkpoint.
+        if self.save_last:
+            self._stale.append(filepath)
+        else:
+            super()._remove_checkpoint(trainer, filepath)
+
+    def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        stale, self._stale = self._stale, []
+        kept = {os.path.abspath(p) for p in [*self.best_k_models, self.last_model_path] if p}
+        for path in stale:
+            if os.path.abspath(path) not in kept:
+                super()._remove_checkpoint(trainer, path)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        # Resumed with another cadence: Lightning restores no state saved under another cadence (state_key), so
+        # the old cadence's file would stay beside the new one. Where one file is kept, it goes at the next save.
+        states = checkpoint.get("callbacks", {})
+        if self.state_key in states or self.save_top_k != 1 or self.monitor is not None:
+            return
+        for state in states.values():
+            if isinstance(state, dict) and state.get("dirpath") == self.dirpath:
+                old = [state.get("best_model_path"), *state.get("best_k_models", {})]
+                self._stale += [path for path in old if path and os.path.exists(path)]
+
+    def _link_checkpoint(self, trainer: Trainer, filepath: str, linkpath: str) -> None:
+        io = trainer.strategy.checkpoint_io
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            (io.link if hasattr(io, "link") else AtomicCheckpointIO().link)(filepath, linkpath)
+        trainer.strategy.barrier()
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        check_finite(trainer)  # (called on every rank before anything is written)
+
+    def save_now(self, trainer: Trainer) -> None:
+        """A checkpoint at this step (unless one was just written), as the cadence would write it, and `last`."""
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is None or self.monitor in candidates:
+            self._save_topk_checkpoint(trainer, candidates)
+        else:  # the monitored metric is not there yet: a plain file
+            self._save_checkpoint(trainer, self.format_checkpoint_name(candidates))
+        self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs > 0:
+            self.save_now(trainer)  # the last epoch's end: the run's final checkpoint, named after that epoch
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.save_now(trainer)  # the end of the run is always saved, whatever the cadence (unless just saved)
+        super().on_train_end(trainer, pl_module)

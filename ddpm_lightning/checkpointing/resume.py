@@ -1,0 +1,139 @@
+"""What a resume needs beyond Lightning's own state, and what it checks: the RNG states (`RNGStates`), the data a
+run trained on (`SameData`), and a `--ckpt_path` that can be resumed from (`check_ckpt_path`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
+
+
+class RNGStates(Callback):
+    """The torch, CUDA, numpy and Python RNG states in every checkpoint (in types `torch.load(weights_only=True)`
+    accepts), restored on resume: Lightning keeps none, and with them the noise, timestep and flip draws continue."""
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, gauss),
+            "python": random.getstate(),
+        }
+
+    def load_state_dict(self, states: dict[str, Any]) -> None:
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(states["python"])
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:  # a 0.1.0 checkpoint: the module saved them at the top level
+            self.load_state_dict(checkpoint["rng_states"])
+
+
+FRESH_START = "To start the run again from step 0 instead: leave --ckpt_path out and pass --overwrite true."
+
+
+class SameData(Callback):
+    """A checkpoint records its run's data settings (Lightning keeps the data module's hyperparameters) and the number
+    of training images; a resume that changes them says so. Another image size is refused: the UNet was trained at
+    one size, and its saved folder says which. Any other change (the data set, the batch size, images added or
+    removed, ...) goes on with one warning naming it: from there on, the images come in another order than in
+    the uninterrupted run, so it no longer equals that run."""
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        images = train_images(trainer)
+        if images is not None:
+            checkpoint["train_images"] = images
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        then = checkpoint.get("datamodule_hyper_parameters") or {}
+        now = dict(trainer.datamodule.hparams) if trainer.datamodule is not None else {}
+        if "image_size" in then and then["image_size"] != now.get("image_size", then["image_size"]):
+            raise ValueError(
+                f"The checkpoint was trained at data.image_size {then['image_size']}, not {now['image_size']}: a "
+                f"resumed run keeps its image size (resume with --data.image_size {then['image_size']}). To train "
+                "at another size, start a new run (another --output_dir)."
+            )
+        changed = [
+            f"{key} {then[key]!r} -> {now[key]!r}" for key in sorted(then) if key in now and then[key] != now[key]
+        ]
+        images = train_images(trainer)
+        if "train_images" in checkpoint and images is not None and checkpoint["train_images"] != images:
+            changed.append(f"{checkpoint['train_images']} -> {images} training images")
+        if changed:
+            rank_zero_warn(
+                f"Resuming with other data than the checkpoint's run ({'; '.join(changed)}): training goes on with "
+                "it, but the images now come in another order than in the uninterrupted run, so the result will not "
+                "equal that run's."
+            )
+
+
+def train_images(trainer: Trainer) -> int | None:
+    images = getattr(trainer.datamodule, "train_set", None)
+    return len(images) if images is not None else None
+
+
+def check_ckpt_path(ckpt_path: str | None, checkpoint: ModelCheckpoint | None) -> None:
+    """Fail before training, with the fix, where Lightning would start from scratch (a `last` that is missing or
+    points at nothing) or fail deep inside torch.load (a truncated file)."""
+    if ckpt_path is None or "://" in ckpt_path or ckpt_path in ("best", "hpc", "registry"):
+        return
+    if ckpt_path == "last":
+        if checkpoint is None:  # not known yet: checked again once the Trainer exists
+            return
+        folder = Path(checkpoint.dirpath) if checkpoint.dirpath else None
+        found = [p for p in folder.glob("last*.ckpt") if LAST.match(p.name)] if folder and folder.is_dir() else []
+        if not found:
+            raise FileNotFoundError(
+                f"--ckpt_path last: there is no last.ckpt in {folder or 'the checkpoint folder'} to resume from. "
+                "Give the checkpoint's path (or --checkpoint.dirpath, if the run kept its checkpoints elsewhere). "
+                + FRESH_START
+            )
+        existing = [p for p in found if p.exists()]
+        if not existing:  # a link whose file was deleted or never written
+            link = found[0]
+            raise FileNotFoundError(
+                f"--ckpt_path last: {link} points at {os.readlink(link) if link.is_symlink() else '?'}, which "
+                f"does not exist. Resume from another checkpoint in {folder} by its path, if there is one. "
+                + FRESH_START
+            )
+        latest = max(existing, key=lambda p: p.stat().st_mtime)  # the one Lightning picks
+        ckpt_path = f"last ({latest} -> {latest.resolve()})" if latest.is_symlink() else f"last ({latest})"
+        path = latest.resolve()
+    else:
+        path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file.")
+    try:  # a checkpoint is a zip archive; a truncated one has lost its central directory at the end
+        zipfile.ZipFile(path).close()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is not a readable checkpoint ({err}): it is truncated or corrupt. "
+            "Resume from another checkpoint by its path (an epoch=*.ckpt beside it, if there is one). " + FRESH_START
+        ) from err
+    try:  # (memory-mapped: no tensor is read) a plain torch.save of weights is no checkpoint to resume
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # objects weights_only refuses: left to Lightning's own loading
+        return
+    if not isinstance(content, dict) or "pytorch-lightning_version" not in content:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is not a Lightning checkpoint (no pytorch-lightning_version: a plain torch.save?). "
+            "Give a .ckpt written by `ddpm-lightning fit` (its checkpoint folder's last.ckpt)."
+        )
+
+
+LAST = re.compile(r"^last(-\d+)?\.ckpt$")  # the names Lightning's `--ckpt_path last` looks for

@@ -1,0 +1,135 @@
+"""Checkpoint writes that survive interruptions: each file written beside its destination and renamed into place
+(`AtomicCheckpointIO`), in one background thread that removes the previous file and re-points `last.ckpt` only once
+the new one is complete (`BackgroundCheckpointIO`); what a killed write leaves (`PARTIAL` files) is swept at the
+next start (`remove_partial_files`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from lightning.pytorch.plugins import AsyncCheckpointIO, TorchCheckpointIO
+from lightning_utilities.core.apply_func import apply_to_collection
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full or read-only disk, ...); the previous one is kept as `last`."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write a checkpoint to a temporary file beside its destination, fsync it, then rename it into place.
+
+    A process killed mid-write leaves the previous file intact. Lightning's own save renames a temporary
+    file from the system's temp folder, which becomes a plain, interruptible copy when that folder is on
+    another file system than the checkpoints (common on clusters: local /tmp, checkpoints on shared storage).
+    A failed write (a full disk: torch reports it as "unexpected pos ...") raises CheckpointWriteError, one line
+    naming the file, the free space and the fix.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if "://" in str(path):  # remote storage: Lightning's fsspec transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        partial = path.with_name(f".{path.name}{PARTIAL}{os.getpid()}")  # never matches last*.ckpt
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)  # atomic on POSIX and Windows within one file system
+        except (OSError, RuntimeError) as err:
+            raise write_error(path, err) from err
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def link(self, target: str, link: str) -> None:
+        """Point `link` at `target` (relative, so the folder can move); swapped in atomically like a save."""
+        partial = Path(link).with_name(f".{Path(link).name}{PARTIAL}{os.getpid()}")
+        partial.unlink(missing_ok=True)
+        try:
+            os.symlink(os.path.relpath(target, os.path.dirname(link)), partial)
+        except OSError:  # no symlinks (Windows without the right): a copy, as Lightning falls back to
+            shutil.copy(target, partial)
+        os.replace(partial, link)
+
+
+PARTIAL = ".partial-"  # a write in progress: .<name>.partial-<pid> beside its destination
+
+
+def remove_partial_files(folder: str | Path | None) -> None:
+    """Delete what writes killed mid-way left in `folder` (up to a checkpoint's size each); call it only while
+    holding the run's lock, so no write of another process is in progress there."""
+    if folder is not None and Path(folder).is_dir():
+        for path in Path(folder).glob(f".*{PARTIAL}*"):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def write_error(path: Path, err: BaseException) -> CheckpointWriteError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "its folder cannot be read"
+    last = path.parent / "last.ckpt"
+    kept = f"last.ckpt still points at {os.readlink(last)}" if last.is_symlink() and last.exists() else "no last.ckpt"
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return CheckpointWriteError(
+        f"Cannot write the checkpoint {path} ({reason}; {free}): training stopped, nothing was deleted ({kept}). "
+        "Free some space (or choose another --checkpoint.dirpath), then resume with --ckpt_path last."
+    )
+
+
+class BackgroundCheckpointIO(AsyncCheckpointIO):
+    """Checkpoints written by one background thread (the tensors are copied on the training thread first, as in
+    Lightning's AsyncCheckpointIO), with removals and links queued behind the writes: the previous checkpoint is
+    deleted, and `last.ckpt` re-pointed, only once the new file is complete. After a failed write nothing queued
+    behind it runs (the previous checkpoint stays, and `last` on it), and the next save (or the end of `fit`, which
+    waits for the queue) raises the error."""
+
+    def __init__(self, checkpoint_io: AtomicCheckpointIO | None = None):
+        super().__init__(checkpoint_io or AtomicCheckpointIO())
+        self._queue: ThreadPoolExecutor | None = None
+        self._failure: BaseException | None = None  # the first failed task's error: nothing after it runs
+        self._reported = False
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        copy = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().clone())  # the values now
+        self._in_order(self.checkpoint_io.save_checkpoint, copy, path, storage_options)
+
+    def remove_checkpoint(self, path) -> None:
+        self._in_order(self.checkpoint_io.remove_checkpoint, path)
+
+    def link(self, target: str, link: str) -> None:
+        self._in_order(self.checkpoint_io.link, target, link)
+
+    def _in_order(self, function, *args) -> None:
+        self._raise_failure()
+        if self._queue is None:  # (again after a teardown: fit, then validate)
+            self._queue = ThreadPoolExecutor(max_workers=1)
+
+        def run():
+            if self._failure is None:
+                try:
+                    function(*args)
+                except BaseException as err:
+                    self._failure = err
+
+        self._queue.submit(run)
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None and not self._reported:
+            self._reported = True  # once: Lightning tears down again while handling it
+            raise self._failure
+
+    def teardown(self) -> None:
+        if self._queue is not None:
+            self._queue.shutdown(wait=True)
+            self._queue = None
+        self._raise_failure()
