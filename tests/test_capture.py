@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddpm_lightning.speed import capture, switches as speed
 from ddpm_lightning.cli import main, raised_by_this_package
+from ddpm_lightning.speed import capture
+from ddpm_lightning.speed import switches as speed
 
 from conftest import fit_args, tiny_module
 

@@ -10,8 +10,8 @@ import torch
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from ddpm_lightning.cli import main
-from ddpm_lightning.speed.compile_cache import VARIABLE, keep_compile_cache
 from ddpm_lightning.module import DDPMModule
+from ddpm_lightning.speed.compile_cache import VARIABLE, keep_compile_cache
 
 from conftest import MICRO_UNET, fit_args, scalars, tiny_module
 

@@ -22,8 +22,8 @@ import yaml
 from lightning.pytorch import Callback
 
 from ddpm_lightning.cli import main
-from ddpm_lightning.speed.optim import CompiledAdamW
 from ddpm_lightning.sources import load_source
+from ddpm_lightning.speed.optim import CompiledAdamW
 
 from conftest import MICRO_UNET, REPO, TINY_CONFIG, TINY_DATA_AND_GRID
 

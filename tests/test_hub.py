@@ -22,9 +22,9 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.utils import _detect_agent, filter_repo_objects
 from lightning.pytorch import Trainer
 
-from ddpm_lightning.publish import hub as hub_module
 from ddpm_lightning.callbacks import SaveModel
 from ddpm_lightning.cli import main
+from ddpm_lightning.publish import hub as hub_module
 from ddpm_lightning.publish.hub import IGNORE_PATTERNS, HubUploader, MissingHubTokenError
 
 from conftest import fit_args

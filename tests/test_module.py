@@ -10,9 +10,9 @@ from lightning.pytorch import Trainer
 
 from ddpm_lightning.callbacks import SampleGrid
 from ddpm_lightning.module import DDPMModule
-from ddpm_lightning.unet import TUTORIAL_UNET
 from ddpm_lightning.reporting.grids import grid_shape
 from ddpm_lightning.sampling import make_sampler
+from ddpm_lightning.unet import TUTORIAL_UNET
 
 from conftest import TINY_UNET, max_steps, tiny_module
 

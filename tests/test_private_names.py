@@ -1,8 +1,8 @@
-"""Every private Lightning name the package uses, in one list, each checked against the installed Lightning: an
-upgrade that removes or reshapes one fails here, naming it, instead of breaking a run silently. A second test
-scans the package's source for private names that are not in the list.
+"""Every private name of another library the package uses, in one list per library, each checked against the
+installed release: an upgrade that removes or reshapes one fails here, naming it, instead of breaking a run
+silently. Scans of the package's source find private names that are not in the lists.
 
-pyproject.toml pins the Lightning range these pass on; a name that leaves the list should leave the code too.
+pyproject.toml pins the ranges these pass on; a name that leaves a list should leave the code too.
 """
 
 from __future__ import annotations
@@ -230,3 +230,42 @@ def test_the_scan_sees_each_kind_of_private_use():
         "    def g(self):\n        return self._mine, self._theirs, super()._base()\n"
     )
     assert private_names_in(source) == {"_Hidden", "_connector", "_accumulate", "_theirs", "_base"}
+
+
+# Private names of diffusers and torch, fenced like Lightning's: (where, name, the package's file that uses it, why).
+OTHER_PRIVATE_NAMES = [
+    (
+        "diffusers.DDPMScheduler",
+        "_use_default_values",
+        "sampling.py",
+        "make_sampler: which config values a scheduler took by default, so another scheduler takes its own",
+    ),
+    (
+        "torch._inductor.runtime.cache_dir_utils",
+        "default_cache_dir",
+        "speed/compile_cache.py",
+        "inductor's default cache folder, told apart from a user's TORCHINDUCTOR_CACHE_DIR (imported when compiling)",
+    ),
+]
+
+
+@pytest.mark.parametrize("where, name, used_in, why", OTHER_PRIVATE_NAMES, ids=[n for _, n, *_ in OTHER_PRIVATE_NAMES])
+def test_each_private_diffusers_and_torch_name_still_exists(where, name, used_in, why):
+    owner = resolve(where)
+    if name == "_use_default_values":  # a config entry, not an attribute: diffusers writes it for each scheduler
+        assert name in owner().config, f"diffusers no longer records {name} in a scheduler's config ({used_in}: {why})"
+        assert "_use_default_values" in owner.from_config({"beta_end": 0.03}).config
+    else:
+        assert callable(getattr(owner, name)), f"{where}.{name} is gone ({used_in}: {why})"
+
+
+def test_private_diffusers_and_torch_names_stay_in_their_listed_files():
+    listed = {(name, used_in) for _, name, used_in, _ in OTHER_PRIVATE_NAMES}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text, relative = path.read_text(), str(path.relative_to(PACKAGE))
+        for token, name in (("_use_default_values", "_use_default_values"), ("torch._inductor", "default_cache_dir")):
+            if token in text:
+                assert (name, relative) in listed, f"{relative} uses {token}: list it in OTHER_PRIVATE_NAMES"
+    compile_cache = (PACKAGE / "speed" / "compile_cache.py").read_text()
+    module_level = [line for line in compile_cache.splitlines() if line.startswith(("import torch._", "from torch._"))]
+    assert not module_level, "inductor is imported at module level: every command would load it at start-up"
