@@ -192,6 +192,46 @@ def test_each_prediction_type_is_scored_against_its_own_target(prediction_type):
     assert model.denoising_loss(clean, noise, t).item() == pytest.approx(0.01 * weight.mean().item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights_each_prediction_type_by_its_formula(prediction_type):
+    """loss_weighting min_snr with gamma 2: an error of e_i on image i costs w_i * e_i^2, with w_i written out from
+    the formulas (Hang et al. 2023; the v one as diffusers PR #5238 fixed it). The timesteps put SNR on both sides
+    of gamma (1112, 3.67, 1.09, 1e-4), and each image has its own error, so a wrong weight on any image shows."""
+    torch.manual_seed(0)
+    model = tiny_module(prediction_type=prediction_type, loss_weighting="min_snr", snr_gamma=2.0)
+    clean = torch.rand(4, 3, 16, 16) * 2 - 1
+    noise, t = torch.randn_like(clean), torch.tensor([5, 150, 250, 950])
+    a = model.noise_scheduler.alphas_cumprod[t].double()
+    snr = a / (1 - a)
+    clipped = torch.minimum(snr, torch.tensor(2.0, dtype=torch.float64))
+    weight = {"epsilon": clipped / snr, "sample": clipped, "v_prediction": clipped / (snr + 1)}[prediction_type]
+    expected_weight = {  # the same weights as numbers, worked out from the schedule (SNR 1111.99, 3.670, 1.090, 1.06e-4)
+        "epsilon": [2 / 1111.99, 2 / 3.6704, 1, 1],
+        "sample": [2, 2, 1.0895, 1.0605e-4],
+        "v_prediction": [2 / 1112.99, 2 / 4.6704, 1.0895 / 2.0895, 1.0605e-4 / 1.000106],
+    }[prediction_type]
+    assert weight.tolist() == pytest.approx(expected_weight, rel=1e-3)
+
+    a4 = a.float().view(-1, 1, 1, 1)
+    target = {"epsilon": noise, "v_prediction": a4.sqrt() * noise - (1 - a4).sqrt() * clean, "sample": clean}
+    error = torch.tensor([0.1, 0.2, 0.3, 0.4]).view(-1, 1, 1, 1)
+    model.unet = Predicts(target[prediction_type] + error)
+    expected = (weight * error.double().flatten() ** 2).mean().item()
+    assert model.denoising_loss(clean, noise, t).item() == pytest.approx(expected, rel=1e-4)
+
+    # the same model weighted uniformly: the plain MSE (SNR-weighted for sample, as diffusers' script)
+    model.hparams.loss_weighting = "uniform"
+    plain = snr if prediction_type == "sample" else torch.ones_like(snr)
+    assert model.denoising_loss(clean, noise, t).item() == pytest.approx(
+        (plain * error.double().flatten() ** 2).mean().item(), rel=1e-4
+    )
+
+
+def test_min_snr_gamma_must_be_positive():
+    with pytest.raises(ValueError, match="snr_gamma=0"):
+        tiny_module(loss_weighting="min_snr", snr_gamma=0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_each_prediction_type_learns(prediction_type):
