@@ -70,7 +70,7 @@ class DDPMLightningCLI(LightningCLI):
         )
         parser.add_lightning_class_args(PeriodicCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.dirpath": None})  # None: checkpoints/<output_dir's name>, this run's own
-        for group in ("report", "grid", "save"):
+        for group in ("report", "grid", "save", "quality"):
             parser.link_arguments("output_dir", f"{group}.output_dir")
         parser.link_arguments("data.image_size", "model.image_size")  # one value: the UNet's sample_size
 

