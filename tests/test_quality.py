@@ -282,6 +282,7 @@ def test_fid_and_kid_through_validate_with_a_custom_extractor(image_folder, tmp_
 
 @pytest.mark.slow
 def test_missing_inception_weights_say_how_and_training_goes_on(image_folder, tmp_path, monkeypatch):
+    """torch-fidelity's network chosen without its weights file: one warning, and the run goes on."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
     with pytest.warns(UserWarning, match="FID/KID are off: .*weights-inception-2015-12-05"):
         main(
@@ -294,6 +295,8 @@ def test_missing_inception_weights_say_how_and_training_goes_on(image_folder, tm
                 "0.5",
                 "--quality.measure_quality_epochs",
                 "1",
+                "--quality.inception",
+                "torch-fidelity",
             )
         )
     assert (tmp_path / "checkpoints" / "run" / "last.ckpt").exists()
