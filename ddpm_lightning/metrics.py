@@ -1,5 +1,5 @@
 """FID and KID between generated and real images, computed by torchmetrics (`SampleQuality`), the networks
-whose features they compare, and a cache of the real images' features (`cached_real_features`).
+whose features they compare, and a cache of the real images' features (`add_real_images`).
 
 Use (as `callbacks.MeasureQuality` does): `SampleQuality()` once, `update_real` with the validation images once
 (their features are kept), then per evaluation `update_fake` with samples in [0, 1], `compute()` ->
