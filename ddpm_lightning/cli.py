@@ -6,7 +6,8 @@ quality callbacks (fit, validate, ...), plus the plain `sample` and `export` com
     ddpm-lightning fit -c configs/tiny.yaml --print_config                 # every key, with its value
 
 Outputs: grids in <output_dir>/samples, the diffusers folder in <output_dir>, TensorBoard logs and the run's
-config in <output_dir>/logs, checkpoints in ./checkpoints/<output_dir's name> (last.ckpt links to the latest).
+config in <output_dir>/logs, checkpoints in ./checkpoints/<output_dir's name> (last.ckpt links to the latest), the
+validation images' FID features (a cache) in <output_dir>/fid_reference.
 Errors the product raises on purpose print as one line; `--debug` (or DDPM_LIGHTNING_DEBUG=1) shows the traceback.
 """
 
@@ -66,7 +67,7 @@ class DDPMLightningCLI(LightningCLI):
         )
         parser.add_lightning_class_args(PeriodicCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.dirpath": None})  # None: checkpoints/<output_dir's name>, this run's own
-        for group in ("report", "grid", "save"):
+        for group in ("report", "grid", "save", "quality"):
             parser.link_arguments("output_dir", f"{group}.output_dir")
         parser.link_arguments("data.image_size", "model.image_size")  # one value: the UNet's sample_size
 

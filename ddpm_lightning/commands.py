@@ -3,6 +3,7 @@
     ddpm-lightning sample checkpoints/ddpm-butterflies-128/last.ckpt --num_images 64 --sampler ddim   # -> samples/000000.png ... grid.png
     ddpm-lightning sample ddpm-butterflies-128 --seed 1 --output_dir more         # a saved diffusers folder
     ddpm-lightning sample google/ddpm-cifar10-32                                  # a Hub model id
+    ddpm-lightning sample run/last.ckpt --num_images 1000 --sampler ddim --reference data/heliconius  # + FID/KID
     ddpm-lightning export checkpoints/ddpm-butterflies-128/last.ckpt my-model --samples run/samples/0049.png
 
 Both take every model source `fit --model.pretrained` takes (model_source.py): a checkpoint (its EMA weights
@@ -12,6 +13,7 @@ Image `i` has its own generator (see `sample`). Sampling itself is sampling.py's
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -64,6 +66,8 @@ def sample(
     output_dir: str = "samples",
     device: str | None = None,
     revision: str | None = None,
+    reference: str | None = None,
+    reference_split: str = "train",
 ) -> list[Path]:
     """Draw images from a trained model into output_dir/000000.png, 000001.png, ... and output_dir/grid.png.
 
@@ -82,6 +86,11 @@ def sample(
         output_dir: where the PNGs go (created if missing; files of the same names are replaced).
         device: cuda, cuda:1, cpu, ...; cuda when available, else cpu.
         revision: the branch, tag or commit of a Hub model id (its main branch when left out).
+        reference: score the images drawn against these real ones: FID and KID (`metrics.SampleQuality`'s default
+            network), logged and written to output_dir/quality.json. Any source `data.dataset` takes (an image
+            folder, a data set folder or file, a cached Hub id); its images are resized to the samples' size as
+            training resizes them (squash). Their features are cached in output_dir/fid_reference/.
+        reference_split: the split of `reference`, for data sets that have splits.
 
     Returns:
         The paths of the images written (grid.png, the grid of all of them, is written beside them).
@@ -123,7 +132,45 @@ def sample(
     save_grid(torch.cat(images), out / "grid.png")
     rows, cols = grid_shape(num_images)
     log.info(f"Wrote {num_images} images and grid.png ({rows} x {cols}) to {out}")
+    if reference is not None:
+        score(torch.cat(images), reference, reference_split, out, device)
     return paths
+
+
+def score(samples: torch.Tensor, reference: str, split: str, out: Path, device: str) -> dict:
+    """FID and KID of `samples` (uint8, as written) against the `reference` images, logged and written to
+    out/quality.json; the reference features are cached in out/fid_reference/ (`metrics.add_real_images`)."""
+    from .data import ResizedImages
+    from .metrics import InceptionWeightsUnavailable, SampleQuality, add_real_images
+    from .sources import image_column_of, load_source
+
+    if samples.shape[1] != 3 or len(samples) < 2:
+        raise CommandError(
+            f"FID/KID need at least 2 RGB images: drawn {len(samples)} with {samples.shape[1]} channels."
+        )
+    try:
+        rows = load_source(reference, split)
+        real = ResizedImages(rows, image_column_of(rows, None), samples.shape[-1], "squash")
+        if len(real) < 2:
+            raise ValueError(f"it holds {len(real)} image(s); FID/KID need at least 2")
+        reals = torch.stack([real[i] for i in tqdm(range(len(real)), desc="Reading the reference", unit="image")])
+        quality = SampleQuality().to(device)
+    except (ValueError, OSError, InceptionWeightsUnavailable) as err:
+        raise CommandError(f"--reference {reference}: {err}") from err
+    with tqdm(total=len(reals), desc="FID: features of the reference", unit="image", dynamic_ncols=True) as bar:
+        cached = add_real_images(quality, reals, out / "fid_reference", bar.update)
+    with tqdm(total=len(samples), desc="FID: features of the samples", unit="image", dynamic_ncols=True) as bar:
+        quality.update_fake(samples, bar.update)
+    scores = quality.compute()
+    report = {**scores, "num_samples": len(samples), "num_reference": len(reals), "reference": reference}
+    report["network"] = quality.network
+    (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    from_cache = f", reference features from {cached}" if cached is not None else ""
+    log.info(
+        f"FID {scores['fid']:.2f}, KID {scores['kid_mean']:.4f} +- {scores['kid_std']:.4f}: {len(samples)} samples "
+        f"against {len(reals)} images of {reference} ({quality.network}{from_cache}); in {out / 'quality.json'}"
+    )
+    return report
 
 
 # ----------------------------------------------------------------------------------------------------------------

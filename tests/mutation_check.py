@@ -28,6 +28,7 @@ T = "tests/"
 LR_TEST = T + "test_schedule_and_io.py::test_schedule_steps_once_per_optimizer_step_and_ends_at_zero_under_accumulation"
 EMA_TEST = T + "test_quality.py::test_ema_follows_the_warmup_formula_once_per_optimizer_step"
 TARGETS = T + "test_quality.py::test_each_prediction_type_is_scored_against_its_own_target"
+MIN_SNR = T + "test_quality.py::test_min_snr_weights_each_prediction_type_by_its_formula"
 PIPELINE = T + "test_module.py::test_sample_equals_ddpm_pipeline_on_the_same_unet_scheduler_and_noise"
 SWITCHES = T + "test_module.py::test_speed_switches_take_effect_in_a_training_step"
 FIT_QUALITY = T + "test_quality.py::test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image"
@@ -138,9 +139,28 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "sample_loss_without_snr_weight": (
         "ddpm_lightning/module.py",
-        "(alpha / (1 - alpha) * F.mse_loss(",
-        "(F.mse_loss(",
+        'return snr if kind == "sample" else None',
+        "return None",
         [TARGETS + "[sample]"],
+    ),
+    # Min-SNR-gamma: each prediction type's weight min(SNR, gamma) / SNR, min(SNR, gamma), min(SNR, gamma) / (SNR + 1)
+    "min_snr_epsilon_not_divided_by_snr": (
+        "ddpm_lightning/module.py",
+        "return (gamma / snr).clamp(max=1)",
+        "return snr.clamp(max=gamma)",
+        [MIN_SNR + "[epsilon]"],
+    ),
+    "min_snr_v_divided_by_snr": (  # the v weight before diffusers PR #5238
+        "ddpm_lightning/module.py",
+        "return snr.clamp(max=gamma) / (snr + 1)",
+        "return snr.clamp(max=gamma) / snr",
+        [MIN_SNR + "[v_prediction]"],
+    ),
+    "min_snr_sample_not_clipped": (
+        "ddpm_lightning/module.py",
+        "return snr.clamp(max=gamma)  # sample",
+        "return snr  # sample",
+        [MIN_SNR + "[sample]"],
     ),
     "validation_noise_not_fixed": (
         "ddpm_lightning/module.py",
@@ -234,7 +254,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "fid_never_during_fit": (
         "ddpm_lightning/callbacks.py",
-        "due = every_n_epochs(trainer, self.measure_quality_epochs)",
+        "due = self.measure_quality_epochs > 0 and is_due(trainer, self.measure_quality_epochs)",
         "due = False",
         [FIT_QUALITY],
     ),

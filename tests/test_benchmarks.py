@@ -15,7 +15,7 @@ from conftest import REPO
 
 
 def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))  # tests/: conftest's classes
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -85,3 +85,39 @@ def test_benchmark_tiny_with_end_to_end_row(tmp_path, heliconius_photos):
     assert (out_dir / "grids.png").is_file() and (out_dir / "end_to_end.json").is_file()
     # each side's files are named after its log, not its run name (a user's `-c configs/x.yaml` has a slash)
     assert sorted(p.name for p in out_dir.glob("grid-*.png")) == ["grid-project-0.png", "grid-tutorial-nw0.png"]
+
+
+@pytest.mark.slow
+def test_quality_benchmark_tiny(tmp_path, heliconius_photos):
+    """benchmarks/quality.py on 12 photos at 16 px, 2 steps per variant, a tiny feature extractor: every variant
+    trains, is scored (FID/KID, held-out val/loss, times) and lands in the table; the first with every sampler."""
+    train, val = tmp_path / "train", tmp_path / "val"
+    for folder, photos in (
+        (train, sorted(heliconius_photos.iterdir())[:12]),
+        (val, sorted(heliconius_photos.iterdir())[-4:]),
+    ):
+        folder.mkdir()
+        for photo in photos:
+            (folder / photo.name).symlink_to(photo)
+    unet = '{"layers_per_block": 1, "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"]}'
+    fit_args = (
+        f"--data.dataset {train} --data.image_size 16 --data.train_batch_size 4 --data.num_workers 0 "
+        f"--model.unet '{unet}' --grid.eval_batch_size 2 --grid.num_inference_steps 2 "
+        "--trainer.enable_progress_bar false --trainer.enable_model_summary false --trainer.accelerator cpu"
+    )
+    out = tmp_path / "report.json"
+    done = run_script(
+        "benchmarks/quality.py", "--steps", "2", "--variants", "tutorial,v+min-snr,ema", "--samplers", "ddim-2,dpmsolver++-2",
+        "--num-samples", "3", "--max-reference", "5", "--val-dataset", str(val), "--val-split", "train",
+        "--feature", "conftest.TinyFeatures", "--fit-args", fit_args, "--out-dir", str(tmp_path / "runs"), "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+    report = json.loads(out.read_text())
+    rows = [(r["variant"], r["sampler"]) for r in report["rows"]]
+    assert rows == [("tutorial", "ddim-2"), ("tutorial", "dpmsolver++-2"), ("v+min-snr", "ddim-2"), ("ema", "ddim-2")]
+    for row in report["rows"]:
+        assert row["fid"] > 0 and 0 < row["val_loss"] < 10 and row["train_s"] > 0 and row["sample_s"] > 0, row
+    assert report["settings"]["num_reference"] == 5 and report["settings"]["steps"] == 2
+    config = yaml.safe_load((tmp_path / "runs" / "v+min-snr-seed0" / "logs" / "config.yaml").read_text())["model"]
+    assert (config["prediction_type"], config["loss_weighting"]) == ("v_prediction", "min_snr")
+    assert "| ema | ddim-2 |" in report["markdown"]

@@ -148,6 +148,7 @@ def test_print_config_shows_tutorial_keys(capsys):
         "trainer.gradient_clip_val": 1.0,
         "trainer.accumulate_grad_batches": 1,
         "data.dataset": "huggan/smithsonian_butterflies_subset",
+        "model.loss_weighting": "uniform",  # the tutorial's plain MSE: no min-SNR
     }
     for key, value in expected.items():
         found = config

