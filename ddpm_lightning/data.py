@@ -6,8 +6,11 @@ or by loader workers, flipped and scaled per batch on the device, a resumable lo
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import shutil
+import traceback
 from typing import Any, Literal, NamedTuple
 
 import datasets
@@ -91,6 +94,8 @@ class ResizedImages(Dataset):
         try:
             image = open_image(io.BytesIO(row["bytes"]) if row["bytes"] else row["path"])
         except Exception as err:
+            if isinstance(err, OSError) and err.errno in (errno.EMFILE, errno.ENFILE):
+                raise  # the process's limit, not the file: never counted as an unreadable image
             name = row["path"] or f"row {i}"
             raise ValueError(f"Could not read image {name} ({type(err).__name__}: {err}): remove or fix it.") from err
         return self.transform(_to_rgb(image)), min(image.size) < self.image_size
@@ -98,16 +103,20 @@ class ResizedImages(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.load(i)[0]
 
-    def try_load(self, indices: list[int]) -> list[tuple[torch.Tensor | None, bool, str]]:
-        """`load` of each image, or (None, False, why) where it fails: the decoding pass's collate_fn (so it runs
-        in the loader's workers), which counts failures instead of stopping at the first."""
-        results: list[tuple[torch.Tensor | None, bool, str]] = []
+    def try_load(self, indices: list[int]) -> Decoded:
+        """`load` of each image, skipping those that fail: the decoding pass's collate_fn (so it runs in the
+        loader's workers), which counts failures instead of stopping at the first."""
+        loaded, smaller, errors = [], 0, []
         for i in indices:
             try:
-                results.append((*self.load(i), ""))
+                image, small = self.load(i)
             except ValueError as err:
-                results.append((None, False, str(err)))
-        return results
+                errors.append(str(err))
+                continue
+            loaded.append(image)
+            smaller += small
+        pixels = (Strips.collate(loaded) if self.crop == "random" else torch.stack(loaded)) if loaded else None
+        return Decoded(pixels, len(loaded), smaller, errors)
 
 
 class EpochOrder(DistributedSampler):
@@ -150,6 +159,30 @@ class Strips(NamedTuple):
         for canvas, im in zip(pixels, images):
             canvas[:, :, : im.shape[2]] = im
         return Strips(pixels, lengths, portrait)
+
+    @staticmethod
+    def join(parts: list[Strips]) -> Strips:
+        """Batches of strips as one, padded to the longest of all: what `collate` of all their images gives."""
+        first = parts[0].pixels
+        longest = max(part.pixels.shape[3] for part in parts)
+        pixels = torch.zeros(sum(len(p.pixels) for p in parts), *first.shape[1:3], longest, dtype=torch.uint8)
+        start = 0
+        for part in parts:
+            pixels[start : start + len(part.pixels), :, :, : part.pixels.shape[3]] = part.pixels
+            start += len(part.pixels)
+        return Strips(pixels, torch.cat([p.lengths for p in parts]), torch.cat([p.portrait for p in parts]))
+
+
+class Decoded(NamedTuple):
+    """One batch of the decoding pass as a loader worker returns it: the images it could read as one tensor
+    (squares) or one Strips (`crop: random`), None if none, and how many; how many of them were upscaled; why
+    each other one failed. A batch crosses from the worker as a few shared-memory tensors, each an open file
+    while it lives in this process."""
+
+    pixels: torch.Tensor | Strips | None
+    read: int
+    smaller: int
+    errors: list[str]
 
 
 def random_crop(strips: Strips, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -209,28 +242,69 @@ def should_cache(images: ResizedImages, cache: str, cache_max_gb: float) -> bool
 
 
 def decode_all(images: ResizedImages, num_workers: int, trainer=None) -> torch.Tensor | Strips:
-    """Decode and resize every image once, in `num_workers` processes; skip and count the unreadable ones."""
-    pixels, smaller, failures = [], 0, []
-    bar = progress_bar(trainer, f"Caching {len(images)} images", len(images), "image")
-    indices: Any = range(len(images))  # (any sized, indexable object will do)
-    for batch in DataLoader(indices, batch_size=32, num_workers=num_workers, collate_fn=images.try_load):
-        bar.update(len(batch))
-        for tensor, small, error in batch:
-            if tensor is None:
-                failures.append(error)
-            else:
-                pixels.append(tensor)
-                smaller += small
-    bar.close()
+    """Decode and resize every image once, in `num_workers` processes; skip and count the unreadable ones.
+
+    Each batch from a worker is copied out of its shared memory as it arrives (squares into one tensor made up
+    front, strips into per-batch copies joined at the end, their long side being known only then): only the
+    batches the loader prefetches hold shared memory and open files, whatever the number of images."""
+    n, size, random = len(images), images.image_size, images.crop == "random"
+    squares = torch.empty((0 if random else n, 3, size, size), dtype=torch.uint8)
+    strips: list[Strips] = []
+    kept, smaller, failures = 0, 0, []
+    bar = progress_bar(trainer, f"Caching {n} images", n, "image")
+    indices: Any = range(n)  # (any sized, indexable object will do)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # each copy is small and the workers keep the cores busy: threads would wait on them
+    loader = DataLoader(indices, batch_size=32, num_workers=num_workers, collate_fn=images.try_load)
+    try:
+        for batch in loader:
+            if isinstance(batch.pixels, Strips):
+                strips.append(Strips(*(part.clone() for part in batch.pixels)))
+            elif batch.pixels is not None:
+                squares[kept : kept + batch.read] = batch.pixels
+            kept, smaller = kept + batch.read, smaller + batch.smaller
+            failures += batch.errors
+            bar.update(batch.read + len(batch.errors))
+    except (RuntimeError, OSError) as err:
+        explained = limit_hit(err, num_workers)
+        if explained is None:
+            raise
+        traceback.clear_frames(err.__traceback__)  # the loader's workers and pipes: closed now, not with the error
+        raise RuntimeError(explained) from err
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
     if failures:
         examples = "; ".join(failures[:3])
-        rank_zero_warn(f"Skipped {len(failures)} of {len(images)} images that could not be read, e.g. {examples}")
-    if not pixels:
-        raise ValueError(f"None of the {len(images)} images could be read, e.g. {failures[0]}")
+        rank_zero_warn(f"Skipped {len(failures)} of {n} images that could not be read, e.g. {examples}")
+    if not kept:
+        raise ValueError(f"None of the {n} images could be read, e.g. {failures[0]}")
     if smaller:
-        rank_zero_info(f"{smaller} of {len(pixels)} images are smaller than {images.image_size} px: upscaled.")
-    rank_zero_info(f"Cached {len(pixels)} images of {images.image_size} px in memory.")
-    return Strips.collate(pixels) if images.crop == "random" else torch.stack(pixels)
+        rank_zero_info(f"{smaller} of {kept} images are smaller than {size} px: upscaled.")
+    rank_zero_info(f"Cached {kept} images of {size} px in memory.")
+    return Strips.join(strips) if random else squares[:kept]
+
+
+def limit_hit(err: BaseException, num_workers: int) -> str | None:
+    """One line naming the resource limit a loader failure ran into and the way past it; None for any other
+    failure. A worker's error reaches this process as its type with the worker's traceback as the message."""
+    text = str(err)
+    without_workers = " or set --data.num_workers 0" if num_workers else ""
+    if "Too many open files" in text or "ancdata" in text or getattr(err, "errno", None) == errno.EMFILE:
+        import resource  # (Unix only, as these errors are)
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return (
+            f"Ran out of open files decoding the images (the open-file limit, `ulimit -n`, is {soft}): raise it "
+            f"before the command, e.g. `ulimit -n {max(4 * soft, 65536)}`{without_workers}."
+        )
+    if "No space left on device" in text or "shared memory" in text:
+        free = shutil.disk_usage("/dev/shm").free / 2**20 if os.path.isdir("/dev/shm") else 0
+        return (
+            f"Ran out of shared memory passing decoded images from the loader processes ({free:.0f} MB free in "
+            f"/dev/shm): enlarge it (in Docker, `--shm-size 8g`){without_workers}."
+        )
+    return None
 
 
 def augment(batch: torch.Tensor, flip: bool = True) -> torch.Tensor:

@@ -38,6 +38,7 @@ TRACKERS = T + "test_trackers.py::test_grids_and_data_png_reach_wandb_mlflow_and
 LAST_GOOD = T + "test_last_good_checkpoint.py::"
 PRETRAINED = T + "test_pretrained.py::"
 STOP = T + "test_stop_signal.py::"
+DECODE = T + "test_decode.py::"
 EMA_GUARD = "        if global_step == self.last_step:\n            return\n"
 EMA_UPDATE = "        pl_module.ema.update(pl_module.unet, trainer.global_step)\n"
 EMA_CALLBACK = "        return nan_check + ([UpdateEMA()] if self.ema is not None else [])\n"
@@ -417,6 +418,15 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "            trainer.global_step % self.every_n_steps == 0\n",
         "            True\n",
         [T + "test_speed_switches.py::test_no_host_read_per_training_step"],
+    ),
+    # the decoding pass that fills the cache
+    "decode_keeps_per_image_worker_tensors": (  # each image its own shared-memory tensor, all alive: one file each
+        "ddpm_lightning/data.py",
+        "    loader = DataLoader(indices, batch_size=32, num_workers=num_workers, collate_fn=images.try_load)\n"
+        "    try:\n        for batch in loader:\n",
+        "    loader = DataLoader(indices, batch_size=1, num_workers=num_workers, collate_fn=images.try_load)\n"
+        "    received = []\n    try:\n        for batch in loader:\n            received.append(batch)\n",
+        [DECODE + "test_decoding_past_the_open_file_limit_in_workers_gives_the_pixels_of_decoding_here[squash]"],
     ),
 }
 
