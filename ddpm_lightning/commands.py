@@ -214,9 +214,10 @@ def prepare(
     if "://" not in out and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
         raise CommandError(f"{out} exists and is not an empty folder: give a new folder for the shards.")
     try:
+        shards.litdata()
         rows = load_source(source, split)
         column = image_column_of(rows, image_column)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         raise CommandError(str(err)) from err
     images = ResizedImages(rows, column, image_size, crop)
     log.info(f"Preparing {len(images)} images of {source} at {image_size} px ({crop}) into {out}")

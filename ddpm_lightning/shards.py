@@ -12,6 +12,7 @@ LitData is the optional `stream` extra (`pip install 'ddpm-lightning[stream]'`):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -39,11 +40,12 @@ def is_prepared(dataset: str | None) -> bool:
     return (folder / SETTINGS).is_file() or (folder / "index.json").is_file()
 
 
-def _litdata():
+def litdata():
+    """The LitData module, or a RuntimeError naming the install (the command line shows it as one line)."""
     try:
         import litdata
     except ImportError as err:
-        raise ImportError(
+        raise RuntimeError(
             "Prepared shards need LitData: pip install 'ddpm-lightning[stream]' (or pip install litdata)."
         ) from err
     return litdata
@@ -125,7 +127,7 @@ def check_settings(dataset: str, image_size: int, crop: str) -> dict[str, Any]:
 def stream(dataset: str, seed: int):
     """The training images of prepared shards as a StreamingDataset. Its order is f(seed, epoch): every rank
     builds it with the same seed, and LitData gives each rank, then each of its loader workers, its own chunks."""
-    return _litdata().StreamingDataset(
+    return litdata().StreamingDataset(
         dataset,
         shuffle=True,
         seed=seed,
@@ -143,7 +145,7 @@ def loader(dataset, batch_size: int, num_workers: int, collate_fn=None, pin_memo
     exactly, on another one with the epoch's remaining images (LitData's elastic resume)."""
     import torch
 
-    return _litdata().StreamingDataLoader(
+    return _loader_class()(
         dataset,
         batch_size=batch_size,
         num_workers=num_workers,
@@ -155,10 +157,26 @@ def loader(dataset, batch_size: int, num_workers: int, collate_fn=None, pin_memo
     )
 
 
+@functools.cache
+def _loader_class():
+    class EpochLoader(litdata().StreamingDataLoader):
+        """StreamingDataLoader, whose resumed epoch ends as Lightning ends it. A loaded state makes the next
+        iteration go on where it stopped (`restore`), and LitData turns that off only after the epoch's last
+        batch, when its iterator is drawn once more and ends; Lightning stops drawing at the epoch's length, so
+        the epoch after would replay the resumed one. Once the resumed epoch has begun, the next starts afresh."""
+
+        def __iter__(self):
+            for batch in super().__iter__():
+                self.restore = False
+                yield batch
+
+    return EpochLoader
+
+
 def first_images(dataset: str, n: int) -> list:
     """The first n images of the shards (in their stored order), read by a dataset of their own so that the
     training stream's state is untouched."""
-    images = _litdata().StreamingDataset(dataset)
+    images = litdata().StreamingDataset(dataset)
     return [images[i] for i in range(min(n, len(images)))]
 
 
@@ -197,12 +215,12 @@ def write(images, out: str, source: dict[str, Any], num_workers: int, chunk_mb: 
     an s3:// / gs:// URL) with `num_workers` processes, then write the settings beside them. The images are
     stored in a fixed shuffled order, so that a chunk holds a mix of the source (streaming shuffles whole chunks,
     then the images inside each). Returns the settings."""
-    litdata = _litdata()
+    engine = litdata()
     if "://" in out:
         _split_url(out)
     order = np.random.default_rng(0).permutation(len(images)).tolist()
     with _own_work_folder():
-        litdata.optimize(
+        engine.optimize(
             fn=_Pixels(images),
             inputs=order,
             output_dir=out,
@@ -215,7 +233,7 @@ def write(images, out: str, source: dict[str, Any], num_workers: int, chunk_mb: 
             verbose=False,
         )
     with tempfile.TemporaryDirectory(prefix="ddpm-prepare-") as cache:  # (a URL's index.json is fetched here)
-        written = len(litdata.StreamingDataset(out, cache_dir=cache))
+        written = len(engine.StreamingDataset(out, cache_dir=cache))
     if written < len(images):
         log.warning(f"Skipped {len(images) - written} of {len(images)} images that could not be read (named above).")
     settings = {"image_size": images.image_size, "crop": images.crop, "images": written, **source}

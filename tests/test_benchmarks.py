@@ -1,5 +1,5 @@
 """The benchmark scripts' CPU modes, run for real: the GPU smoke check (every shipped config through the CLI,
-SIGTERM, resume, sample, export) and benchmark.py's tiny step-rate and end-to-end rows."""
+SIGTERM, resume, sample, export), benchmark.py's tiny step-rate and end-to-end rows, and data.py's rows."""
 
 from __future__ import annotations
 
@@ -85,3 +85,14 @@ def test_benchmark_tiny_with_end_to_end_row(tmp_path, heliconius_photos):
     assert (out_dir / "grids.png").is_file() and (out_dir / "end_to_end.json").is_file()
     # each side's files are named after its log, not its run name (a user's `-c configs/x.yaml` has a slash)
     assert sorted(p.name for p in out_dir.glob("grid-*.png")) == ["grid-project-0.png", "grid-tutorial-nw0.png"]
+
+
+@pytest.mark.slow
+def test_data_benchmark_measures_each_rank(tmp_path):
+    """benchmarks/data.py on 48 tiny images, streamed by 2 ranks (its most involved row): a figure per rank."""
+    args = ["--images", "48", "--size", "16", "--workers", "0", "--ranks", "2", "--paths", "streamed"]
+    done = run_script("benchmarks/data.py", *args, "--work-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| streamed")]
+    assert len(rows) == 1 and rows[0][1] == "2"
+    assert all(len(cell.split(" / ")) == 2 for cell in rows[0][2:])

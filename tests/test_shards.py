@@ -4,6 +4,7 @@ on another world size with a warning), from a folder or an S3 stand-in on 127.0.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -90,28 +91,31 @@ def test_a_run_at_another_size_or_crop_refuses_prepared_shards_in_one_line_namin
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_each_epoch_streams_every_image_once_in_a_new_order_and_resumes_mid_epoch_exactly(tmp_path, workers):
-    """With loader workers, each reads its own shards; the state after 2 batches of the second epoch, given to a
-    new data module (as a checkpoint does), continues with exactly that epoch's other batches."""
+    """With loader workers, each reads its own shards. Batches are drawn as Lightning draws them: the epoch's
+    length, no more. The state after 2 batches of the second epoch, given to a new data module (as a checkpoint
+    does), continues with exactly that epoch's other batches, then the third epoch."""
     shards = prepared(tmp_path, 24)
     every = sorted(map(key, first_images(str(shards), 100)))
-    loader = data_module(shards, num_workers=workers).train_dataloader()
-    epochs = [[[key(image) for image in batch] for batch in loader] for _ in range(2)]
-    for epoch in epochs:
-        assert len(epoch) == 6 and sorted(sum(epoch, [])) == every
-    assert epochs[0] != epochs[1]
 
-    stopped = data_module(shards, num_workers=workers)
-    loader = stopped.train_dataloader()
-    list(loader)
-    batches = iter(loader)
-    drawn = [[key(image) for image in next(batches)] for _ in range(2)]
+    def epoch(loader, batches: int = 6) -> list[list[bytes]]:
+        return [[key(image) for image in batch] for batch in itertools.islice(iter(loader), batches)]
+
+    loader = data_module(shards, num_workers=workers).train_dataloader()
+    assert len(loader) == 6
+    epochs = [epoch(loader) for _ in range(3)]
+    for images in epochs:
+        assert len(images) == 6 and sorted(sum(images, [])) == every
+    assert epochs[0] != epochs[1] != epochs[2]
+
+    loader = data_module(shards, num_workers=workers).train_dataloader()
+    epoch(loader)
+    drawn = epoch(loader, 2)
     state = {"stream": loader.state_dict()}
-    del batches
     resumed = ImageDataModule(dataset=str(shards), image_size=16, train_batch_size=4, num_workers=workers)
     resumed.load_state_dict(state)
     resumed.setup("fit")
-    rest = [[key(image) for image in batch] for batch in resumed.train_dataloader()]
-    assert drawn == epochs[1][:2] and rest == epochs[1][2:]
+    loader = resumed.train_dataloader()
+    assert (drawn, epoch(loader, 4), epoch(loader)) == (epochs[1][:2], epochs[1][2:], epochs[2])
 
 
 def recorded(folder: Path, rank: int) -> list[dict]:
@@ -132,17 +136,17 @@ def weights(ckpt: Path) -> tuple[int, dict[str, torch.Tensor]]:
 
 @pytest.mark.slow
 def test_ddp_from_prepared_shards_splits_each_epoch_and_resumes_exactly_or_on_one_process_with_a_warning(tmp_path):
-    """2 processes (gloo), 24 images, batch 4: 3 steps an epoch. Each rank's batches are its own and together
-    they are the epoch; stopped at step 4 (in the second epoch) and resumed, the run ends with the straight run's
-    very weights. The same checkpoint resumed on 1 process says what changes and streams the rest of that epoch,
-    each image once."""
+    """2 processes (gloo), 24 images, batch 4: 3 steps an epoch, 3 epochs. Each rank's batches are its own and
+    together they are the epoch; stopped at step 4 (in the second epoch) and resumed, the run draws the straight
+    run's batches (the third epoch's too) and ends with its very weights. The same checkpoint resumed on 1
+    process says what changes and streams the rest of that epoch, each image once."""
     shards = prepared(tmp_path, 24)
     every = sorted(name(image) for image in first_images(str(shards), 100))
-    common = [*NO_SAVES, "--trainer.max_epochs", "2", "--trainer.callbacks+=conftest.RecordBatches"]
+    common = [*NO_SAVES, "--trainer.max_epochs", "3", "--trainer.callbacks+=conftest.RecordBatches"]
     (tmp_path / "straight").mkdir()
     run(ddp_fit_command(shards, tmp_path / "out-straight", *common), tmp_path / "straight")
     straight = [recorded(tmp_path / "straight", rank) for rank in (0, 1)]
-    for epoch in (0, 1):
+    for epoch in (0, 1, 2):
         steps = range(3 * epoch, 3 * epoch + 3)
         ranks = [sum((b["images"] for b in straight[rank] if b["step"] in steps), []) for rank in (0, 1)]
         assert len(ranks[0]) == len(ranks[1]) == 12 and sorted(ranks[0] + ranks[1]) == every
@@ -163,7 +167,7 @@ def test_ddp_from_prepared_shards_splits_each_epoch_and_resumes_exactly_or_on_on
     assert "Resuming on" not in log
     step, resumed = weights(tmp_path / "stopped" / "checkpoints" / "out" / "last.ckpt")
     straight_step, straight_weights = weights(tmp_path / "straight" / "checkpoints" / "out-straight" / "last.ckpt")
-    assert step == straight_step == 6
+    assert step == straight_step == 9
     for parameter, value in straight_weights.items():
         torch.testing.assert_close(resumed[parameter], value, rtol=0, atol=0, msg=parameter)
     for rank in (0, 1):
@@ -180,7 +184,7 @@ def test_ddp_from_prepared_shards_splits_each_epoch_and_resumes_exactly_or_on_on
         "an epoch is 6 optimizer steps instead of 3, and the images now come in another order"
     )
     seen = sum((b["images"] for rank in (0, 1) for b in straight[rank] if b["step"] == 3), [])  # epoch 1, step 3
-    rest = sum((b["images"] for b in recorded(tmp_path / "one", 0)), [])
+    rest = sum((b["images"] for b in recorded(tmp_path / "one", 0)[:4]), [])
     assert sorted(seen + rest) == every  # the epoch's other 16 images, each once
 
 

@@ -1,0 +1,134 @@
+"""The data paths alone (no model): set-up time and peak memory per rank at 1 and 2 ranks, and the loader's images/s,
+for the cached, uncached (decoded by loader workers every epoch) and streamed (prepared shards) paths.
+
+    python benchmarks/data.py                                  # 2,000 PNGs of 64 px, 1 and 2 ranks, every path
+    python benchmarks/data.py --images 20000 --ranks 1,2 --paths cached,streamed --work-dir /tmp/bench-data
+
+Each rank is a process of its own (gloo, as DDP on CPU): it builds `ImageDataModule` on the data, its training
+loader and first batch (set-up), then draws one epoch (images/s). Its peak resident memory includes the imports'
+(about 1.1 GB on CPU: torch, Lightning, datasets); its loader workers' is apart (the largest one's). The images
+are random PNGs made once in --work-dir, the shards prepared once beside them. The same script runs on a GPU
+machine (the data paths run on the CPU either way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_images(folder: Path, n: int, size: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(len(list(folder.glob("*.png"))), n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:06d}.png")
+    return folder
+
+
+def child(path: str, dataset: str, size: int, batch: int, workers: int) -> dict:
+    """One rank: set-up (data module, loader, first batch), then one epoch; its peak memory."""
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata's, every loader
+
+    if int(os.environ["WORLD_SIZE"]) > 1:
+        dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    from ddpm_lightning.data import ImageDataModule
+
+    start = time.perf_counter()
+    cache = {"cached": "memory", "uncached": "none", "streamed": "auto"}[path]
+    dm = ImageDataModule(dataset, image_size=size, train_batch_size=batch, num_workers=workers, cache=cache)
+    # what the data module asks of Lightning's trainer: the device, the ranks (the cached order's split), no bar
+    dm.trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        global_rank=int(os.environ["RANK"]),
+        progress_bar_callback=None,
+    )
+    dm.setup("fit")
+    batches = iter(dm.train_dataloader())
+    images = len(next(batches))
+    setup = time.perf_counter() - start
+    start = time.perf_counter()
+    for b in batches:
+        images += len(b)
+    seconds = time.perf_counter() - start
+    return {
+        "setup_s": round(setup, 2),
+        "images_per_s": round(images / max(seconds, 1e-9)),
+        "peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+        "worker_peak_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6, 2),  # the largest
+    }
+
+
+def run(path: str, dataset: str, ranks: int, args) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(ranks)}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    command = [sys.executable, __file__, "--child", path, dataset, str(args.size), str(args.batch), str(args.workers)]
+    procs = [subprocess.Popen(command, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE) for r in range(ranks)]
+    results = [json.loads(p.communicate()[0].decode().strip().splitlines()[-1]) for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"{path} at {ranks} ranks failed")
+    return results
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        path, dataset, size, batch, workers = sys.argv[2:7]
+        print(json.dumps(child(path, dataset, int(size), int(batch), int(workers))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=64, help="the images' side, and the training image_size")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2, help="loader workers (uncached, streamed)")
+    parser.add_argument("--ranks", default="1,2")
+    parser.add_argument("--paths", default="cached,uncached,streamed")
+    parser.add_argument("--work-dir", default=None, help="keeps the images and shards between runs")
+    args = parser.parse_args()
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-data-"))
+    photos = make_images(work / f"photos-{args.images}-{args.size}", args.images, args.size)
+    shards = work / f"shards-{args.images}-{args.size}"
+    if "streamed" in args.paths and not (shards / "ddpm_prepared.json").is_file():
+        from ddpm_lightning.commands import prepare
+
+        start = time.perf_counter()
+        prepare(str(photos), str(shards), image_size=args.size, num_workers=args.workers)
+        print(f"prepare: {time.perf_counter() - start:.1f} s for {args.images} images")
+    print(
+        "| path | ranks | set-up s (per rank) | peak GB (per rank) | largest worker's peak GB | images/s (per rank) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for path in args.paths.split(","):
+        for ranks in map(int, args.ranks.split(",")):
+            results = run(path, str(shards if path == "streamed" else photos), ranks, args)
+            cells = [
+                " / ".join(str(r[key]) for r in results)
+                for key in ("setup_s", "peak_gb", "worker_peak_gb", "images_per_s")
+            ]
+            print(f"| {path} | {ranks} | {' | '.join(cells)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
