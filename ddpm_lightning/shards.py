@@ -31,13 +31,14 @@ SCHEMES = ("s3", "gs")
 
 
 def is_prepared(dataset: str | None) -> bool:
-    """Whether `dataset` names prepared shards rather than a source: a URL, or a folder holding LitData's index."""
+    """Whether `dataset` names prepared shards rather than a source: a URL, or a folder holding their settings or
+    LitData's index and chunks (an unfinished preparation, refused by `read_settings`)."""
     if not dataset:
         return False
     if "://" in dataset:
         return True
     folder = Path(dataset).expanduser()
-    return (folder / SETTINGS).is_file() or (folder / "index.json").is_file()
+    return (folder / SETTINGS).is_file() or ((folder / "index.json").is_file() and any(folder.glob("chunk-*.bin")))
 
 
 def litdata():

@@ -82,7 +82,8 @@ def test_a_run_at_another_size_or_crop_refuses_prepared_shards_in_one_line_namin
             data_module(shards, image_size=size, crop=crop)
         assert "\n" not in str(err.value)
     (tmp_path / "partial").mkdir()
-    shutil.copy(shards / "index.json", tmp_path / "partial")  # a preparation that did not finish
+    for part in ("index.json", "chunk-0-0.bin"):  # a preparation that did not finish
+        shutil.copy(shards / part, tmp_path / "partial")
     with pytest.raises(ValueError, match="holds no ddpm_prepared.json.*ddpm-lightning prepare SOURCE"):
         data_module(tmp_path / "partial")
     with pytest.raises(ValueError, match="--data.val_dataset"):
