@@ -1,11 +1,14 @@
-"""How long the data cache takes to build: every image decoded and resized once (`data.decode_all`), as `fit` does
-before its first step, with the loader workers `fit` would use.
+"""The data paths alone (no model): set-up time and peak memory per rank at 1 and 2 ranks, and the loader's images/s,
+for the cached, uncached (decoded by loader workers every epoch) and streamed (prepared shards) paths.
 
-    python benchmarks/data.py                                  # 20,000 PNGs of 16-32 px, made in a temporary folder
-    python benchmarks/data.py --images DIR --size 64 --crop random --workers 8 --repeats 5
+    python benchmarks/data.py                                  # 2,000 PNGs of 64 px, 1 and 2 ranks, every path
+    python benchmarks/data.py --images 20000 --ranks 1,2 --paths cached,streamed --work-dir /tmp/bench-data
 
-Prints one line per pass and a JSON summary (the fastest pass). The made-up images take a few seconds to write,
-outside the timing.
+Each rank is a process of its own (gloo, as DDP on CPU): it builds `ImageDataModule` on the data, its training
+loader and first batch (set-up), then draws one epoch (images/s). Its peak resident memory includes the imports'
+(about 1.1 GB on CPU: torch, Lightning, datasets); its loader workers' is apart (the largest one's). The images
+are random PNGs made once in --work-dir, the shards prepared once beside them. The same script runs on a GPU
+machine (the data paths run on the CPU either way).
 """
 
 from __future__ import annotations
@@ -13,49 +16,118 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
-from PIL import Image
-
-from ddpm_lightning.data import ResizedImages, decode_all, default_num_workers
-from ddpm_lightning.sources import image_column_of, load_source
+REPO = Path(__file__).resolve().parents[1]
 
 
-def make_images(folder: Path, count: int, seed: int = 0) -> Path:
-    """`count` noise PNGs, each side 16 to 32 px."""
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        width, height = rng.integers(16, 33, 2)
-        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"{i:06d}.png")
+def make_images(folder: Path, n: int, size: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(len(list(folder.glob("*.png"))), n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:06d}.png")
     return folder
 
 
+def child(path: str, dataset: str, size: int, batch: int, workers: int) -> dict:
+    """One rank: set-up (data module, loader, first batch), then one epoch; its peak memory."""
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata's, every loader
+
+    if int(os.environ["WORLD_SIZE"]) > 1:
+        dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    from ddpm_lightning.data import ImageDataModule
+
+    start = time.perf_counter()
+    cache = {"cached": "memory", "uncached": "none", "streamed": "auto"}[path]
+    dm = ImageDataModule(dataset, image_size=size, train_batch_size=batch, num_workers=workers, cache=cache)
+    # what the data module asks of Lightning's trainer: the device, the ranks (the cached order's split), no bar
+    dm.trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        global_rank=int(os.environ["RANK"]),
+        progress_bar_callback=None,
+    )
+    dm.setup("fit")
+    batches = iter(dm.train_dataloader())
+    images = len(next(batches))
+    setup = time.perf_counter() - start
+    start = time.perf_counter()
+    for b in batches:
+        images += len(b)
+    seconds = time.perf_counter() - start
+    return {
+        "setup_s": round(setup, 2),
+        "images_per_s": round(images / max(seconds, 1e-9)),
+        "peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+        "worker_peak_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6, 2),  # the largest
+    }
+
+
+def run(path: str, dataset: str, ranks: int, args) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(ranks)}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    command = [sys.executable, __file__, "--child", path, dataset, str(args.size), str(args.batch), str(args.workers)]
+    procs = [subprocess.Popen(command, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE) for r in range(ranks)]
+    results = [json.loads(p.communicate()[0].decode().strip().splitlines()[-1]) for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"{path} at {ranks} ranks failed")
+    return results
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        path, dataset, size, batch, workers = sys.argv[2:7]
+        print(json.dumps(child(path, dataset, int(size), int(batch), int(workers))))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=Path, help="a folder (or any data.dataset); made up when left out")
-    parser.add_argument("--count", type=int, default=20_000, help="how many images to make up")
-    parser.add_argument("--size", type=int, default=16, help="data.image_size")
-    parser.add_argument("--crop", default="squash", choices=["squash", "center", "random"])
-    parser.add_argument("--workers", type=int, default=default_num_workers(), help="as fit's default")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=64, help="the images' side, and the training image_size")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2, help="loader workers (uncached, streamed)")
+    parser.add_argument("--ranks", default="1,2")
+    parser.add_argument("--paths", default="cached,uncached,streamed")
+    parser.add_argument("--work-dir", default=None, help="keeps the images and shards between runs")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="decode-bench-") as tmp:
-        source = args.images or make_images(Path(tmp), args.count)
-        rows = load_source(str(source))
-        images = ResizedImages(rows, image_column_of(rows, None), args.size, args.crop)
-        seconds = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            decode_all(images, args.workers)
-            seconds.append(time.perf_counter() - start)
-            print(f"{len(images)} images, {args.workers} workers: {seconds[-1]:.2f} s", flush=True)
-    best = min(seconds)
-    summary = {"images": len(images), "size": args.size, "crop": args.crop, "workers": args.workers}
-    summary |= {"best_s": round(best, 3), "images_per_s": round(len(images) / best), "cpus": os.cpu_count()}
-    print(json.dumps(summary))
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-data-"))
+    photos = make_images(work / f"photos-{args.images}-{args.size}", args.images, args.size)
+    shards = work / f"shards-{args.images}-{args.size}"
+    if "streamed" in args.paths and not (shards / "ddpm_prepared.json").is_file():
+        from ddpm_lightning.commands import prepare
+
+        start = time.perf_counter()
+        prepare(str(photos), str(shards), image_size=args.size, num_workers=args.workers)
+        print(f"prepare: {time.perf_counter() - start:.1f} s for {args.images} images")
+    print(
+        "| path | ranks | set-up s (per rank) | peak GB (per rank) | largest worker's peak GB | images/s (per rank) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for path in args.paths.split(","):
+        for ranks in map(int, args.ranks.split(",")):
+            results = run(path, str(shards if path == "streamed" else photos), ranks, args)
+            cells = [
+                " / ".join(str(r[key]) for r in results)
+                for key in ("setup_s", "peak_gb", "worker_peak_gb", "images_per_s")
+            ]
+            print(f"| {path} | {ranks} | {' | '.join(cells)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -80,8 +80,9 @@ class DDPMLightningCLI(LightningCLI):
         for name, help in (
             ("sample", "Draw images from a checkpoint, a saved folder or a Hub model id."),
             ("export", "Write a checkpoint's model as a diffusers folder with a model card."),
+            ("prepare", "Resize a data set once into shards that --data.dataset streams (a folder or s3:// / gs://)."),
         ):
-            # Listed for --help only: main() hands `sample ...` / `export ...` to commands.run before LightningCLI.
+            # Listed for --help only: main() hands `sample ...` / `export ...` / `prepare ...` to commands.run.
             parser._subcommands_action.add_subcommand(name, ArgumentParser(description=help), help=help)
 
     def before_instantiate_classes(self) -> None:
@@ -198,6 +199,7 @@ NOISE_WARNINGS = (
     r"Checkpoint directory .* exists and is not empty",  # every resume, by design
     r"LightningCLI's args parameter is intended to run from within Python",  # main() passes sys.argv on, edited
     r"The `local_dir_use_symlinks` argument is deprecated",  # diffusers' load_config passes it, for Hub ids
+    r"Your `IterableDataset` has `__len__` defined",  # streamed shards: LitData gives each worker its own shards
 )
 NOISE_LOG_LINES = ("💡 Tip:", "TPU available:", "Loading `train_dataloader` to estimate")
 

@@ -1,10 +1,12 @@
-"""`ddpm-lightning sample` and `ddpm-lightning export`: use a trained model outside of training.
+"""`ddpm-lightning sample` and `ddpm-lightning export`: use a trained model outside of training. `ddpm-lightning
+prepare`: resize a data set once into shards to stream (shards.py).
 
     ddpm-lightning sample checkpoints/ddpm-butterflies-128/last.ckpt --num_images 64 --sampler ddim   # -> samples/000000.png ... grid.png
     ddpm-lightning sample ddpm-butterflies-128 --seed 1 --output_dir more         # a saved diffusers folder
     ddpm-lightning sample google/ddpm-cifar10-32                                  # a Hub model id
     ddpm-lightning sample run/last.ckpt --num_images 1000 --sampler ddim --reference data/heliconius  # + FID/KID
     ddpm-lightning export checkpoints/ddpm-butterflies-128/last.ckpt my-model --samples run/samples/0049.png
+    ddpm-lightning prepare ./photos s3://bucket/photos-128 --image_size 128 --crop squash   # then --data.dataset s3://...
 
 Both take every model source `fit --model.pretrained` takes (model_source.py): a checkpoint (its EMA weights
 whenever it has them, as the saved folders do), a saved diffusers folder, a bare UNet folder or a Hub model id.
@@ -25,14 +27,17 @@ from PIL import Image
 from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
+from . import shards
+from .data import Crop, ResizedImages, default_num_workers
 from .model_source import POSITIONAL, ModelSourceError, load_model
 from .publish import save_pipeline, write_model_card
 from .reporting.grids import grid_shape, save_grid
 from .sampling import SAMPLERS, Sampler, denoise, make_sampler
+from .sources import image_column_of, load_source
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("sample", "export")
+COMMANDS = ("sample", "export", "prepare")
 
 
 class CommandError(RuntimeError):
@@ -96,7 +101,7 @@ def sample(
         The paths of the images written (grid.png, the grid of all of them, is written beside them).
     """
     if num_images < 1 or batch_size < 1:
-        raise CommandError(f"num_images ({num_images}) and batch_size ({batch_size}) must be at least 1.")
+        raise CommandError(f"num_images ({num_images}) and batch_size ({batch_size}) must be positive.")
     if sampler not in SAMPLERS:
         raise CommandError(f"Unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}.")
     steps = (1000 if sampler == "ddpm" else 50) if num_inference_steps is None else num_inference_steps
@@ -220,22 +225,75 @@ def export(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Prepare
+
+
+def prepare(
+    source: str,
+    out: str,
+    image_size: int = 128,
+    crop: Crop = "squash",
+    split: str = "train",
+    image_column: str | None = None,
+    num_workers: int | None = None,
+    chunk_mb: float = 64,
+) -> dict:
+    """Decode and resize a data set once into shards that `fit --data.dataset OUT` streams (a data set too large
+    to cache, or one in an object store). The pixels are those the cached path trains on.
+
+    Args:
+        source: anything `--data.dataset` takes: a folder of images, a Hub-format data set, a Hub id.
+        out: a new folder, or an s3:// or gs:// URL (credentials and endpoint as boto3 or google-cloud-storage
+            find them, e.g. AWS_ENDPOINT_URL). A training run must use the same image_size and crop.
+        image_size: the side of the training images (`--data.image_size`).
+        crop: squash, center or random (`--data.crop`).
+        split: the split of `source` to prepare (`--data.split`).
+        image_column: the column holding the images; found from the features when left out.
+        num_workers: decoding processes; one per available core, at most 8, by default.
+        chunk_mb: the size of one shard (LitData's chunk): a streaming rank holds a few at a time, and the
+            shuffle moves whole shards, then the images inside each.
+
+    Returns:
+        The settings recorded beside the shards (ddpm_prepared.json): image_size, crop, images, source.
+    """
+    if image_size < 1 or chunk_mb <= 0:
+        raise CommandError(f"image_size ({image_size}) and chunk_mb ({chunk_mb}) must be positive.")
+    if "://" not in out and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise CommandError(f"{out} exists and is not an empty folder: give a new folder for the shards.")
+    try:
+        shards.litdata()
+        rows = load_source(source, split)
+        column = image_column_of(rows, image_column)
+    except (ValueError, OSError, RuntimeError) as err:
+        raise CommandError(str(err)) from err
+    images = ResizedImages(rows, column, image_size, crop)
+    log.info(f"Preparing {len(images)} images of {source} at {image_size} px ({crop}) into {out}")
+    workers = default_num_workers() if num_workers is None else num_workers
+    settings = shards.write(images, out, {"source": source, "split": split}, workers, chunk_mb)
+    log.info(
+        f"Prepared {settings['images']} images in {out}: train with --data.dataset {out} --data.image_size "
+        f"{image_size} --data.crop {crop}"
+    )
+    return settings
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line
 
 
 def is_command(args=None) -> bool:
-    """Whether `ddpm-lightning` was asked for one of these commands (the first argument is sample or export)."""
+    """Whether `ddpm-lightning` was asked for one of these commands (the first argument is one of COMMANDS)."""
     argv = sys.argv[1:] if args is None else args
     return isinstance(argv, (list, tuple)) and len(argv) > 0 and argv[0] in COMMANDS
 
 
 def run(args=None):
-    """Parse `sample ...` / `export ...` with jsonargparse and run it; a CommandError or a model source that cannot
-    be used exits with its one line."""
+    """Parse `sample ...` / `export ...` / `prepare ...` with jsonargparse and run it; a CommandError or a model
+    source that cannot be used exits with its one line."""
     from jsonargparse import CLI
 
     argv = list(sys.argv[1:] if args is None else args)
     try:
-        return CLI([sample, export], args=argv, prog="ddpm-lightning", as_positional=True)
+        return CLI([sample, export, prepare], args=argv, prog="ddpm-lightning", as_positional=True)
     except (CommandError, ModelSourceError) as err:
         raise SystemExit(f"ddpm-lightning {argv[0]}: error: {err}") from err

@@ -24,6 +24,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import transforms
 from torchvision.transforms.functional import pil_to_tensor
 
+from . import shards
 from .reporting.progress import progress_bar
 from .sources import Split, training_and_validation
 from .unet import to_model_range
@@ -320,7 +321,8 @@ class ImageDataModule(LightningDataModule):
     """Training images for a DDPM.
 
     Args:
-        dataset: a Hub data set id, a local image folder, a local Hub-format data set or a `save_to_disk` folder.
+        dataset: a Hub data set id, a local image folder, a local Hub-format data set or a `save_to_disk` folder;
+            or shards made by `ddpm-lightning prepare` (a folder or an s3:// / gs:// URL), streamed (shards.py).
         split: the split to train on, for data sets that have splits.
         image_column: the column holding the images; found from the features when left out.
         image_size: side of the square training images; also the UNet's sample_size (linked by the CLI).
@@ -367,11 +369,15 @@ class ImageDataModule(LightningDataModule):
         self.train_set: ResizedImages | CachedImages | None = None
         self.val_set: Indexed | None = None
         self.resume_state: dict | None = None  # the training loader's state from a checkpoint, applied once
+        self.prepared: dict | None = None  # the settings of prepared shards, when `dataset` names them
 
     def setup(self, stage: str) -> None:
         if self.train_set is not None:
             return
         hp = self.hparams
+        if shards.is_prepared(hp.dataset):
+            self.setup_shards()
+            return
         train, val = training_and_validation(
             hp.dataset, hp.split, hp.image_column, hp.val_dataset, hp.val_split, hp.val_fraction
         )
@@ -380,6 +386,26 @@ class ImageDataModule(LightningDataModule):
         self.train_set = self.images(train, hp.crop, device if on_gpu else None)
         val_crop: Crop = "center" if hp.crop == "random" else hp.crop  # the same input every epoch
         self.val_set = None if val is None else Indexed(self.images(val, val_crop, None))
+
+    def setup_shards(self) -> None:
+        """Stream prepared shards (resized at preparation: this run's size and crop must be theirs); validation
+        images come from `val_dataset`, any source."""
+        hp = self.hparams
+        if hp.val_fraction:
+            raise ValueError(
+                f"--data.val_fraction cannot hold out images of prepared shards ({hp.dataset}): name the held-out "
+                "images with --data.val_dataset instead (a folder or a data set, not shards)."
+            )
+        if shards.is_prepared(hp.val_dataset):
+            raise ValueError(f"--data.val_dataset {hp.val_dataset} names shards: give a folder or a data set instead.")
+        self.prepared = shards.check_settings(hp.dataset, hp.image_size, hp.crop)
+        rank_zero_info(f"Streaming {self.prepared['images']} training images of {hp.image_size} px from {hp.dataset}.")
+        # The order is f(seed, epoch) on every rank: the seed Lightning's seed_everything gave every process.
+        self.train_set = shards.stream(hp.dataset, torch.initial_seed() % 2**32)
+        if hp.val_dataset is not None:
+            val, _ = training_and_validation(hp.val_dataset, hp.val_split, hp.image_column, None, "", 0.0)
+            val_crop: Crop = "center" if hp.crop == "random" else hp.crop
+            self.val_set = Indexed(self.images(val, val_crop, None))
 
     def images(self, split: Split, crop: Crop, cache_device: torch.device | None) -> ResizedImages | CachedImages:
         images = ResizedImages(split.rows, split.column, self.hparams.image_size, crop)
@@ -390,6 +416,8 @@ class ImageDataModule(LightningDataModule):
 
     def train_dataloader(self) -> StatefulDataLoader:
         assert self.train_set is not None, "setup('fit') comes first"
+        if self.prepared is not None:
+            return self.shards_loader()
         cached = isinstance(self.train_set, CachedImages)
         cached_on_gpu = isinstance(self.train_set, CachedImages) and self.train_set.tensor.is_cuda
         workers = 0 if cached else self.num_workers  # cached batches are a memory copy: no processes needed
@@ -410,9 +438,25 @@ class ImageDataModule(LightningDataModule):
         )
         if self.resume_state:  # see state_dict
             state, self.resume_state = self.resume_state, None
-            loader.sampler.set_epoch(state["epoch"])
+            if "epoch" in state:  # (absent when the checkpoint's run streamed shards)
+                loader.sampler.set_epoch(state["epoch"])
             if "train_loader" in state:
                 loader.load_state_dict(state["train_loader"])
+        return loader
+
+    def shards_loader(self):
+        """LitData's loader over the streamed shards (its order and state are its own), resumed as `state_dict` says."""
+        loader = shards.loader(
+            self.train_set,
+            self.hparams.train_batch_size,
+            self.num_workers,
+            collate_fn=Strips.collate if self.hparams.crop == "random" else None,
+            pin_memory=torch.cuda.is_available(),
+        )
+        if self.resume_state:
+            state, self.resume_state = self.resume_state, None
+            if "stream" in state:  # (absent when the checkpoint's run read another kind of data)
+                loader.load_state_dict(state["stream"])
         return loader
 
     def state_dict(self) -> dict:
@@ -422,6 +466,8 @@ class ImageDataModule(LightningDataModule):
         (any run with max_epochs), and it draws the first batch before it sets the sampler's epoch."""
         trainer = self.trainer
         loader = trainer.train_dataloader if trainer is not None else None
+        if self.prepared is not None and loader is not None:  # LitData's own state: the epoch, the images drawn
+            return {"stream": loader.state_dict()}
         if not isinstance(loader, StatefulDataLoader) or not isinstance(loader.sampler, EpochOrder):
             return {}
         if trainer.fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches:
@@ -458,7 +504,9 @@ class ImageDataModule(LightningDataModule):
         if isinstance(self.train_set, CachedImages):
             batch = self.train_set.__getitems__(list(first))
         else:
-            images = [self.train_set[i] for i in first]
+            images = (
+                shards.first_images(self.hparams.dataset, n) if self.prepared else [self.train_set[i] for i in first]
+            )
             batch = Strips.collate(images) if self.hparams.crop == "random" else torch.stack(images)
         if isinstance(batch, Strips):
             batch = random_crop(Strips(*(part.cpu() for part in batch)), torch.Generator().manual_seed(0))

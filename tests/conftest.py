@@ -318,3 +318,13 @@ class SaveEMAPerRank(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         torch.save(pl_module.ema.state_dict(), f"ema_rank{trainer.global_rank}.pt")
+
+
+class RecordBatches(Callback):
+    """Appends the images of each training batch to ./batches_rank{rank}.jsonl (`--trainer.callbacks+=...`): one
+    line per batch, {"step", "images"}, each image named by the sum of its pixels (a flip does not change it)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        names = [round(float(image.double().sum()), 3) for image in batch]
+        with open(f"batches_rank{trainer.global_rank}.jsonl", "a") as out:
+            out.write(json.dumps({"step": trainer.global_step, "images": names}) + "\n")

@@ -428,6 +428,27 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "    received = []\n    try:\n        for batch in loader:\n            received.append(batch)\n",
         [DECODE + "test_decoding_past_the_open_file_limit_in_workers_gives_the_pixels_of_decoding_here[squash]"],
     ),
+    "streamed_loader_draws_on_the_global_rng": (  # the workers' base seed then moves the noise's RNG
+        "ddpm_lightning/shards.py",
+        "        generator=torch.Generator().manual_seed(0),\n",
+        "",
+        [
+            T
+            + "test_shards.py::test_ddp_from_prepared_shards_splits_each_epoch_and_resumes_exactly_or_on_one_process_with_a_warning"
+        ],
+    ),
+    "streamed_epoch_after_a_resume_replays_it": (
+        "ddpm_lightning/shards.py",
+        "                self.restore = False\n",
+        "                pass\n",
+        [T + "test_shards.py::test_each_epoch_streams_every_image_once_in_a_new_order_and_resumes_mid_epoch_exactly"],
+    ),
+    "world_size_change_unsaid": (
+        "ddpm_lightning/checkpointing/resume.py",
+        '        if not then or then["world_size"] == trainer.world_size:\n',
+        "        if True:\n",
+        [T + "test_resume.py::test_a_resume_on_another_number_of_processes_says_what_changes"],
+    ),
 }
 
 COPIED = ["ddpm_lightning", "tests", "configs", "data", "tools", "pyproject.toml", "README.md"]

@@ -1,5 +1,5 @@
 """The benchmark scripts' CPU modes, run for real: the GPU smoke check (every shipped config through the CLI,
-SIGTERM, resume, sample, export) and benchmark.py's tiny step-rate and end-to-end rows."""
+SIGTERM, resume, sample, export), benchmark.py's tiny step-rate and end-to-end rows, and data.py's rows."""
 
 from __future__ import annotations
 
@@ -121,3 +121,13 @@ def test_quality_benchmark_tiny(tmp_path, heliconius_photos):
     config = yaml.safe_load((tmp_path / "runs" / "v+min-snr-seed0" / "logs" / "config.yaml").read_text())["model"]
     assert (config["prediction_type"], config["loss_weighting"]) == ("v_prediction", "min_snr")
     assert "| ema | ddim-2 |" in report["markdown"]
+
+
+def test_data_benchmark_measures_each_rank(tmp_path):
+    """benchmarks/data.py on 48 tiny images, streamed by 2 ranks (its most involved row): a figure per rank."""
+    args = ["--images", "48", "--size", "16", "--workers", "0", "--ranks", "2", "--paths", "streamed"]
+    done = run_script("benchmarks/data.py", *args, "--work-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| streamed")]
+    assert len(rows) == 1 and rows[0][1] == "2"
+    assert all(len(cell.split(" / ")) == 2 for cell in rows[0][2:])

@@ -238,7 +238,7 @@ def test_help_lists_the_subcommands(capsys):
     text = capsys.readouterr().out
     for subcommand in ("fit", "validate"):
         assert f"    {subcommand} " in text, subcommand
-    for command in ("sample", "export"):  # outside LightningCLI: their own --help
+    for command in ("sample", "export", "prepare"):  # outside LightningCLI: their own --help
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0 and f"usage: ddpm-lightning [options] {command}" in capsys.readouterr().out

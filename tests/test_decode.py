@@ -1,6 +1,6 @@
 """The decoding pass that fills the cache: any number of images with loader workers, past the process's open-file
 limit; the same pixels, in the same order, as decoding in this process; one line when a resource limit stops it.
-And benchmarks/data.py, which times it."""
+And benchmarks/decode.py, which times it."""
 
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def test_other_loader_failures_are_not_blamed_on_a_limit():
 @pytest.mark.slow
 def test_the_decoding_benchmark_runs(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    args = [sys.executable, "benchmarks/data.py", "--count", "40", "--workers", "1", "--repeats", "1"]
+    args = [sys.executable, "benchmarks/decode.py", "--count", "40", "--workers", "1", "--repeats", "1"]
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads(done.stdout.splitlines()[-1])

@@ -33,6 +33,7 @@ LAYERS = {
     "model_source": 1,
     "unet": 0,
     "sources": 0,
+    "shards": 0,
     "ema": 0,
     "stop_on_nan": 0,
     "metrics": 0,
@@ -106,7 +107,7 @@ def test_there_is_no_import_circle():
 
 
 def test_the_data_layer_imports_no_sampler_and_no_logger():
-    for name in ("data", "sources"):
+    for name in ("data", "sources", "shards"):
         imported = package_imports(PACKAGE / f"{name}.py")
         assert not imported & {"sampling", "reporting.monitor", "reporting.grids", "callbacks"}, (name, imported)
         assert "lightning.pytorch.loggers" not in (PACKAGE / f"{name}.py").read_text()

@@ -277,3 +277,32 @@ def test_a_checkpoint_in_the_layout_before_the_module_split_resumes_exactly_with
     assert a["ema"]["optimization_step"] == b["ema"]["optimization_step"] == 6
     for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"], strict=True):
         torch.testing.assert_close(y, x, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_a_resume_on_another_number_of_processes_says_what_changes(twelve, tmp_path):
+    """A checkpoint records the run's world size, global batch and steps per epoch; saved by 2 DDP processes (12
+    cached images, batch 4: 2 steps an epoch) and resumed on 1, the warning names each change."""
+    import subprocess
+
+    from conftest import child_env, ddp_fit_command
+
+    common = [*NO_SAVES, "--trainer.max_epochs", "2"]
+    stop = ["--trainer.callbacks+=conftest.StopAtStep", "--trainer.callbacks.step", "1"]
+    cmd = [*ddp_fit_command(twelve, tmp_path / "run", *common), *stop]
+    result = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    saved = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 1
+    assert saved["data_layout"] == {"world_size": 2, "global_batch": 8, "steps_per_epoch": 2}
+    with pytest.warns(UserWarning) as warned:
+        main([*fit_args(twelve, tmp_path / "run", *common), "--ckpt_path", "last"])
+    messages = [str(w.message) for w in warned if "Resuming on" in str(w.message)]
+    assert messages == [
+        "Resuming on 1 processes (devices x nodes) a run saved on 2: the global batch is 4 images instead of 8, an "
+        "epoch is 3 optimizer steps instead of 2, and the images now come in another order than in the uninterrupted "
+        "run (prepared shards: the epoch underway goes on with its remaining images, each once; other data: that "
+        "epoch is drawn again from the new split, so some images may come twice in it and others not at all), so the "
+        "result will not equal that run's. To continue exactly, resume on the checkpoint's number of processes."
+    ]
+    assert state(tmp_path / "checkpoints" / "run" / "last.ckpt")[0] > 1  # and training went on

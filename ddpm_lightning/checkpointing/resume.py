@@ -4,6 +4,7 @@ run trained on (`SameData`), and a `--ckpt_path` that can be resumed from (`chec
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -52,14 +53,20 @@ class SameData(Callback):
     of training images; a resume that changes them says so. Another image size is refused: the UNet was trained at
     one size, and its saved folder says which. Any other change (the data set, the batch size, images added or
     removed, ...) goes on with one warning naming it: from there on, the images come in another order than in
-    the uninterrupted run, so it no longer equals that run."""
+    the uninterrupted run, so it no longer equals that run. So does a resume on another number of processes
+    (devices x nodes), whose warning names what that changes: the global batch, the steps of an epoch, the order."""
+
+    def __init__(self) -> None:
+        self.saved_layout: dict | None = None  # the checkpoint's data_layout, compared once training starts
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         images = train_images(trainer)
         if images is not None:
             checkpoint["train_images"] = images
+        checkpoint["data_layout"] = data_layout(trainer)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        self.saved_layout = checkpoint.get("data_layout")
         then = checkpoint.get("datamodule_hyper_parameters") or {}
         now = dict(trainer.datamodule.hparams) if trainer.datamodule is not None else {}
         if "image_size" in then and then["image_size"] != now.get("image_size", then["image_size"]):
@@ -81,8 +88,43 @@ class SameData(Callback):
                 "equal that run's."
             )
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # (here, not on load: the steps of an epoch are known once the loader is built)
+        then, self.saved_layout = self.saved_layout, None
+        if not then or then["world_size"] == trainer.world_size:
+            return
+        now = data_layout(trainer)
+        changes = [
+            f"the global batch is {now[key]} images instead of {then[key]}" if key == "global_batch" else
+            f"an epoch is {now[key]} optimizer steps instead of {then[key]}"
+            for key in ("global_batch", "steps_per_epoch") if key in then and key in now and then[key] != now[key]
+        ]  # fmt: skip
+        rank_zero_warn(
+            f"Resuming on {now['world_size']} processes (devices x nodes) a run saved on {then['world_size']}: "
+            + "".join(f"{change}, " for change in changes)
+            + "and the images now come in another order than in the uninterrupted run (prepared shards: the epoch "
+            "underway goes on with its remaining images, each once; other data: that epoch is drawn again from "
+            "the new split, so some images may come twice in it and others not at all), so the result will not equal that "
+            "run's. To continue exactly, resume on the checkpoint's number of processes."
+        )
+
+
+def data_layout(trainer: Trainer) -> dict[str, int]:
+    """How the run's batches are laid out over its processes: the world size, and what follows from it."""
+    layout = {"world_size": trainer.world_size}
+    hparams = getattr(trainer.datamodule, "hparams", None) or {}
+    if "train_batch_size" in hparams:
+        layout["global_batch"] = hparams["train_batch_size"] * trainer.world_size * trainer.accumulate_grad_batches
+    batches = trainer.num_training_batches
+    if math.isfinite(batches):
+        layout["steps_per_epoch"] = math.ceil(batches / trainer.accumulate_grad_batches)
+    return layout
+
 
 def train_images(trainer: Trainer) -> int | None:
+    prepared = getattr(trainer.datamodule, "prepared", None)  # streamed shards: their count (len is per rank)
+    if prepared:
+        return prepared["images"]
     images = getattr(trainer.datamodule, "train_set", None)
     return len(images) if images is not None else None
 

@@ -1,0 +1,215 @@
+"""Prepared shards (shards.py, `ddpm-lightning prepare`): the cached path's pixels resized once, their settings
+enforced, streamed with LitData per rank and per worker in a new order each epoch, resumed exactly mid-epoch (and
+on another world size with a warning), from a folder or an S3 stand-in on 127.0.0.1."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_lightning.cli import main
+from ddpm_lightning.commands import prepare
+from ddpm_lightning.data import ImageDataModule, ResizedImages, Strips, decode_all
+from ddpm_lightning.shards import first_images
+from ddpm_lightning.sources import load_source
+from ddpm_lightning.unet import to_model_range
+
+from conftest import NO_SAVES, child_env, ddp_fit_command, fit_args, write_image
+from s3_standin import s3_standin
+
+SMALL_SHARDS = ["--num_workers", "1", "--chunk_mb", "0.004"]  # about 5 images of 16 px a shard: several shards
+
+
+def photos(folder: Path, n: int) -> Path:
+    for i in range(n):
+        write_image(folder / f"{i}.png", seed=i)  # 20 x 24: not square, so the crop matters
+    return folder
+
+
+def prepared(tmp_path: Path, n: int = 24, *extra: str) -> Path:
+    out = tmp_path / "shards"
+    main(["prepare", str(photos(tmp_path / "photos", n)), str(out), "--image_size", "16", *SMALL_SHARDS, *extra])
+    return out
+
+
+def key(image: torch.Tensor) -> bytes:
+    return image.numpy().tobytes()
+
+
+def name(image: torch.Tensor) -> float:
+    """An image as conftest.RecordBatches names it: the sum of its pixels in [-1, 1]."""
+    return round(float(to_model_range(image).double().sum()), 3)
+
+
+def data_module(dataset: Path, **kwargs) -> ImageDataModule:
+    dm = ImageDataModule(dataset=str(dataset), **{"image_size": 16, "train_batch_size": 4, **kwargs})
+    dm.setup("fit")
+    return dm
+
+
+@pytest.mark.parametrize("crop", ["center", "random"])
+def test_prepare_stores_the_cached_paths_pixels_and_records_size_crop_and_count(tmp_path, caplog, crop):
+    """The images decode_all would cache (try_load is its decoding), the unreadable one skipped and counted; random
+    crops keep each image's strip, cut per batch as the cached path's are."""
+    source = photos(tmp_path / "photos", 12)
+    (source / "broken.png").write_text("not a PNG")
+    out = tmp_path / "shards"
+    main(["prepare", str(source), str(out), "--image_size", "16", "--crop", crop, *SMALL_SHARDS])
+    settings = json.loads((out / "ddpm_prepared.json").read_text())
+    assert settings == {"image_size": 16, "crop": crop, "images": 12, "source": str(source), "split": "train"}
+    assert "Skipped 1 of 13 images" in caplog.text
+    images = ResizedImages(load_source(str(source)), "image", 16, crop)
+    cached = [pixels for pixels, _, _ in images.try_load(list(range(13))) if pixels is not None]
+    streamed = first_images(str(out), 100)
+    assert len(streamed) == 12 and sorted(map(key, streamed)) == sorted(map(key, cached))
+    batch = next(iter(data_module(out, crop=crop, num_workers=0).train_dataloader()))
+    assert isinstance(batch, Strips) if crop == "random" else batch.shape == (4, 3, 16, 16)
+    with pytest.raises(SystemExit, match="not an empty folder"):  # never mixed into earlier shards
+        main(["prepare", str(source), str(out), "--image_size", "16"])
+
+
+def test_a_run_at_another_size_or_crop_refuses_prepared_shards_in_one_line_naming_the_fix(tmp_path):
+    shards = prepared(tmp_path, 6)
+    for size, crop in ((32, "squash"), (16, "center")):
+        with pytest.raises(ValueError, match=r"prepared at image_size 16 with crop squash, not .*--data.image_size 16 --data.crop squash, or prepare") as err:  # fmt: skip
+            data_module(shards, image_size=size, crop=crop)
+        assert "\n" not in str(err.value)
+    (tmp_path / "partial").mkdir()
+    for part in ("index.json", "chunk-0-0.bin"):  # a preparation that did not finish
+        shutil.copy(shards / part, tmp_path / "partial")
+    with pytest.raises(ValueError, match="holds no ddpm_prepared.json.*ddpm-lightning prepare SOURCE"):
+        data_module(tmp_path / "partial")
+    with pytest.raises(ValueError, match="--data.val_dataset"):
+        data_module(shards, val_fraction=0.5)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_epoch_streams_every_image_once_in_a_new_order_and_resumes_mid_epoch_exactly(tmp_path, workers):
+    """With loader workers, each reads its own shards. Batches are drawn as Lightning draws them: the epoch's
+    length, no more. The state after 2 batches of the second epoch, given to a new data module (as a checkpoint
+    does), continues with exactly that epoch's other batches, then the third epoch."""
+    shards = prepared(tmp_path, 24)
+    every = sorted(map(key, first_images(str(shards), 100)))
+
+    def epoch(loader, batches: int = 6) -> list[list[bytes]]:
+        return [[key(image) for image in batch] for batch in itertools.islice(iter(loader), batches)]
+
+    loader = data_module(shards, num_workers=workers).train_dataloader()
+    assert len(loader) == 6
+    epochs = [epoch(loader) for _ in range(3)]
+    for images in epochs:
+        assert len(images) == 6 and sorted(sum(images, [])) == every
+    assert epochs[0] != epochs[1] != epochs[2]
+
+    loader = data_module(shards, num_workers=workers).train_dataloader()
+    epoch(loader)
+    drawn = epoch(loader, 2)
+    state = {"stream": loader.state_dict()}
+    resumed = ImageDataModule(dataset=str(shards), image_size=16, train_batch_size=4, num_workers=workers)
+    resumed.load_state_dict(state)
+    resumed.setup("fit")
+    loader = resumed.train_dataloader()
+    assert (drawn, epoch(loader, 4), epoch(loader)) == (epochs[1][:2], epochs[1][2:], epochs[2])
+
+
+def recorded(folder: Path, rank: int) -> list[dict]:
+    return [json.loads(line) for line in (folder / f"batches_rank{rank}.jsonl").read_text().splitlines()]
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    return log
+
+
+def weights(ckpt: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    checkpoint = torch.load(ckpt, weights_only=False, map_location="cpu")
+    return checkpoint["global_step"], checkpoint["state_dict"]
+
+
+@pytest.mark.slow
+def test_ddp_from_prepared_shards_splits_each_epoch_and_resumes_exactly_or_on_one_process_with_a_warning(tmp_path):
+    """2 processes (gloo), 24 images, batch 4: 3 steps an epoch, 3 epochs. Each rank's batches are its own and
+    together they are the epoch; stopped at step 4 (in the second epoch) and resumed, the run draws the straight
+    run's batches (the third epoch's too) and ends with its very weights. The same checkpoint resumed on 1
+    process says what changes and streams the rest of that epoch, each image once."""
+    shards = prepared(tmp_path, 24)
+    every = sorted(name(image) for image in first_images(str(shards), 100))
+    common = [*NO_SAVES, "--trainer.max_epochs", "3", "--trainer.callbacks+=conftest.RecordBatches"]
+    (tmp_path / "straight").mkdir()
+    run(ddp_fit_command(shards, tmp_path / "out-straight", *common), tmp_path / "straight")
+    straight = [recorded(tmp_path / "straight", rank) for rank in (0, 1)]
+    for epoch in (0, 1, 2):
+        steps = range(3 * epoch, 3 * epoch + 3)
+        ranks = [sum((b["images"] for b in straight[rank] if b["step"] in steps), []) for rank in (0, 1)]
+        assert len(ranks[0]) == len(ranks[1]) == 12 and sorted(ranks[0] + ranks[1]) == every
+    assert [b["images"] for b in straight[0][:3]] != [b["images"] for b in straight[0][3:]]  # a new order
+
+    (tmp_path / "stopped").mkdir()
+    stop = ["--trainer.callbacks+=conftest.StopAtStep", "--trainer.callbacks.step", "4"]
+    args = ddp_fit_command(shards, tmp_path / "out", *common)
+    run([*args, *stop], tmp_path / "stopped")
+    saved = tmp_path / "stopped" / "checkpoints" / "out" / "last.ckpt"
+    assert weights(saved)[0] == 4
+    layout = torch.load(saved, weights_only=False)["data_layout"]
+    assert layout == {"world_size": 2, "global_batch": 8, "steps_per_epoch": 3}
+    elsewhere = tmp_path / "one" / "checkpoints" / "out"
+    elsewhere.mkdir(parents=True)
+    shutil.copy(saved.resolve(), elsewhere / "last.ckpt")
+    log = run([*args, "--ckpt_path", "last"], tmp_path / "stopped")
+    assert "Resuming on" not in log
+    step, resumed = weights(tmp_path / "stopped" / "checkpoints" / "out" / "last.ckpt")
+    straight_step, straight_weights = weights(tmp_path / "straight" / "checkpoints" / "out-straight" / "last.ckpt")
+    assert step == straight_step == 9
+    for parameter, value in straight_weights.items():
+        torch.testing.assert_close(resumed[parameter], value, rtol=0, atol=0, msg=parameter)
+    for rank in (0, 1):
+        assert recorded(tmp_path / "stopped", rank) == straight[rank]
+
+    one = [*fit_args(shards, tmp_path / "out", *common), "--ckpt_path", "last"]
+    with pytest.MonkeyPatch.context() as env:
+        env.chdir(tmp_path / "one")
+        with pytest.warns(UserWarning) as warned:
+            main(one)
+    message = next(str(w.message) for w in warned if "Resuming on" in str(w.message))
+    assert message.startswith(
+        "Resuming on 1 processes (devices x nodes) a run saved on 2: the global batch is 4 images instead of 8, "
+        "an epoch is 6 optimizer steps instead of 3, and the images now come in another order"
+    )
+    seen = sum((b["images"] for rank in (0, 1) for b in straight[rank] if b["step"] == 3), [])  # epoch 1, step 3
+    rest = sum((b["images"] for b in recorded(tmp_path / "one", 0)[:4]), [])
+    assert sorted(seen + rest) == every  # the epoch's other 16 images, each once
+
+
+@pytest.mark.slow
+def test_prepare_straight_to_an_s3_bucket_and_train_from_it(tmp_path, monkeypatch):
+    """`prepare` writes to s3:// and `fit` streams from it, through LitData's own transfers, against moto's S3
+    server on 127.0.0.1 (started and stopped here); a run at another size is refused from the bucket's settings."""
+    import boto3
+
+    with s3_standin(tmp_path / "s3", monkeypatch):
+        source = photos(tmp_path / "photos", 12)
+        prepare(str(source), "s3://bucket/photos-16", image_size=16, num_workers=1, chunk_mb=0.004)
+        stored = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="bucket")["Contents"]}
+        assert {"photos-16/index.json", "photos-16/ddpm_prepared.json"} < stored
+        assert any(k.startswith("photos-16/chunk-") for k in stored)
+        with pytest.raises(ValueError, match="prepared at image_size 16 with crop squash, not 32"):
+            data_module("s3://bucket/photos-16", image_size=32)
+        monkeypatch.setenv("LITDATA_CACHE_DIR", str(tmp_path / "downloads"))  # the child's copies of the shards
+        args = fit_args(
+            "s3://bucket/photos-16", tmp_path / "out", *NO_SAVES, "--trainer.max_epochs", "2",
+            "--trainer.callbacks+=conftest.RecordBatches",
+        )  # fmt: skip
+        log = run([sys.executable, "-m", "ddpm_lightning", *args], tmp_path)
+    assert "Streaming 12 training images of 16 px from s3://bucket/photos-16" in log
+    batches = recorded(tmp_path, 0)
+    expected = sorted(name(image) for image in decode_all(ResizedImages(load_source(str(source)), "image", 16), 0))
+    assert len(batches) == 6 and sorted(sum((b["images"] for b in batches[:3]), [])) == expected
