@@ -56,7 +56,7 @@ def data_module(dataset: Path, **kwargs) -> ImageDataModule:
 
 @pytest.mark.parametrize("crop", ["center", "random"])
 def test_prepare_stores_the_cached_paths_pixels_and_records_size_crop_and_count(tmp_path, caplog, crop):
-    """The images decode_all would cache (try_load is its decoding), the unreadable one skipped and counted; random
+    """The images decode_all would cache (`load`, its decoding of each image), the unreadable one skipped and counted; random
     crops keep each image's strip, cut per batch as the cached path's are."""
     source = photos(tmp_path / "photos", 12)
     (source / "broken.png").write_text("not a PNG")
@@ -66,7 +66,7 @@ def test_prepare_stores_the_cached_paths_pixels_and_records_size_crop_and_count(
     assert settings == {"image_size": 16, "crop": crop, "images": 12, "source": str(source), "split": "train"}
     assert "Skipped 1 of 13 images" in caplog.text
     images = ResizedImages(load_source(str(source)), "image", 16, crop)
-    cached = [pixels for pixels, _, _ in images.try_load(list(range(13))) if pixels is not None]
+    cached = [images.load(i)[0] for i in range(13) if images.rows[i]["image"]["path"] != str(source / "broken.png")]
     streamed = first_images(str(out), 100)
     assert len(streamed) == 12 and sorted(map(key, streamed)) == sorted(map(key, cached))
     batch = next(iter(data_module(out, crop=crop, num_workers=0).train_dataloader()))
