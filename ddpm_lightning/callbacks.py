@@ -20,8 +20,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .checkpointing import stop_if_signalled
+from .checkpointing.writes import next_run, why_not_written, write_whole
 from .metrics import InceptionWeightsUnavailable, Network, SampleQuality, add_real_images
-from .publish import HubUploader, save_pipeline, write_run_card
+from .publish import HubUploader, ModelWriteError, save_pipeline, write_run_card
 from .reporting.grids import grid_shape, save_grid
 from .reporting.progress import progress_bar
 from .sampling import Sampler
@@ -47,6 +48,16 @@ def is_due(trainer: Trainer, epochs: int) -> bool:
 
 def every_n_epochs(trainer: Trainer, epochs: int) -> bool:
     return epochs > 0 and (trainer.current_epoch + 1) % epochs == 0
+
+
+def stopped_by(err: OSError, trainer: Trainer) -> OSError:
+    """A grid or model write that failed (a full disk), as the one line that ends the run: what is kept, what next."""
+    checkpoint = trainer.checkpoint_callback
+    resumable = checkpoint is not None and bool(checkpoint.last_model_path or checkpoint.best_model_path)
+    return type(err)(
+        f"{err}: training stopped, with each file written so far whole (the previous model save's, if any) and no "
+        f"checkpoint deleted. Free some space there, then {next_run(resumable)}."
+    )
 
 
 def sample_share(
@@ -127,7 +138,15 @@ class SampleGrid(Callback):
         if not trainer.is_global_zero:
             return None
         path = Path(self.output_dir) / "samples" / f"{trainer.current_epoch:04d}.png"
-        path = save_grid(images, path, self.rows, trainer.loggers, "samples", trainer.global_step)
+
+        def write(to: Path) -> None:
+            save_grid(images, to, self.rows, trainer.loggers, "samples", trainer.global_step)
+
+        try:  # whole or not at all: a grid becomes the card's image, and is uploaded
+            write_whole(path, write)
+        except OSError as err:
+            failed = OSError(f"Cannot write the grid {path} ({why_not_written(path.parent, err)})")
+            raise stopped_by(failed, trainer) from err
         log.info(f"[rank {trainer.global_rank}] Saved a grid of {self.eval_batch_size} samples to {path}")
         return path
 
@@ -138,7 +157,9 @@ class SaveModel(Callback):
     also upload it in the background to `hub_model_id` (default: the output folder's name).
 
     The folder is always written, pushing or not. A missing token or a repo that cannot be created fails
-    before training starts; a failed upload is a counted warning and the next save uploads again.
+    before training starts; a failed upload is a counted warning and the next save uploads again. A save that
+    cannot be written (a full disk) stops the run in one line; a run resumed from a checkpoint written just before
+    a save saves that model first (`MODEL_SAVE_DUE`).
 
     Args:
         output_dir: the run's folder (set from --output_dir), where the diffusers folder is written.
@@ -148,6 +169,10 @@ class SaveModel(Callback):
         hub_private_repo: create the repo private.
         hub_upload_logs: also upload logs/ (TensorBoard events, config.yaml) and run_summary.json; they name local
             paths, and the event file the host; left out by default.
+        hub_upload_data_preview: also upload samples/data.png, 16 of the training images; left out by default.
+
+    An upload carries the model folder's files, README.md, samples.png and the grids (samples/<epoch>.png); nothing
+    else in output_dir (`publish.hub.PUBLISHED`).
     """
 
     def __init__(
@@ -158,14 +183,22 @@ class SaveModel(Callback):
         hub_model_id: str | None = None,
         hub_private_repo: bool = False,
         hub_upload_logs: bool = False,
+        hub_upload_data_preview: bool = False,
     ):
         self.output_dir = output_dir
         self.save_model_epochs = save_model_epochs
         self.push_to_hub = push_to_hub
+        self.saved_at: int | None = None  # the step of the last model save
+        self.redo: dict | None = None  # a save the resumed checkpoint was written just before (MODEL_SAVE_DUE)
         repo_id = hub_model_id or Path(output_dir).name
-        self.uploader = (
-            HubUploader(repo_id, private=hub_private_repo, upload_logs=hub_upload_logs) if push_to_hub else None
-        )
+        self.uploader = None
+        if push_to_hub:
+            self.uploader = HubUploader(
+                repo_id,
+                private=hub_private_repo,
+                upload_logs=hub_upload_logs,
+                upload_data_preview=hub_upload_data_preview,
+            )
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -192,13 +225,40 @@ class SaveModel(Callback):
     def save(self, trainer: Trainer, pl_module: LightningModule, message: str) -> None:
         if self.uploader is not None:
             self.uploader.wait()  # never rewrite the folder while it is being uploaded
-        with pl_module.ema_weights():
-            save_pipeline(pl_module.unet, pl_module.noise_scheduler, self.output_dir)
+        try:
+            with pl_module.ema_weights():
+                save_pipeline(pl_module.unet, pl_module.noise_scheduler, self.output_dir)
+        except ModelWriteError as err:
+            raise stopped_by(err, trainer) from err
+        self.saved_at = trainer.global_step
         # README.md + samples.png in the folder, uploaded with it; never raises
         write_run_card(trainer, pl_module, self.output_dir, repo_id=self.uploader.repo_id if self.uploader else None)
         log.info(f"[rank {trainer.global_rank}] Saved the model to {self.output_dir}")
         if self.uploader is not None:
             self.uploader.upload(self.output_dir, message)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        # A checkpoint written at an epoch's last step precedes that epoch's end, which a run resumed from it does
+        # not run (Lightning goes on after it): a model save due there, not yet done, is noted and done on resume.
+        # (A stop signal's own note says what it skipped: signals.skipped_work.)
+        ends_epoch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        ends_epoch = ends_epoch or 0 < trainer.max_steps <= trainer.global_step
+        due = trainer.training and ends_epoch and is_due(trainer, self.save_model_epochs)
+        if due and self.saved_at != trainer.global_step and not trainer.received_sigterm:
+            checkpoint[MODEL_SAVE_DUE] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        self.redo = checkpoint.get(MODEL_SAVE_DUE) if trainer.state.fn == "fit" else None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        redo, self.redo = self.redo, None
+        if redo is not None and redo["step"] == trainer.global_step and trainer.is_global_zero:
+            epoch = redo["epoch"]
+            log.info(
+                f"Resumed from a checkpoint written just before epoch {epoch}'s model save (step {redo['step']}), "
+                "which this run does not reach again: saving that model now"
+            )
+            self.save(trainer, pl_module, f"Epoch {epoch}")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.uploader is not None:
@@ -206,6 +266,9 @@ class SaveModel(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.on_fit_end(trainer, pl_module)
+
+
+MODEL_SAVE_DUE = "model_save_due"  # a checkpoint's note: {"epoch", "step"} of the model save due right after it
 
 
 class MeasureQuality(Callback):

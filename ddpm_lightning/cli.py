@@ -45,7 +45,7 @@ from .data import ImageDataModule
 from .module import DDPMModule
 from .reporting.monitor import ImagesThroughput, RunReport
 from .reporting.progress import TrainingProgressBar
-from .run_folder import RunLock, check_fresh_run, check_writable, remove_unstarted_run
+from .run_folder import RunLock, check_fresh_run, check_outside_data, check_writable, remove_unstarted_run
 from .speed import FusedClipMixedPrecision, keep_compile_cache
 from .unet import check_norm_groups
 
@@ -88,6 +88,9 @@ class DDPMLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.config.subcommand]
         check_values(config)
+        check_outside_data(
+            config.output_dir, {f"data.{k}": config.get(f"data.{k}") for k in ("dataset", "val_dataset")}
+        )
         if config.get("checkpoint") is not None and config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(Path("checkpoints") / Path(config.output_dir).resolve().name)
         model = config.get("model") or {}
@@ -144,7 +147,7 @@ class DDPMLightningCLI(LightningCLI):
             if rank_zero:  # the lock is held: no write of another process is in progress
                 remove_partial_files(output_dir)
                 remove_partial_files(checkpoint_dir)
-            check_ckpt_path(self._get(self.config, "ckpt_path"), checkpoint)
+            check_ckpt_path(self._get(self.config, "ckpt_path"), checkpoint, self.trainer.max_epochs)
             if self._get(self.config, "ckpt_path") is None and rank_zero:
                 check_fresh_run(output_dir, checkpoint, self._get(self.config, "overwrite"))
         except BaseException:
@@ -200,6 +203,11 @@ NOISE_WARNINGS = (
     r"LightningCLI's args parameter is intended to run from within Python",  # main() passes sys.argv on, edited
     r"The `local_dir_use_symlinks` argument is deprecated",  # diffusers' load_config passes it, for Hub ids
     r"Your `IterableDataset` has `__len__` defined",  # streamed shards: LitData gives each worker its own shards
+    # A resume with another checkpoint cadence: the old cadence's state is left behind on purpose (cadence.py); only
+    # when every callback it names is a PeriodicCheckpoint (another missing callback still warns).
+    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided during "
+    r"`Trainer` instantiation. Please add the following callbacks: "
+    r"\[\"PeriodicCheckpoint\{[^}]*\}\"(, \"PeriodicCheckpoint\{[^}]*\}\")*\]\.$",
 )
 NOISE_LOG_LINES = ("💡 Tip:", "TPU available:", "Loading `train_dataloader` to estimate")
 
@@ -248,7 +256,7 @@ def main(args: ArgsType = None) -> None:
         if PreemptionCheckpoint.interrupted:
             raise SystemExit(130) from None  # Ctrl-C: saved and stopped, but the run did not finish
         raise
-    except (ValueError, OSError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as err:  # (FloatingPointError: StopOnNaN)
         if not (one_line and raised_by_this_package(err)):
             raise
         subcommand = next((a for a in argv if not a.startswith("-")), "fit") if isinstance(argv, list) else "fit"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,9 +29,10 @@ from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
 from . import shards
+from .checkpointing.writes import why_not_written, write_whole
 from .data import Crop, ResizedImages, default_num_workers
 from .model_source import POSITIONAL, ModelSourceError, load_model
-from .publish import save_pipeline, write_model_card
+from .publish import ModelWriteError, save_pipeline, write_model_card
 from .reporting.grids import grid_shape, save_grid
 from .sampling import SAMPLERS, Sampler, denoise, make_sampler
 from .sources import image_column_of, load_source
@@ -88,7 +90,8 @@ def sample(
         num_inference_steps: denoising steps; 1000 for ddpm and 50 for the others when left out.
         seed: the images' seed.
         batch_size: images denoised at once (memory, not the result).
-        output_dir: where the PNGs go (created if missing; files of the same names are replaced).
+        output_dir: where the PNGs go (created if missing; files of the same names are replaced). Each is
+            written whole or not at all: a full disk stops the command, and the images before it stay.
         device: cuda, cuda:1, cpu, ...; cuda when available, else cpu.
         revision: the branch, tag or commit of a Hub model id (its main branch when left out).
         reference: score the images drawn against these real ones: FID and KID (`metrics.SampleQuality`'s default
@@ -130,11 +133,9 @@ def sample(
             batch = denoise(unet, fresh, steps, generators, len(indices), progress.update)
             batch = batch.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).cpu()  # as torchvision's save_image rounds
             for i, image in zip(indices, batch):
-                path = out / f"{i:06d}.png"
-                to_pil(image).save(path)
-                paths.append(path)
+                paths.append(write_image(out / f"{i:06d}.png", to_pil(image).save, paths))
             images.append(batch)
-    save_grid(torch.cat(images), out / "grid.png")
+    write_image(out / "grid.png", lambda path: save_grid(torch.cat(images), path), paths)
     rows, cols = grid_shape(num_images)
     log.info(f"Wrote {num_images} images and grid.png ({rows} x {cols}) to {out}")
     if reference is not None:
@@ -178,6 +179,19 @@ def score(samples: torch.Tensor, reference: str, split: str, out: Path, device: 
     return report
 
 
+def write_image(path: Path, save, written: list[Path]) -> Path:
+    """`save(path)`, whole or not at all; a failure (a full disk) is one line saying what was written before it."""
+    try:
+        write_whole(path, save)
+    except OSError as err:
+        kept = f"{written[0].name} to {written[-1].name} are whole there" if written else "no image was written"
+        raise CommandError(
+            f"Cannot write {path} ({why_not_written(path.parent, err)}): {kept}. Free some space (or choose "
+            "another --output_dir) and run again."
+        ) from err
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Export
 
@@ -191,7 +205,8 @@ def export(
 
     Args:
         model: a Lightning checkpoint (.ckpt) of `ddpm-lightning fit`, or any other model source `sample` takes.
-        out: the folder to write (created if missing; the files it writes are replaced).
+        out: the folder to write (created if missing; the files it writes are replaced, each whole or not at
+            all). A write that fails (a full disk) leaves no folder that was not there before.
         samples: an image to show in the model card, copied in as samples.png (e.g. a grid from
             <output_dir>/samples or the grid.png of `ddpm-lightning sample`); none when left out.
         repo_id: the Hub repo the folder is meant for, used in the card's usage snippet (else the folder).
@@ -206,20 +221,30 @@ def export(
     if folder.exists() and not folder.is_dir():
         raise CommandError(f"{out} is a file: give a folder to write the model into (created if missing).")
     found = load_model(model, revision, POSITIONAL)
-    save_pipeline(found.unet, found.noise_scheduler(), folder)
     checkpoint = found.checkpoint or {}
     data = checkpoint.get("datamodule_hyper_parameters") or {}
     hparams = checkpoint.get("hyper_parameters")
     config = {**({"model": hparams} if hparams else {}), **({"data": data} if data else {})}  # card: no "_" keys
-    write_model_card(
-        folder,
-        config=config or None,
-        dataset=data.get("dataset"),
-        steps=checkpoint.get("global_step"),
-        grid_path=Path(samples) if samples else None,
-        repo_id=repo_id,
-        base_model=checkpoint.get("base_model") if found.checkpoint else found.base_model,
-    )
+    new = not folder.exists()
+    try:
+        save_pipeline(found.unet, found.noise_scheduler(), folder)
+        write_model_card(
+            folder,
+            config=config or None,
+            dataset=data.get("dataset"),
+            steps=checkpoint.get("global_step"),
+            grid_path=Path(samples) if samples else None,
+            repo_id=repo_id,
+            base_model=checkpoint.get("base_model") if found.checkpoint else found.base_model,
+        )
+    except OSError as err:
+        reason = (
+            str(err) if isinstance(err, ModelWriteError) else f"Cannot write {out} ({why_not_written(folder, err)})"
+        )
+        if new:  # a model folder with files missing is no model: nothing of it stays
+            shutil.rmtree(folder, ignore_errors=True)
+        left = "nothing was left there" if new else "each file there is whole, old or new"
+        raise CommandError(f"{reason}: {left}. Free some space (or choose another folder) and run again.") from err
     log.info(f"Exported {model} to {folder}")
     return folder
 

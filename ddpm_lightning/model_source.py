@@ -243,11 +243,16 @@ def read_unet(location: str, subfolder: str | None, revision: str | None, option
     except OSError as err:
         if not Path(location).exists():
             raise  # a Hub lookup: hub_error words it
-        where = f"{location}/{subfolder}" if subfolder else location
-        raise ModelSourceError(
-            f"{option}: cannot read the UNet in {where} ({first_line(err)}): it needs config.json and "
-            "diffusion_pytorch_model.safetensors (or .bin)."
-        ) from err
+        where = Path(location, subfolder or "")
+        weights = [where / f"diffusion_pytorch_model.{ext}" for ext in ("safetensors", "bin")]
+        missing = [] if (where / "config.json").is_file() else ["config.json"]
+        missing += [] if any(p.is_file() for p in weights) else ["diffusion_pytorch_model.safetensors (or .bin)"]
+        fix = (
+            f"it needs {' and '.join(missing)}"
+            if missing
+            else "its files are there, so one is truncated or corrupt: save or export the model again"
+        )
+        raise ModelSourceError(f"{option}: cannot read the UNet in {where} ({first_line(err)}): {fix}.") from err
 
 
 def aligned(unet: UNet2DModel) -> UNet2DModel:

@@ -103,6 +103,19 @@ def check_writable(folder: str, option: str = "--output_dir") -> None:
         ) from err
 
 
+def check_outside_data(output_dir: str, datasets: dict[str, str | None]) -> None:
+    """Refuse an output_dir inside a local data folder ({option: value}): its images are every image file under the
+    folder, so the run's grids would become training (or held-out) images of the next run."""
+    out = Path(output_dir).expanduser().resolve()
+    for option, dataset in datasets.items():
+        folder = Path(dataset).expanduser() if dataset else None
+        if folder is not None and folder.is_dir() and out.is_relative_to(folder.resolve()):
+            raise ValueError(
+                f"--output_dir {output_dir} is inside --{option} {dataset}: the run's grids (samples/*.png) would "
+                "be read as images of that data set. Choose an --output_dir outside the data folder."
+            )
+
+
 # What a run writes into output_dir: a fresh run refuses a folder that holds any of them (see check_fresh_run).
 RUN_FILES = ("logs", "samples", "model_index.json", "unet", "scheduler", "README.md")
 

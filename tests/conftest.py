@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -142,6 +143,26 @@ def image_folder(tmp_path) -> Path:
         write_image(root / name, seed=i)
     (root / "notes.txt").write_text("not an image")
     return root
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """tmpfs(size) -> a folder on a file system of `size` bytes (a real tmpfs, so every writer meets a real full
+    disk: torch, safetensors, PIL), unmounted after the test; the test is skipped where mounting is not allowed."""
+    mounted: list[Path] = []
+
+    def mount(size: int) -> Path:
+        folder = tmp_path / f"tmpfs{len(mounted)}"
+        folder.mkdir()
+        mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+        if subprocess.run(mount, capture_output=True).returncode != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 def fit_args(dataset: Path, out: Path, *extra: str) -> list[str]:

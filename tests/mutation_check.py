@@ -34,6 +34,7 @@ SWITCHES = T + "test_module.py::test_speed_switches_take_effect_in_a_training_st
 FIT_QUALITY = T + "test_quality.py::test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image"
 BETAS = T + "test_module.py::test_beta_schedule_reaches_the_noise_schedule"
 HUB = T + "test_hub.py::"
+UPLOAD = T + "test_run_folder.py::test_an_upload_carries_the_model_the_card_and_the_grids_and_nothing_else_unless_asked"
 TRACKERS = T + "test_trackers.py::test_grids_and_data_png_reach_wandb_mlflow_and_tensorboard"
 LAST_GOOD = T + "test_last_good_checkpoint.py::"
 PRETRAINED = T + "test_pretrained.py::"
@@ -285,15 +286,28 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "hub_upload_does_not_wait_for_the_last": (
         "ddpm_lightning/publish/hub.py",
-        "        self.wait()\n        ignore = ",
-        "        ignore = ",
+        "        self.wait()\n        allow = ",
+        "        allow = ",
         [HUB + "test_failed_upload_warns_counts_and_the_next_one_succeeds"],
     ),
     "hub_intermediate_folders_published": (
         "ddpm_lightning/publish/hub.py",
-        "ignore = IGNORE_PATTERNS + ([] if self.upload_logs else LOCAL_RECORDS)",
-        "ignore = None",
+        '"allow_patterns": allow}',
+        '"allow_patterns": None}',
         [HUB + "test_save_model_creates_the_repo_uploads_the_saved_pipeline_and_waits_at_fit_end"],
+    ),
+    # issue 29: an upload carries what the allow-list names, nothing else
+    "hub_upload_by_deny_list": (  # the old way: all but the logs, so validate/, a user's notes.txt, data.png went up
+        "ddpm_lightning/publish/hub.py",
+        '"allow_patterns": allow}',
+        '"ignore_patterns": ["logs/*", "run_summary.json"]}',
+        [UPLOAD],
+    ),
+    "hub_training_photos_published": (  # a grid pattern wide enough for data.png, 16 of the training images
+        "ddpm_lightning/publish/hub.py",
+        '"samples/[0-9]*.png"]',
+        '"samples/*.png"]',
+        [UPLOAD],
     ),
     "hub_fit_end_does_not_wait": (
         "ddpm_lightning/callbacks.py",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import subprocess
@@ -17,6 +18,7 @@ from ddpm_lightning.cli import main
 
 from conftest import (
     HELICONIUS,
+    NO_SAVES,
     REPO,
     TINY_CONFIG,
     child_env,
@@ -242,3 +244,102 @@ def test_help_lists_the_subcommands(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0 and f"usage: ddpm-lightning [options] {command}" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- failures in a run
+# Each ends in one line (main's raised_by_this_package), never in a library's traceback.
+
+
+def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ddpm_lightning", *args], cwd=cwd, env=child_env(), capture_output=True, text=True
+    )
+
+
+def weights_bytes() -> int:
+    from conftest import tiny_module
+
+    return sum(p.numel() * p.element_size() for p in tiny_module().unet.parameters())
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_model_save_stops_in_one_line_and_the_resume_saves_that_model(
+    twelve, tmp_path, tmpfs, caplog
+):
+    """Model saves every epoch into an output_dir with room for one model (a save stages the next beside it);
+    a checkpoint every 3 steps: epoch 1's last, written just before its model save."""
+    from ddpm_lightning.cli import raised_by_this_package
+    from ddpm_lightning.model_source import load_model
+
+    disk = tmpfs(int(1.5 * weights_bytes()))
+    out, last = disk / "run", tmp_path / "checkpoints" / "run" / "last.ckpt"
+    saves = ["--save.save_model_epochs", "1", "--grid.save_image_epochs", "1", "--checkpoint.every_n_train_steps", "3"]
+    args = fit_args(twelve, out, "--trainer.max_epochs", "2", *saves)
+    with pytest.raises(OSError, match=r"Cannot write the model to .*No space left on device") as failed:
+        main(args)
+    assert raised_by_this_package(failed.value)
+    assert "no checkpoint deleted" in str(failed.value) and str(failed.value).endswith("--ckpt_path last.")
+    assert "Steps trained: 3" in (out / "README.md").read_text() and not list(out.glob(".*partial*"))
+    DDPMPipeline.from_pretrained(out)  # epoch 0's model, whole
+    assert torch.load(last, weights_only=True, mmap=True)["global_step"] == 6
+
+    subprocess.run(["mount", "-o", f"remount,size={8 * weights_bytes()}", str(disk)], check=True)  # space freed
+    caplog.set_level("INFO", logger="ddpm_lightning")
+    main([*args, "--ckpt_path", "last"])  # epoch 1 was the last: nothing left to train, but its model is saved
+    assert "written just before epoch 1's model save (step 6)" in caplog.text
+    assert "Steps trained: 6" in (out / "README.md").read_text()
+    saved, expected = DDPMPipeline.from_pretrained(out).unet.state_dict(), load_model(str(last)).unet.state_dict()
+    assert all(torch.equal(saved[name], value) for name, value in expected.items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failure", ["nan_loss", "max_epochs_below_the_checkpoint"])
+def test_a_stop_inside_lightnings_loop_ends_in_one_line(twelve, tmp_path, failure):
+    if failure == "nan_loss":  # the issue's command: the first step diverges
+        args = fit_args(
+            twelve, tmp_path / "run", *max_steps(6), "--model.learning_rate", "1e9", "--model.lr_warmup_steps", "0"
+        )
+        said = "error: The loss became NaN or infinite at step 1"
+    else:
+        main(fit_args(twelve, tmp_path / "run", "--trainer.max_epochs", "3", *NO_SAVES))  # last: epoch=2-step=9
+        args = fit_args(twelve, tmp_path / "run", "--trainer.max_epochs", "1", "--ckpt_path", "last")
+        said = r"error: --trainer.max_epochs 1: the checkpoint last \(.*\) is at epoch 2 \(step 9;"
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.search(said, result.stderr.strip().splitlines()[-1]), result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_checkpoint_cadence_warns_nothing_the_user_cannot_act_on(twelve, tmp_path):
+    import warnings
+
+    args = fit_args(twelve, tmp_path / "run", "--trainer.max_epochs", "-1")
+    main([*args, "--trainer.max_steps", "2", "--checkpoint.every_n_train_steps", "2"])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        main([*args, "--trainer.max_steps", "3", "--checkpoint.every_n_train_steps", "3", "--ckpt_path", "last"])
+        lost = "Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided"
+        warnings.warn(
+            f"{lost} during `Trainer` instantiation. Please add the following callbacks: ['MyCallback'].", stacklevel=1
+        )
+    said = [str(w.message) for w in seen if "Be aware" in str(w.message)]
+    assert len(said) == 1 and said[0].endswith("['MyCallback'].")  # one the user left out still warns
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_is_logged_as_a_ctrl_c(twelve, tmp_path, caplog):
+    import signal
+
+    caplog.set_level("INFO")
+    lightning_log = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
+    lightning_log.addHandler(caplog.handler)  # (Lightning's loggers need not reach the root)
+    stop = ["--trainer.callbacks+=conftest.SignalAtBatch", "--trainer.callbacks.batch", "2"]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(fit_args(twelve, tmp_path / "run", *max_steps(6), *stop, "--trainer.callbacks.signum", "2"))
+    finally:
+        lightning_log.removeHandler(caplog.handler)
+    assert exit_info.value.code == 130
+    assert "Ctrl-C: saving a checkpoint" in caplog.text and "Stopped by a signal at step 2" in caplog.text
+    assert "SIGTERM" not in caplog.text
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -315,7 +315,7 @@ def test_asking_for_more_images_keeps_the_first_ones(tmp_path):
 def test_sample_scores_its_images_against_a_reference_folder(tmp_path, caplog):
     """--reference: FID/KID of the images drawn against a folder (the shipped network, offline), in quality.json and
     the log; the reference's features are cached, so a second draw against it reads them back."""
-    from ddpm_lightning.checkpointing import save_pipeline
+    from ddpm_lightning.publish import save_pipeline
 
     model = tiny_module()
     save_pipeline(model.unet, model.noise_scheduler, tmp_path / "model")
@@ -335,3 +335,56 @@ def test_sample_scores_its_images_against_a_reference_folder(tmp_path, caplog):
 
     with pytest.raises(SystemExit, match="--reference .*nowhere"):
         main([*args, "--output_dir", str(tmp_path / "out"), "--reference", str(tmp_path / "nowhere")])
+
+
+def one_line(exit_info) -> str:
+    message = str(exit_info.value.code)
+    assert "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+@pytest.mark.slow
+def test_sample_into_a_full_disk_stops_in_one_line_and_leaves_only_whole_images(trained, tmpfs):
+    disk = tmpfs(3 * 4096)  # 3 pages: 16 px PNGs take one each, so the 4th image finds the disk full
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", str(trained / "run"), "--num_images", "6", *TWO_SAMPLING_STEPS, "--output_dir", str(disk)])
+    message = one_line(exit_info)
+    assert message.startswith(f"ddpm-lightning sample: error: Cannot write {disk / '000003.png'} (")
+    assert "No space left on device" in message and "000000.png to 000002.png are whole there" in message
+    assert sorted(p.name for p in disk.iterdir()) == ["000000.png", "000001.png", "000002.png"]  # no partial file
+    assert all(Image.open(p).size == (16, 16) for p in disk.iterdir())
+
+
+@pytest.mark.slow
+def test_export_into_a_full_disk_stops_in_one_line_and_leaves_nothing_half_written(trained, tmpfs):
+    checkpoint = str(trained / "checkpoints" / "run" / "last.ckpt")
+    weights = (trained / "run" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    disk = tmpfs(int(1.5 * weights))  # room for one model, not for a second one beside it
+    main(["export", checkpoint, str(disk / "model")])
+    before = {p: p.read_bytes() for p in (disk / "model").rglob("*") if p.is_file()}
+
+    with pytest.raises(SystemExit) as exit_info:  # into a new folder: none is left behind
+        main(["export", checkpoint, str(disk / "other")])
+    message = one_line(exit_info)
+    assert message.startswith(f"ddpm-lightning export: error: Cannot write the model to {disk / 'other'} (")
+    assert "No space left on device" in message and "nothing was left there" in message
+    assert sorted(p.name for p in disk.iterdir()) == ["model"]
+
+    with pytest.raises(SystemExit) as exit_info:  # over the first: its files stay whole, and it still loads
+        main(["export", checkpoint, str(disk / "model")])
+    assert "each file there is whole" in one_line(exit_info)
+    assert {p: p.read_bytes() for p in (disk / "model").rglob("*") if p.is_file()} == before
+    DDPMPipeline.from_pretrained(disk / "model")
+
+
+@pytest.mark.slow
+def test_a_truncated_weights_file_is_named_as_such_not_as_missing(trained, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(trained / "run", tmp_path / "model")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", str(folder), "--num_images", "1", *TWO_SAMPLING_STEPS, "--output_dir", str(tmp_path / "s")])
+    message = one_line(exit_info)
+    assert "its files are there, so one is truncated or corrupt" in message and "it needs" not in message

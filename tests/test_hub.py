@@ -25,7 +25,7 @@ from lightning.pytorch import Trainer
 from ddpm_lightning.callbacks import SaveModel
 from ddpm_lightning.cli import main
 from ddpm_lightning.publish import hub as hub_module
-from ddpm_lightning.publish.hub import IGNORE_PATTERNS, HubUploader, MissingHubTokenError
+from ddpm_lightning.publish.hub import PUBLISHED, HubUploader, MissingHubTokenError
 
 from conftest import fit_args
 
@@ -112,7 +112,9 @@ class FakeHubApi:
         root = Path(call["folder_path"])
         paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
         # The files upload_folder would send: huggingface_hub's own pattern filter, with the patterns it was given.
-        kept = filter_repo_objects(paths, ignore_patterns=call.get("ignore_patterns"))
+        kept = filter_repo_objects(
+            paths, allow_patterns=call.get("allow_patterns"), ignore_patterns=call.get("ignore_patterns")
+        )
         self.uploaded.append({**call, "files": {path: (root / path).read_bytes() for path in kept}})
 
 
@@ -246,13 +248,7 @@ def test_save_model_creates_the_repo_uploads_the_saved_pipeline_and_waits_at_fit
         "Epoch 0",
     )
     assert upload["files"] == published
-    assert hub_module.IGNORE_PATTERNS == [
-        "step_*",
-        "epoch_*",
-        ".ddpm-lightning.lock",
-        ".*.partial-*",
-        "fid_reference/*",
-    ]
+    assert upload["allow_patterns"] == hub_module.PUBLISHED
 
 
 # ---------------------------------------------------------------------------------------------- the real client
@@ -328,7 +324,7 @@ def test_upload_lands_exactly_the_published_files(hub, uploaders, tmp_path):
     folder = write_folder(tmp_path / "ddpm-test", {**FOLDER, **NOT_PUBLISHED})
     uploader = make_uploader(hub, uploaders)
     repo_id = uploader.create_repo()
-    patterns_before = list(IGNORE_PATTERNS)
+    patterns_before = list(PUBLISHED)
 
     uploader.upload(str(folder), "Epoch 3")
     with warnings.catch_warnings():
@@ -347,11 +343,7 @@ def test_upload_lands_exactly_the_published_files(hub, uploaders, tmp_path):
     ]
     assert all(r.authorization == "Bearer hf_fake" for r in hub.requests if r.method == "POST")
     assert hub.unhandled == []
-    assert (
-        IGNORE_PATTERNS
-        == patterns_before
-        == ["step_*", "epoch_*", ".ddpm-lightning.lock", ".*.partial-*", "fid_reference/*"]
-    )  # upload_folder extends the list it gets
+    assert PUBLISHED == patterns_before  # upload_folder gets a copy
 
     # The next save: only what changed is committed (the client compares git oids from preupload).
     (folder / "unet/config.json").write_bytes(b'{"sample_size": 16}')

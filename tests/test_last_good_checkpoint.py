@@ -64,16 +64,20 @@ def checkpoint_size(twelve: Path, tmp_path: Path) -> int:
 def test_a_full_disk_keeps_the_last_good_checkpoint_and_stops_with_one_line(twelve, tmp_path, small_disk, room):
     disk = small_disk(int(room * checkpoint_size(twelve, tmp_path)))
     args = fit_args(twelve, tmp_path / "run", *NO_SAVES, *max_steps(12), "--checkpoint.every_n_train_steps", "4")
-    with pytest.raises(CheckpointWriteError, match="Cannot write the checkpoint .*--ckpt_path last") as failed:
+    with pytest.raises(CheckpointWriteError, match="Cannot write the checkpoint ") as failed:
         main([*args, "--checkpoint.dirpath", str(disk)])
     assert raised_by_this_package(failed.value)  # the command line shows it as one line
     names = sorted(p.name for p in disk.iterdir() if p.name != "lost+found")
     if room > 1:
         assert f"{disk / 'epoch=2-step=8.ckpt'}" in str(failed.value)
+        assert str(failed.value).endswith("then resume with --ckpt_path last.")
         assert names == ["epoch=1-step=4.ckpt", "last.ckpt"]  # the step-4 file kept, no partial file left
         assert os.readlink(disk / "last.ckpt") == "epoch=1-step=4.ckpt" and step_of(disk / "last.ckpt") == 4
     else:
-        assert names == []  # no link to a file that was never written
+        assert names == []  # no link to a file that was never written, and no resume to advise
+        assert str(failed.value).endswith(
+            "start the run again with --overwrite true (no checkpoint was saved to resume from)."
+        )
 
 
 def break_dangling(folder: Path) -> Path:

@@ -155,3 +155,107 @@ def test_an_upload_names_no_local_path_user_or_host(hub, image_folder, tmp_path,
     for private in (str(tmp_path), socket.gethostname(), str(Path.home())):
         assert not [name for name, data in texts.items() if private in name or private.encode() in data], private
     assert f"a local data set (`{image_folder.name}`)" in files["README.md"].decode()
+
+
+@pytest.mark.slow
+def test_an_upload_carries_the_model_the_card_and_the_grids_and_nothing_else_unless_asked(
+    hub,  # noqa: F811
+    image_folder,
+    tmp_path,
+    monkeypatch,
+):
+    """A pushed run, then a validate of it and a file of the user's in output_dir: the next upload (as the next
+    save starts it) adds nothing; the training images and the logs go up only when asked for."""
+    from ddpm_lightning.callbacks import SaveModel
+    from ddpm_lightning.publish import HubUploader
+    from ddpm_lightning.publish import hub as hub_module
+
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    out = tmp_path / "ddpm-pushed"
+    main(
+        fit_args(
+            image_folder,
+            out,
+            "--trainer.max_epochs",
+            "2",
+            "--grid.save_image_epochs",
+            "1",
+            "--save.push_to_hub",
+            "true",
+        )
+    )
+    model = {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"}
+    published = {*model, "scheduler/scheduler_config.json", "README.md", "samples.png"}
+    published |= {"samples/0000.png", "samples/0001.png"}
+    assert [set(commit.files) for commit in hub.commits] == [published]  # not samples/data.png, logs/, the lock
+    ckpt = str(tmp_path / "checkpoints" / "ddpm-pushed" / "last.ckpt")
+    main(
+        [
+            "validate",
+            "-c",
+            str(out / "logs" / "config.yaml"),
+            "--ckpt_path",
+            ckpt,
+            "--data.val_dataset",
+            str(image_folder),
+        ]
+    )
+    (out / "notes.txt").write_text("hf_my_secret_token")
+    assert {"validate", "notes.txt", "run_summary.json", ".ddpm-lightning.lock"} <= {p.name for p in out.iterdir()}
+
+    def upload(**asked) -> set[str]:
+        uploader = HubUploader("ddpm-pushed", token=hub.token, api=hub.api(), **asked)
+        uploader.create_repo()
+        uploader.upload(str(out), "Epoch 1")
+        uploader.wait()
+        uploader.api._thread_pool.shutdown(wait=True)
+        assert (uploader.uploads, uploader.failures) == (1, 0)
+        return set(hub.repos["fake-user/ddpm-pushed"].files)
+
+    assert upload() == published
+    logs = {f"logs/{p.name}" for p in (out / "logs").iterdir()} | {"run_summary.json"}
+    assert upload(upload_logs=True) == published | logs
+    assert upload(upload_data_preview=True) == published | logs | {"samples/data.png"}
+    asked = SaveModel(push_to_hub=True, hub_upload_logs=True, hub_upload_data_preview=True).uploader
+    assert asked.allow_patterns == hub_module.PUBLISHED + hub_module.LOGS + hub_module.DATA_PREVIEW  # the keys' way
+
+
+@pytest.mark.slow
+def test_validate_on_other_held_out_images_says_so_and_nothing_of_training(twelve, image_folder, tmp_path):
+    import warnings
+
+    out = tmp_path / "run"
+    main(fit_args(twelve, out, *NO_SAVES, "--trainer.max_steps", "1", "--data.val_fraction", "0.25"))
+    ckpt = str(tmp_path / "checkpoints" / "run" / "last.ckpt")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        main(
+            [
+                "validate",
+                "-c",
+                str(out / "logs" / "config.yaml"),
+                "--ckpt_path",
+                ckpt,
+                "--data.val_dataset",
+                str(image_folder),
+                "--data.val_fraction",
+                "0",
+            ]
+        )
+    said = [str(w.message) for w in seen if "checkpoint's run" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("Validating on other held-out images than the checkpoint's run (")
+    assert f"val_dataset None -> '{image_folder}'" in said[0] and "val_fraction 0.25 -> 0.0" in said[0]
+    assert "training" not in said[0] and "Resuming" not in said[0]
+
+
+@pytest.mark.parametrize("inside", [".", "runs/run"])
+def test_an_output_dir_inside_the_data_folder_is_refused(twelve, inside):
+    from ddpm_lightning.cli import raised_by_this_package
+
+    images = sorted(twelve.iterdir())
+    with pytest.raises(
+        ValueError, match=rf"--output_dir \S+ is inside --data.dataset {twelve}: the run's grids"
+    ) as failed:
+        main(fit_args(twelve, twelve / inside, "--trainer.max_steps", "1"))
+    assert raised_by_this_package(failed.value)
+    assert sorted(twelve.iterdir()) == images  # refused before anything was written there

@@ -54,7 +54,8 @@ class SameData(Callback):
     one size, and its saved folder says which. Any other change (the data set, the batch size, images added or
     removed, ...) goes on with one warning naming it: from there on, the images come in another order than in
     the uninterrupted run, so it no longer equals that run. So does a resume on another number of processes
-    (devices x nodes), whose warning names what that changes: the global batch, the steps of an epoch, the order."""
+    (devices x nodes), whose warning names what that changes: the global batch, the steps of an epoch, the order.
+    `validate` trains nothing: it warns only when its held-out images are not those of the run (which had some)."""
 
     def __init__(self) -> None:
         self.saved_layout: dict | None = None  # the checkpoint's data_layout, compared once training starts
@@ -75,6 +76,15 @@ class SameData(Callback):
                 f"resumed run keeps its image size (resume with --data.image_size {then['image_size']}). To train "
                 "at another size, start a new run (another --output_dir)."
             )
+        if trainer.state.fn != "fit":  # validate trains nothing: only other held-out images change its result
+            keys = HELD_OUT + (("dataset",) if now.get("val_fraction") else ())  # (a share of the data set)
+            held_out = [f"{key} {then.get(key)!r} -> {now.get(key)!r}" for key in keys if then.get(key) != now.get(key)]
+            if held_out and any(then.get(key) for key in HELD_OUT):  # (a run without any: nothing to compare)
+                rank_zero_warn(
+                    f"Validating on other held-out images than the checkpoint's run ({'; '.join(held_out)}): its "
+                    "val/ metrics are not comparable to the run's."
+                )
+            return
         changed = [
             f"{key} {then[key]!r} -> {now[key]!r}" for key in sorted(then) if key in now and then[key] != now[key]
         ]
@@ -121,6 +131,9 @@ def data_layout(trainer: Trainer) -> dict[str, int]:
     return layout
 
 
+HELD_OUT = ("val_dataset", "val_split", "val_fraction")  # the data settings that choose the held-out images
+
+
 def train_images(trainer: Trainer) -> int | None:
     prepared = getattr(trainer.datamodule, "prepared", None)  # streamed shards: their count (len is per rank)
     if prepared:
@@ -129,9 +142,9 @@ def train_images(trainer: Trainer) -> int | None:
     return len(images) if images is not None else None
 
 
-def check_ckpt_path(ckpt_path: str | None, checkpoint: ModelCheckpoint | None) -> None:
+def check_ckpt_path(ckpt_path: str | None, checkpoint: ModelCheckpoint | None, max_epochs: int | None = None) -> None:
     """Fail before training, with the fix, where Lightning would start from scratch (a `last` that is missing or
-    points at nothing) or fail deep inside torch.load (a truncated file)."""
+    points at nothing) or fail deep inside torch.load (a truncated file, a checkpoint past `max_epochs`)."""
     if ckpt_path is None or "://" in ckpt_path or ckpt_path in ("best", "hpc", "registry"):
         return
     if ckpt_path == "last":
@@ -176,6 +189,21 @@ def check_ckpt_path(ckpt_path: str | None, checkpoint: ModelCheckpoint | None) -
             f"--ckpt_path {ckpt_path} is not a Lightning checkpoint (no pytorch-lightning_version: a plain torch.save?). "
             "Give a .ckpt written by `ddpm-lightning fit` (its checkpoint folder's last.ckpt)."
         )
+    epoch = epochs_done(content)
+    if max_epochs is not None and max_epochs >= 0 and epoch is not None and epoch > max_epochs:  # (as Lightning)
+        raise ValueError(
+            f"--trainer.max_epochs {max_epochs}: the checkpoint {ckpt_path} is at epoch {epoch} (step "
+            f"{content.get('global_step')}; epochs count from 0), past that end. To train on, resume with a larger "
+            "--trainer.max_epochs (or -1, with --trainer.max_steps)."
+        )
+
+
+def epochs_done(content: dict) -> int | None:
+    """The epoch a checkpoint is at: the trainer's current_epoch once it is restored."""
+    try:
+        return int(content["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 LAST = re.compile(r"^last(-\d+)?\.ckpt$")  # the names Lightning's `--ckpt_path last` looks for

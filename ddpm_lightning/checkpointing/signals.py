@@ -14,6 +14,7 @@ import signal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.trainer.connectors import signal_connector
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -37,6 +38,17 @@ class _SignalAtOptimizerStep(_SignalConnector):
     @received_sigterm.setter
     def received_sigterm(self, value: bool) -> None:
         self.__dict__["_sigterm"] = value
+
+    def _sigterm_notifier_fn(self, signum, frame) -> None:
+        # A first Ctrl-C arrives as a SIGTERM (PreemptionCheckpoint._first_ctrl_c, which says "Ctrl-C"): Lightning's
+        # "Received SIGTERM: 15" line would name the wrong signal. Its handling is kept, that line left out.
+        lightning_log, level = signal_connector.log, signal_connector.log.level
+        if PreemptionCheckpoint.interrupted:
+            lightning_log.setLevel(logging.WARNING)
+        try:
+            super()._sigterm_notifier_fn(signum, frame)
+        finally:
+            lightning_log.setLevel(level)
 
     def teardown(self) -> None:
         """Lightning puts the handlers from before `fit` back: SIGTERM's default, which ends the process (status

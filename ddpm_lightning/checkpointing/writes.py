@@ -1,7 +1,8 @@
 """Checkpoint writes that survive interruptions: each file written beside its destination and renamed into place
 (`AtomicCheckpointIO`), in one background thread that removes the previous file and re-points `last.ckpt` only once
 the new one is complete (`BackgroundCheckpointIO`); what a killed write leaves (`PARTIAL` files) is swept at the
-next start (`remove_partial_files`).
+next start (`remove_partial_files`). Any other file can be written the same way (`write_whole`); a write that fails
+is told in one line by what it left (`why_not_written`, `next_run`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -64,6 +66,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 PARTIAL = ".partial-"  # a write in progress: .<name>.partial-<pid> beside its destination
 
 
+def write_whole(path: str | Path, write: Callable[[Path], object]) -> None:
+    """`write(temporary path)`, then the file renamed to `path`: a failed write leaves `path` as it was and no
+    partial file (a kill leaves a hidden `.<stem>.partial-<pid><suffix>`). The suffix is kept, so image writers
+    find the format in the name."""
+    path = Path(path)
+    partial = path.with_name(f".{path.stem}{PARTIAL}{os.getpid()}{path.suffix}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def remove_partial_files(folder: str | Path | None) -> None:
     """Delete what writes killed mid-way left in `folder` (up to a checkpoint's size each); call it only while
     holding the run's lock, so no write of another process is in progress there."""
@@ -73,17 +88,32 @@ def remove_partial_files(folder: str | Path | None) -> None:
 
 
 def write_error(path: Path, err: BaseException) -> CheckpointWriteError:
+    last = path.parent / "last.ckpt"
+    has_last = last.is_symlink() and last.exists()
+    kept = f"last.ckpt still points at {os.readlink(last)}" if has_last else "no last.ckpt"
+    return CheckpointWriteError(
+        f"Cannot write the checkpoint {path} ({why_not_written(path.parent, err)}): training stopped, nothing was "
+        f"deleted ({kept}). Free some space (or choose another --checkpoint.dirpath), then {next_run(has_last)}."
+    )
+
+
+def why_not_written(folder: Path, err: BaseException) -> str:
+    """The first line of a failed write's error and the space left where it wrote: "... No space left on device
+    (os error 28); 0 MiB free there"."""
     try:
-        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+        free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free there"
     except OSError:
         free = "its folder cannot be read"
-    last = path.parent / "last.ckpt"
-    kept = f"last.ckpt still points at {os.readlink(last)}" if last.is_symlink() and last.exists() else "no last.ckpt"
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return CheckpointWriteError(
-        f"Cannot write the checkpoint {path} ({reason}; {free}): training stopped, nothing was deleted ({kept}). "
-        "Free some space (or choose another --checkpoint.dirpath), then resume with --ckpt_path last."
-    )
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"{reason}; {free}"
+
+
+def next_run(has_checkpoint: bool) -> str:
+    """What to run after a run stopped by a failed write: resume, or, with no checkpoint to resume from, start
+    again (the stopped run's logs and samples are there, so a fresh run needs --overwrite)."""
+    if has_checkpoint:
+        return "resume with --ckpt_path last"
+    return "start the run again with --overwrite true (no checkpoint was saved to resume from)"
 
 
 class BackgroundCheckpointIO(AsyncCheckpointIO):

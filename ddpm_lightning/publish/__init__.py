@@ -3,7 +3,14 @@ and its upload to the Hugging Face Hub (`HubUploader`, hub.py).
 """
 
 from .card import write_model_card, write_run_card
-from .folder import save_pipeline
+from .folder import ModelWriteError, save_pipeline
 from .hub import HubUploader, MissingHubTokenError
 
-__all__ = ["HubUploader", "MissingHubTokenError", "save_pipeline", "write_model_card", "write_run_card"]
+__all__ = [
+    "HubUploader",
+    "MissingHubTokenError",
+    "ModelWriteError",
+    "save_pipeline",
+    "write_model_card",
+    "write_run_card",
+]

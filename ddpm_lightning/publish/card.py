@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..checkpointing.writes import write_whole
 from ..sources import is_hub_id
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def write_model_card(
         grid_path = Path(grid_path)
         target = folder / SAMPLES_NAME
         if not (target.exists() and target.samefile(grid_path)):
-            shutil.copyfile(grid_path, target)
+            write_whole(target, lambda partial: shutil.copyfile(grid_path, partial))
 
     config = without_local_paths(plain(config)) if config else None
     if config and base_model and isinstance(config.get("model"), dict) and config["model"].get("pretrained"):
@@ -123,7 +124,7 @@ def write_model_card(
         lines += ["## Training config", "", "```yaml", dumped, "```", ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     path = folder / "README.md"
-    card.save(path)
+    write_whole(path, card.save)
     return path
 
 

@@ -9,8 +9,13 @@ import shutil
 from pathlib import Path
 
 from diffusers import DDPMPipeline
+from safetensors import SafetensorError
 
-from ..checkpointing.writes import PARTIAL
+from ..checkpointing.writes import PARTIAL, why_not_written
+
+
+class ModelWriteError(OSError):
+    """The model folder could not be written (a full disk, ...); each file in it is whole, old or new."""
 
 
 def save_pipeline(unet, scheduler, folder: str | Path) -> None:
@@ -30,5 +35,7 @@ def save_pipeline(unet, scheduler, folder: str | Path) -> None:
             destination = folder / new.relative_to(staging)
             destination.parent.mkdir(parents=True, exist_ok=True)
             os.replace(new, destination)
+    except (OSError, SafetensorError) as err:  # (safetensors reports a full disk as its own error)
+        raise ModelWriteError(f"Cannot write the model to {folder} ({why_not_written(folder, err)})") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -20,11 +20,13 @@ from huggingface_hub import HfApi, get_token
 
 log = logging.getLogger(__name__)
 
-# The tutorial's ignore patterns: intermediate step_* / epoch_* folders are not published.
-# (the lock names this machine; fid_reference/ is callbacks.MeasureQuality's cache of the validation images' features)
-IGNORE_PATTERNS = ["step_*", "epoch_*", ".ddpm-lightning.lock", ".*.partial-*", "fid_reference/*"]
-# The run's local records: they name local paths, and TensorBoard's event file names the host and the PID.
-LOCAL_RECORDS = ["logs/*", "run_summary.json"]
+# What an upload carries: an allow-list, so nothing else in output_dir goes up (validate/, a user's notes, the
+# lock, partial writes). The model folder's files, the card and its image, and the generated grids:
+PUBLISHED = ["model_index.json", "unet/*", "scheduler/*", "README.md", "samples.png", "samples/[0-9]*.png"]
+# Only when asked (save.hub_upload_logs): the run's records, which name local paths (and the event file the host)
+LOGS = ["logs/*", "run_summary.json"]
+# Only when asked (save.hub_upload_data_preview): 16 of the training images, as the model gets them
+DATA_PREVIEW = ["samples/data.png"]
 
 
 class MissingHubTokenError(RuntimeError):
@@ -39,9 +41,10 @@ class HubUploader:
         token: str | None = None,
         api: HfApi | None = None,
         upload_logs: bool = False,
+        upload_data_preview: bool = False,
     ):
         self.repo_id = repo_id
-        self.upload_logs = upload_logs
+        self.allow_patterns = PUBLISHED + (LOGS if upload_logs else []) + (DATA_PREVIEW if upload_data_preview else [])
         self.private = private
         self.token = token
         self.api = api or HfApi(token=token)
@@ -64,8 +67,8 @@ class HubUploader:
     def upload(self, folder: str, message: str) -> None:
         """Start uploading `folder` in the background (one upload at a time: waits for the previous one)."""
         self.wait()
-        ignore = IGNORE_PATTERNS + ([] if self.upload_logs else LOCAL_RECORDS)  # a new list: upload_folder extends it
-        upload = {"repo_id": self.repo_id, "folder_path": folder, "commit_message": message, "ignore_patterns": ignore}
+        allow = list(self.allow_patterns)  # its own list: the upload runs in the background
+        upload = {"repo_id": self.repo_id, "folder_path": folder, "commit_message": message, "allow_patterns": allow}
         self._pending = self.api.run_as_future(self.api.upload_folder, **upload)
 
     def wait(self) -> None:
