@@ -39,17 +39,6 @@ class _SignalAtOptimizerStep(_SignalConnector):
     def received_sigterm(self, value: bool) -> None:
         self.__dict__["_sigterm"] = value
 
-    def _sigterm_notifier_fn(self, signum, frame) -> None:
-        # A first Ctrl-C arrives as a SIGTERM (PreemptionCheckpoint._first_ctrl_c, which says "Ctrl-C"): Lightning's
-        # "Received SIGTERM: 15" line would name the wrong signal. Its handling is kept, that line left out.
-        lightning_log, level = signal_connector.log, signal_connector.log.level
-        if PreemptionCheckpoint.interrupted:
-            lightning_log.setLevel(logging.WARNING)
-        try:
-            super()._sigterm_notifier_fn(signum, frame)
-        finally:
-            lightning_log.setLevel(level)
-
     def teardown(self) -> None:
         """Lightning puts the handlers from before `fit` back: SIGTERM's default, which ends the process (status
         143), and ours for SIGUSR1, which Python resets to its default (the same) as the interpreter exits. Once a
@@ -67,6 +56,14 @@ class _SignalAtOptimizerStep(_SignalConnector):
                 signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+class CtrlCIsNoSigterm(logging.Filter):
+    """A first Ctrl-C arrives as a SIGTERM (PreemptionCheckpoint._first_ctrl_c, which says "Ctrl-C"): Lightning's
+    "Received SIGTERM: 15" line would name the wrong signal, so it is left out of its log then."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (PreemptionCheckpoint.interrupted and "Received SIGTERM" in record.getMessage())
 
 
 def sigusr1_as_sigterm(*_) -> None:
@@ -105,6 +102,9 @@ class PreemptionCheckpoint(Callback):
             self._previous_sigusr1 = signal.signal(signal.SIGUSR1, sigusr1_as_sigterm)
         if stage == "fit" and type(trainer._signal_connector) is _SignalConnector:
             trainer._signal_connector.__class__ = _SignalAtOptimizerStep  # its handlers are bound to this object
+        lightning_log = logging.getLogger(signal_connector.__name__)
+        if not any(isinstance(f, CtrlCIsNoSigterm) for f in lightning_log.filters):
+            lightning_log.addFilter(CtrlCIsNoSigterm())
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # From here on (Lightning's SIGTERM handler is in place), Ctrl-C stops like SIGTERM; before, it is the
