@@ -143,7 +143,18 @@ def test_a_wheel_built_from_the_tree_holds_every_module_and_trains_from_a_fresh_
     )
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-deps", "--ignore-installed", "-q", wheel],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            venv / "bin" / "python",
+            "install",
+            "--no-deps",
+            "--ignore-installed",
+            "-q",
+            wheel,
+        ],
         check=True,
     )
     run = tmp_path / "run"
