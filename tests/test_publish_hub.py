@@ -34,12 +34,15 @@ try:
 except ImportError:  # tests/ made a package
     from tests.hub_standin import HubStandIn
 
+
 FOLDER = {
     "model_index.json": json.dumps({"_class_name": "DDPMPipeline"}).encode(),
     "unet/config.json": json.dumps({"sample_size": 8}).encode(),
     "unet/diffusion_pytorch_model.safetensors": bytes(range(256)) * 8 + b"\x00\xff",
     "scheduler/scheduler_config.json": b'{"num_train_timesteps": 1000}',
 }
+
+
 NOT_PUBLISHED = {"epoch_3/x.bin": b"intermediate", "step_10/y.bin": b"intermediate too"}
 
 
@@ -460,3 +463,20 @@ def test_fit_with_push_and_no_token_fails_before_training(hf_env, image_folder, 
         main(fit_args(image_folder, tmp_path / "run", "--save.push_to_hub", "true"))
     assert not (tmp_path / "checkpoints" / "run" / "last.ckpt").exists()
     assert not (tmp_path / "run" / "samples").exists()
+
+
+@pytest.mark.slow
+def test_an_upload_names_no_local_path_user_or_host(hub, image_folder, tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    out = tmp_path / "ddpm-pushed"
+    main(fit_args(image_folder, out, "--trainer.max_epochs", "1", "--save.push_to_hub", "true"))
+    files = hub.repos["fake-user/ddpm-pushed"].files
+    assert "unet/diffusion_pytorch_model.safetensors" in files and "README.md" in files
+    assert (out / "logs" / "config.yaml").is_file() and (out / "run_summary.json").is_file()  # kept locally
+    texts = {name: data for name, data in files.items() if not name.endswith((".safetensors", ".png"))}
+    assert texts.keys() == {"README.md", "model_index.json", "unet/config.json", "scheduler/scheduler_config.json"}
+    for private in (str(tmp_path), socket.gethostname(), str(Path.home())):
+        assert not [name for name, data in texts.items() if private in name or private.encode() in data], private
+    assert f"a local data set (`{image_folder.name}`)" in files["README.md"].decode()
