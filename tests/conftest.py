@@ -1,6 +1,7 @@
 """What the tests share: tiny image folders made on the fly, the tests' tiny UNets, `fit_args` for running
-`ddpm-lightning fit` through `main([...])`, TensorBoard readers, a counter of host reads, and callbacks passed by
-class path."""
+`ddpm-lightning fit` through `main([...])` and `run_cli` for running it in a child process, tiny runs trained once
+per test file (`trained`, `straight_run`), checkpoint and TensorBoard readers, a counter of host reads, and
+callbacks passed by class path. A helper that only one test file uses lives in that file."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,27 @@ EMA_AT_A_HIGH_LR = ["--model.use_ema", "true", "--model.learning_rate", "0.01", 
 def max_steps(n: int) -> list[str]:
     """The arguments of a run of `n` optimizer steps, however many epochs that takes."""
     return ["--trainer.max_steps", str(n), "--trainer.max_epochs", "-1"]
+
+
+# One optimizer step, no grid or model folder before the end: for what the first batch shows.
+ONE_STEP = [*max_steps(1), *NO_SAVES]
+
+# Lightning turns `precision: 16-mixed` into bf16-mixed on a CPU, so the fp16 case names the GPU's plugin itself:
+# fp16 autocast and a GradScaler, on the CPU.
+FP16_WITH_GRADSCALER = [
+    "--trainer.precision",
+    "null",
+    "--trainer.plugins",
+    '{"class_path": "lightning.pytorch.plugins.precision.MixedPrecision", '
+    '"init_args": {"precision": "16-mixed", "device": "cpu"}}',
+]
+PRECISIONS = {
+    "16-mixed": FP16_WITH_GRADSCALER,
+    "bf16-mixed": ["--trainer.precision", "bf16-mixed"],
+    "32-true": ["--trainer.precision", "32-true"],
+}
+# The GPU default (fused AdamW) and the fast config's compiled clip-and-update.
+OPTIMIZERS = {"fused": ["--model.fused_adamw", "true"], "compiled": ["--model.compile_optimizer", "true"]}
 
 
 @pytest.fixture(autouse=True)
@@ -186,6 +209,157 @@ def tiny_module(**kwargs):
     return DDPMModule(unet=TINY_UNET, image_size=16, **kwargs)
 
 
+def tiny_batches(n: int = 8, batch_size: int = 4):
+    """A DataLoader of `n` fixed random images of 16 px in [-1, 1], for a plain `Trainer.fit` without the data."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1, batch_size=batch_size
+    )
+
+
+def data_module(dataset, **kwargs):
+    """An `ImageDataModule` on `dataset` at 16 px, batch 4, loaded in this process, set up for `fit`."""
+    from ddpm_lightning.data import ImageDataModule
+
+    dm = ImageDataModule(dataset=str(dataset), image_size=16, train_batch_size=4, num_workers=0, **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One tiny EMA model for the whole test file (12 images, 1 epoch: 3 steps): root/checkpoints/run/last.ckpt and
+    the saved folder root/run."""
+    from ddpm_lightning.cli import main
+
+    root = tmp_path_factory.mktemp("trained")
+    for i in range(12):
+        write_image(root / "images" / f"{i}.png", seed=i)
+    with pytest.MonkeyPatch.context() as mp:  # as the autouse _offline fixture does for function-scoped tests
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HOME", str(root / "hf_home"))
+        mp.delenv("HF_TOKEN", raising=False)
+        mp.chdir(root)
+        main(fit_args(root / "images", root / "run", "--trainer.max_epochs", "1", "--model.use_ema", "true"))
+    assert (root / "checkpoints" / "run" / "last.ckpt").is_file() and (root / "run" / "model_index.json").is_file()
+    return root
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The weights of a run that never crashes: 12 images, 3 steps an epoch, 2 epochs (its checkpoint cadence is
+    irrelevant), for the resumed runs that must end with them."""
+    from ddpm_lightning.cli import main
+
+    tmp = tmp_path_factory.mktemp("straight")
+    for i in range(12):
+        write_image(tmp / "twelve" / f"{i}.png", seed=i)
+    with pytest.MonkeyPatch.context() as env:
+        env.chdir(tmp)
+        env.setenv("HF_HUB_OFFLINE", "1")
+        main(fit_args(tmp / "twelve", tmp / "straight", *NO_SAVES, "--trainer.max_epochs", "2"))
+    step, weights = step_and_weights(tmp / "checkpoints" / "straight" / "last.ckpt")
+    assert step == 6
+    return weights
+
+
+def step_of(ckpt: Path) -> int:
+    """The global step a checkpoint file was saved at."""
+    return torch.load(ckpt, weights_only=False, map_location="cpu")["global_step"]
+
+
+def last_step(folder: Path) -> int:
+    """The global step of a checkpoint folder's last.ckpt."""
+    return step_of(folder / "last.ckpt")
+
+
+def step_and_weights(ckpt: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """A checkpoint's global step and its model weights (`state_dict`)."""
+    checkpoint = torch.load(ckpt, weights_only=False, map_location="cpu")
+    return checkpoint["global_step"], checkpoint["state_dict"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """The same names, and bitwise the same values."""
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+
+
+def unet_weights(unet) -> dict[str, torch.Tensor]:
+    """A UNet's weights, detached, by name."""
+    return {k: v.detach() for k, v in unet.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning's sources
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """8 images (2 steps an epoch at batch 4), the data the fine-tuning runs train on."""
+    root = tmp_path_factory.mktemp("images")
+    for i in range(8):
+        write_image(root / f"{i}.png", seed=100 + i)
+    return root
+
+
+def google_layout(folder: Path, sample_size: int = 32, in_channels: int = 3, **schedule):
+    """A folder as google/ddpm-* ships, written by diffusers itself: model_index.json, unet/, scheduler/. Returns its
+    UNet."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(7)
+    unet = UNet2DModel(**TINY_UNET, sample_size=sample_size, in_channels=in_channels, out_channels=in_channels)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**schedule)).save_pretrained(folder)
+    return unet
+
+
+class FirstStepWeights(Callback):
+    """Saves the UNet's weights (and EMA's) as the first optimizer step gets them, and the LR at step 1, to `path`
+    (`--trainer.callbacks+=conftest.FirstStepWeights --trainer.callbacks.path X`)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 0 and batch_idx == 0:
+            ema = pl_module.ema
+            record = {
+                "unet": {k: v.detach().clone() for k, v in pl_module.unet.state_dict().items()},
+                "ema": [p.clone() for p in ema.shadow_params] if ema is not None else None,
+                "base_lr": trainer.optimizers[0].param_groups[0]["initial_lr"],
+            }
+            torch.save(record, self.path)
+        if trainer.global_step == 1 and batch_idx == 1:
+            record = torch.load(self.path)
+            record["lr_at_step_1"] = trainer.optimizers[0].param_groups[0]["lr"]
+            torch.save(record, self.path)
+
+
+def fine_tune(images: Path, source, out: Path, *extra: str) -> dict:
+    """`fit` for 2 steps from `source` (`--model.pretrained`); what the first step started from (FirstStepWeights)."""
+    from ddpm_lightning.cli import main
+
+    record = out.parent / f"{out.name}-first-step.pt"
+    main(
+        fit_args(
+            images,
+            out,
+            "--model.pretrained",
+            str(source),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.callbacks+=conftest.FirstStepWeights",
+            "--trainer.callbacks.path",
+            str(record),
+            *extra,
+        )
+    )
+    return torch.load(record)
+
+
 def tb_events(log_dir: Path, tag: str, kind: str = "scalars") -> list:
     """Every event of a TensorBoard tag (kind "scalars" or "images"), over every events file in log_dir, in
     order, none dropped (a step written twice is there twice)."""
@@ -213,6 +387,15 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def run_cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m ddpm_lightning *args` in a child process (`child_env()`, plus `env_extra`), its output captured."""
+    env = child_env()
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "ddpm_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
 def ddp_fit_command(dataset: Path, out: Path, *extra: str) -> list[str]:
     """`python -m ddpm_lightning` with `fit_args(dataset, out, *extra)` on two CPU processes (DDP); run it with
     `child_env()`."""
@@ -230,6 +413,31 @@ class StopAtStep(Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.step:
             trainer._signal_connector.received_sigterm = True
+
+
+class SlowSteps(Callback):
+    """A second per step, asleep: a signal sent during a step arrives before its end
+    (`--trainer.callbacks+=conftest.SlowSteps`)."""
+
+    def on_train_batch_start(self, *args) -> None:
+        time.sleep(1.0)
+
+
+class FirstBatch(Callback):
+    """Keeps the first training batch (after the flip and scaling) and the number of training images
+    (`--trainer.callbacks+=conftest.FirstBatch`); emptied before each test."""
+
+    batch: torch.Tensor | None = None
+    images = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if FirstBatch.batch is None:
+            FirstBatch.batch, FirstBatch.images = batch.detach().clone(), len(trainer.datamodule.train_set)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_first_batch():
+    FirstBatch.batch, FirstBatch.images = None, 0
 
 
 class CrashAtStep(Callback):

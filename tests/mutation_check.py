@@ -25,20 +25,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 T = "tests/"
-LR_TEST = T + "test_schedule_and_io.py::test_schedule_steps_once_per_optimizer_step_and_ends_at_zero_under_accumulation"
-EMA_TEST = T + "test_quality.py::test_ema_follows_the_warmup_formula_once_per_optimizer_step"
-TARGETS = T + "test_quality.py::test_each_prediction_type_is_scored_against_its_own_target"
-MIN_SNR = T + "test_quality.py::test_min_snr_weights_each_prediction_type_by_its_formula"
-PIPELINE = T + "test_module.py::test_sample_equals_ddpm_pipeline_on_the_same_unet_scheduler_and_noise"
-SWITCHES = T + "test_module.py::test_speed_switches_take_effect_in_a_training_step"
-FIT_QUALITY = T + "test_quality.py::test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image"
+LR_TEST = T + "test_module.py::test_schedule_steps_once_per_optimizer_step_and_ends_at_zero_under_accumulation"
+EMA_TEST = T + "test_ema.py::test_ema_follows_the_warmup_formula_once_per_optimizer_step"
+TARGETS = T + "test_module.py::test_each_prediction_type_is_scored_against_its_own_target"
+PIPELINE = T + "test_sampling.py::test_sample_equals_ddpm_pipeline_on_the_same_unet_scheduler_and_noise"
+SWITCHES = T + "test_speed_switches.py::test_speed_switches_take_effect_in_a_training_step"
+FIT_QUALITY = T + "test_callbacks.py::test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image"
 BETAS = T + "test_module.py::test_beta_schedule_reaches_the_noise_schedule"
-HUB = T + "test_hub.py::"
-UPLOAD = T + "test_run_folder.py::test_an_upload_carries_the_model_the_card_and_the_grids_and_nothing_else_unless_asked"
-TRACKERS = T + "test_trackers.py::test_grids_and_data_png_reach_wandb_mlflow_and_tensorboard"
-LAST_GOOD = T + "test_last_good_checkpoint.py::"
-PRETRAINED = T + "test_pretrained.py::"
-STOP = T + "test_stop_signal.py::"
+HUB = T + "test_publish_hub.py::"
+TRACKERS = T + "test_reporting_grids.py::test_grids_and_data_png_reach_wandb_mlflow_and_tensorboard"
+FINE_TUNING = T + "test_end_to_end_fine_tuning.py::"
+SIGNALS = T + "test_checkpointing_signals.py::"
+MIN_SNR = T + "test_module.py::test_min_snr_weights_each_prediction_type_by_its_formula"
+UPLOAD = (
+    T + "test_publish_hub.py::test_an_upload_carries_the_model_the_card_and_the_grids_and_nothing_else_unless_asked"
+)
 DECODE = T + "test_decode.py::"
 EMA_GUARD = "        if global_step == self.last_step:\n            return\n"
 EMA_UPDATE = "        pl_module.ema.update(pl_module.unet, trainer.global_step)\n"
@@ -50,19 +51,19 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ddpm_lightning/speed/optim.py",
         'group["lr"] = torch.tensor(float(group["lr"]), device=device)',
         "pass",
-        [T + "test_resume.py::test_resume_with_the_compiled_optimizer_step_equals_the_straight_run"],
+        [T + "test_speed_optim.py::test_resume_with_the_compiled_optimizer_step_equals_the_straight_run"],
     ),
     "compiled_step_nan_at_zero_lr": (
         "ddpm_lightning/speed/optim.py",
         '            group["lr"].clamp_(min=MIN_LR)\n',
         "            pass\n",
-        [T + "test_speed_switches.py::test_compiled_step_keeps_weights_finite_at_a_zero_lr_with_zero_gradients"],
+        [T + "test_speed_optim.py::test_compiled_step_keeps_weights_finite_at_a_zero_lr_with_zero_gradients"],
     ),
     "compiled_step_skips_clipping": (
         "ddpm_lightning/speed/optim.py",
         "        if self.clip_val:\n",
         "        if False:\n",
-        [T + "test_speed_switches.py::test_adamw_trains_with_clipping_under_every_precision[bf16-mixed-compiled]"],
+        [T + "test_speed_precision.py::test_adamw_trains_with_clipping_under_every_precision[bf16-mixed-compiled]"],
     ),
     "compiled_step_saves_a_tensor_lr": (
         "ddpm_lightning/speed/optim.py",
@@ -70,7 +71,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "",
         [
             T
-            + "test_speed_switches.py::test_compiled_step_follows_the_lr_schedule_without_recompiling_and_in_its_gpu_values"
+            + "test_speed_optim.py::test_compiled_step_follows_the_lr_schedule_without_recompiling_and_in_its_gpu_values"
         ],
     ),
     "gradients_kept_after_the_step": (
@@ -79,7 +80,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "        pass\n",
         [
             T
-            + "test_speed_switches.py::test_gradients_are_freed_after_each_optimizer_step_and_kept_within_an_accumulation_window"
+            + "test_module.py::test_gradients_are_freed_after_each_optimizer_step_and_kept_within_an_accumulation_window"
         ],
     ),
     "cuda_graphs_only_reduce_overhead": (
@@ -106,7 +107,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ddpm_lightning/checkpointing/writes.py",
         "                os.fsync(f.fileno())\n",
         "",
-        [T + "test_schedule_and_io.py::test_checkpoint_bytes_are_fsynced_before_the_rename"],
+        [T + "test_checkpointing_writes.py::test_checkpoint_bytes_are_fsynced_before_the_rename"],
     ),
     "ema_ignores_inv_gamma": ("ddpm_lightning/ema.py", "inv_gamma=inv_gamma", "inv_gamma=1.0", [EMA_TEST]),
     "ema_per_micro_batch": ("ddpm_lightning/ema.py", EMA_GUARD, "", [EMA_TEST]),
@@ -114,13 +115,13 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ddpm_lightning/module.py",
         'self.ema.load_state_dict(checkpoint["ema"])',
         "pass",
-        [T + "test_quality.py::test_ema_is_restored_on_resume_and_used_for_the_saved_model"],
+        [T + "test_ema.py::test_ema_is_restored_on_resume_and_used_for_the_saved_model"],
     ),
     "ema_on_rank_0_only": (
         "ddpm_lightning/ema.py",
         EMA_UPDATE,
         "        if trainer.global_rank == 0:\n    " + EMA_UPDATE,
-        [T + "test_quality.py::test_every_ddp_rank_holds_the_same_ema"],
+        [T + "test_ema.py::test_every_ddp_rank_holds_the_same_ema"],
     ),
     "ema_averaged_after_a_step_checkpoint": (  # in a module hook, which Lightning runs after ModelCheckpoint's
         "ddpm_lightning/module.py",
@@ -130,7 +131,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "            UpdateEMA().on_train_batch_end(self.trainer, self, outputs, batch, batch_idx)\n",
         [
             T
-            + "test_resume.py::test_a_checkpoint_in_the_middle_of_an_epoch_holds_that_steps_ema_and_resumes_to_the_straight_runs"
+            + "test_ema.py::test_a_checkpoint_in_the_middle_of_an_epoch_holds_that_steps_ema_and_resumes_to_the_straight_runs"
         ],
     ),
     "v_prediction_target_swapped": (
@@ -168,7 +169,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ddpm_lightning/module.py",
         "[torch.randn(images.shape[1:], generator=g) for g in seeded]",
         "[torch.randn(images.shape[1:]) for g in seeded]",
-        [T + "test_quality.py::test_validation_loss_is_deterministic_and_monitorable"],
+        [T + "test_module.py::test_validation_loss_is_deterministic_and_monitorable"],
     ),
     "denoise_ignores_the_generator": (
         "ddpm_lightning/sampling.py",
@@ -186,7 +187,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ddpm_lightning/speed/switches.py",
         '"sample": torch.compile(predict, mode=mode, dynamic=False),',
         '"sample": predict,',
-        [T + "test_module.py::test_compiled_unet_runs_and_matches_the_plain_one"],
+        [T + "test_speed_switches.py::test_compiled_unet_runs_and_matches_the_plain_one"],
     ),
     "channels_last_batch_not_converted": (
         "ddpm_lightning/module.py",
@@ -204,7 +205,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ddpm_lightning/checkpointing/resume.py",
         'torch.set_rng_state(states["torch"])\n',
         "return\n",
-        [T + "test_reliability.py::test_stopped_and_resumed_run_equals_the_uninterrupted_one[memory]"],
+        [T + "test_end_to_end_resume.py::test_stopped_and_resumed_run_equals_the_uninterrupted_one[memory]"],
     ),
     "beta_schedule_ignored": (
         "ddpm_lightning/module.py",
@@ -228,7 +229,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ddpm_lightning/sources.py",
         "load_source(val_dataset, val_split)",
         "load_source(val_dataset, split)",
-        [T + "test_data.py::test_val_dataset_and_val_split_name_the_validation_images"],
+        [T + "test_sources.py::test_val_dataset_and_val_split_name_the_validation_images"],
     ),
     "cache_auto_ignores_the_size_cap": (
         "ddpm_lightning/data.py",
@@ -246,7 +247,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ddpm_lightning/sources.py",
         'builder = {".jsonl": "json"}.get(path.suffix, path.suffix.lstrip("."))',
         'builder = "json"',
-        [T + "test_data.py::test_a_single_parquet_file_is_a_data_set"],
+        [T + "test_sources.py::test_a_single_parquet_file_is_a_data_set"],
     ),
     "no_samples_image_in_tensorboard": (
         "ddpm_lightning/reporting/grids.py",
@@ -264,7 +265,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ddpm_lightning/callbacks.py",
         'pl_module.log_dict({f"val/{k}": v for k, v in scores.items()}',
         'pl_module.log_dict({f"val/{k}": v * float("nan") for k, v in scores.items()}',
-        [T + "test_quality.py::test_fid_and_kid_through_validate_with_a_custom_extractor"],
+        [T + "test_callbacks.py::test_fid_and_kid_through_validate_with_a_custom_extractor"],
     ),
     "more_images_change_the_first_ones": (
         "ddpm_lightning/commands.py",
@@ -322,7 +323,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "max_epochs: 500",
         [T + "test_cli.py::test_print_config_shows_tutorial_keys"],
     ),
-    # issue 19
+    # images reach every tracker; the quick start trains on the shipped sample data
     "wandb_gets_no_images": (
         "ddpm_lightning/reporting/grids.py",
         "logger.log_image(tag, [grid.permute(1, 2, 0).numpy()], step=step)",
@@ -345,88 +346,94 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "tools/make_sample_data.py",
         '"path": path.name}',
         '"path": None}',
-        [T + "test_data.py::test_make_sample_data_rebuilds_a_hub_format_data_set"],
+        [T + "test_sources.py::test_make_sample_data_rebuilds_a_hub_format_data_set"],
     ),
-    # issue 22
+    # a full disk, a broken last.ckpt or a NaN never costs the last good checkpoint
     "link_and_removal_run_after_a_failed_write": (
         "ddpm_lightning/checkpointing/writes.py",
         "            if self._failure is None:\n",
         "            if True:\n",
-        [LAST_GOOD + "test_a_full_disk_keeps_the_last_good_checkpoint_and_stops_with_one_line[1.5]"],
+        [
+            T
+            + "test_checkpointing_writes.py::test_a_full_disk_keeps_the_last_good_checkpoint_and_stops_with_one_line[1.5]"
+        ],
     ),
     "resume_from_a_dangling_last_starts_over": (
         "ddpm_lightning/checkpointing/resume.py",
         "        if not existing:  # a link whose file was deleted or never written\n",
         "        if False:\n",
         [
-            LAST_GOOD
-            + "test_resume_from_a_broken_last_fails_before_training_naming_the_file_and_the_fresh_start[break_dangling]"
+            T
+            + "test_checkpointing_resume.py::test_resume_from_a_broken_last_fails_before_training_naming_the_file_and_the_fresh_start[break_dangling]"
         ],
     ),
     "checkpoint_written_after_a_nan_loss": (
         "ddpm_lightning/checkpointing/cadence.py",
         "        check_finite(trainer)  # (called on every rank before anything is written)\n",
         "        pass\n",
-        [LAST_GOOD + "test_no_checkpoint_grid_or_model_is_written_after_a_nan_loss"],
+        [T + "test_stop_on_nan.py::test_no_checkpoint_grid_or_model_is_written_after_a_nan_loss"],
     ),
-    # issue 22 (item 9: a stop signal during an epoch-end grid)
+    # a stop signal during an epoch-end grid
     "stop_signal_waits_for_the_grid": (  # the grid runs to its end before the run stops
         "ddpm_lightning/checkpointing/signals.py",
         "    if trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):\n        raise SIGTERMException\n",
         "    pass\n",
-        [STOP + "test_a_stop_signal_during_an_epoch_end_grid_ends_it_at_the_next_step_then_saves_exits_0_and_resumes"],
+        [
+            SIGNALS
+            + "test_a_stop_signal_during_an_epoch_end_grid_ends_it_at_the_next_step_then_saves_exits_0_and_resumes"
+        ],
     ),
     "repeated_stop_signal_ends_the_process": (  # SIGTERM's default back after Lightning's teardown: exit 143
         "ddpm_lightning/checkpointing/signals.py",
         "            signal.signal(signal.SIGTERM, signal.SIG_IGN)\n",
         "            pass\n",
-        [STOP + "test_a_repeated_stop_signal_is_the_same_request_the_run_exits_0_with_its_checkpoint"],
+        [SIGNALS + "test_a_repeated_stop_signal_is_the_same_request_the_run_exits_0_with_its_checkpoint"],
     ),
-    # issue 18
+    # fine-tuning from a pretrained model
     "pretrained_weights_not_loaded": (  # the pretrained architecture with random weights
         "ddpm_lightning/module.py",
         "            self.unet.load_state_dict(found.unet.state_dict())\n",
         "            pass\n",
-        [PRETRAINED + "test_fine_tunes_from_a_bare_unet_folder_with_the_default_schedule"],
+        [FINE_TUNING + "test_fine_tunes_from_a_bare_unet_folder_with_the_default_schedule"],
     ),
     "pretrained_checkpoint_raw_not_ema_weights": (
         "ddpm_lightning/model_source.py",
         "            ema.copy_to(unet.parameters())\n",
         "            pass\n",
-        [PRETRAINED + "test_fine_tunes_from_a_checkpoint_s_ema_weights_as_a_new_run_with_ema_from_them"],
+        [FINE_TUNING + "test_fine_tunes_from_a_checkpoint_s_ema_weights_as_a_new_run_with_ema_from_them"],
     ),
     "pretrained_schedule_ignored": (
         "ddpm_lightning/unet.py",
         "base = {k: v for k, v in pretrained.items() if k in known}",
         "base: dict = {}",
-        [PRETRAINED + "test_fine_tunes_from_the_google_ddpm_layout_with_its_schedule_unless_set"],
+        [FINE_TUNING + "test_fine_tunes_from_the_google_ddpm_layout_with_its_schedule_unless_set"],
     ),
-    # issue 20
+    # MFU against each GPU's dense peak; no host read per step for the progress bar
     "peak_flops_sparse_h200": (  # the datasheet's "with sparsity" figure: MFU half of what it is
         "ddpm_lightning/reporting/peak_flops.py",
         '(r"h200", 989.5e12)',
         '(r"h200", 1979e12)',
-        [T + "test_peak_flops.py"],
+        [T + "test_reporting_peak_flops.py"],
     ),
     "peak_flops_nvl_as_sxm": (  # without its own line, an H200 NVL matches "h200": the SXM card's peak
         "ddpm_lightning/reporting/peak_flops.py",
         '    (r"h200 nvl", 835.5e12),',
         "",
-        [T + "test_peak_flops.py"],
+        [T + "test_reporting_peak_flops.py"],
     ),
     "loss_on_the_bar_every_step": (  # a prog_bar value is read back to the host after every batch
         "ddpm_lightning/module.py",
         '        self.log("train/loss", loss)',
         '        self.log("train/loss", loss, prog_bar=True)',
-        [T + "test_progress.py"],
+        [T + "test_reporting_progress.py"],
     ),
     "images_per_sec_on_the_bar_every_step": (  # logged on log steps only, but read again after every batch
         "ddpm_lightning/reporting/monitor.py",
         'pl_module.log("img/s", rate, logger=False',
         'pl_module.log("img/s", rate, prog_bar=True, logger=False',
-        [T + "test_progress.py"],
+        [T + "test_reporting_progress.py"],
     ),
-    # issue 21
+    # no host read per training step
     "nan_check_every_step": (  # the check reads the loss's NaN flag back from the device: a GPU sync per step
         "ddpm_lightning/stop_on_nan.py",
         "            trainer.global_step % self.every_n_steps == 0\n",
@@ -461,7 +468,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "ddpm_lightning/checkpointing/resume.py",
         '        if not then or then["world_size"] == trainer.world_size:\n',
         "        if True:\n",
-        [T + "test_resume.py::test_a_resume_on_another_number_of_processes_says_what_changes"],
+        [T + "test_checkpointing_resume.py::test_a_resume_on_another_number_of_processes_says_what_changes"],
     ),
 }
 

@@ -1,133 +1,18 @@
-"""End to end through the real entry point: `main([...])` with configs/tiny.yaml, as a user runs it."""
+"""The `ddpm-lightning` command line (cli.py): the configs it prints, its help, the values it checks before anything
+is built, errors as one line (`--debug` for the traceback), the library noise it keeps quiet, and `validate`'s own
+record beside the run's."""
 
 from __future__ import annotations
 
-import logging
-import math
 import re
-import subprocess
-import sys
+import zipfile
 
 import pytest
-import torch
 import yaml
-from diffusers import DDPMPipeline
-from PIL import Image
 
 from ddpm_lightning.cli import main
 
-from conftest import (
-    HELICONIUS,
-    NO_SAVES,
-    REPO,
-    TINY_CONFIG,
-    child_env,
-    crash_args,
-    ddp_fit_command,
-    fit_args,
-    max_steps,
-    scalars,
-    tb_events,
-)
-
-
-@pytest.mark.slow
-def test_fit_writes_grid_model_logs_and_checkpoints(image_folder, tmp_path):
-    out = tmp_path / "run"
-    main(fit_args(image_folder, out, "--trainer.max_epochs", "2", "--grid.save_image_epochs", "1"))
-
-    # a grid per epoch (every epoch here), 2 x 2 images of 16 px, no padding
-    grids = sorted((out / "samples").glob("[0-9]*.png"))
-    assert [g.name for g in grids] == ["0000.png", "0001.png"]
-    assert Image.open(grids[-1]).size == (32, 32)
-
-    # the diffusers folder loads and generates
-    pipe = DDPMPipeline.from_pretrained(out)
-    images = pipe(
-        batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
-    ).images
-    assert images.shape == (2, 16, 16, 3)
-    assert pipe.unet.config.sample_size == 16
-
-    # TensorBoard holds loss and learning rate at every step; the run's config sits beside the logs
-    loss = scalars(out / "logs", "train/loss")
-    assert sorted(loss) == list(range(6)) and all(math.isfinite(v) for v in loss.values())
-    assert len(scalars(out / "logs", "train/lr")) == 6
-    assert "output_dir: " + str(out) in (out / "logs" / "config.yaml").read_text()
-
-    # checkpoints go to ./checkpoints/<output_dir name> (relative to the working directory), last.ckpt kept
-    last = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False, map_location="cpu")
-    assert last["global_step"] == 6 and last["epoch"] == 1
-
-
-@pytest.mark.slow
-def test_learning_rate_follows_warmup_then_cosine(image_folder, tmp_path):
-    out = tmp_path / "run"
-    main(
-        fit_args(
-            image_folder,
-            out,
-            *max_steps(12),
-            "--model.lr_warmup_steps",
-            "4",
-            "--model.learning_rate",
-            "0.002",
-        )
-    )
-    lr = scalars(out / "logs", "train/lr")
-    assert sorted(lr) == list(range(12))
-    for k, value in lr.items():  # the rate used by optimizer step k
-        expected = 0.002 * (k / 4 if k < 4 else 0.5 * (1 + math.cos(math.pi * (k - 4) / (12 - 4))))
-        assert value == pytest.approx(expected, rel=1e-5, abs=1e-9), k
-
-
-@pytest.mark.slow
-def test_resume_from_last_continues_to_max_steps(image_folder, tmp_path):
-    out = tmp_path / "run"
-    main(fit_args(image_folder, out, *max_steps(6)))  # 12 images / batch 4: two epochs
-    first = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False, map_location="cpu")
-    assert first["global_step"] == 6
-
-    main(fit_args(image_folder, out, *max_steps(10), "--ckpt_path", "last"))
-    final = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False, map_location="cpu")
-    assert final["global_step"] == 10  # not more, not less
-    # the optimizer and the schedule continued instead of starting again
-    assert final["lr_schedulers"][0]["last_epoch"] == 10
-    assert final["optimizer_states"][0]["state"][0]["step"] == 10
-    # the same log folder continues: every step once, from both runs
-    assert sorted(e.step for e in tb_events(out / "logs", "train/loss")) == list(range(10))
-    assert not (out / "logs" / "version_1").exists()
-
-
-@pytest.mark.slow
-def test_ddp_two_cpu_processes_write_one_grid_and_one_folder(image_folder, tmp_path):
-    out = tmp_path / "run"
-    cmd = [
-        *ddp_fit_command(image_folder, out, "--trainer.max_epochs", "2"),
-        "--grid.save_image_epochs",
-        "100",
-        "--save.save_model_epochs",
-        "100",
-    ]
-    result = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-3000:]
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["0001.png", "data.png"]
-    assert log.count("Saved a grid") == 1 and "[rank 0] Saved a grid" in log
-    assert log.count("Saved the model") == 1 and "[rank 0] Saved the model" in log
-    DDPMPipeline.from_pretrained(out)
-    # 12 images over 2 ranks with batch 4: 2 optimizer steps per epoch
-    assert torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False)["global_step"] == 4
-
-
-@pytest.mark.slow
-def test_fit_on_the_shipped_heliconius_photos(tmp_path):
-    """The quick start's data as configs/tiny.yaml names it (a Hub-format parquet folder in the checkout), 2 steps."""
-    out = tmp_path / "run"
-    main(fit_args(HELICONIUS, out, "--trainer.max_steps", "2"))
-    assert Image.open(out / "samples" / "0000.png").size == (32, 32)
-    assert len(scalars(out / "logs", "train/loss")) == 2
-    assert yaml.safe_load(TINY_CONFIG.read_text())["data"]["dataset"] == "./data/heliconius"
+from conftest import NO_SAVES, REPO, TINY_CONFIG, TINY_RUN_ARGS, fit_args, max_steps, run_cli, tb_events
 
 
 def test_print_config_shows_tutorial_keys(capsys):
@@ -159,80 +44,6 @@ def test_print_config_shows_tutorial_keys(capsys):
         assert found == value and type(found) is type(value), (key, found)
 
 
-@pytest.mark.slow
-def test_ddp_grid_longer_than_the_collective_timeout_does_not_time_out(image_folder, tmp_path):
-    """Drawing the grid (1000 DDPM steps, padded to 12 s on a fast machine) takes longer than the 10 s collective
-    timeout: a design where rank 0 draws it alone while rank 1 waits at the checkpoint barrier fails here with a
-    gloo timeout. (10 s, not less: the same timeout bounds the ranks' rendezvous, slow on a loaded machine.)"""
-    out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "ddpm_lightning",
-        *fit_args(image_folder, out, "--trainer.max_epochs", "1"),
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy",
-        "lightning.pytorch.strategies.DDPStrategy",
-        "--trainer.strategy.timeout",
-        "0:00:10",
-        "--grid.num_inference_steps",
-        "1000",
-        "--grid.sampler",
-        "ddpm",
-    ]
-    # each rank times its own share of the grid's sampling (sample_share, no collective inside) and prints it
-    script = tmp_path / "timed_fit.py"
-    script.write_text(
-        "import sys, time\n"
-        "from ddpm_lightning import callbacks\n"
-        "from ddpm_lightning.cli import main\n"
-        "real = callbacks.sample_share\n"
-        "def timed(trainer, *args, **kwargs):\n"
-        "    start = time.perf_counter()\n"
-        "    images = real(trainer, *args, **kwargs)\n"
-        "    time.sleep(max(0.0, 12 - (time.perf_counter() - start)))  # a slower GPU grid, on any machine\n"
-        "    print(f'GRID rank {trainer.global_rank} sampled in {time.perf_counter() - start:.2f} s', flush=True)\n"
-        "    return images\n"
-        "callbacks.sample_share = timed\n"
-        "main(sys.argv[1:])\n"
-    )
-    cmd = [sys.executable, str(script), *cmd[3:]]
-    result = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-3000:]
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["0000.png", "data.png"]
-    assert Image.open(out / "samples" / "0000.png").size == (32, 32)
-    seconds = {int(rank): float(s) for rank, s in re.findall(r"GRID rank (\d) sampled in ([\d.]+) s", log)}
-    assert sorted(seconds) == [0, 1], log[-3000:]
-    assert min(seconds.values()) > 10, seconds  # the grid's sampling itself really outlasted the 10 s timeout
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("rank", [0, 1])
-def test_ddp_crash_in_one_rank_ends_the_run_with_the_error(image_folder, tmp_path, rank):
-    """With the default 30-minute collective timeout, a hang would be caught by the 120 s limit here."""
-    cmd = [*ddp_fit_command(image_folder, tmp_path / "run", "--trainer.max_epochs", "3"), *crash_args(2, rank)]
-    result = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert f"injected crash on rank {rank} at step 2" in result.stdout + result.stderr
-
-
-@pytest.mark.slow
-def test_the_old_spelling_quality_every_n_epochs_still_works_and_warns(image_folder, tmp_path, monkeypatch):
-    """quality.every_n_epochs was renamed quality.measure_quality_epochs: a config that still says it trains
-    with its value, and a FutureWarning names the new key."""
-    from ddpm_lightning.callbacks import MeasureQuality
-
-    seen = []
-    monkeypatch.setattr(MeasureQuality, "setup", lambda self, *_, **__: seen.append(self.measure_quality_epochs))
-    with pytest.warns(FutureWarning, match="quality.every_n_epochs is renamed quality.measure_quality_epochs"):
-        main(fit_args(image_folder, tmp_path / "run", "--trainer.max_steps", "1", "--quality.every_n_epochs", "3"))
-    assert seen == [3]
-
-
 def test_help_lists_the_subcommands(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
@@ -246,50 +57,131 @@ def test_help_lists_the_subcommands(capsys):
         assert exit_info.value.code == 0 and f"usage: ddpm-lightning [options] {command}" in capsys.readouterr().out
 
 
-# ---------------------------------------------------------------------------------------------- failures in a run
-# Each ends in one line (main's raised_by_this_package), never in a library's traceback.
-
-
-def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ddpm_lightning", *args], cwd=cwd, env=child_env(), capture_output=True, text=True
-    )
-
-
-def weights_bytes() -> int:
-    from conftest import tiny_module
-
-    return sum(p.numel() * p.element_size() for p in tiny_module().unet.parameters())
+@pytest.mark.slow
+def test_help_lists_the_commands_that_work_and_documents_every_key(tmp_path):
+    top = run_cli("--help", cwd=tmp_path).stdout
+    assert all(f"    {name} " in top for name in ("fit", "validate", "sample", "export"))
+    assert "    test " not in top and "    predict " not in top
+    fit_help = run_cli("fit", "--help", cwd=tmp_path).stdout
+    for key in ("--grid.eval_batch_size", "--grid.sampler", "--save.save_model_epochs", "--save.push_to_hub"):
+        text = fit_help.split(f"\n  {key} ", 1)[1].split("\n  --", 1)[0]
+        assert not text.strip().startswith("(type:"), f"{key} has no help text: {text}"
 
 
 @pytest.mark.slow
-def test_a_full_disk_during_a_model_save_stops_in_one_line_and_the_resume_saves_that_model(
-    twelve, tmp_path, tmpfs, caplog
-):
-    """Model saves every epoch into an output_dir with room for one model (a save stages the next beside it);
-    a checkpoint every 3 steps: epoch 1's last, written just before its model save."""
-    from ddpm_lightning.cli import raised_by_this_package
-    from ddpm_lightning.model_source import load_model
+def test_unknown_keys_are_named_by_the_cli(image_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(fit_args(image_folder, tmp_path / "run", "--model.learnin_rate", "0.1"))
+    assert "unrecognized arguments: --model.learnin_rate" in capsys.readouterr().err
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  learnin_rate: 0.1\n")
+    with pytest.raises(SystemExit):
+        main([*fit_args(image_folder, tmp_path / "run"), "-c", str(typo)])
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage text, no traceback
+    assert last_line == "error: Subcommand 'fit' does not accept option 'model.learnin_rate'"
 
-    disk = tmpfs(int(1.5 * weights_bytes()))
-    out, last = disk / "run", tmp_path / "checkpoints" / "run" / "last.ckpt"
-    saves = ["--save.save_model_epochs", "1", "--grid.save_image_epochs", "1", "--checkpoint.every_n_train_steps", "3"]
-    args = fit_args(twelve, out, "--trainer.max_epochs", "2", *saves)
-    with pytest.raises(OSError, match=r"Cannot write the model to .*No space left on device") as failed:
-        main(args)
-    assert raised_by_this_package(failed.value)
-    assert "no checkpoint deleted" in str(failed.value) and str(failed.value).endswith("--ckpt_path last.")
-    assert "Steps trained: 3" in (out / "README.md").read_text() and not list(out.glob(".*partial*"))
-    DDPMPipeline.from_pretrained(out)  # epoch 0's model, whole
-    assert torch.load(last, weights_only=True, mmap=True)["global_step"] == 6
 
-    subprocess.run(["mount", "-o", f"remount,size={8 * weights_bytes()}", str(disk)], check=True)  # space freed
-    caplog.set_level("INFO", logger="ddpm_lightning")
-    main([*args, "--ckpt_path", "last"])  # epoch 1 was the last: nothing left to train, but its model is saved
-    assert "written just before epoch 1's model save (step 6)" in caplog.text
-    assert "Steps trained: 6" in (out / "README.md").read_text()
-    saved, expected = DDPMPipeline.from_pretrained(out).unet.state_dict(), load_model(str(last)).unet.state_dict()
-    assert all(torch.equal(saved[name], value) for name, value in expected.items())
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("--grid.eval_batch_size", "0"),
+        ("--grid.eval_batch_size", "-4"),
+        ("--data.train_batch_size", "0"),
+        ("--model.learning_rate", "-0.0001"),
+    ],
+)
+def test_values_that_must_be_positive_are_named(image_folder, tmp_path, key, value):
+    with pytest.raises(ValueError, match=f"^{key} {value}: .* must be positive"):
+        main(fit_args(image_folder, tmp_path / "run", f"{key}={value}"))  # "=": argparse would read -4 as an option
+
+
+def test_validate_without_validation_images_fails_with_the_fix(image_folder, tmp_path):
+    fake = tmp_path / "x.ckpt"
+    with zipfile.ZipFile(fake, "w") as archive:  # readable as an archive: the check must come from validate itself
+        archive.writestr("data.pkl", b"")
+    with pytest.raises(
+        ValueError, match="validate needs held-out images: set --data.val_dataset or --data.val_fraction"
+    ):
+        main(
+            [
+                "validate",
+                "-c",
+                str(TINY_CONFIG),
+                "--data.dataset",
+                str(image_folder),
+                *TINY_RUN_ARGS,
+                "--ckpt_path",
+                str(fake),
+            ]
+        )
+
+
+@pytest.mark.slow
+def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    args = ["fit", "-c", str(TINY_CONFIG), "--data.dataset", str(tmp_path / "missing"), "--grid.eval_batch_size", "0"]
+    plain = run_cli(*args, cwd=tmp_path)
+    assert plain.returncode == 1
+    assert plain.stderr.strip().splitlines()[-1] == (
+        "ddpm-lightning fit: error: --grid.eval_batch_size 0: images in a grid must be positive. "
+        "(--debug shows the traceback)"
+    )
+    assert "Traceback" not in plain.stderr
+    for debug in (
+        run_cli(*args, "--debug", cwd=tmp_path),
+        run_cli(*args, cwd=tmp_path, env_extra={"DDPM_LIGHTNING_DEBUG": "1"}),
+    ):
+        assert debug.returncode == 1 and "Traceback" in debug.stderr and "must be positive" in debug.stderr
+
+
+@pytest.mark.slow
+def test_a_plain_run_shows_no_noise_but_keeps_actionable_warnings(image_folder, tmp_path):
+    args = fit_args(image_folder, tmp_path / "run", "--trainer.max_epochs", "1", "--model.lr_warmup_steps", "500")
+    first = run_cli(*args, cwd=tmp_path)
+    resumed = run_cli(
+        *fit_args(
+            image_folder,
+            tmp_path / "run",
+            "--trainer.max_epochs",
+            "2",
+            "--model.lr_warmup_steps",
+            "500",
+            "--ckpt_path",
+            "last",
+        ),
+        cwd=tmp_path,
+    )
+    for result in (first, resumed):
+        log = result.stdout + result.stderr
+        assert result.returncode == 0, log[-3000:]
+        for noise in (
+            "Tip:",
+            "TPU available",
+            "set_vital",
+            "LeafSpec",
+            "exists and is not empty",
+            "LightningCLI's args parameter",
+            "Loading `train_dataloader` to estimate",
+        ):
+            assert noise not in log, noise
+        assert "lr_warmup_steps=500 is not shorter than the run" in log  # an actionable warning stays
+
+
+@pytest.mark.slow
+def test_validate_leaves_the_runs_config_and_logs_alone(image_folder, tmp_path):
+    out = tmp_path / "run"
+    main(fit_args(image_folder, out, *NO_SAVES, "--trainer.max_steps", "2", "--data.val_fraction", "0.25"))
+    config = (out / "logs" / "config.yaml").read_bytes()
+    logs = sorted((out / "logs").iterdir())
+    ckpt = str(tmp_path / "checkpoints" / "run" / "last.ckpt")
+    validate = ["validate", "-c", str(out / "logs" / "config.yaml"), "--ckpt_path", ckpt]
+    main(validate)
+    main([*validate, "--data.train_batch_size", "2"])  # other settings
+    with pytest.raises(OSError):
+        main([*validate, "--data.dataset", str(tmp_path / "missing")])  # and one that fails
+    assert (out / "logs" / "config.yaml").read_bytes() == config
+    assert sorted((out / "logs").iterdir()) == logs
+    assert tb_events(out / "validate", "val/loss")  # its own record, beside the run's
 
 
 @pytest.mark.slow
@@ -324,22 +216,3 @@ def test_a_resume_with_another_checkpoint_cadence_warns_nothing_the_user_cannot_
         )
     said = [str(w.message) for w in seen if "Be aware" in str(w.message)]
     assert len(said) == 1 and said[0].endswith("['MyCallback'].")  # one the user left out still warns
-
-
-@pytest.mark.slow
-def test_a_ctrl_c_is_logged_as_a_ctrl_c(twelve, tmp_path, caplog):
-    import signal
-
-    caplog.set_level("INFO")
-    lightning_log = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
-    lightning_log.addHandler(caplog.handler)  # (Lightning's loggers need not reach the root)
-    stop = ["--trainer.callbacks+=conftest.SignalAtBatch", "--trainer.callbacks.batch", "2"]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main(fit_args(twelve, tmp_path / "run", *max_steps(6), *stop, "--trainer.callbacks.signum", "2"))
-    finally:
-        lightning_log.removeHandler(caplog.handler)
-    assert exit_info.value.code == 130
-    assert "Ctrl-C: saving a checkpoint" in caplog.text and "Stopped by a signal at step 2" in caplog.text
-    assert "SIGTERM" not in caplog.text
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

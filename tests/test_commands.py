@@ -1,4 +1,5 @@
-"""`ddpm-lightning sample` and `ddpm-lightning export` through the real entry point, from a tiny model trained once."""
+"""`ddpm-lightning sample` and `ddpm-lightning export` (commands.py) through the real entry point, from the tiny model
+trained once per file (conftest's `trained`)."""
 
 from __future__ import annotations
 
@@ -13,32 +14,14 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from ddpm_lightning.cli import main
-from ddpm_lightning.commands import CommandError, image_generator, sample
+from ddpm_lightning.commands import image_generator, sample
+from ddpm_lightning.model_source import ModelSourceError
 from ddpm_lightning.module import DDPMModule
-from ddpm_lightning.reporting.grids import grid_shape
-from ddpm_lightning.sampling import make_sampler
 
-from conftest import fit_args, tiny_module, write_image
+from conftest import tiny_module, write_image
 
 # `sample` in 2 denoising steps (not the sampler's default count): seconds on a CPU.
 TWO_SAMPLING_STEPS = ["--num_inference_steps", "2"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """One tiny EMA model for the whole file: root/checkpoints/run/last.ckpt and the saved folder root/run."""
-    root = tmp_path_factory.mktemp("trained")
-    for i in range(12):
-        write_image(root / "images" / f"{i}.png", seed=i)
-    with pytest.MonkeyPatch.context() as mp:  # as conftest's autouse fixture does for function-scoped tests
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
-        mp.setenv("HF_HOME", str(root / "hf_home"))
-        mp.delenv("HF_TOKEN", raising=False)
-        mp.chdir(root)
-        main(fit_args(root / "images", root / "run", "--trainer.max_epochs", "1", "--model.use_ema", "true"))
-    assert (root / "checkpoints" / "run" / "last.ckpt").is_file() and (root / "run" / "model_index.json").is_file()
-    return root
 
 
 def pngs(folder: Path) -> list[Path]:
@@ -96,20 +79,6 @@ def test_batch_size_does_not_change_which_images_are_drawn(trained, tmp_path):
     for a, b in zip(two, three):  # batched convolutions may round differently: at most one level of 255
         assert np.abs(pixels(a) - pixels(b)).max() <= 1
     assert np.abs(pixels(three[0]) - pixels(three[1])).max() > 10  # and the images differ from each other
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
-def test_a_saved_folder_gets_the_same_sampler_as_the_checkpoint_and_the_grids(trained, sampler):
-    module = DDPMModule.load_from_checkpoint(trained / "checkpoints" / "run" / "last.ckpt", map_location="cpu")
-    saved = DDPMPipeline.from_pretrained(trained / "run").scheduler.config
-    for scheduler in (make_sampler(saved, sampler), make_sampler(module.noise_scheduler.config, sampler)):
-        reference = make_sampler(module.noise_scheduler, sampler)  # what the training grids use
-        assert type(scheduler) is type(reference)
-        scheduler.set_timesteps(7)
-        reference.set_timesteps(7)
-        assert torch.equal(scheduler.timesteps, reference.timesteps)
-        assert torch.equal(scheduler.betas, module.noise_scheduler.betas)
 
 
 @pytest.mark.slow
@@ -175,6 +144,22 @@ def test_sample_from_saved_folder_matches_the_checkpoints_ema_weights(trained, t
 
 
 @pytest.mark.slow
+def test_asking_for_more_images_keeps_the_first_ones(tmp_path):
+    from diffusers import DDPMPipeline
+
+    from ddpm_lightning.commands import sample
+
+    torch.manual_seed(0)
+    model = tiny_module()
+    DDPMPipeline(unet=model.unet, scheduler=model.noise_scheduler).save_pretrained(tmp_path / "model")
+    common = {"sampler": "ddim", "num_inference_steps": 2, "batch_size": 2, "seed": 5}
+    two = sample(str(tmp_path / "model"), num_images=2, output_dir=str(tmp_path / "two"), **common)
+    four = sample(str(tmp_path / "model"), num_images=4, output_dir=str(tmp_path / "four"), **common)
+    assert [p.read_bytes() for p in two] == [p.read_bytes() for p in four[:2]]
+    assert four[2].read_bytes() != four[0].read_bytes()
+
+
+@pytest.mark.slow
 def test_export_writes_a_loadable_folder_with_the_ema_weights_and_a_card(trained, tmp_path):
     out = tmp_path / "exported"
     main(["export", str(trained / "checkpoints" / "run" / "last.ckpt"), str(out)])
@@ -222,28 +207,13 @@ def test_export_with_samples_and_repo_id(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_every_save_of_fit_writes_the_card_with_the_run_config_and_newest_grid(trained):
-    out = trained / "run"
-    card = ModelCard.load(out / "README.md")
-    assert card.data.library_name == "diffusers" and card.data.datasets is None  # a local folder
-    newest = sorted((out / "samples").glob("[0-9]*.png"))[-1]
-    assert (out / "samples.png").read_bytes() == newest.read_bytes() and "](samples.png)" in card.text
-    assert "Steps trained: 3" in card.text and "16 x 16 pixels" in card.text
-    assert f'pipeline = DDPMPipeline.from_pretrained("{out}")' in card.text
-    config = yaml.safe_load(card.text.split("```yaml\n", 1)[1].split("```", 1)[0])  # the whole CLI config
-    # a published card names local folders by their names, never by the training machine's paths
-    assert config["data"]["dataset"] == "images" and config["data"]["image_size"] == 16
-    assert config["trainer"]["max_epochs"] == 1 and config["output_dir"] == "run" and config["model"]["use_ema"] is True
-
-
-@pytest.mark.slow
 def test_hub_id_offline_fails_with_one_clear_line(trained, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["sample", "someone/ddpm-model", "--num_images", "1"])
     message = str(exit_info.value.code)
     assert "\n" not in message
     assert "someone/ddpm-model" in message and "HF_HUB_OFFLINE" in message and "hf download" in message
-    with pytest.raises(CommandError, match="hf download"):  # the function itself raises
+    with pytest.raises(ModelSourceError, match="hf download"):  # the function itself raises
         sample("someone/ddpm-model")
 
 
@@ -271,6 +241,20 @@ def test_a_file_that_is_not_a_checkpoint_fails_clearly(tmp_path):
         main(["export", str(bad), str(tmp_path / "out")])
 
 
+def test_sample_and_export_refuse_what_they_cannot_do(tmp_path, capsys):
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    ckpt = tmp_path / "x.ckpt"
+    ckpt.write_bytes(b"")
+    with pytest.raises(SystemExit, match="taken is a file: give a folder"):
+        main(["export", str(ckpt), str(a_file)])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda: no CUDA GPU is visible here"):
+            main(["sample", str(ckpt), "--device", "cuda"])
+    with pytest.raises(SystemExit, match="num_inference_steps must be at least 1, not 0"):
+        main(["sample", str(ckpt), "--num_inference_steps", "0"])
+
+
 def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["sample", "--help"])
@@ -286,26 +270,6 @@ def test_help_lists_the_options(capsys):
         "--device",
     ):
         assert option in help_text
-
-
-def test_grid_shape_is_as_square_as_possible():
-    assert [grid_shape(n) for n in (1, 6, 7, 12, 16)] == [(1, 1), (2, 3), (1, 7), (3, 4), (4, 4)]
-
-
-@pytest.mark.slow
-def test_asking_for_more_images_keeps_the_first_ones(tmp_path):
-    from diffusers import DDPMPipeline
-
-    from ddpm_lightning.commands import sample
-
-    torch.manual_seed(0)
-    model = tiny_module()
-    DDPMPipeline(unet=model.unet, scheduler=model.noise_scheduler).save_pretrained(tmp_path / "model")
-    common = {"sampler": "ddim", "num_inference_steps": 2, "batch_size": 2, "seed": 5}
-    two = sample(str(tmp_path / "model"), num_images=2, output_dir=str(tmp_path / "two"), **common)
-    four = sample(str(tmp_path / "model"), num_images=4, output_dir=str(tmp_path / "four"), **common)
-    assert [p.read_bytes() for p in two] == [p.read_bytes() for p in four[:2]]
-    assert four[2].read_bytes() != four[0].read_bytes()
 
 
 @pytest.mark.slow

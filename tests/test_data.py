@@ -1,33 +1,28 @@
-"""Where images come from: image folders, Hub-format local data sets, save_to_disk folders, Hub ids."""
+"""Images as the model gets them (data.py): decoded (EXIF, 16-bit, palette, unreadable files), resized, cached in
+memory or on the training device, cropped (squash, center, random) and flipped per batch, pixel for pixel against
+torchvision's transforms; random crops resume exactly."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import datasets
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import Callback, Trainer
 from PIL import Image
 from torchvision import transforms
+from torchvision.transforms.functional import crop, pil_to_tensor
 
+from ddpm_lightning.cli import main
 from ddpm_lightning.data import CachedImages, ImageDataModule, ResizedImages
-from ddpm_lightning.sources import load_source
 
-from conftest import HELICONIUS, write_image
-
-
-def setup_module_for(dataset, **kwargs) -> ImageDataModule:
-    dm = ImageDataModule(dataset=str(dataset), image_size=16, train_batch_size=4, num_workers=0, **kwargs)
-    dm.setup("fit")
-    return dm
+from conftest import ONE_STEP, FirstBatch, data_module, fit_args, max_steps, write_image
 
 
 def test_image_folder_loads_every_image_whatever_the_name(image_folder, caplog):
-    dm = setup_module_for(image_folder)
+    dm = data_module(image_folder)
     assert len(dm.train_set) == 12  # imagefolder would have split test_* and val_* away
     assert "Found 12 training images" in caplog.text
     batch = next(iter(dm.train_dataloader()))
@@ -39,7 +34,7 @@ def test_image_folder_loads_every_image_whatever_the_name(image_folder, caplog):
 @pytest.mark.parametrize("cache", ["memory", "none"])
 def test_augmentation_is_the_tutorials(image_folder, cache):
     """Each augmented image equals the tutorial's Resize/flip/ToTensor/Normalize output, flipped or not."""
-    dm = setup_module_for(image_folder, cache=cache)
+    dm = data_module(image_folder, cache=cache)
     path = sorted(image_folder.rglob("*.png"))[0]
     resize = transforms.Resize((16, 16))
     tutorial = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])(
@@ -71,12 +66,12 @@ def bad_images(folder):
 
 def test_unreadable_images_are_skipped_and_counted_when_cached(tmp_path):
     with pytest.warns(UserWarning, match=r"Skipped 3 of 5 images.*empty\.jpg"):
-        dm = setup_module_for(bad_images(tmp_path), cache="memory")
+        dm = data_module(bad_images(tmp_path), cache="memory")
     assert len(dm.train_set) == 2
 
 
 def test_unreadable_image_names_the_file_when_streaming(tmp_path):
-    dm = setup_module_for(bad_images(tmp_path), cache="none")
+    dm = data_module(bad_images(tmp_path), cache="none")
     names = {Path(dm.train_set.rows[i]["image"]["path"]).name: i for i in range(5)}
     with pytest.raises(ValueError, match="Could not read image .*text.png.*remove or fix it"):
         dm.train_set[names["text.png"]]
@@ -84,50 +79,16 @@ def test_unreadable_image_names_the_file_when_streaming(tmp_path):
 
 def test_16_bit_images_scale_instead_of_clipping(tmp_path):
     Image.fromarray(np.full((20, 20), 32896, dtype=np.uint16)).save(tmp_path / "deep.png")  # mid-grey
-    pixels = setup_module_for(tmp_path).train_set[0]
+    pixels = data_module(tmp_path).train_set[0]
     assert pixels.shape == (3, 16, 16) and int(pixels.float().mean()) == 128
 
 
 def test_small_images_are_upscaled_and_counted(tmp_path, caplog):
     write_image(tmp_path / "small.png", size=(8, 8))
     write_image(tmp_path / "big.png", size=(32, 32))
-    dm = setup_module_for(tmp_path)
+    dm = data_module(tmp_path)
     assert "1 of 2 images are smaller than 16 px" in caplog.text
     assert dm.train_set[0].shape == (3, 16, 16)
-
-
-def test_all_1000_heliconius_photos_train(heliconius_photos):
-    """A folder of the real photos: the file names that `imagefolder` moves to other splits all train."""
-    names = [p.name for p in heliconius_photos.iterdir()]
-    assert any(n.startswith("test_") for n in names) and any(n.startswith("val_") for n in names)
-    assert len(load_source(str(heliconius_photos))) == len(names) == 1000
-
-
-def test_the_shipped_data_set_has_1000_training_and_200_validation_photos_at_64_px():
-    train, val = load_source(str(HELICONIUS)), load_source(str(HELICONIUS), "validation")
-    assert (len(train), len(val)) == (1000, 200)
-    assert train.features["image"] == datasets.Image() and train[0]["image"].size == (64, 64)
-    assert (HELICONIUS / "ATTRIBUTION.md").is_file()
-    assert sum(p.stat().st_size for p in HELICONIUS.glob("*.parquet")) < 3e6  # docs/data.md: under 3 MB
-
-
-def test_make_sample_data_rebuilds_a_hub_format_data_set(tmp_path):
-    """tools/make_sample_data.py on a folder laid out as the originals are: both splits at --size px, each image
-    under its file name, the attribution kept beside them."""
-    source = tmp_path / "source"
-    for i in range(3):
-        write_image(source / "train" / f"test_{i}.JPG", size=(40, 30), seed=i)
-    write_image(source / "val" / "val_0.jpg", size=(40, 30))
-    (source / "ATTRIBUTION.md").write_text("CC BY 4.0, by the photographers")
-    out = tmp_path / "heliconius"
-    script = Path(__file__).parents[1] / "tools" / "make_sample_data.py"
-    args = [sys.executable, str(script), "--source", str(source), "--out", str(out), "--size", "16"]
-    subprocess.run(args, check=True, capture_output=True)
-    train, val = load_source(str(out)), load_source(str(out), "validation")
-    assert (len(train), len(val)) == (3, 1) and train[0]["image"].size == (16, 16)
-    names = train.cast_column("image", datasets.Image(decode=False))["image"]
-    assert [n["path"] for n in names] == ["test_0.JPG", "test_1.JPG", "test_2.JPG"]
-    assert "CC BY 4.0, by the photographers" in (out / "ATTRIBUTION.md").read_text()
 
 
 def test_converts_grayscale_rgba_and_palette_images(tmp_path):
@@ -143,7 +104,7 @@ def test_converts_grayscale_rgba_and_palette_images(tmp_path):
     indexed = Image.fromarray(index, "L").convert("P")
     indexed.putpalette(palette.flatten().tolist())
     indexed.save(tmp_path / "c_palette.png")
-    dm = setup_module_for(tmp_path, cache="none")  # the files in name order
+    dm = data_module(tmp_path, cache="none")  # the files in name order
     expected = [np.stack([gray] * 3, -1), rgba[..., :3], palette[index]]
     assert len(dm.train_set) == 3
     for i, want in enumerate(expected):
@@ -151,81 +112,49 @@ def test_converts_grayscale_rgba_and_palette_images(tmp_path):
         np.testing.assert_array_equal(dm.train_set[i].permute(1, 2, 0).numpy(), want, err_msg=str(i))
 
 
-def hub_layout_parquet(root, n=6):
-    """A data set laid out as the butterflies repo on the Hub: data/train-*.parquet, an image column and others."""
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(n)]
-    features = datasets.Features({"name": datasets.Value("string"), "image": datasets.Image()})
-    ds = datasets.Dataset.from_dict({"name": [f"b{i}" for i in range(n)], "image": images}, features=features)
-    (root / "data").mkdir(parents=True)
-    ds.to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
-    return root
+def sideways_photo(path: Path) -> Path:
+    """A JPEG stored left half red, right half blue, with EXIF orientation 6 (rotate 90° clockwise to view):
+    seen the right way up, red is on top and blue below."""
+    pixels = np.zeros((16, 16, 3), dtype=np.uint8)
+    pixels[:, :8, 0] = 255
+    pixels[:, 8:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    return path
 
 
-def test_parquet_in_hub_layout_goes_through_load_dataset(tmp_path, monkeypatch):
-    root = hub_layout_parquet(tmp_path / "butterflies")
-    calls = []
-    real = datasets.load_dataset
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
-    dm = setup_module_for(root)
-    assert calls == [((str(root),), {"split": "train"})]  # the call a Hub id makes, with a local path
-    assert len(dm.train_set) == 6 and dm.train_set[0].shape == (3, 16, 16)
+def assert_upright(images: torch.Tensor) -> None:
+    """(N, 3, H, W), any scale: red above, blue below (a horizontal flip changes neither)."""
+    images = images.float()
+    top, bottom = images[..., : images.shape[-2] // 2, :], images[..., images.shape[-2] // 2 :, :]
+    assert (top[:, 0] > top[:, 2]).float().mean() > 0.9, "the top half is not red: EXIF orientation ignored"
+    assert (bottom[:, 2] > bottom[:, 0]).float().mean() > 0.9, "the bottom half is not blue"
 
 
 @pytest.mark.slow
-def test_hub_id_goes_through_load_dataset_and_offline_error_says_what_to_do(monkeypatch):
-    calls = []
-    monkeypatch.setattr(
-        datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or datasets.Dataset.from_dict({"image": []})
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_exif_orientation_is_applied_when_training(tmp_path, cache):
+    photos = tmp_path / "photos"
+    for i in range(4):
+        sideways_photo(photos / f"{i}.jpg")
+    main(
+        fit_args(photos, tmp_path / "run", *ONE_STEP, "--data.cache", cache, "--trainer.callbacks+=conftest.FirstBatch")
     )
-    load_source("huggan/smithsonian_butterflies_subset")
-    assert calls == [(("huggan/smithsonian_butterflies_subset",), {"split": "train"})]
-    monkeypatch.undo()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(ConnectionError, match="smithsonian_butterflies_subset.*point --data.dataset at a local folder"):
-        load_source("huggan/smithsonian_butterflies_subset")
+    assert FirstBatch.batch is not None and FirstBatch.batch.shape[0] == 4
+    assert_upright(FirstBatch.batch)
 
 
-def test_save_to_disk_folder_and_its_splits(tmp_path):
-    images = [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(5)]
-    ds = datasets.Dataset.from_dict({"img": images}, features=datasets.Features({"img": datasets.Image()}))
-    datasets.DatasetDict({"train": ds, "test": ds.select(range(2))}).save_to_disk(str(tmp_path / "dd"))
-    assert len(setup_module_for(tmp_path / "dd").train_set) == 5
-    assert len(setup_module_for(tmp_path / "dd", split="test").train_set) == 2
-    with pytest.raises(ValueError, match="--data.split"):
-        setup_module_for(tmp_path / "dd", split="validation")
-
-
-def test_clear_errors_for_bad_sources(tmp_path, image_folder):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_source(str(tmp_path / "missing" / "folder"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="No image files"):
-        load_source(str(tmp_path / "empty"))
-    with pytest.raises(ValueError, match="--data.image_column"):
-        setup_module_for(image_folder, image_column="pixels")
-
-
-def coloured(n: int, red: int = 0) -> datasets.Dataset:
-    """n images of 16 px, each one flat colour (red, i, 0): told apart by their pixels."""
-    images = [Image.new("RGB", (16, 16), (red, i, 0)) for i in range(n)]
-    return datasets.Dataset.from_dict({"img": images}, features=datasets.Features({"img": datasets.Image()}))
-
-
-def data_module(dataset, **kwargs) -> ImageDataModule:
-    dm = ImageDataModule(dataset=str(dataset), image_size=16, train_batch_size=4, num_workers=0, **kwargs)
-    dm.setup("fit")
-    return dm
-
-
-def test_val_dataset_and_val_split_name_the_validation_images(tmp_path):
-    datasets.DatasetDict({"train": coloured(5), "test": coloured(3, red=200)}).save_to_disk(str(tmp_path / "dd"))
-    dm = data_module(tmp_path / "dd", val_dataset=str(tmp_path / "dd"), val_split="test")
-    assert len(dm.train_set) == 5
-    assert [int(dm.val_set[i][1][0, 0, 0]) for i in range(len(dm.val_set))] == [200, 200, 200]  # the test split
-    assert [int(dm.val_set[i][1][1, 0, 0]) for i in range(3)] == [0, 1, 2]
-    assert [dm.val_set[i][0] for i in range(3)] == [0, 1, 2]  # (index, image): noise seeded by the index
+def test_exif_orientation_is_applied_to_validation_images(tmp_path):
+    for i in range(2):
+        sideways_photo(tmp_path / "val" / f"{i}.jpg")
+        write_image(tmp_path / "train" / f"{i}.png", seed=i)
+    data = ImageDataModule(
+        str(tmp_path / "train"), image_size=16, num_workers=0, val_dataset=str(tmp_path / "val"), cache="none"
+    )
+    data.setup("fit")
+    assert_upright(torch.stack([data.val_set[i][1] for i in range(2)]))
 
 
 def test_cache_auto_keeps_small_data_in_memory_and_streams_above_cache_max_gb(image_folder):
@@ -248,7 +177,174 @@ def test_cache_on_gpu_puts_the_cached_pixels_on_the_training_device(image_folder
     assert default.train_set.pixels.device.type == "cpu"
 
 
-def test_a_single_parquet_file_is_a_data_set(tmp_path):
-    coloured(6).to_parquet(str(tmp_path / "one.parquet"))
-    dm = data_module(tmp_path / "one.parquet")
-    assert [int(dm.train_set[i][1, 0, 0]) for i in range(len(dm.train_set))] == [0, 1, 2, 3, 4, 5]
+def test_cache_on_gpu_and_pin_memory_in_their_gpu_values_give_the_same_batches(image_folder, monkeypatch):
+    """The GPU branches of the data path on a CPU: the cache moved to the training device (here the CPU device,
+    through the same code), and a loader that pins memory (torch.cuda.is_available() faked for its creation;
+    without a GPU the DataLoader pins nothing). Both deliver exactly the default loader's batches."""
+    from ddpm_lightning.data import ImageDataModule
+
+    trainer = Trainer(accelerator="cpu", logger=False)
+
+    def loader(**kwargs):
+        data = ImageDataModule(
+            dataset=str(image_folder), image_size=16, train_batch_size=4, num_workers=0, cache="memory", **kwargs
+        )
+        data.trainer = trainer
+        data.setup("fit")
+        return data.train_dataloader()
+
+    plain = list(loader(cache_on_gpu=False))
+    assert [len(b) for b in plain] == [4, 4, 4]
+    on_device = list(loader(cache_on_gpu=True))
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        pinning = loader(cache_on_gpu=False)
+    assert pinning.pin_memory
+    for batches in (on_device, list(pinning)):
+        assert all(
+            torch.equal(a, b) and b.device == trainer.strategy.root_device for a, b in zip(plain, batches, strict=True)
+        )
+
+
+# (width, height): landscape and portrait at several aspect ratios; 40 x 16 is wider than 2:1 (trimmed for random).
+SIZES = [(24, 16), (16, 30), (40, 16), (20, 28), (33, 18), (18, 18), (16, 21), (27, 19)]
+
+
+SEEN: list[torch.Tensor] = []
+
+
+class KeepBatches(Callback):
+    """Keeps every training batch as the model gets it, back in uint8 (`--trainer.callbacks+=test_data.KeepBatches`)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        SEEN.extend(((batch.detach().cpu() + 1) * 127.5).round().to(torch.uint8))
+
+
+@pytest.fixture
+def photos(tmp_path) -> list[Path]:
+    return [write_image(tmp_path / "photos" / f"{i}.png", size=size, seed=i) for i, size in enumerate(SIZES)]
+
+
+def fit_and_keep(photos: list[Path], tmp_path: Path, *extra: str) -> list[torch.Tensor]:
+    SEEN.clear()
+    main(
+        fit_args(
+            photos[0].parent,
+            tmp_path / "run",
+            "--trainer.callbacks+=test_data.KeepBatches",
+            "--data.random_flip",
+            "false",
+            "--grid.save_image_epochs",
+            "1000",
+            *extra,
+        )
+    )
+    return list(SEEN)
+
+
+def tv(transform, path: Path) -> torch.Tensor:
+    return pil_to_tensor(transform(Image.open(path).convert("RGB")))
+
+
+def same_set(seen: list[torch.Tensor], expected: list[torch.Tensor]) -> bool:
+    return {bytes(t.numpy()) for t in seen} == {bytes(t.numpy()) for t in expected}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", ["memory", "none"])
+@pytest.mark.parametrize("crop", ["squash", "center"])
+def test_squash_and_center_equal_torchvision(photos, tmp_path, crop, cache):
+    seen = fit_and_keep(photos, tmp_path, "--trainer.max_epochs", "1", "--data.crop", crop, "--data.cache", cache)
+    transform = {
+        "squash": transforms.Resize((16, 16)),
+        "center": transforms.Compose([transforms.Resize(16), transforms.CenterCrop(16)]),
+    }[crop]
+    assert len(seen) == len(photos) and same_set(seen, [tv(transform, p) for p in photos])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_random_crop_is_a_torchvision_random_crop_new_each_epoch(photos, tmp_path, cache):
+    seen = fit_and_keep(photos, tmp_path, "--trainer.max_epochs", "6", "--data.crop", "random", "--data.cache", cache)
+    assert len(seen) == 6 * len(photos)
+    # Every crop torchvision's Resize(16) + RandomCrop(16) can give, per photo.
+    choices = {}
+    for i, path in enumerate(photos):
+        resized = transforms.Resize(16)(Image.open(path).convert("RGB"))
+        w, h = resized.size
+        choices[i] = {
+            bytes(pil_to_tensor(crop(resized, top, left, 16, 16)).numpy())
+            for top in range(h - 15)
+            for left in range(w - 15)
+        }
+    origin = []
+    for image in seen:
+        owners = [i for i, crops in choices.items() if bytes(image.numpy()) in crops]
+        assert len(owners) == 1  # a crop of exactly one photo, as torchvision would cut it
+        origin.append(owners[0])
+    assert sorted(origin) == sorted(list(range(len(photos))) * 6)  # every photo once an epoch
+    per_photo = {i: {bytes(s.numpy()) for s, o in zip(seen, origin) if o == i} for i in choices}
+    assert len(per_photo[5]) == 1  # the square photo has one crop
+    assert all(len(per_photo[i]) > 1 for i in (1, 2, 4))  # long photos get other crops in other epochs
+    # 40 x 16 is trimmed to its middle 32 x 16 first: its crops stay within it.
+    assert per_photo[2] <= {
+        bytes(pil_to_tensor(crop(transforms.Resize(16)(Image.open(photos[2]).convert("RGB")), 0, left, 16, 16)).numpy())
+        for left in range(4, 21)
+    }
+
+
+@pytest.mark.slow
+def test_random_flip_flips_about_half(photos, tmp_path):
+    center = transforms.Compose([transforms.Resize(16), transforms.CenterCrop(16)])
+    expected = [tv(center, p) for p in photos]
+    seen = fit_and_keep(
+        photos, tmp_path, "--trainer.max_epochs", "4", "--data.crop", "center", "--data.random_flip", "true"
+    )
+    plain = {bytes(t.numpy()) for t in expected}
+    flipped = {bytes(t.flip(-1).numpy()) for t in expected}
+    assert all(bytes(s.numpy()) in plain | flipped for s in seen)
+    assert 0.25 < sum(bytes(s.numpy()) in flipped for s in seen) / len(seen) < 0.75
+
+
+@pytest.mark.slow
+def test_cached_batch_is_one_indexing_op(photos, tmp_path, monkeypatch):
+    """The loader hands CachedImages a whole batch of indices: no per-image item access, no collate."""
+    calls = []
+    real = CachedImages.__getitems__
+    monkeypatch.setattr(CachedImages, "__getitems__", lambda self, idx: calls.append(list(idx)) or real(self, idx))
+    monkeypatch.setattr(CachedImages, "__getitem__", lambda self, i: pytest.fail("one image at a time"))
+    seen = fit_and_keep(
+        photos, tmp_path, "--trainer.max_epochs", "1", "--data.crop", "random", "--data.cache", "memory"
+    )
+    assert len(seen) == len(photos)
+    assert [len(c) for c in calls[1:]] == [4, 4]  # calls[0] is data.png's first 16 (here all 8)
+
+
+@pytest.mark.slow
+def test_random_crops_resume_exactly(photos, tmp_path):
+    """A run stopped mid-epoch and resumed gets the same crops and flips (device RNG restored) as one that was not."""
+    common = [
+        *max_steps(5),
+        "--data.crop",
+        "random",
+        "--data.random_flip",
+        "true",
+    ]
+    straight = fit_and_keep(photos, tmp_path / "a", *common, "--checkpoint.dirpath", str(tmp_path / "a_ckpt"))
+    with pytest.raises(SystemExit):
+        fit_and_keep(
+            photos,
+            tmp_path / "b",
+            *common,
+            "--checkpoint.dirpath",
+            str(tmp_path / "b_ckpt"),
+            "--trainer.callbacks+=conftest.StopAtStep",
+            "--trainer.callbacks.step",
+            "3",
+        )
+    first = list(SEEN)
+    resumed = fit_and_keep(
+        photos, tmp_path / "b", *common, "--checkpoint.dirpath", str(tmp_path / "b_ckpt"), "--ckpt_path", "last"
+    )
+    assert len(straight) == 20 and len(first) == 12 and len(resumed) == 8  # 2 batches of 4 an epoch
+    assert all(torch.equal(x, y) for x, y in zip(straight, first + resumed))

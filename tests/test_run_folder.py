@@ -1,4 +1,5 @@
-"""A run's folder: one process at a time, validate leaves the training record alone, a typo leaves nothing behind."""
+"""The run folder's life cycle (run_folder.py): a folder that cannot be written or already holds a run is refused
+before training, a run that failed before its first step leaves nothing in the way, and one process at a time."""
 
 from __future__ import annotations
 
@@ -6,11 +7,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from test_hub import hf_env, hub  # noqa: F401 (fixtures: the local Hub stand-in)
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.run_folder import RunInUseError
@@ -19,9 +18,41 @@ from conftest import NO_SAVES, child_env, crash_args, fit_args, tb_events
 
 
 @pytest.mark.slow
+def test_unwritable_output_dir_fails_before_training(image_folder, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(RuntimeError, match="Cannot start training: .*a_file"):
+        main(fit_args(image_folder, blocker / "run"))
+    assert not (tmp_path / "checkpoints" / "run" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_fresh_run_into_a_used_output_dir_is_refused_and_overwrite_starts_it_again(twelve, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    main(fit_args(twelve, out, *NO_SAVES, "--trainer.max_epochs", "1"))
+    with pytest.raises(FileExistsError, match=r"already holds a run .*--output_dir.*--overwrite true"):
+        main(fit_args(twelve, out, *NO_SAVES, "--trainer.max_epochs", "1"))
+    main(fit_args(twelve, out, *NO_SAVES, "--trainer.max_epochs", "1", "--overwrite", "true"))
+    assert [e.step for e in tb_events(out / "logs", "train/loss")] == [0, 1, 2]  # one run's curve, not two merged
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_fresh_run_never_replaces_the_users_readme(twelve, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    with pytest.raises(FileExistsError, match="README.md"):
+        main(fit_args(twelve, out, "--trainer.max_epochs", "1"))
+    assert (out / "README.md").read_text() == "my notes"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mistake",
-    [["--data.dataset", "nope"], crash_args(step=0)],  # the issue's typo; a crash ahead of the first step
+    [["--data.dataset", "nope"], crash_args(step=0)],  # a typo in the data set's path; a crash ahead of the first step
     ids=["typo", "crash_before_step_1"],
 )
 def test_a_run_that_failed_before_its_first_step_does_not_block_the_corrected_one(twelve, tmp_path, mistake):
@@ -30,23 +61,6 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_the_corrected_on
         main([*fit_args(twelve, out, *NO_SAVES, "--trainer.max_steps", "2"), *mistake])
     main(fit_args(twelve, out, *NO_SAVES, "--trainer.max_steps", "2"))  # no --overwrite needed
     assert [e.step for e in tb_events(out / "logs", "train/loss")] == [0, 1]
-
-
-@pytest.mark.slow
-def test_validate_leaves_the_runs_config_and_logs_alone(image_folder, tmp_path):
-    out = tmp_path / "run"
-    main(fit_args(image_folder, out, *NO_SAVES, "--trainer.max_steps", "2", "--data.val_fraction", "0.25"))
-    config = (out / "logs" / "config.yaml").read_bytes()
-    logs = sorted((out / "logs").iterdir())
-    ckpt = str(tmp_path / "checkpoints" / "run" / "last.ckpt")
-    validate = ["validate", "-c", str(out / "logs" / "config.yaml"), "--ckpt_path", ckpt]
-    main(validate)
-    main([*validate, "--data.train_batch_size", "2"])  # other settings
-    with pytest.raises(OSError):
-        main([*validate, "--data.dataset", str(tmp_path / "missing")])  # and one that fails
-    assert (out / "logs" / "config.yaml").read_bytes() == config
-    assert sorted((out / "logs").iterdir()) == logs
-    assert tb_events(out / "validate", "val/loss")  # its own record, beside the run's
 
 
 @pytest.mark.slow
@@ -64,7 +78,7 @@ def test_a_second_process_on_a_run_in_progress_fails_at_once_naming_the_first_an
             *args,
             "--checkpoint.every_n_train_steps",
             "1",
-            "--trainer.callbacks+=test_reliability.SlowSteps",
+            "--trainer.callbacks+=conftest.SlowSteps",
         ],
         cwd=tmp_path,
         env=child_env(),
@@ -94,158 +108,6 @@ def test_a_second_process_on_a_run_in_progress_fails_at_once_naming_the_first_an
     step = torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"]
     main([*run, "--trainer.max_steps", str(step + 1), "--ckpt_path", "last"])  # the killed run left no lock
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == step + 1
-
-
-KILLED_SAVE = """
-import sys, time, safetensors.torch, torch
-from conftest import tiny_module
-from ddpm_lightning.publish import save_pipeline
-
-torch.manual_seed(0)
-module = tiny_module()
-save_pipeline(module.unet, module.noise_scheduler, sys.argv[1])  # the old model, whole
-real = safetensors.torch.save_file
-
-def stalls(tensors, path, metadata=None):  # half of the new weights out, then hangs until killed
-    data = safetensors.torch.save(tensors, metadata=metadata)
-    with open(path, "wb") as f:
-        f.write(data[: len(data) // 2]); f.flush()
-    print("writing", flush=True); time.sleep(600)
-
-safetensors.torch.save_file = stalls
-with torch.no_grad():
-    for p in module.unet.parameters():
-        p.add_(1.0)
-save_pipeline(module.unet, module.noise_scheduler, sys.argv[1])
-"""
-
-
-@pytest.mark.slow
-def test_a_model_save_killed_mid_write_leaves_the_previous_model_loadable(tmp_path):
-    from diffusers import DDPMPipeline
-
-    from conftest import tiny_module
-
-    folder = tmp_path / "model"
-    writer = subprocess.Popen(
-        [sys.executable, "-c", KILLED_SAVE, str(folder)], env=child_env(), stdout=subprocess.PIPE, text=True
-    )
-    assert writer.stdout.readline().strip() == "writing"
-    writer.send_signal(signal.SIGKILL)
-    writer.wait()
-    loaded = DDPMPipeline.from_pretrained(folder).unet  # loads: no half-written weights beside the old config
-    torch.manual_seed(0)
-    old = tiny_module().unet.state_dict()
-    assert all(torch.equal(value, old[name]) for name, value in loaded.state_dict().items())  # the old model
-    assert [p.name for p in folder.glob(".*")] == [f".model.partial-{writer.pid}"]  # removed by the next fit
-
-
-@pytest.mark.slow
-def test_an_upload_names_no_local_path_user_or_host(hub, image_folder, tmp_path, monkeypatch):  # noqa: F811
-    import socket
-
-    monkeypatch.setenv("HF_TOKEN", hub.token)
-    out = tmp_path / "ddpm-pushed"
-    main(fit_args(image_folder, out, "--trainer.max_epochs", "1", "--save.push_to_hub", "true"))
-    files = hub.repos["fake-user/ddpm-pushed"].files
-    assert "unet/diffusion_pytorch_model.safetensors" in files and "README.md" in files
-    assert (out / "logs" / "config.yaml").is_file() and (out / "run_summary.json").is_file()  # kept locally
-    texts = {name: data for name, data in files.items() if not name.endswith((".safetensors", ".png"))}
-    assert texts.keys() == {"README.md", "model_index.json", "unet/config.json", "scheduler/scheduler_config.json"}
-    for private in (str(tmp_path), socket.gethostname(), str(Path.home())):
-        assert not [name for name, data in texts.items() if private in name or private.encode() in data], private
-    assert f"a local data set (`{image_folder.name}`)" in files["README.md"].decode()
-
-
-@pytest.mark.slow
-def test_an_upload_carries_the_model_the_card_and_the_grids_and_nothing_else_unless_asked(
-    hub,  # noqa: F811
-    image_folder,
-    tmp_path,
-    monkeypatch,
-):
-    """A pushed run, then a validate of it and a file of the user's in output_dir: the next upload (as the next
-    save starts it) adds nothing; the training images and the logs go up only when asked for."""
-    from ddpm_lightning.callbacks import SaveModel
-    from ddpm_lightning.publish import HubUploader
-    from ddpm_lightning.publish import hub as hub_module
-
-    monkeypatch.setenv("HF_TOKEN", hub.token)
-    out = tmp_path / "ddpm-pushed"
-    main(
-        fit_args(
-            image_folder,
-            out,
-            "--trainer.max_epochs",
-            "2",
-            "--grid.save_image_epochs",
-            "1",
-            "--save.push_to_hub",
-            "true",
-        )
-    )
-    model = {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"}
-    published = {*model, "scheduler/scheduler_config.json", "README.md", "samples.png"}
-    published |= {"samples/0000.png", "samples/0001.png"}
-    assert [set(commit.files) for commit in hub.commits] == [published]  # not samples/data.png, logs/, the lock
-    ckpt = str(tmp_path / "checkpoints" / "ddpm-pushed" / "last.ckpt")
-    main(
-        [
-            "validate",
-            "-c",
-            str(out / "logs" / "config.yaml"),
-            "--ckpt_path",
-            ckpt,
-            "--data.val_dataset",
-            str(image_folder),
-        ]
-    )
-    (out / "notes.txt").write_text("hf_my_secret_token")
-    assert {"validate", "notes.txt", "run_summary.json", ".ddpm-lightning.lock"} <= {p.name for p in out.iterdir()}
-
-    def upload(**asked) -> set[str]:
-        uploader = HubUploader("ddpm-pushed", token=hub.token, api=hub.api(), **asked)
-        uploader.create_repo()
-        uploader.upload(str(out), "Epoch 1")
-        uploader.wait()
-        uploader.api._thread_pool.shutdown(wait=True)
-        assert (uploader.uploads, uploader.failures) == (1, 0)
-        return set(hub.repos["fake-user/ddpm-pushed"].files)
-
-    assert upload() == published
-    logs = {f"logs/{p.name}" for p in (out / "logs").iterdir()} | {"run_summary.json"}
-    assert upload(upload_logs=True) == published | logs
-    assert upload(upload_data_preview=True) == published | logs | {"samples/data.png"}
-    asked = SaveModel(push_to_hub=True, hub_upload_logs=True, hub_upload_data_preview=True).uploader
-    assert asked.allow_patterns == hub_module.PUBLISHED + hub_module.LOGS + hub_module.DATA_PREVIEW  # the keys' way
-
-
-@pytest.mark.slow
-def test_validate_on_other_held_out_images_says_so_and_nothing_of_training(twelve, image_folder, tmp_path):
-    import warnings
-
-    out = tmp_path / "run"
-    main(fit_args(twelve, out, *NO_SAVES, "--trainer.max_steps", "1", "--data.val_fraction", "0.25"))
-    ckpt = str(tmp_path / "checkpoints" / "run" / "last.ckpt")
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        main(
-            [
-                "validate",
-                "-c",
-                str(out / "logs" / "config.yaml"),
-                "--ckpt_path",
-                ckpt,
-                "--data.val_dataset",
-                str(image_folder),
-                "--data.val_fraction",
-                "0",
-            ]
-        )
-    said = [str(w.message) for w in seen if "checkpoint's run" in str(w.message)]
-    assert len(said) == 1 and said[0].startswith("Validating on other held-out images than the checkpoint's run (")
-    assert f"val_dataset None -> '{image_folder}'" in said[0] and "val_fraction 0.25 -> 0.0" in said[0]
-    assert "training" not in said[0] and "Resuming" not in said[0]
 
 
 @pytest.mark.parametrize("inside", [".", "runs/run"])

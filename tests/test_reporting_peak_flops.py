@@ -15,6 +15,7 @@ from ddpm_lightning.reporting.peak_flops import peak_bf16_flops
 
 CUDA = torch.device("cuda", 0)
 
+
 # Names as torch.cuda.get_device_name reports them, and the datasheet's dense bf16 TFLOP/s.
 CARDS = [
     ("NVIDIA H200", 989.5),

@@ -1,5 +1,6 @@
-"""Images reach the tracker a run logs to, through each logger's own image call: W&B (offline) and MLflow (a local
-file store) beside TensorBoard, all three given to one `fit` through the CLI."""
+"""Grids (reporting/grids.py): their shape, the grid an eval batch cannot fill refused, and the images reaching each
+tracker through its own image call: W&B (offline) and MLflow (a local file store) beside TensorBoard, all three
+given to one `fit` through the CLI."""
 
 from __future__ import annotations
 
@@ -11,8 +12,27 @@ import wandb
 from PIL import Image
 
 from ddpm_lightning.cli import main
+from ddpm_lightning.reporting.grids import grid_shape
 
 from conftest import fit_args, tb_events
+
+
+def test_grid_shape_is_as_square_as_possible():
+    assert [grid_shape(n) for n in (1, 6, 7, 12, 16)] == [(1, 1), (2, 3), (1, 7), (3, 4), (4, 4)]
+
+
+def test_grid_shape_takes_the_rows_given_and_refuses_rows_that_do_not_divide_the_images():
+    assert grid_shape(16, None) == (4, 4)
+    assert grid_shape(8, None) == (2, 4)
+    assert grid_shape(6, 3) == (3, 2)
+    with pytest.raises(ValueError, match="grid_rows"):
+        grid_shape(10, 4)
+
+
+@pytest.mark.slow
+def test_grid_that_eval_batch_cannot_fill_is_refused(image_folder, tmp_path):
+    with pytest.raises(ValueError, match="eval_batch_size=10 images do not fill a grid of 4 rows"):
+        main(fit_args(image_folder, tmp_path / "run", "--grid.eval_batch_size", "10", "--grid.grid_rows", "4"))
 
 
 def pixels(path) -> bytes:

@@ -34,12 +34,15 @@ try:
 except ImportError:  # tests/ made a package
     from tests.hub_standin import HubStandIn
 
+
 FOLDER = {
     "model_index.json": json.dumps({"_class_name": "DDPMPipeline"}).encode(),
     "unet/config.json": json.dumps({"sample_size": 8}).encode(),
     "unet/diffusion_pytorch_model.safetensors": bytes(range(256)) * 8 + b"\x00\xff",
     "scheduler/scheduler_config.json": b'{"num_train_timesteps": 1000}',
 }
+
+
 NOT_PUBLISHED = {
     "epoch_3/x.bin": b"intermediate",
     "step_10/y.bin": b"intermediate too",
@@ -464,3 +467,83 @@ def test_fit_with_push_and_no_token_fails_before_training(hf_env, image_folder, 
         main(fit_args(image_folder, tmp_path / "run", "--save.push_to_hub", "true"))
     assert not (tmp_path / "checkpoints" / "run" / "last.ckpt").exists()
     assert not (tmp_path / "run" / "samples").exists()
+
+
+@pytest.mark.slow
+def test_an_upload_names_no_local_path_user_or_host(hub, image_folder, tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    out = tmp_path / "ddpm-pushed"
+    main(fit_args(image_folder, out, "--trainer.max_epochs", "1", "--save.push_to_hub", "true"))
+    files = hub.repos["fake-user/ddpm-pushed"].files
+    assert "unet/diffusion_pytorch_model.safetensors" in files and "README.md" in files
+    assert (out / "logs" / "config.yaml").is_file() and (out / "run_summary.json").is_file()  # kept locally
+    texts = {name: data for name, data in files.items() if not name.endswith((".safetensors", ".png"))}
+    assert texts.keys() == {"README.md", "model_index.json", "unet/config.json", "scheduler/scheduler_config.json"}
+    for private in (str(tmp_path), socket.gethostname(), str(Path.home())):
+        assert not [name for name, data in texts.items() if private in name or private.encode() in data], private
+    assert f"a local data set (`{image_folder.name}`)" in files["README.md"].decode()
+
+
+@pytest.mark.slow
+def test_an_upload_carries_the_model_the_card_and_the_grids_and_nothing_else_unless_asked(
+    hub,
+    image_folder,
+    tmp_path,
+    monkeypatch,
+):
+    """A pushed run, then a validate of it and a file of the user's in output_dir: the next upload (as the next
+    save starts it) adds nothing; the training images and the logs go up only when asked for."""
+    from ddpm_lightning.callbacks import SaveModel
+    from ddpm_lightning.publish import HubUploader
+    from ddpm_lightning.publish import hub as hub_module
+
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    out = tmp_path / "ddpm-pushed"
+    main(
+        fit_args(
+            image_folder,
+            out,
+            "--trainer.max_epochs",
+            "2",
+            "--grid.save_image_epochs",
+            "1",
+            "--save.push_to_hub",
+            "true",
+        )
+    )
+    model = {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"}
+    published = {*model, "scheduler/scheduler_config.json", "README.md", "samples.png"}
+    published |= {"samples/0000.png", "samples/0001.png"}
+    assert [set(commit.files) for commit in hub.commits] == [published]  # not samples/data.png, logs/, the lock
+    ckpt = str(tmp_path / "checkpoints" / "ddpm-pushed" / "last.ckpt")
+    main(
+        [
+            "validate",
+            "-c",
+            str(out / "logs" / "config.yaml"),
+            "--ckpt_path",
+            ckpt,
+            "--data.val_dataset",
+            str(image_folder),
+        ]
+    )
+    (out / "notes.txt").write_text("hf_my_secret_token")
+    assert {"validate", "notes.txt", "run_summary.json", ".ddpm-lightning.lock"} <= {p.name for p in out.iterdir()}
+
+    def upload(**asked) -> set[str]:
+        uploader = HubUploader("ddpm-pushed", token=hub.token, api=hub.api(), **asked)
+        uploader.create_repo()
+        uploader.upload(str(out), "Epoch 1")
+        uploader.wait()
+        uploader.api._thread_pool.shutdown(wait=True)
+        assert (uploader.uploads, uploader.failures) == (1, 0)
+        return set(hub.repos["fake-user/ddpm-pushed"].files)
+
+    assert upload() == published
+    logs = {f"logs/{p.name}" for p in (out / "logs").iterdir()} | {"run_summary.json"}
+    assert upload(upload_logs=True) == published | logs
+    assert upload(upload_data_preview=True) == published | logs | {"samples/data.png"}
+    asked = SaveModel(push_to_hub=True, hub_upload_logs=True, hub_upload_data_preview=True).uploader
+    assert asked.allow_patterns == hub_module.PUBLISHED + hub_module.LOGS + hub_module.DATA_PREVIEW  # the keys' way

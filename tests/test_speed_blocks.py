@@ -1,4 +1,4 @@
-"""Compile start-up: the per-block compile (`model.compile_blocks`) and inductor's cache beside the checkpoints."""
+"""The per-block compile (`model.compile_blocks`, speed/blocks.py)."""
 
 from __future__ import annotations
 
@@ -7,30 +7,12 @@ import os
 
 import pytest
 import torch
-from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.module import DDPMModule
-from ddpm_lightning.speed.compile_cache import VARIABLE, keep_compile_cache
+from ddpm_lightning.speed.compile_cache import VARIABLE
 
-from conftest import MICRO_UNET, fit_args, scalars, tiny_module
-
-
-def test_the_cache_goes_beside_the_checkpoints_unless_the_user_set_it(tmp_path, monkeypatch):
-    monkeypatch.delenv(VARIABLE)
-    assert keep_compile_cache(str(tmp_path / "checkpoints" / "run")) == str(tmp_path / "checkpoints" / "compile-cache")
-    assert os.environ[VARIABLE] == str(tmp_path / "checkpoints" / "compile-cache")
-    monkeypatch.setenv(VARIABLE, default_cache_dir())  # as importing Lightning leaves it: not the user's choice
-    assert keep_compile_cache(str(tmp_path / "run")) == str(tmp_path / "compile-cache")
-    monkeypatch.setenv(VARIABLE, str(tmp_path / "mine"))
-    assert keep_compile_cache(str(tmp_path / "other" / "run")) is None
-    assert os.environ[VARIABLE] == str(tmp_path / "mine") and not (tmp_path / "other").exists()
-
-
-@pytest.mark.parametrize("pair", [("compile", "compile_blocks"), ("compile", "cuda_graph_capture")])
-def test_whole_compile_block_compile_and_capture_refuse_each_other(pair):
-    with pytest.raises(ValueError, match="model.compile, model.compile_blocks and model.cuda_graph_capture exclude"):
-        tiny_module(**dict.fromkeys(pair, True))
+from conftest import MICRO_UNET, fit_args, scalars
 
 
 @pytest.mark.slow

@@ -1,6 +1,5 @@
-"""The model card (README.md) of saved folders: write_model_card, and SaveModel.save's call of it.
-
-The cards that a real `fit` and `export` write are checked in test_commands.py, on the model trained there once."""
+"""The model card (README.md) of saved folders (publish/card.py): `write_model_card`, `SaveModel.save`'s call of it,
+and the card every save of a real `fit` writes (`export`'s: test_commands.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from huggingface_hub import ModelCard
 
 from ddpm_lightning.callbacks import SaveModel
 from ddpm_lightning.publish.card import write_model_card, write_run_card
-from ddpm_lightning.sources import is_hub_id
 
 from conftest import tiny_module, write_image
 
@@ -74,23 +72,6 @@ def test_card_of_a_local_dataset_without_grid_or_config(tmp_path):
     assert "a local data set" in card.text and "```yaml" not in card.text
 
 
-@pytest.mark.parametrize(
-    "dataset, hub",
-    [
-        ("huggan/smithsonian_butterflies_subset", True),
-        ("mnist", True),
-        ("./data/heliconius", False),
-        ("/data/photos", False),
-        ("a/b/c", False),
-        ("bad id!", False),
-        (None, False),
-        ("", False),
-    ],
-)
-def test_hub_dataset_ids_are_told_from_paths(dataset, hub):
-    assert is_hub_id(dataset) is hub
-
-
 class StubUploader:
     repo_id = "me/ddpm-tiny"
 
@@ -128,3 +109,18 @@ def test_a_card_that_cannot_be_written_is_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ddpm_lightning.publish.card"):
         assert write_run_card(trainer, tiny_module(), blocker) is None
     assert "Could not write the model card" in caplog.text
+
+
+@pytest.mark.slow
+def test_every_save_of_fit_writes_the_card_with_the_run_config_and_newest_grid(trained):
+    out = trained / "run"
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.datasets is None  # a local folder
+    newest = sorted((out / "samples").glob("[0-9]*.png"))[-1]
+    assert (out / "samples.png").read_bytes() == newest.read_bytes() and "](samples.png)" in card.text
+    assert "Steps trained: 3" in card.text and "16 x 16 pixels" in card.text
+    assert f'pipeline = DDPMPipeline.from_pretrained("{out}")' in card.text
+    config = yaml.safe_load(card.text.split("```yaml\n", 1)[1].split("```", 1)[0])  # the whole CLI config
+    # a published card names local folders by their names, never by the training machine's paths
+    assert config["data"]["dataset"] == "images" and config["data"]["image_size"] == 16
+    assert config["trainer"]["max_epochs"] == 1 and config["output_dir"] == "run" and config["model"]["use_ema"] is True

@@ -1,29 +1,21 @@
-"""Mistakes that used to end in a library's traceback end in one line naming the problem and the fix."""
+"""Every mistake ends in one line naming the problem and the fix, through a child `python -m ddpm_lightning`: one of
+each kind (a value, a UNet, a checkpoint, `sample`'s output, a read-only checkpoint folder). Each error's own test is
+beside the module that raises it."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY_UNET, child_env, fit_args, write_image
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ddpm_lightning", *args], cwd=cwd, env=child_env(), capture_output=True, text=True
-    )
-
-
-pytestmark = pytest.mark.slow  # each test runs `fit` (or the CLI) at least once
+from conftest import TINY_UNET, fit_args, run_cli, write_image
 
 
 @pytest.fixture
-def images(tmp_path) -> Path:
+def four_images(tmp_path) -> Path:
     for i in range(4):
         write_image(tmp_path / "images" / f"{i}.png", seed=i)
     return tmp_path / "images"
@@ -60,11 +52,12 @@ def mistake(name: str, tmp_path: Path, images: Path) -> tuple[list[str], str]:
     raise AssertionError(name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["val_fraction", "norm_groups", "plain_torch_save", "sample_onto_a_file", "read_only_checkpoints"]
 )
-def test_mistakes_end_in_one_line_with_the_fix(tmp_path, images, name):
-    args, said = mistake(name, tmp_path, images)
+def test_mistakes_end_in_one_line_with_the_fix(tmp_path, four_images, name):
+    args, said = mistake(name, tmp_path, four_images)
     try:
         result = run_cli(*args, cwd=tmp_path)
     finally:

@@ -1,8 +1,10 @@
-"""A stop signal during an epoch-end grid ends the grid at its next denoising step, saves and exits 0; a repeated
-stop signal is the same request. Real SIGTERMs to a child `python -m ddpm_lightning fit`."""
+"""Stop signals (checkpointing/signals.py), real ones to a child `python -m ddpm_lightning fit`: SIGTERM, SIGUSR1
+and Ctrl-C save and exit, a second Ctrl-C aborts at once, a repeated SIGTERM is the same request, and a grid or a
+quality measurement in progress ends at its next denoising step."""
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import subprocess
@@ -17,11 +19,86 @@ from lightning.pytorch import Callback
 
 from ddpm_lightning.cli import main
 
-from conftest import child_env, fit_args, tb_events
+from conftest import NO_SAVES, child_env, fit_args, last_step, max_steps, tb_events
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 0), (signal.SIGUSR1, 0), (signal.SIGINT, 130)])
+def test_signal_saves_last_checkpoint_exits_cleanly_and_resume_finishes(image_folder, tmp_path, signum, status):
+    out, ckpts = tmp_path / "run", tmp_path / "checkpoints" / "run"
+    args = fit_args(
+        image_folder,
+        out,
+        *max_steps(90),
+        *NO_SAVES,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddpm_lightning", *args, "--checkpoint.every_n_train_steps", "3"],
+        cwd=tmp_path,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (ckpts / "last.ckpt").exists():  # the first checkpoint: training is under way
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    time.sleep(0.5)  # a few steps later
+    proc.send_signal(signum)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == status, log[-3000:]
+    stopped_at = last_step(ckpts)
+    assert 3 < stopped_at < 90 and f"Stopped by a signal at step {stopped_at}" in log
+    assert not list(ckpts.glob(".*partial*"))
+
+    main([*args, "--ckpt_path", "last"])
+    assert last_step(ckpts) == 90
+    steps = [e.step for e in tb_events(out / "logs", "train/loss")]
+    assert sorted(set(steps)) == list(range(90))  # no step lost; the one in flight at the signal may log twice
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_aborts_at_once(image_folder, tmp_path):
+    ckpts = tmp_path / "checkpoints" / "run"
+    args = fit_args(
+        image_folder,
+        tmp_path / "run",
+        *max_steps(90),
+        "--checkpoint.every_n_train_steps",
+        "1",
+        "--trainer.callbacks+=conftest.SlowSteps",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddpm_lightning", *args],
+        cwd=tmp_path,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (ckpts / "last.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)  # within the same (1 s) step
+    proc.send_signal(signal.SIGINT)
+    log = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 1, log[-3000:]
+    assert "Ctrl-C: saving a checkpoint at the end of this step" in log
+    assert "Stopped by a signal" not in log  # it did not wait for the step's end to save
+
 
 IMAGES, BATCH = 12, 4  # the image_folder fixture's images; TINY_RUN_ARGS' batch size
+
+
 STEPS_PER_EPOCH = math.ceil(IMAGES / BATCH)
+
+
 GRID_STEPS = 1000  # the ddpm sampler's every timestep: a grid of minutes on a CPU
+
+
 SIGNAL_AT = 11  # the denoising step after which the test signals (steps 1 to 11 time one step)
 
 
@@ -71,7 +148,7 @@ def start_and_signal_in_the_grid(
         *args,
         "--grid.num_inference_steps",
         str(GRID_STEPS),
-        "--trainer.callbacks+=test_stop_signal.PrintDenoisingSteps",
+        "--trainer.callbacks+=test_checkpointing_signals.PrintDenoisingSteps",
     ]
     proc = subprocess.Popen(
         command, cwd=cwd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -184,3 +261,22 @@ def test_a_stop_signal_during_a_quality_measurement_ends_its_sampling_and_the_re
     assert "during epoch 0's validation" in log
     with pytest.warns(UserWarning, match="stopped by a signal during epoch 0's validation"):
         main([*args, "--ckpt_path", "last"])
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_is_logged_as_a_ctrl_c(twelve, tmp_path, caplog):
+    import signal
+
+    caplog.set_level("INFO")
+    lightning_log = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
+    lightning_log.addHandler(caplog.handler)  # (Lightning's loggers need not reach the root)
+    stop = ["--trainer.callbacks+=conftest.SignalAtBatch", "--trainer.callbacks.batch", "2"]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(fit_args(twelve, tmp_path / "run", *max_steps(6), *stop, "--trainer.callbacks.signum", "2"))
+    finally:
+        lightning_log.removeHandler(caplog.handler)
+    assert exit_info.value.code == 130
+    assert "Ctrl-C: saving a checkpoint" in caplog.text and "Stopped by a signal at step 2" in caplog.text
+    assert "SIGTERM" not in caplog.text
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

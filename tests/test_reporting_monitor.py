@@ -1,5 +1,5 @@
-"""What a user sees while `ddpm-lightning fit` runs: data.png and TensorBoard's data/images once per run,
-throughput scalars on the log cadence, progress bars only when asked for, and the run summary."""
+"""What a user sees while `ddpm-lightning fit` runs (reporting/monitor.py): data.png and TensorBoard's data/images
+once per run, throughput scalars on the log cadence, progress bars only when asked for, and the run summary."""
 
 from __future__ import annotations
 

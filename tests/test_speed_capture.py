@@ -1,5 +1,5 @@
-"""`model.cuda_graph_capture`: its refusals on the CPU, each one line, and what it captures and when, with
-`torch.cuda.make_graphed_callables` stood in for (the capture itself needs a GPU: not run here)."""
+"""`model.cuda_graph_capture` (speed/capture.py): its refusals on the CPU, each one line, and what it captures and
+when, with `torch.cuda.make_graphed_callables` stood in for (the capture itself needs a GPU: not run here)."""
 
 from __future__ import annotations
 

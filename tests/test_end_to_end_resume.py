@@ -1,0 +1,193 @@
+"""A resumed run equals the run that never stopped: after a crash, a real SIGTERM (with EMA, accumulation and fp16),
+or the end of a shorter run; `--ckpt_path last` continues its own run to the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_lightning.cli import main
+
+from conftest import (
+    EMA_AT_A_HIGH_LR,
+    NO_SAVES,
+    assert_same_weights,
+    crash_args,
+    fit_args,
+    last_step,
+    max_steps,
+    scalars,
+    step_and_weights,
+    tb_events,
+)
+
+
+@pytest.mark.slow
+def test_resume_from_last_continues_to_max_steps(image_folder, tmp_path):
+    out = tmp_path / "run"
+    main(fit_args(image_folder, out, *max_steps(6)))  # 12 images / batch 4: two epochs
+    first = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert first["global_step"] == 6
+
+    main(fit_args(image_folder, out, *max_steps(10), "--ckpt_path", "last"))
+    final = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert final["global_step"] == 10  # not more, not less
+    # the optimizer and the schedule continued instead of starting again
+    assert final["lr_schedulers"][0]["last_epoch"] == 10
+    assert final["optimizer_states"][0]["state"][0]["step"] == 10
+    # the same log folder continues: every step once, from both runs
+    assert sorted(e.step for e in tb_events(out / "logs", "train/loss")) == list(range(10))
+    assert not (out / "logs" / "version_1").exists()
+
+
+@pytest.mark.slow
+def test_each_run_has_its_own_last_checkpoint(twelve, tmp_path):
+    """Two runs from one folder (two output_dirs), then the first resumed: `--ckpt_path last` continues the first
+    run (its own output_dir's checkpoints), not the second, more recent one."""
+    main(fit_args(twelve, tmp_path / "out", *NO_SAVES, "--trainer.max_epochs", "2"))
+    main(fit_args(twelve, tmp_path / "out2", *NO_SAVES, "--trainer.max_epochs", "1", "--model.learning_rate", "5e-4"))
+    assert (tmp_path / "checkpoints" / "out" / "last.ckpt").is_file()
+    assert (tmp_path / "checkpoints" / "out2" / "last.ckpt").is_file()
+    main(fit_args(twelve, tmp_path / "out", *NO_SAVES, "--trainer.max_epochs", "3", "--ckpt_path", "last"))
+    # Run 1 stopped at step 6: the resumed run logs steps 6-8 after them, none twice (run 2's would restart at 3).
+    assert [e.step for e in tb_events(tmp_path / "out" / "logs", "train/loss")] == list(range(9))
+    assert step_and_weights(tmp_path / "checkpoints" / "out" / "last.ckpt")[0] == 9
+    assert step_and_weights(tmp_path / "checkpoints" / "out2" / "last.ckpt")[0] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "cadence, crash_at, saved_at",
+    [
+        (
+            ["--checkpoint.every_n_epochs", "1"],
+            4,
+            3,
+        ),  # the checkpoint an epoch's end leaves (a crash early in the next epoch)
+        (["--checkpoint.every_n_train_steps", "3"], 5, 3),  # a step cadence landing on an epoch's last step
+        (["--checkpoint.every_n_train_steps", "2"], 3, 2),  # a step cadence in the middle of an epoch
+    ],
+)
+def test_resume_after_a_crash_equals_the_straight_run(straight_run, twelve, tmp_path, cadence, crash_at, saved_at):
+    """A crash (an exception at step `crash_at`) leaves the cadence's last checkpoint; `--ckpt_path last` from it
+    ends with the very weights of the run that never crashed (max_epochs runs, as the configs are)."""
+    crashing = fit_args(twelve, tmp_path / "crashed", *NO_SAVES, "--trainer.max_epochs", "2", *cadence)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        main([*crashing, *crash_args(crash_at)])
+    assert step_and_weights(tmp_path / "checkpoints" / "crashed" / "last.ckpt")[0] == saved_at
+    main([*crashing, "--ckpt_path", "last"])
+    step, weights = step_and_weights(tmp_path / "checkpoints" / "crashed" / "last.ckpt")
+    assert step == 6
+    assert_same_weights(straight_run, weights)
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, weights_only=False, map_location="cpu")["state_dict"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_stopped_and_resumed_run_equals_the_uninterrupted_one(image_folder, tmp_path, cache):
+    """8 steps straight vs. stopped at step 4 (in the middle of epoch 1: 3 steps an epoch) and resumed."""
+    common = [
+        *max_steps(8),
+        "--data.cache",
+        cache,
+        *NO_SAVES,
+    ]
+    if cache == "none":
+        common += ["--data.num_workers", "2"]  # worker processes, their seeds and prefetching too
+    main(fit_args(image_folder, tmp_path / "straight", *common))
+
+    resumed = fit_args(image_folder, tmp_path / "resumed", *common, "--checkpoint.dirpath", "resumed_ckpt")
+    with pytest.raises(SystemExit) as stopped:  # a real SIGTERM, handled by Lightning and PreemptionCheckpoint
+        main([*resumed, "--trainer.callbacks+=conftest.SignalAtBatch", "--trainer.callbacks.batch", "4"])
+    assert stopped.value.code in (0, None)
+    assert last_step(tmp_path / "resumed_ckpt") == 4
+    main([*resumed, "--ckpt_path", "last"])
+
+    a = weights(tmp_path / "checkpoints" / "straight" / "last.ckpt")
+    b = weights(tmp_path / "resumed_ckpt" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+    losses_a = scalars(tmp_path / "straight" / "logs", "train/loss")
+    losses_b = scalars(tmp_path / "resumed" / "logs", "train/loss")
+    assert sorted(losses_a) == sorted(losses_b) == list(range(8))
+    assert [losses_b[k] for k in range(8)] == pytest.approx([losses_a[k] for k in range(8)], rel=1e-5)
+
+
+FP16_ON_CPU = """
+trainer:
+  precision: null
+  plugins:
+    - class_path: lightning.pytorch.plugins.MixedPrecision
+      init_args: {precision: 16-mixed, device: cpu}
+    - ddpm_lightning.checkpointing.AtomicCheckpointIO
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_after_batch", [5, 3, 4])
+def test_signal_and_resume_equal_the_straight_run_with_ema_accumulation_and_fp16(
+    image_folder, tmp_path, stop_after_batch
+):
+    """EMA on, accumulate 2, fp16 with a loss scaler (on CPU), 3 micro-batches an epoch: 6 optimizer steps
+    straight, or a real SIGTERM after micro-batch 5 (epoch 1's first optimizer step), 3 (the end of epoch 0) or 4
+    (inside an accumulation window: it stops after the window's optimizer step), then resumed. The weights, the
+    EMA weights, the loss scaler's state and every logged loss are the same."""
+    plugins = tmp_path / "fp16.yaml"
+    plugins.write_text(FP16_ON_CPU)
+    common = [
+        "-c",
+        str(plugins),
+        *max_steps(6),
+        "--trainer.accumulate_grad_batches",
+        "2",
+        *EMA_AT_A_HIGH_LR,
+        *NO_SAVES,
+    ]
+    main(fit_args(image_folder, tmp_path / "straight", *common, "--checkpoint.dirpath", "straight_ckpt"))
+    resumed = fit_args(image_folder, tmp_path / "resumed", *common, "--checkpoint.dirpath", "resumed_ckpt")
+    with pytest.raises(SystemExit):
+        main(
+            [
+                *resumed,
+                "--trainer.callbacks+=conftest.SignalAtBatch",
+                "--trainer.callbacks.batch",
+                str(stop_after_batch),
+            ]
+        )
+    assert last_step(tmp_path / "resumed_ckpt") == {3: 2, 4: 3, 5: 3}[stop_after_batch]  # stopped early
+    main([*resumed, "--ckpt_path", "last"])
+
+    a = torch.load(tmp_path / "straight_ckpt" / "last.ckpt", weights_only=False, map_location="cpu")
+    b = torch.load(tmp_path / "resumed_ckpt" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert a["global_step"] == b["global_step"] == 6
+    for name in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][name], a["state_dict"][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert a["ema"]["optimization_step"] == b["ema"]["optimization_step"] == 6
+    for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"], strict=True):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+    scaler = "FusedClipMixedPrecision"  # the precision plugin the CLI installs keeps the GradScaler's state
+    assert b[scaler] == a[scaler] and a[scaler]["_growth_tracker"] == 6  # the scaler
+    losses_a = scalars(tmp_path / "straight" / "logs", "train/loss")
+    losses_b = scalars(tmp_path / "resumed" / "logs", "train/loss")
+    assert sorted(losses_a) == sorted(losses_b) == list(range(6))
+    assert [losses_b[k] for k in range(6)] == pytest.approx([losses_a[k] for k in range(6)], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_run_ended_then_extended_equals_the_longer_run_while_the_lr_is_the_same(twelve, tmp_path):
+    """A run of `max_epochs 1`, then resumed with `max_epochs 2`. With a warm-up longer than the run the
+    LR does not depend on the schedule's length, so the weights must match the straight 2-epoch run exactly."""
+    common = [*NO_SAVES, "--model.lr_warmup_steps", "100"]
+    main(fit_args(twelve, tmp_path / "straight", *common, "--trainer.max_epochs", "2"))
+    main(fit_args(twelve, tmp_path / "extended", *common, "--trainer.max_epochs", "1"))
+    main(fit_args(twelve, tmp_path / "extended", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    step_a, a = step_and_weights(tmp_path / "checkpoints" / "straight" / "last.ckpt")
+    step_b, b = step_and_weights(tmp_path / "checkpoints" / "extended" / "last.ckpt")
+    assert step_a == step_b == 6
+    assert_same_weights(a, b)
