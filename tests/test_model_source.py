@@ -169,3 +169,83 @@ def test_the_pretrained_unet_replaces_model_unet_with_one_line(images, tmp_path,
     lines = [r.getMessage() for r in caplog.records if "replaces model.unet" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0]
     assert "block_out_channels=[32, 64]" in lines[0] and "add_attention=True" in lines[0]
+
+
+# Every command takes every kind of model source, through the one resolver: the script runs in a child process
+# (huggingface_hub reads HF_ENDPOINT at import) with the Hub stand-in serving the Hub id.
+EVERY_COMMAND = """
+import json, sys
+from ddpm_lightning.cli import main
+sources, data, root, fit_args = json.loads(sys.argv[1])
+for kind, source in sources.items():  # each run its own output_dir's name, so its own checkpoint folder
+    main([*fit_args, "--model.pretrained", source, "--output_dir", f"{root}/fit-{kind}", "--trainer.max_steps", "1",
+          "--trainer.callbacks+=conftest.FirstStepWeights", "--trainer.callbacks.path", f"{root}/first-step-{kind}.pt"])
+    main([a if a != "fit" else "validate" for a in fit_args] + ["--model.pretrained", source, "--data.val_dataset",
+          data, "--output_dir", f"{root}/validate-{kind}"])
+    main(["sample", source, "--num_images", "1", "--sampler", "ddim", "--num_inference_steps", "2",
+          "--output_dir", f"{root}/sample-{kind}"])
+    main(["export", source, f"{root}/export-{kind}"])
+"""
+
+
+@pytest.mark.slow
+def test_every_command_takes_every_kind_of_model_source(trained, images, tmp_path):
+    """fit --model.pretrained, validate --model.pretrained, sample and export, each from a checkpoint (its EMA
+    weights), a diffusers folder, a bare UNet folder and a Hub id: each starts from, draws with or writes the weights
+    the resolver reads."""
+    from diffusers import DDPMPipeline
+
+    torch.manual_seed(3)
+    UNet2DModel(**MICRO_UNET, sample_size=16).save_pretrained(tmp_path / "bare")
+    google_layout(tmp_path / "hub-repo", sample_size=16)
+    sources = {
+        "checkpoint": str(trained / "checkpoints" / "run" / "last.ckpt"),
+        "folder": str(trained / "run"),
+        "bare": str(tmp_path / "bare"),
+        "hub": "google/ddpm-tiny",
+    }
+    with HubStandIn() as hub:
+        repo = hub.add_repo("google/ddpm-tiny")
+        for path in (tmp_path / "hub-repo").rglob("*"):
+            if path.is_file():
+                repo.files[path.relative_to(tmp_path / "hub-repo").as_posix()] = path.read_bytes()
+        env = {**child_env(), "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "NO_PROXY": "127.0.0.1,localhost"}
+        arguments = json.dumps([sources, str(images), str(tmp_path / "runs"), fit_args(images, tmp_path / "unused")])
+        done = subprocess.run(
+            [sys.executable, "-c", EVERY_COMMAND, arguments], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert hub.unhandled == []
+        expected = {kind: unet_weights(load_model(source).unet) for kind, source in sources.items() if kind != "hub"}
+    expected["hub"] = unet_weights(UNet2DModel.from_pretrained(tmp_path / "hub-repo", subfolder="unet"))
+    runs = tmp_path / "runs"
+    for kind, weights in expected.items():
+        assert_same_weights(weights, torch.load(runs / f"first-step-{kind}.pt")["unet"])  # fine-tuning's start
+        assert (runs / f"validate-{kind}" / "validate").is_dir()  # its logs: the validation ran
+        assert {p.name for p in (runs / f"sample-{kind}").iterdir()} == {"000000.png", "grid.png"}
+        assert_same_weights(weights, unet_weights(DDPMPipeline.from_pretrained(runs / f"export-{kind}").unet))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["missing/deeper/model", "photos"])
+def test_a_wrong_source_gives_every_command_the_same_line(images, tmp_path, monkeypatch, capsys, source):
+    """The resolver's message, word for word, whichever command is given the source (only the option's name
+    before it differs: `--model.pretrained X` for fit and validate, the argument itself for sample and export)."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(images, tmp_path / "photos")
+    lines = {}
+    for command in (
+        [*fit_args(images, tmp_path / "a"), "--model.pretrained", source],
+        [*fit_args(images, tmp_path / "b"), "--model.pretrained", source, "--data.val_dataset", str(images)],
+        ["sample", source],
+        ["export", source, str(tmp_path / "out")],
+    ):
+        if command[0] == "fit" and "--data.val_dataset" in command:
+            command[0] = "validate"
+        monkeypatch.setattr(sys, "argv", ["ddpm-lightning", *command])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        message = capsys.readouterr().err.strip() if exit_info.value.code == 1 else str(exit_info.value.code)
+        assert "\n" not in message, message
+        lines[command[0]] = message.split(f"{source}", 1)[1].removesuffix(" (--debug shows the traceback)")
+    assert len(set(lines.values())) == 1, lines
