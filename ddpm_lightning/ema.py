@@ -18,13 +18,14 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 class EMAWeights(EMAModel):
     """decay = min(1 - (1 + step / inv_gamma) ** -power, max_decay), counted in optimizer steps."""
 
-    def __init__(self, unet: torch.nn.Module, max_decay: float, inv_gamma: float, power: float):
+    def __init__(self, unet: torch.nn.Module, max_decay: float, inv_gamma: float, power: float) -> None:
         super().__init__(unet.parameters(), decay=max_decay, use_ema_warmup=True, inv_gamma=inv_gamma, power=power)
         self.last_step: int | None = None  # the optimizer step last averaged in (set at the start of training)
 
     def update(self, unet: torch.nn.Module, global_step: int) -> None:
         """Average in the weights once per optimizer step (not per micro-batch under gradient accumulation). Every
-        rank holds the same all-reduced weights, so every rank's average is the same."""
+        rank holds the same all-reduced weights, so every rank's average is the same.
+        """
         if global_step == self.last_step:
             return
         self.to(next(unet.parameters()).device)
@@ -47,7 +48,8 @@ class EMAWeights(EMAModel):
 class UpdateEMA(Callback):
     """Averages `pl_module.ema` in after each optimizer step. A callback, not a module hook: Lightning runs every
     callback's hook before the module's and ModelCheckpoint's last, so a checkpoint written at a step holds that
-    step's average."""
+    step's average.
+    """
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pl_module.ema.last_step = trainer.global_step  # (a resumed run's average holds the steps before)

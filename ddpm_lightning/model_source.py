@@ -67,7 +67,8 @@ class ModelSource:
 def load_model(source: str, revision: str | None = None, names: tuple[str, str] = PRETRAINED) -> ModelSource:
     """The UNet, noise schedule and name of `source`: a local .ckpt or folder first, else a Hub model id. `names`
     are the option names the errors give the source and the revision (`PRETRAINED`, or `POSITIONAL` for a
-    command's argument)."""
+    command's argument).
+    """
     path = Path(source).expanduser()
     option = named(names[0], source)
     if revision is not None and path.exists():
@@ -90,7 +91,8 @@ def named(option: str, source: str | Path) -> str:
 
 def from_checkpoint(path: Path, option: str) -> ModelSource:
     """A checkpoint's UNet (`model.unet` and `image_size` of its hyperparameters) with its EMA weights when it
-    has them, its raw ones otherwise, and its noise schedule (the values its run used)."""
+    has them, its raw ones otherwise, and its noise schedule (the values its run used).
+    """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
@@ -258,7 +260,8 @@ def read_unet(location: str, subfolder: str | None, revision: str | None, option
 def aligned(unet: UNet2DModel) -> UNet2DModel:
     """The UNet with its weights copied out of safetensors' memory map, whose tensors may sit at unaligned
     addresses: CPU kernels then take other code paths and round differently, and a saved folder would not
-    sample exactly as the checkpoint it was saved from."""
+    sample exactly as the checkpoint it was saved from.
+    """
     with torch.no_grad():
         for parameter in unet.parameters():
             parameter.data = parameter.data.clone()
@@ -267,7 +270,8 @@ def aligned(unet: UNet2DModel) -> UNet2DModel:
 
 def fitted_architecture(found: ModelSource, configured: dict[str, Any] | None, image_size: int) -> dict[str, Any]:
     """The pretrained UNet's architecture, which replaces `model.unet` (one line names what differs), for a run
-    at `image_size` (one warning when the model was trained at another size: a UNet is convolutional, it trains)."""
+    at `image_size` (one warning when the model was trained at another size: a UNet is convolutional, it trains).
+    """
     name = found.base_model["name"]
     arch = architecture(found.unet)
     configured = {k: v for k, v in (configured or {}).items() if k != "sample_size"}  # (follows image_size)
@@ -287,7 +291,8 @@ def fitted_architecture(found: ModelSource, configured: dict[str, Any] | None, i
 
 def check_resumed(then: str | None, now: str | None) -> None:
     """A resumed run goes on from its checkpoint's weights: a `--model.pretrained` its run did not start from would
-    be loaded and then silently replaced."""
+    be loaded and then silently replaced.
+    """
     if now is not None and now != then:
         was = f"was fine-tuned from {then}" if then is not None else "was not fine-tuned"
         raise ModelSourceError(

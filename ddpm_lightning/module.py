@@ -123,7 +123,7 @@ class DDPMModule(LightningModule):
         compile_optimizer: bool = False,
         gradient_checkpointing: bool = False,
         float32_matmul_precision: Literal["highest", "high", "medium"] = "high",
-    ):
+    ) -> None:
         super().__init__()
         if not snr_gamma > 0:
             raise ValueError(f"snr_gamma={snr_gamma}: min-SNR's gamma must be positive (5.0 in the paper).")
@@ -158,7 +158,8 @@ class DDPMModule(LightningModule):
         self, clean: torch.Tensor, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None
     ) -> torch.Tensor:
         """MSE between the UNet's prediction and its target at random (or given) timesteps, in float32, each
-        image weighted by `loss_weights`."""
+        image weighted by `loss_weights`.
+        """
         if noise is None:  # drawn in the standard layout: channels_last draws the same noise as the plain path
             noise = torch.randn_like(clean, memory_format=torch.contiguous_format)
         if timesteps is None:
@@ -271,7 +272,8 @@ class DDPMModule(LightningModule):
     ) -> torch.Tensor:
         """`n` images in [0, 1], (n, C, H, W), drawn as DDPMPipeline draws them (`sampling.denoise`) with this
         model's noise schedule and (when `compile` is on) its compiled forward. `sampler` is a name or a scheduler;
-        `generator` makes the draw repeatable without touching the global RNG; `on_step` is called after each step."""
+        `generator` makes the draw repeatable without touching the global RNG; `on_step` is called after each step.
+        """
         sampler = make_sampler(self.noise_scheduler, cast(Sampler, sampler)) if isinstance(sampler, str) else sampler
         forward = functools.partial(self.unet_forward.sample, self.unet)
         return denoise(self.unet, sampler, num_inference_steps, generator, n, on_step, forward=forward)

@@ -36,9 +36,10 @@ class RunInUseError(RuntimeError):
 
 class RunLock:
     """The locks on a run's output_dir and its checkpoint folder: `acquire` takes both or raises RunInUseError
-    (one line: who holds it, and what to do) holding neither; `release` drops them."""
+    (one line: who holds it, and what to do) holding neither; `release` drops them.
+    """
 
-    def __init__(self, folder: str | Path, checkpoint_dir: str | Path | None = None):
+    def __init__(self, folder: str | Path, checkpoint_dir: str | Path | None = None) -> None:
         self.folder = Path(folder)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.file: TextIO | None = None
@@ -105,7 +106,8 @@ def check_writable(folder: str, option: str = "--output_dir") -> None:
 
 def check_outside_data(output_dir: str, datasets: dict[str, str | None]) -> None:
     """Refuse an output_dir inside a local data folder ({option: value}): its images are every image file under the
-    folder, so the run's grids would become training (or held-out) images of the next run."""
+    folder, so the run's grids would become training (or held-out) images of the next run.
+    """
     out = Path(output_dir).expanduser().resolve()
     for option, dataset in datasets.items():
         folder = Path(dataset).expanduser() if dataset else None
@@ -148,7 +150,8 @@ def check_fresh_run(folder: str, checkpoint, overwrite: bool) -> None:
 def remove_unstarted_run(folder: str, checkpoint) -> None:
     """What a fresh run wrote before failing ahead of its first optimizer step (its logs, samples/data.png): the
     folders check_fresh_run found absent (or --overwrite emptied), so nothing of another run's; kept if the run
-    saved a checkpoint after all."""
+    saved a checkpoint after all.
+    """
     ckpt_dir = Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else None
     if ckpt_dir is not None and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
         return

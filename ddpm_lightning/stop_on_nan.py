@@ -12,7 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 
 class StopOnNaN(Callback):
-    def __init__(self, every_n_steps: int = 10):
+    def __init__(self, every_n_steps: int = 10) -> None:
         self.every_n_steps = every_n_steps
         self.first_bad_step: torch.Tensor | None = None  # on the device; -1 while every loss was finite
 
@@ -33,7 +33,8 @@ class StopOnNaN(Callback):
 
     def check(self, trainer: Trainer) -> None:
         """Raise when a loss so far was NaN or infinite; on every rank at once (a collective). Also asked before
-        each checkpoint, grid and model save (check_finite)."""
+        each checkpoint, grid and model save (check_finite).
+        """
         if self.first_bad_step is None:
             return
         first_bad = int(self.first_bad_step)
@@ -51,7 +52,8 @@ def check_finite(trainer: Trainer) -> None:
     """Stop the run, writing nothing, when a training loss so far was NaN or infinite: asked on every rank before
     each checkpoint, grid and model save, so none is written from the weights that followed it and the last good
     checkpoint stays `last` (one number read from the device, at save time only). Without `model.stop_on_nan`
-    (no StopOnNaN callback) nothing is checked."""
+    (no StopOnNaN callback) nothing is checked.
+    """
     for callback in trainer.callbacks:
         if isinstance(callback, StopOnNaN):
             callback.check(trainer)

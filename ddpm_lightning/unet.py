@@ -60,7 +60,8 @@ def build_unet(unet: dict[str, Any], image_size: int) -> UNet2DModel:
 def noise_schedule(chosen: dict[str, Any], pretrained: dict[str, Any]) -> DDPMScheduler:
     """DDPMScheduler with each key of `chosen` set to its value, else (None) to the `pretrained` scheduler config's,
     else to DDPMScheduler's default. All are passed by name, so that samplers built from this config
-    (sampling.make_sampler) take them, not their own defaults."""
+    (sampling.make_sampler) take them, not their own defaults.
+    """
     known = inspect.signature(DDPMScheduler.__init__).parameters
     base = {k: v for k, v in pretrained.items() if k in known}
     chosen = {k: v if v is not None else base.get(k, known[k].default) for k, v in chosen.items()}
@@ -100,7 +101,8 @@ def check_norm_groups(unet: dict | None) -> None:
 
 def check_channels(unet: UNet2DModel, channels: int | None, base_model: dict[str, Any] | None) -> None:
     """The UNet takes and predicts images of the data's channel count (noise of the image's shape), when the data
-    module says it (ImageDataModule's `channels`: RGB)."""
+    module says it (ImageDataModule's `channels`: RGB).
+    """
     if channels is None:
         return
     what = f"model.pretrained {base_model['name']}" if base_model else "model.unet"

@@ -31,7 +31,8 @@ SAMPLES_NAME = "samples.png"
 
 def plain(value: Any) -> Any:
     """`value` in types that yaml.safe_dump writes: mappings, lists, str, numbers, bool, None; str for the rest.
-    Keys starting with "_" (LightningCLI's `_instantiator`, `_class_path` in saved hyperparameters) are left out."""
+    Keys starting with "_" (LightningCLI's `_instantiator`, `_class_path` in saved hyperparameters) are left out.
+    """
     if isinstance(value, Mapping):
         return {str(k): plain(v) for k, v in value.items() if not str(k).startswith("_")}
     if isinstance(value, (list, tuple, set)):
@@ -130,7 +131,8 @@ def write_model_card(
 
 def without_local_paths(value):
     """The config with each absolute path replaced by its last part (a data folder by its name): a card is
-    published, and a local path names the user and the machine's layout."""
+    published, and a local path names the user and the machine's layout.
+    """
     if isinstance(value, dict):
         return {key: without_local_paths(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -142,7 +144,8 @@ def without_local_paths(value):
 
 def run_config(trainer, pl_module) -> dict | None:
     """The config the run was started with: LightningCLI's (as in <output_dir>/logs/config.yaml) when the run
-    came from the CLI, else the model's and data module's hyperparameters."""
+    came from the CLI, else the model's and data module's hyperparameters.
+    """
     from lightning.pytorch.cli import SaveConfigCallback
 
     for callback in getattr(trainer, "callbacks", []):
@@ -162,7 +165,8 @@ def run_config(trainer, pl_module) -> dict | None:
 
 def write_run_card(trainer, pl_module, output_dir: str | Path, repo_id: str | None = None) -> Path | None:
     """The card of a saved folder during training (called by SaveModel.save). Never raises: a card that cannot
-    be written is a warning, training goes on."""
+    be written is a warning, training goes on.
+    """
     try:
         datamodule = getattr(trainer, "datamodule", None)
         dataset = (getattr(datamodule, "hparams", None) or {}).get("dataset")

@@ -21,7 +21,8 @@ class ModelWriteError(OSError):
 def save_pipeline(unet, scheduler, folder: str | Path) -> None:
     """`DDPMPipeline(unet, scheduler).save_pretrained(folder)`, written beside and swapped in: the new files go to a
     hidden folder inside `folder`, then each replaces its old self in one rename (the weights first, model_index.json
-    last). A kill at any moment leaves each file whole, old or new, and the folder a loadable model."""
+    last). A kill at any moment leaves each file whole, old or new, and the folder a loadable model.
+    """
     folder = Path(folder)
     staging = folder / f".model{PARTIAL}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

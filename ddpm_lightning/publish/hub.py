@@ -42,7 +42,7 @@ class HubUploader:
         api: HfApi | None = None,
         upload_logs: bool = False,
         upload_data_preview: bool = False,
-    ):
+    ) -> None:
         self.repo_id = repo_id
         self.allow_patterns = PUBLISHED + (LOGS if upload_logs else []) + (DATA_PREVIEW if upload_data_preview else [])
         self.private = private

@@ -32,7 +32,8 @@ def save_grid(
     images: torch.Tensor, path: Path, rows: int | None = None, loggers=(), tag: str = "samples", step: int = 0
 ) -> Path:
     """Tile `images` ((n, C, H, W), floats in [0, 1] or uint8) without padding, in `rows` rows (the squarest grid
-    when left out), into the PNG `path` and into each logger (`log_image`)."""
+    when left out), into the PNG `path` and into each logger (`log_image`).
+    """
     grid = make_grid(images, nrow=grid_shape(len(images), rows)[1], padding=0)
     if grid.dtype != torch.uint8:  # rounded as torchvision's save_image rounds
         grid = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
@@ -46,7 +47,8 @@ def save_grid(
 
 def log_image(logger, tag: str, grid: torch.Tensor, step: int) -> None:
     """`grid` ((C, H, W) uint8) to one Lightning logger through its own image call: TensorBoard's `add_image`,
-    W&B's `log_image`, MLflow's `log_image` (as an image artifact with a step). Other loggers get no images."""
+    W&B's `log_image`, MLflow's `log_image` (as an image artifact with a step). Other loggers get no images.
+    """
     if isinstance(logger, TensorBoardLogger):
         logger.experiment.add_image(tag, grid, global_step=step)
     elif isinstance(logger, WandbLogger):

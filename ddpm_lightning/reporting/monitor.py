@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 def training_flops_per_image(unet: UNet2DModel) -> int:
     """FLOPs of one image's forward and backward pass, counted by torch.utils.flop_counter on a copy of the
     UNet on the meta device (shapes only: instant, no memory). Attention is counted as the math backend's
-    matmuls, which is what the fused kernels compute too."""
+    matmuls, which is what the fused kernels compute too.
+    """
     with torch.device("meta"):
         copy = UNet2DModel.from_config(unet.config)
     size = copy.config.sample_size
@@ -51,7 +52,7 @@ class ImagesThroughput(Callback):
     are known on the host) and the clock is read, after one wait, on log steps, over the last `window` of them.
     """
 
-    def __init__(self, window: int = 2, peak_flops: float | None = None):
+    def __init__(self, window: int = 2, peak_flops: float | None = None) -> None:
         self.window = window
         self.peak_flops = peak_flops
         self.flops_per_image: int | None = None
@@ -123,7 +124,7 @@ class RunReport(Callback):
     clock before they run.
     """
 
-    def __init__(self, output_dir: str = "ddpm-butterflies-128", preview_images: int = 16):
+    def __init__(self, output_dir: str = "ddpm-butterflies-128", preview_images: int = 16) -> None:
         self.output_dir = output_dir
         self.preview_images = preview_images
         self.created = time.perf_counter()

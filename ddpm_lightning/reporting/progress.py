@@ -21,9 +21,10 @@ SHOWN = ("img/s", "train/loss", "train/lr")  # img/s: logged by monitor.ImagesTh
 
 class TrainingProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar, with img/s, train/loss and train/lr as of the last log step (Lightning's default cadence, 50
-    steps, when `log_every_n_steps` is 0)."""
+    steps, when `log_every_n_steps` is 0).
+    """
 
-    def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False):
+    def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False) -> None:
         super().__init__(refresh_rate, process_position, leave)
         self.shown: dict[str, str] = {}
         self.read_at: int | None = None  # the optimizer step of the values shown
@@ -43,7 +44,8 @@ class TrainingProgressBar(TQDMProgressBar):
 
 def progress_bar(trainer, description: str, total: int, unit: str) -> Tqdm:
     """Lightning's tqdm bar for long work outside the training loop, shown on rank 0 while the Trainer shows
-    progress bars (disabled, silent, otherwise). The caller updates and closes it."""
+    progress bars (disabled, silent, otherwise). The caller updates and closes it.
+    """
     shown = trainer is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero
     options = {"dynamic_ncols": True, "leave": False, "file": sys.stdout, "disable": not shown}
     return Tqdm(total=total, desc=description, unit=unit, **options)

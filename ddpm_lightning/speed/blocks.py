@@ -21,7 +21,7 @@ from diffusers import UNet2DModel
 class CompiledBlocks:
     """The state the blocks share: the compiled batch size, and whether each training step starts a CUDA graph."""
 
-    def __init__(self, unet: UNet2DModel, mode: str, cuda_graphs: bool):
+    def __init__(self, unet: UNet2DModel, mode: str, cuda_graphs: bool) -> None:
         self.batch = 0
         self.cuda_graphs = cuda_graphs
         blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]

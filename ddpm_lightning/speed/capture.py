@@ -27,7 +27,7 @@ from diffusers import UNet2DModel
 class UNetTrainCall(torch.nn.Module):
     """The UNet's prediction as a module: make_graphed_callables treats a module's parameters as the graph's."""
 
-    def __init__(self, unet: UNet2DModel):
+    def __init__(self, unet: UNet2DModel) -> None:
         super().__init__()
         self.unet = unet
 

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 def keep_compile_cache(checkpoint_dir: str) -> str | None:
     """Point inductor's cache at `compile-cache/` beside `checkpoint_dir` unless TORCHINDUCTOR_CACHE_DIR is set to
     another place than inductor's default;
-    the folder used, or None when left to the user's setting (or when that folder cannot be created)."""
+    the folder used, or None when left to the user's setting (or when that folder cannot be created).
+    """
     # Private, and imported here only: a run that compiles nothing never loads inductor.
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 

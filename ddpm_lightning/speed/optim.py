@@ -29,7 +29,8 @@ def make_adamw(
     parameters, adamw: dict[str, Any], fused_adamw: bool | None, compile_optimizer: bool, compile_mode: str, trainer
 ) -> torch.optim.AdamW:
     """AdamW with the `adamw` settings: compiled (`compile_optimizer`), fused (`fused_adamw`; by default on when the
-    parameters are on a GPU and the step is not compiled) or plain. Refuses, with the fix, what would fail later."""
+    parameters are on a GPU and the step is not compiled) or plain. Refuses, with the fix, what would fail later.
+    """
     parameters = list(parameters)
     if compile_optimizer and fused_adamw:
         raise ValueError(
@@ -55,7 +56,8 @@ def make_adamw(
 
 class CompiledAdamW(torch.optim.AdamW):
     """AdamW whose `step` clips the gradients (total norm or value, as Lightning's `gradient_clip_*` keys say) and
-    updates the weights in one compiled function. See the module docstring."""
+    updates the weights in one compiled function. See the module docstring.
+    """
 
     def __init__(
         self,
@@ -64,7 +66,7 @@ class CompiledAdamW(torch.optim.AdamW):
         clip_algorithm: str = "norm",
         compile_mode: str = "default",
         **adamw: Any,
-    ):
+    ) -> None:
         super().__init__(params, foreach=None, fused=None, **adamw)
         self.clip_val = clip_val
         self.clip_algorithm = clip_algorithm

@@ -29,7 +29,8 @@ def check_one_compiler(compile: bool, compile_blocks: bool, cuda_graph_capture: 
 
 def apply_speed_switches(module: LightningModule) -> None:
     """`DDPMModule`'s switches (its hyperparameters), applied to its UNet once it is on its device: each is a no-op
-    where it does not apply, and a second fit on the same module keeps what the first compiled."""
+    where it does not apply, and a second fit on the same module keeps what the first compiled.
+    """
     unet, forward, hp = module.unet, module.unet_forward, module.hparams
     torch.set_float32_matmul_precision(hp.float32_matmul_precision)
     if hp.channels_last:
