@@ -209,7 +209,7 @@ class Decoded(NamedTuple):
 
 
 def random_crop(strips: Strips, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Torchvision's RandomCrop(size) of every image in a batch of strips, in one gather on their device.
+    """RandomCrop(size), as torchvision's, of every image in a batch of strips, in one gather on their device.
 
     The offset along each image's long side is uniform.
     """

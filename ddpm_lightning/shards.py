@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -32,7 +32,19 @@ if TYPE_CHECKING:  # (LitData is optional, and torch is imported only where used
     import torch
     from litdata import StreamingDataLoader, StreamingDataset
 
-    from .data import ResizedImages
+    class _ResizedImages(Protocol):
+        """data.ResizedImages, as `_Pixels` and `write` read it (data.py is a layer above this module: not imported)."""
+
+        @property
+        def image_size(self) -> int: ...
+
+        @property
+        def crop(self) -> str: ...
+
+        def __len__(self) -> int: ...
+
+        def load(self, i: int) -> tuple[torch.Tensor, bool]: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -219,12 +231,12 @@ def first_images(dataset: str, n: int) -> list[torch.Tensor]:
 
 
 class _Pixels:
-    """Optimize's function: item i of the source, decoded and resized as the cached path does.
+    """LitData `optimize`'s function: item i of the source, decoded and resized as the cached path does.
 
     An unreadable one is None (skipped, with a warning naming the file).
     """
 
-    def __init__(self, images: ResizedImages) -> None:
+    def __init__(self, images: _ResizedImages) -> None:
         self.images = images
 
     def __call__(self, i: int) -> torch.Tensor | None:
@@ -254,7 +266,7 @@ def _own_work_folder() -> Iterator[None]:
 
 
 def write(
-    images: ResizedImages, out: str, source: dict[str, Any], num_workers: int, chunk_mb: float = 64
+    images: _ResizedImages, out: str, source: dict[str, Any], num_workers: int, chunk_mb: float = 64
 ) -> dict[str, Any]:
     """Decode and resize every image of `images` into LitData chunks at `out`, then write the settings beside them.
 
