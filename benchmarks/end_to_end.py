@@ -355,7 +355,8 @@ def run(a, images: list[str], unet: dict, batch_size: int, workers: int) -> dict
             "--trainer.max_epochs", str(a.epochs),
             "--trainer.callbacks", json.dumps([{"class_path": "benchmarks.step_losses.StepLosses"}]),
             "--output_dir", str(project_dir),
-            "--checkpoint.dirpath", str(project_dir / "checkpoints"),  # where, not how often: the cadence is the config's
+            # where, not how often: the cadence is the config's
+            "--checkpoint.dirpath", str(project_dir / "checkpoints"),
             "--grid.save_image_epochs", str(a.epochs),
             "--grid.num_inference_steps", str(a.grid_steps),
             "--save.save_model_epochs", str(a.epochs),

@@ -16,9 +16,9 @@ as `-c configs/butterflies.yaml -c configs/butterflies-fast.yaml`), everything t
 
     fit      trains with the config as shipped (precision, optimizer, clipping, compile, data cache, checkpoint
              cadence), only sizes overridden: the tutorial's UNet (configs/butterflies.yaml's) at 128 px (--cpu:
-             configs/tiny.yaml's at 16 px, model.compile and compile_optimizer off), a few dozen steps over a few epochs with a short last batch, a grid
-             of few sampling steps. A real SIGTERM is sent once the run has passed --signal-step; the run must
-             exit 0 with last.ckpt saved at the step it stopped.
+             configs/tiny.yaml's at 16 px, model.compile and compile_optimizer off), a few dozen steps over a few
+             epochs with a short last batch, a grid of few sampling steps. A real SIGTERM is sent once the run has
+             passed --signal-step; the run must exit 0 with last.ckpt saved at the step it stopped.
     resume   `--ckpt_path last` continues to --steps, then draws the end-of-run grid and saves the diffusers
              folder (model_index.json); last.ckpt must then hold the final step.
     sample   `ddpm-lightning sample last.ckpt` draws 4 images (DDIM, a few steps) and their grid.png.
@@ -187,7 +187,8 @@ def smoke(name: str, configs: list[Path], a, work: Path, gpu: bool) -> list[Step
     if a.cpu:
         # torch.compile of even the tiny UNet takes minutes on a small CPU; tests/ compile the configs on CPU
         fit += ["--trainer.accelerator", "cpu", "--data.train_batch_size", str(a.batch_size),
-                "--grid.eval_batch_size", "4", "--model.compile", "false", "--model.compile_optimizer", "false"]  # fmt: skip
+                "--grid.eval_batch_size", "4", "--model.compile", "false",
+                "--model.compile_optimizer", "false"]  # fmt: skip
     timeout = a.timeout
     steps: list[Step] = []
 

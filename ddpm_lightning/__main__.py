@@ -1,3 +1,5 @@
+"""`python -m ddpm_lightning`: the `ddpm-lightning` command."""
+
 from .cli import main
 
 main()

@@ -1,5 +1,7 @@
-"""When to draw grids, save (and publish) the model and measure sample quality. The module and sampling.py know
-how; these decide when and where the results go, and how the ranks share a draw (`sample_share`).
+"""When to draw grids, save (and publish) the model and measure sample quality.
+
+The module and sampling.py know how; these decide when and where the results go, and how the ranks share a draw
+(`sample_share`).
 
 Grids and saves happen at the end of every N-th epoch and at the end of the run. Every rank draws its share
 of a grid (so none waits on another's sampling) and rank 0 writes it; saving and uploading are rank 0's alone,
@@ -13,7 +15,9 @@ import contextlib
 import logging
 import math
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -27,6 +31,9 @@ from .reporting.grids import grid_shape, save_grid
 from .reporting.progress import progress_bar
 from .sampling import Sampler
 from .stop_on_nan import check_finite
+
+if TYPE_CHECKING:
+    from .module import DDPMModule
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,7 @@ def is_due(trainer: Trainer, epochs: int) -> bool:
 
 
 def every_n_epochs(trainer: Trainer, epochs: int) -> bool:
+    """At the end of every `epochs`-th epoch (0: never)."""
     return epochs > 0 and (trainer.current_epoch + 1) % epochs == 0
 
 
@@ -61,14 +69,23 @@ def stopped_by(err: OSError, trainer: Trainer) -> OSError:
 
 
 def sample_share(
-    trainer, pl_module, n: int, sampler: Sampler, steps: int, seed: int, autocast: bool = True, on_step=None
+    trainer: Trainer,
+    pl_module: DDPMModule,
+    n: int,
+    sampler: Sampler,
+    steps: int,
+    seed: int,
+    autocast: bool = True,
+    on_step: Callable[[], object] | None = None,
 ) -> torch.Tensor:
-    """This rank's share of n images (ceil(n / world size)) drawn by `pl_module.sample` during training, with the
-    EMA weights when EMA is on, under the training precision's autocast when `autocast` (as the tutorial's
-    pipeline ran under Accelerate's). Every rank draws, so none waits for another's sampling in a collective.
-    Its own generator, one stream per rank: the draw neither depends on nor changes the training RNG (fork_rng
-    guards against library code that still draws from the global RNG). A stop signal ends the draw at the next
-    step (`stop_if_signalled`)."""
+    """This rank's share of n images (ceil(n / world size)) drawn by `pl_module.sample` during training.
+
+    They are drawn with the EMA weights when EMA is on, under the training precision's autocast when `autocast` (as
+    the tutorial's pipeline ran under Accelerate's). Every rank draws, so none waits for another's sampling in a
+    collective. Its own generator, one stream per rank: the draw neither depends on nor changes the training RNG
+    (fork_rng guards against library code that still draws from the global RNG). A stop signal ends the draw at
+    the next step (`stop_if_signalled`).
+    """
 
     def step() -> None:
         if on_step is not None:
@@ -85,8 +102,9 @@ def sample_share(
 
 
 class SampleGrid(Callback):
-    """Every `save_image_epochs` epochs and at the end, sample `eval_batch_size` images into
-    `<output_dir>/samples/{epoch:04d}.png` and TensorBoard.
+    """Every `save_image_epochs` epochs and at the end, draw a grid of samples.
+
+    The grid of `eval_batch_size` images goes into `<output_dir>/samples/{epoch:04d}.png` and TensorBoard.
 
     The noise comes from its own generator seeded with `seed` (and the rank): the same noise every time for
     a given number of devices, and the training RNG is left exactly as it was. With several devices each
@@ -114,19 +132,23 @@ class SampleGrid(Callback):
         seed: int = 0,
         grid_rows: int | None = None,
         autocast: bool = True,
-    ):
+    ) -> None:
         self.rows = grid_shape(eval_batch_size, grid_rows)[0]  # (checked now, before any training)
         self.output_dir, self.save_image_epochs, self.eval_batch_size = output_dir, save_image_epochs, eval_batch_size
         self.sampler, self.num_inference_steps, self.seed = sampler, num_inference_steps, seed
         self.autocast = autocast
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Draw and save the grid when due."""
         if is_due(trainer, self.save_image_epochs):
             self.write_grid(trainer, pl_module)
 
     def write_grid(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
-        """Every rank samples its share of the grid and rank 0 writes it: no rank waits on the others' sampling
-        (a grid drawn by rank 0 alone could outlast the collective timeout of the ranks waiting for it)."""
+        """Every rank samples its share of the grid and rank 0 writes it.
+
+        No rank waits on the others' sampling (a grid drawn by rank 0 alone could outlast the collective timeout of
+        the ranks waiting for it).
+        """
         check_finite(trainer)
         title = f"Grid of {self.eval_batch_size} ({self.sampler})"
         bar = progress_bar(trainer, title, self.num_inference_steps, "step")
@@ -152,9 +174,11 @@ class SampleGrid(Callback):
 
 
 class SaveModel(Callback):
-    """Every `save_model_epochs` epochs and at the end, save a diffusers folder (model_index.json, unet/,
-    scheduler/) to `output_dir` that `DDPMPipeline.from_pretrained(output_dir)` loads; with `push_to_hub`,
-    also upload it in the background to `hub_model_id` (default: the output folder's name).
+    """Every `save_model_epochs` epochs and at the end, save the model as a diffusers folder, and upload it.
+
+    The folder (model_index.json, unet/, scheduler/) goes to `output_dir`, where
+    `DDPMPipeline.from_pretrained(output_dir)` loads it; with `push_to_hub`, it is also uploaded in the background
+    to `hub_model_id` (default: the output folder's name).
 
     The folder is always written, pushing or not. A missing token or a repo that cannot be created fails
     before training starts; a failed upload is a counted warning and the next save uploads again. A save that
@@ -184,7 +208,7 @@ class SaveModel(Callback):
         hub_private_repo: bool = False,
         hub_upload_logs: bool = False,
         hub_upload_data_preview: bool = False,
-    ):
+    ) -> None:
         self.output_dir = output_dir
         self.save_model_epochs = save_model_epochs
         self.push_to_hub = push_to_hub
@@ -201,6 +225,7 @@ class SaveModel(Callback):
             )
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Check the Hub token and create the repo before training, the same answer on every rank."""
         if stage != "fit":
             return
         if self.uploader is not None:
@@ -216,6 +241,7 @@ class SaveModel(Callback):
             raise RuntimeError(f"Cannot start training: {error}")
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Save (and upload) the model when due."""
         if not is_due(trainer, self.save_model_epochs):
             return
         check_finite(trainer)  # on every rank (it syncs), before rank 0 saves
@@ -223,6 +249,7 @@ class SaveModel(Callback):
             self.save(trainer, pl_module, f"Epoch {trainer.current_epoch}")
 
     def save(self, trainer: Trainer, pl_module: LightningModule, message: str) -> None:
+        """Write the folder with the EMA weights and its card, then upload it with `message`."""
         if self.uploader is not None:
             self.uploader.wait()  # never rewrite the folder while it is being uploaded
         try:
@@ -238,6 +265,7 @@ class SaveModel(Callback):
             self.uploader.upload(self.output_dir, message)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        """Note a model save due right after this checkpoint, for a run resumed from it."""
         # A checkpoint written at an epoch's last step precedes that epoch's end, which a run resumed from it does
         # not run (Lightning goes on after it): a model save due there, not yet done, is noted and done on resume.
         # (A stop signal's own note says what it skipped: signals.skipped_work.)
@@ -248,9 +276,11 @@ class SaveModel(Callback):
             checkpoint[MODEL_SAVE_DUE] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        """Keep the checkpoint's note of a model save due, for `fit`."""
         self.redo = checkpoint.get(MODEL_SAVE_DUE) if trainer.state.fn == "fit" else None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Do the model save the checkpoint noted as due."""
         redo, self.redo = self.redo, None
         if redo is not None and redo["step"] == trainer.global_step and trainer.is_global_zero:
             epoch = redo["epoch"]
@@ -261,10 +291,12 @@ class SaveModel(Callback):
             self.save(trainer, pl_module, f"Epoch {epoch}")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Wait for the upload in progress."""
         if self.uploader is not None:
             self.uploader.wait()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Wait for the upload in progress."""
         self.on_fit_end(trainer, pl_module)
 
 
@@ -272,10 +304,11 @@ MODEL_SAVE_DUE = "model_save_due"  # a checkpoint's note: {"epoch", "step"} of t
 
 
 class MeasureQuality(Callback):
-    """FID and KID (torchmetrics' metrics, in `metrics.SampleQuality`) between `num_samples` generated images and
-    the validation images, logged as val/fid, val/kid_mean, val/kid_std: every `measure_quality_epochs` epochs of
-    `fit` and at its end (0: never), and in `ddpm-lightning validate`. Needs validation images (data.val_dataset or
-    data.val_fraction).
+    """FID and KID between `num_samples` generated images and the validation images.
+
+    They are torchmetrics' metrics, in `metrics.SampleQuality`, logged as val/fid, val/kid_mean, val/kid_std: every
+    `measure_quality_epochs` epochs of `fit` and at its end (0: never), and in `ddpm-lightning validate`. Needs
+    validation images (data.val_dataset or data.val_fraction).
 
     The validation images' features are computed once per run and cached in `<output_dir>/fid_reference/`, under a
     name keyed by the network and the images' pixels and size (`metrics.reference_file`): a resumed run, a
@@ -311,7 +344,7 @@ class MeasureQuality(Callback):
         inception_weights: str | None = None,
         output_dir: str | None = None,
         every_n_epochs: int | None = None,
-    ):
+    ) -> None:
         if every_n_epochs is not None:
             warnings.warn(
                 "quality.every_n_epochs is renamed quality.measure_quality_epochs (like grid.save_image_epochs and "
@@ -330,6 +363,7 @@ class MeasureQuality(Callback):
         self.real_images: list[torch.Tensor] = []  # this rank's validation images, until their features are in
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Build the metrics when this validation measures (validate, or a due epoch of fit)."""
         validating = trainer.state.fn == "validate"
         due = self.measure_quality_epochs > 0 and is_due(trainer, self.measure_quality_epochs)
         self.active = self.build() if not trainer.sanity_checking and (validating or due) else None
@@ -337,6 +371,7 @@ class MeasureQuality(Callback):
             self.active.to(pl_module.device)
 
     def build(self) -> SampleQuality | None:
+        """The metrics, built once; None (said once) when the network is not installed."""
         if self.quality is None and not self.unavailable:
             try:
                 self.quality = SampleQuality(self.feature, weights_path=self.inception_weights, network=self.inception)
@@ -345,11 +380,21 @@ class MeasureQuality(Callback):
                 rank_zero_warn(f"FID/KID are off: {err}")
         return self.quality
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: torch.Tensor | Mapping[str, Any] | None,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Keep the batch's validation images, until their features are in."""
         if self.active is not None and not self.real_done:  # the validation images are fixed: features are kept
             self.real_images.append(batch[1].cpu())  # uint8 images; their features at the epoch's end (the cache)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Draw the samples, then compute and log FID and KID."""
         if self.active is None:
             return
         if not self.real_done:

@@ -1,5 +1,7 @@
-"""The `ddpm-lightning` command: LightningCLI over ImageDataModule and DDPMModule with the grid, save and
-quality callbacks (fit, validate, ...), plus the plain `sample` and `export` commands (commands.py).
+"""The `ddpm-lightning` command: LightningCLI over ImageDataModule and DDPMModule, plus `sample` and `export`.
+
+LightningCLI runs fit, validate, ... with the grid, save and quality callbacks; the plain `sample` and `export`
+commands are commands.py's.
 
     ddpm-lightning fit -c configs/butterflies.yaml
     ddpm-lightning fit -c configs/butterflies.yaml --ckpt_path last        # resume
@@ -21,8 +23,10 @@ import threading
 import traceback
 import warnings
 from pathlib import Path
+from typing import Any
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, Namespace
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -51,7 +55,10 @@ from .unet import check_norm_groups
 
 
 class DDPMLightningCLI(LightningCLI):
+    """LightningCLI with the run's folder, callbacks and checks: fit and validate only."""
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Add --output_dir, --overwrite and the callbacks' groups, and link the values they share."""
         parser.add_argument("--output_dir", default="ddpm-butterflies-128", help="Where grids, model and logs go.")
         parser.add_lightning_class_args(RunReport, "report")  # first: its clock brackets the grid and save hooks
         parser.add_lightning_class_args(ImagesThroughput, "throughput")
@@ -73,9 +80,10 @@ class DDPMLightningCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:  # test / predict have nothing to do for a diffusion model
+        """Lightning's fit and validate subcommands, with their arguments."""
         return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
 
-    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
         for name, help in (
             ("sample", "Draw images from a checkpoint, a saved folder or a Hub model id."),
@@ -86,6 +94,7 @@ class DDPMLightningCLI(LightningCLI):
             parser._subcommands_action.add_subcommand(name, ArgumentParser(description=help), help=help)
 
     def before_instantiate_classes(self) -> None:
+        """Check the values, and fill in the checkpoint folder from output_dir."""
         config = self.config[self.config.subcommand]
         check_values(config)
         check_outside_data(
@@ -97,12 +106,14 @@ class DDPMLightningCLI(LightningCLI):
         if config.get("checkpoint") is not None and any(model.get(k) for k in COMPILING):
             keep_compile_cache(config.checkpoint.dirpath)
 
-    def instantiate_trainer(self, **kwargs):
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer with the run's logger, checkpoint writes, progress bar and precision plugin."""
         trainer, data = self._get(self.config, "trainer"), self._get(self.config, "data")
         # Unless the config names a logger (or turns logging off), TensorBoard writes to <output_dir>/logs,
         # the same folder on every run, so a resumed run continues its curves instead of starting version_1.
         if trainer.get("logger") in (None, True):
-            # validate logs (and saves its config) to <output_dir>/validate: the run's logs/ stay the record of training.
+            # validate logs (and saves its config) to <output_dir>/validate: the run's logs/ stay the record of
+            # training.
             name = "logs" if self.config.subcommand == "fit" else self.config.subcommand
             kwargs["logger"] = TensorBoardLogger(save_dir=self._get(self.config, "output_dir"), name=name, version="")
         if trainer.get("plugins") is None:
@@ -120,6 +131,7 @@ class DDPMLightningCLI(LightningCLI):
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse, then check --ckpt_path, and that validate has held-out images."""
         super().parse_arguments(parser, args)
         # Before LightningCLI reads the checkpoint's hyperparameters, which torch.load would fail on obscurely.
         subcommand = self.config.get("subcommand")
@@ -133,6 +145,7 @@ class DDPMLightningCLI(LightningCLI):
             )
 
     def before_fit(self) -> None:
+        """Check the folders, take the run's lock and check that the run can start or resume."""
         output_dir, checkpoint = self._get(self.config, "output_dir"), self.trainer.checkpoint_callback
         checkpoint_dir = checkpoint.dirpath if checkpoint is not None else None
         check_writable(output_dir)
@@ -154,9 +167,12 @@ class DDPMLightningCLI(LightningCLI):
             self.lock.release()
             raise
 
-    def fit(self, **kwargs) -> None:
-        """`trainer.fit` with the run's lock held. A fresh run that fails before its first optimizer step (a typo
-        in the data set, ...) leaves nothing that would make the corrected command refuse to start."""
+    def fit(self, **kwargs: Any) -> None:
+        """`trainer.fit` with the run's lock held.
+
+        A fresh run that fails before its first optimizer step (a typo in the data set, ...) leaves nothing that
+        would make the corrected command refuse to start.
+        """
         try:
             self.trainer.fit(**kwargs)
         except BaseException:
@@ -182,7 +198,8 @@ POSITIVE = {
 }
 
 
-def check_values(config) -> None:
+def check_values(config: Namespace) -> None:
+    """Fail, naming the key, on a value out of its range (POSITIVE's, the warm-up, val_fraction, norm groups)."""
     for key, what in POSITIVE.items():
         value = config.get(key)
         if value is not None and not value > 0:
@@ -213,6 +230,7 @@ NOISE_LOG_LINES = ("💡 Tip:", "TPU available:", "Loading `train_dataloader` to
 
 
 def quiet_noise() -> None:
+    """Silence NOISE_WARNINGS, and NOISE_LOG_LINES in Lightning's log."""
     for message in NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
@@ -223,8 +241,11 @@ def quiet_noise() -> None:
 
 
 def main(args: ArgsType = None) -> None:
-    """The `ddpm-lightning` command. From the command line (args None), an error the product raises on purpose
-    prints as one line and exits 1; `--debug` or DDPM_LIGHTNING_DEBUG=1 shows the traceback instead."""
+    """The `ddpm-lightning` command.
+
+    From the command line (args None), an error the product raises on purpose prints as one line and exits 1;
+    `--debug` or DDPM_LIGHTNING_DEBUG=1 shows the traceback instead.
+    """
     package_log = logging.getLogger("ddpm_lightning")
     if not package_log.handlers:  # show this package's INFO lines, as Lightning does for its own
         package_log.addHandler(logging.StreamHandler())
@@ -237,7 +258,9 @@ def main(args: ArgsType = None) -> None:
     one_line = one_line and os.environ.get("DDPM_LIGHTNING_DEBUG", "") in ("", "0")
     quiet_noise()
     if commands.is_command(argv):  # `ddpm-lightning sample ...` / `export ...`: plain commands, outside LightningCLI
-        commands.run(argv)  # returns nothing: the console script would print it and exit 1
+        # Its result is not returned: the console script would print it and exit 1. (argv is a list here, as
+        # is_command checked.)
+        commands.run(argv)  # type: ignore[arg-type]
         return
     # Called from Python (args given), the caller's stop-signal handlers come back after a stop; the command
     # line's process ends ignoring a repeated one (checkpointing._SignalAtOptimizerStep.teardown).
@@ -268,8 +291,10 @@ def main(args: ArgsType = None) -> None:
 
 
 def raised_by_this_package(err: BaseException) -> bool:
-    """Whether `err` comes from a raise statement in ddpm_lightning (a message written for the user), rather
-    than from deep inside a library."""
+    """Whether `err` comes from a raise statement in ddpm_lightning, rather than from deep inside a library.
+
+    Such a message was written for the user.
+    """
     frames = traceback.extract_tb(err.__traceback__)
     return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(Path(__file__).resolve().parent)
 

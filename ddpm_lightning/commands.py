@@ -1,12 +1,15 @@
-"""`ddpm-lightning sample` and `ddpm-lightning export`: use a trained model outside of training. `ddpm-lightning
-prepare`: resize a data set once into shards to stream (shards.py).
+"""`ddpm-lightning sample`, `export` and `prepare`: the commands outside of training.
 
-    ddpm-lightning sample checkpoints/ddpm-butterflies-128/last.ckpt --num_images 64 --sampler ddim   # -> samples/000000.png ... grid.png
+`ddpm-lightning sample` and `ddpm-lightning export` use a trained model outside of training. `ddpm-lightning
+prepare` resizes a data set once into shards to stream (shards.py).
+
+    # 64 images: samples/000000.png ... samples/000063.png and samples/grid.png
+    ddpm-lightning sample checkpoints/ddpm-butterflies-128/last.ckpt --num_images 64 --sampler ddim
     ddpm-lightning sample ddpm-butterflies-128 --seed 1 --output_dir more         # a saved diffusers folder
     ddpm-lightning sample google/ddpm-cifar10-32                                  # a Hub model id
     ddpm-lightning sample run/last.ckpt --num_images 1000 --sampler ddim --reference data/heliconius  # + FID/KID
     ddpm-lightning export checkpoints/ddpm-butterflies-128/last.ckpt my-model --samples run/samples/0049.png
-    ddpm-lightning prepare ./photos s3://bucket/photos-128 --image_size 128 --crop squash   # then --data.dataset s3://...
+    ddpm-lightning prepare ./photos s3://bucket/photos-128 --image_size 128 --crop squash  # then --data.dataset s3://...
 
 Both take every model source `fit --model.pretrained` takes (model_source.py): a checkpoint (its EMA weights
 whenever it has them, as the saved folders do), a saved diffusers folder, a bare UNet folder or a Hub model id.
@@ -20,6 +23,7 @@ import logging
 import math
 import shutil
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -144,8 +148,11 @@ def sample(
 
 
 def score(samples: torch.Tensor, reference: str, split: str, out: Path, device: str) -> dict:
-    """FID and KID of `samples` (uint8, as written) against the `reference` images, logged and written to
-    out/quality.json; the reference features are cached in out/fid_reference/ (`metrics.add_real_images`)."""
+    """FID and KID of `samples` (uint8, as written) against the `reference` images.
+
+    They are logged and written to out/quality.json; the reference features are cached in out/fid_reference/
+    (`metrics.add_real_images`).
+    """
     from .data import ResizedImages
     from .metrics import InceptionWeightsUnavailable, SampleQuality, add_real_images
     from .sources import image_column_of, load_source
@@ -179,7 +186,7 @@ def score(samples: torch.Tensor, reference: str, split: str, out: Path, device: 
     return report
 
 
-def write_image(path: Path, save, written: list[Path]) -> Path:
+def write_image(path: Path, save: Callable[[Path], object], written: list[Path]) -> Path:
     """`save(path)`, whole or not at all; a failure (a full disk) is one line saying what was written before it."""
     try:
         write_whole(path, save)
@@ -263,8 +270,10 @@ def prepare(
     num_workers: int | None = None,
     chunk_mb: float = 64,
 ) -> dict:
-    """Decode and resize a data set once into shards that `fit --data.dataset OUT` streams (a data set too large
-    to cache, or one in an object store). The pixels are those the cached path trains on.
+    """Decode and resize a data set once into shards that `fit --data.dataset OUT` streams.
+
+    That is for a data set too large to cache, or one in an object store. The pixels are those the cached path
+    trains on.
 
     Args:
         source: anything `--data.dataset` takes: a folder of images, a Hub-format data set, a Hub id.
@@ -306,15 +315,17 @@ def prepare(
 # Command line
 
 
-def is_command(args=None) -> bool:
+def is_command(args: Sequence[str] | dict | None = None) -> bool:
     """Whether `ddpm-lightning` was asked for one of these commands (the first argument is one of COMMANDS)."""
     argv = sys.argv[1:] if args is None else args
     return isinstance(argv, (list, tuple)) and len(argv) > 0 and argv[0] in COMMANDS
 
 
-def run(args=None):
-    """Parse `sample ...` / `export ...` / `prepare ...` with jsonargparse and run it; a CommandError or a model
-    source that cannot be used exits with its one line."""
+def run(args: Sequence[str] | None = None) -> list[Path] | Path | dict:
+    """Parse `sample ...` / `export ...` / `prepare ...` with jsonargparse and run it; return what it returns.
+
+    A CommandError or a model source that cannot be used exits with its one line.
+    """
     from jsonargparse import CLI
 
     argv = list(sys.argv[1:] if args is None else args)

@@ -1,5 +1,7 @@
-"""The training data: `ImageDataModule` (a source resolved by sources.py, decoded and resized once into a cache
-or by loader workers, flipped and scaled per batch on the device, a resumable loader) and its transforms.
+"""The training data: `ImageDataModule` and its transforms.
+
+A source resolved by sources.py, decoded and resized once into a cache or by loader workers, flipped and scaled per
+batch on the device, in a resumable loader.
 
     ddpm-lightning fit -c configs/butterflies.yaml --data.dataset path/to/my/photos
 """
@@ -11,12 +13,13 @@ import io
 import os
 import shutil
 import traceback
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable
+from typing import IO, Any, Literal, NamedTuple
 
 import datasets
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -40,15 +43,18 @@ def default_num_workers() -> int:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB for any mode: grayscale, RGBA and palette convert as PIL does; 16-bit scales to 8 bits instead of clipping."""
+    """RGB for any mode: grayscale, RGBA and palette convert as PIL does; 16-bit scales to 8 bits, not clipped."""
     if image.mode.startswith("I"):  # 16/32-bit integer grayscale
         image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
     return image.convert("RGB")
 
 
-def open_image(source) -> Image.Image:
-    """Decode an image file (a path or a file object) now, the right way up: the EXIF orientation a phone
-    records is applied, as `datasets.Image()` decoding does. A truncated file fails here, not later."""
+def open_image(source: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
+    """Decode an image file (a path or a file object) now, the right way up.
+
+    The EXIF orientation a phone records is applied, as `datasets.Image()` decoding does. A truncated file fails
+    here, not later.
+    """
     image = Image.open(source)
     image.load()
     return ImageOps.exif_transpose(image)
@@ -64,7 +70,7 @@ class ResizedImages(Dataset):
     (`augment`), so the same resized pixels can be decoded once and cached.
     """
 
-    def __init__(self, ds: datasets.Dataset, column: str, image_size: int, crop: Crop = "squash"):
+    def __init__(self, ds: datasets.Dataset, column: str, image_size: int, crop: Crop = "squash") -> None:
         # Undecoded rows ({"path", "bytes"}) so an error can name the file.
         self.rows = ds.select_columns([column]).cast_column(column, datasets.Image(decode=False))
         self.column = column
@@ -87,6 +93,7 @@ class ResizedImages(Dataset):
         return pil_to_tensor(image)
 
     def __len__(self) -> int:
+        """The number of images."""
         return len(self.rows)
 
     def load(self, i: int) -> tuple[torch.Tensor, bool]:
@@ -102,11 +109,15 @@ class ResizedImages(Dataset):
         return self.transform(_to_rgb(image)), min(image.size) < self.image_size
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        """Image i's pixels."""
         return self.load(i)[0]
 
     def try_load(self, indices: list[int]) -> Decoded:
-        """`load` of each image, skipping those that fail: the decoding pass's collate_fn (so it runs in the
-        loader's workers), which counts failures instead of stopping at the first."""
+        """`load` of each image, skipping those that fail.
+
+        This is the decoding pass's collate_fn (so it runs in the loader's workers), which counts failures instead
+        of stopping at the first.
+        """
         loaded, smaller, errors = [], 0, []
         for i in indices:
             try:
@@ -121,11 +132,14 @@ class ResizedImages(Dataset):
 
 
 class EpochOrder(DistributedSampler):
-    """The training loader's torch Sampler: DistributedSampler (order = f(seed, epoch), one slice per rank). Lightning sets the epoch before each
-    epoch's iteration starts; a resumed run sets it from the checkpoint (ImageDataModule.load_state_dict),
-    because Lightning first iterates the loader before it restores its own epoch count."""
+    """The training loader's torch Sampler: DistributedSampler (order = f(seed, epoch), one slice per rank).
 
-    def __init__(self, dataset: Dataset, trainer, seed: int):
+    Lightning sets the epoch before each epoch's iteration starts; a resumed run sets it from the checkpoint
+    (ImageDataModule.load_state_dict), because Lightning first iterates the loader before it restores its own epoch
+    count.
+    """
+
+    def __init__(self, dataset: Dataset, trainer: Trainer | None, seed: int) -> None:
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
 
@@ -133,19 +147,24 @@ class EpochOrder(DistributedSampler):
 class Indexed(Dataset):
     """(index, item) pairs: validation noise is seeded by the image's index, so it is the same every epoch."""
 
-    def __init__(self, images: ResizedImages | CachedImages):
+    def __init__(self, images: ResizedImages | CachedImages) -> None:
         self.images = images
 
     def __len__(self) -> int:
+        """The number of images."""
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | Strips]:
+        """Image i, with its index."""
         return i, self.images[i]
 
 
 class Strips(NamedTuple):
-    """Images resized to a short side of `size` for `crop: random`, held landscape so they stack: portrait
-    ones transposed, all zero-padded on the right to the longest. `random_crop` cuts a square from each."""
+    """Images resized to a short side of `size` for `crop: random`, held landscape so they stack.
+
+    Portrait ones are transposed, all zero-padded on the right to the longest. `random_crop` cuts a square from
+    each.
+    """
 
     pixels: torch.Tensor  # (N, 3, size, longest) uint8
     lengths: torch.Tensor  # (N,) each image's long side
@@ -153,6 +172,7 @@ class Strips(NamedTuple):
 
     @staticmethod
     def collate(images: list[torch.Tensor]) -> Strips:
+        """The images (each (3, size, long) or (3, long, size)) as one Strips."""
         portrait = torch.tensor([im.shape[1] > im.shape[2] for im in images])
         images = [im.transpose(1, 2) if p else im for im, p in zip(images, portrait)]
         lengths = torch.tensor([im.shape[2] for im in images])
@@ -175,10 +195,12 @@ class Strips(NamedTuple):
 
 
 class Decoded(NamedTuple):
-    """One batch of the decoding pass as a loader worker returns it: the images it could read as one tensor
-    (squares) or one Strips (`crop: random`), None if none, and how many; how many of them were upscaled; why
-    each other one failed. A batch crosses from the worker as a few shared-memory tensors, each an open file
-    while it lives in this process."""
+    """One batch of the decoding pass as a loader worker returns it.
+
+    The images it could read as one tensor (squares) or one Strips (`crop: random`), None if none, and how many;
+    how many of them were upscaled; why each other one failed. A batch crosses from the worker as a few
+    shared-memory tensors, each an open file while it lives in this process.
+    """
 
     pixels: torch.Tensor | Strips | None
     read: int
@@ -187,8 +209,10 @@ class Decoded(NamedTuple):
 
 
 def random_crop(strips: Strips, generator: torch.Generator | None = None) -> torch.Tensor:
-    """torchvision's RandomCrop(size) of every image in a batch of strips, in one gather on their device: a
-    uniform offset along each image's long side."""
+    """RandomCrop(size), as torchvision's, of every image in a batch of strips, in one gather on their device.
+
+    The offset along each image's long side is uniform.
+    """
     pixels, lengths, portrait = strips
     n, channels, size, _ = pixels.shape
     draw = torch.rand(n, generator=generator, device=pixels.device if generator is None else generator.device)
@@ -198,7 +222,7 @@ def random_crop(strips: Strips, generator: torch.Generator | None = None) -> tor
     return torch.where(portrait[:, None, None, None], crops.transpose(2, 3), crops)
 
 
-def as_batch(batch):
+def as_batch(batch: torch.Tensor | Strips) -> torch.Tensor | Strips:
     """collate_fn for CachedImages: its __getitems__ already returns the whole batch."""
     return batch
 
@@ -209,45 +233,53 @@ class CachedImages(Dataset):
     The loader hands `__getitems__` a batch of indices: a batch is one indexing op, on the pixels' device.
     """
 
-    def __init__(self, pixels: torch.Tensor | Strips):
+    def __init__(self, pixels: torch.Tensor | Strips) -> None:
         self.pixels = pixels
 
     @property
     def tensor(self) -> torch.Tensor:
+        """The pixels tensor (of the Strips, for `crop: random`)."""
         return self.pixels.pixels if isinstance(self.pixels, Strips) else self.pixels
 
     def __len__(self) -> int:
+        """The number of images."""
         return len(self.tensor)
 
-    def each(self, function) -> torch.Tensor | Strips:
+    def each(self, function: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | Strips:
         """`function` of the pixels tensor, or of each tensor of the Strips."""
         return Strips(*map(function, self.pixels)) if isinstance(self.pixels, Strips) else function(self.pixels)
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor | Strips:
+        """The batch of these images, in one indexing op."""
         index = torch.as_tensor(indices, device=self.tensor.device)
         return self.each(lambda t: t[index])
 
     def __getitem__(self, i: int) -> torch.Tensor | Strips:
+        """Image i's pixels."""
         return self.each(lambda t: t[i])
 
     def to(self, device: torch.device) -> CachedImages:
+        """Move the pixels to `device`."""
         self.pixels = self.each(lambda t: t.to(device))
         return self
 
 
 def should_cache(images: ResizedImages, cache: str, cache_max_gb: float) -> bool:
-    """`cache: memory`, or `cache: auto` with the decoded pixels at most `cache_max_gb` (a random crop keeps up to
-    MAX_ASPECT times a square per image)."""
+    """`cache: memory`, or `cache: auto` with the decoded pixels at most `cache_max_gb`.
+
+    A random crop keeps up to MAX_ASPECT times a square per image.
+    """
     cache_gb = len(images) * 3 * images.image_size**2 * (MAX_ASPECT if images.crop == "random" else 1) / 1e9
     return cache == "memory" or (cache == "auto" and cache_gb <= cache_max_gb)
 
 
-def decode_all(images: ResizedImages, num_workers: int, trainer=None) -> torch.Tensor | Strips:
+def decode_all(images: ResizedImages, num_workers: int, trainer: Trainer | None = None) -> torch.Tensor | Strips:
     """Decode and resize every image once, in `num_workers` processes; skip and count the unreadable ones.
 
     Each batch from a worker is copied out of its shared memory as it arrives (squares into one tensor made up
     front, strips into per-batch copies joined at the end, their long side being known only then): only the
-    batches the loader prefetches hold shared memory and open files, whatever the number of images."""
+    batches the loader prefetches hold shared memory and open files, whatever the number of images.
+    """
     n, size, random = len(images), images.image_size, images.crop == "random"
     squares = torch.empty((0 if random else n, 3, size, size), dtype=torch.uint8)
     strips: list[Strips] = []
@@ -287,8 +319,10 @@ def decode_all(images: ResizedImages, num_workers: int, trainer=None) -> torch.T
 
 
 def limit_hit(err: BaseException, num_workers: int) -> str | None:
-    """One line naming the resource limit a loader failure ran into and the way past it; None for any other
-    failure. A worker's error reaches this process as its type with the worker's traceback as the message."""
+    """One line naming the resource limit a loader failure ran into and the way past it; None for any other failure.
+
+    A worker's error reaches this process as its type with the worker's traceback as the message.
+    """
     text = str(err)
     without_workers = " or set --data.num_workers 0" if num_workers else ""
     if "Too many open files" in text or "ancdata" in text or getattr(err, "errno", None) == errno.EMFILE:
@@ -362,7 +396,7 @@ class ImageDataModule(LightningDataModule):
         val_dataset: str | None = None,
         val_split: str = "train",
         val_fraction: float = 0.0,
-    ):
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.num_workers = default_num_workers() if num_workers is None else num_workers
@@ -372,6 +406,7 @@ class ImageDataModule(LightningDataModule):
         self.prepared: dict | None = None  # the settings of prepared shards, when `dataset` names them
 
     def setup(self, stage: str) -> None:
+        """Resolve the data, then cache or stream it (once: the datasets are kept)."""
         if self.train_set is not None:
             return
         hp = self.hparams
@@ -388,8 +423,10 @@ class ImageDataModule(LightningDataModule):
         self.val_set = None if val is None else Indexed(self.images(val, val_crop, None))
 
     def setup_shards(self) -> None:
-        """Stream prepared shards (resized at preparation: this run's size and crop must be theirs); validation
-        images come from `val_dataset`, any source."""
+        """Stream prepared shards (resized at preparation: this run's size and crop must be theirs).
+
+        Validation images come from `val_dataset`, any source.
+        """
         hp = self.hparams
         if hp.val_fraction:
             raise ValueError(
@@ -408,13 +445,15 @@ class ImageDataModule(LightningDataModule):
             self.val_set = Indexed(self.images(val, val_crop, None))
 
     def images(self, split: Split, crop: Crop, cache_device: torch.device | None) -> ResizedImages | CachedImages:
+        """The split's images, resized; cached (on `cache_device`, if given) when `cache` says so."""
         images = ResizedImages(split.rows, split.column, self.hparams.image_size, crop)
         if not should_cache(images, self.hparams.cache, self.hparams.cache_max_gb):
             return images
         cached = CachedImages(decode_all(images, self.num_workers, self.trainer))
         return cached.to(cache_device) if cache_device is not None else cached
 
-    def train_dataloader(self) -> StatefulDataLoader:
+    def train_dataloader(self) -> StatefulDataLoader | DataLoader:
+        """The resumable training loader, in the epoch's order; applies a checkpoint's loader state once."""
         assert self.train_set is not None, "setup('fit') comes first"
         if self.prepared is not None:
             return self.shards_loader()
@@ -444,8 +483,11 @@ class ImageDataModule(LightningDataModule):
                 loader.load_state_dict(state["train_loader"])
         return loader
 
-    def shards_loader(self):
-        """LitData's loader over the streamed shards (its order and state are its own), resumed as `state_dict` says."""
+    def shards_loader(self) -> DataLoader:
+        """LitData's loader over the streamed shards, resumed as `state_dict` says.
+
+        Its order and state are LitData's own.
+        """
         loader = shards.loader(
             self.train_set,
             self.hparams.train_batch_size,
@@ -460,10 +502,13 @@ class ImageDataModule(LightningDataModule):
         return loader
 
     def state_dict(self) -> dict:
-        """The epoch whose order the loader is in and its position in it, saved in every checkpoint and applied
-        when the loader is built. Lightning checkpoints the position too, but applies it only when it builds the
-        loader after restoring its loops, which it does not when the schedule's length was estimated first
-        (any run with max_epochs), and it draws the first batch before it sets the sampler's epoch."""
+        """The epoch whose order the loader is in and its position in it.
+
+        Saved in every checkpoint, it is applied when the loader is built. Lightning checkpoints the position too,
+        but applies it only when it builds the loader after restoring its loops, which it does not when the
+        schedule's length was estimated first (any run with max_epochs), and it draws the first batch before it
+        sets the sampler's epoch.
+        """
         trainer = self.trainer
         loader = trainer.train_dataloader if trainer is not None else None
         if self.prepared is not None and loader is not None:  # LitData's own state: the epoch, the images drawn
@@ -475,9 +520,11 @@ class ImageDataModule(LightningDataModule):
         return {"epoch": loader.sampler.epoch, "train_loader": loader.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Keep the loader's state, applied when the training loader is built."""
         self.resume_state = state_dict or None
 
     def val_dataloader(self) -> DataLoader | list:
+        """The held-out images' loader, or none (an empty list) when there are none."""
         if self.val_set is None:
             if self.trainer is not None and self.trainer.state.fn == "validate":
                 raise ValueError("No validation images: set --data.val_dataset or --data.val_fraction.")
@@ -486,7 +533,10 @@ class ImageDataModule(LightningDataModule):
         workers = 0 if cached else self.num_workers
         return DataLoader(self.val_set, batch_size=self.hparams.train_batch_size, num_workers=workers)
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+    def on_after_batch_transfer(
+        self, batch: torch.Tensor | Strips | list[torch.Tensor], dataloader_idx: int
+    ) -> torch.Tensor | Strips | list[torch.Tensor]:
+        """Crop, flip and scale a training batch on its device; a validation batch goes on as it is."""
         # Training batches are uint8 images (or strips to crop): crop, flip and scale them here, on the device.
         # Validation batches are (index, uint8 images): the module scales them itself, unflipped, with noise
         # fixed per index.
@@ -498,7 +548,9 @@ class ImageDataModule(LightningDataModule):
 
     def preview(self, n: int = 16) -> torch.Tensor:
         """The first n training images as the model sees them, before the flip: uint8 (n, 3, size, size).
-        With `crop: random`, a random crop drawn with its own seeded generator (the training RNG is untouched)."""
+
+        With `crop: random`, a random crop drawn with its own seeded generator (the training RNG is untouched).
+        """
         assert self.train_set is not None, "setup('fit') comes first"
         first = range(min(n, len(self.train_set)))
         if isinstance(self.train_set, CachedImages):

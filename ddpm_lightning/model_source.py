@@ -1,5 +1,7 @@
-"""Where a trained model comes from, resolved once for every command: `fit --model.pretrained` (and `validate`
-with it), `sample` and `export` take the same sources through `load_model`, with the same one-line errors.
+"""Where a trained model comes from, resolved once for every command.
+
+`fit --model.pretrained` (and `validate` with it), `sample` and `export` take the same sources through
+`load_model`, with the same one-line errors.
 
     found = load_model("google/ddpm-cifar10-32")             # a Hub model id (revision: a branch, tag or commit)
     found = load_model("ddpm-butterflies-128")               # a diffusers folder: model_index.json, unet/, scheduler/
@@ -54,6 +56,8 @@ class ModelSourceError(ValueError):
 
 @dataclass
 class ModelSource:
+    """A model source resolved: its UNet, noise schedule and name, and a checkpoint's contents."""
+
     unet: UNet2DModel  # a checkpoint's EMA weights when it has them
     scheduler_config: dict[str, Any]  # its noise schedule; empty when it has none (a bare UNet folder)
     base_model: dict[str, Any]  # for the card and the run summary: {"name", "source", "revision"}
@@ -65,9 +69,11 @@ class ModelSource:
 
 
 def load_model(source: str, revision: str | None = None, names: tuple[str, str] = PRETRAINED) -> ModelSource:
-    """The UNet, noise schedule and name of `source`: a local .ckpt or folder first, else a Hub model id. `names`
-    are the option names the errors give the source and the revision (`PRETRAINED`, or `POSITIONAL` for a
-    command's argument)."""
+    """The UNet, noise schedule and name of `source`: a local .ckpt or folder first, else a Hub model id.
+
+    `names` are the option names the errors give the source and the revision (`PRETRAINED`, or `POSITIONAL` for a
+    command's argument).
+    """
     path = Path(source).expanduser()
     option = named(names[0], source)
     if revision is not None and path.exists():
@@ -85,12 +91,16 @@ def load_model(source: str, revision: str | None = None, names: tuple[str, str] 
 
 
 def named(option: str, source: str | Path) -> str:
+    """The source as an error names it: after its option, if it has one."""
     return f"{option} {source}" if option else str(source)
 
 
 def from_checkpoint(path: Path, option: str) -> ModelSource:
-    """A checkpoint's UNet (`model.unet` and `image_size` of its hyperparameters) with its EMA weights when it
-    has them, its raw ones otherwise, and its noise schedule (the values its run used)."""
+    """A checkpoint's UNet (`model.unet` and `image_size` of its hyperparameters) and its noise schedule.
+
+    The UNet has the EMA weights when the checkpoint has them, its raw ones otherwise; the noise schedule holds the
+    values its run used.
+    """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
@@ -125,6 +135,7 @@ def from_checkpoint(path: Path, option: str) -> ModelSource:
 
 
 def from_folder(path: Path, option: str) -> ModelSource:
+    """A local folder in either layout: a pipeline (model_index.json, unet/, scheduler/) or a bare UNet."""
     name = path.resolve().name
     if (path / "model_index.json").is_file():
         check_pipeline_unet(json.loads((path / "model_index.json").read_text()), option)
@@ -232,12 +243,14 @@ def check_pipeline_unet(index: dict, option: str) -> None:
 
 
 def check_unet_config(config: dict, option: str) -> None:
+    """A bare UNet folder's config.json describes a UNet2DModel."""
     if config.get("_class_name") != "UNet2DModel":
         kind = config.get("_class_name") or "no diffusers _class_name"
         raise ModelSourceError(f"{option}: its config.json describes {kind}, not a UNet2DModel; {WHAT_IT_TAKES}.")
 
 
 def read_unet(location: str, subfolder: str | None, revision: str | None, option: str) -> UNet2DModel:
+    """The UNet at `location` (a folder or a Hub id); a local one that cannot be read names the missing file."""
     try:
         return UNet2DModel.from_pretrained(location, subfolder=subfolder, revision=revision)
     except OSError as err:
@@ -256,9 +269,11 @@ def read_unet(location: str, subfolder: str | None, revision: str | None, option
 
 
 def aligned(unet: UNet2DModel) -> UNet2DModel:
-    """The UNet with its weights copied out of safetensors' memory map, whose tensors may sit at unaligned
-    addresses: CPU kernels then take other code paths and round differently, and a saved folder would not
-    sample exactly as the checkpoint it was saved from."""
+    """The UNet with its weights copied out of safetensors' memory map.
+
+    The map's tensors may sit at unaligned addresses: CPU kernels then take other code paths and round
+    differently, and a saved folder would not sample exactly as the checkpoint it was saved from.
+    """
     with torch.no_grad():
         for parameter in unet.parameters():
             parameter.data = parameter.data.clone()
@@ -266,8 +281,11 @@ def aligned(unet: UNet2DModel) -> UNet2DModel:
 
 
 def fitted_architecture(found: ModelSource, configured: dict[str, Any] | None, image_size: int) -> dict[str, Any]:
-    """The pretrained UNet's architecture, which replaces `model.unet` (one line names what differs), for a run
-    at `image_size` (one warning when the model was trained at another size: a UNet is convolutional, it trains)."""
+    """The pretrained UNet's architecture, which replaces `model.unet`, for a run at `image_size`.
+
+    One line names what differs from `model.unet`; one warning says when the model was trained at another size (a
+    UNet is convolutional, it trains).
+    """
     name = found.base_model["name"]
     arch = architecture(found.unet)
     configured = {k: v for k, v in (configured or {}).items() if k != "sample_size"}  # (follows image_size)
@@ -286,8 +304,10 @@ def fitted_architecture(found: ModelSource, configured: dict[str, Any] | None, i
 
 
 def check_resumed(then: str | None, now: str | None) -> None:
-    """A resumed run goes on from its checkpoint's weights: a `--model.pretrained` its run did not start from would
-    be loaded and then silently replaced."""
+    """Refuse a `--model.pretrained` that the resumed checkpoint's run did not start from.
+
+    A resumed run goes on from its checkpoint's weights: such a model would be loaded and then silently replaced.
+    """
     if now is not None and now != then:
         was = f"was fine-tuned from {then}" if then is not None else "was not fine-tuned"
         raise ModelSourceError(

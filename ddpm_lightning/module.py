@@ -1,7 +1,9 @@
-"""The diffusion maths: `DDPMModule` trains a diffusers UNet2DModel as a DDPM (noise schedule, loss, AdamW and its
-LR schedule, validation loss) and samples from it through sampling.py. The mechanisms around it live in their own
-homes: the UNet's description in unet.py, the model it may start from in model_source.py, the weight average in
-ema.py, the NaN check in stop_on_nan.py, the speed switches (and AdamW's choice) in speed/.
+"""The diffusion maths: `DDPMModule` trains a diffusers UNet2DModel as a DDPM and samples from it.
+
+It holds the noise schedule, the loss, AdamW and its LR schedule and the validation loss, and samples through
+sampling.py. The mechanisms around it live in their own homes: the UNet's description in unet.py, the model it may
+start from in model_source.py, the weight average in ema.py, the NaN check in stop_on_nan.py, the speed switches
+(and AdamW's choice) in speed/.
 
     >>> model = DDPMModule(image_size=32)  # the tutorial's UNet (untrained here)
     >>> images = model.sample(4, "ddim", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 from typing import Any, Literal, cast
 
 import torch
@@ -123,7 +126,7 @@ class DDPMModule(LightningModule):
         compile_optimizer: bool = False,
         gradient_checkpointing: bool = False,
         float32_matmul_precision: Literal["highest", "high", "medium"] = "high",
-    ):
+    ) -> None:
         super().__init__()
         if not snr_gamma > 0:
             raise ValueError(f"snr_gamma={snr_gamma}: min-SNR's gamma must be positive (5.0 in the paper).")
@@ -143,9 +146,11 @@ class DDPMModule(LightningModule):
         self.unet_forward = UNetForward()  # eager until configure_model compiles it (`compile`)
 
     def setup(self, stage: str) -> None:
+        """Check that the UNet's channels are the data's."""
         check_channels(self.unet, getattr(self.trainer.datamodule, "channels", None), self.base_model)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """The batch's denoising loss, logged with the learning rate."""
         if self.hparams.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         loss = self.denoising_loss(batch)
@@ -157,8 +162,10 @@ class DDPMModule(LightningModule):
     def denoising_loss(
         self, clean: torch.Tensor, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """MSE between the UNet's prediction and its target at random (or given) timesteps, in float32, each
-        image weighted by `loss_weights`."""
+        """MSE between the UNet's prediction and its target at random (or given) timesteps, in float32.
+
+        Each image is weighted by `loss_weights`.
+        """
         if noise is None:  # drawn in the standard layout: channels_last draws the same noise as the plain path
             noise = torch.randn_like(clean, memory_format=torch.contiguous_format)
         if timesteps is None:
@@ -208,10 +215,12 @@ class DDPMModule(LightningModule):
         self.log_dict(values, on_epoch=True, sync_dist=True, batch_size=len(images))
 
     def fixed_loss(self, images: torch.Tensor, noise: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The mean denoising loss over `steps`, with the given noise."""
         losses = [self.denoising_loss(images, noise, t.expand(len(images)).to(images.device)) for t in steps]
         return torch.stack(losses).mean()
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (as the speed switches choose it) and the warm-up + cosine schedule, stepped per optimizer step."""
         hp = self.hparams
         adamw = {"lr": hp.learning_rate, "betas": hp.adam_betas, "weight_decay": hp.adam_weight_decay}
         adamw["eps"] = hp.adam_epsilon
@@ -227,22 +236,31 @@ class DDPMModule(LightningModule):
         lr_schedule = get_cosine_schedule_with_warmup(optimizer, hp.lr_warmup_steps, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_schedule, "interval": "step"}}
 
-    def optimizer_step(self, *args, **kwargs) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's optimizer step, then the gradients freed."""
         super().optimizer_step(*args, **kwargs)
         # Freed once used, as the tutorial's loop does. Under CUDA graphs they are the backward graph's outputs, in
         # its memory pool, which the next replay (a training step, a grid) overwrites: nothing may touch them after
         # (Lightning's teardown moves them with the module, `module.cpu()`).
         self.unet.zero_grad(set_to_none=True)
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, except for CompiledAdamW, which clips inside its compiled step."""
         if not isinstance(optimizer, CompiledAdamW):  # that one clips inside its compiled step
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # The mechanisms around the maths, each in its own file.
     def configure_model(self) -> None:
+        """Apply the speed switches (compile, channels-last, ...)."""
         apply_speed_switches(self)
 
     def configure_callbacks(self) -> list:
+        """StopOnNaN and UpdateEMA, when they are on."""
         nan_check = [StopOnNaN(self.hparams.nan_check_every_n_steps)] if self.hparams.stop_on_nan else []
         return nan_check + ([UpdateEMA()] if self.ema is not None else [])
 
@@ -251,12 +269,14 @@ class DDPMModule(LightningModule):
         return self.ema.applied(self.unet) if self.ema is not None else contextlib.nullcontext()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the EMA state and the model fine-tuned from."""
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
         if self.base_model is not None:  # for `ddpm-lightning export`'s card
             checkpoint["base_model"] = self.base_model
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the resumed run's `pretrained`, and restore the EMA state."""
         check_resumed(checkpoint.get("hyper_parameters", {}).get("pretrained"), self.hparams.pretrained)
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
@@ -267,11 +287,14 @@ class DDPMModule(LightningModule):
         sampler: Sampler | SchedulerMixin = "ddpm",
         num_inference_steps: int = 1000,
         generator: torch.Generator | None = None,
-        on_step=None,
+        on_step: Callable[[], object] | None = None,
     ) -> torch.Tensor:
-        """`n` images in [0, 1], (n, C, H, W), drawn as DDPMPipeline draws them (`sampling.denoise`) with this
-        model's noise schedule and (when `compile` is on) its compiled forward. `sampler` is a name or a scheduler;
-        `generator` makes the draw repeatable without touching the global RNG; `on_step` is called after each step."""
+        """`n` images in [0, 1], (n, C, H, W), drawn as DDPMPipeline draws them (`sampling.denoise`).
+
+        They are drawn with this model's noise schedule and (when `compile` is on) its compiled forward. `sampler` is
+        a name or a scheduler; `generator` makes the draw repeatable without touching the global RNG; `on_step` is
+        called after each step.
+        """
         sampler = make_sampler(self.noise_scheduler, cast(Sampler, sampler)) if isinstance(sampler, str) else sampler
         forward = functools.partial(self.unet_forward.sample, self.unet)
         return denoise(self.unet, sampler, num_inference_steps, generator, n, on_step, forward=forward)

@@ -1,6 +1,8 @@
-"""The run folder's life cycle: `fit` checks that `output_dir` can be written (`check_writable`) and that a fresh run
-does not merge into another (`check_fresh_run`), removes what a run that failed before its first step wrote
-(`remove_unstarted_run`), and holds the run's lock while it trains (`RunLock`).
+"""The run folder's life cycle: its checks before training, its lock while training, its removal after a failed start.
+
+`fit` checks that `output_dir` can be written (`check_writable`) and that a fresh run does not merge into another
+(`check_fresh_run`), removes what a run that failed before its first step wrote (`remove_unstarted_run`), and holds
+the run's lock while it trains (`RunLock`).
 
 One process at a time on a run: `fit` holds an exclusive lock on `<output_dir>/.ddpm-lightning.lock` while it
 trains, and a second `fit` on the same output_dir fails at once, naming the process that holds it. It also locks its
@@ -20,7 +22,10 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
 try:
     import fcntl
@@ -35,16 +40,20 @@ class RunInUseError(RuntimeError):
 
 
 class RunLock:
-    """The locks on a run's output_dir and its checkpoint folder: `acquire` takes both or raises RunInUseError
-    (one line: who holds it, and what to do) holding neither; `release` drops them."""
+    """The locks on a run's output_dir and its checkpoint folder.
 
-    def __init__(self, folder: str | Path, checkpoint_dir: str | Path | None = None):
+    `acquire` takes both or raises RunInUseError (one line: who holds it, and what to do) holding neither; `release`
+    drops them.
+    """
+
+    def __init__(self, folder: str | Path, checkpoint_dir: str | Path | None = None) -> None:
         self.folder = Path(folder)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.file: TextIO | None = None
         self.checkpoint_fd: int | None = None
 
     def acquire(self) -> None:
+        """Lock the output_dir, then the checkpoint folder (where fcntl exists)."""
         if fcntl is None:
             return
         self.lock_output_dir()
@@ -63,6 +72,7 @@ class RunLock:
             self.checkpoint_fd = fd
 
     def lock_output_dir(self) -> None:
+        """Lock the output_dir's lock file, and write who holds it there."""
         file = open(self.folder / LOCK_NAME, "a+")
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -82,6 +92,7 @@ class RunLock:
         self.file = file
 
     def release(self) -> None:
+        """Drop both locks."""
         if self.file is not None:
             self.file.close()  # closing the file drops the lock
             self.file = None
@@ -104,8 +115,11 @@ def check_writable(folder: str, option: str = "--output_dir") -> None:
 
 
 def check_outside_data(output_dir: str, datasets: dict[str, str | None]) -> None:
-    """Refuse an output_dir inside a local data folder ({option: value}): its images are every image file under the
-    folder, so the run's grids would become training (or held-out) images of the next run."""
+    """Refuse an output_dir inside a local data folder ({option: value}).
+
+    A folder's images are every image file under it, so the run's grids would become training (or held-out) images
+    of the next run.
+    """
     out = Path(output_dir).expanduser().resolve()
     for option, dataset in datasets.items():
         folder = Path(dataset).expanduser() if dataset else None
@@ -120,7 +134,7 @@ def check_outside_data(output_dir: str, datasets: dict[str, str | None]) -> None
 RUN_FILES = ("logs", "samples", "model_index.json", "unet", "scheduler", "README.md")
 
 
-def check_fresh_run(folder: str, checkpoint, overwrite: bool) -> None:
+def check_fresh_run(folder: str, checkpoint: ModelCheckpoint | None, overwrite: bool) -> None:
     """A fresh run (no --ckpt_path) never merges into another run's logs or `last`, nor replaces a file silently."""
     out = Path(folder)
     found = [name for name in RUN_FILES if (out / name).exists()]
@@ -145,10 +159,12 @@ def check_fresh_run(folder: str, checkpoint, overwrite: bool) -> None:
     )
 
 
-def remove_unstarted_run(folder: str, checkpoint) -> None:
-    """What a fresh run wrote before failing ahead of its first optimizer step (its logs, samples/data.png): the
-    folders check_fresh_run found absent (or --overwrite emptied), so nothing of another run's; kept if the run
-    saved a checkpoint after all."""
+def remove_unstarted_run(folder: str, checkpoint: ModelCheckpoint | None) -> None:
+    """Remove what a fresh run wrote before failing ahead of its first optimizer step (its logs, samples/data.png).
+
+    These are folders check_fresh_run found absent (or --overwrite emptied), so nothing of another run's; they are
+    kept if the run saved a checkpoint after all.
+    """
     ckpt_dir = Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else None
     if ckpt_dir is not None and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
         return

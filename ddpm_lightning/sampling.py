@@ -1,6 +1,7 @@
-"""Sampling, in one place for the module, the callbacks and `ddpm-lightning sample`: the inference samplers
-(`make_sampler`) and DDPMPipeline's denoising loop (`denoise`). Pure: no Trainer, no files, no loggers (a rank's
-share of a grid is callbacks.py's, writing grids is reporting/grids.py's).
+"""Sampling, in one place for the module, the callbacks and `ddpm-lightning sample`.
+
+It holds the inference samplers (`make_sampler`) and DDPMPipeline's denoising loop (`denoise`). Pure: no Trainer,
+no files, no loggers (a rank's share of a grid is callbacks.py's, writing grids is reporting/grids.py's).
 
 Words: a "sampler" is the inference algorithm (ddpm, ddim, dpmsolver++; `grid.sampler`), built as a diffusers
 scheduler by `make_sampler`; the "noise scheduler" is the training schedule (`DDPMModule.noise_scheduler`); the
@@ -12,6 +13,7 @@ training loader's torch Sampler is `data.EpochOrder`; the LR schedule is the opt
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, Literal
 
 import diffusers
@@ -26,8 +28,10 @@ SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolv
 
 
 def make_sampler(noise_scheduler: SchedulerMixin | dict[str, Any], sampler: Sampler = "ddpm") -> SchedulerMixin:
-    """A fresh `sampler` scheduler with the noise schedule of `noise_scheduler` (a scheduler or its config, e.g. a
-    saved folder's), and its betas themselves: DDIM and DPM-Solver++ cannot build beta_schedule "sigmoid".
+    """A fresh `sampler` scheduler with the noise schedule of `noise_scheduler`, and its betas themselves.
+
+    `noise_scheduler` is a scheduler or its config, e.g. a saved folder's; the betas are passed because DDIM and
+    DPM-Solver++ cannot build beta_schedule "sigmoid".
 
     diffusers' `from_config` passes on only the values a scheduler was given, not those it took by default
     (`_use_default_values`), but a config read back from a file has lost that list: a saved DDPMScheduler would
@@ -50,10 +54,18 @@ def make_sampler(noise_scheduler: SchedulerMixin | dict[str, Any], sampler: Samp
 
 @torch.no_grad()
 def denoise(
-    unet: UNet2DModel, sampler: SchedulerMixin, num_inference_steps: int, generator, n: int, on_step=None, forward=None
+    unet: UNet2DModel,
+    sampler: SchedulerMixin,
+    num_inference_steps: int,
+    generator: torch.Generator | list[torch.Generator] | None,
+    n: int,
+    on_step: Callable[[], object] | None = None,
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """DDPMPipeline's loop: `n` draws of Gaussian noise denoised by `unet` (in eval mode, as the pipeline runs it;
-    its mode is restored after) with `sampler`, as float images in [0, 1], (n, C, H, W).
+    """DDPMPipeline's loop: `n` draws of Gaussian noise denoised by `unet` with `sampler`.
+
+    The result is float images in [0, 1], (n, C, H, W). `unet` runs in eval mode, as the pipeline runs it; its mode
+    is restored after.
 
     `generator` is one torch.Generator or one per image; `on_step` is called after each step (a progress bar);
     `forward(sample, timesteps)` replaces `unet`'s own call (DDPMModule's compiled forward).

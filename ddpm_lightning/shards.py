@@ -1,8 +1,10 @@
-"""Prepared shards: a data set decoded and resized once (`ddpm-lightning prepare`) into LitData chunks on a disk or in
-an object store (`s3://`, `gs://`), and streamed from there by `--data.dataset` (LitData's StreamingDataset and
-StreamingDataLoader): each rank and each loader worker reads its own chunks, the order is new every epoch, and a
-rank holds a few chunks at a time however large the data set is. `ddpm_prepared.json`, written beside the chunks
-once they are all there, records the size and crop they were resized with; a run at another size refuses them.
+"""Prepared shards: a data set decoded and resized once into LitData chunks, then streamed.
+
+`ddpm-lightning prepare` writes the chunks on a disk or in an object store (`s3://`, `gs://`); `--data.dataset`
+streams them from there (LitData's StreamingDataset and StreamingDataLoader): each rank and each loader worker reads
+its own chunks, the order is new every epoch, and a rank holds a few chunks at a time however large the data set
+is. `ddpm_prepared.json`, written beside the chunks once they are all there, records the size and crop they were
+resized with; a run at another size refuses them.
 
     ddpm-lightning prepare ./photos s3://bucket/photos-128 --image_size 128 --crop squash
     ddpm-lightning fit -c configs/butterflies.yaml --data.dataset s3://bucket/photos-128
@@ -18,11 +20,31 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:  # (LitData is optional, and torch is imported only where used)
+    import torch
+    from litdata import StreamingDataLoader, StreamingDataset
+
+    class _ResizedImages(Protocol):
+        """data.ResizedImages, as `_Pixels` and `write` read it (data.py is a layer above this module: not imported)."""
+
+        @property
+        def image_size(self) -> int: ...
+
+        @property
+        def crop(self) -> str: ...
+
+        def __len__(self) -> int: ...
+
+        def load(self, i: int) -> tuple[torch.Tensor, bool]: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +53,11 @@ SCHEMES = ("s3", "gs")
 
 
 def is_prepared(dataset: str | None) -> bool:
-    """Whether `dataset` names prepared shards rather than a source: a URL, or a folder holding their settings or
-    LitData's index and chunks (an unfinished preparation, refused by `read_settings`)."""
+    """Whether `dataset` names prepared shards rather than a source.
+
+    That is a URL, or a folder holding their settings or LitData's index and chunks (an unfinished preparation,
+    refused by `read_settings`).
+    """
     if not dataset:
         return False
     if "://" in dataset:
@@ -41,7 +66,7 @@ def is_prepared(dataset: str | None) -> bool:
     return (folder / SETTINGS).is_file() or ((folder / "index.json").is_file() and any(folder.glob("chunk-*.bin")))
 
 
-def litdata():
+def litdata() -> ModuleType:
     """The LitData module, or a RuntimeError naming the install (the command line shows it as one line)."""
     try:
         import litdata
@@ -63,8 +88,11 @@ def _split_url(url: str) -> tuple[str, str, str]:
 
 
 def _read_text(dataset: str, name: str) -> str:
-    """A small file beside the chunks: from the folder, or from the bucket (boto3 or google-cloud-storage, which
-    LitData itself uses; credentials and endpoint as they configure themselves, e.g. AWS_ENDPOINT_URL)."""
+    """A small file beside the chunks: from the folder, or from the bucket.
+
+    A bucket is read with boto3 or google-cloud-storage, which LitData itself uses; credentials and endpoint as they
+    configure themselves, e.g. AWS_ENDPOINT_URL.
+    """
     if "://" not in dataset:
         return (Path(dataset).expanduser() / name).read_text()
     scheme, bucket, prefix = _split_url(dataset)
@@ -102,6 +130,7 @@ def _write_text(dataset: str, name: str, text: str) -> None:
 
 
 def read_settings(dataset: str) -> dict[str, Any]:
+    """The settings `prepare` wrote beside the shards; a ValueError when there are none."""
     try:
         return json.loads(_read_text(dataset, SETTINGS))
     except FileNotFoundError:
@@ -112,8 +141,10 @@ def read_settings(dataset: str) -> dict[str, Any]:
 
 
 def check_settings(dataset: str, image_size: int, crop: str) -> dict[str, Any]:
-    """The settings of prepared shards, which must be this run's image size and crop (the pixels were resized
-    once, at preparation); else one line naming both fixes."""
+    """The settings of prepared shards, which must be this run's image size and crop; else one line naming both fixes.
+
+    The pixels were resized once, at preparation.
+    """
     settings = read_settings(dataset)
     if (settings["image_size"], settings["crop"]) != (image_size, crop):
         raise ValueError(
@@ -125,9 +156,12 @@ def check_settings(dataset: str, image_size: int, crop: str) -> dict[str, Any]:
     return settings
 
 
-def stream(dataset: str, seed: int):
-    """The training images of prepared shards as a StreamingDataset. Its order is f(seed, epoch): every rank
-    builds it with the same seed, and LitData gives each rank, then each of its loader workers, its own chunks."""
+def stream(dataset: str, seed: int) -> StreamingDataset:
+    """The training images of prepared shards as a StreamingDataset.
+
+    Its order is f(seed, epoch): every rank builds it with the same seed, and LitData gives each rank, then each of
+    its loader workers, its own chunks.
+    """
     return litdata().StreamingDataset(
         dataset,
         shuffle=True,
@@ -141,9 +175,18 @@ def stream(dataset: str, seed: int):
     )
 
 
-def loader(dataset, batch_size: int, num_workers: int, collate_fn=None, pin_memory: bool = False):
-    """LitData's StreamingDataLoader: its state (epoch, images drawn) resumes mid-epoch, on the same world size
-    exactly, on another one with the epoch's remaining images (LitData's elastic resume)."""
+def loader(
+    dataset: StreamingDataset,
+    batch_size: int,
+    num_workers: int,
+    collate_fn: Callable[[list[torch.Tensor]], object] | None = None,
+    pin_memory: bool = False,
+) -> StreamingDataLoader:
+    """LitData's StreamingDataLoader, whose state (epoch, images drawn) resumes mid-epoch.
+
+    It resumes on the same world size exactly, on another one with the epoch's remaining images (LitData's elastic
+    resume).
+    """
     import torch
 
     return _loader_class()(
@@ -159,14 +202,18 @@ def loader(dataset, batch_size: int, num_workers: int, collate_fn=None, pin_memo
 
 
 @functools.cache
-def _loader_class():
-    class EpochLoader(litdata().StreamingDataLoader):
-        """StreamingDataLoader, whose resumed epoch ends as Lightning ends it. A loaded state makes the next
-        iteration go on where it stopped (`restore`), and LitData turns that off only after the epoch's last
-        batch, when its iterator is drawn once more and ends; Lightning stops drawing at the epoch's length, so
-        the epoch after would replay the resumed one. Once the resumed epoch has begun, the next starts afresh."""
+def _loader_class() -> type[StreamingDataLoader]:
+    class EpochLoader(litdata().StreamingDataLoader):  # type: ignore[misc]  # (LitData is imported when called)
+        """StreamingDataLoader, whose resumed epoch ends as Lightning ends it.
 
-        def __iter__(self):
+        A loaded state makes the next iteration go on where it stopped (`restore`), and LitData turns that off only
+        after the epoch's last batch, when its iterator is drawn once more and ends; Lightning stops drawing at the
+        epoch's length, so the epoch after would replay the resumed one. Once the resumed epoch has begun, the next
+        starts afresh.
+        """
+
+        def __iter__(self) -> Iterator[Any]:
+            """The batches (each whatever the collate_fn makes), with `restore` off once the first is drawn."""
             for batch in super().__iter__():
                 self.restore = False
                 yield batch
@@ -174,21 +221,25 @@ def _loader_class():
     return EpochLoader
 
 
-def first_images(dataset: str, n: int) -> list:
-    """The first n images of the shards (in their stored order), read by a dataset of their own so that the
-    training stream's state is untouched."""
+def first_images(dataset: str, n: int) -> list[torch.Tensor]:
+    """The first n images of the shards (in their stored order).
+
+    They are read by a dataset of their own, so that the training stream's state is untouched.
+    """
     images = litdata().StreamingDataset(dataset)
     return [images[i] for i in range(min(n, len(images)))]
 
 
 class _Pixels:
-    """optimize's function: item i of the source, decoded and resized as the cached path does, or None (skipped,
-    with a warning naming the file) when unreadable."""
+    """LitData `optimize`'s function: item i of the source, decoded and resized as the cached path does.
 
-    def __init__(self, images):
+    An unreadable one is None (skipped, with a warning naming the file).
+    """
+
+    def __init__(self, images: _ResizedImages) -> None:
         self.images = images
 
-    def __call__(self, i: int):
+    def __call__(self, i: int) -> torch.Tensor | None:
         try:
             return self.images.load(i)[0]
         except ValueError as err:
@@ -197,9 +248,12 @@ class _Pixels:
 
 
 @contextmanager
-def _own_work_folder():
-    """optimize stages chunks bound for an object store in <tmp>/chunks, the same folder for every process on the
-    machine: a private one, unless the user named one."""
+def _own_work_folder() -> Iterator[None]:
+    """A private folder for optimize's staged chunks, unless the user named one.
+
+    Optimize stages chunks bound for an object store in <tmp>/chunks, the same folder for every process on the
+    machine.
+    """
     if "DATA_OPTIMIZER_CACHE_FOLDER" in os.environ:
         yield
         return
@@ -211,11 +265,15 @@ def _own_work_folder():
             del os.environ["DATA_OPTIMIZER_CACHE_FOLDER"]
 
 
-def write(images, out: str, source: dict[str, Any], num_workers: int, chunk_mb: float = 64) -> dict[str, Any]:
-    """Decode and resize every image of `images` (a data.ResizedImages) into LitData chunks at `out` (a folder or
-    an s3:// / gs:// URL) with `num_workers` processes, then write the settings beside them. The images are
-    stored in a fixed shuffled order, so that a chunk holds a mix of the source (streaming shuffles whole chunks,
-    then the images inside each). Returns the settings."""
+def write(
+    images: _ResizedImages, out: str, source: dict[str, Any], num_workers: int, chunk_mb: float = 64
+) -> dict[str, Any]:
+    """Decode and resize every image of `images` into LitData chunks at `out`, then write the settings beside them.
+
+    `out` is a folder or an s3:// / gs:// URL; `num_workers` processes decode. The images are stored in a fixed
+    shuffled order, so that a chunk holds a mix of the source (streaming shuffles whole chunks, then the images
+    inside each). Returns the settings.
+    """
     engine = litdata()
     if "://" in out:
         _split_url(out)

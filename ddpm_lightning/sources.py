@@ -1,7 +1,8 @@
-"""Where images come from: a `--data.dataset` value resolved into one `datasets.Dataset` (`load_source`) and its
-image column (`image_column_of`), the training and validation images a run names (`training_and_validation`), and
-the one rule for whether a name is a Hub id or a local path (`is_hub_id`),
-which the data, the model card and `ddpm-lightning sample` all follow.
+"""Where images come from: a `--data.dataset` value resolved into one `datasets.Dataset` and its image column.
+
+`load_source` resolves the value and `image_column_of` finds the column; `training_and_validation` gives the
+training and validation images a run names, and `is_hub_id` is the one rule for whether a name is a Hub id or a
+local path, which the data, the model card and `ddpm-lightning sample` all follow.
 
 `dataset` is resolved in this order:
 1. a `save_to_disk` folder (it holds `dataset_info.json` or `dataset_dict.json`) -> `datasets.load_from_disk`;
@@ -30,8 +31,10 @@ HUB_DATA_EXTENSIONS = (".parquet", ".arrow", ".csv", ".json", ".jsonl")
 
 
 def find_images(folder: Path) -> list[str]:
-    """Every image file under `folder`, following links to folders (each real folder once: no cycles). Files of
-    other types are counted and a few named in one warning (hidden files such as .DS_Store are not)."""
+    """Every image file under `folder`, following links to folders (each real folder once: no cycles).
+
+    Files of other types are counted and a few named in one warning (hidden files such as .DS_Store are not).
+    """
     images, others, seen = [], [], set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -109,9 +112,11 @@ def load_source(source: str, split: str = "train") -> datasets.Dataset:
 
 
 def is_hub_id(name: str | None) -> bool:
-    """Whether `name` is a Hub repo id ('name' or 'user/name') rather than a local path: no file or folder of that
-    name exists here, it does not look like a path ('.', '/' or '~' first, more than one '/', the OS's own
-    separator) and huggingface_hub accepts it as a repo id."""
+    """Whether `name` is a Hub repo id ('name' or 'user/name') rather than a local path.
+
+    It is when no file or folder of that name exists here, it does not look like a path ('.', '/' or '~' first,
+    more than one '/', the OS's own separator) and huggingface_hub accepts it as a repo id.
+    """
     if not name or Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         return False
     try:
@@ -122,6 +127,7 @@ def is_hub_id(name: str | None) -> bool:
 
 
 def image_column_of(ds: datasets.Dataset, column: str | None) -> str:
+    """The image column: `column`, checked, or the first Image feature (else one named "image")."""
     if column is not None:
         if column not in ds.column_names:
             raise ValueError(f"Column {column!r} is not in the data set ({ds.column_names}): set --data.image_column.")
@@ -152,8 +158,10 @@ class Split(NamedTuple):
 def training_and_validation(
     dataset: str, split: str, image_column: str | None, val_dataset: str | None, val_split: str, val_fraction: float
 ) -> tuple[Split, Split | None]:
-    """The training images and the held-out ones: `val_dataset` (any source), or a fixed, seeded `val_fraction` of
-    `dataset`, or none."""
+    """The training images and the held-out ones.
+
+    The held-out ones are `val_dataset` (any source), or a fixed, seeded `val_fraction` of `dataset`, or none.
+    """
     ds = load_source(dataset, split)
     column = image_column_of(ds, image_column)
     if len(ds) == 0:

@@ -1,7 +1,8 @@
-"""The model layer's description of the network: the tutorial's UNet (`TUTORIAL_UNET`), building one for an image
-size (`build_unet`), the noise schedule it is trained with (`noise_schedule`), its call (`predict`), the range of
-its images (`to_model_range`) and the checks
-on a UNet that would otherwise fail deep inside diffusers (`check_norm_groups`, `check_channels`).
+"""The model layer's description of the network: the UNet, its noise schedule, its call and its checks.
+
+The tutorial's UNet (`TUTORIAL_UNET`), building one for an image size (`build_unet`), the noise schedule it is
+trained with (`noise_schedule`), its call (`predict`), the range of its images (`to_model_range`) and the checks on
+a UNet that would otherwise fail deep inside diffusers (`check_norm_groups`, `check_channels`).
 
     >>> unet = build_unet({**TUTORIAL_UNET, "block_out_channels": [32, 32, 64, 64, 64, 64]}, 64)
     >>> noise_schedule({"beta_schedule": "squaredcos_cap_v2"}, {}).config.num_train_timesteps
@@ -58,9 +59,12 @@ def build_unet(unet: dict[str, Any], image_size: int) -> UNet2DModel:
 
 
 def noise_schedule(chosen: dict[str, Any], pretrained: dict[str, Any]) -> DDPMScheduler:
-    """DDPMScheduler with each key of `chosen` set to its value, else (None) to the `pretrained` scheduler config's,
-    else to DDPMScheduler's default. All are passed by name, so that samplers built from this config
-    (sampling.make_sampler) take them, not their own defaults."""
+    """DDPMScheduler with each key of `chosen` set to its value, else to the `pretrained` config's, else the default.
+
+    A value of None in `chosen` falls back to the `pretrained` scheduler config's, else to DDPMScheduler's default.
+    All are passed by name, so that samplers built from this config (sampling.make_sampler) take them, not their
+    own defaults.
+    """
     known = inspect.signature(DDPMScheduler.__init__).parameters
     base = {k: v for k, v in pretrained.items() if k in known}
     chosen = {k: v if v is not None else base.get(k, known[k].default) for k, v in chosen.items()}
@@ -99,8 +103,10 @@ def check_norm_groups(unet: dict | None) -> None:
 
 
 def check_channels(unet: UNet2DModel, channels: int | None, base_model: dict[str, Any] | None) -> None:
-    """The UNet takes and predicts images of the data's channel count (noise of the image's shape), when the data
-    module says it (ImageDataModule's `channels`: RGB)."""
+    """The UNet takes and predicts images of the data's channel count (noise of the image's shape).
+
+    Checked when the data module says it (ImageDataModule's `channels`: RGB).
+    """
     if channels is None:
         return
     what = f"model.pretrained {base_model['name']}" if base_model else "model.unet"

@@ -7,7 +7,8 @@ send in huggingface_hub 2.x (read from its source: hf_api.py, _upload_pipeline.p
     POST /api/repos/create                         {"name", "organization", "visibility"?, "type"?}
          -> 200 {"url"} | 409 {"error", "url"} (exists: the client reads "url" from the 409 body too)
          | 403 when `deny_create` is set (the client then asks GET /api/models/{repo} whether it exists)
-    GET  /api/models/{ns}/{name}[/revision/{rev}]  -> 200 model info {"id", "sha", "private", "siblings"} | 404 RepoNotFound
+    GET  /api/models/{ns}/{name}[/revision/{rev}]  -> 200 model info {"id", "sha", "private", "siblings"}
+                                                   | 404 RepoNotFound
     POST /api/models/{ns}/{name}/preupload/{rev}   {"files": [{"path", "sample", "size"}]}
          -> {"files": [{"path", "uploadMode": "regular", "shouldIgnore": false, "oid": <git sha1 or null>}]}
          | 403 for a repo added with `writable=False`

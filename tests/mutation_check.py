@@ -71,7 +71,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "",
         [
             T
-            + "test_speed_optim.py::test_compiled_step_follows_the_lr_schedule_without_recompiling_and_in_its_gpu_values"
+            + "test_speed_optim.py::"
+            + "test_compiled_step_follows_the_lr_schedule_without_recompiling_and_in_its_gpu_values"
         ],
     ),
     "gradients_kept_after_the_step": (
@@ -80,7 +81,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "        pass\n",
         [
             T
-            + "test_module.py::test_gradients_are_freed_after_each_optimizer_step_and_kept_within_an_accumulation_window"
+            + "test_module.py::"
+            + "test_gradients_are_freed_after_each_optimizer_step_and_kept_within_an_accumulation_window"
         ],
     ),
     "cuda_graphs_only_reduce_overhead": (
@@ -131,7 +133,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "            UpdateEMA().on_train_batch_end(self.trainer, self, outputs, batch, batch_idx)\n",
         [
             T
-            + "test_ema.py::test_a_checkpoint_in_the_middle_of_an_epoch_holds_that_steps_ema_and_resumes_to_the_straight_runs"
+            + "test_ema.py::"
+            + "test_a_checkpoint_in_the_middle_of_an_epoch_holds_that_steps_ema_and_resumes_to_the_straight_runs"
         ],
     ),
     "v_prediction_target_swapped": (
@@ -313,6 +316,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     "hub_fit_end_does_not_wait": (
         "ddpm_lightning/callbacks.py",
         "    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:\n"
+        '        """Wait for the upload in progress."""\n'
         "        if self.uploader is not None:\n            self.uploader.wait()\n",
         "    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:\n        pass\n",
         [HUB + "test_save_model_creates_the_repo_uploads_the_saved_pipeline_and_waits_at_fit_end"],
@@ -355,7 +359,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "            if True:\n",
         [
             T
-            + "test_checkpointing_writes.py::test_a_full_disk_keeps_the_last_good_checkpoint_and_stops_with_one_line[1.5]"
+            + "test_checkpointing_writes.py::"
+            + "test_a_full_disk_keeps_the_last_good_checkpoint_and_stops_with_one_line[1.5]"
         ],
     ),
     "resume_from_a_dangling_last_starts_over": (
@@ -364,7 +369,9 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "        if False:\n",
         [
             T
-            + "test_checkpointing_resume.py::test_resume_from_a_broken_last_fails_before_training_naming_the_file_and_the_fresh_start[break_dangling]"
+            + "test_checkpointing_resume.py::"
+            + "test_resume_from_a_broken_last_fails_before_training_naming_the_file_and_the_fresh_start"
+            + "[break_dangling]"
         ],
     ),
     "checkpoint_written_after_a_nan_loss": (
@@ -376,7 +383,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     # a stop signal during an epoch-end grid
     "stop_signal_waits_for_the_grid": (  # the grid runs to its end before the run stops
         "ddpm_lightning/checkpointing/signals.py",
-        "    if trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):\n        raise SIGTERMException\n",
+        "    if trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):\n"
+        "        raise SIGTERMException\n",
         "    pass\n",
         [
             SIGNALS
@@ -455,7 +463,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "",
         [
             T
-            + "test_shards.py::test_ddp_from_prepared_shards_splits_each_epoch_and_resumes_exactly_or_on_one_process_with_a_warning"
+            + "test_shards.py::"
+            + "test_ddp_from_prepared_shards_splits_each_epoch_and_resumes_exactly_or_on_one_process_with_a_warning"
         ],
     ),
     "streamed_epoch_after_a_resume_replays_it": (

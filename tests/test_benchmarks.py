@@ -99,7 +99,10 @@ def test_quality_benchmark_tiny(tmp_path, heliconius_photos):
         folder.mkdir()
         for photo in photos:
             (folder / photo.name).symlink_to(photo)
-    unet = '{"layers_per_block": 1, "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"]}'
+    unet = (
+        '{"layers_per_block": 1, "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "DownBlock2D"], '
+        '"up_block_types": ["UpBlock2D", "UpBlock2D"]}'
+    )
     fit_args = (
         f"--data.dataset {train} --data.image_size 16 --data.train_batch_size 4 --data.num_workers 0 "
         f"--model.unet '{unet}' --grid.eval_batch_size 2 --grid.num_inference_steps 2 "
@@ -107,9 +110,11 @@ def test_quality_benchmark_tiny(tmp_path, heliconius_photos):
     )
     out = tmp_path / "report.json"
     done = run_script(
-        "benchmarks/quality.py", "--steps", "2", "--variants", "tutorial,v+min-snr,ema", "--samplers", "ddim-2,dpmsolver++-2",
+        "benchmarks/quality.py", "--steps", "2", "--variants", "tutorial,v+min-snr,ema",
+        "--samplers", "ddim-2,dpmsolver++-2",
         "--num-samples", "3", "--max-reference", "5", "--val-dataset", str(val), "--val-split", "train",
-        "--feature", "conftest.TinyFeatures", "--fit-args", fit_args, "--out-dir", str(tmp_path / "runs"), "--out", str(out),
+        "--feature", "conftest.TinyFeatures", "--fit-args", fit_args, "--out-dir", str(tmp_path / "runs"),
+        "--out", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
     report = json.loads(out.read_text())

@@ -77,8 +77,8 @@ def test_background_writes_are_atomic_and_the_link_and_removal_wait_for_them(tmp
 
 @pytest.mark.slow
 def test_checkpoint_bytes_are_fsynced_before_the_rename(image_folder, tmp_path, monkeypatch):
-    """docs/long-runs.md: a checkpoint goes to a temporary file, is fsync'ed, then renamed. In a real fit, every rename onto
-    a checkpoint is preceded by an fsync of the very file being renamed, with all its bytes written."""
+    """docs/long-runs.md: a checkpoint goes to a temporary file, is fsync'ed, then renamed. In a real fit, every
+    rename onto a checkpoint is preceded by an fsync of the very file being renamed, with all its bytes written."""
     events = []
     real_fsync, real_replace = os.fsync, os.replace
 

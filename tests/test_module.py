@@ -83,7 +83,8 @@ def test_min_snr_weights_each_prediction_type_by_its_formula(prediction_type):
     snr = a / (1 - a)
     clipped = torch.minimum(snr, torch.tensor(2.0, dtype=torch.float64))
     weight = {"epsilon": clipped / snr, "sample": clipped, "v_prediction": clipped / (snr + 1)}[prediction_type]
-    expected_weight = {  # the same weights as numbers, worked out from the schedule (SNR 1111.99, 3.670, 1.090, 1.06e-4)
+    # the same weights as numbers, worked out from the schedule (SNR 1111.99, 3.670, 1.090, 1.06e-4)
+    expected_weight = {
         "epsilon": [2 / 1111.99, 2 / 3.6704, 1, 1],
         "sample": [2, 2, 1.0895, 1.0605e-4],
         "v_prediction": [2 / 1112.99, 2 / 4.6704, 1.0895 / 2.0895, 1.0605e-4 / 1.000106],
@@ -212,7 +213,8 @@ def test_schedule_steps_once_per_optimizer_step_and_ends_at_zero_under_accumulat
 
 @pytest.mark.slow
 def test_raising_max_epochs_on_resume_stretches_the_schedule_and_the_lr_jumps(twelve, tmp_path):
-    """docs/long-runs.md, "Raising `max_epochs` on resume": the cosine's length becomes the new run's, so at the resumed step the LR jumps up."""
+    """docs/long-runs.md, "Raising `max_epochs` on resume": the cosine's length becomes the new run's, so at the
+    resumed step the LR jumps up."""
     common = [*NO_SAVES, "--model.lr_warmup_steps", "1", "--model.learning_rate", "0.002"]
     main(fit_args(twelve, tmp_path / "run", *common, "--trainer.max_epochs", "1"))
     main(fit_args(twelve, tmp_path / "run", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"))

@@ -56,8 +56,8 @@ def data_module(dataset: Path, **kwargs) -> ImageDataModule:
 
 @pytest.mark.parametrize("crop", ["center", "random"])
 def test_prepare_stores_the_cached_paths_pixels_and_records_size_crop_and_count(tmp_path, caplog, crop):
-    """The images decode_all would cache (`load`, its decoding of each image), the unreadable one skipped and counted; random
-    crops keep each image's strip, cut per batch as the cached path's are."""
+    """The images decode_all would cache (`load`, its decoding of each image), the unreadable one skipped and counted;
+    random crops keep each image's strip, cut per batch as the cached path's are."""
     source = photos(tmp_path / "photos", 12)
     (source / "broken.png").write_text("not a PNG")
     out = tmp_path / "shards"
@@ -78,7 +78,10 @@ def test_prepare_stores_the_cached_paths_pixels_and_records_size_crop_and_count(
 def test_a_run_at_another_size_or_crop_refuses_prepared_shards_in_one_line_naming_the_fix(tmp_path):
     shards = prepared(tmp_path, 6)
     for size, crop in ((32, "squash"), (16, "center")):
-        with pytest.raises(ValueError, match=r"prepared at image_size 16 with crop squash, not .*--data.image_size 16 --data.crop squash, or prepare") as err:  # fmt: skip
+        expected = (
+            r"prepared at image_size 16 with crop squash, not .*--data.image_size 16 --data.crop squash, or prepare"
+        )
+        with pytest.raises(ValueError, match=expected) as err:
             data_module(shards, image_size=size, crop=crop)
         assert "\n" not in str(err.value)
     (tmp_path / "partial").mkdir()

@@ -60,7 +60,8 @@ def test_compiled_step_refuses_fused_adamw():
 def test_compiled_step_follows_the_lr_schedule_without_recompiling_and_in_its_gpu_values(monkeypatch):
     """CompiledAdamW against torch's AdamW after Lightning's clipping, step by step over a warm-up and a decay:
     the same weights, compiled once for the whole schedule (its LR is a tensor filled in place), in its GPU values
-    (capturable=True: the step counter and the LR stay on the device), which a CPU can run inside torch.compile. Its state_dict is plain AdamW's: a float LR, not capturable."""
+    (capturable=True: the step counter and the LR stay on the device), which a CPU can run inside torch.compile.
+    Its state_dict is plain AdamW's: a float LR, not capturable."""
     from torch._dynamo.utils import counters
     from torch.optim.lr_scheduler import LambdaLR
 

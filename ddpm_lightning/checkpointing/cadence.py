@@ -1,12 +1,16 @@
-"""When checkpoints are written: `PeriodicCheckpoint`, every 10 minutes of training by default, at the end of the
-run and on a stop signal (signals.py), one file at a time with `last.ckpt` a link to it.
+"""When checkpoints are written: `PeriodicCheckpoint`.
+
+Every 10 minutes of training by default, at the end of the run and on a stop signal (signals.py), one file at a time
+with `last.ckpt` a link to it.
 """
 
 from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -15,9 +19,10 @@ from .writes import AtomicCheckpointIO
 
 
 class PeriodicCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint with a cheap default: a checkpoint every `train_time_interval` of training (10 minutes)
-    rather than every epoch, one at the end of the run and one on a stop signal; each save is one file (the
-    previous one is deleted with the default save_top_k=1) and `last.ckpt` is a link to it.
+    """ModelCheckpoint with a cheap default: a checkpoint every `train_time_interval` of training (10 minutes).
+
+    That is rather than every epoch, with one at the end of the run and one on a stop signal; each save is one file
+    (the previous one is deleted with the default save_top_k=1) and `last.ckpt` is a link to it.
 
     Setting `every_n_train_steps` or `every_n_epochs` replaces the time cadence; `save_top_k: -1` keeps every file.
 
@@ -29,12 +34,12 @@ class PeriodicCheckpoint(ModelCheckpoint):
 
     def __init__(
         self,
-        *args,
+        *args: Any,
         train_time_interval: timedelta | None = timedelta(minutes=10),
         save_last: bool | str | None = "link",
         enable_version_counter: bool = False,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         # No version counter by default: a run has its own folder, so `last.ckpt` is always this run's (the
         # counter would write last-v1.ckpt on resume, as a linked save does not record the link's name).
         if kwargs.get("every_n_train_steps") or kwargs.get("every_n_epochs"):
@@ -56,7 +61,7 @@ class PeriodicCheckpoint(ModelCheckpoint):
         else:
             super()._remove_checkpoint(trainer, filepath)
 
-    def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates) -> None:
+    def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
         stale, self._stale = self._stale, []
         kept = {os.path.abspath(p) for p in [*self.best_k_models, self.last_model_path] if p}
@@ -65,6 +70,7 @@ class PeriodicCheckpoint(ModelCheckpoint):
                 super()._remove_checkpoint(trainer, path)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        """Queue for removal the files an earlier cadence kept in this folder, where one file is kept."""
         # Resumed with another cadence: Lightning restores no state saved under another cadence (state_key), so
         # the old cadence's file would stay beside the new one. Where one file is kept, it goes at the next save.
         states = checkpoint.get("callbacks", {})
@@ -82,6 +88,7 @@ class PeriodicCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier()
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        """Refuse to save weights that are not finite."""
         check_finite(trainer)  # (called on every rank before anything is written)
 
     def save_now(self, trainer: Trainer) -> None:
@@ -96,10 +103,12 @@ class PeriodicCheckpoint(ModelCheckpoint):
         self._save_last_checkpoint(trainer, candidates)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Save as the cadence says, and at the last epoch's end."""
         super().on_train_epoch_end(trainer, pl_module)
         if trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs > 0:
             self.save_now(trainer)  # the last epoch's end: the run's final checkpoint, named after that epoch
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Save the run's end."""
         self.save_now(trainer)  # the end of the run is always saved, whatever the cadence (unless just saved)
         super().on_train_end(trainer, pl_module)

@@ -1,5 +1,7 @@
-"""What a resume needs beyond Lightning's own state, and what it checks: the RNG states (`RNGStates`), the data a
-run trained on (`SameData`), and a `--ckpt_path` that can be resumed from (`check_ckpt_path`).
+"""What a resume needs beyond Lightning's own state, and what it checks.
+
+The RNG states (`RNGStates`), the data a run trained on (`SameData`), and a `--ckpt_path` that can be resumed from
+(`check_ckpt_path`).
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 
 class RNGStates(Callback):
-    """The torch, CUDA, numpy and Python RNG states in every checkpoint (in types `torch.load(weights_only=True)`
-    accepts), restored on resume: Lightning keeps none, and with them the noise, timestep and flip draws continue."""
+    """The torch, CUDA, numpy and Python RNG states in every checkpoint, restored on resume.
+
+    They are saved in types `torch.load(weights_only=True)` accepts. Lightning keeps none, and with them the noise,
+    timestep and flip draws continue.
+    """
 
     def state_dict(self) -> dict[str, Any]:
+        """The RNG states now."""
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
         return {
             "torch": torch.get_rng_state(),
@@ -33,6 +39,7 @@ class RNGStates(Callback):
         }
 
     def load_state_dict(self, states: dict[str, Any]) -> None:
+        """Set the RNG states saved."""
         torch.set_rng_state(states["torch"])
         if states["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
@@ -41,6 +48,7 @@ class RNGStates(Callback):
         random.setstate(states["python"])
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Restore the RNG states of a 0.1.0 checkpoint, saved at its top level."""
         if "rng_states" in checkpoint:  # a 0.1.0 checkpoint: the module saved them at the top level
             self.load_state_dict(checkpoint["rng_states"])
 
@@ -49,24 +57,29 @@ FRESH_START = "To start the run again from step 0 instead: leave --ckpt_path out
 
 
 class SameData(Callback):
-    """A checkpoint records its run's data settings (Lightning keeps the data module's hyperparameters) and the number
-    of training images; a resume that changes them says so. Another image size is refused: the UNet was trained at
-    one size, and its saved folder says which. Any other change (the data set, the batch size, images added or
-    removed, ...) goes on with one warning naming it: from there on, the images come in another order than in
-    the uninterrupted run, so it no longer equals that run. So does a resume on another number of processes
-    (devices x nodes), whose warning names what that changes: the global batch, the steps of an epoch, the order.
-    `validate` trains nothing: it warns only when its held-out images are not those of the run (which had some)."""
+    """A resume that changes the run's data says so.
+
+    A checkpoint records its run's data settings (Lightning keeps the data module's hyperparameters) and the number
+    of training images. Another image size is refused: the UNet was trained at one size, and its saved folder says
+    which. Any other change (the data set, the batch size, images added or removed, ...) goes on with one warning
+    naming it: from there on, the images come in another order than in the uninterrupted run, so it no longer
+    equals that run. So does a resume on another number of processes (devices x nodes), whose warning names what
+    that changes: the global batch, the steps of an epoch, the order. `validate` trains nothing: it warns only when
+    its held-out images are not those of the run (which had some).
+    """
 
     def __init__(self) -> None:
         self.saved_layout: dict | None = None  # the checkpoint's data_layout, compared once training starts
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        """Record the number of training images and the data's layout over the processes."""
         images = train_images(trainer)
         if images is not None:
             checkpoint["train_images"] = images
         checkpoint["data_layout"] = data_layout(trainer)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        """Refuse another image size; warn of other data settings or training images."""
         self.saved_layout = checkpoint.get("data_layout")
         then = checkpoint.get("datamodule_hyper_parameters") or {}
         now = dict(trainer.datamodule.hparams) if trainer.datamodule is not None else {}
@@ -99,6 +112,7 @@ class SameData(Callback):
             )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Warn of a resume on another number of processes, naming what that changes."""
         # (here, not on load: the steps of an epoch are known once the loader is built)
         then, self.saved_layout = self.saved_layout, None
         if not then or then["world_size"] == trainer.world_size:
@@ -114,8 +128,8 @@ class SameData(Callback):
             + "".join(f"{change}, " for change in changes)
             + "and the images now come in another order than in the uninterrupted run (prepared shards: the epoch "
             "underway goes on with its remaining images, each once; other data: that epoch is drawn again from "
-            "the new split, so some images may come twice in it and others not at all), so the result will not equal that "
-            "run's. To continue exactly, resume on the checkpoint's number of processes."
+            "the new split, so some images may come twice in it and others not at all), so the result will not equal "
+            "that run's. To continue exactly, resume on the checkpoint's number of processes."
         )
 
 
@@ -135,6 +149,7 @@ HELD_OUT = ("val_dataset", "val_split", "val_fraction")  # the data settings tha
 
 
 def train_images(trainer: Trainer) -> int | None:
+    """The number of training images, where the data module knows it."""
     prepared = getattr(trainer.datamodule, "prepared", None)  # streamed shards: their count (len is per rank)
     if prepared:
         return prepared["images"]
@@ -143,8 +158,11 @@ def train_images(trainer: Trainer) -> int | None:
 
 
 def check_ckpt_path(ckpt_path: str | None, checkpoint: ModelCheckpoint | None, max_epochs: int | None = None) -> None:
-    """Fail before training, with the fix, where Lightning would start from scratch (a `last` that is missing or
-    points at nothing) or fail deep inside torch.load (a truncated file, a checkpoint past `max_epochs`)."""
+    """Fail before training, with the fix, where Lightning would start from scratch or fail deep inside torch.load.
+
+    Lightning starts from scratch on a `last` that is missing or points at nothing; it fails inside torch.load on a
+    truncated file or a checkpoint past `max_epochs`.
+    """
     if ckpt_path is None or "://" in ckpt_path or ckpt_path in ("best", "hpc", "registry"):
         return
     if ckpt_path == "last":
@@ -186,8 +204,8 @@ def check_ckpt_path(ckpt_path: str | None, checkpoint: ModelCheckpoint | None, m
         return
     if not isinstance(content, dict) or "pytorch-lightning_version" not in content:
         raise ValueError(
-            f"--ckpt_path {ckpt_path} is not a Lightning checkpoint (no pytorch-lightning_version: a plain torch.save?). "
-            "Give a .ckpt written by `ddpm-lightning fit` (its checkpoint folder's last.ckpt)."
+            f"--ckpt_path {ckpt_path} is not a Lightning checkpoint (no pytorch-lightning_version: a plain "
+            "torch.save?). Give a .ckpt written by `ddpm-lightning fit` (its checkpoint folder's last.ckpt)."
         )
     epoch = epochs_done(content)
     if max_epochs is not None and max_epochs >= 0 and epoch is not None and epoch > max_epochs:  # (as Lightning)

@@ -1,8 +1,10 @@
-"""Checkpoint writes that survive interruptions: each file written beside its destination and renamed into place
-(`AtomicCheckpointIO`), in one background thread that removes the previous file and re-points `last.ckpt` only once
-the new one is complete (`BackgroundCheckpointIO`); what a killed write leaves (`PARTIAL` files) is swept at the
-next start (`remove_partial_files`). Any other file can be written the same way (`write_whole`); a write that fails
-is told in one line by what it left (`why_not_written`, `next_run`).
+"""Checkpoint writes that survive interruptions.
+
+Each file is written beside its destination and renamed into place (`AtomicCheckpointIO`), in one background thread
+that removes the previous file and re-points `last.ckpt` only once the new one is complete
+(`BackgroundCheckpointIO`); what a killed write leaves (`PARTIAL` files) is swept at the next start
+(`remove_partial_files`). Any other file can be written the same way (`write_whole`); a write that fails is told in
+one line by what it left (`why_not_written`, `next_run`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.plugins import AsyncCheckpointIO, TorchCheckpointIO
@@ -35,7 +38,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     naming the file, the free space and the fix.
     """
 
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        """Write the checkpoint to a temporary file beside `path`, then rename it into place."""
         if "://" in str(path):  # remote storage: Lightning's fsspec transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
@@ -67,9 +71,11 @@ PARTIAL = ".partial-"  # a write in progress: .<name>.partial-<pid> beside its d
 
 
 def write_whole(path: str | Path, write: Callable[[Path], object]) -> None:
-    """`write(temporary path)`, then the file renamed to `path`: a failed write leaves `path` as it was and no
-    partial file (a kill leaves a hidden `.<stem>.partial-<pid><suffix>`). The suffix is kept, so image writers
-    find the format in the name."""
+    """`write(temporary path)`, then the file renamed to `path`.
+
+    A failed write leaves `path` as it was and no partial file (a kill leaves a hidden
+    `.<stem>.partial-<pid><suffix>`). The suffix is kept, so image writers find the format in the name.
+    """
     path = Path(path)
     partial = path.with_name(f".{path.stem}{PARTIAL}{os.getpid()}{path.suffix}")
     try:
@@ -80,14 +86,17 @@ def write_whole(path: str | Path, write: Callable[[Path], object]) -> None:
 
 
 def remove_partial_files(folder: str | Path | None) -> None:
-    """Delete what writes killed mid-way left in `folder` (up to a checkpoint's size each); call it only while
-    holding the run's lock, so no write of another process is in progress there."""
+    """Delete what writes killed mid-way left in `folder` (up to a checkpoint's size each).
+
+    Call it only while holding the run's lock, so no write of another process is in progress there.
+    """
     if folder is not None and Path(folder).is_dir():
         for path in Path(folder).glob(f".*{PARTIAL}*"):
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def write_error(path: Path, err: BaseException) -> CheckpointWriteError:
+    """The one-line error of a failed checkpoint write: why, what is kept, and what to do."""
     last = path.parent / "last.ckpt"
     has_last = last.is_symlink() and last.exists()
     kept = f"last.ckpt still points at {os.readlink(last)}" if has_last else "no last.ckpt"
@@ -98,8 +107,10 @@ def write_error(path: Path, err: BaseException) -> CheckpointWriteError:
 
 
 def why_not_written(folder: Path, err: BaseException) -> str:
-    """The first line of a failed write's error and the space left where it wrote: "... No space left on device
-    (os error 28); 0 MiB free there"."""
+    """The first line of a failed write's error and the space left where it wrote.
+
+    For example "... No space left on device (os error 28); 0 MiB free there".
+    """
     try:
         free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free there"
     except OSError:
@@ -109,42 +120,50 @@ def why_not_written(folder: Path, err: BaseException) -> str:
 
 
 def next_run(has_checkpoint: bool) -> str:
-    """What to run after a run stopped by a failed write: resume, or, with no checkpoint to resume from, start
-    again (the stopped run's logs and samples are there, so a fresh run needs --overwrite)."""
+    """What to run after a run stopped by a failed write: resume, or start again.
+
+    With no checkpoint to resume from, the run starts again (the stopped run's logs and samples are there, so a
+    fresh run needs --overwrite).
+    """
     if has_checkpoint:
         return "resume with --ckpt_path last"
     return "start the run again with --overwrite true (no checkpoint was saved to resume from)"
 
 
 class BackgroundCheckpointIO(AsyncCheckpointIO):
-    """Checkpoints written by one background thread (the tensors are copied on the training thread first, as in
-    Lightning's AsyncCheckpointIO), with removals and links queued behind the writes: the previous checkpoint is
-    deleted, and `last.ckpt` re-pointed, only once the new file is complete. After a failed write nothing queued
-    behind it runs (the previous checkpoint stays, and `last` on it), and the next save (or the end of `fit`, which
-    waits for the queue) raises the error."""
+    """Checkpoints written by one background thread, with removals and links queued behind the writes.
 
-    def __init__(self, checkpoint_io: AtomicCheckpointIO | None = None):
+    The tensors are copied on the training thread first, as in Lightning's AsyncCheckpointIO. The previous
+    checkpoint is deleted, and `last.ckpt` re-pointed, only once the new file is complete. After a failed write
+    nothing queued behind it runs (the previous checkpoint stays, and `last` on it), and the next save (or the end
+    of `fit`, which waits for the queue) raises the error.
+    """
+
+    def __init__(self, checkpoint_io: AtomicCheckpointIO | None = None) -> None:
         super().__init__(checkpoint_io or AtomicCheckpointIO())
         self._queue: ThreadPoolExecutor | None = None
         self._failure: BaseException | None = None  # the first failed task's error: nothing after it runs
         self._reported = False
 
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        """Copy the tensors now and queue their write."""
         copy = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().clone())  # the values now
         self._in_order(self.checkpoint_io.save_checkpoint, copy, path, storage_options)
 
-    def remove_checkpoint(self, path) -> None:
+    def remove_checkpoint(self, path: str | Path) -> None:
+        """Queue the file's removal behind the writes."""
         self._in_order(self.checkpoint_io.remove_checkpoint, path)
 
     def link(self, target: str, link: str) -> None:
+        """Queue the link behind the writes."""
         self._in_order(self.checkpoint_io.link, target, link)
 
-    def _in_order(self, function, *args) -> None:
+    def _in_order(self, function: Callable[..., object], *args: object) -> None:
         self._raise_failure()
         if self._queue is None:  # (again after a teardown: fit, then validate)
             self._queue = ThreadPoolExecutor(max_workers=1)
 
-        def run():
+        def run() -> None:
             if self._failure is None:
                 try:
                     function(*args)
@@ -159,6 +178,7 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
             raise self._failure
 
     def teardown(self) -> None:
+        """Wait for the queued work, then raise its failure, if any."""
         if self._queue is not None:
             self._queue.shutdown(wait=True)
             self._queue = None

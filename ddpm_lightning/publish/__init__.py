@@ -1,5 +1,7 @@
-"""What leaves the training loop for users: the model folder (`save_pipeline`, folder.py), its model card (card.py)
-and its upload to the Hugging Face Hub (`HubUploader`, hub.py).
+"""What leaves the training loop for users: the model folder, its model card and its upload to the Hub.
+
+The folder is `save_pipeline`'s (folder.py), the card card.py's, and the upload to the Hugging Face Hub
+`HubUploader`'s (hub.py).
 """
 
 from .card import write_model_card, write_run_card

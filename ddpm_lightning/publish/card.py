@@ -1,7 +1,8 @@
 """The model card (README.md) of a saved model folder: Hub front matter, samples, data set, steps, config, usage.
 
     write_model_card("ddpm-butterflies-128", config={...}, dataset="huggan/smithsonian_butterflies_subset",
-                     steps=3150, grid_path=Path("ddpm-butterflies-128/samples/0049.png"), repo_id="me/ddpm-butterflies-128")
+                     steps=3150, grid_path=Path("ddpm-butterflies-128/samples/0049.png"),
+                     repo_id="me/ddpm-butterflies-128")
 
 `SaveModel` writes one with every save (from the run's config, data set, global step and newest grid) and
 `ddpm-lightning export` with every export; it lives in the folder, so it is uploaded with it.
@@ -15,13 +16,16 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..checkpointing.writes import write_whole
 from ..sources import is_hub_id
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,9 @@ SAMPLES_NAME = "samples.png"
 
 def plain(value: Any) -> Any:
     """`value` in types that yaml.safe_dump writes: mappings, lists, str, numbers, bool, None; str for the rest.
-    Keys starting with "_" (LightningCLI's `_instantiator`, `_class_path` in saved hyperparameters) are left out."""
+
+    Keys starting with "_" (LightningCLI's `_instantiator`, `_class_path` in saved hyperparameters) are left out.
+    """
     if isinstance(value, Mapping):
         return {str(k): plain(v) for k, v in value.items() if not str(k).startswith("_")}
     if isinstance(value, (list, tuple, set)):
@@ -128,9 +134,11 @@ def write_model_card(
     return path
 
 
-def without_local_paths(value):
-    """The config with each absolute path replaced by its last part (a data folder by its name): a card is
-    published, and a local path names the user and the machine's layout."""
+def without_local_paths(value: Any) -> Any:
+    """The config with each absolute path replaced by its last part (a data folder by its name).
+
+    A card is published, and a local path names the user and the machine's layout.
+    """
     if isinstance(value, dict):
         return {key: without_local_paths(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -140,9 +148,12 @@ def without_local_paths(value):
     return value
 
 
-def run_config(trainer, pl_module) -> dict | None:
-    """The config the run was started with: LightningCLI's (as in <output_dir>/logs/config.yaml) when the run
-    came from the CLI, else the model's and data module's hyperparameters."""
+def run_config(trainer: Trainer, pl_module: LightningModule) -> dict | None:
+    """The config the run was started with.
+
+    That is LightningCLI's (as in <output_dir>/logs/config.yaml) when the run came from the CLI, else the model's
+    and data module's hyperparameters.
+    """
     from lightning.pytorch.cli import SaveConfigCallback
 
     for callback in getattr(trainer, "callbacks", []):
@@ -160,9 +171,13 @@ def run_config(trainer, pl_module) -> dict | None:
     return config
 
 
-def write_run_card(trainer, pl_module, output_dir: str | Path, repo_id: str | None = None) -> Path | None:
-    """The card of a saved folder during training (called by SaveModel.save). Never raises: a card that cannot
-    be written is a warning, training goes on."""
+def write_run_card(
+    trainer: Trainer, pl_module: LightningModule, output_dir: str | Path, repo_id: str | None = None
+) -> Path | None:
+    """The card of a saved folder during training (called by SaveModel.save).
+
+    Never raises: a card that cannot be written is a warning, training goes on.
+    """
     try:
         datamodule = getattr(trainer, "datamodule", None)
         dataset = (getattr(datamodule, "hparams", None) or {}).get("dataset")

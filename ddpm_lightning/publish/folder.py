@@ -1,5 +1,6 @@
-"""The model folder a run saves and `export` writes: `DDPMPipeline.save_pretrained`'s files, swapped in atomically
-(`save_pipeline`), which `DDPMPipeline.from_pretrained(folder)` loads.
+"""The model folder a run saves and `export` writes: `DDPMPipeline.save_pretrained`'s files, swapped in atomically.
+
+`save_pipeline` writes it; `DDPMPipeline.from_pretrained(folder)` loads it.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from diffusers import DDPMPipeline
+from diffusers import DDPMPipeline, SchedulerMixin, UNet2DModel
 from safetensors import SafetensorError
 
 from ..checkpointing.writes import PARTIAL, why_not_written
@@ -18,10 +19,13 @@ class ModelWriteError(OSError):
     """The model folder could not be written (a full disk, ...); each file in it is whole, old or new."""
 
 
-def save_pipeline(unet, scheduler, folder: str | Path) -> None:
-    """`DDPMPipeline(unet, scheduler).save_pretrained(folder)`, written beside and swapped in: the new files go to a
-    hidden folder inside `folder`, then each replaces its old self in one rename (the weights first, model_index.json
-    last). A kill at any moment leaves each file whole, old or new, and the folder a loadable model."""
+def save_pipeline(unet: UNet2DModel, scheduler: SchedulerMixin, folder: str | Path) -> None:
+    """`DDPMPipeline(unet, scheduler).save_pretrained(folder)`, written beside and swapped in.
+
+    The new files go to a hidden folder inside `folder`, then each replaces its old self in one rename (the weights
+    first, model_index.json last). A kill at any moment leaves each file whole, old or new, and the folder a
+    loadable model.
+    """
     folder = Path(folder)
     staging = folder / f".model{PARTIAL}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

@@ -30,10 +30,21 @@ DATA_PREVIEW = ["samples/data.png"]
 
 
 class MissingHubTokenError(RuntimeError):
-    pass
+    """push_to_hub is on, but no Hugging Face token was found; the message says how to give one."""
 
 
 class HubUploader:
+    """Uploads a saved model folder to a Hub repo in the background, one upload at a time.
+
+    Args:
+        repo_id: the Hub repo, "user/name" or "name" (create_repo completes it).
+        private: create the repo private.
+        token: the Hugging Face token; huggingface_hub's own (`hf auth login`, HF_TOKEN) when left out.
+        api: the client (anything with HfApi's create_repo / upload_folder); HfApi by default.
+        upload_logs: also upload the run's records (`LOGS`).
+        upload_data_preview: also upload samples/data.png (`DATA_PREVIEW`).
+    """
+
     def __init__(
         self,
         repo_id: str,
@@ -42,7 +53,7 @@ class HubUploader:
         api: HfApi | None = None,
         upload_logs: bool = False,
         upload_data_preview: bool = False,
-    ):
+    ) -> None:
         self.repo_id = repo_id
         self.allow_patterns = PUBLISHED + (LOGS if upload_logs else []) + (DATA_PREVIEW if upload_data_preview else [])
         self.private = private
@@ -52,6 +63,7 @@ class HubUploader:
         self._pending: Future | None = None
 
     def check_token(self) -> None:
+        """Fail with the fix when there is no token to upload with."""
         if self.token or get_token():
             return
         raise MissingHubTokenError(
@@ -60,6 +72,7 @@ class HubUploader:
         )
 
     def create_repo(self) -> str:
+        """Create the repo if it does not exist; return its full id."""
         repo = self.api.create_repo(self.repo_id, private=self.private, exist_ok=True, repo_type="model")
         self.repo_id = repo.repo_id
         return self.repo_id
@@ -81,6 +94,9 @@ class HubUploader:
             self.uploads += 1
         except Exception as err:
             self.failures += 1
-            msg = f"Upload to the Hub repo {self.repo_id!r} failed ({self.failures} so far): {err!r}. Training goes on; the next save uploads again."
+            msg = (
+                f"Upload to the Hub repo {self.repo_id!r} failed ({self.failures} so far): {err!r}. Training goes "
+                "on; the next save uploads again."
+            )
             log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)

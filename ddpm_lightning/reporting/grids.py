@@ -1,5 +1,6 @@
-"""Grids of images: their shape (`grid_shape`), the PNG (`save_grid`) and each logger's image (`log_image`), for
-the epoch grids, `data.png` and `ddpm-lightning sample`'s grid.png.
+"""Grids of images: their shape (`grid_shape`), the PNG (`save_grid`) and each logger's image (`log_image`).
+
+They serve the epoch grids, `data.png` and `ddpm-lightning sample`'s grid.png.
 
     save_grid(images, Path("grid.png"))  # 4 x 4, no padding
 
@@ -10,10 +11,11 @@ the epoch grids, `data.png` and `ddpm-lightning sample`'s grid.png.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid, save_image
 
 
@@ -29,10 +31,17 @@ def grid_shape(n: int, rows: int | None = None) -> tuple[int, int]:
 
 
 def save_grid(
-    images: torch.Tensor, path: Path, rows: int | None = None, loggers=(), tag: str = "samples", step: int = 0
+    images: torch.Tensor,
+    path: Path,
+    rows: int | None = None,
+    loggers: Iterable[Logger] = (),
+    tag: str = "samples",
+    step: int = 0,
 ) -> Path:
-    """Tile `images` ((n, C, H, W), floats in [0, 1] or uint8) without padding, in `rows` rows (the squarest grid
-    when left out), into the PNG `path` and into each logger (`log_image`)."""
+    """Tile `images` ((n, C, H, W), floats in [0, 1] or uint8) into the PNG `path` and into each logger.
+
+    The grid has no padding and `rows` rows (the squarest grid when left out); each logger gets it by `log_image`.
+    """
     grid = make_grid(images, nrow=grid_shape(len(images), rows)[1], padding=0)
     if grid.dtype != torch.uint8:  # rounded as torchvision's save_image rounds
         grid = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
@@ -44,9 +53,12 @@ def save_grid(
     return path
 
 
-def log_image(logger, tag: str, grid: torch.Tensor, step: int) -> None:
-    """`grid` ((C, H, W) uint8) to one Lightning logger through its own image call: TensorBoard's `add_image`,
-    W&B's `log_image`, MLflow's `log_image` (as an image artifact with a step). Other loggers get no images."""
+def log_image(logger: Logger, tag: str, grid: torch.Tensor, step: int) -> None:
+    """`grid` ((C, H, W) uint8) to one Lightning logger through its own image call.
+
+    That is TensorBoard's `add_image`, W&B's `log_image`, MLflow's `log_image` (as an image artifact with a step).
+    Other loggers get no images.
+    """
     if isinstance(logger, TensorBoardLogger):
         logger.experiment.add_image(tag, grid, global_step=step)
     elif isinstance(logger, WandbLogger):

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import UNet2DModel
@@ -28,9 +30,11 @@ log = logging.getLogger(__name__)
 
 
 def training_flops_per_image(unet: UNet2DModel) -> int:
-    """FLOPs of one image's forward and backward pass, counted by torch.utils.flop_counter on a copy of the
-    UNet on the meta device (shapes only: instant, no memory). Attention is counted as the math backend's
-    matmuls, which is what the fused kernels compute too."""
+    """FLOPs of one image's forward and backward pass, counted by torch.utils.flop_counter.
+
+    They are counted on a copy of the UNet on the meta device (shapes only: instant, no memory). Attention is
+    counted as the math backend's matmuls, which is what the fused kernels compute too.
+    """
     with torch.device("meta"):
         copy = UNet2DModel.from_config(unet.config)
     size = copy.config.sample_size
@@ -43,15 +47,18 @@ def training_flops_per_image(unet: UNet2DModel) -> int:
 
 
 class ImagesThroughput(Callback):
-    """Logs train/images_per_sec, train/steps_per_sec (optimizer steps), train/mfu (against the device's dense
-    bf16 peak, where peak_flops.py or Lightning knows it, or `peak_flops`) and train/peak_memory_gb (CUDA) to the
-    loggers, and images/s to the progress bar, through Lightning's `Throughput` (the counter behind ThroughputMonitor).
+    """Logs images/s, steps/s, MFU and peak GPU memory through Lightning's `Throughput`, without a sync per step.
+
+    It logs train/images_per_sec, train/steps_per_sec (optimizer steps), train/mfu (against the device's dense bf16
+    peak, where peak_flops.py or Lightning knows it, or `peak_flops`) and train/peak_memory_gb (CUDA) to the
+    loggers, and images/s to the progress bar, through Lightning's `Throughput` (the counter behind
+    ThroughputMonitor).
 
     ThroughputMonitor waits for the GPU after every batch to time it; here batches are only counted (sizes
     are known on the host) and the clock is read, after one wait, on log steps, over the last `window` of them.
     """
 
-    def __init__(self, window: int = 2, peak_flops: float | None = None):
+    def __init__(self, window: int = 2, peak_flops: float | None = None) -> None:
         self.window = window
         self.peak_flops = peak_flops
         self.flops_per_image: int | None = None
@@ -61,11 +68,13 @@ class ImagesThroughput(Callback):
         self.paused_at = 0.0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Build the counter, with the device's peak FLOP/s."""
         # MFU against the bf16 peak whatever the training precision (the figure people compare across runs).
         peak = self.peak_flops or peak_bf16_flops(trainer.strategy.root_device)
         self.throughput = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=self.window)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Count the UNet's FLOPs per image and start the clock (rank 0)."""
         if trainer.is_global_zero and self.throughput is not None:
             unet = getattr(pl_module, "unet", None)
             self.flops_per_image = training_flops_per_image(unet) if isinstance(unet, UNet2DModel) else None
@@ -73,7 +82,15 @@ class ImagesThroughput(Callback):
             self.started_at = time.perf_counter()
             self.throughput.reset()
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: torch.Tensor | Mapping[str, Any] | None,
+        batch: torch.Tensor,
+        batch_idx: int,
+    ) -> None:
+        """Count the batch; on a log step, read the clock and log the rates."""
         if not trainer.is_global_zero or self.throughput is None or self.started_at is None:
             return
         self.samples += len(batch)  # a shape, known on the host
@@ -105,9 +122,11 @@ class ImagesThroughput(Callback):
 
     # Validation pauses the clock (as ThroughputMonitor does) and is not itself timed.
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Pause the clock."""
         self.paused_at = time.perf_counter()
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Resume the clock."""
         if self.started_at is not None:
             self.started_at += time.perf_counter() - self.paused_at
 
@@ -123,7 +142,7 @@ class RunReport(Callback):
     clock before they run.
     """
 
-    def __init__(self, output_dir: str = "ddpm-butterflies-128", preview_images: int = 16):
+    def __init__(self, output_dir: str = "ddpm-butterflies-128", preview_images: int = 16) -> None:
         self.output_dir = output_dir
         self.preview_images = preview_images
         self.created = time.perf_counter()
@@ -135,11 +154,13 @@ class RunReport(Callback):
         self.first_step: float | None = None  # seconds from on_train_start to the first batch's end
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Write data.png for a new run (rank 0)."""
         self.train_started = time.perf_counter()
         if trainer.is_global_zero and trainer.ckpt_path is None and hasattr(trainer.datamodule, "preview"):
             self.write_preview(trainer)
 
     def write_preview(self, trainer: Trainer) -> Path:
+        """Save the data module's preview images as samples/data.png and to the loggers."""
         images = trainer.datamodule.preview(self.preview_images)
         path = Path(self.output_dir) / "samples" / "data.png"
         path = save_grid(images, path, None, trainer.loggers, "data/images", trainer.global_step)
@@ -148,12 +169,21 @@ class RunReport(Callback):
 
     # The clock: each hook closes the interval since the previous one and names it.
     def lap(self, phase: str) -> float:
+        """Add the time since the previous lap to `phase`; return the clock's reading."""
         now = time.perf_counter()
         self.seconds[phase] += now - (self.mark if self.mark is not None else self.created)
         self.mark = now
         return now
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: torch.Tensor | Mapping[str, Any] | None,
+        batch: torch.Tensor,
+        batch_idx: int,
+    ) -> None:
+        """Count the batch's images; the time since the last lap was training (or start-up, before the first)."""
         self.images += len(batch) * trainer.world_size  # a shape, known on the host: no wait for the GPU
         self.steps += 1
         now = self.lap("training" if self.first_step_done else "start-up")
@@ -162,24 +192,30 @@ class RunReport(Callback):
         self.first_step_done = True
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Close the training (or start-up) lap."""
         self.lap("training" if self.first_step_done else "start-up")
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Close the validation lap (the sanity check's is start-up)."""
         self.lap("validation" if self.first_step_done and not trainer.sanity_checking else "start-up")
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Close the training lap; the epoch-end hooks after this one are timed as epoch ends."""
         self.lap("training")
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Close the previous epoch's epoch-ends lap."""
         if self.mark is not None and self.first_step_done:
             self.lap("epoch ends")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Close the last lap and write the summary (rank 0)."""
         self.lap("epoch ends" if self.first_step_done else "start-up")
         if trainer.is_global_zero:
             self.write_summary(trainer)
 
     def write_summary(self, trainer: Trainer) -> dict:
+        """Write run_summary.json and log the summary block; return the summary."""
         out = Path(self.output_dir)
         metrics = trainer.callback_metrics
         grids = sorted(p for p in (out / "samples").glob("[0-9]*.png"))
@@ -216,11 +252,13 @@ class RunReport(Callback):
             start_up = f"set-up {split['set-up']:.1f} s: data, sanity check; first step {split['first step']:.1f} s"
         lines = [
             f"Run summary ({out / 'run_summary.json'})",
-            f"  {self.images} images seen in {self.steps} batches this run; {trainer.global_step} optimizer steps in all",
+            f"  {self.images} images seen in {self.steps} batches this run; {trainer.global_step} optimizer steps in "
+            "all",
             f"  wall time {wall['total']:.1f} s: start-up {wall['start-up']:.1f} s ({start_up}), training "
             f"{wall['training']:.1f} s, validation {wall['validation']:.1f} s, epoch ends {wall['epoch ends']:.1f} s "
             "(grids, saves, checkpoints)",
-            f"  mean {summary['mean_images_per_sec']} images/s while training; final train/loss {summary['final_train_loss']}"
+            f"  mean {summary['mean_images_per_sec']} images/s while training; final train/loss "
+            f"{summary['final_train_loss']}"
             + (f", val/loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""),
         ]
         if summary["fid"] is not None:

@@ -36,8 +36,10 @@ DENSE_BF16_FLOPS: list[tuple[str, float]] = [
 
 
 def peak_bf16_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak in FLOP/s: this table's figure, else Lightning's, else None (a CPU, or a GPU
-    neither knows; `--throughput.peak_flops` then gives it)."""
+    """The device's dense bf16 peak in FLOP/s: this table's figure, else Lightning's, else None.
+
+    None is for a CPU, or a GPU neither knows; `--throughput.peak_flops` then gives it.
+    """
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device).lower()
         for pattern, flops in DENSE_BF16_FLOPS:

@@ -1,5 +1,7 @@
-"""Regional compile (`model.compile_blocks`): torch.compile each of the UNet's down, mid and up blocks on its own,
-instead of its whole forward, for a shorter compile at start-up.
+"""Regional compile (`model.compile_blocks`): torch.compile each of the UNet's blocks on its own.
+
+Each of the down, mid and up blocks is compiled on its own, instead of the UNet's whole forward, for a shorter
+compile at start-up.
 
 diffusers' `compile_repeated_blocks` raises for UNet2DModel (it declares no `_repeated_blocks`), so each block's
 `forward` is replaced (an instance attribute: the weights, their names and the saved folders do not change) by one
@@ -12,7 +14,9 @@ fall back to eager.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 from diffusers import UNet2DModel
@@ -21,7 +25,7 @@ from diffusers import UNet2DModel
 class CompiledBlocks:
     """The state the blocks share: the compiled batch size, and whether each training step starts a CUDA graph."""
 
-    def __init__(self, unet: UNet2DModel, mode: str, cuda_graphs: bool):
+    def __init__(self, unet: UNet2DModel, mode: str, cuda_graphs: bool) -> None:
         self.batch = 0
         self.cuda_graphs = cuda_graphs
         blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
@@ -31,7 +35,16 @@ class CompiledBlocks:
                 compiled = torch.compile(block.forward, mode=mode, dynamic=False)
                 block.forward = partial(self.forward, block, block.forward, compiled)
 
-    def forward(self, block, eager, compiled, hidden_states: torch.Tensor, *args, **kwargs):
+    def forward(
+        self,
+        block: torch.nn.Module,
+        eager: Callable[..., Any],
+        compiled: Callable[..., Any],
+        hidden_states: torch.Tensor,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        """The block's output (whatever its class returns): compiled in a training step of the compiled size."""
         if not torch.is_grad_enabled() or len(hidden_states) < self.batch:
             return eager(hidden_states, *args, **kwargs)
         self.batch = len(hidden_states)

@@ -1,6 +1,7 @@
-"""`model.cuda_graph_capture`: the UNet's training forward and backward captured as CUDA graphs with
-`torch.cuda.make_graphed_callables`, without torch.compile: CUDA graphs in a capture of seconds instead of a compile
-of minutes. At a batch size of 16 the step is launch-bound, and most of what `compile_mode: reduce-overhead` gains
+"""`model.cuda_graph_capture`: the UNet's training forward and backward captured as CUDA graphs, without compile.
+
+The capture is `torch.cuda.make_graphed_callables`': CUDA graphs in a capture of seconds instead of a compile of
+minutes. At a batch size of 16 the step is launch-bound, and most of what `compile_mode: reduce-overhead` gains
 there is the graphs (../shared/reference). Not yet run on a GPU.
 
 How it follows PyTorch's CUDA-graph notes (docs/source/notes/cuda.rst, `make_graphed_callables`' docstring):
@@ -22,16 +23,18 @@ from typing import cast
 
 import torch
 from diffusers import UNet2DModel
+from lightning.pytorch import Trainer
 
 
 class UNetTrainCall(torch.nn.Module):
     """The UNet's prediction as a module: make_graphed_callables treats a module's parameters as the graph's."""
 
-    def __init__(self, unet: UNet2DModel):
+    def __init__(self, unet: UNet2DModel) -> None:
         super().__init__()
         self.unet = unet
 
     def forward(self, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The UNet's output tensor."""
         return self.unet(sample, timesteps, return_dict=False)[0]
 
 
@@ -43,6 +46,7 @@ class CapturedForward:
         self.layout: tuple | None = None  # shape, strides and dtype of the captured batch
 
     def __call__(self, unet: UNet2DModel, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The UNet's output: captured at the first training step, replayed for batches of its layout."""
         layout = (sample.shape, sample.stride(), sample.dtype, timesteps.shape)
         if not torch.is_grad_enabled() or self.layout not in (None, layout):
             return unet(sample, timesteps, return_dict=False)[0]
@@ -55,7 +59,7 @@ class CapturedForward:
         return self.graphed(sample, timesteps)
 
 
-def check_capture(trainer) -> None:
+def check_capture(trainer: Trainer) -> None:
     """The refusals, each in one line: before any training."""
     if trainer.accumulate_grad_batches > 1:
         raise ValueError(

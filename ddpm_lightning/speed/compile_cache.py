@@ -1,5 +1,6 @@
-"""torch.compile's caches beside the run's checkpoints, so that a resume, or a run on another machine that sees the
-same folder, starts warm.
+"""torch.compile's caches beside the run's checkpoints.
+
+So a resume, or a run on another machine that sees the same folder, starts warm.
 
 Inductor keeps its compiled graphs, kernels and autotuning results (FX graph, AOTAutograd and Triton caches) in
 `TORCHINDUCTOR_CACHE_DIR`, by default `/tmp/torchinductor_$USER`: lost on a new machine, a cluster node or a
@@ -20,9 +21,11 @@ log = logging.getLogger(__name__)
 
 
 def keep_compile_cache(checkpoint_dir: str) -> str | None:
-    """Point inductor's cache at `compile-cache/` beside `checkpoint_dir` unless TORCHINDUCTOR_CACHE_DIR is set to
-    another place than inductor's default;
-    the folder used, or None when left to the user's setting (or when that folder cannot be created)."""
+    """Point inductor's cache at `compile-cache/` beside `checkpoint_dir`, unless the user chose another place.
+
+    The user chose one when TORCHINDUCTOR_CACHE_DIR is set to another place than inductor's default. Returns the
+    folder used, or None when left to the user's setting (or when that folder cannot be created).
+    """
     # Private, and imported here only: a run that compiles nothing never loads inductor.
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 

@@ -1,5 +1,7 @@
-"""AdamW for `DDPMModule`: `make_adamw` picks plain, fused or compiled AdamW from the model's switches and refuses the
-combinations that cannot work; `CompiledAdamW` is gradient clipping and the AdamW update as torch.compile'd code
+"""AdamW for `DDPMModule`: plain, fused or compiled.
+
+`make_adamw` picks plain, fused or compiled AdamW from the model's switches and refuses the combinations that
+cannot work; `CompiledAdamW` is gradient clipping and the AdamW update as torch.compile'd code
 (`model.compile_optimizer`).
 
 Eager, a step of the tutorial's UNet is hundreds of small kernels; under `mode="reduce-overhead"` on a GPU it is
@@ -16,20 +18,29 @@ unscales first and skips the step on overflow (a host read per step; bf16 has no
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 MIN_LR = 1e-30
 
 
 def make_adamw(
-    parameters, adamw: dict[str, Any], fused_adamw: bool | None, compile_optimizer: bool, compile_mode: str, trainer
+    parameters: Iterable[torch.nn.Parameter],
+    adamw: dict[str, Any],
+    fused_adamw: bool | None,
+    compile_optimizer: bool,
+    compile_mode: str,
+    trainer: Trainer,
 ) -> torch.optim.AdamW:
-    """AdamW with the `adamw` settings: compiled (`compile_optimizer`), fused (`fused_adamw`; by default on when the
-    parameters are on a GPU and the step is not compiled) or plain. Refuses, with the fix, what would fail later."""
+    """AdamW with the `adamw` settings: compiled, fused or plain.
+
+    Compiled with `compile_optimizer`; fused with `fused_adamw` (by default on when the parameters are on a GPU and
+    the step is not compiled). Refuses, with the fix, what would fail later.
+    """
     parameters = list(parameters)
     if compile_optimizer and fused_adamw:
         raise ValueError(
@@ -54,23 +65,26 @@ def make_adamw(
 
 
 class CompiledAdamW(torch.optim.AdamW):
-    """AdamW whose `step` clips the gradients (total norm or value, as Lightning's `gradient_clip_*` keys say) and
-    updates the weights in one compiled function. See the module docstring."""
+    """AdamW whose `step` clips the gradients and updates the weights in one compiled function.
+
+    It clips by total norm or value, as Lightning's `gradient_clip_*` keys say. See the module docstring.
+    """
 
     def __init__(
         self,
-        params,
+        params: Iterable[torch.nn.Parameter],
         clip_val: float | None = None,
         clip_algorithm: str = "norm",
         compile_mode: str = "default",
         **adamw: Any,
-    ):
+    ) -> None:
         super().__init__(params, foreach=None, fused=None, **adamw)
         self.clip_val = clip_val
         self.clip_algorithm = clip_algorithm
         self._compiled_step = torch.compile(self._clip_and_update, mode=compile_mode, dynamic=False)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Run the closure (forward and backward), then the compiled clip and update; return the closure's loss."""
         loss = None
         if closure is not None:  # Lightning's forward + backward: not part of the compiled function
             with torch.enable_grad():
@@ -101,6 +115,7 @@ class CompiledAdamW(torch.optim.AdamW):
         super().step()
 
     def state_dict(self) -> dict[str, Any]:
+        """Plain AdamW's state dict: a float LR, not capturable."""
         state = super().state_dict()
         for group in state["param_groups"]:  # plain AdamW's values: a float LR, not capturable
             group["lr"] = float(group["lr"])

@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
@@ -26,11 +28,14 @@ class FusedClipMixedPrecision(MixedPrecision):
         """The same precision, autocast device and GradScaler (with its state) as `plugin`."""
         return cls(plugin.precision, plugin.device, plugin.scaler)
 
-    def optimizer_step(self, optimizer, model, closure: Callable[[], Any], **kwargs: Any) -> Any:
+    def optimizer_step(
+        self, optimizer: torch.optim.Optimizer, model: LightningModule, closure: Callable[[], Any], **kwargs: Any
+    ) -> Any:
+        """Lightning's step, with the gradients unscaled right after the backward for a fused optimizer too."""
         if self.scaler is None or not _optimizer_handles_unscaling(optimizer):
             return super().optimizer_step(optimizer, model, closure, **kwargs)
 
-        def closure_then_unscale():
+        def closure_then_unscale() -> Any:
             # Lightning's order for other optimizers: backward, unscale_, then clipping (in _after_closure).
             result = closure()
             if result is not None or not model.automatic_optimization:  # a skipped backward has nothing to unscale
@@ -39,6 +44,12 @@ class FusedClipMixedPrecision(MixedPrecision):
 
         return super().optimizer_step(optimizer, model, closure_then_unscale, **kwargs)
 
-    def clip_gradients(self, optimizer, clip_val=0.0, gradient_clip_algorithm=GradClipAlgorithmType.NORM) -> None:
+    def clip_gradients(
+        self,
+        optimizer: torch.optim.Optimizer,
+        clip_val: float = 0.0,
+        gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
+    ) -> None:
+        """Clip the (unscaled) gradients, whatever the optimizer."""
         # The gradients are unscaled here (above, or bf16 has no scale): plain clipping is right for any optimizer.
         Precision.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm)

@@ -1,6 +1,7 @@
-"""The speed switches of `DDPMModule` that leave the maths alone, applied by `apply_speed_switches`: memory format,
-gradient checkpointing, matmul precision, the torch.compile'd UNet forwards (`UNetForward`), the per-block compile
-(blocks.py) and the CUDA-graph capture (capture.py). The compiled optimizer
+"""The speed switches of `DDPMModule` that leave the maths alone, applied by `apply_speed_switches`.
+
+They are the memory format, gradient checkpointing, matmul precision, the torch.compile'd UNet forwards
+(`UNetForward`), the per-block compile (blocks.py) and the CUDA-graph capture (capture.py). The compiled optimizer
 step is optim.py's; gradient clipping with a fused AdamW under mixed precision is precision.py's.
 """
 
@@ -21,6 +22,7 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 
 
 def check_one_compiler(compile: bool, compile_blocks: bool, cuda_graph_capture: bool) -> None:
+    """Refuse more than one of the three ways to compile."""
     if compile + compile_blocks + cuda_graph_capture > 1:
         raise ValueError(
             "model.compile, model.compile_blocks and model.cuda_graph_capture exclude each other: set one."
@@ -28,8 +30,10 @@ def check_one_compiler(compile: bool, compile_blocks: bool, cuda_graph_capture: 
 
 
 def apply_speed_switches(module: LightningModule) -> None:
-    """`DDPMModule`'s switches (its hyperparameters), applied to its UNet once it is on its device: each is a no-op
-    where it does not apply, and a second fit on the same module keeps what the first compiled."""
+    """`DDPMModule`'s switches (its hyperparameters), applied to its UNet once it is on its device.
+
+    Each is a no-op where it does not apply, and a second fit on the same module keeps what the first compiled.
+    """
     unet, forward, hp = module.unet, module.unet_forward, module.hparams
     torch.set_float32_matmul_precision(hp.float32_matmul_precision)
     if hp.channels_last:
@@ -51,8 +55,9 @@ def uses_cuda_graphs(compile_mode: str) -> bool:
 
 
 class UNetForward:
-    """The UNet's prediction in training (`train`) and in sampling (`sample`): eager, or after `compile`, through
-    torch.compile'd functions with static shapes.
+    """The UNet's prediction in training (`train`) and in sampling (`sample`), eager or compiled.
+
+    After `compile`, they go through torch.compile'd functions with static shapes.
 
     Training compiles once, for the largest batch seen; a smaller one (an epoch's short last batch) runs eagerly
     rather than compiling again, and so does validation (no gradients). Sampling compiles once per shape.
@@ -65,6 +70,7 @@ class UNetForward:
         self.captured: Callable[..., torch.Tensor] | None = None  # model.cuda_graph_capture's (capture.py)
 
     def compile(self, mode: CompileMode) -> None:
+        """Compile the training and the sampling call with `mode`."""
         # Two functions, so two code objects: dynamo keeps its compiled graphs per code object, and the no-grad
         # sampling graph would otherwise count as a recompile of the training one. Static shapes (dynamic=False):
         # what CUDA graphs need; a batch dimension marked dynamic still recompiled for a last batch of 1 (dynamo
@@ -77,6 +83,7 @@ class UNetForward:
         self.batch = 0
 
     def train(self, unet: UNet2DModel, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The training prediction: captured, compiled (for the compiled batch size, with gradients) or eager."""
         if self.captured is not None:
             return self.captured(unet, sample, timesteps)
         compiled = self.compiled
@@ -88,6 +95,7 @@ class UNetForward:
         return compiled["train"](unet, sample, timesteps)  # type: ignore[operator]
 
     def sample(self, unet: UNet2DModel, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The sampling prediction: compiled (copied out of the CUDA graph's buffer) or eager."""
         compiled = self.compiled
         if not compiled:
             return predict(unet, sample, timesteps)
@@ -98,4 +106,5 @@ class UNetForward:
 
 
 def unet_train_call(unet: UNet2DModel, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The UNet's output tensor, as the training function (its own code object, compiled apart from sampling's)."""
     return unet(sample, timesteps, return_dict=False)[0]
