@@ -306,9 +306,9 @@ MODEL_SAVE_DUE = "model_save_due"  # a checkpoint's note: {"epoch", "step"} of t
 class MeasureQuality(Callback):
     """FID and KID between `num_samples` generated images and the validation images.
 
-    They are torchmetrics' metrics, in `metrics.SampleQuality`, logged as val/fid, val/kid_mean, val/kid_std: every
-    `measure_quality_epochs` epochs of `fit` and at its end (0: never), and in `ddpm-lightning validate`. Needs
-    validation images (data.val_dataset or data.val_fraction).
+    They are torchmetrics' metrics, in `metrics.SampleQuality`, logged as val/fid, val/kid_mean, val/kid_std: at the
+    end of every run of `fit` that has validation images (data.val_dataset or data.val_fraction), also every
+    `measure_quality_epochs` epochs when set, and in `ddpm-lightning validate`; `num_samples: 0` turns them off.
 
     The validation images' features are computed once per run and cached in `<output_dir>/fid_reference/`, under a
     name keyed by the network and the images' pixels and size (`metrics.reference_file`): a resumed run, a
@@ -317,8 +317,10 @@ class MeasureQuality(Callback):
     training goes on without the metrics.
 
     Args:
-        measure_quality_epochs: measure every this many epochs and at the end of the run (0: never during fit).
-        num_samples: generated images per measurement (FID is biased upwards with few; published ones use 50k).
+        measure_quality_epochs: measure every this many epochs and at the end of the run (0: at the end only, as
+            grid.save_image_epochs 0 draws a grid at the end only).
+        num_samples: generated images per measurement (FID is biased upwards with few; published ones use 50k);
+            0: no FID/KID at all.
         sampler, num_inference_steps: how they are drawn (DDIM 50 steps by default).
         seed: the samples' seed: the same noise at every measurement.
         feature: Inception-v3's feature size (64, 192, 768 or 2048), or any nn.Module mapping images in [0, 1]
@@ -365,8 +367,8 @@ class MeasureQuality(Callback):
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Build the metrics when this validation measures (validate, or a due epoch of fit)."""
         validating = trainer.state.fn == "validate"
-        due = self.measure_quality_epochs > 0 and is_due(trainer, self.measure_quality_epochs)
-        self.active = self.build() if not trainer.sanity_checking and (validating or due) else None
+        due = validating or is_due(trainer, self.measure_quality_epochs)
+        self.active = self.build() if self.num_samples > 0 and not trainer.sanity_checking and due else None
         if self.active is not None:
             self.active.to(pl_module.device)
 

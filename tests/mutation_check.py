@@ -31,6 +31,9 @@ TARGETS = T + "test_module.py::test_each_prediction_type_is_scored_against_its_o
 PIPELINE = T + "test_sampling.py::test_sample_equals_ddpm_pipeline_on_the_same_unet_scheduler_and_noise"
 SWITCHES = T + "test_speed_switches.py::test_speed_switches_take_effect_in_a_training_step"
 FIT_QUALITY = T + "test_callbacks.py::test_fit_logs_fid_kid_every_n_epochs_and_the_samples_image"
+FID_AT_THE_END = (
+    T + "test_callbacks.py::test_fit_reports_fid_offline_with_the_shipped_network_and_validate_reuses_its_features"
+)
 BETAS = T + "test_module.py::test_beta_schedule_reaches_the_noise_schedule"
 HUB = T + "test_publish_hub.py::"
 TRACKERS = T + "test_reporting_grids.py::test_grids_and_data_png_reach_wandb_mlflow_and_tensorboard"
@@ -260,9 +263,9 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "fid_never_during_fit": (
         "ddpm_lightning/callbacks.py",
-        "due = self.measure_quality_epochs > 0 and is_due(trainer, self.measure_quality_epochs)",
-        "due = False",
-        [FIT_QUALITY],
+        "due = validating or is_due(trainer, self.measure_quality_epochs)",
+        "due = validating",
+        [FIT_QUALITY, FID_AT_THE_END],
     ),
     "fid_logged_as_nan": (
         "ddpm_lightning/callbacks.py",

@@ -140,6 +140,8 @@ def test_missing_inception_weights_say_how_and_training_goes_on(image_folder, tm
                 "0.5",
                 "--quality.measure_quality_epochs",
                 "1",
+                "--quality.num_samples",
+                "4",
                 "--quality.inception",
                 "torch-fidelity",
             )
@@ -181,8 +183,9 @@ def no_network(monkeypatch, tmp_path):
 def test_fit_reports_fid_offline_with_the_shipped_network_and_validate_reuses_its_features(
     image_folder, tmp_path, monkeypatch, no_network, caplog
 ):
-    """configs/tiny.yaml (the tests' 16 px UNet) with quality on and 3 validation images: val/fid and val/kid_mean
-    from the default network with nothing downloaded or put in place, in the logs, run_summary.json and the
+    """configs/tiny.yaml (the tests' 16 px UNet) with 3 validation images and no quality key but its samples: val/fid
+    and val/kid_mean at the run's end, from the default network with nothing downloaded or put in place, in the
+    logs, run_summary.json and the
     summary block; the validation images' features cached in <output_dir>/fid_reference/, which `validate`
     reads back (it extracts only its samples' features) and so reports the same FID for the same weights."""
     out = tmp_path / "run"
@@ -196,8 +199,6 @@ def test_fit_reports_fid_offline_with_the_shipped_network_and_validate_reuses_it
             "0.25",
             *NO_SAVES,
             *quality,
-            "--quality.measure_quality_epochs",
-            "1",
         )
     )
     fids = scalars(out / "logs", "val/fid")
