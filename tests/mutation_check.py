@@ -43,7 +43,7 @@ MIN_SNR = T + "test_module.py::test_min_snr_weights_each_prediction_type_by_its_
 UPLOAD = (
     T + "test_publish_hub.py::test_an_upload_carries_the_model_the_card_and_the_grids_and_nothing_else_unless_asked"
 )
-DECODE = T + "test_decode.py::"
+DECODE = T + "test_data_decoding.py::"
 EMA_GUARD = "        if global_step == self.last_step:\n            return\n"
 EMA_UPDATE = "        pl_module.ema.update(pl_module.unet, trainer.global_step)\n"
 EMA_CALLBACK = "        return nan_check + ([UpdateEMA()] if self.ema is not None else [])\n"
