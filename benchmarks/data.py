@@ -1,14 +1,24 @@
 """The data paths alone (no model): set-up time and peak memory per rank at 1 and 2 ranks, and the loader's images/s,
-for the cached, uncached (decoded by loader workers every epoch) and streamed (prepared shards) paths.
+for the paths a data set can take:
+
+- cached: decoded once by each rank into its own memory (`data.cache_disk_gb 0`);
+- shared: decoded once by one rank into the machine's shared cache, memory-mapped by every rank (its folder
+  emptied first);
+- reused: the shared cache as a later run finds it (filled by the previous row, or by this row's first run);
+- uncached: decoded by loader workers every epoch (`data.cache none`);
+- streamed: prepared shards (`ddpm-lightning prepare`), read by loader workers.
 
     python benchmarks/data.py                                  # 2,000 PNGs of 64 px, 1 and 2 ranks, every path
-    python benchmarks/data.py --images 20000 --ranks 1,2 --paths cached,streamed --work-dir /tmp/bench-data
+    python benchmarks/data.py --images 20000 --ranks 1,2 --paths cached,shared,streamed --work-dir /tmp/bench-data
 
 Each rank is a process of its own (gloo, as DDP on CPU): it builds `ImageDataModule` on the data, its training
-loader and first batch (set-up), then draws one epoch (images/s). Its peak resident memory includes the imports'
-(about 1.1 GB on CPU: torch, Lightning, datasets); its loader workers' is apart (the largest one's). The images
-are random PNGs made once in --work-dir, the shards prepared once beside them. The same script runs on a GPU
-machine (the data paths run on the CPU either way).
+loader and first batch (set-up), then draws one epoch (images/s). Memory is the peak of the proportional set size
+(PSS: each shared page counted once per machine, split between the processes that map it, as the shared cache's
+pixels and the libraries' code are), sampled every 20 ms, of the rank and its loader workers together; beside it,
+the rank's peak resident size (RSS: shared pages counted in full by every process). Both include the imports'
+(about 1.1 GB RSS on CPU: torch, Lightning, datasets). The images are random PNGs made once in --work-dir, the
+shards prepared once beside them. The load average is the machine's at the row's start (other jobs skew the times).
+The same script runs on a GPU machine (the data paths run on the CPU either way).
 """
 
 from __future__ import annotations
@@ -17,10 +27,12 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,7 +51,47 @@ def make_images(folder: Path, n: int, size: int) -> Path:
     return folder
 
 
-def child(path: str, dataset: str, size: int, batch: int, workers: int) -> dict:
+def pss(pid: int | str) -> int:
+    """A process's proportional set size in bytes (0 once it has ended)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def children(pid: int | str) -> list[str]:
+    """Every process under `pid` (loader workers, and theirs)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += (task / "children").read_text().split()
+        except OSError:
+            pass
+    return found + [grandchild for child in found for grandchild in children(child)]
+
+
+class PeakPSS:
+    """The peak PSS of this process and all under it, sampled every 20 ms by a thread until `stop()`."""
+
+    def __init__(self) -> None:
+        self.peak, self.done = 0, threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> None:
+        while not self.done.wait(0.02):
+            self.peak = max(self.peak, pss("self") + sum(map(pss, children(os.getpid()))))
+
+    def stop(self) -> int:
+        self.done.set()
+        self.thread.join()
+        return self.peak
+
+
+def child(path: str, dataset: str, size: int, batch: int, workers: int, cache_dir: str) -> dict:
     """One rank: set-up (data module, loader, first batch), then one epoch; its peak memory."""
     import warnings
 
@@ -53,9 +105,14 @@ def child(path: str, dataset: str, size: int, batch: int, workers: int) -> dict:
     torch.manual_seed(0)
     from ddpm_lightning.data import ImageDataModule
 
+    memory = PeakPSS()
     start = time.perf_counter()
-    cache = {"cached": "memory", "uncached": "none", "streamed": "auto"}[path]
-    dm = ImageDataModule(dataset, image_size=size, train_batch_size=batch, num_workers=workers, cache=cache)
+    cache = {"cached": "memory", "shared": "memory", "reused": "memory", "uncached": "none", "streamed": "auto"}[path]
+    disk_gb = 0 if path == "cached" else 100  # (cached: each rank decodes into its own memory)
+    dm = ImageDataModule(
+        dataset, image_size=size, train_batch_size=batch, num_workers=workers, cache=cache, cache_dir=cache_dir,
+        cache_disk_gb=disk_gb,
+    )  # fmt: skip
     # what the data module asks of Lightning's trainer: the device, the ranks (the cached order's split), no bar
     dm.trainer = SimpleNamespace(
         strategy=SimpleNamespace(root_device=torch.device("cpu")),
@@ -74,8 +131,8 @@ def child(path: str, dataset: str, size: int, batch: int, workers: int) -> dict:
     return {
         "setup_s": round(setup, 2),
         "images_per_s": round(images / max(seconds, 1e-9)),
-        "peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
-        "worker_peak_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6, 2),  # the largest
+        "pss_gb": round(memory.stop() / 1e9, 2),
+        "rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
     }
 
 
@@ -85,7 +142,11 @@ def run(path: str, dataset: str, ranks: int, args) -> list[dict]:
         port = s.getsockname()[1]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(ranks)}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    cache_dir = Path(args.work_dir) / "decoded"
+    if path == "shared":
+        shutil.rmtree(cache_dir, ignore_errors=True)
     command = [sys.executable, __file__, "--child", path, dataset, str(args.size), str(args.batch), str(args.workers)]
+    command.append(str(cache_dir))
     procs = [subprocess.Popen(command, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE) for r in range(ranks)]
     results = [json.loads(p.communicate()[0].decode().strip().splitlines()[-1]) for p in procs]
     if any(p.returncode for p in procs):
@@ -95,8 +156,8 @@ def run(path: str, dataset: str, ranks: int, args) -> list[dict]:
 
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
-        path, dataset, size, batch, workers = sys.argv[2:7]
-        print(json.dumps(child(path, dataset, int(size), int(batch), int(workers))))
+        path, dataset, size, batch, workers, cache_dir = sys.argv[2:8]
+        print(json.dumps(child(path, dataset, int(size), int(batch), int(workers), cache_dir)))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000)
@@ -104,10 +165,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="loader workers (uncached, streamed)")
     parser.add_argument("--ranks", default="1,2")
-    parser.add_argument("--paths", default="cached,uncached,streamed")
+    parser.add_argument("--paths", default="cached,shared,reused,uncached,streamed")
     parser.add_argument("--work-dir", default=None, help="keeps the images and shards between runs")
     args = parser.parse_args()
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-data-"))
+    args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="bench-data-")
+    work = Path(args.work_dir)
     photos = make_images(work / f"photos-{args.images}-{args.size}", args.images, args.size)
     shards = work / f"shards-{args.images}-{args.size}"
     if "streamed" in args.paths and not (shards / "ddpm_prepared.json").is_file():
@@ -117,17 +179,18 @@ def main() -> None:
         prepare(str(photos), str(shards), image_size=args.size, num_workers=args.workers)
         print(f"prepare: {time.perf_counter() - start:.1f} s for {args.images} images")
     print(
-        "| path | ranks | set-up s (per rank) | peak GB (per rank) | largest worker's peak GB | images/s (per rank) |"
+        "| path | ranks | load avg | set-up s (per rank) | peak PSS GB, with workers (per rank) | peak RSS GB "
+        "(per rank) | images/s (per rank) |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for path in args.paths.split(","):
         for ranks in map(int, args.ranks.split(",")):
+            load = os.getloadavg()[0]
             results = run(path, str(shards if path == "streamed" else photos), ranks, args)
             cells = [
-                " / ".join(str(r[key]) for r in results)
-                for key in ("setup_s", "peak_gb", "worker_peak_gb", "images_per_s")
+                " / ".join(str(r[key]) for r in results) for key in ("setup_s", "pss_gb", "rss_gb", "images_per_s")
             ]
-            print(f"| {path} | {ranks} | {' | '.join(cells)} |", flush=True)
+            print(f"| {path} | {ranks} | {load:.1f} | {' | '.join(cells)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import os
 import shutil
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any, Literal, NamedTuple
 
 import datasets
@@ -27,7 +28,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import transforms
 from torchvision.transforms.functional import pil_to_tensor
 
-from . import shards
+from . import shards, shared_cache
 from .reporting.progress import progress_bar
 from .sources import Split, training_and_validation
 from .unet import to_model_range
@@ -264,13 +265,17 @@ class CachedImages(Dataset):
         return self
 
 
+def decoded_bytes(images: ResizedImages) -> int:
+    """The most the decoded pixels can take (a random crop keeps up to MAX_ASPECT times a square per image)."""
+    return int(len(images) * 3 * images.image_size**2 * (MAX_ASPECT if images.crop == "random" else 1))
+
+
 def should_cache(images: ResizedImages, cache: str, cache_max_gb: float) -> bool:
     """`cache: memory`, or `cache: auto` with the decoded pixels at most `cache_max_gb`.
 
-    A random crop keeps up to MAX_ASPECT times a square per image.
+    A random crop keeps up to MAX_ASPECT times a square per image (`decoded_bytes`).
     """
-    cache_gb = len(images) * 3 * images.image_size**2 * (MAX_ASPECT if images.crop == "random" else 1) / 1e9
-    return cache == "memory" or (cache == "auto" and cache_gb <= cache_max_gb)
+    return cache == "memory" or (cache == "auto" and decoded_bytes(images) / 1e9 <= cache_max_gb)
 
 
 def decode_all(images: ResizedImages, num_workers: int, trainer: Trainer | None = None) -> torch.Tensor | Strips:
@@ -288,7 +293,10 @@ def decode_all(images: ResizedImages, num_workers: int, trainer: Trainer | None 
     indices: Any = range(n)  # (any sized, indexable object will do)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # each copy is small and the workers keep the cores busy: threads would wait on them
-    loader = DataLoader(indices, batch_size=32, num_workers=num_workers, collate_fn=images.try_load)
+    # Its own generator: the training RNG is the same after decoding here as after reading the shared cache.
+    loader = DataLoader(
+        indices, batch_size=32, num_workers=num_workers, collate_fn=images.try_load, generator=torch.Generator()
+    )
     try:
         for batch in loader:
             if isinstance(batch.pixels, Strips):
@@ -372,6 +380,11 @@ class ImageDataModule(LightningDataModule):
             take at most `cache_max_gb`). Unreadable images are then skipped with a counted warning.
             Without the cache, images are decoded by `num_workers` processes every epoch.
         cache_max_gb: the size cap for `cache: auto`.
+        cache_dir: where the cached pixels are kept, memory-mapped by every process of the machine and reused by
+            later runs on the same images, size and crop (shared_cache.py); ~/.cache/ddpm_lightning/decoded
+            ($XDG_CACHE_HOME) by default.
+        cache_disk_gb: the most `cache_dir` keeps, the least recently used deleted first; 0: none, each process
+            decodes into its own memory.
         cache_on_gpu: keep the cached pixels on the training GPU (no copy per batch); by default when training
             on a GPU.
         val_dataset, val_split: held-out images for the validation loss (any source `dataset` takes).
@@ -392,6 +405,8 @@ class ImageDataModule(LightningDataModule):
         num_workers: int | None = None,
         cache: Literal["auto", "memory", "none"] = "auto",
         cache_max_gb: float = 4.0,
+        cache_dir: str | None = None,
+        cache_disk_gb: float = 20.0,
         cache_on_gpu: bool | None = None,
         val_dataset: str | None = None,
         val_split: str = "train",
@@ -449,8 +464,36 @@ class ImageDataModule(LightningDataModule):
         images = ResizedImages(split.rows, split.column, self.hparams.image_size, crop)
         if not should_cache(images, self.hparams.cache, self.hparams.cache_max_gb):
             return images
-        cached = CachedImages(decode_all(images, self.num_workers, self.trainer))
+        cached = CachedImages(self.decoded(images))
         return cached.to(cache_device) if cache_device is not None else cached
+
+    def decoded(self, images: ResizedImages) -> torch.Tensor | Strips:
+        """`decode_all`'s pixels, decoded by one process of the machine into the shared cache and mapped by all
+        (shared_cache.py), or by this process into its own memory with `cache_disk_gb` 0.
+        """
+        hp = self.hparams
+        if hp.cache_disk_gb <= 0:
+            return decode_all(images, self.num_workers, self.trainer)
+        folder = Path(hp.cache_dir).expanduser() if hp.cache_dir else shared_cache.default_dir()
+        name = shared_cache.key(images.rows, images.column, images.image_size, images.crop, MAX_ASPECT)
+        decoded_here = False
+
+        def decode() -> list[torch.Tensor]:
+            nonlocal decoded_here
+            decoded_here = True
+            pixels = decode_all(images, self.num_workers, self.trainer)
+            return list(pixels) if isinstance(pixels, Strips) else [pixels]
+
+        parts, path = shared_cache.load_or_make(folder, name, decoded_bytes(images), hp.cache_disk_gb, decode)
+        pixels = Strips(*parts) if images.crop == "random" else parts[0]
+        if path is not None and not decoded_here:
+            kept = len(parts[0])
+            if kept < len(images):  # (decode_all named some of them, in the run or process that decoded them)
+                rank_zero_warn(f"Skipped {len(images) - kept} of {len(images)} images that could not be read.")
+            rank_zero_info(f"Read {kept} decoded images of {images.image_size} px from the cache {path}.")
+        elif path is not None:
+            rank_zero_info(f"Stored them in {path}: this machine's other processes and later runs read them there.")
+        return pixels
 
     def train_dataloader(self) -> StatefulDataLoader | DataLoader:
         """The resumable training loader, in the epoch's order; applies a checkpoint's loader state once."""

@@ -103,12 +103,22 @@ PRECISIONS = {
 OPTIMIZERS = {"fused": ["--model.fused_adamw", "true"], "compiled": ["--model.compile_optimizer", "true"]}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_home_cache(tmp_path_factory):
+    """The decoded-image cache (shared_cache.default_dir) of the module and session fixtures' runs: not the user's.
+    Each test then has its own (_offline)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch, tmp_path):
     """No test reaches the Hub or the user's caches or token."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg_cache"))  # the decoded images' cache, this test's own
     monkeypatch.delenv("HF_TOKEN", raising=False)
     # One inductor cache for every test, kept between sessions: set, so no run moves it (compile_cache.py would,
     # into the test's folder, where each compiling test would compile cold).

@@ -44,6 +44,7 @@ UPLOAD = (
     T + "test_publish_hub.py::test_an_upload_carries_the_model_the_card_and_the_grids_and_nothing_else_unless_asked"
 )
 DECODE = T + "test_data_decoding.py::"
+SHARED_CACHE = T + "test_shared_cache.py::"
 EMA_GUARD = "        if global_step == self.last_step:\n            return\n"
 EMA_UPDATE = "        pl_module.ema.update(pl_module.unet, trainer.global_step)\n"
 EMA_CALLBACK = "        return nan_check + ([UpdateEMA()] if self.ema is not None else [])\n"
@@ -239,7 +240,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "cache_auto_ignores_the_size_cap": (
         "ddpm_lightning/data.py",
-        "cache_gb <= cache_max_gb",
+        "decoded_bytes(images) / 1e9 <= cache_max_gb",
         "True",
         [T + "test_data.py::test_cache_auto_keeps_small_data_in_memory_and_streams_above_cache_max_gb"],
     ),
@@ -454,11 +455,36 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     # the decoding pass that fills the cache
     "decode_keeps_per_image_worker_tensors": (  # each image its own shared-memory tensor, all alive: one file each
         "ddpm_lightning/data.py",
-        "    loader = DataLoader(indices, batch_size=32, num_workers=num_workers, collate_fn=images.try_load)\n"
-        "    try:\n        for batch in loader:\n",
-        "    loader = DataLoader(indices, batch_size=1, num_workers=num_workers, collate_fn=images.try_load)\n"
-        "    received = []\n    try:\n        for batch in loader:\n            received.append(batch)\n",
+        "        indices, batch_size=32, num_workers=num_workers, collate_fn=images.try_load, generator=torch.Generator()\n"
+        "    )\n    try:\n        for batch in loader:\n",
+        "        indices, batch_size=1, num_workers=num_workers, collate_fn=images.try_load, generator=torch.Generator()\n"
+        "    )\n    received = []\n    try:\n        for batch in loader:\n            received.append(batch)\n",
         [DECODE + "test_decoding_past_the_open_file_limit_in_workers_gives_the_pixels_of_decoding_here[squash]"],
+    ),
+    "decode_draws_on_the_training_rng": (  # a rank that read the shared cache then draws other noise than one that decoded
+        "ddpm_lightning/data.py",
+        "collate_fn=images.try_load, generator=torch.Generator()\n",
+        "collate_fn=images.try_load\n",
+        [SHARED_CACHE + "test_ddp_ranks_decode_once_resume_exactly_and_train_as_from_per_process_memory"],
+    ),
+    # the shared cache of decoded images: a key that misses a change serves stale pixels
+    "shared_cache_key_ignores_image_size": (
+        "ddpm_lightning/shared_cache.py",
+        '"size": image_size,',
+        '"size": None,',
+        [SHARED_CACHE + "test_changed_images_size_or_crop_are_decoded_again_never_served_stale"],
+    ),
+    "shared_cache_key_ignores_modification_time": (
+        "ddpm_lightning/shared_cache.py",
+        "{stat.st_size}\\0{stat.st_mtime_ns}\\0",
+        "{stat.st_size}\\0",
+        [SHARED_CACHE + "test_changed_images_size_or_crop_are_decoded_again_never_served_stale"],
+    ),
+    "shared_cache_key_ignores_the_bytes": (  # only their length: a changed image of the same length is stale
+        "ddpm_lightning/shared_cache.py",
+        "                digest.update(data)\n",
+        "",
+        [SHARED_CACHE + "test_images_stored_in_the_data_set_are_keyed_by_their_bytes_in_their_order"],
     ),
     "streamed_loader_draws_on_the_global_rng": (  # the workers' base seed then moves the noise's RNG
         "ddpm_lightning/shards.py",

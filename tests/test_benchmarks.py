@@ -129,10 +129,13 @@ def test_quality_benchmark_tiny(tmp_path, heliconius_photos):
 
 
 def test_data_benchmark_measures_each_rank(tmp_path):
-    """benchmarks/data.py on 48 tiny images, streamed by 2 ranks (its most involved row): a figure per rank."""
-    args = ["--images", "48", "--size", "16", "--workers", "0", "--ranks", "2", "--paths", "streamed"]
+    """benchmarks/data.py on 48 tiny images, shared and streamed by 2 ranks (its most involved rows): a figure per
+    rank."""
+    args = ["--images", "48", "--size", "16", "--workers", "0", "--ranks", "2", "--paths", "shared,streamed"]
     done = run_script("benchmarks/data.py", *args, "--work-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| streamed")]
-    assert len(rows) == 1 and rows[0][1] == "2"
-    assert all(len(cell.split(" / ")) == 2 for cell in rows[0][2:])
+    for path in ("shared", "streamed"):
+        rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith(f"| {path} ")]
+        assert len(rows) == 1 and rows[0][1] == "2"
+        assert all(len(cell.split(" / ")) == 2 for cell in rows[0][3:])
+    assert len(list((tmp_path / "decoded").glob("*.pt"))) == 1

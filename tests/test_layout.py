@@ -34,6 +34,7 @@ LAYERS = {
     "unet": 0,
     "sources": 0,
     "shards": 0,
+    "shared_cache": 0,
     "ema": 0,
     "stop_on_nan": 0,
     "metrics": 0,
@@ -107,7 +108,7 @@ def test_there_is_no_import_circle():
 
 
 def test_the_data_layer_imports_no_sampler_and_no_logger():
-    for name in ("data", "sources", "shards"):
+    for name in ("data", "sources", "shards", "shared_cache"):
         imported = package_imports(PACKAGE / f"{name}.py")
         assert not imported & {"sampling", "reporting.monitor", "reporting.grids", "callbacks"}, (name, imported)
         assert "lightning.pytorch.loggers" not in (PACKAGE / f"{name}.py").read_text()

@@ -99,7 +99,9 @@ class SameData(Callback):
                 )
             return
         changed = [
-            f"{key} {then[key]!r} -> {now[key]!r}" for key in sorted(then) if key in now and then[key] != now[key]
+            f"{key} {then[key]!r} -> {now[key]!r}"
+            for key in sorted(then)
+            if key in now and key not in WHERE_DECODED and then[key] != now[key]
         ]
         images = train_images(trainer)
         if "train_images" in checkpoint and images is not None and checkpoint["train_images"] != images:
@@ -146,6 +148,7 @@ def data_layout(trainer: Trainer) -> dict[str, int]:
 
 
 HELD_OUT = ("val_dataset", "val_split", "val_fraction")  # the data settings that choose the held-out images
+WHERE_DECODED = ("cache_dir", "cache_disk_gb")  # where decoded pixels are kept, not which: the same images
 
 
 def train_images(trainer: Trainer) -> int | None:
