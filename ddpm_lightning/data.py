@@ -468,8 +468,9 @@ class ImageDataModule(LightningDataModule):
         return cached.to(cache_device) if cache_device is not None else cached
 
     def decoded(self, images: ResizedImages) -> torch.Tensor | Strips:
-        """`decode_all`'s pixels, decoded by one process of the machine into the shared cache and mapped by all
-        (shared_cache.py), or by this process into its own memory with `cache_disk_gb` 0.
+        """`decode_all`'s pixels, from the machine's shared cache or, with `cache_disk_gb` 0, this process's own.
+
+        One process of the machine decodes them into the shared cache and all map it (shared_cache.py).
         """
         hp = self.hparams
         if hp.cache_disk_gb <= 0:

@@ -1,5 +1,7 @@
-"""Decoded images shared by the processes of one machine and by its later runs: the first process that needs a data
-set's pixels decodes them and writes them to one file (atomically); every process then memory-maps that file, so its
+"""Decoded images shared by the processes of one machine and by its later runs.
+
+The first process that needs a data set's pixels decodes them and writes them to one file (atomically); every
+process then memory-maps that file, so its
 pages are shared through the OS's page cache (one copy per machine, however many DDP ranks) and a later run or a
 resume on the same images decodes nothing.
 
@@ -39,8 +41,10 @@ def default_dir() -> Path:
 
 
 def key(rows: datasets.Dataset, column: str, image_size: int, crop: str, max_aspect: float) -> str:
-    """A name for the pixels of `rows` decoded at `image_size` with `crop`, in their order: a hash of each row's
-    bytes (an in-file image) or path, size and modification time (an image file), and of the settings.
+    """A name for the pixels of `rows` decoded at `image_size` with `crop`, in their order.
+
+    It is a hash of each row's bytes (an in-file image) or path, size and modification time (an image file), and of
+    the settings.
     """
     settings = {"format": FORMAT, "size": image_size, "crop": crop, "max_aspect": max_aspect, "rows": len(rows)}
     settings |= {"pillow": PIL.__version__, "torchvision": torchvision.__version__}
@@ -64,9 +68,10 @@ def key(rows: datasets.Dataset, column: str, image_size: int, crop: str, max_asp
 def load_or_make(
     folder: Path, name: str, most_bytes: int, disk_gb: float, make: Callable[[], list[torch.Tensor]]
 ) -> tuple[list[torch.Tensor], Path | None]:
-    """The tensors stored as `name` in `folder`, memory-mapped; made by `make` and stored first if absent, by one
-    process at a time (a file lock: the others wait, then map what it stored). Returns them and the file, or
-    `make()`'s own tensors and None where the folder cannot hold them (`most_bytes` over `disk_gb`, not
+    """The tensors stored as `name` in `folder`, memory-mapped; made by `make` and stored first if absent.
+
+    One process at a time makes them (a file lock: the others wait, then map what it stored). Returns them and the
+    file, or `make()`'s own tensors and None where the folder cannot hold them (`most_bytes` over `disk_gb`, not
     writable, no file locks, a full disk).
     """
     path = folder / f"{name}.pt"
@@ -102,8 +107,9 @@ def load_or_make(
 
 
 def read(path: Path) -> list[torch.Tensor] | None:
-    """The tensors of a stored file, memory-mapped (read-only use keeps the pages shared); None if it is absent or
-    unreadable (then made and written again).
+    """The tensors of a stored file, memory-mapped (read-only use keeps the pages shared).
+
+    None if it is absent or unreadable (then made and written again).
     """
     try:
         stored = torch.load(path, mmap=True, weights_only=True)
@@ -119,8 +125,9 @@ def read(path: Path) -> list[torch.Tensor] | None:
 
 
 def write(path: Path, tensors: list[torch.Tensor], disk_gb: float) -> None:
-    """Store `tensors` as `path`, whole or not at all: written beside it, fsynced, renamed into place, after
-    deleting the least recently used files to keep the folder within `disk_gb`.
+    """Store `tensors` as `path`, whole or not at all: written beside it, fsynced, renamed into place.
+
+    The least recently used files are deleted first, to keep the folder within `disk_gb`.
     """
     tensors = [t if t.untyped_storage().nbytes() == t.nbytes else t.clone() for t in tensors]  # no unused rows
     nbytes = sum(t.nbytes for t in tensors) + 2**12  # (and the archive's own few bytes)
@@ -140,8 +147,9 @@ def write(path: Path, tensors: list[torch.Tensor], disk_gb: float) -> None:
 
 
 def make_room(folder: Path, nbytes: int, disk_gb: float) -> None:
-    """Delete the least recently used stored files until `nbytes` more fit within `disk_gb`, and partial files
-    that killed processes left. A process that has a deleted file mapped keeps reading it.
+    """Delete the least recently used stored files until `nbytes` more fit within `disk_gb`.
+
+    Also the partial files that killed processes left. A process that has a deleted file mapped keeps reading it.
     """
     stored = []
     for path in folder.glob("*.pt"):

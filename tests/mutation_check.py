@@ -455,13 +455,15 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     # the decoding pass that fills the cache
     "decode_keeps_per_image_worker_tensors": (  # each image its own shared-memory tensor, all alive: one file each
         "ddpm_lightning/data.py",
-        "        indices, batch_size=32, num_workers=num_workers, collate_fn=images.try_load, generator=torch.Generator()\n"
-        "    )\n    try:\n        for batch in loader:\n",
-        "        indices, batch_size=1, num_workers=num_workers, collate_fn=images.try_load, generator=torch.Generator()\n"
-        "    )\n    received = []\n    try:\n        for batch in loader:\n            received.append(batch)\n",
+        "        indices, batch_size=32, num_workers=num_workers, collate_fn=images.try_load, "
+        "generator=torch.Generator()\n    )\n    try:\n        for batch in loader:\n",
+        "        indices, batch_size=1, num_workers=num_workers, collate_fn=images.try_load, "
+        "generator=torch.Generator()\n    )\n    received = []\n    try:\n        for batch in loader:\n"
+        "            received.append(batch)\n",
         [DECODE + "test_decoding_past_the_open_file_limit_in_workers_gives_the_pixels_of_decoding_here[squash]"],
     ),
-    "decode_draws_on_the_training_rng": (  # a rank that read the shared cache then draws other noise than one that decoded
+    # a rank that read the shared cache would then draw other noise than one that decoded
+    "decode_draws_on_the_training_rng": (
         "ddpm_lightning/data.py",
         "collate_fn=images.try_load, generator=torch.Generator()\n",
         "collate_fn=images.try_load\n",
