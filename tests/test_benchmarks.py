@@ -137,5 +137,7 @@ def test_data_benchmark_measures_each_rank(tmp_path):
     for path in ("shared", "streamed"):
         rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith(f"| {path} ")]
         assert len(rows) == 1 and rows[0][1] == "2"
-        assert all(len(cell.split(" / ")) == 2 for cell in rows[0][3:])
+        setup, together, own, rss, speed = rows[0][3:]
+        assert all(len(cell.split(" / ")) == 2 for cell in (setup, rss, speed))
+        assert float(together) > float(own) > 0
     assert len(list((tmp_path / "decoded").glob("*.pt"))) == 1
