@@ -20,9 +20,9 @@ every 20 ms or so: what the run takes of the machine's memory. Then the same wit
 anonymous and shared memory, and the files they map under --work-dir: the shared cache, the shards), whose PSS
 also depends on how many other processes on the machine map the same libraries. Beside them, each rank's peak
 resident size (RSS: shared pages counted in full by every process that maps them). All include the imports'
-(`bare`: about 1.1 GB RSS per process on CPU: torch, Lightning, datasets). The images are random PNGs made once in --work-dir, the
-shards prepared once beside them. The load average is the machine's at the row's start (other jobs skew the times).
-The same script runs on a GPU machine (the data paths run on the CPU either way).
+(`bare`: about 1.1 GB RSS per process on CPU: torch, Lightning, datasets). The images are random PNGs made once in
+--work-dir, the shards prepared once beside them. The load average is the machine's at the row's start (other jobs
+skew the times). The same script runs on a GPU machine (the data paths run on the CPU either way).
 """
 
 from __future__ import annotations
