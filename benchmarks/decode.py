@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ddpm_lightning.data import ResizedImages, decode_all, default_num_workers
+from ddpm_lightning.data.datamodule import default_num_workers
+from ddpm_lightning.data.images import ResizedImages, decode_all
 from ddpm_lightning.sources import image_column_of, load_source
 
 

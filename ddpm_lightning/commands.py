@@ -32,9 +32,10 @@ from PIL import Image
 from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
-from . import shards
 from .checkpointing.writes import why_not_written, write_whole
-from .data import Crop, ResizedImages, default_num_workers
+from .data import shards
+from .data.datamodule import default_num_workers
+from .data.images import Crop, ResizedImages
 from .model_source import POSITIONAL, ModelSourceError, load_model
 from .publish import ModelWriteError, save_pipeline, write_model_card
 from .reporting.grids import grid_shape, save_grid
@@ -153,7 +154,6 @@ def score(samples: torch.Tensor, reference: str, split: str, out: Path, device: 
     They are logged and written to out/quality.json; the reference features are cached in out/fid_reference/
     (`metrics.add_real_images`).
     """
-    from .data import ResizedImages
     from .metrics import InceptionWeightsUnavailable, SampleQuality, add_real_images
     from .sources import image_column_of, load_source
 

@@ -44,7 +44,8 @@ UPLOAD = (
     T + "test_publish_hub.py::test_an_upload_carries_the_model_the_card_and_the_grids_and_nothing_else_unless_asked"
 )
 DECODE = T + "test_data_decoding.py::"
-SHARED_CACHE = T + "test_shared_cache.py::"
+SHARED_CACHE = T + "test_data_shared_cache.py::"
+SHARDS = T + "test_data_shards.py::"
 EMA_GUARD = "        if global_step == self.last_step:\n            return\n"
 EMA_UPDATE = "        pl_module.ema.update(pl_module.unet, trainer.global_step)\n"
 EMA_CALLBACK = "        return nan_check + ([UpdateEMA()] if self.ema is not None else [])\n"
@@ -227,7 +228,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         [BETAS + "[sigmoid]", T + "test_commands.py::test_sample_from_a_sigmoid_schedule_draws_what_the_module_draws"],
     ),
     "colour_conversion_through_grey": (
-        "ddpm_lightning/data.py",
+        "ddpm_lightning/data/images.py",
         'return image.convert("RGB")',
         'return image.convert("L").convert("RGB")',
         [T + "test_data.py::test_converts_grayscale_rgba_and_palette_images"],
@@ -239,13 +240,13 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         [T + "test_sources.py::test_val_dataset_and_val_split_name_the_validation_images"],
     ),
     "cache_auto_ignores_the_size_cap": (
-        "ddpm_lightning/data.py",
+        "ddpm_lightning/data/images.py",
         "decoded_bytes(images) / 1e9 <= cache_max_gb",
         "True",
         [T + "test_data.py::test_cache_auto_keeps_small_data_in_memory_and_streams_above_cache_max_gb"],
     ),
     "cache_on_gpu_ignored": (
-        "ddpm_lightning/data.py",
+        "ddpm_lightning/data/datamodule.py",
         "self.images(train, hp.crop, device if on_gpu else None)",
         "self.images(train, hp.crop, None)",
         [T + "test_data.py::test_cache_on_gpu_puts_the_cached_pixels_on_the_training_device"],
@@ -454,7 +455,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     # the decoding pass that fills the cache
     "decode_keeps_per_image_worker_tensors": (  # each image its own shared-memory tensor, all alive: one file each
-        "ddpm_lightning/data.py",
+        "ddpm_lightning/data/images.py",
         "        indices, batch_size=32, num_workers=num_workers, collate_fn=images.try_load, "
         "generator=torch.Generator()\n    )\n    try:\n        for batch in loader:\n",
         "        indices, batch_size=1, num_workers=num_workers, collate_fn=images.try_load, "
@@ -464,45 +465,45 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     # a rank that read the shared cache would then draw other noise than one that decoded
     "decode_draws_on_the_training_rng": (
-        "ddpm_lightning/data.py",
+        "ddpm_lightning/data/images.py",
         "collate_fn=images.try_load, generator=torch.Generator()\n",
         "collate_fn=images.try_load\n",
         [SHARED_CACHE + "test_ddp_ranks_decode_once_resume_exactly_and_train_as_from_per_process_memory"],
     ),
     # the shared cache of decoded images: a key that misses a change serves stale pixels
     "shared_cache_key_ignores_image_size": (
-        "ddpm_lightning/shared_cache.py",
+        "ddpm_lightning/data/shared_cache.py",
         '"size": image_size,',
         '"size": None,',
         [SHARED_CACHE + "test_changed_images_size_or_crop_are_decoded_again_never_served_stale"],
     ),
     "shared_cache_key_ignores_modification_time": (
-        "ddpm_lightning/shared_cache.py",
+        "ddpm_lightning/data/shared_cache.py",
         "{stat.st_size}\\0{stat.st_mtime_ns}\\0",
         "{stat.st_size}\\0",
         [SHARED_CACHE + "test_changed_images_size_or_crop_are_decoded_again_never_served_stale"],
     ),
     "shared_cache_key_ignores_the_bytes": (  # only their length: a changed image of the same length is stale
-        "ddpm_lightning/shared_cache.py",
+        "ddpm_lightning/data/shared_cache.py",
         "                digest.update(data)\n",
         "",
         [SHARED_CACHE + "test_images_stored_in_the_data_set_are_keyed_by_their_bytes_in_their_order"],
     ),
     "streamed_loader_draws_on_the_global_rng": (  # the workers' base seed then moves the noise's RNG
-        "ddpm_lightning/shards.py",
+        "ddpm_lightning/data/shards.py",
         "        generator=torch.Generator().manual_seed(0),\n",
         "",
         [
             T
-            + "test_shards.py::"
+            + "test_data_shards.py::"
             + "test_ddp_from_prepared_shards_splits_each_epoch_and_resumes_exactly_or_on_one_process_with_a_warning"
         ],
     ),
     "streamed_epoch_after_a_resume_replays_it": (
-        "ddpm_lightning/shards.py",
+        "ddpm_lightning/data/shards.py",
         "                self.restore = False\n",
         "                pass\n",
-        [T + "test_shards.py::test_each_epoch_streams_every_image_once_in_a_new_order_and_resumes_mid_epoch_exactly"],
+        [SHARDS + "test_each_epoch_streams_every_image_once_in_a_new_order_and_resumes_mid_epoch_exactly"],
     ),
     "world_size_change_unsaid": (
         "ddpm_lightning/checkpointing/resume.py",

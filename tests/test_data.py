@@ -16,7 +16,8 @@ from torchvision import transforms
 from torchvision.transforms.functional import crop, pil_to_tensor
 
 from ddpm_lightning.cli import main
-from ddpm_lightning.data import CachedImages, ImageDataModule, ResizedImages
+from ddpm_lightning.data import ImageDataModule
+from ddpm_lightning.data.images import CachedImages, ResizedImages
 
 from conftest import ONE_STEP, FirstBatch, data_module, fit_args, max_steps, write_image
 

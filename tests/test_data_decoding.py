@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_lightning import data
 from ddpm_lightning.cli import main, raised_by_this_package
-from ddpm_lightning.data import ResizedImages, Strips, decode_all, limit_hit
+from ddpm_lightning.data import images as data
+from ddpm_lightning.data.images import ResizedImages, Strips, decode_all, limit_hit
 from ddpm_lightning.sources import load_source
 
 from conftest import REPO, fit_args, max_steps, write_image

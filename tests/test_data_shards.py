@@ -16,8 +16,9 @@ import torch
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.commands import prepare
-from ddpm_lightning.data import ImageDataModule, ResizedImages, Strips, decode_all
-from ddpm_lightning.shards import first_images
+from ddpm_lightning.data import ImageDataModule
+from ddpm_lightning.data.images import ResizedImages, Strips, decode_all
+from ddpm_lightning.data.shards import first_images
 from ddpm_lightning.sources import load_source
 from ddpm_lightning.unet import to_model_range
 

@@ -17,7 +17,9 @@ import datasets
 import pytest
 import torch
 
-from ddpm_lightning import data, shared_cache
+from ddpm_lightning.data import datamodule as data
+from ddpm_lightning.data import shared_cache
+from ddpm_lightning.data.images import Strips
 
 from conftest import NO_SAVES, assert_same_weights, child_env, ddp_fit_command, write_image
 
@@ -46,7 +48,7 @@ def data_module(folder: Path, cache_dir: Path, **kwargs) -> data.ImageDataModule
 
 def pixels(dm: data.ImageDataModule) -> list[torch.Tensor]:
     cached = dm.train_set.pixels
-    return list(cached) if isinstance(cached, data.Strips) else [cached]
+    return list(cached) if isinstance(cached, Strips) else [cached]
 
 
 def assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
@@ -150,8 +152,8 @@ def test_an_unusable_cache_folder_means_per_process_memory_and_one_warning(twelv
 
 DECODE_COUNTED = """\
 import sys
-from ddpm_lightning import data
 from ddpm_lightning.cli import main
+from ddpm_lightning.data import datamodule as data
 real = data.decode_all
 def counted(images, num_workers, trainer=None):
     print(f"DECODING {len(images)} images on rank {trainer.global_rank}", flush=True)

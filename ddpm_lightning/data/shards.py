@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,18 +32,7 @@ if TYPE_CHECKING:  # (LitData is optional, and torch is imported only where used
     import torch
     from litdata import StreamingDataLoader, StreamingDataset
 
-    class _ResizedImages(Protocol):
-        """data.ResizedImages, as `_Pixels` and `write` read it (data.py is a layer above this module: not imported)."""
-
-        @property
-        def image_size(self) -> int: ...
-
-        @property
-        def crop(self) -> str: ...
-
-        def __len__(self) -> int: ...
-
-        def load(self, i: int) -> tuple[torch.Tensor, bool]: ...
+    from .images import ResizedImages
 
 
 log = logging.getLogger(__name__)
@@ -236,7 +225,7 @@ class _Pixels:
     An unreadable one is None (skipped, with a warning naming the file).
     """
 
-    def __init__(self, images: _ResizedImages) -> None:
+    def __init__(self, images: ResizedImages) -> None:
         self.images = images
 
     def __call__(self, i: int) -> torch.Tensor | None:
@@ -266,7 +255,7 @@ def _own_work_folder() -> Iterator[None]:
 
 
 def write(
-    images: _ResizedImages, out: str, source: dict[str, Any], num_workers: int, chunk_mb: float = 64
+    images: ResizedImages, out: str, source: dict[str, Any], num_workers: int, chunk_mb: float = 64
 ) -> dict[str, Any]:
     """Decode and resize every image of `images` into LitData chunks at `out`, then write the settings beside them.
 
