@@ -50,6 +50,7 @@ import contextlib
 import datetime
 import json
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -277,7 +278,8 @@ def score_weights(a, module, data, samplers: list[tuple[str, int]], quality, run
         start = time.perf_counter()
         images = draw(module, a.num_samples, sampler, sampler_steps, a.sample_seed, a.batch_size)
         sample_s = time.perf_counter() - start
-        name = f"{run['variant'].replace('/', '-')}-{run['steps']}-seed{run['seed']}-{sampler}-{sampler_steps}.zip"
+        name = f"{run['variant']}-{run['steps']}-seed{run['seed']}-{sampler}-{sampler_steps}"
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".zip"  # names a lent machine's $OUT brings back
         if quality is None:  # --defer-fid: the images go to --samples-dir, --score scores them
             write_samples(images, Path(a.samples_dir) / name)
             scores = {"fid": float("nan"), "kid_mean": float("nan"), "kid_std": float("nan"), "samples": name}
