@@ -35,7 +35,19 @@ def find_images(folder: Path) -> list[str]:
 
     Files of other types are counted and a few named in one warning (hidden files such as .DS_Store are not).
     """
-    images, others, seen = [], [], set()
+    images, others, _ = scan_folder(folder)
+    warn_skipped(folder, images, others)
+    return images
+
+
+def scan_folder(folder: Path) -> tuple[list[str], list[str], set[str]]:
+    """One walk of `folder`: its image files, its other files and every file's suffix.
+
+    Returns:
+        The image files (sorted), the other files (relative to `folder`, hidden ones left out) and the suffixes of
+        all files (lower case, which say whether the folder is a Hub-format data set).
+    """
+    images, others, suffixes, seen = [], [], set(), set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:  # a link back up the tree, or a second link to the same folder
@@ -44,17 +56,23 @@ def find_images(folder: Path) -> list[str]:
         seen.add(real)
         for name in files:
             path = os.path.join(root, name)
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS and os.path.isfile(path):
+            suffix = os.path.splitext(name)[1].lower()
+            suffixes.add(suffix)
+            if suffix in IMAGE_EXTENSIONS and os.path.isfile(path):
                 images.append(path)
             elif not name.startswith("."):
                 others.append(os.path.relpath(path, folder))
+    return sorted(images), others, suffixes
+
+
+def warn_skipped(folder: Path, images: list[str], others: list[str]) -> None:
+    """One warning that counts the files skipped beside the images, naming a few."""
     if others and images:
         rank_zero_warn(
             f"Skipped {len(others)} file(s) under {folder} that are not a supported image type, e.g. "
             f"{', '.join(sorted(others)[:5])} (supported: {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...; "
             "convert others, e.g. HEIC, to JPEG or PNG)."
         )
-    return sorted(images)
 
 
 def load_source(source: str, split: str = "train") -> datasets.Dataset:
@@ -79,8 +97,10 @@ def load_source(source: str, split: str = "train") -> datasets.Dataset:
         builder = {".jsonl": "json"}.get(path.suffix, path.suffix.lstrip("."))
         return datasets.load_dataset(builder, data_files=str(path), split=split)
     if path.is_dir():
-        suffixes = {p.suffix.lower() for p in path.rglob("*") if p.is_file()}
-        images = [] if suffixes & {".parquet", ".arrow"} else find_images(path)
+        images, others, suffixes = scan_folder(path)
+        if suffixes & {".parquet", ".arrow"}:  # a Hub-format data set: its rows, not any images beside them
+            images = []
+        warn_skipped(path, images, others)
         if suffixes & set(HUB_DATA_EXTENSIONS) and not images:
             try:
                 return datasets.load_dataset(str(path), split=split)
