@@ -40,6 +40,7 @@ from .unet import (
     build_unet,
     check_channels,
     noise_schedule,
+    schedule_changes,
     to_model_range,
 )
 
@@ -140,6 +141,14 @@ class DDPMModule(LightningModule):
         if found is not None:  # at construction: a resumed run's checkpoint then overwrites these weights
             self.unet.load_state_dict(found.unet.state_dict())
         chosen = {k: self.hparams[k] for k in NOISE_SCHEDULE}
+        changed = schedule_changes(chosen, found.scheduler_config) if found else {}
+        if changed:  # e.g. a config's v-prediction over an epsilon model: its first steps unlearn its output
+            shown = ", ".join(f"{k} {theirs} -> {ours}" for k, (theirs, ours) in changed.items())
+            rank_zero_warn(
+                f"model.pretrained {pretrained} learnt another noise schedule than this run's ({shown}): it "
+                f"relearns it from there. To keep the model's, set {', '.join(f'--model.{k} null' for k in changed)}"
+                " (configs/fine-tune.yaml does for prediction_type)."
+            )
         self.noise_scheduler = noise_schedule(chosen, found.scheduler_config if found else {})
         self.hparams.update({k: self.noise_scheduler.config[k] for k in NOISE_SCHEDULE})  # the values used
         self.ema = EMAWeights(self.unet, ema_max_decay, ema_inv_gamma, ema_power) if use_ema else None

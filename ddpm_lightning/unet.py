@@ -71,6 +71,16 @@ def noise_schedule(chosen: dict[str, Any], pretrained: dict[str, Any]) -> DDPMSc
     return DDPMScheduler(**{**base, **chosen})
 
 
+def schedule_changes(chosen: dict[str, Any], pretrained: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The keys `chosen` sets to another value than the `pretrained` scheduler's: {key: (pretrained's, chosen)}.
+
+    A key the pretrained config leaves out has DDPMScheduler's default; None in `chosen` keeps the pretrained one.
+    """
+    known = inspect.signature(DDPMScheduler.__init__).parameters
+    theirs = {k: pretrained.get(k, known[k].default) for k in chosen}
+    return {k: (theirs[k], v) for k, v in chosen.items() if v is not None and v != theirs[k]}
+
+
 def predict(unet: UNet2DModel, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """The UNet's output tensor for noisy images at their timesteps (diffusers' call, without its output class)."""
     return unet(sample, timesteps, return_dict=False)[0]

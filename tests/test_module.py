@@ -19,6 +19,7 @@ from conftest import (
     MICRO_UNET,
     NO_SAVES,
     fit_args,
+    google_layout,
     max_steps,
     scalars,
     tiny_batches,
@@ -372,3 +373,16 @@ def test_gradients_are_freed_after_each_optimizer_step_and_kept_within_an_accumu
         assert trainer.global_step == 2
         assert all(p.grad is None for p in model.unet.parameters())
     assert held == [False, False] + [True, False, True, False] + [False, False]
+
+
+def test_a_config_that_changes_the_pretrained_models_prediction_type_warns_with_the_fix(tmp_path, recwarn):
+    """A config's v-prediction over an epsilon model (configs/tiny.yaml with --model.pretrained): one warning names
+    the change and the key that keeps the model's; null keeps it silently."""
+    google_layout(tmp_path / "eps", sample_size=16)  # diffusers' default: epsilon
+    with pytest.warns(UserWarning, match=r"prediction_type epsilon -> v_prediction.*--model.prediction_type null"):
+        module = DDPMModule(pretrained=str(tmp_path / "eps"), image_size=16, prediction_type="v_prediction")
+    assert module.noise_scheduler.config.prediction_type == "v_prediction"
+    recwarn.clear()
+    module = DDPMModule(pretrained=str(tmp_path / "eps"), image_size=16, prediction_type=None)
+    assert module.noise_scheduler.config.prediction_type == "epsilon"
+    assert not [w for w in recwarn if "noise schedule" in str(w.message)]
