@@ -184,6 +184,11 @@ def smoke(name: str, configs: list[Path], a, work: Path, gpu: bool) -> list[Step
         "--trainer.callbacks", json.dumps([{"class_path": "benchmarks.gpu_smoke.StepFile",
                                             "init_args": {"path": str(step_file)}}]),
     ]  # fmt: skip
+    data = {k: v for c in configs for k, v in (yaml.safe_load(c.read_text()).get("data") or {}).items()}
+    if data.get("val_dataset"):  # held-out images as the config has them (it ends with an FID): the same images
+        fit += ["--data.val_dataset", str(a.images_dir), "--data.val_split", "train"]
+        if a.cpu:
+            fit += ["--quality.num_samples", "4", "--quality.num_inference_steps", str(a.grid_steps)]
     if a.cpu:
         # torch.compile of even the tiny UNet takes minutes on a small CPU; tests/ compile the configs on CPU
         fit += ["--trainer.accelerator", "cpu", "--data.train_batch_size", str(a.batch_size),
