@@ -271,6 +271,7 @@ def test_a_ctrl_c_is_logged_as_a_ctrl_c(twelve, tmp_path, caplog):
     lightning_log = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
     lightning_log.addHandler(caplog.handler)  # (Lightning's loggers need not reach the root)
     stop = ["--trainer.callbacks+=conftest.SignalAtBatch", "--trainer.callbacks.batch", "2"]
+    before = signal.getsignal(signal.SIGINT)  # Python's default; SIG_IGN in a shell's background job
     try:
         with pytest.raises(SystemExit) as exit_info:
             main(fit_args(twelve, tmp_path / "run", *max_steps(6), *stop, "--trainer.callbacks.signum", "2"))
@@ -279,4 +280,4 @@ def test_a_ctrl_c_is_logged_as_a_ctrl_c(twelve, tmp_path, caplog):
     assert exit_info.value.code == 130
     assert "Ctrl-C: saving a checkpoint" in caplog.text and "Stopped by a signal at step 2" in caplog.text
     assert "SIGTERM" not in caplog.text
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the run's handler is gone again

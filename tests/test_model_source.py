@@ -234,14 +234,13 @@ def test_a_wrong_source_gives_every_command_the_same_line(images, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     shutil.copytree(images, tmp_path / "photos")
     lines = {}
+    validate = ["validate", *fit_args(images, tmp_path / "b")[1:], "--data.val_dataset", str(images)]
     for command in (
         [*fit_args(images, tmp_path / "a"), "--model.pretrained", source],
-        [*fit_args(images, tmp_path / "b"), "--model.pretrained", source, "--data.val_dataset", str(images)],
+        [*validate, "--model.pretrained", source],
         ["sample", source],
         ["export", source, str(tmp_path / "out")],
     ):
-        if command[0] == "fit" and "--data.val_dataset" in command:
-            command[0] = "validate"
         monkeypatch.setattr(sys, "argv", ["ddpm-lightning", *command])
         with pytest.raises(SystemExit) as exit_info:
             main()
