@@ -17,7 +17,7 @@
 #           bench64  benchmark.py, batch 64, no grids (the MFU figure)
 #   CALL=3  quality  quality.py on butterflies.yaml at 128 px: the tutorial's recipe and v + min-SNR, 900 and 300
 #                    steps each, held-out val/loss; their samples come back as zips in $OUT/samples/ and are scored
-#                    here (the FID network, 83 MB, cannot travel): python benchmarks/quality.py --score
+#                    here (the FID network, 83 MiB, cannot travel): python benchmarks/quality.py --score
 #                    <files_at>/quality.json --samples-dir <files_at>/samples
 #   also:   smoke    gpu_smoke.py over every shipped config (401 s on an H200: a lease of its own)
 # PARTS="e2e bench64" picks parts by name instead of CALL. The smoke parts' whole per-step logs come back in
