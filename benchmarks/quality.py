@@ -141,26 +141,23 @@ def held_out_losses(module, data) -> tuple[float, float]:
     scheduler, device = module.noise_scheduler, next(module.parameters()).device
     kind = scheduler.config.prediction_type
     alphas = scheduler.alphas_cumprod.to(device)
-    steps = torch.linspace(0, scheduler.config.num_train_timesteps - 1, module.hparams.val_timesteps).long()
     loss = eps = 0.0
     count = 0
     with torch.no_grad(), module.ema_weights():
         for index, uint8 in data.val_dataloader():
             images = to_model_range(uint8).to(device)
-            seeded = [torch.Generator().manual_seed(int(i)) for i in index]  # validation_step's noise
-            noise = torch.stack([torch.randn(images.shape[1:], generator=g) for g in seeded]).to(device)
-            for t in steps:
+            noise = module.validation_noise(index, images)
+            for t in module.validation_timesteps():
                 timesteps = t.expand(len(images)).to(device)
-                noisy = scheduler.add_noise(images, noise, timesteps)
-                prediction = module.unet(noisy, timesteps).sample.float()
+                prediction, target = module.prediction_and_target(images, noise, timesteps)
                 a = alphas[timesteps].view(-1, 1, 1, 1)
+                noisy = scheduler.add_noise(images, noise, timesteps)  # the UNet's input
                 if kind == "epsilon":
-                    target, implied = noise, prediction
-                elif kind == "v_prediction":
-                    target = scheduler.get_velocity(images, noise, timesteps)
+                    implied = prediction
+                elif kind == "v_prediction":  # v = sqrt(a) noise - sqrt(1 - a) image
                     implied = a.sqrt() * prediction + (1 - a).sqrt() * noisy
                 else:  # sample
-                    target, implied = images, (noisy - a.sqrt() * prediction) / (1 - a).sqrt()
+                    implied = (noisy - a.sqrt() * prediction) / (1 - a).sqrt()
                 error = (prediction - target) ** 2
                 weight = module.loss_weights(timesteps)
                 loss += float((error if weight is None else weight.view(-1, 1, 1, 1) * error).sum())

@@ -181,6 +181,16 @@ class DDPMModule(LightningModule):
             timesteps = torch.randint(
                 0, self.noise_scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device
             )
+        prediction, target = self.prediction_and_target(clean, noise, timesteps)
+        weight = self.loss_weights(timesteps)
+        if weight is None:
+            return F.mse_loss(prediction, target.float())
+        return (weight.view(-1, 1, 1, 1) * F.mse_loss(prediction, target.float(), reduction="none")).mean()
+
+    def prediction_and_target(
+        self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet's prediction (float32) for `clean` noised with `noise` at `timesteps`, and what it should be."""
         noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
         prediction = self.unet_forward.train(self.unet, noisy, timesteps).float()
         kind = self.noise_scheduler.config.prediction_type
@@ -190,10 +200,7 @@ class DDPMModule(LightningModule):
             target = self.noise_scheduler.get_velocity(clean, noise, timesteps)
         else:
             target = clean
-        weight = self.loss_weights(timesteps)
-        if weight is None:
-            return F.mse_loss(prediction, target.float())
-        return (weight.view(-1, 1, 1, 1) * F.mse_loss(prediction, target.float(), reduction="none")).mean()
+        return prediction, target
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         """Each image's weight in the loss from its timestep (see `loss_weighting`); None: all 1 (the plain mean)."""
@@ -213,15 +220,22 @@ class DDPMModule(LightningModule):
         """The denoising loss at `val_timesteps` fixed timesteps with noise fixed per image (seeded by its index)."""
         index, images = batch
         images = to_model_range(images)  # no flip: the same input every epoch
-        seeded = [torch.Generator().manual_seed(int(i)) for i in index]
-        noise = torch.stack([torch.randn(images.shape[1:], generator=g) for g in seeded]).to(images.device)
-        steps = torch.linspace(0, self.noise_scheduler.config.num_train_timesteps - 1, self.hparams.val_timesteps)
-        steps = steps.long()
+        noise, steps = self.validation_noise(index, images), self.validation_timesteps()
         values = {"val/loss": self.fixed_loss(images, noise, steps)}
         if self.ema is not None:
             with self.ema_weights():
                 values["val/loss_ema"] = self.fixed_loss(images, noise, steps)
         self.log_dict(values, on_epoch=True, sync_dist=True, batch_size=len(images))
+
+    def validation_noise(self, index: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Noise for each held-out image, fixed by its index: the same every epoch and on any number of ranks."""
+        seeded = [torch.Generator().manual_seed(int(i)) for i in index]
+        return torch.stack([torch.randn(images.shape[1:], generator=g) for g in seeded]).to(images.device)
+
+    def validation_timesteps(self) -> torch.Tensor:
+        """The `val_timesteps` timesteps the validation loss is taken at, evenly spread over the schedule."""
+        last = self.noise_scheduler.config.num_train_timesteps - 1
+        return torch.linspace(0, last, self.hparams.val_timesteps).long()
 
     def fixed_loss(self, images: torch.Tensor, noise: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """The mean denoising loss over `steps`, with the given noise."""
