@@ -246,7 +246,7 @@ class RunReport(Callback):
             "base_model": getattr(trainer.lightning_module, "base_model", None),  # what it was fine-tuned from
         }
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        wall = summary["wall_seconds"]
+        wall, split = summary["wall_seconds"], summary["start_up_seconds"]  # the block shows the file's numbers
         start_up = "data, sanity check, first step"
         if split:
             start_up = f"set-up {split['set-up']:.1f} s: data, sanity check; first step {split['first step']:.1f} s"
