@@ -278,7 +278,8 @@ def prepare(
     Args:
         source: anything `--data.dataset` takes: a folder of images, a Hub-format data set, a Hub id.
         out: a new folder, or an s3:// or gs:// URL (credentials and endpoint as boto3 or google-cloud-storage
-            find them, e.g. AWS_ENDPOINT_URL). A training run must use the same image_size and crop.
+            find them, e.g. AWS_ENDPOINT_URL; each request to it gives up after DDPM_LIGHTNING_STORAGE_TIMEOUT
+            seconds, 10 by default, and 3 tries). A training run must use the same image_size and crop.
         image_size: the side of the training images (`--data.image_size`).
         crop: squash, center or random (`--data.crop`).
         split: the split of `source` to prepare (`--data.split`).
@@ -292,10 +293,9 @@ def prepare(
     """
     if image_size < 1 or chunk_mb <= 0:
         raise CommandError(f"image_size ({image_size}) and chunk_mb ({chunk_mb}) must be positive.")
-    if "://" not in out and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
-        raise CommandError(f"{out} exists and is not an empty folder: give a new folder for the shards.")
     try:
         shards.litdata()
+        shards.check_new_output(out)  # (an object store: its bucket, keys and endpoint, in seconds)
         rows = load_source(source, split)
         column = image_column_of(rows, image_column)
     except (ValueError, OSError, RuntimeError) as err:
@@ -303,7 +303,10 @@ def prepare(
     images = ResizedImages(rows, column, image_size, crop)
     log.info(f"Preparing {len(images)} images of {source} at {image_size} px ({crop}) into {out}")
     workers = default_num_workers() if num_workers is None else num_workers
-    settings = shards.write(images, out, {"source": source, "split": split}, workers, chunk_mb)
+    try:
+        settings = shards.write(images, out, {"source": source, "split": split}, workers, chunk_mb)
+    except shards.StorageError as err:
+        raise CommandError(str(err)) from err
     log.info(
         f"Prepared {settings['images']} images in {out}: train with --data.dataset {out} --data.image_size "
         f"{image_size} --data.crop {crop}"

@@ -2,14 +2,20 @@
 test, so that LitData runs its real transfers against it (its Rust client speaks HTTPS only, and trusts the test's
 certificate through SSL_CERT_FILE; boto3 through AWS_CA_BUNDLE). `s3_standin(folder, monkeypatch)` starts it,
 points the environment at it (the endpoint, dummy credentials, the certificate) and creates the bucket `bucket`;
-it stops when the `with` block ends."""
+it stops when the `with` block ends. With `check_keys`, it answers only requests signed with the keys it made (an
+IAM user's, allowed every S3 action), as a real store does: others get InvalidAccessKeyId or SignatureDoesNotMatch.
+`unreachable_endpoint` and `silent_endpoint` point the environment at a closed port and at a server that never
+answers."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import logging
+import socket
 import ssl
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,8 +82,65 @@ class TLSMotoServer(ThreadedMotoServer):
         self._server.serve_forever()
 
 
+def s3_environment(monkeypatch, endpoint: str, authority: Path | None = None) -> None:
+    """Point boto3 and LitData at `endpoint`, with dummy credentials (and trusting `authority`)."""
+    settings = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    if authority is not None:
+        settings |= {"AWS_CA_BUNDLE": str(authority), "SSL_CERT_FILE": str(authority)}
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @contextmanager
-def s3_standin(folder: Path, monkeypatch) -> Iterator[str]:
+def unreachable_endpoint(monkeypatch) -> Iterator[str]:
+    """An endpoint on 127.0.0.1 where nothing listens (a stopped server): connections are refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"https://127.0.0.1:{port}"
+    s3_environment(monkeypatch, endpoint)
+    yield endpoint
+
+
+@contextmanager
+def silent_endpoint(monkeypatch) -> Iterator[str]:
+    """An endpoint on 127.0.0.1 that takes connections and never answers (a hung server, a black-holed route)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)  # (never accepted: the kernel completes the connections, nobody reads them)
+        endpoint = f"https://127.0.0.1:{server.getsockname()[1]}"
+        s3_environment(monkeypatch, endpoint)
+        yield endpoint
+
+
+def _check_keys(monkeypatch) -> None:
+    """Make an IAM user allowed all of S3, use its keys, and have the server check every request's signature."""
+    import boto3
+    from moto import settings
+    from moto.core.authorization import ActionAuthenticatorMixin
+
+    iam = boto3.client("iam")
+    user = f"trainer-{uuid.uuid4().hex[:8]}"  # (the server's accounts outlive it: one user per test)
+    iam.create_user(UserName=user)
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(policy))
+    keys = iam.create_access_key(UserName=user)["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", keys["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", keys["SecretAccessKey"])
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # (it holds the credentials it first found)
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    monkeypatch.setattr(ActionAuthenticatorMixin, "request_count", 0)
+
+
+@contextmanager
+def s3_standin(folder: Path, monkeypatch, check_keys: bool = False) -> Iterator[str]:
     """Start the server, set the environment for it, create `bucket`; yields the endpoint URL."""
     folder.mkdir(parents=True, exist_ok=True)
     certificate, key, authority = certificates(folder)
@@ -87,20 +150,12 @@ def s3_standin(folder: Path, monkeypatch) -> Iterator[str]:
     try:
         host, port = server.get_host_and_port()
         endpoint = f"https://{host}:{port}"
-        for name, value in {
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_CA_BUNDLE": str(authority),
-            "SSL_CERT_FILE": str(authority),
-        }.items():
-            monkeypatch.setenv(name, value)
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
-            monkeypatch.delenv(name, raising=False)
+        s3_environment(monkeypatch, endpoint, authority)
         import boto3
 
         boto3.client("s3").create_bucket(Bucket="bucket")
+        if check_keys:
+            _check_keys(monkeypatch)
         yield endpoint
     finally:
         server.stop()

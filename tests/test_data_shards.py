@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,8 @@ from ddpm_lightning.data.shards import first_images
 from ddpm_lightning.sources import load_source
 from ddpm_lightning.unet import to_model_range
 
-from conftest import NO_SAVES, child_env, ddp_fit_command, fit_args, write_image
-from s3_standin import s3_standin
+from conftest import NO_SAVES, child_env, ddp_fit_command, fit_args, max_steps, write_image
+from s3_standin import s3_standin, silent_endpoint, unreachable_endpoint
 
 SMALL_SHARDS = ["--num_workers", "1", "--chunk_mb", "0.004"]  # about 5 images of 16 px a shard: several shards
 
@@ -217,3 +218,108 @@ def test_prepare_straight_to_an_s3_bucket_and_train_from_it(tmp_path, monkeypatc
     batches = recorded(tmp_path, 0)
     expected = sorted(name(image) for image in decode_all(ResizedImages(load_source(str(source)), "image", 16), 0))
     assert len(batches) == 6 and sorted(sum((b["images"] for b in batches[:3]), [])) == expected
+
+
+def one_line_error(call) -> str:
+    """What the command line would print of `call()`'s failure: one line raised by this package, else the test fails."""
+    from ddpm_lightning.cli import raised_by_this_package
+
+    with pytest.raises((SystemExit, ValueError, OSError)) as caught:
+        call()
+    said = str(caught.value)
+    assert isinstance(caught.value, SystemExit) or raised_by_this_package(caught.value), said
+    assert "\n" not in said.strip() and "Traceback" not in said, said
+    return said
+
+
+@pytest.mark.slow
+def test_object_store_failures_end_in_one_line_naming_the_url_and_the_fix(tmp_path, monkeypatch):
+    """Against the S3 server checking keys, then stopped: a missing bucket, a wrong secret or key id, a prefix that
+    holds shards, finished or not, and the endpoint down are each one line with the URL and the fix, for `prepare`,
+    `fit`, `validate` and a resume, within seconds (LitData alone retries for minutes)."""
+    source = photos(tmp_path / "photos", 6)
+    url = "s3://bucket/photos-16"
+    monkeypatch.setenv("LITDATA_CACHE_DIR", str(tmp_path / "downloads"))
+    monkeypatch.chdir(tmp_path)
+
+    def prepare_to(out: str) -> str:
+        return one_line_error(lambda: main(["prepare", str(source), out, "--image_size", "16", *SMALL_SHARDS]))
+
+    runs = itertools.count()
+
+    def fit_from(dataset: str, *extra: str, run: str = "") -> str:
+        out = tmp_path / (run or f"failed-{next(runs)}")
+        return one_line_error(lambda: main(fit_args(dataset, out, *NO_SAVES, *extra)))
+
+    with s3_standin(tmp_path / "s3", monkeypatch, check_keys=True):
+        for said in prepare_to("s3://nothere/photos"), fit_from("s3://nothere/photos"):
+            assert "s3://nothere/photos: there is no bucket nothere at https://127.0.0.1:" in said
+            assert "create it (aws s3 mb s3://nothere)" in said
+        for variable, value, code in [
+            ("AWS_SECRET_ACCESS_KEY", "wrong", "SignatureDoesNotMatch"),
+            ("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNKEY000000", "InvalidAccessKeyId"),
+        ]:
+            with monkeypatch.context() as wrong:
+                wrong.setenv(variable, value)
+                for said in prepare_to(url), fit_from(url):
+                    assert f"{url}: the object store at https://127.0.0.1:" in said
+                    assert (
+                        f"refused these credentials ({code}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in said
+                    )
+        main(["prepare", str(source), url, "--image_size", "16", *SMALL_SHARDS])
+        said = prepare_to(url)
+        assert f"{url} already holds prepared shards: train from it with --data.dataset {url}" in said
+        main(fit_args(url, tmp_path / "run", *NO_SAVES, *max_steps(1)))  # streamed with keys checked
+        import boto3
+
+        boto3.client("s3").delete_object(Bucket="bucket", Key="photos-16/ddpm_prepared.json")  # as if stopped
+        for said in prepare_to(url), fit_from(url):
+            assert f"{url} holds an unfinished preparation (shards without ddpm_prepared.json" in said
+            assert "aws s3 rm --recursive s3://bucket/photos-16" in said or "prepare" in said
+    with unreachable_endpoint(monkeypatch) as endpoint:  # the server stopped
+        calls = {
+            "prepare": lambda: prepare_to(url),
+            "fit": lambda: fit_from(url),
+            "resume": lambda: fit_from(url, *max_steps(2), "--ckpt_path", "last", run="run"),
+            "validate": lambda: one_line_error(
+                lambda: main(
+                    [
+                        "validate",
+                        *fit_args(url, tmp_path / "run")[1:],
+                        "--data.val_dataset",
+                        str(source),
+                        "--ckpt_path",
+                        "last",
+                    ]
+                )  # fmt: skip
+            ),
+        }
+        for command, call in calls.items():
+            start = time.monotonic()
+            said = call()
+            assert time.monotonic() - start < 30, command
+            assert f"{url}: cannot reach the object store at {endpoint} (EndpointConnectionError" in said, command
+            assert "check that it is up and that AWS_ENDPOINT_URL names it" in said
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["prepare", "fit"])
+def test_an_endpoint_that_never_answers_stops_in_one_line_after_the_timeout_never_hangs(tmp_path, monkeypatch, command):
+    """A server that takes the connection and says nothing: `prepare` and `fit` stop after
+    DDPM_LIGHTNING_STORAGE_TIMEOUT seconds a try, 3 tries, in one line (not minutes of LitData's retries)."""
+    source = photos(tmp_path / "photos", 4)
+    url = "s3://bucket/photos-16"
+    with silent_endpoint(monkeypatch) as endpoint:
+        args = ["prepare", str(source), url, "--image_size", "16"] if command == "prepare" else fit_args(url, tmp_path)
+        env = {**child_env(), "DDPM_LIGHTNING_STORAGE_TIMEOUT": "1"}
+        start = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "ddpm_lightning", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+            timeout=90,
+        )  # fmt: skip
+        waited = time.monotonic() - start
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last.startswith(f"ddpm-lightning {command}: error: {url}: cannot reach the object store at {endpoint}")
+    assert "after 3 tries of up to 1 s" in last and "raise DDPM_LIGHTNING_STORAGE_TIMEOUT" in last
+    assert waited < 60

@@ -10,16 +10,23 @@ resized with; a run at another size refuses them.
     ddpm-lightning fit -c configs/butterflies.yaml --data.dataset s3://bucket/photos-128
 
 LitData is the optional `stream` extra (`pip install 'ddpm-lightning[stream]'`): imported here, only when used.
+
+An object store is asked first, with short timeouts (`storage_config`: DDPM_LIGHTNING_STORAGE_TIMEOUT seconds a
+request, 3 tries), whether the bucket is there and the keys work; a failure is one line naming the URL and the fix
+(`StorageError`), never LitData's retrying for minutes. LitData's own transfers get the same timeouts.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +46,13 @@ log = logging.getLogger(__name__)
 
 SETTINGS = "ddpm_prepared.json"  # the preparation's settings; written last, so its presence means complete
 SCHEMES = ("s3", "gs")
+TIMEOUT_VARIABLE = "DDPM_LIGHTNING_STORAGE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 10.0  # one request to an object store: to connect, and then to hear back
+ATTEMPTS = 3  # tries of a request (botocore's standard retries; a request refused outright is not tried again)
+
+
+class StorageError(OSError):
+    """An object store that cannot be used as asked; its message names the URL and the fix (shown as one line)."""
 
 
 def is_prepared(dataset: str | None) -> bool:
@@ -51,8 +65,17 @@ def is_prepared(dataset: str | None) -> bool:
         return False
     if "://" in dataset:
         return True
-    folder = Path(dataset).expanduser()
-    return (folder / SETTINGS).is_file() or ((folder / "index.json").is_file() and any(folder.glob("chunk-*.bin")))
+    return any_shards(Path(dataset).expanduser())
+
+
+def any_shards(folder: Path) -> bool:
+    """Whether `folder` holds prepared shards or some of them: settings, LitData's index or chunks.
+
+    A killed preparation leaves chunks and per-worker indexes (`0.index.json`) but no `index.json`.
+    """
+    return folder.is_dir() and (
+        (folder / SETTINGS).is_file() or any(folder.glob("chunk-*.bin")) or any(folder.glob("*index.json"))
+    )
 
 
 def litdata() -> ModuleType:
@@ -76,6 +99,135 @@ def _split_url(url: str) -> tuple[str, str, str]:
     return scheme, bucket, prefix.strip("/")
 
 
+def timeout_s() -> float:
+    """The seconds one request to an object store may take to connect, and then to answer (DDPM_LIGHTNING_STORAGE_TIMEOUT)."""
+    value = os.environ.get(TIMEOUT_VARIABLE, "")
+    try:
+        seconds = float(value) if value else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_VARIABLE}={value!r}: give the seconds an object store request may take, e.g. 10.")
+    return seconds
+
+
+def storage_config() -> Any:
+    """botocore's settings for every S3 request here and in LitData: bounded timeouts and tries, not LitData's 1000."""
+    from botocore.config import Config
+
+    seconds = timeout_s()
+    return Config(
+        connect_timeout=seconds, read_timeout=seconds, retries={"total_max_attempts": ATTEMPTS, "mode": "standard"}
+    )
+
+
+def storage_options(dataset: str) -> dict[str, Any]:
+    """LitData's `storage_options` for `dataset`: the bounded botocore settings for S3, nothing otherwise."""
+    return {"config": storage_config()} if dataset.startswith("s3://") else {}
+
+
+def _s3_client() -> Any:
+    """An S3 client with the bounded settings, and the credentials the environment names now.
+
+    (boto3's default session keeps the ones it found first.)
+    """
+    import boto3
+
+    return boto3.session.Session().client("s3", config=storage_config())
+
+
+def _endpoint(client: Any) -> str:
+    return str(getattr(client.meta, "endpoint_url", "") or "the default endpoint")
+
+
+def storage_error(url: str, client: Any, err: Exception) -> StorageError:
+    """One line for a failed S3 request on `url`: what went wrong, and what to do about it."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, NoCredentialsError
+
+    endpoint = _endpoint(client)
+    if isinstance(err, NoCredentialsError):
+        return StorageError(
+            f"{url}: no credentials for the object store at {endpoint}: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)."
+        )
+    if isinstance(err, (ConnectionError, HTTPClientError)):  # refused, timed out, closed, no such host
+        return StorageError(
+            f"{url}: cannot reach the object store at {endpoint} ({type(err).__name__}, after {ATTEMPTS} tries of "
+            f"up to {timeout_s():g} s): check that it is up and that AWS_ENDPOINT_URL names it (a slower one: "
+            f"raise {TIMEOUT_VARIABLE})."
+        )
+    code = err.response.get("Error", {}).get("Code", "") if isinstance(err, ClientError) else ""
+    bucket = _split_url(url)[1]
+    if code == "NoSuchBucket":
+        return StorageError(
+            f"{url}: there is no bucket {bucket} at {endpoint}: create it (aws s3 mb s3://{bucket}) or correct the URL."
+        )
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "403", "ExpiredToken"):
+        return StorageError(
+            f"{url}: the object store at {endpoint} refused these credentials ({code}): set AWS_ACCESS_KEY_ID and "
+            f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) to keys that may read and write s3://{bucket}."
+        )
+    return StorageError(f"{url}: the object store at {endpoint} answered {code or type(err).__name__}: {err}")
+
+
+@contextmanager
+def _s3_request(url: str, client: Any) -> Iterator[None]:
+    """Turn botocore's failures of the requests inside into `storage_error`'s one line."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (BotoCoreError, ClientError) as err:
+        if isinstance(err, ClientError) and err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            raise
+        raise storage_error(url, client, err) from err
+
+
+def _s3_keys(url: str, most: int) -> list[str]:
+    """Up to `most` keys under the URL's prefix (as a folder): the bucket, the keys and the endpoint checked."""
+    _, bucket, prefix = _split_url(url)
+    client = _s3_client()
+    with _s3_request(url, client):
+        listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", MaxKeys=most)
+    return [item["Key"] for item in listed.get("Contents", [])]
+
+
+def check_new_output(out: str) -> None:
+    """Refuse an output that holds anything, in one line saying what it holds and what to do.
+
+    An unfinished preparation (a killed `prepare`: chunks, no settings) is told apart from finished shards and
+    from other files. A bucket is asked first (`_s3_keys`): a missing bucket, wrong keys or an unreachable
+    endpoint stop here, in seconds.
+    """
+    if out.startswith("s3://"):
+        names = [key.rsplit("/", 1)[-1] for key in _s3_keys(out, 1000)]
+        remove = f"aws s3 rm --recursive {out}"
+    elif "://" in out:
+        _split_url(out)
+        return  # (gs://: LitData's own check, which names no folder)
+    else:
+        folder = Path(out).expanduser()
+        if not folder.exists():
+            return
+        if not folder.is_dir():
+            raise ValueError(f"{out} exists and is not a folder: give a new folder for the shards.")
+        names = [path.name for path in folder.iterdir()]
+        remove = f"rm -r {out}"
+    if not names:
+        return
+    if SETTINGS in names:
+        raise ValueError(
+            f"{out} already holds prepared shards: train from it with --data.dataset {out}, or give a new folder "
+            "for these."
+        )
+    if any(name.startswith("chunk-") or name.endswith("index.json") for name in names):
+        raise ValueError(
+            f"{out} holds an unfinished preparation (shards without {SETTINGS}: a `prepare` that was stopped): "
+            f"delete it ({remove}) and run the same `prepare` again, or give a new folder."
+        )
+    raise ValueError(f"{out} is not empty (it holds {names[0]}, ...): give a new folder for the shards.")
+
+
 def _read_text(dataset: str, name: str) -> str:
     """A small file beside the chunks: from the folder, or from the bucket.
 
@@ -87,11 +239,10 @@ def _read_text(dataset: str, name: str) -> str:
     scheme, bucket, prefix = _split_url(dataset)
     key = f"{prefix}/{name}" if prefix else name
     if scheme == "s3":
-        import boto3
-
-        client = boto3.client("s3")
+        client = _s3_client()
         try:
-            return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+            with _s3_request(dataset, client):
+                return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
         except client.exceptions.NoSuchKey as err:
             raise FileNotFoundError(f"{dataset}/{name}") from err
     from google.cloud import storage
@@ -103,15 +254,25 @@ def _read_text(dataset: str, name: str) -> str:
 
 
 def _write_text(dataset: str, name: str, text: str) -> None:
+    """A small file beside the chunks, whole or not at all (in a folder: written beside it, then renamed)."""
     if "://" not in dataset:
-        (Path(dataset).expanduser() / name).write_text(text)
+        path = Path(dataset).expanduser() / name
+        partial = path.with_name(f".{name}.partial-{os.getpid()}")
+        try:
+            with open(partial, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
         return
     scheme, bucket, prefix = _split_url(dataset)
     key = f"{prefix}/{name}" if prefix else name
-    if scheme == "s3":
-        import boto3
-
-        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=text.encode())
+    if scheme == "s3":  # (an object appears whole or not at all)
+        client = _s3_client()
+        with _s3_request(dataset, client):
+            client.put_object(Bucket=bucket, Key=key, Body=text.encode())
         return
     from google.cloud import storage
 
@@ -123,10 +284,24 @@ def read_settings(dataset: str) -> dict[str, Any]:
     try:
         return json.loads(_read_text(dataset, SETTINGS))
     except FileNotFoundError:
+        if _unfinished(dataset):
+            remove = f"aws s3 rm --recursive {dataset}" if dataset.startswith("s3://") else f"rm -r {dataset}"
+            raise ValueError(
+                f"{dataset} holds an unfinished preparation (shards without {SETTINGS}: a `prepare` that was "
+                f"stopped): delete it ({remove}) and run the same `ddpm-lightning prepare SOURCE {dataset} ...` "
+                "again."
+            ) from None
         raise ValueError(
             f"{dataset} holds no {SETTINGS}: it was not written by `ddpm-lightning prepare`, or its preparation did "
             f"not finish. Prepare it: ddpm-lightning prepare SOURCE {dataset} --image_size N --crop CROP."
         ) from None
+
+
+def _unfinished(dataset: str) -> bool:
+    """Whether `dataset`, which holds no settings, holds some of what `prepare` writes (a stopped preparation)."""
+    if dataset.startswith("s3://"):
+        return bool(_s3_keys(dataset, 1))
+    return "://" not in dataset and any_shards(Path(dataset).expanduser())
 
 
 def check_settings(dataset: str, image_size: int, crop: str) -> dict[str, Any]:
@@ -153,6 +328,7 @@ def stream(dataset: str, seed: int) -> StreamingDataset:
     """
     return litdata().StreamingDataset(
         dataset,
+        storage_options=storage_options(dataset),
         shuffle=True,
         seed=seed,
         # every rank the same number of whole batches (DDP steps in lockstep), on any world size, so that a resume
@@ -215,7 +391,7 @@ def first_images(dataset: str, n: int) -> list[torch.Tensor]:
 
     They are read by a dataset of their own, so that the training stream's state is untouched.
     """
-    images = litdata().StreamingDataset(dataset)
+    images = litdata().StreamingDataset(dataset, storage_options=storage_options(dataset))
     return [images[i] for i in range(min(n, len(images)))]
 
 
@@ -234,6 +410,44 @@ class _Pixels:
         except ValueError as err:
             log.warning(str(err))
             return None
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+_dies_with_parent = False  # set while `write` runs, and inherited: every process forked meanwhile dies with its parent
+_forked_by: tuple[int, bool] = (0, False)  # (the forking process, whether from its main thread), seen by the child
+
+
+def _note_forking_process() -> None:
+    global _forked_by
+    _forked_by = (os.getpid(), threading.current_thread() is threading.main_thread())
+
+
+def _die_with_parent() -> None:
+    """In a child forked while `write` runs: be killed when the parent dies (LitData's workers, writers, uploaders).
+
+    Only for a fork from a main thread: the kernel sends the signal when the forking thread ends.
+    """
+    parent, from_main_thread = _forked_by
+    if not (_dies_with_parent and from_main_thread):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+if sys.platform == "linux":
+    os.register_at_fork(before=_note_forking_process, after_in_child=_die_with_parent)
+
+
+@contextmanager
+def _children_die_with_this_process() -> Iterator[None]:
+    """Every process forked inside is killed with its parent: a `prepare` killed by `kill -9` leaves no worker."""
+    global _dies_with_parent
+    previous, _dies_with_parent = _dies_with_parent, True
+    try:
+        yield
+    finally:
+        _dies_with_parent = previous
 
 
 @contextmanager
@@ -261,13 +475,13 @@ def write(
 
     `out` is a folder or an s3:// / gs:// URL; `num_workers` processes decode. The images are stored in a fixed
     shuffled order, so that a chunk holds a mix of the source (streaming shuffles whole chunks, then the images
-    inside each). Returns the settings.
+    inside each). The settings are written last, whole: their presence means the shards are complete. Returns
+    the settings.
     """
     engine = litdata()
-    if "://" in out:
-        _split_url(out)
+    check_new_output(out)
     order = np.random.default_rng(0).permutation(len(images)).tolist()
-    with _own_work_folder():
+    with _own_work_folder(), _children_die_with_this_process():
         engine.optimize(
             fn=_Pixels(images),
             inputs=order,
@@ -279,9 +493,10 @@ def write(
             keep_data_ordered=True,  # the shards are a function of the source alone
             reorder_files=False,
             verbose=False,
+            storage_options=storage_options(out),
         )
     with tempfile.TemporaryDirectory(prefix="ddpm-prepare-") as cache:  # (a URL's index.json is fetched here)
-        written = len(engine.StreamingDataset(out, cache_dir=cache))
+        written = len(engine.StreamingDataset(out, cache_dir=cache, storage_options=storage_options(out)))
     if written < len(images):
         log.warning(f"Skipped {len(images) - written} of {len(images)} images that could not be read (named above).")
     settings = {"image_size": images.image_size, "crop": images.crop, "images": written, **source}
