@@ -73,7 +73,7 @@ def test_prepare_stores_the_cached_paths_pixels_and_records_size_crop_and_count(
     assert len(streamed) == 12 and sorted(map(key, streamed)) == sorted(map(key, cached))
     batch = next(iter(data_module(out, crop=crop, num_workers=0).train_dataloader()))
     assert isinstance(batch, Strips) if crop == "random" else batch.shape == (4, 3, 16, 16)
-    with pytest.raises(SystemExit, match="not an empty folder"):  # never mixed into earlier shards
+    with pytest.raises(SystemExit, match="already holds prepared shards: train from it"):  # never mixed in
         main(["prepare", str(source), str(out), "--image_size", "16"])
 
 
@@ -323,3 +323,36 @@ def test_an_endpoint_that_never_answers_stops_in_one_line_after_the_timeout_neve
     assert last.startswith(f"ddpm-lightning {command}: error: {url}: cannot reach the object store at {endpoint}")
     assert "after 3 tries of up to 1 s" in last and "raise DDPM_LIGHTNING_STORAGE_TIMEOUT" in last
     assert waited < 60
+
+
+@pytest.mark.slow
+def test_a_killed_prepare_leaves_no_worker_behind_and_its_folder_is_refused_in_one_line(tmp_path):
+    """`kill -9` of `prepare` while its 2 workers write: they die with it (nothing is written after), the folder
+    (chunks, no ddpm_prepared.json) is named an unfinished preparation by `fit` and `prepare`, with the way on."""
+    import psutil
+
+    source = photos(tmp_path / "photos", 400)
+    out = tmp_path / "shards"
+    args = ["prepare", str(source), str(out), "--image_size", "16", "--num_workers", "2", "--chunk_mb", "0.002"]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "ddpm_lightning", *args], cwd=tmp_path, env=child_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out.is_dir() and any(out.glob("chunk-*.bin"))):
+        assert child.poll() is None and time.monotonic() < deadline, "prepare ended before a chunk was seen"
+        time.sleep(0.02)
+    workers = psutil.Process(child.pid).children(recursive=True)
+    child.kill()
+    child.wait()
+    assert workers  # (LitData's worker and writer processes)
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, [p.pid for p in alive]
+    left = sorted(p.name for p in out.iterdir())
+    time.sleep(2)
+    assert sorted(p.name for p in out.iterdir()) == left and "ddpm_prepared.json" not in left
+    said = one_line_error(lambda: main(fit_args(out, tmp_path / "run")))
+    assert f"{out} holds an unfinished preparation (shards without ddpm_prepared.json" in said
+    assert f"delete it (rm -r {out}) and run the same `ddpm-lightning prepare SOURCE {out} ...` again" in said
+    said = one_line_error(lambda: main(args))
+    assert f"{out} holds an unfinished preparation" in said and f"delete it (rm -r {out})" in said

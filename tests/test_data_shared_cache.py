@@ -6,16 +6,20 @@ equal those of a run from per-process memory."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ddpm_lightning.data import datamodule as data
 from ddpm_lightning.data import shared_cache
@@ -142,12 +146,58 @@ def test_the_cache_keeps_within_cache_disk_gb_dropping_the_least_recently_used(t
     assert len(decodings) == 5 and len(list(cache.glob("*.pt"))) == 2
 
 
-def test_an_unusable_cache_folder_means_per_process_memory_and_one_warning(twelve, tmp_path, decodings):
+def test_an_unusable_cache_folder_means_per_process_memory_and_one_warning(twelve, tmp_path, decodings, caplog):
+    """The warning is a message on the package's log, not Python's `shared_cache.py:179: UserWarning:` form."""
     (tmp_path / "file").write_text("")
-    with pytest.warns(UserWarning, match=r"Cannot keep the decoded images in .*file/cache.*--data.cache_dir") as w:
-        dm = data_module(twelve, tmp_path / "file" / "cache")
-    assert len([x for x in w if "Cannot keep" in str(x.message)]) == 1
+    dm = data_module(twelve, tmp_path / "file" / "cache")
+    said = [r for r in caplog.records if r.levelname == "WARNING" and "Cannot keep" in r.getMessage()]
+    assert len(said) == 1 and said[0].name == "ddpm_lightning.data.shared_cache"
+    assert re.fullmatch(r"Cannot keep the decoded images in .*file/cache .*--data.cache_dir.*", said[0].getMessage())
     assert decodings == [12] and len(dm.train_set) == 12
+
+
+def test_a_damaged_cache_file_is_decoded_again_never_trained_on(twelve, tmp_path, decodings, caplog):
+    """Zeros over part of the stored pixels (a bad disk block, a partial copy), the file still loading: its
+    checksum differs, one warning names the file, and the images are decoded again, as a process's own."""
+    cache = tmp_path / "cache"
+    first = [t.clone() for t in pixels(data_module(twelve, cache))]  # (not the mapped file's pages)
+    path = next(cache.glob("*.pt"))
+    raw = bytearray(path.read_bytes())
+    start = raw.find(first[0][3].numpy().tobytes())  # the fourth image's pixels, where torch stored them
+    assert start > 0
+    raw[start : start + 256] = bytes(256)
+    path.write_bytes(raw)
+    assert torch.load(path, mmap=True, weights_only=True)["tensors"][0][3].sum() < first[0][3].sum()  # it loads
+    again = pixels(data_module(twelve, cache))
+    assert decodings == [12, 12]
+    assert_same(again, first)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == [f"The decoded images in {path} are damaged (their checksum differs): decoding them again."]
+    pixels(data_module(twelve, cache))
+    assert decodings == [12, 12]  # the rebuilt file is read
+
+
+def test_an_image_rewritten_with_its_size_and_modification_time_put_back_is_decoded_anew(tmp_path, decodings):
+    """As `rsync`, `cp --preserve` or `touch -r` leave it: the same path, size and mtime; new pixels."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):  # uncompressed PNGs: every one of the same size
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png", compress_level=0)
+    cache = tmp_path / "cache"
+    old = pixels(data_module(folder, cache))
+    target = folder / "2.png"
+    before = target.stat()
+    new = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(new, format="PNG", compress_level=0)
+    assert len(new.getvalue()) == before.st_size
+    with open(target, "r+b") as f:  # in place: the same inode
+        f.write(new.getvalue())
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    changed = pixels(data_module(folder, cache))
+    assert decodings == [4, 4] and not torch.equal(changed[0][2], old[0][2])
+    assert_same(changed, pixels(data_module(folder, cache, cache_disk_gb=0)))
 
 
 DECODE_COUNTED = """\

@@ -100,7 +100,7 @@ def _split_url(url: str) -> tuple[str, str, str]:
 
 
 def timeout_s() -> float:
-    """The seconds one request to an object store may take to connect, and then to answer (DDPM_LIGHTNING_STORAGE_TIMEOUT)."""
+    """Seconds an object store request may take to connect, and then to answer (DDPM_LIGHTNING_STORAGE_TIMEOUT)."""
     value = os.environ.get(TIMEOUT_VARIABLE, "")
     try:
         seconds = float(value) if value else DEFAULT_TIMEOUT_S
@@ -112,7 +112,7 @@ def timeout_s() -> float:
 
 
 def storage_config() -> Any:
-    """botocore's settings for every S3 request here and in LitData: bounded timeouts and tries, not LitData's 1000."""
+    """The botocore settings of every S3 request here and in LitData: bounded timeouts and tries, not 1000 tries."""
     from botocore.config import Config
 
     seconds = timeout_s()
