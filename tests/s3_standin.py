@@ -15,6 +15,7 @@ import json
 import logging
 import socket
 import ssl
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -151,6 +152,9 @@ def s3_standin(folder: Path, monkeypatch, check_keys: bool = False) -> Iterator[
         host, port = server.get_host_and_port()
         endpoint = f"https://{host}:{port}"
         s3_environment(monkeypatch, endpoint, authority)
+        # moto's stores live in this process, not in the server: empty them, as a new server would be
+        reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+        urllib.request.urlopen(reset, context=ssl.create_default_context(cafile=authority)).close()
         import boto3
 
         boto3.client("s3").create_bucket(Bucket="bucket")

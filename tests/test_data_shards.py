@@ -89,7 +89,7 @@ def test_a_run_at_another_size_or_crop_refuses_prepared_shards_in_one_line_namin
     (tmp_path / "partial").mkdir()
     for part in ("index.json", "chunk-0-0.bin"):  # a preparation that did not finish
         shutil.copy(shards / part, tmp_path / "partial")
-    with pytest.raises(ValueError, match="holds no ddpm_prepared.json.*ddpm-lightning prepare SOURCE"):
+    with pytest.raises(ValueError, match="holds an unfinished preparation.*ddpm-lightning prepare SOURCE"):
         data_module(tmp_path / "partial")
     with pytest.raises(ValueError, match="--data.val_dataset"):
         data_module(shards, val_fraction=0.5)
@@ -276,6 +276,7 @@ def test_object_store_failures_end_in_one_line_naming_the_url_and_the_fix(tmp_pa
         said = prepare_to(url)
         assert f"{url} already holds prepared shards: train from it with --data.dataset {url}" in said
         main(fit_args(url, tmp_path / "run", *NO_SAVES, *max_steps(1)))  # streamed with keys checked
+        main(fit_args(url, tmp_path / "run", *NO_SAVES, *max_steps(2), "--ckpt_path", "last"))  # and resumed
         import boto3
 
         boto3.client("s3").delete_object(Bucket="bucket", Key="photos-16/ddpm_prepared.json")  # as if stopped
@@ -286,7 +287,7 @@ def test_object_store_failures_end_in_one_line_naming_the_url_and_the_fix(tmp_pa
         calls = {
             "prepare": lambda: prepare_to(url),
             "fit": lambda: fit_from(url),
-            "resume": lambda: fit_from(url, *max_steps(2), "--ckpt_path", "last", run="run"),
+            "resume": lambda: fit_from(url, *max_steps(3), "--ckpt_path", "last", run="run"),
             "validate": lambda: one_line_error(
                 lambda: main(
                     [

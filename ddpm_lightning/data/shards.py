@@ -74,7 +74,7 @@ def any_shards(folder: Path) -> bool:
     A killed preparation leaves chunks and per-worker indexes (`0.index.json`) but no `index.json`.
     """
     return folder.is_dir() and (
-        (folder / SETTINGS).is_file() or any(folder.glob("chunk-*.bin")) or any(folder.glob("*index.json"))
+        (folder / SETTINGS).is_file() or any(folder.glob("chunk-*.bin")) or any(folder.glob("[0-9]*.index.json"))
     )
 
 
