@@ -370,3 +370,9 @@ def test_a_killed_prepare_leaves_no_worker_behind_and_its_folder_is_refused_in_o
     assert f"delete it (rm -r {out}) and run the same `ddpm-lightning prepare SOURCE {out} ...` again" in said
     said = one_line_error(lambda: main(args))
     assert f"{out} holds an unfinished preparation" in said and f"delete it (rm -r {out})" in said
+
+
+def test_a_storage_timeout_that_is_not_a_positive_number_is_one_line_naming_the_variable(monkeypatch):
+    monkeypatch.setenv("DDPM_LIGHTNING_STORAGE_TIMEOUT", "ten")
+    with pytest.raises(ValueError, match=r"^DDPM_LIGHTNING_STORAGE_TIMEOUT='ten': give the seconds .* e\.g\. 10\.$"):
+        data_module("s3://bucket/photos-16")
