@@ -473,13 +473,14 @@ def write(
 ) -> dict[str, Any]:
     """Decode and resize every image of `images` into LitData chunks at `out`, then write the settings beside them.
 
-    `out` is a folder or an s3:// / gs:// URL; `num_workers` processes decode. The images are stored in a fixed
-    shuffled order, so that a chunk holds a mix of the source (streaming shuffles whole chunks, then the images
-    inside each). The settings are written last, whole: their presence means the shards are complete. Returns
-    the settings.
+    `out` is a new folder or an s3:// / gs:// URL (`check_new_output`); `num_workers` processes decode. The images
+    are stored in a fixed shuffled order, so that a chunk holds a mix of the source (streaming shuffles whole
+    chunks, then the images inside each). The settings are written last, whole: their presence means the shards
+    are complete. Returns the settings.
     """
     engine = litdata()
-    check_new_output(out)
+    if "://" in out:
+        _split_url(out)
     order = np.random.default_rng(0).permutation(len(images)).tolist()
     with _own_work_folder(), _children_die_with_this_process():
         engine.optimize(
