@@ -332,12 +332,38 @@ def test_an_endpoint_that_never_answers_stops_in_one_line_after_the_timeout_neve
     assert waited < 60
 
 
+def process_states() -> dict[int, tuple[int, str]]:
+    """Every process's (parent, state letter), from /proc."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # (ended meanwhile)
+            continue
+        found[int(stat.parent.name)] = (int(fields[1]), fields[0])
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    states, found, todo = process_states(), [], [pid]
+    while todo:
+        parent = todo.pop()
+        children = [p for p, (ppid, _) in states.items() if ppid == parent]
+        found += children
+        todo += children
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a process that has not ended (a zombie has)."""
+    state = process_states().get(pid)
+    return state is not None and state[1] != "Z"
+
+
 @pytest.mark.slow
 def test_a_killed_prepare_leaves_no_worker_behind_and_its_folder_is_refused_in_one_line(tmp_path):
     """`kill -9` of `prepare` while its 2 workers write: they die with it (nothing is written after), the folder
     (chunks, no ddpm_prepared.json) is named an unfinished preparation by `fit` and `prepare`, with the way on."""
-    import psutil
-
     source = photos(tmp_path / "photos", 1200)  # seconds of work left at the kill
     out = tmp_path / "shards"
     args = ["prepare", str(source), str(out), "--image_size", "16", "--num_workers", "2", "--chunk_mb", "0.002"]
@@ -349,19 +375,13 @@ def test_a_killed_prepare_leaves_no_worker_behind_and_its_folder_is_refused_in_o
     while not (out.is_dir() and any(out.glob("chunk-*.bin"))):
         assert child.poll() is None and time.monotonic() < deadline, "prepare ended before a chunk was seen"
         time.sleep(0.02)
-    workers = psutil.Process(child.pid).children(recursive=True)
+    workers = descendants(child.pid)
     child.kill()
     child.wait()
     assert workers  # (LitData's worker and writer processes)
     time.sleep(0.5)  # (killed with it, they are gone at once; left alone, they write on for a second or more)
 
-    def running(worker: psutil.Process) -> bool:
-        try:
-            return worker.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    assert not [worker.pid for worker in workers if running(worker)]
+    assert not [pid for pid in workers if running(pid)]
     left = sorted(p.name for p in out.iterdir())
     time.sleep(1)
     assert sorted(p.name for p in out.iterdir()) == left and "ddpm_prepared.json" not in left
