@@ -274,3 +274,34 @@ def test_a_resume_with_another_checkpoint_cadence_warns_nothing_the_user_cannot_
         )
     said = [str(w.message) for w in seen if "Be aware" in str(w.message)]
     assert len(said) == 1 and said[0].endswith("['MyCallback'].")  # one the user left out still warns
+
+
+def test_the_docs_list_the_subcommands_help_lists(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = re.search(r"\{([\w,]+)\}", capsys.readouterr().out).group(1).split(",")  # argparse's {fit,validate,...}
+    assert listed == ["fit", "validate", "sample", "export", "prepare"]
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"lists the subcommands ({', '.join(f'`{name}`' for name in listed)})" in readme
+    configuration = (REPO / "docs" / "configuration.md").read_text()
+    assert f"# the subcommands: {', '.join(listed)}\n" in configuration
+
+
+def test_what_the_readmes_commands_and_the_notebook_write_is_git_ignored():
+    """So that `ruff format --check .` (CI's) never formats an exported model card in a checkout."""
+    import shlex
+    import subprocess
+
+    block = (REPO / "README.md").read_text().split("## Sample, export, push", 1)[1].split("```bash", 1)[1]
+    written = []
+    for line in block.split("```", 1)[0].splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:2] == ["ddpm-lightning", "sample"]:
+            written.append(words[words.index("--output_dir") + 1] if "--output_dir" in words else "samples")
+        elif words[:2] == ["ddpm-lightning", "export"]:
+            written.append(words[3])
+    assert len(written) == 3, written
+    written += ["examples/ddpm-notebook", "examples/checkpoints/ddpm-notebook", "data/heliconius-photos"]
+    for folder in written:
+        check = subprocess.run(["git", "-C", str(REPO), "check-ignore", "--no-index", "-q", f"{folder}/README.md"])
+        assert check.returncode == 0, f"{folder} is not git-ignored"
