@@ -136,7 +136,12 @@ class DDPMLightningCLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """LightningCLI's parser, as a RunParser (its errors about the config files and keys are one line)."""
         self.parser_class = RunParser
-        return super().init_parser(**kwargs)
+        parser = super().init_parser(**kwargs)
+        if not hasattr(self, "parsers"):
+            self.parsers: list[RunParser] = []  # the root's and each subcommand's
+        self.parsers.append(parser)
+        parser.family = self.parsers  # the keys a typo is compared with are the subcommands'
+        return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Check the YAML files, parse, then check --ckpt_path, and that validate has held-out images."""
@@ -227,17 +232,14 @@ class RunParser(LightningArgumentParser):
     """
 
     config_files: ClassVar[list[str]] = []  # the -c files of the command being parsed, set by parse_arguments
+    family: list[ArgumentParser]  # this CLI's parsers: the root's and each subcommand's (set by init_parser)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         """Raise a one-line ValueError for an unknown key; anything else as jsonargparse does."""
         key = unknown_key(message)
         if key is not None:
-            parser = getattr(ex, "subcommand_parser", None) or self
-            subcommands = getattr(parser, "_subcommands_action", None)
-            if subcommands is not None:  # the root: the key belongs to the subcommand the message names
-                named = re.match(r"Subcommand '(\w+)'", message)
-                parser = subcommands._name_parser_map.get(named.group(1) if named else "fit", parser)
-            raise ValueError(unknown_key_message(key, known_keys(parser), self.config_files))
+            keys = {k for parser in getattr(self, "family", [self]) for k in parser.get_defaults().keys()}
+            raise ValueError(unknown_key_message(key, sorted(keys - {"config", "subcommand"}), self.config_files))
         super().error(message, ex)
         raise AssertionError("jsonargparse's error() returned")  # it exits or raises
 
@@ -250,18 +252,13 @@ def unknown_key(message: str) -> str | None:
     return found.group(1) if found else None
 
 
-def known_keys(parser: ArgumentParser) -> list[str]:
-    """Every key a parser takes (`data.image_size`, ...)."""
-    return [a.dest for a in parser._actions if a.dest and a.dest not in ("help", "config") and "." in a.dest]
-
-
 def unknown_key_message(key: str, keys: list[str], files: list[str]) -> str:
     """One line: where the unknown key is (a file and line, or the command line) and the nearest known key."""
     found = [(path, yaml_key_line(path, key)) for path in files]
     path, line = next(((p, n) for p, n in reversed(found) if n is not None), (None, None))  # the last file wins
     dashes = "" if path else "--"  # as the user wrote it: `--data.image_size` on the command line
     nearest = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-    hint = f"did you mean {dashes}{nearest[0]}?" if nearest else "`ddpm-lightning fit --help` lists the keys."
+    hint = f"did you mean {dashes}{nearest[0]}?" if nearest else "`--help` after the subcommand lists the keys."
     where = f" in {path}, line {line}" if path else " (on the command line)"
     return f"unknown key {dashes}{key}{where}: {hint}"
 
