@@ -399,9 +399,9 @@ def run(args: list[str] | dict) -> Any:
     OSError with the one line the command would print), and the caller's signal handlers come back after a run that
     Ctrl-C (SIGINT) stopped and saved.
 
-    >>> run(["fit", "-c", "configs/tiny.yaml", "--trainer.max_steps", "20"])  # doctest: +SKIP
-    >>> run(["fit", "-c", "configs/tiny.yaml", "--trainer.max_steps", "40", "--ckpt_path", "last"])  # doctest: +SKIP
-    >>> run(["sample", "ddpm-tiny-32", "--num_images", "4", "--output_dir", "ddpm-tiny-32/more"])  # doctest: +SKIP
+        cli = run(["fit", "-c", "configs/tiny.yaml", "--trainer.max_steps", "20"])
+        cli = run(["fit", "-c", "configs/tiny.yaml", "--trainer.max_steps", "40", "--ckpt_path", "last"])  # resume
+        paths = run(["sample", "ddpm-tiny-32", "--num_images", "4", "--output_dir", "ddpm-tiny-32/more"])
 
     Args:
         args: the command line's arguments after `ddpm-lightning` (a subcommand first), as strings.
@@ -418,8 +418,8 @@ def build(args: list[str] | dict) -> DDPMLightningCLI:
     trains them. That call skips what `run(["fit", ...])` adds around it: the run folder's checks and lock, and the
     clean-up of a fresh run that fails before its first step.
 
-    >>> cli = build(["-c", "configs/tiny.yaml", "--trainer.max_steps", "20"])  # doctest: +SKIP
-    >>> cli.trainer.fit(cli.model, datamodule=cli.datamodule)  # doctest: +SKIP
+        cli = build(["-c", "configs/tiny.yaml", "--trainer.max_steps", "20"])
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
 
     Args:
         args: fit's command-line arguments, as strings.

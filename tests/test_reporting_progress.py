@@ -56,6 +56,7 @@ def test_the_bar_shows_the_loss_read_only_on_log_steps(image_folder, tmp_path, m
 
 
 def test_the_run_time_left_follows_the_measured_speed_and_epoch_ends():
+    assert RemainingTime().window_seconds == 120  # docs/configuration.md: "the batches of the last 2 minutes"
     clock = RemainingTime(window_seconds=5.0)
     now = 0.0
     for _ in range(4):  # 1 s a batch
