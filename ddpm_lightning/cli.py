@@ -247,7 +247,7 @@ class RunParser(LightningArgumentParser):
 def unknown_key(message: str) -> str | None:
     """The key that jsonargparse's error `message` says is unknown (`model.learnin_rate`), or None."""
     found = re.search(r"does not accept option '([^']+)'", message) or re.search(
-        r"nrecognized arguments: --?([\w.]+)", message
+        r"nrecognized arguments: --([\w.]+)", message
     )
     return found.group(1) if found else None
 
