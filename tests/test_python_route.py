@@ -38,6 +38,7 @@ def test_run_and_build_give_the_commands_loss_at_every_step(twelve, tmp_path):
     assert (tmp_path / "build" / "logs" / "config.yaml").is_file()
 
 
+@pytest.mark.slow  # (the trained fixture runs fit)
 def test_run_raises_the_commands_error_and_returns_a_commands_result(trained, tmp_path):
     with pytest.raises(ValueError, match="--grid.eval_batch_size 0: images in a grid must be positive"):
         run(["fit", "-c", str(REPO / "configs" / "tiny.yaml"), "--grid.eval_batch_size", "0"])
