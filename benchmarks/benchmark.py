@@ -235,7 +235,11 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", default="../shared/data/heliconius/train", help="folder of training images (both sides)")
+    p.add_argument(
+        "--images",
+        default="data/heliconius-photos",
+        help="folder of training images, both sides (default: the shipped photos as files: benchmarks/README.md)",
+    )
     p.add_argument("--max-images", type=int, help="use only the first N images (default: all; --tiny: 20)")
     p.add_argument("--batch-sizes", default="16", help="comma-separated, e.g. 16,64,128 (the first: end to end)")
     p.add_argument(

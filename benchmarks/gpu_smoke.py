@@ -3,7 +3,7 @@
 On a GPU machine, from the repository root (under 5 minutes is the aim; see benchmarks/README.md for a machine
 whose Python lacks some of the project's packages):
 
-    python benchmarks/gpu_smoke.py                      # the Heliconius photos in ../shared
+    python benchmarks/gpu_smoke.py                      # the shipped photos, as files in data/heliconius-photos
     python benchmarks/gpu_smoke.py --images DIR         # any folder of images
 
 On a CPU (the tiny UNet at 16 px, a few steps, `--trainer.accelerator cpu`; what tests/test_benchmarks.py runs):
@@ -261,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "--images",
-        default=str(ROOT.parent / "shared" / "data" / "heliconius" / "train"),
-        help="folder of training images (default: ../shared/data/heliconius/train)",
+        default=str(ROOT / "data" / "heliconius-photos"),
+        help="folder of training images (default: data/heliconius-photos, the shipped photos as files: "
+        "benchmarks/README.md)",
     )
     p.add_argument("--cpu", action="store_true", help="on the CPU: tiny UNet, 16 px, batch 4, few steps")
     p.add_argument("--max-images", type=int, help="use the first N images (default 200; --cpu: 10)")

@@ -1,7 +1,25 @@
-"""ddpm-lightning: train an unconditional diffusion model (diffusers UNet2DModel + DDPM) with PyTorch Lightning."""
+"""ddpm-lightning: train an unconditional diffusion model (diffusers UNet2DModel + DDPM) with PyTorch Lightning.
 
-from .callbacks import SampleGrid, SaveModel
+From Python (docs/python.md): `run([...])` runs a subcommand as the command line would and returns what it built;
+`build([...])` returns the Trainer, module and data module that `fit` would train, unrun.
+"""
+
+from .callbacks import MeasureQuality, SampleGrid, SaveModel
+from .cli import build, run
 from .data import ImageDataModule
 from .module import DDPMModule
+from .reporting.monitor import ImagesThroughput, RunReport
+from .reporting.progress import TrainingProgressBar
 
-__all__ = ["DDPMModule", "ImageDataModule", "SampleGrid", "SaveModel"]
+__all__ = [
+    "DDPMModule",
+    "ImageDataModule",
+    "ImagesThroughput",
+    "MeasureQuality",
+    "RunReport",
+    "SampleGrid",
+    "SaveModel",
+    "TrainingProgressBar",
+    "build",
+    "run",
+]

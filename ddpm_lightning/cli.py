@@ -15,20 +15,23 @@ Errors the product raises on purpose print as one line; `--debug` (or DDPM_LIGHT
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NoReturn
 
+import yaml
 from jsonargparse import ArgumentParser, Namespace
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -95,7 +98,7 @@ class DDPMLightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Check the values, and fill in the checkpoint folder from output_dir."""
-        config = self.config[self.config.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config  # (`build`: fit's keys at the top)
         check_values(config)
         check_outside_data(
             config.output_dir, {f"data.{k}": config.get(f"data.{k}") for k in ("dataset", "val_dataset")}
@@ -114,13 +117,13 @@ class DDPMLightningCLI(LightningCLI):
         if trainer.get("logger") in (None, True):
             # validate logs (and saves its config) to <output_dir>/validate: the run's logs/ stay the record of
             # training.
-            name = "logs" if self.config.subcommand == "fit" else self.config.subcommand
+            name = log_folder(self.subcommand)
             kwargs["logger"] = TensorBoardLogger(save_dir=self._get(self.config, "output_dir"), name=name, version="")
         if trainer.get("plugins") is None:
             # Atomic writes in a background thread (not a config default: an instance would not serialize)
             kwargs["plugins"] = [BackgroundCheckpointIO()]
         held_out = data.val_dataset is not None or data.val_fraction
-        if self.config.subcommand == "fit" and not held_out and trainer.limit_val_batches is None:
+        if log_folder(self.subcommand) == "logs" and not held_out and trainer.limit_val_batches is None:
             kwargs["limit_val_batches"] = 0  # no held-out images: no validation loop at all
         trainer = super().instantiate_trainer(**kwargs)
         bar = trainer.progress_bar_callback
@@ -130,8 +133,21 @@ class DDPMLightningCLI(LightningCLI):
             trainer.strategy.precision_plugin = FusedClipMixedPrecision.replacing(trainer.strategy.precision_plugin)
         return trainer
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """LightningCLI's parser, as a RunParser (its errors about the config files and keys are one line)."""
+        self.parser_class = RunParser
+        parser = super().init_parser(**kwargs)
+        if not hasattr(self, "parsers"):
+            self.parsers: list[RunParser] = []  # the root's and each subcommand's
+        self.parsers.append(parser)
+        parser.family = self.parsers  # the keys a typo is compared with are the subcommands'
+        return parser
+
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse, then check --ckpt_path, and that validate has held-out images."""
+        """Check the YAML files, parse, then check --ckpt_path, and that validate has held-out images."""
+        RunParser.config_files = config_files(sys.argv[1:] if args is None else args)
+        for path in RunParser.config_files:
+            check_yaml(path)
         super().parse_arguments(parser, args)
         # Before LightningCLI reads the checkpoint's hyperparameters, which torch.load would fail on obscurely.
         subcommand = self.config.get("subcommand")
@@ -181,6 +197,116 @@ class DDPMLightningCLI(LightningCLI):
             raise
         finally:
             self.lock.release()
+
+
+def log_folder(subcommand: str | None) -> str:
+    """The folder in output_dir that gets a subcommand's logs and config: `logs` for fit, else its name."""
+    return "logs" if subcommand in (None, "fit") else subcommand
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Lightning's SaveConfigCallback, writing into `<output_dir>/logs/` (validate: `<output_dir>/validate/`).
+
+    Lightning's writes into the logger's folder, which for W&B or MLflow is their own (the working directory by
+    default), so `-c <output_dir>/logs/config.yaml` would not find it; here the folder is the same for every logger.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Write config.yaml (rank 0), once."""
+        if self.already_saved:  # type: ignore[has-type]  # (set by Lightning's __init__)
+            return
+        if trainer.is_global_zero:
+            folder = Path(self.config.output_dir) / log_folder(stage)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / self.config_filename
+            self.parser.save(
+                self.config, str(path), skip_none=False, overwrite=self.overwrite, multifile=self.multifile
+            )
+        self.already_saved = True
+
+
+class RunParser(LightningArgumentParser):
+    """LightningCLI's parser, whose error on an unknown key is one line: the key, its file and line, the nearest key.
+
+    (jsonargparse prints the whole usage, then a line that names neither the config file nor the key meant.)
+    """
+
+    config_files: ClassVar[list[str]] = []  # the -c files of the command being parsed, set by parse_arguments
+    family: list[ArgumentParser]  # this CLI's parsers: the root's and each subcommand's (set by init_parser)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """Raise a one-line ValueError for an unknown key; anything else as jsonargparse does."""
+        key = unknown_key(message)
+        if key is not None:
+            keys = {k for parser in getattr(self, "family", [self]) for k in parser.get_defaults().keys()}
+            raise ValueError(unknown_key_message(key, sorted(keys - {"config", "subcommand"}), self.config_files))
+        super().error(message, ex)
+        raise AssertionError("jsonargparse's error() returned")  # it exits or raises
+
+
+def unknown_key(message: str) -> str | None:
+    """The key that jsonargparse's error `message` says is unknown (`model.learnin_rate`), or None."""
+    found = re.search(r"does not accept option '([^']+)'", message) or re.search(
+        r"nrecognized arguments: --([\w.]+)", message
+    )
+    return found.group(1) if found else None
+
+
+def unknown_key_message(key: str, keys: list[str], files: list[str]) -> str:
+    """One line: where the unknown key is (a file and line, or the command line) and the nearest known key."""
+    found = [(path, yaml_key_line(path, key)) for path in files]
+    path, line = next(((p, n) for p, n in reversed(found) if n is not None), (None, None))  # the last file wins
+    dashes = "" if path else "--"  # as the user wrote it: `--data.image_size` on the command line
+    nearest = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    hint = f"did you mean {dashes}{nearest[0]}?" if nearest else "`--help` after the subcommand lists the keys."
+    where = f" in {path}, line {line}" if path else " (on the command line)"
+    return f"unknown key {dashes}{key}{where}: {hint}"
+
+
+def config_files(args: ArgsType) -> list[str]:
+    """The paths given with -c / --config in a command line (none for a dict of values)."""
+    if not isinstance(args, (list, tuple)):
+        return []
+    found = []
+    for i, arg in enumerate(args):
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            found.append(str(args[i + 1]))
+        elif arg.startswith("--config="):
+            found.append(arg.split("=", 1)[1])
+    return [f for f in found if Path(f).is_file()]  # (an inline YAML string, or a missing file: jsonargparse's)
+
+
+def check_yaml(path: str) -> None:
+    """Fail in one line, naming the file, line and column, on a YAML syntax error (a tab names the tab)."""
+    text = Path(path).read_text()
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        if mark is None:
+            raise ValueError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+        line = text.splitlines()[mark.line] if mark.line < len(text.splitlines()) else ""
+        if "\t" in line[: mark.column + 1]:
+            problem = "a tab character: YAML indents with spaces only"
+        else:
+            problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise ValueError(f"{path}, line {mark.line + 1}, column {mark.column + 1}: {problem}.") from None
+
+
+def yaml_key_line(path: str, key: str) -> int | None:
+    """The line (from 1) of a dotted key (`model.learnin_rate`) in a YAML file, or None where it is absent."""
+    try:
+        node = yaml.compose(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    for part in key.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        match = next(((k, v) for k, v in node.value if getattr(k, "value", None) == part), None)
+        if match is None:
+            return None
+        key_node, node = match
+    return key_node.start_mark.line + 1
 
 
 COMPILING = ("compile", "compile_blocks", "compile_optimizer")  # model switches that run torch.compile
@@ -244,47 +370,101 @@ def main(args: ArgsType = None) -> None:
     """The `ddpm-lightning` command.
 
     From the command line (args None), an error the product raises on purpose prints as one line and exits 1;
-    `--debug` or DDPM_LIGHTNING_DEBUG=1 shows the traceback instead.
+    `--debug` or DDPM_LIGHTNING_DEBUG=1 shows the traceback instead. From Python, `run` does the same work and
+    returns what it built.
     """
-    package_log = logging.getLogger("ddpm_lightning")
-    if not package_log.handlers:  # show this package's INFO lines, as Lightning does for its own
-        package_log.addHandler(logging.StreamHandler())
-        package_log.setLevel(logging.INFO)
     one_line = args is None
     argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else args
     if isinstance(argv, list) and "--debug" in argv:
         argv.remove("--debug")
         one_line = False
     one_line = one_line and os.environ.get("DDPM_LIGHTNING_DEBUG", "") in ("", "0")
-    quiet_noise()
-    if commands.is_command(argv):  # `ddpm-lightning sample ...` / `export ...`: plain commands, outside LightningCLI
-        # Its result is not returned: the console script would print it and exit 1. (argv is a list here, as
-        # is_command checked.)
-        commands.run(argv)  # type: ignore[arg-type]
-        return
-    # Called from Python (args given), the caller's stop-signal handlers come back after a stop; the command
-    # line's process ends ignoring a repeated one (checkpointing._SignalAtOptimizerStep.teardown).
-    in_process = args is not None and threading.current_thread() is threading.main_thread()
-    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS} if in_process else {}
     try:
-        DDPMLightningCLI(
-            DDPMModule,
-            ImageDataModule,
-            args=argv,
-            auto_configure_optimizers=False,  # the module owns AdamW and the warm-up + cosine schedule
-            save_config_kwargs={"overwrite": True},  # a resumed run writes its config to the same folder
-            trainer_defaults={"callbacks": [PreemptionCheckpoint(), RNGStates(), SameData()]},
-        )
-    except SIGTERMException:
-        if PreemptionCheckpoint.interrupted:
-            raise SystemExit(130) from None  # Ctrl-C: saved and stopped, but the run did not finish
-        raise
+        # (Its result is not returned: the console script would print it and exit 1.)
+        run_subcommand(argv, restore_signals=args is not None)
     except (ValueError, OSError, RuntimeError, FloatingPointError) as err:  # (FloatingPointError: StopOnNaN)
         if not (one_line and raised_by_this_package(err)):
             raise
         subcommand = next((a for a in argv if not a.startswith("-")), "fit") if isinstance(argv, list) else "fit"
         print(f"ddpm-lightning {subcommand}: error: {err} (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def run(args: list[str] | dict) -> Any:
+    """Run a subcommand from Python, as `ddpm-lightning *args` would on the command line; return what it built.
+
+    `fit` and `validate` return the LightningCLI object once the run has ended: its `trainer` (with
+    `callback_metrics`, `checkpoint_callback.last_model_path`, ...), `model` (the DDPMModule) and `datamodule`.
+    `sample` returns the image paths, `export` the folder, `prepare` the settings. An error raises (a ValueError or
+    OSError with the one line the command would print), and the caller's signal handlers come back after a run that
+    Ctrl-C (SIGINT) stopped and saved.
+
+        cli = run(["fit", "-c", "configs/tiny.yaml", "--trainer.max_steps", "20"])
+        cli = run(["fit", "-c", "configs/tiny.yaml", "--trainer.max_steps", "40", "--ckpt_path", "last"])  # resume
+        paths = run(["sample", "ddpm-tiny-32", "--num_images", "4", "--output_dir", "ddpm-tiny-32/more"])
+
+    Args:
+        args: the command line's arguments after `ddpm-lightning` (a subcommand first), as strings.
+    """
+    return run_subcommand(list(args) if not isinstance(args, dict) else args, restore_signals=True)
+
+
+def build(args: list[str] | dict) -> DDPMLightningCLI:
+    """The Trainer, DDPMModule and ImageDataModule that `ddpm-lightning fit *args` would train, built and not run.
+
+    `args` are fit's arguments without the word `fit` (`-c`, `--trainer.max_steps 10`, ... in order, later ones
+    winning, as on the command line). The result's `trainer`, `model` and `datamodule` are the CLI's own (its
+    logger, callbacks, progress bar and precision plugin); `cli.trainer.fit(cli.model, datamodule=cli.datamodule)`
+    trains them. That call skips what `run(["fit", ...])` adds around it: the run folder's checks and lock, and the
+    clean-up of a fresh run that fails before its first step.
+
+        cli = build(["-c", "configs/tiny.yaml", "--trainer.max_steps", "20"])
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+    Args:
+        args: fit's command-line arguments, as strings.
+    """
+    prepare_logging()
+    argv = list(args) if not isinstance(args, dict) else args
+    return DDPMLightningCLI(DDPMModule, ImageDataModule, args=argv, run=False, **cli_options())
+
+
+def cli_options() -> dict[str, Any]:
+    """What every route (the command line, `run`, `build`) gives LightningCLI beside the two classes."""
+    return {
+        "auto_configure_optimizers": False,  # the module owns AdamW and the warm-up + cosine schedule
+        "save_config_callback": SaveRunConfig,  # into <output_dir>/logs whatever the logger
+        "save_config_kwargs": {"overwrite": True},  # a resumed run writes its config to the same folder
+        "trainer_defaults": {"callbacks": [PreemptionCheckpoint(), RNGStates(), SameData()]},
+    }
+
+
+def prepare_logging() -> None:
+    """Show this package's INFO lines (as Lightning does for its own), and silence the noise."""
+    package_log = logging.getLogger("ddpm_lightning")
+    if not package_log.handlers:
+        package_log.addHandler(logging.StreamHandler())
+        package_log.setLevel(logging.INFO)
+    quiet_noise()
+
+
+def run_subcommand(argv: list[str] | dict, restore_signals: bool) -> Any:
+    """Run `argv` (a subcommand first); return the LightningCLI object or the plain command's result.
+
+    With `restore_signals`, the caller's stop-signal handlers come back after a stop; the command line's process
+    ends ignoring a repeated one (checkpointing._SignalAtOptimizerStep.teardown).
+    """
+    prepare_logging()
+    if commands.is_command(argv):  # `ddpm-lightning sample ...` / `export ...`: plain commands, outside LightningCLI
+        return commands.run(argv)  # type: ignore[arg-type]  # (a list: is_command checked)
+    in_process = restore_signals and threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS} if in_process else {}
+    try:
+        return DDPMLightningCLI(DDPMModule, ImageDataModule, args=argv, **cli_options())
+    except SIGTERMException:
+        if PreemptionCheckpoint.interrupted:
+            raise SystemExit(130) from None  # Ctrl-C: saved and stopped, but the run did not finish
+        raise
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

@@ -140,8 +140,8 @@ def check_fresh_run(folder: str, checkpoint: ModelCheckpoint | None, overwrite: 
     found = [name for name in RUN_FILES if (out / name).exists()]
     ckpt_dir = Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else None
     ckpts = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir is not None and ckpt_dir.is_dir() else []
-    if ckpts:
-        found.append(f"{len(ckpts)} checkpoint(s) in {ckpt_dir}")
+    if ckpts:  # last.ckpt is a link to one of the others: files counted once
+        found.append(f"{len({c.resolve() for c in ckpts})} checkpoint(s) in {ckpt_dir}")
     if not found:
         return
     if not overwrite:

@@ -18,7 +18,7 @@ from ddpm_lightning.cli import main
 from ddpm_lightning.reporting.monitor import training_flops_per_image
 from ddpm_lightning.sources import find_images
 
-from conftest import fit_args, scalars, tb_events
+from conftest import NO_SAVES, fit_args, max_steps, scalars, tb_events
 
 
 @pytest.mark.slow
@@ -81,3 +81,21 @@ def test_data_grid_throughput_bars_and_summary_then_resume(image_folder, tmp_pat
         str(out / "samples" / "0002.png"),
     )
     assert "Caching" not in shown and "Grid of" not in shown and "img/s" not in shown and "Run summary" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_resume_that_times_no_training_batch_reports_no_images_per_sec(twelve, tmp_path, caplog):
+    """A resume's first batch is its start-up, not training: a resume of one batch (or none) has no training speed."""
+    out = tmp_path / "run"
+    for steps in (2, 3, 3):  # 2 steps; a resume of 1 step; a resume that trains none
+        resume = ["--ckpt_path", "last"] if steps != 2 else []
+        caplog.clear()
+        main(fit_args(twelve, out, *max_steps(steps), *NO_SAVES, *resume))
+        summary = json.loads((out / "run_summary.json").read_text())
+        assert summary["optimizer_steps"] == steps
+        if steps == 2:  # the second batch was timed as training
+            training = summary["wall_seconds"]["training"]  # rounded to 0.01 s
+            assert 4 / (training + 0.005) <= summary["mean_images_per_sec"] <= 4 / max(training - 0.005, 1e-9)
+        else:
+            assert summary["mean_images_per_sec"] is None
+            assert "images/s while training: not measured" in caplog.text

@@ -46,6 +46,13 @@ def training_flops_per_image(unet: UNet2DModel) -> int:
     return counter.get_total_flops()
 
 
+def images_per_sec(mean: float | None) -> str:
+    """The summary's words for the mean training speed (None: no batch after the first, which is start-up)."""
+    if mean is None:
+        return "images/s while training: not measured (no batch after the first, which counts as start-up)"
+    return f"mean {mean} images/s while training"
+
+
 class ImagesThroughput(Callback):
     """Logs images/s, steps/s, MFU and peak GPU memory through Lightning's `Throughput`, without a sync per step.
 
@@ -148,6 +155,7 @@ class RunReport(Callback):
         self.created = time.perf_counter()
         self.seconds = {"start-up": 0.0, "training": 0.0, "validation": 0.0, "epoch ends": 0.0}
         self.images = self.steps = 0
+        self.training_images = 0  # those of the batches timed as training: all but the first (start-up)
         self.mark: float | None = None
         self.first_step_done = False
         self.train_started: float | None = None
@@ -186,6 +194,8 @@ class RunReport(Callback):
         """Count the batch's images; the time since the last lap was training (or start-up, before the first)."""
         self.images += len(batch) * trainer.world_size  # a shape, known on the host: no wait for the GPU
         self.steps += 1
+        if self.first_step_done:
+            self.training_images += len(batch) * trainer.world_size
         now = self.lap("training" if self.first_step_done else "start-up")
         if not self.first_step_done and self.train_started is not None:
             self.first_step = now - self.train_started
@@ -233,7 +243,8 @@ class RunReport(Callback):
                 **{k: round(v, 2) for k, v in self.seconds.items()},
             },
             "start_up_seconds": {k: round(v, 2) for k, v in split.items()},
-            "mean_images_per_sec": round(self.images / training, 2) if training > 0 else None,
+            # over the batches after the first (whose time is start-up): None when this run trained no other
+            "mean_images_per_sec": round(self.training_images / training, 2) if self.training_images else None,
             "final_train_loss": float(metrics["train/loss"]) if "train/loss" in metrics else None,
             "val_loss": float(metrics["val/loss"]) if "val/loss" in metrics else None,
             # the last measurement of quality.measure_quality_epochs (MeasureQuality), against the validation images
@@ -257,7 +268,7 @@ class RunReport(Callback):
             f"  wall time {wall['total']:.1f} s: start-up {wall['start-up']:.1f} s ({start_up}), training "
             f"{wall['training']:.1f} s, validation {wall['validation']:.1f} s, epoch ends {wall['epoch ends']:.1f} s "
             "(grids, saves, checkpoints)",
-            f"  mean {summary['mean_images_per_sec']} images/s while training; final train/loss "
+            f"  {images_per_sec(summary['mean_images_per_sec'])}; final train/loss "
             f"{summary['final_train_loss']}"
             + (f", val/loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""),
         ]
