@@ -121,6 +121,8 @@ def sample(
     """
     if num_images < 1 or batch_size < 1:
         raise CommandError(f"num_images ({num_images}) and batch_size ({batch_size}) must be positive.")
+    if training_images is not None and reference is None:
+        raise CommandError("--training_images needs --reference: new real images give the copy check its scale.")
     if sampler not in SAMPLERS:
         raise CommandError(f"Unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}.")
     steps = (1000 if sampler == "ddpm" else 50) if num_inference_steps is None else num_inference_steps
@@ -157,8 +159,6 @@ def sample(
     if reference is not None:
         training = (training_images, training_split) if training_images is not None else None
         score(torch.cat(images), reference, reference_split, out, device, training)
-    elif training_images is not None:
-        raise CommandError("--training_images needs --reference: new real images give the copy check its scale.")
     return paths
 
 

@@ -207,7 +207,7 @@ def test_fit_reports_fid_offline_with_the_shipped_network_and_validate_reuses_it
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["fid"] == pytest.approx(next(iter(fids.values())), rel=1e-6)
     assert summary["kid_mean"] == pytest.approx(next(iter(kids.values())), rel=1e-6)
-    assert "last FID" in caplog.text
+    assert "(N=4 samples, M=3 reference images)" in caplog.text and "held-out images: 3 held-out images" in caplog.text
     cached = list((out / "fid_reference").glob("stylegan3-2048-16x16-3-*.pt"))
     assert len(cached) == 1
     assert not (tmp_path / "torch_home").exists()

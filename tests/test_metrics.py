@@ -308,3 +308,38 @@ def test_real_features_are_cached_by_network_and_pixels(tmp_path, monkeypatch):
     assert add_real_images(fresh, images, tmp_path) is None  # computed again, and the file rewritten
     assert torch.equal(torch.load(path, weights_only=True)["features"], first.real_features())
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no partial file left
+
+
+def heliconius(first: int, count: int, size: int = 32) -> torch.Tensor:
+    """`count` of the shipped photos from the `first`-th, as uint8 (count, 3, size, size)."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from conftest import HELICONIUS
+
+    rows = pq.read_table(HELICONIUS / "train-00000-of-00001.parquet").column("image").to_pylist()[first : first + count]
+    pixels = [np.asarray(Image.open(io.BytesIO(r["bytes"])).convert("RGB").resize((size, size))) for r in rows]
+    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.slow
+@needs_fid_helper
+def test_the_copy_check_flags_mirrored_training_photos_and_not_new_ones():
+    """In the default network's features, 16 training photos, 8 held out for the scale: their mirror images
+    (copies a pixel comparison misses) are flagged (above the warning's share), 8 other photos of the same set
+    are not, and nearest_training finds the photo each mirror image came from."""
+    from ddpm_lightning.metrics import COPY_WARNING_SHARE, copied_share, nearest_training
+
+    quality = SampleQuality()
+    training, held_out, new = heliconius(0, 16), heliconius(16, 8), heliconius(24, 8)
+    train_features = quality.features(training)
+    held_out_distances, _ = nearest_training(quality.features(held_out), train_features)
+    mirrored_distances, source = nearest_training(quality.features(training[:8].flip(-1)), train_features)
+    new_distances, _ = nearest_training(quality.features(new), train_features)
+    assert source.tolist() == list(range(8))
+    assert copied_share(mirrored_distances, held_out_distances)["copied_share"] > COPY_WARNING_SHARE
+    assert copied_share(new_distances, held_out_distances)["copied_share"] <= COPY_WARNING_SHARE
+    exact = copied_share(train_features.new_zeros(8), held_out_distances)  # a copy of the pixels: distance 0
+    assert exact["copied_share"] == 1.0 and exact["copy_threshold"] > 0
