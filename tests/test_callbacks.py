@@ -288,3 +288,20 @@ def test_a_fresh_model_copies_no_training_image(sixteen_and_sixteen, tmp_path, r
     assert summary["quality"]["num_samples"] == 8 and summary["num_reference"] == 16
     assert not [w for w in recwarn if "copies its training images" in str(w.message)]
     assert Image.open(out / "samples" / "nearest.png").size == (2 * 16, 8 * 16)
+
+
+def test_the_quality_summary_names_the_best_measurement_and_whether_the_last_improved():
+    """By KID below 2,048 images: the best is the lowest KID's measurement; the last improved when it is lower
+    than every one before it."""
+    from ddpm_lightning.callbacks import MeasureQuality
+
+    measure = MeasureQuality()
+    assert measure.quality_summary() is None
+    counts = {"num_samples": 64, "num_reference": 200, "kid_std": 0.01}
+    for step, kid, fid in [(10, 0.30, 300.0), (20, 0.20, 310.0), (30, 0.25, 290.0)]:
+        measure.history.append({"step": step, "epoch": step // 10, "kid_mean": kid, "fid": fid, **counts})
+    summary = measure.quality_summary()
+    assert summary["best"]["step"] == 20 and summary["ranked_by"] == "kid_mean" and summary["measurements"] == 3
+    assert summary["still_improving"] is False and summary["step"] == 30
+    measure.history.append({"step": 40, "epoch": 4, "kid_mean": 0.1, "fid": 280.0, **counts})
+    assert measure.quality_summary()["still_improving"] is True and measure.quality_summary()["best"]["step"] == 40

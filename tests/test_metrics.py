@@ -343,3 +343,13 @@ def test_the_copy_check_flags_mirrored_training_photos_and_not_new_ones():
     assert copied_share(new_distances, held_out_distances)["copied_share"] <= COPY_WARNING_SHARE
     exact = copied_share(train_features.new_zeros(8), held_out_distances)  # a copy of the pixels: distance 0
     assert exact["copied_share"] == 1.0 and exact["copy_threshold"] > 0
+
+
+def test_the_headline_leads_with_kid_below_2048_images_and_names_n_and_m():
+    from ddpm_lightning.metrics import headline
+
+    scores = {"fid": 12.3456, "kid_mean": 0.01234, "kid_std": 0.00123}
+    few = headline({**scores, "num_samples": 2048, "num_reference": 200})
+    assert few == "KID 0.0123 ± 0.0012, FID 12.35 (N=2048 samples, M=200 reference images)"
+    many = headline({**scores, "num_samples": 2048, "num_reference": 5000})
+    assert many == "FID 12.35, KID 0.0123 ± 0.0012 (N=2048 samples, M=5000 reference images)"
