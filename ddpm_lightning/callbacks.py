@@ -21,11 +21,24 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .checkpointing import stop_if_signalled
 from .checkpointing.writes import next_run, why_not_written, write_whole
-from .metrics import InceptionWeightsUnavailable, Network, SampleQuality, add_real_images
+from .metrics import (
+    COPY_PERCENTILE,
+    COPY_WARNING_SHARE,
+    FID_MIN_IMAGES,
+    InceptionWeightsUnavailable,
+    Network,
+    SampleQuality,
+    add_real_images,
+    cached_features,
+    copied_share,
+    headline,
+    nearest_training,
+)
 from .publish import HubUploader, ModelWriteError, save_pipeline, write_run_card
 from .reporting.grids import grid_shape, save_grid
 from .reporting.progress import progress_bar
@@ -38,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REFERENCE_FOLDER = "fid_reference"  # in output_dir: the validation images' features (MeasureQuality)
+NEAREST_PAIRS = 8  # samples/nearest.png: the samples nearest a training image, each beside that image
 
 
 def is_last_epoch(trainer: Trainer) -> bool:
@@ -304,14 +318,23 @@ MODEL_SAVE_DUE = "model_save_due"  # a checkpoint's note: {"epoch", "step"} of t
 
 
 class MeasureQuality(Callback):
-    """FID and KID between `num_samples` generated images and the validation images.
+    """KID and FID between `num_samples` generated images and the held-out images, and a check for copies.
 
-    They are torchmetrics' metrics, in `metrics.SampleQuality`, logged as val/fid, val/kid_mean, val/kid_std: at the
-    end of every run of `fit` that has validation images (data.val_dataset or data.val_fraction), also every
+    They are torchmetrics' metrics, in `metrics.SampleQuality`, logged as val/kid_mean, val/kid_std, val/fid: at the
+    end of every run of `fit` that has held-out images (data.val_dataset or data.val_fraction), also every
     `measure_quality_epochs` epochs when set, and in `ddpm-lightning validate`; `num_samples: 0` turns them off.
+    A run that ends between epochs' ends (`trainer.max_steps`) is validated and measured at its last step, as one
+    ended by `max_time` is; a stop signal's run is not (it exits at once).
 
-    The validation images' features are computed once per run and cached in `<output_dir>/fid_reference/`, under a
-    name keyed by the network and the images' pixels and size (`metrics.reference_file`): a resumed run, a
+    Every measurement is reported with its N (samples) and M (held-out images) and what the held-out images are
+    (`metrics.headline`: KID first below 2,048 of either). It also checks for copies of the training images
+    (`metrics.copied_share`, logged as val/copied_share): the share of samples nearer their nearest training image
+    (of the first `memorisation_images`) than 95% of the held-out images are to theirs, a warning above
+    `metrics.COPY_WARNING_SHARE`, and `<output_dir>/samples/nearest.png`: the samples nearest a training image,
+    each beside it. `quality_summary()` gives the run's last and best measurement for the run summary.
+
+    The held-out and training images' features are computed once per run and cached in `<output_dir>/fid_reference/`,
+    under a name keyed by the network and the images' pixels and size (`metrics.reference_file`): a resumed run, a
     `validate` or a later run on the same images reads them back. Progress bars show the sampling and the feature
     extraction. Nothing is downloaded: when the network is not installed, one message says how to install it, and
     training goes on without the metrics.
@@ -319,8 +342,8 @@ class MeasureQuality(Callback):
     Args:
         measure_quality_epochs: measure every this many epochs and at the end of the run (0: at the end only, as
             grid.save_image_epochs 0 draws a grid at the end only).
-        num_samples: generated images per measurement (FID is biased upwards with few; published ones use 50k);
-            0: no FID/KID at all.
+        num_samples: generated images per measurement (N; FID is biased upwards with few, and below 2,048 KID is
+            the number to read); 0: no FID/KID at all.
         sampler, num_inference_steps: how they are drawn (DDIM 50 steps by default).
         seed: the samples' seed: the same noise at every measurement.
         feature: Inception-v3's feature size (64, 192, 768 or 2048), or any nn.Module mapping images in [0, 1]
@@ -330,7 +353,9 @@ class MeasureQuality(Callback):
             torch-fidelity when `inception_weights` is set or `feature` is not 2048, else stylegan3.
         inception_weights: the path of torch-fidelity's weights file.
         output_dir: the run's folder (set from --output_dir): the cache of the real features goes in its
-            fid_reference/ folder; None: no cache.
+            fid_reference/ folder, nearest.png in samples/; None: no cache and no nearest.png.
+        memorisation_images: training images the copy check compares samples with (the first ones, as
+            samples/data.png shows them); 0: no copy check.
         every_n_epochs: the old spelling of `measure_quality_epochs` (deprecated: it warns).
     """
 
@@ -345,6 +370,7 @@ class MeasureQuality(Callback):
         inception: Network | None = None,
         inception_weights: str | None = None,
         output_dir: str | None = None,
+        memorisation_images: int = 2000,
         every_n_epochs: int | None = None,
     ) -> None:
         if every_n_epochs is not None:
@@ -358,11 +384,46 @@ class MeasureQuality(Callback):
         self.measure_quality_epochs, self.num_samples = measure_quality_epochs, num_samples
         self.sampler, self.num_inference_steps, self.seed = sampler, num_inference_steps, seed
         self.feature, self.inception, self.inception_weights = feature, inception, inception_weights
-        self.output_dir = output_dir
+        self.output_dir, self.memorisation_images = output_dir, memorisation_images
         self.quality: SampleQuality | None = None
         self.active: SampleQuality | None = None  # the metrics while this validation epoch measures, else None
         self.unavailable = self.real_done = False
         self.real_images: list[torch.Tensor] = []  # this rank's validation images, until their features are in
+        self.training: tuple[torch.Tensor, torch.Tensor] | None = None  # training images (uint8) and features
+        self.reference = "none"  # the held-out images, named as every report names them
+        self.history: list[dict[str, Any]] = []  # every measurement of this run, in order
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Name the held-out images (val/loss's and KID/FID's reference) in the log and TensorBoard."""
+        self.history = []
+        self.reference = self.reference_of(trainer)
+        if self.reference == "none" or not trainer.is_global_zero:
+            return
+        log.info(f"Held-out images (the reference of val/loss and KID/FID): {self.reference}")
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("val/reference", self.reference, global_step=trainer.global_step)
+
+    @staticmethod
+    def reference_of(trainer: Trainer) -> str:
+        """The data module's name for its held-out images ("none" without them)."""
+        name = getattr(trainer.datamodule, "reference_name", None)
+        return name() if callable(name) else "none"
+
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: torch.Tensor | Mapping[str, Any] | None,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """At the step that reaches `max_steps`, ask Lightning to stop: it then validates at this step."""
+        # Lightning validates at epoch ends, and at any step where `trainer.should_stop` is set (as its Timer sets
+        # it for max_time); a max_steps stop between epoch ends sets nothing, so the run's end would go unmeasured.
+        # Every rank is at the same step: all set it. A stop signal's run exits at once, unmeasured.
+        if 0 < trainer.max_steps <= trainer.global_step and not trainer.received_sigterm:
+            trainer.should_stop = True
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Build the metrics when this validation measures (validate, or a due epoch of fit)."""
@@ -371,6 +432,8 @@ class MeasureQuality(Callback):
         self.active = self.build() if self.num_samples > 0 and not trainer.sanity_checking and due else None
         if self.active is not None:
             self.active.to(pl_module.device)
+            if self.reference == "none":  # (validate: no fit start)
+                self.reference = self.reference_of(trainer)
 
     def build(self) -> SampleQuality | None:
         """The metrics, built once; None (said once) when the network is not installed."""
@@ -396,7 +459,7 @@ class MeasureQuality(Callback):
             self.real_images.append(batch[1].cpu())  # uint8 images; their features at the epoch's end (the cache)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Draw the samples, then compute and log FID and KID."""
+        """Draw the samples, then compute and log KID, FID and the copy check."""
         if self.active is None:
             return
         if not self.real_done:
@@ -406,11 +469,96 @@ class MeasureQuality(Callback):
         images = sample_share(trainer, pl_module, *share, on_step=bar.update)
         bar.close()
         bar = progress_bar(trainer, "FID: features of the samples", len(images), "image")
-        self.active.update_fake(images, bar.update)
+        features = self.active.update_fake(images, bar.update)
         bar.close()
-        scores = self.active.compute()  # syncs across ranks: every rank is here
+        scores: dict[str, Any] = dict(self.active.compute())  # syncs across ranks: every rank is here
+        counts = torch.tensor([self.active.num_fake, self.active.num_real], device=pl_module.device)
+        num_samples, num_reference = (int(v) for v in trainer.strategy.reduce(counts, reduce_op="sum"))
         self.active.reset_fake()
-        pl_module.log_dict({f"val/{k}": v for k, v in scores.items()}, sync_dist=False, rank_zero_only=False)
+        logged = {f"val/{k}": v for k, v in scores.items()}
+        copies = self.copy_check(trainer, pl_module, images, features)
+        if copies is not None:
+            logged["val/copied_share"] = copies["copied_share"]
+        pl_module.log_dict(logged, sync_dist=False, rank_zero_only=False)
+        scores.update(num_samples=num_samples, num_reference=num_reference, **(copies or {}))
+        scores.update(step=trainer.global_step, epoch=trainer.current_epoch, reference=self.reference)
+        self.history.append(scores)
+        if trainer.is_global_zero:
+            self.report(scores)
+
+    def report(self, scores: Mapping[str, Any]) -> None:
+        """The measurement's line in the log, and a warning when the samples copy training images."""
+        line = f"Quality at step {scores['step']}: {headline(scores)} against {self.reference}"
+        if "copied_share" in scores:
+            line += (
+                f"; {scores['copied_share']:.0%} of the samples copy a training image (nearer one than "
+                f"{1 - COPY_PERCENTILE:.0%} of the held-out images are to theirs)"
+            )
+        log.info(line)
+        if scores.get("copied_share", 0.0) > COPY_WARNING_SHARE:
+            rank_zero_warn(
+                f"{scores['copied_share']:.0%} of the samples are nearer a training image than "
+                f"{1 - COPY_PERCENTILE:.0%} of the held-out images are (more than {COPY_WARNING_SHARE:.0%}): the "
+                "model copies its training images; see samples/nearest.png. More images, fewer steps or a smaller "
+                "model copy less."
+            )
+
+    def copy_check(
+        self, trainer: Trainer, pl_module: LightningModule, images: torch.Tensor, features: torch.Tensor
+    ) -> dict[str, float] | None:
+        """The share of samples that copy a training image (`metrics.copied_share`), and samples/nearest.png."""
+        assert self.active is not None
+        training = self.training_images(trainer, self.active)
+        held_out = self.active.real_features()
+        if training is None or len(held_out) == 0:
+            return None
+        train_images, train_features = training
+        train_features = train_features.to(features.device)
+        sample_distances, nearest = nearest_training(features, train_features)
+        held_out_distances, _ = nearest_training(held_out.to(features.device), train_features)
+        copies = copied_share(gather(trainer, sample_distances), gather(trainer, held_out_distances))
+        if trainer.is_global_zero and self.output_dir is not None:  # rank 0's share of the samples
+            order = sample_distances.argsort()[:NEAREST_PAIRS].cpu()
+            pairs = [(images[i].cpu(), train_images[nearest[i]].float() / 255) for i in order.tolist()]
+            path = Path(self.output_dir) / "samples" / "nearest.png"
+            save_grid(torch.stack([image for pair in pairs for image in pair]), path, len(pairs))
+        return copies
+
+    def training_images(self, trainer: Trainer, quality: SampleQuality) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The first `memorisation_images` training images and their features (cached beside the run); once."""
+        preview = getattr(trainer.datamodule, "preview", None)
+        if self.training is None and self.memorisation_images > 0 and callable(preview):
+            images = preview(self.memorisation_images)
+            folder = Path(self.output_dir) / REFERENCE_FOLDER if self.output_dir is not None else None
+            bar = progress_bar(trainer, f"Copy check: features of {len(images)} training images", len(images), "image")
+            features, cached = cached_features(quality, images, folder, bar.update)
+            bar.close()
+            if cached is not None:
+                log.info(f"[rank {trainer.global_rank}] Read the training images' features from {cached}")
+            self.training = images, features
+        return self.training
+
+    def quality_summary(self) -> dict[str, Any] | None:
+        """The run's quality for its summary: the last measurement, the best one, and whether it still improved.
+
+        Best by KID where N or M is below 2,048 (FID's bias depends on the model there), else by FID.
+        """
+        if not self.history:
+            return None
+        last = self.history[-1]
+        key = "fid" if min(last["num_samples"], last["num_reference"]) >= FID_MIN_IMAGES else "kid_mean"
+        best = min(self.history, key=lambda scores: scores[key])
+        earlier = self.history[:-1]
+        improving = None if not earlier else last[key] < min(scores[key] for scores in earlier)
+        pick = ("step", "epoch", "kid_mean", "kid_std", "fid")
+        return {
+            **{k: v for k, v in last.items() if k not in ("epoch",)},
+            "headline": headline(last),
+            "ranked_by": key,
+            "measurements": len(self.history),
+            "best": {k: best[k] for k in pick},
+            "still_improving": improving,
+        }
 
     def add_real(self, trainer: Trainer, quality: SampleQuality) -> None:
         """This rank's validation images into `quality`, their features read from the run's cache when there."""
@@ -424,3 +572,15 @@ class MeasureQuality(Callback):
             if cached is not None:
                 log.info(f"[rank {trainer.global_rank}] Read the validation images' FID features from {cached}")
         self.real_done = True
+
+
+def gather(trainer: Trainer, values: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-d `values` (their lengths may differ by rank), concatenated; this rank's on one device."""
+    if trainer.world_size == 1:
+        return values
+    length = torch.tensor([len(values)], device=values.device)
+    longest = int(trainer.strategy.all_gather(length).max())
+    padded = torch.full((longest,), float("nan"), device=values.device, dtype=torch.float32)
+    padded[: len(values)] = values
+    gathered = trainer.strategy.all_gather(padded).flatten()
+    return gathered[~gathered.isnan()]

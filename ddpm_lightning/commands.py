@@ -25,6 +25,7 @@ import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,6 +42,9 @@ from .publish import ModelWriteError, save_pipeline, write_model_card
 from .reporting.grids import grid_shape, save_grid
 from .sampling import SAMPLERS, Sampler, denoise, make_sampler
 from .sources import image_column_of, load_source
+
+if TYPE_CHECKING:
+    from .metrics import SampleQuality
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,8 @@ def sample(
     revision: str | None = None,
     reference: str | None = None,
     reference_split: str = "train",
+    training_images: str | None = None,
+    training_split: str = "train",
 ) -> list[Path]:
     """Draw images from a trained model into output_dir/000000.png, 000001.png, ... and output_dir/grid.png.
 
@@ -104,12 +110,19 @@ def sample(
             folder, a data set folder or file, a cached Hub id); its images are resized to the samples' size as
             training resizes them (squash). Their features are cached in output_dir/fid_reference/.
         reference_split: the split of `reference`, for data sets that have splits.
+        training_images: with `reference`, the images the model was trained on (any source `data.dataset` takes):
+            the copy check of training (`metrics.copied_share`, `reference` giving the scale: new images of the same
+            kind), in quality.json and the log, and output_dir/nearest.png. A model does not record its training
+            images, so they are named here.
+        training_split: the split of `training_images`.
 
     Returns:
         The paths of the images written (grid.png, the grid of all of them, is written beside them).
     """
     if num_images < 1 or batch_size < 1:
         raise CommandError(f"num_images ({num_images}) and batch_size ({batch_size}) must be positive.")
+    if training_images is not None and reference is None:
+        raise CommandError("--training_images needs --reference: new real images give the copy check its scale.")
     if sampler not in SAMPLERS:
         raise CommandError(f"Unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}.")
     steps = (1000 if sampler == "ddpm" else 50) if num_inference_steps is None else num_inference_steps
@@ -144,46 +157,90 @@ def sample(
     rows, cols = grid_shape(num_images)
     log.info(f"Wrote {num_images} images and grid.png ({rows} x {cols}) to {out}")
     if reference is not None:
-        score(torch.cat(images), reference, reference_split, out, device)
+        training = (training_images, training_split) if training_images is not None else None
+        score(torch.cat(images), reference, reference_split, out, device, training)
     return paths
 
 
-def score(samples: torch.Tensor, reference: str, split: str, out: Path, device: str) -> dict:
-    """FID and KID of `samples` (uint8, as written) against the `reference` images.
+def read_images(source: str, split: str, size: int, option: str) -> torch.Tensor:
+    """The images of `source` as uint8 (N, 3, size, size), resized as training resizes them (squash)."""
+    try:
+        rows = load_source(source, split)
+        real = ResizedImages(rows, image_column_of(rows, None), size, "squash")
+        if len(real) < 2:
+            raise ValueError(f"it holds {len(real)} image(s); FID/KID need at least 2")
+        return torch.stack([real[i] for i in tqdm(range(len(real)), desc=f"Reading {option}", unit="image")])
+    except (ValueError, OSError) as err:
+        raise CommandError(f"--{option} {source}: {err}") from err
+
+
+def score(
+    samples: torch.Tensor,
+    reference: str,
+    split: str,
+    out: Path,
+    device: str,
+    training: tuple[str, str] | None = None,
+) -> dict:
+    """KID and FID of `samples` (uint8, as written) against the `reference` images, and the copy check.
 
     They are logged and written to out/quality.json; the reference features are cached in out/fid_reference/
-    (`metrics.add_real_images`).
+    (`metrics.add_real_images`). With `training` (source, split), the share of samples that copy a training image
+    (`metrics.copied_share`) and out/nearest.png.
     """
-    from .metrics import InceptionWeightsUnavailable, SampleQuality, add_real_images
-    from .sources import image_column_of, load_source
+    from .metrics import InceptionWeightsUnavailable, SampleQuality, add_real_images, headline
 
     if samples.shape[1] != 3 or len(samples) < 2:
         raise CommandError(
             f"FID/KID need at least 2 RGB images: drawn {len(samples)} with {samples.shape[1]} channels."
         )
+    reals = read_images(reference, split, samples.shape[-1], "reference")
     try:
-        rows = load_source(reference, split)
-        real = ResizedImages(rows, image_column_of(rows, None), samples.shape[-1], "squash")
-        if len(real) < 2:
-            raise ValueError(f"it holds {len(real)} image(s); FID/KID need at least 2")
-        reals = torch.stack([real[i] for i in tqdm(range(len(real)), desc="Reading the reference", unit="image")])
         quality = SampleQuality().to(device)
-    except (ValueError, OSError, InceptionWeightsUnavailable) as err:
+    except InceptionWeightsUnavailable as err:
         raise CommandError(f"--reference {reference}: {err}") from err
     with tqdm(total=len(reals), desc="FID: features of the reference", unit="image", dynamic_ncols=True) as bar:
         cached = add_real_images(quality, reals, out / "fid_reference", bar.update)
     with tqdm(total=len(samples), desc="FID: features of the samples", unit="image", dynamic_ncols=True) as bar:
-        quality.update_fake(samples, bar.update)
+        features = quality.update_fake(samples, bar.update)
     scores = quality.compute()
     report = {**scores, "num_samples": len(samples), "num_reference": len(reals), "reference": reference}
     report["network"] = quality.network
+    if training is not None:
+        report.update(copy_check(quality, samples, features, training, out))
     (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     from_cache = f", reference features from {cached}" if cached is not None else ""
+    copies = ""
+    if training is not None:
+        copies = f"; {report['copied_share']:.0%} of the samples copy an image of {training[0]} (nearest.png)"
     log.info(
-        f"FID {scores['fid']:.2f}, KID {scores['kid_mean']:.4f} +- {scores['kid_std']:.4f}: {len(samples)} samples "
-        f"against {len(reals)} images of {reference} ({quality.network}{from_cache}); in {out / 'quality.json'}"
+        f"{headline(report)} against {reference} ({quality.network}{from_cache}){copies}; in {out / 'quality.json'}"
     )
     return report
+
+
+def copy_check(
+    quality: SampleQuality, samples: torch.Tensor, features: torch.Tensor, training: tuple[str, str], out: Path
+) -> dict:
+    """The copy check of `samples` against the `training` (source, split) images; writes out/nearest.png."""
+    from .metrics import COPY_WARNING_SHARE, cached_features, copied_share, nearest_training
+
+    images = read_images(*training, samples.shape[-1], "training_images")
+    with tqdm(total=len(images), desc="Features of the training images", unit="image", dynamic_ncols=True) as bar:
+        train_features, _ = cached_features(quality, images, out / "fid_reference", bar.update)
+    train_features = train_features.to(features.device)
+    distances, nearest = nearest_training(features, train_features)
+    held_out, _ = nearest_training(quality.real_features().to(features.device), train_features)
+    copies = copied_share(distances, held_out)
+    order = distances.argsort()[:8].cpu().tolist()
+    pairs = [image for i in order for image in (samples[i], images[int(nearest[i])])]
+    write_image(out / "nearest.png", lambda path: save_grid(torch.stack(pairs), path, len(order)), [])
+    if copies["copied_share"] > COPY_WARNING_SHARE:
+        log.warning(
+            f"{copies['copied_share']:.0%} of the samples are nearer an image of {training[0]} than 95% of the "
+            f"--reference images are: the model copies its training images (see {out / 'nearest.png'})."
+        )
+    return {**copies, "training_images": training[0], "num_training": len(images)}
 
 
 def write_image(path: Path, save: Callable[[Path], object], written: list[Path]) -> Path:

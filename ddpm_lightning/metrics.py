@@ -33,7 +33,7 @@ import importlib.util
 import itertools
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -295,9 +295,18 @@ class SampleQuality:
         """
         self.add_real_features(self._features(images, on_batch))
 
-    def update_fake(self, images: Tensor, on_batch: Callable[[int], object] | None = None) -> None:
-        """Add generated images: float in [0, 1] (or uint8 in [0, 255]), (N, 3, H, W), on any device."""
-        self._add(self._features(images, on_batch), real=False)
+    def update_fake(self, images: Tensor, on_batch: Callable[[int], object] | None = None) -> Tensor:
+        """Add generated images: float in [0, 1] (or uint8 in [0, 255]), (N, 3, H, W), on any device.
+
+        Returns their features (for `nearest_training`).
+        """
+        features = self._features(images, on_batch)
+        self._add(features, real=False)
+        return features
+
+    def features(self, images: Tensor, on_batch: Callable[[int], object] | None = None) -> Tensor:
+        """The features of `images` (as `update_real` takes them), added to no metric: e.g. the training images'."""
+        return self._features(images, on_batch)
 
     def add_real_features(self, features: Tensor) -> None:
         """Add the features of real images, as `real_features` returned them (e.g. read from a cache)."""
@@ -422,18 +431,105 @@ def add_real_images(
         The cache file when the features were read from it, else None.
     """
     path = reference_file(quality, images, folder) if folder is not None else None
-    if path is not None and path.is_file():
-        try:
-            features = torch.load(path, map_location="cpu", weights_only=True)["features"]
-        except Exception:  # unreadable (a disk full at write time, a foreign file): computed again below
-            features = None
-        if isinstance(features, Tensor) and features.dim() == 2 and len(features) == len(images):
-            quality.add_real_features(features)
-            return path
+    features = read_features(path, len(images))
+    if features is not None:
+        quality.add_real_features(features)
+        return path
     quality.update_real(images, on_batch)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        torch.save({"features": quality.real_features()[-len(images) :].clone()}, partial)
-        os.replace(partial, path)
+    write_features(path, quality.real_features()[-len(images) :])
     return None
+
+
+def cached_features(
+    quality: SampleQuality,
+    images: Tensor,
+    folder: str | os.PathLike | None = None,
+    on_batch: Callable[[int], object] | None = None,
+) -> tuple[Tensor, Path | None]:
+    """The features of `images` by `quality`'s network (on the CPU), added to no metric, through the same cache.
+
+    Returns them, with the cache file when they were read from it (else None).
+    """
+    path = reference_file(quality, images, folder) if folder is not None else None
+    features = read_features(path, len(images))
+    if features is not None:
+        return features, path
+    features = quality.features(images, on_batch).cpu()
+    write_features(path, features)
+    return features, None
+
+
+def read_features(path: Path | None, count: int) -> Tensor | None:
+    """The `count` features cached in `path`; None when there is no such file or it is unreadable."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        features = torch.load(path, map_location="cpu", weights_only=True)["features"]
+    except Exception:  # unreadable (a disk full at write time, a foreign file): computed again
+        return None
+    ok = isinstance(features, Tensor) and features.dim() == 2 and len(features) == count
+    return features if ok else None
+
+
+def write_features(path: Path | None, features: Tensor) -> None:
+    """Cache `features` in `path` (None: nowhere), atomically: a crash leaves no torn file."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    torch.save({"features": features.detach().cpu().clone()}, partial)
+    os.replace(partial, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memorisation: how close samples come to the training images, against how close new real images come
+
+# A sample counts as copied when it is nearer its nearest training image than COPY_PERCENTILE of the held-out
+# images are to theirs: a model whose samples are as new as held-out photos has about that share (5%) copied.
+COPY_PERCENTILE = 0.05
+COPY_WARNING_SHARE = 0.2  # above this share of copied samples, the run warns
+
+
+def nearest_training(features: Tensor, training: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """Each row's distance to its nearest row of `training`, and that row's index.
+
+    The distance is MiFID's (torchmetrics' MemorizationInformedFrechetInceptionDistance): one minus the absolute
+    cosine similarity of the features.
+    """
+    keys = nn.functional.normalize(training.float(), dim=1)
+    distances, indices = [], []
+    for part in features.float().split(chunk):
+        similarity = (nn.functional.normalize(part, dim=1) @ keys.T).abs()
+        best, index = similarity.max(dim=1)
+        distances.append(1 - best)
+        indices.append(index)
+    return torch.cat(distances), torch.cat(indices)
+
+
+def copied_share(sample_distances: Tensor, held_out_distances: Tensor) -> dict[str, float]:
+    """The share of samples nearer a training image than nearly all held-out images are (`COPY_PERCENTILE`).
+
+    Returns ``{"copied_share", "copy_threshold"}``: the share, and the distance below which a sample counts as
+    copied (the `COPY_PERCENTILE` quantile of the held-out images' distances to their nearest training images).
+    """
+    if len(sample_distances) == 0 or len(held_out_distances) == 0:
+        raise ValueError("the copy check needs samples and held-out images")
+    threshold = float(torch.quantile(held_out_distances.double().cpu(), COPY_PERCENTILE))
+    share = float((sample_distances.double().cpu() < threshold).double().mean())
+    return {"copied_share": share, "copy_threshold": threshold}
+
+
+def headline(scores: Mapping[str, Any]) -> str:
+    """KID (mean ± std) and FID with their sample count N and reference count M, the reliable one first.
+
+    Below 2,048 samples or reference images FID's 2048 x 2048 covariance is rank-deficient and its bias depends on
+    the model scored, so KID (unbiased) leads; FID leads only where both counts reach 2,048.
+    """
+    n, m = int(scores["num_samples"]), int(scores["num_reference"])
+    kid = f"KID {scores['kid_mean']:.4f} ± {scores['kid_std']:.4f}"
+    fid = f"FID {scores['fid']:.2f}"
+    lead = f"{fid}, {kid}" if min(n, m) >= FID_MIN_IMAGES else f"{kid}, {fid}"
+    return f"{lead} (N={n} samples, M={m} reference images)"
+
+
+FID_MIN_IMAGES = 2048  # FID's feature size: fewer images leave its covariance rank-deficient

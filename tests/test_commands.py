@@ -293,9 +293,31 @@ def test_sample_scores_its_images_against_a_reference_folder(tmp_path, caplog):
     assert f"FID {report['fid']:.2f}" in caplog.text
     assert len(list((tmp_path / "out" / "fid_reference").glob("stylegan3-2048-16x16-4-*.pt"))) == 1
 
+    assert "(N=3 samples, M=4 reference images)" in caplog.text  # KID first: below 2,048 images
+
     caplog.clear()
-    main([*args, "--output_dir", str(tmp_path / "out"), "--reference", str(tmp_path / "reference"), "--seed", "1"])
+    for i in range(5):
+        write_image(tmp_path / "training" / f"{i}.png", seed=10 + i)
+    training = ["--training_images", str(tmp_path / "training")]
+    main(
+        [
+            *args,
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--reference",
+            str(tmp_path / "reference"),
+            "--seed",
+            "1",
+            *training,
+        ]
+    )
     assert "reference features from" in caplog.text  # read back, not extracted again
+    report = yaml.safe_load((tmp_path / "out" / "quality.json").read_text())
+    assert report["num_training"] == 5 and 0 <= report["copied_share"] <= 1 and report["copy_threshold"] > 0
+    assert f"{report['copied_share']:.0%} of the samples copy an image of {tmp_path / 'training'}" in caplog.text
+    assert Image.open(tmp_path / "out" / "nearest.png").size == (2 * 16, 3 * 16)  # each sample beside its nearest
+    with pytest.raises(SystemExit, match="--training_images needs --reference"):
+        main([*args, "--output_dir", str(tmp_path / "out"), *training])
 
     with pytest.raises(SystemExit, match="--reference .*nowhere"):
         main([*args, "--output_dir", str(tmp_path / "out"), "--reference", str(tmp_path / "nowhere")])

@@ -19,7 +19,7 @@ from ddpm_lightning.cli import main
 from ddpm_lightning.data import ImageDataModule
 from ddpm_lightning.data.images import CachedImages, ResizedImages
 
-from conftest import ONE_STEP, FirstBatch, data_module, fit_args, max_steps, write_image
+from conftest import HELICONIUS, ONE_STEP, FirstBatch, data_module, fit_args, max_steps, write_image
 
 
 def test_image_folder_loads_every_image_whatever_the_name(image_folder, caplog):
@@ -349,3 +349,28 @@ def test_random_crops_resume_exactly(photos, tmp_path):
     )
     assert len(straight) == 20 and len(first) == 12 and len(resumed) == 8  # 2 batches of 4 an epoch
     assert all(torch.equal(x, y) for x, y in zip(straight, first + resumed))
+
+
+def test_held_out_images_tied_to_another_data_set_give_way_to_a_share_of_the_one_trained(image_folder, twelve):
+    """configs/tiny.yaml holds out the shipped photos' validation split for those photos only (val_dataset_of):
+    trained on another folder, its held-out images are a seeded 10% of that folder, and the reference says so;
+    held-out images named apart from the tie are used as given."""
+    tied = {"val_dataset": str(HELICONIUS), "val_split": "validation", "val_dataset_of": str(HELICONIUS)}
+    dm = data_module(image_folder, **tied)
+    assert len(dm.val_set) == 2 and len(dm.train_set) == 10  # 10% of 12, rounded up by datasets
+    assert dm.reference_name() == f"2 held-out images: a seeded 10% of {image_folder} (split 'train')"
+    again = data_module(image_folder, **tied)
+    assert torch.equal(
+        torch.stack([dm.val_set[i][1] for i in range(2)]), torch.stack([again.val_set[i][1] for i in range(2)])
+    )
+    named = data_module(image_folder, **{**tied, "val_dataset": str(twelve)})  # the user's own held-out folder
+    assert len(named.val_set) == 12 and len(named.train_set) == 12
+    assert named.reference_name() == f"12 held-out images: {twelve} (split 'validation')"
+
+
+def test_the_same_data_set_however_written_keeps_its_held_out_images(image_folder, tmp_path, monkeypatch):
+    """`./images` and the absolute path name the same folder: its tied held-out images stay."""
+    monkeypatch.chdir(image_folder.parent)
+    tied = {"val_dataset": str(image_folder), "val_dataset_of": f"./{image_folder.name}/"}
+    dm = data_module(image_folder, **tied)
+    assert len(dm.val_set) == len(dm.train_set) == 12

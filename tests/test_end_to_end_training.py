@@ -3,6 +3,8 @@ grids, the diffusers folder, the logs and the checkpoints it leaves."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 
 import pytest
@@ -13,7 +15,17 @@ from PIL import Image
 
 from ddpm_lightning.cli import main
 
-from conftest import HELICONIUS, TINY_CONFIG, fit_args, scalars
+from conftest import HELICONIUS, NO_SAVES, TINY_CONFIG, fit_args, max_steps, scalars
+
+# FID/KID of 4 samples drawn in 2 steps, in a tiny conv net's features: a measurement in a second.
+QUICK_QUALITY = [
+    "--quality.num_samples",
+    "4",
+    "--quality.num_inference_steps",
+    "2",
+    "--quality.feature",
+    "conftest.TinyFeatures",
+]
 
 
 @pytest.mark.slow
@@ -53,3 +65,53 @@ def test_fit_on_the_shipped_heliconius_photos(tmp_path):
     assert Image.open(out / "samples" / "0000.png").size == (32, 32)
     assert len(scalars(out / "logs", "train/loss")) == 2
     assert yaml.safe_load(TINY_CONFIG.read_text())["data"]["dataset"] == "./data/heliconius"
+
+
+@pytest.mark.slow
+def test_tiny_yaml_on_your_own_folder_measures_against_your_folder(twelve, tmp_path, caplog):
+    """The README's own-images line (configs/tiny.yaml, whose held-out images are the shipped photos' validation
+    split, with --data.dataset naming a folder): val/loss and KID/FID are measured against a seeded 10% of that
+    folder, never the shipped photos, and the log, the summary and TensorBoard name it with its image count."""
+    out = tmp_path / "run"
+    tiny = yaml.safe_load(TINY_CONFIG.read_text())["data"]
+    assert tiny["val_dataset_of"] == tiny["val_dataset"] == tiny["dataset"]  # the shipped photos' own split
+    restored = ["--data.val_dataset", tiny["val_dataset"]]  # (TINY_RUN_ARGS leaves validation out)
+    with caplog.at_level(logging.INFO):
+        main(fit_args(twelve, out, *max_steps(3), *NO_SAVES, *restored, *QUICK_QUALITY))
+    reference = f"2 held-out images: a seeded 10% of {twelve} (split 'train')"
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["reference"] == reference
+    assert summary["num_reference"] == 2 and summary["val_loss"] is not None and summary["kid_mean"] is not None
+    assert f"holds out images of {tiny['val_dataset_of']} (data.val_dataset_of), not of" in caplog.text
+    assert f"held-out images: {reference}" in caplog.text  # the summary block
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (out / "logs").glob("events.out.tfevents.*")
+    logged = EventAccumulator(str(events), size_guidance={"tensors": 0})
+    logged.Reload()
+    texts = [e.tensor_proto.string_val[0].decode() for e in logged.Tensors("val/reference/text_summary")]
+    assert texts == [reference]
+
+
+@pytest.mark.slow
+def test_a_max_steps_run_ending_mid_epoch_is_validated_and_measured_at_its_end(twelve, tmp_path, caplog):
+    """9 training images (3 steps an epoch) and 3 held out, stopped by max_steps at step 4, in the middle of its
+    second epoch, measuring every epoch: val/loss, KID/FID with N and M and the copy check at step 4 too, in the
+    logs and run_summary.json, whose quality block names the best of the two measurements."""
+    out = tmp_path / "run"
+    args = [*max_steps(4), *NO_SAVES, "--data.val_fraction", "0.25", "--quality.measure_quality_epochs", "1"]
+    with caplog.at_level(logging.INFO):
+        main(fit_args(twelve, out, *args, *QUICK_QUALITY))
+    assert sorted(scalars(out / "logs", "val/loss")) == [2, 3]  # Lightning logs at the last batch's step (0-based)
+    assert sorted(scalars(out / "logs", "val/kid_mean")) == sorted(scalars(out / "logs", "val/copied_share")) == [2, 3]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["optimizer_steps"] == 4
+    for key in ("val_loss", "kid_mean", "kid_std", "fid", "copied_share", "copy_threshold"):
+        assert math.isfinite(summary[key]), (key, summary[key])
+    assert (summary["num_samples"], summary["num_reference"]) == (4, 3)
+    quality = summary["quality"]
+    assert quality["step"] == 4 and quality["measurements"] == 2 and quality["ranked_by"] == "kid_mean"
+    assert quality["best"]["step"] in (3, 4) and isinstance(quality["still_improving"], bool)
+    assert quality["headline"].startswith("KID ") and "(N=4 samples, M=3 reference images)" in quality["headline"]
+    assert "Quality at step 4: KID " in caplog.text and "of the samples copy a training image" in caplog.text
+    assert (out / "samples" / "nearest.png").is_file()

@@ -308,3 +308,48 @@ def test_real_features_are_cached_by_network_and_pixels(tmp_path, monkeypatch):
     assert add_real_images(fresh, images, tmp_path) is None  # computed again, and the file rewritten
     assert torch.equal(torch.load(path, weights_only=True)["features"], first.real_features())
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no partial file left
+
+
+def heliconius(first: int, count: int, size: int = 32) -> torch.Tensor:
+    """`count` of the shipped photos from the `first`-th, as uint8 (count, 3, size, size)."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from conftest import HELICONIUS
+
+    rows = pq.read_table(HELICONIUS / "train-00000-of-00001.parquet").column("image").to_pylist()[first : first + count]
+    pixels = [np.asarray(Image.open(io.BytesIO(r["bytes"])).convert("RGB").resize((size, size))) for r in rows]
+    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.slow
+@needs_fid_helper
+def test_the_copy_check_flags_mirrored_training_photos_and_not_new_ones():
+    """In the default network's features, 16 training photos, 8 held out for the scale: their mirror images
+    (copies a pixel comparison misses) are flagged (above the warning's share), 8 other photos of the same set
+    are not, and nearest_training finds the photo each mirror image came from."""
+    from ddpm_lightning.metrics import COPY_WARNING_SHARE, copied_share, nearest_training
+
+    quality = SampleQuality()
+    training, held_out, new = heliconius(0, 16), heliconius(16, 8), heliconius(24, 8)
+    train_features = quality.features(training)
+    held_out_distances, _ = nearest_training(quality.features(held_out), train_features)
+    mirrored_distances, source = nearest_training(quality.features(training[:8].flip(-1)), train_features)
+    new_distances, _ = nearest_training(quality.features(new), train_features)
+    assert source.tolist() == list(range(8))
+    assert copied_share(mirrored_distances, held_out_distances)["copied_share"] > COPY_WARNING_SHARE
+    assert copied_share(new_distances, held_out_distances)["copied_share"] <= COPY_WARNING_SHARE
+    exact = copied_share(train_features.new_zeros(8), held_out_distances)  # a copy of the pixels: distance 0
+    assert exact["copied_share"] == 1.0 and exact["copy_threshold"] > 0
+
+
+def test_the_headline_leads_with_kid_below_2048_images_and_names_n_and_m():
+    from ddpm_lightning.metrics import headline
+
+    scores = {"fid": 12.3456, "kid_mean": 0.01234, "kid_std": 0.00123}
+    few = headline({**scores, "num_samples": 2048, "num_reference": 200})
+    assert few == "KID 0.0123 ± 0.0012, FID 12.35 (N=2048 samples, M=200 reference images)"
+    many = headline({**scores, "num_samples": 2048, "num_reference": 5000})
+    assert many == "FID 12.35, KID 0.0123 ± 0.0012 (N=2048 samples, M=5000 reference images)"

@@ -40,6 +40,19 @@ def default_num_workers() -> int:
     return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+FALLBACK_FRACTION = 0.1  # held out of a data set trained in place of the one val_dataset belongs to
+
+
+def same_source(a: str | None, b: str | None) -> bool:
+    """Whether two `dataset` values name the same source (a local path however written, else the same string)."""
+    if a is None or b is None:
+        return a is b
+    path_a, path_b = Path(a).expanduser(), Path(b).expanduser()
+    if path_a.exists() or path_b.exists():
+        return path_a.resolve() == path_b.resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
 class EpochOrder(DistributedSampler):
     """The training loader's torch Sampler: DistributedSampler (order = f(seed, epoch), one slice per rank).
 
@@ -110,8 +123,12 @@ class ImageDataModule(LightningDataModule):
             decodes into its own memory.
         cache_on_gpu: keep the cached pixels on the training GPU (no copy per batch); by default when training
             on a GPU.
-        val_dataset, val_split: held-out images for the validation loss (any source `dataset` takes).
+        val_dataset, val_split: held-out images for the validation loss and FID/KID (any source `dataset` takes).
         val_fraction: or hold out this fraction of `dataset` instead (a fixed, seeded split).
+        val_dataset_of: the training data set `val_dataset` holds images out of (configs/tiny.yaml's split of its
+            photos). When `dataset` names another one and `val_dataset` is still this one, its images are no
+            reference for what is trained: a seeded `val_fraction` of `dataset` (10% when it is 0) is held out
+            instead, and the log says so. A `val_dataset` other than `val_dataset_of` is always used.
     """
 
     channels = 3  # every image is made RGB (`_to_rgb`): what the model takes and predicts
@@ -134,6 +151,7 @@ class ImageDataModule(LightningDataModule):
         val_dataset: str | None = None,
         val_split: str = "train",
         val_fraction: float = 0.0,
+        val_dataset_of: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -142,45 +160,76 @@ class ImageDataModule(LightningDataModule):
         self.val_set: Indexed | None = None
         self.resume_state: dict | None = None  # the training loader's state from a checkpoint, applied once
         self.prepared: dict | None = None  # the settings of prepared shards, when `dataset` names them
+        self.reference = "none"  # what the held-out images are, for every report (`reference_name`)
 
     def setup(self, stage: str) -> None:
         """Resolve the data, then cache or stream it (once: the datasets are kept)."""
         if self.train_set is not None:
             return
         hp = self.hparams
+        val_dataset, val_fraction = self.held_out()
         if shards.is_prepared(hp.dataset):
-            self.setup_shards()
+            self.setup_shards(val_dataset)
             return
         train, val = training_and_validation(
-            hp.dataset, hp.split, hp.image_column, hp.val_dataset, hp.val_split, hp.val_fraction
+            hp.dataset, hp.split, hp.image_column, val_dataset, hp.val_split, val_fraction
         )
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         on_gpu = hp.cache_on_gpu if hp.cache_on_gpu is not None else device.type == "cuda"
         self.train_set = self.images(train, hp.crop, device if on_gpu else None)
         val_crop: Crop = "center" if hp.crop == "random" else hp.crop  # the same input every epoch
         self.val_set = None if val is None else Indexed(self.images(val, val_crop, None))
+        if val_dataset is not None:
+            self.reference = f"{val_dataset} (split {hp.val_split!r})"
+        elif val is not None:
+            self.reference = f"a seeded {val_fraction:.0%} of {hp.dataset} (split {hp.split!r})"
 
-    def setup_shards(self) -> None:
+    def held_out(self) -> tuple[str | None, float]:
+        """The (val_dataset, val_fraction) that hold out images of the data set trained (`val_dataset_of`)."""
+        hp = self.hparams
+        tied, val_dataset = hp.val_dataset_of, hp.val_dataset
+        if tied is None or val_dataset is None or same_source(tied, hp.dataset) or not same_source(tied, val_dataset):
+            return val_dataset, hp.val_fraction
+        fraction = hp.val_fraction or FALLBACK_FRACTION
+        instead = (
+            "no images are held out (prepared shards: name them with --data.val_dataset)"
+            if shards.is_prepared(hp.dataset)
+            else f"a seeded {fraction:.0%} of {hp.dataset} is held out instead"
+        )
+        rank_zero_info(
+            f"--data.val_dataset {val_dataset} holds out images of {tied} (data.val_dataset_of), not of the "
+            f"--data.dataset trained, {hp.dataset}: {instead}. Name other held-out images with --data.val_dataset."
+        )
+        return None, fraction
+
+    def reference_name(self) -> str:
+        """The held-out images, as every report names them: their source and how many."""
+        if self.val_set is None:
+            return "none"
+        return f"{len(self.val_set)} held-out images: {self.reference}"
+
+    def setup_shards(self, val_dataset: str | None) -> None:
         """Stream prepared shards (resized at preparation: this run's size and crop must be theirs).
 
         Validation images come from `val_dataset`, any source.
         """
         hp = self.hparams
-        if hp.val_fraction:
+        if hp.val_fraction and hp.val_dataset == val_dataset:
             raise ValueError(
                 f"--data.val_fraction cannot hold out images of prepared shards ({hp.dataset}): name the held-out "
                 "images with --data.val_dataset instead (a folder or a data set, not shards)."
             )
-        if shards.is_prepared(hp.val_dataset):
-            raise ValueError(f"--data.val_dataset {hp.val_dataset} names shards: give a folder or a data set instead.")
+        if shards.is_prepared(val_dataset):
+            raise ValueError(f"--data.val_dataset {val_dataset} names shards: give a folder or a data set instead.")
         self.prepared = shards.check_settings(hp.dataset, hp.image_size, hp.crop)
         rank_zero_info(f"Streaming {self.prepared['images']} training images of {hp.image_size} px from {hp.dataset}.")
         # The order is f(seed, epoch) on every rank: the seed Lightning's seed_everything gave every process.
         self.train_set = shards.stream(hp.dataset, torch.initial_seed() % 2**32)
-        if hp.val_dataset is not None:
-            val, _ = training_and_validation(hp.val_dataset, hp.val_split, hp.image_column, None, "", 0.0)
+        if val_dataset is not None:
+            val, _ = training_and_validation(val_dataset, hp.val_split, hp.image_column, None, "", 0.0)
             val_crop: Crop = "center" if hp.crop == "random" else hp.crop
             self.val_set = Indexed(self.images(val, val_crop, None))
+            self.reference = f"{val_dataset} (split {hp.val_split!r})"
 
     def images(self, split: Split, crop: Crop, cache_device: torch.device | None) -> ResizedImages | CachedImages:
         """The split's images, resized; cached (on `cache_device`, if given) when `cache` says so."""

@@ -247,9 +247,7 @@ class RunReport(Callback):
             "mean_images_per_sec": round(self.training_images / training, 2) if self.training_images else None,
             "final_train_loss": float(metrics["train/loss"]) if "train/loss" in metrics else None,
             "val_loss": float(metrics["val/loss"]) if "val/loss" in metrics else None,
-            # the last measurement of quality.measure_quality_epochs (MeasureQuality), against the validation images
-            "fid": float(metrics["val/fid"]) if "val/fid" in metrics else None,
-            "kid_mean": float(metrics["val/kid_mean"]) if "val/kid_mean" in metrics else None,
+            **quality_fields(trainer),
             "model": str(out) if (out / "model_index.json").exists() else None,
             "last_grid": str(grids[-1]) if grids else None,
             "logs": trainer.logger.log_dir if trainer.logger is not None else None,
@@ -272,11 +270,47 @@ class RunReport(Callback):
             f"{summary['final_train_loss']}"
             + (f", val/loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""),
         ]
-        if summary["fid"] is not None:
-            lines.append(
-                f"  last FID {summary['fid']:.2f}, KID {summary['kid_mean']:.4f} (against the validation images)"
-            )
+        lines += quality_lines(summary)
         names = {"model": "model", "last_grid": "last grid", "logs": "logs", "last_checkpoint": "last checkpoint"}
         lines += [f"  {name}: {summary[key]}" for key, name in names.items() if summary[key]]
         log.info("\n".join(lines))
         return summary
+
+
+def quality_fields(trainer: Trainer) -> dict[str, Any]:
+    """The summary's quality fields: the held-out images, the last KID/FID with N and M, the copy check, the best.
+
+    The held-out images are the reference; the rest is the quality callback's `quality_summary`.
+    """
+    datamodule = getattr(trainer, "datamodule", None)
+    name = getattr(datamodule, "reference_name", None)
+    fields: dict[str, Any] = {"reference": name() if callable(name) else None}
+    quality = next(
+        (cb.quality_summary() for cb in trainer.callbacks if callable(getattr(cb, "quality_summary", None))), None
+    )
+    keys = ("kid_mean", "kid_std", "fid", "num_samples", "num_reference", "copied_share", "copy_threshold")
+    fields.update({key: quality.get(key) if quality else None for key in keys})
+    fields["quality"] = quality
+    return fields
+
+
+def quality_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The summary block's lines on the held-out images and the quality measured against them."""
+    lines = [f"  held-out images: {summary['reference']}"] if summary.get("reference") else []
+    quality = summary.get("quality")
+    if not quality:
+        return lines
+    lines.append(f"  last quality (step {quality['step']}): {quality['headline']}")
+    if quality.get("copied_share") is not None:
+        lines.append(
+            f"  copies: {quality['copied_share']:.0%} of the samples are nearer a training image than 95% of the "
+            "held-out images are (samples/nearest.png)"
+        )
+    if quality["measurements"] > 1:
+        best = quality["best"]
+        still = "still improving" if quality["still_improving"] else "not improving on the best"
+        lines.append(
+            f"  best of {quality['measurements']} measurements: step {best['step']}, KID {best['kid_mean']:.4f} ± "
+            f"{best['kid_std']:.4f}, FID {best['fid']:.2f} (by {quality['ranked_by']}); the last was {still}"
+        )
+    return lines
