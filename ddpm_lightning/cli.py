@@ -160,7 +160,7 @@ class DDPMLightningCLI(LightningCLI):
             if rank_zero:  # the lock is held: no write of another process is in progress
                 remove_partial_files(output_dir)
                 remove_partial_files(checkpoint_dir)
-            check_ckpt_path(self._get(self.config, "ckpt_path"), checkpoint, self.trainer.max_epochs)
+            check_ckpt_path(self._get(self.config, "ckpt_path"), checkpoint, self.trainer.max_epochs, output_dir)
             if self._get(self.config, "ckpt_path") is None and rank_zero:
                 check_fresh_run(output_dir, checkpoint, self._get(self.config, "overwrite"))
         except BaseException:
