@@ -176,8 +176,10 @@ def run_files(out: Path) -> list[str]:
 
 
 def saved_nothing(out: Path, found: list[str]) -> bool:
-    """Whether the run in `out` left only its logs and grids: no model, no checkpoint in this run's checkpoint folder
-    (`found` would name them) nor in the one its saved config names (logs/config.yaml's checkpoint.dirpath).
+    """Whether the run in `out` left only its logs and grids (`found`: its RUN_FILES), no model and no checkpoint.
+
+    No checkpoint in this run's checkpoint folder (`found` would name them) nor in the one its saved config names
+    (logs/config.yaml's checkpoint.dirpath).
 
     Such a run (killed before its first checkpoint, 10 minutes of training by default) cannot be resumed, and
     starting it again loses nothing trained.

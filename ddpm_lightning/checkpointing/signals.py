@@ -146,8 +146,10 @@ class PreemptionCheckpoint(Callback):
             self._previous_sigint = None
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        """Save a run that ends inside an epoch as that epoch underway, a stop between epochs as the next epoch's start,
-        and note the work a stop skipped."""
+        """Save a run's end inside an epoch as that epoch underway, a stop between epochs as the next one's start.
+
+        And note the work a stop skipped.
+        """
         # A stop after the epoch's last batch (Lightning checks the signal after the epoch ended; a grid's sampling
         # checks it during the epoch-end hooks) is saved as the next epoch's start: the epoch counted as done, its
         # batches not (the epoch loop still counts them, and Lightning the loader's position at its end, until the
