@@ -183,6 +183,7 @@ class DDPMLightningCLI(LightningCLI):
             self.lock.release()
 
 
+DESCRIPTION = "Train an unconditional diffusion model (diffusers UNet2DModel + DDPM) with PyTorch Lightning."
 COMPILING = ("compile", "compile_blocks", "compile_optimizer")  # model switches that run torch.compile
 
 # Keys whose values must be positive, with what they are: checked before anything is built, so a 0 or a
@@ -274,6 +275,7 @@ def main(args: ArgsType = None) -> None:
             auto_configure_optimizers=False,  # the module owns AdamW and the warm-up + cosine schedule
             save_config_kwargs={"overwrite": True},  # a resumed run writes its config to the same folder
             trainer_defaults={"callbacks": [PreemptionCheckpoint(), RNGStates(), SameData()]},
+            parser_kwargs={"description": DESCRIPTION},  # the top-level --help's (Lightning's names its Trainer)
         )
     except SIGTERMException:
         if PreemptionCheckpoint.interrupted:
