@@ -49,7 +49,15 @@ from .data import ImageDataModule
 from .module import DDPMModule
 from .reporting.monitor import ImagesThroughput, RunReport
 from .reporting.progress import TrainingProgressBar
-from .run_folder import RunLock, check_fresh_run, check_outside_data, check_writable, remove_unstarted_run
+from .run_folder import (
+    RunLock,
+    check_fresh_run,
+    check_outside_data,
+    check_writable,
+    remove_unstarted_run,
+    run_files,
+    saved_nothing,
+)
 from .speed import FusedClipMixedPrecision, keep_compile_cache
 from .unet import check_norm_groups
 
@@ -160,7 +168,8 @@ class DDPMLightningCLI(LightningCLI):
             if rank_zero:  # the lock is held: no write of another process is in progress
                 remove_partial_files(output_dir)
                 remove_partial_files(checkpoint_dir)
-            check_ckpt_path(self._get(self.config, "ckpt_path"), checkpoint, self.trainer.max_epochs, output_dir)
+            restarts = saved_nothing(Path(output_dir), run_files(Path(output_dir)))  # (the plain command's fix)
+            check_ckpt_path(self._get(self.config, "ckpt_path"), checkpoint, self.trainer.max_epochs, restarts)
             if self._get(self.config, "ckpt_path") is None and rank_zero:
                 check_fresh_run(output_dir, checkpoint, self._get(self.config, "overwrite"))
         except BaseException:

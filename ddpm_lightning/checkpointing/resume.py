@@ -20,8 +20,6 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ..run_folder import run_files, saved_nothing
-
 
 class RNGStates(Callback):
     """The torch, CUDA, numpy and Python RNG states in every checkpoint, restored on resume.
@@ -166,13 +164,13 @@ def check_ckpt_path(
     ckpt_path: str | None,
     checkpoint: ModelCheckpoint | None,
     max_epochs: int | None = None,
-    output_dir: str | None = None,
+    restarts_without_ckpt_path: bool = False,
 ) -> None:
     """Fail before training, with the fix, where Lightning would start from scratch or fail deep inside torch.load.
 
     Lightning starts from scratch on a `last` that is missing or points at nothing; it fails inside torch.load on a
-    truncated file or a checkpoint past `max_epochs`. Where the run (in `output_dir`) saved nothing to resume, the
-    fix named is the plain command, which starts it again.
+    truncated file or a checkpoint past `max_epochs`. Where the run saved nothing to resume and the plain command
+    (no --ckpt_path) starts it again (`restarts_without_ckpt_path`: run_folder.saved_nothing), that is the fix named.
     """
     if ckpt_path is None or "://" in ckpt_path or ckpt_path in ("best", "hpc", "registry"):
         return
@@ -182,8 +180,7 @@ def check_ckpt_path(
         folder = Path(checkpoint.dirpath) if checkpoint.dirpath else None
         found = [p for p in folder.glob("last*.ckpt") if LAST.match(p.name)] if folder and folder.is_dir() else []
         if not found and not (folder and folder.is_dir() and any(folder.glob("*.ckpt"))):
-            out = Path(output_dir) if output_dir is not None else None
-            plain = out is not None and saved_nothing(out, run_files(out))  # the plain command starts it again
+            plain = restarts_without_ckpt_path
             raise FileNotFoundError(
                 f"--ckpt_path last: there is no checkpoint in {folder or 'the checkpoint folder'} to resume from: the "
                 "run saved none (one stopped before its first checkpoint, after --checkpoint.train_time_interval of "
