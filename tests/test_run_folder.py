@@ -124,7 +124,7 @@ def test_an_output_dir_inside_the_data_folder_is_refused(twelve, inside):
 
 
 @pytest.mark.slow
-def test_a_run_killed_before_its_first_checkpoint_starts_again_with_the_plain_command(twelve, tmp_path):
+def test_a_run_killed_before_its_first_checkpoint_starts_again_with_the_plain_command(twelve, tmp_path, caplog):
     """kill -9 during the first steps (the default cadence saves after 10 minutes): the folder holds the run's logs
     and no checkpoint. `--ckpt_path last` says to leave it out, and the plain command trains, from step 0."""
     out = tmp_path / "run"
@@ -149,6 +149,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_with_the_plain_co
     with pytest.raises(FileNotFoundError, match=r"no checkpoint in \S+run to resume from.*Leave --ckpt_path out"):
         main([*args, "--ckpt_path", "last"])
     main(args)  # no --overwrite needed
+    assert f"output_dir {out} holds a run that saved no checkpoint and no model" in caplog.text  # said, not silent
     assert [e.step for e in tb_events(out / "logs", "train/loss")] == [0, 1]  # one run's curve, not two merged
     assert (tmp_path / "checkpoints" / "run" / "last.ckpt").is_file()
 
