@@ -52,7 +52,15 @@ from .data import ImageDataModule
 from .module import DDPMModule
 from .reporting.monitor import ImagesThroughput, RunReport
 from .reporting.progress import TrainingProgressBar
-from .run_folder import RunLock, check_fresh_run, check_outside_data, check_writable, remove_unstarted_run
+from .run_folder import (
+    RunLock,
+    check_fresh_run,
+    check_outside_data,
+    check_writable,
+    remove_unstarted_run,
+    run_files,
+    saved_nothing,
+)
 from .speed import FusedClipMixedPrecision, keep_compile_cache
 from .unet import check_norm_groups
 
@@ -176,7 +184,8 @@ class DDPMLightningCLI(LightningCLI):
             if rank_zero:  # the lock is held: no write of another process is in progress
                 remove_partial_files(output_dir)
                 remove_partial_files(checkpoint_dir)
-            check_ckpt_path(self._get(self.config, "ckpt_path"), checkpoint, self.trainer.max_epochs)
+            restarts = saved_nothing(Path(output_dir), run_files(Path(output_dir)))  # (the plain command's fix)
+            check_ckpt_path(self._get(self.config, "ckpt_path"), checkpoint, self.trainer.max_epochs, restarts)
             if self._get(self.config, "ckpt_path") is None and rank_zero:
                 check_fresh_run(output_dir, checkpoint, self._get(self.config, "overwrite"))
         except BaseException:
@@ -197,6 +206,9 @@ class DDPMLightningCLI(LightningCLI):
             raise
         finally:
             self.lock.release()
+
+
+DESCRIPTION = "Train an unconditional diffusion model (diffusers UNet2DModel + DDPM) with PyTorch Lightning."
 
 
 def log_folder(subcommand: str | None) -> str:
@@ -436,6 +448,7 @@ def cli_options() -> dict[str, Any]:
         "save_config_callback": SaveRunConfig,  # into <output_dir>/logs whatever the logger
         "save_config_kwargs": {"overwrite": True},  # a resumed run writes its config to the same folder
         "trainer_defaults": {"callbacks": [PreemptionCheckpoint(), RNGStates(), SameData()]},
+        "parser_kwargs": {"description": DESCRIPTION},  # the top-level --help's (Lightning's names its Trainer)
     }
 
 

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+import yaml
+
 if TYPE_CHECKING:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -135,16 +137,26 @@ RUN_FILES = ("logs", "samples", "model_index.json", "unet", "scheduler", "README
 
 
 def check_fresh_run(folder: str, checkpoint: ModelCheckpoint | None, overwrite: bool) -> None:
-    """A fresh run (no --ckpt_path) never merges into another run's logs or `last`, nor replaces a file silently."""
+    """A fresh run (no --ckpt_path) never merges into another run's logs or `last`, nor replaces a file silently.
+
+    A run that saved nothing but its logs and grids (`saved_nothing`) is started again, with a line that says so.
+    """
     out = Path(folder)
-    found = [name for name in RUN_FILES if (out / name).exists()]
+    found = run_files(out)
     ckpt_dir = Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else None
     ckpts = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir is not None and ckpt_dir.is_dir() else []
     if ckpts:  # last.ckpt is a link to one of the others: files counted once
         found.append(f"{len({c.resolve() for c in ckpts})} checkpoint(s) in {ckpt_dir}")
     if not found:
         return
-    if not overwrite:
+    log = logging.getLogger("ddpm_lightning")
+    if not overwrite and saved_nothing(out, found):
+        log.info(
+            f"output_dir {folder} holds a run that saved no checkpoint and no model (stopped before its first "
+            f"checkpoint): nothing of it can be resumed, so it starts again from step 0 ({' and '.join(found)} "
+            "replaced)."
+        )
+    elif not overwrite:
         raise FileExistsError(
             f"output_dir {folder} already holds a run ({', '.join(found)}). Resume it with --ckpt_path last, "
             "choose another --output_dir, or pass --overwrite true to start it again (its logs, samples and "
@@ -154,9 +166,32 @@ def check_fresh_run(folder: str, checkpoint: ModelCheckpoint | None, overwrite: 
         shutil.rmtree(out / name, ignore_errors=True)
     for ckpt in ckpts:
         ckpt.unlink()
-    logging.getLogger("ddpm_lightning").info(
-        f"--overwrite: deleted the old run's logs, samples, checkpoints in {folder}"
-    )
+    if overwrite:
+        log.info(f"--overwrite: deleted the old run's logs, samples, checkpoints in {folder}")
+
+
+def run_files(out: Path) -> list[str]:
+    """The RUN_FILES that `out` holds."""
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def saved_nothing(out: Path, found: list[str]) -> bool:
+    """Whether the run in `out` left only its logs and grids (`found`: its RUN_FILES), no model and no checkpoint.
+
+    No checkpoint in this run's checkpoint folder (`found` would name them) nor in the one its saved config names
+    (logs/config.yaml's checkpoint.dirpath).
+
+    Such a run (killed before its first checkpoint, 10 minutes of training by default) cannot be resumed, and
+    starting it again loses nothing trained.
+    """
+    if not set(found) <= {"logs", "samples"}:
+        return False
+    try:
+        config = yaml.safe_load((out / "logs" / "config.yaml").read_text()) or {}
+        dirpath = (config.get("checkpoint") or {}).get("dirpath")
+    except (OSError, yaml.YAMLError, AttributeError):
+        dirpath = None  # no config saved yet (killed during the start-up), or not one of ours
+    return not (dirpath and Path(dirpath).is_dir() and any(Path(dirpath).glob("*.ckpt")))
 
 
 def remove_unstarted_run(folder: str, checkpoint: ModelCheckpoint | None) -> None:

@@ -75,8 +75,8 @@ def warn_skipped(folder: Path, images: list[str], others: list[str]) -> None:
         )
 
 
-def load_source(source: str, split: str = "train") -> datasets.Dataset:
-    """Resolve `source` (see the module docstring) into one `datasets.Dataset`."""
+def load_source(source: str, split: str = "train", option: str = "--data.dataset") -> datasets.Dataset:
+    """Resolve `source` (see the module docstring) into one `datasets.Dataset`; errors name it as `option`."""
     path = Path(source).expanduser()
     if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
         ds = datasets.load_from_disk(str(path))
@@ -89,7 +89,7 @@ def load_source(source: str, split: str = "train") -> datasets.Dataset:
         if path.suffix.lower() not in HUB_DATA_EXTENSIONS:
             kind = "a single image" if path.suffix.lower() in IMAGE_EXTENSIONS else f"a {path.suffix or 'plain'} file"
             raise ValueError(
-                f"--data.dataset {source} is {kind}: give the folder holding the images (e.g. {path.parent}), "
+                f"{option} {source} is {kind}: give the folder holding the images (e.g. {path.parent}), "
                 f"a data file ({', '.join(HUB_DATA_EXTENSIONS)}), a save_to_disk folder or a Hub id"
                 + (" (unzip an archive first)" if path.suffix.lower() in (".zip", ".tar", ".gz", ".tgz") else "")
                 + "."
@@ -109,12 +109,12 @@ def load_source(source: str, split: str = "train") -> datasets.Dataset:
                 raise ValueError(
                     f"{path} holds no images and no usable data files ({type(cause).__name__}: "
                     f"{str(cause).splitlines()[0] if str(cause) else ''}): "
-                    "point --data.dataset at a folder of images or a data set with rows."
+                    f"point {option} at a folder of images or a data set with rows."
                 ) from err
         if not images:
             raise FileNotFoundError(
                 f"No image files found under {path} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...): "
-                "point --data.dataset at a folder of images, a local data set or a Hub data set id."
+                f"point {option} at a folder of images, a local data set or a Hub data set id."
             )
         return datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
     if not is_hub_id(source):
@@ -127,7 +127,7 @@ def load_source(source: str, split: str = "train") -> datasets.Dataset:
     except ConnectionError as err:  # offline, or the Hub is unreachable
         raise ConnectionError(
             f"Could not load the Hub data set {source!r} ({err}). Offline? Download it once where the Hub is "
-            "reachable (it is then cached), or point --data.dataset at a local folder or data set."
+            f"reachable (it is then cached), or point {option} at a local folder or data set."
         ) from err
 
 
@@ -188,7 +188,7 @@ def training_and_validation(
         raise ValueError(f"{dataset} (split {split!r}) holds no rows: nothing to train on.")
     rank_zero_info(f"Found {len(ds)} training images in {dataset} (split {split!r}, column {column!r}).")
     if val_dataset is not None:
-        val = load_source(val_dataset, val_split)
+        val = load_source(val_dataset, val_split, "--data.val_dataset")
         rank_zero_info(f"Found {len(val)} validation images in {val_dataset} (split {val_split!r}).")
         return Split(ds, column), Split(val, image_column_of(val, image_column))
     if val_fraction > 0:

@@ -235,8 +235,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "val_split_ignored": (
         "ddpm_lightning/sources.py",
-        "load_source(val_dataset, val_split)",
-        "load_source(val_dataset, split)",
+        'load_source(val_dataset, val_split, "--data.val_dataset")',
+        'load_source(val_dataset, split, "--data.val_dataset")',
         [T + "test_sources.py::test_val_dataset_and_val_split_name_the_validation_images"],
     ),
     "cache_auto_ignores_the_size_cap": (

@@ -29,7 +29,8 @@ from conftest import (
 
 @pytest.mark.slow
 def test_resume_last_without_checkpoint_fails_with_the_fix(image_folder, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no last.ckpt in .*leave --ckpt_path out and pass --overwrite true"):
+    fix = "Leave --ckpt_path out to start it again from step 0"
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint in .*{fix}"):
         main(fit_args(image_folder, tmp_path / "run", "--ckpt_path", "last"))
     assert not (tmp_path / "run" / "samples").exists()
 

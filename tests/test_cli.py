@@ -8,6 +8,7 @@ import re
 import zipfile
 
 import pytest
+import tomllib
 import yaml
 
 from ddpm_lightning.cli import main
@@ -49,6 +50,8 @@ def test_help_lists_the_subcommands(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
+    summary = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["description"]
+    assert summary in " ".join(text.split()) and "Lightning Trainer command line tool" not in text  # this product's
     for subcommand in ("fit", "validate"):
         assert f"    {subcommand} " in text, subcommand
     for command in ("sample", "export", "prepare"):  # outside LightningCLI: their own --help

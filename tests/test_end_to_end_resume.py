@@ -21,6 +21,7 @@ from conftest import (
     scalars,
     step_and_weights,
     tb_events,
+    write_image,
 )
 
 
@@ -191,3 +192,63 @@ def test_run_ended_then_extended_equals_the_longer_run_while_the_lr_is_the_same(
     step_b, b = step_and_weights(tmp_path / "checkpoints" / "extended" / "last.ckpt")
     assert step_a == step_b == 6
     assert_same_weights(a, b)
+
+
+@pytest.fixture
+def sixty_four(tmp_path) -> Path:
+    """64 images: 16 steps an epoch at batch 4."""
+    for i in range(64):
+        write_image(tmp_path / "sixty_four" / f"{i}.png", seed=i)
+    return tmp_path / "sixty_four"
+
+
+def run_record(out: Path, checkpoints: Path) -> dict:
+    """What a run leaves to compare: every step's loss and epoch, its grids' names, its checkpoints' names, and its
+    last checkpoint's loop state and weights."""
+    last = torch.load(checkpoints / "last.ckpt", weights_only=False, map_location="cpu")
+    return {
+        "losses": scalars(out / "logs", "train/loss"),
+        "epochs": scalars(out / "logs", "epoch"),
+        "grids": sorted(p.name for p in (out / "samples").glob("[0-9]*.png")),
+        "checkpoints": sorted(p.name for p in checkpoints.glob("epoch=*.ckpt")),
+        "loops": last["loops"],
+        "weights": last["state_dict"],
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "longer, cadence",
+    [
+        (max_steps(20), []),  # the default cadence: the run's end is its only checkpoint
+        (["--trainer.max_steps", "-1", "--trainer.max_epochs", "2"], ["--checkpoint.every_n_epochs", "1"]),
+    ],
+    ids=["to_max_steps_20", "to_max_epochs_2_saving_every_epoch"],
+)
+def test_a_run_ended_by_max_steps_inside_an_epoch_then_extended_equals_the_longer_run(
+    sixty_four, tmp_path, longer, cadence
+):
+    """3 steps of a 16-step epoch, then extended past the epoch's end (to step 20, or to 2 epochs: 32 steps): every
+    step's loss and epoch bit for bit, the same grids and checkpoint names, and the same final state as the run that
+    went there straight. The short run's end checkpoint is saved as the middle of epoch 0, and named so."""
+    common = [*NO_SAVES, "--grid.save_image_epochs", "1", *cadence, "--checkpoint.save_top_k", "-1"]  # (keep all)
+    common += ["--model.lr_warmup_steps", "100"]  # a step's LR does not depend on the run's length
+    main(fit_args(sixty_four, tmp_path / "straight", *common, *longer))
+    main(fit_args(sixty_four, tmp_path / "extended", *common, *max_steps(3)))
+    short = sorted(p.name for p in (tmp_path / "checkpoints" / "extended").glob("epoch=*.ckpt"))
+    assert short == ["epoch=0-step=3.ckpt"]
+    saved = torch.load(tmp_path / "checkpoints" / "extended" / short[0], weights_only=False, map_location="cpu")
+    assert saved["epoch"] == 0 and saved["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 0
+    main(fit_args(sixty_four, tmp_path / "extended", *common, *longer, "--ckpt_path", "last"))
+
+    straight = run_record(tmp_path / "straight", tmp_path / "checkpoints" / "straight")
+    extended = run_record(tmp_path / "extended", tmp_path / "checkpoints" / "extended")
+    steps = 20 if "20" in longer else 32
+    assert sorted(straight["losses"]) == sorted(extended["losses"]) == list(range(steps))
+    assert extended["losses"] == straight["losses"]  # bit for bit (TensorBoard keeps the float32 loss)
+    assert extended["epochs"] == straight["epochs"]
+    assert extended["grids"] == straight["grids"] == [f"{e:04d}.png" for e in range(2)]
+    assert extended["checkpoints"] == sorted([*straight["checkpoints"], "epoch=0-step=3.ckpt"])
+    assert f"epoch=1-step={steps}.ckpt" in straight["checkpoints"]
+    assert extended["loops"] == straight["loops"]
+    assert_same_weights(straight["weights"], extended["weights"])

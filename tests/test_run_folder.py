@@ -121,3 +121,52 @@ def test_an_output_dir_inside_the_data_folder_is_refused(twelve, inside):
         main(fit_args(twelve, twelve / inside, "--trainer.max_steps", "1"))
     assert raised_by_this_package(failed.value)
     assert sorted(twelve.iterdir()) == images  # refused before anything was written there
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_starts_again_with_the_plain_command(twelve, tmp_path, caplog):
+    """kill -9 during the first steps (the default cadence saves after 10 minutes): the folder holds the run's logs
+    and no checkpoint. `--ckpt_path last` says to leave it out, and the plain command trains, from step 0."""
+    out = tmp_path / "run"
+    args = fit_args(twelve, out, *NO_SAVES, "--trainer.max_steps", "2")
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "ddpm_lightning", *args, "--trainer.callbacks+=conftest.SlowSteps"],
+        cwd=tmp_path,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 120
+        while not list((out / "logs").glob("events.out.tfevents.*")) or not (out / "logs" / "config.yaml").exists():
+            assert killed.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        time.sleep(1.5)  # in its first step (SlowSteps: a second each)
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+    assert (out / "logs" / "config.yaml").is_file() and not list(tmp_path.glob("checkpoints/run/*.ckpt"))
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint in \S+run to resume from.*Leave --ckpt_path out"):
+        main([*args, "--ckpt_path", "last"])
+    main(args)  # no --overwrite needed
+    assert f"output_dir {out} holds a run that saved no checkpoint and no model" in caplog.text  # said, not silent
+    assert [e.step for e in tb_events(out / "logs", "train/loss")] == [0, 1]  # one run's curve, not two merged
+    assert (tmp_path / "checkpoints" / "run" / "last.ckpt").is_file()
+
+
+def test_a_run_whose_checkpoints_are_elsewhere_is_not_started_again_without_overwrite(tmp_path):
+    """The saved config names the run's checkpoint folder: a rerun without that --checkpoint.dirpath finds the
+    checkpoints there and refuses, rather than replacing the run's logs."""
+    from ddpm_lightning.run_folder import check_fresh_run
+
+    out, elsewhere = tmp_path / "run", tmp_path / "big_disk" / "run"
+    (out / "logs").mkdir(parents=True)
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "epoch=0-step=3.ckpt").write_bytes(b"")
+    (out / "logs" / "config.yaml").write_text(f"checkpoint:\n  dirpath: {elsewhere}\n")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        check_fresh_run(str(out), None, overwrite=False)
+    assert (out / "logs" / "config.yaml").is_file()
+    (elsewhere / "epoch=0-step=3.ckpt").unlink()  # no checkpoint anywhere: started again
+    check_fresh_run(str(out), None, overwrite=False)
+    assert not (out / "logs").exists()

@@ -202,3 +202,18 @@ def test_a_folder_with_only_an_empty_csv_is_named(tmp_path):
     (tmp_path / "data" / "labels.csv").write_text("")
     with pytest.raises(ValueError, match="holds no images and no usable data files"):
         main(fit_args(tmp_path / "data", tmp_path / "run"))
+
+
+@pytest.mark.parametrize("training", ["folder", "shards"])
+def test_an_empty_held_out_folder_is_named_as_the_val_dataset(tmp_path, training):
+    """The training images from a folder or prepared shards, the held-out folder empty: the error names
+    --data.val_dataset, the option to fix, not --data.dataset."""
+    for i in range(8):
+        write_image(tmp_path / "photos" / f"{i}.png", seed=i)
+    dataset = tmp_path / "photos"
+    if training == "shards":
+        dataset = tmp_path / "shards"
+        main(["prepare", str(tmp_path / "photos"), str(dataset), "--image_size", "16", "--num_workers", "1"])
+    (tmp_path / "held_out").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"No image files found under \S+held_out .*point --data.val_dataset"):
+        data_module(dataset, val_dataset=str(tmp_path / "held_out"))

@@ -91,6 +91,12 @@ class PeriodicCheckpoint(ModelCheckpoint):
         """Refuse to save weights that are not finite."""
         check_finite(trainer)  # (called on every rank before anything is written)
 
+    def _monitor_candidates(self, trainer: Trainer) -> dict[str, torch.Tensor]:
+        candidates = super()._monitor_candidates(trainer)
+        if ended_inside_its_epoch(trainer):  # named after the epoch underway, as its checkpoint is saved
+            candidates["epoch"] = torch.tensor(epoch_underway(trainer))
+        return candidates
+
     def save_now(self, trainer: Trainer) -> None:
         """A checkpoint at this step (unless one was just written), as the cadence would write it, and `last`."""
         if self._should_skip_saving_checkpoint(trainer):
@@ -112,3 +118,22 @@ class PeriodicCheckpoint(ModelCheckpoint):
         """Save the run's end."""
         self.save_now(trainer)  # the end of the run is always saved, whatever the cadence (unless just saved)
         super().on_train_end(trainer, pl_module)
+
+
+def ended_inside_its_epoch(trainer: Trainer) -> bool:
+    """Whether the run stops inside an epoch whose end hooks run (or ran): `max_steps` (or a stop request) came first.
+
+    Lightning then runs the epoch's end as if its batches were done, and counts it done; a checkpoint saved from
+    here on is saved as the middle of that epoch instead (PreemptionCheckpoint.on_save_checkpoint), so a run
+    resumed from it with a larger max_steps or max_epochs goes on with the epoch's next batch, as the run that never
+    stopped does.
+    """
+    epochs = trainer.fit_loop.epoch_progress.current
+    batches = trainer.fit_loop.epoch_loop.batch_progress
+    in_epoch_end = epochs.started > 0 and epochs.processed == epochs.started  # its end hooks began
+    return in_epoch_end and not batches.is_last_batch and batches.current.ready < trainer.num_training_batches
+
+
+def epoch_underway(trainer: Trainer) -> int:
+    """The epoch the run is in (counted from 0): the one whose end hooks run, until the next one starts."""
+    return trainer.fit_loop.epoch_progress.current.started - 1

@@ -160,11 +160,17 @@ def train_images(trainer: Trainer) -> int | None:
     return len(images) if images is not None else None
 
 
-def check_ckpt_path(ckpt_path: str | None, checkpoint: ModelCheckpoint | None, max_epochs: int | None = None) -> None:
+def check_ckpt_path(
+    ckpt_path: str | None,
+    checkpoint: ModelCheckpoint | None,
+    max_epochs: int | None = None,
+    restarts_without_ckpt_path: bool = False,
+) -> None:
     """Fail before training, with the fix, where Lightning would start from scratch or fail deep inside torch.load.
 
     Lightning starts from scratch on a `last` that is missing or points at nothing; it fails inside torch.load on a
-    truncated file or a checkpoint past `max_epochs`.
+    truncated file or a checkpoint past `max_epochs`. Where the run saved nothing to resume and the plain command
+    (no --ckpt_path) starts it again (`restarts_without_ckpt_path`: run_folder.saved_nothing), that is the fix named.
     """
     if ckpt_path is None or "://" in ckpt_path or ckpt_path in ("best", "hpc", "registry"):
         return
@@ -173,6 +179,16 @@ def check_ckpt_path(ckpt_path: str | None, checkpoint: ModelCheckpoint | None, m
             return
         folder = Path(checkpoint.dirpath) if checkpoint.dirpath else None
         found = [p for p in folder.glob("last*.ckpt") if LAST.match(p.name)] if folder and folder.is_dir() else []
+        if not found and not (folder and folder.is_dir() and any(folder.glob("*.ckpt"))):
+            plain = restarts_without_ckpt_path
+            raise FileNotFoundError(
+                f"--ckpt_path last: there is no checkpoint in {folder or 'the checkpoint folder'} to resume from: the "
+                "run saved none (one stopped before its first checkpoint, after --checkpoint.train_time_interval of "
+                "training, has none), or they were deleted. Give --checkpoint.dirpath if the run kept its checkpoints "
+                "elsewhere. "
+                + ("Leave --ckpt_path out to start it again from step 0 (nothing trained is lost)." if plain else "")
+                + ("" if plain else FRESH_START)
+            )
         if not found:
             raise FileNotFoundError(
                 f"--ckpt_path last: there is no last.ckpt in {folder or 'the checkpoint folder'} to resume from. "

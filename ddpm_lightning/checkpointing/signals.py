@@ -24,7 +24,7 @@ from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnect
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .cadence import PeriodicCheckpoint
+from .cadence import PeriodicCheckpoint, ended_inside_its_epoch
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +146,23 @@ class PreemptionCheckpoint(Callback):
             self._previous_sigint = None
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        """Save a stop between epochs as the next epoch's start, and note the work the stop skipped."""
+        """Save a run's end inside an epoch as that epoch underway, a stop between epochs as the next one's start.
+
+        And note the work a stop skipped.
+        """
         # A stop after the epoch's last batch (Lightning checks the signal after the epoch ended; a grid's sampling
         # checks it during the epoch-end hooks) is saved as the next epoch's start: the epoch counted as done, its
         # batches not (the epoch loop still counts them, and Lightning the loader's position at its end, until the
         # next epoch starts; resumed with them, the next epoch would have no batches left).
-        if self._between_epochs:
+        if ended_inside_its_epoch(trainer):
+            # The run stops inside an epoch (max_steps; the epoch-end hooks ran, and Lightning counts it done): the
+            # epoch is saved as underway, as a stop signal between steps saves it, so a longer run resumed from here
+            # goes on with its next batch instead of starting the next epoch.
+            loops = checkpoint["loops"]["fit_loop"]
+            for counts in loops["epoch_progress"].values():
+                counts["processed"] = counts["completed"] = counts["started"] - 1
+            checkpoint["epoch"] = loops["epoch_progress"]["current"]["completed"]
+        elif self._between_epochs:
             loops = checkpoint["loops"]["fit_loop"]
             for counts in loops["epoch_progress"].values():
                 counts["completed"] = counts["processed"]

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from ..sources import Split, training_and_validation
+from ..sources import Split, image_column_of, load_source, training_and_validation
 from ..unet import to_model_range
 from . import shards, shared_cache
 from .images import (
@@ -226,7 +226,9 @@ class ImageDataModule(LightningDataModule):
         # The order is f(seed, epoch) on every rank: the seed Lightning's seed_everything gave every process.
         self.train_set = shards.stream(hp.dataset, torch.initial_seed() % 2**32)
         if val_dataset is not None:
-            val, _ = training_and_validation(val_dataset, hp.val_split, hp.image_column, None, "", 0.0)
+            rows = load_source(val_dataset, hp.val_split, "--data.val_dataset")
+            val = Split(rows, image_column_of(rows, hp.image_column))
+            rank_zero_info(f"Found {len(rows)} validation images in {val_dataset} (split {hp.val_split!r}).")
             val_crop: Crop = "center" if hp.crop == "random" else hp.crop
             self.val_set = Indexed(self.images(val, val_crop, None))
             self.reference = f"{val_dataset} (split {hp.val_split!r})"
