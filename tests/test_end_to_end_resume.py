@@ -218,21 +218,24 @@ def run_record(out: Path, checkpoints: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "longer, cadence",
+    "longer, cadence, held_out",
     [
-        (max_steps(20), []),  # the default cadence: the run's end is its only checkpoint
-        (["--trainer.max_steps", "-1", "--trainer.max_epochs", "2"], ["--checkpoint.every_n_epochs", "1"]),
+        (max_steps(20), [], []),  # the default cadence: the run's end is its only checkpoint
+        (["--trainer.max_steps", "-1", "--trainer.max_epochs", "2"], ["--checkpoint.every_n_epochs", "1"], []),
+        # held-out images: the short run is validated at its last step too (a run's end is always measured), which
+        # the straight run is not; training goes on as if it had not been
+        (max_steps(20), [], ["--data.val_fraction", "0.25", "--quality.num_samples", "0"]),
     ],
-    ids=["to_max_steps_20", "to_max_epochs_2_saving_every_epoch"],
+    ids=["to_max_steps_20", "to_max_epochs_2_saving_every_epoch", "to_max_steps_20_validated"],
 )
 def test_a_run_ended_by_max_steps_inside_an_epoch_then_extended_equals_the_longer_run(
-    sixty_four, tmp_path, longer, cadence
+    sixty_four, tmp_path, longer, cadence, held_out
 ):
     """3 steps of a 16-step epoch, then extended past the epoch's end (to step 20, or to 2 epochs: 32 steps): every
     step's loss and epoch bit for bit, the same grids and checkpoint names, and the same final state as the run that
     went there straight. The short run's end checkpoint is saved as the middle of epoch 0, and named so."""
     common = [*NO_SAVES, "--grid.save_image_epochs", "1", *cadence, "--checkpoint.save_top_k", "-1"]  # (keep all)
-    common += ["--model.lr_warmup_steps", "100"]  # a step's LR does not depend on the run's length
+    common += ["--model.lr_warmup_steps", "100", *held_out]  # a step's LR does not depend on the run's length
     main(fit_args(sixty_four, tmp_path / "straight", *common, *longer))
     main(fit_args(sixty_four, tmp_path / "extended", *common, *max_steps(3)))
     short = sorted(p.name for p in (tmp_path / "checkpoints" / "extended").glob("epoch=*.ckpt"))
@@ -250,5 +253,11 @@ def test_a_run_ended_by_max_steps_inside_an_epoch_then_extended_equals_the_longe
     assert extended["grids"] == straight["grids"] == [f"{e:04d}.png" for e in range(2)]
     assert extended["checkpoints"] == sorted([*straight["checkpoints"], "epoch=0-step=3.ckpt"])
     assert f"epoch=1-step={steps}.ckpt" in straight["checkpoints"]
-    assert extended["loops"] == straight["loops"]
+    if held_out:  # one validation more (at step 3): the training loops' state alike
+        fit_loop = ("epoch_progress", "epoch_loop.batch_progress", "epoch_loop.automatic_optimization.optim_progress")
+        assert [extended["loops"]["fit_loop"][k] for k in fit_loop] == [
+            straight["loops"]["fit_loop"][k] for k in fit_loop
+        ]
+    else:
+        assert extended["loops"] == straight["loops"]
     assert_same_weights(straight["weights"], extended["weights"])

@@ -349,7 +349,12 @@ class ImageDataModule(LightningDataModule):
             return []  # fit without held-out images: no validation (the CLI also sets limit_val_batches=0)
         cached = isinstance(self.val_set.images, CachedImages)
         workers = 0 if cached else self.num_workers
-        return DataLoader(self.val_set, batch_size=self.hparams.train_batch_size, num_workers=workers)
+        # Its own generator, as the training loader's: a validation draws nothing from the global RNG, so a run
+        # validated at a step where another was not (a run's end, a due measurement) trains on exactly as that one.
+        generator = torch.Generator().manual_seed(0)
+        return DataLoader(
+            self.val_set, batch_size=self.hparams.train_batch_size, num_workers=workers, generator=generator
+        )
 
     def on_after_batch_transfer(
         self, batch: torch.Tensor | Strips | list[torch.Tensor], dataloader_idx: int
