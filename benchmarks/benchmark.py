@@ -168,6 +168,7 @@ def run_project(a, project_args: str, batch_size: int, image_dir: str, grids: bo
             "--data.dataset", image_dir,
             "--data.image_size", str(a.image_size),
             "--data.train_batch_size", str(batch_size),
+            "--data.val_dataset", "null",  # every image trained, none held out or scored: the tutorial loop's work
             "--trainer.max_steps", str(a.warmup + a.steps),
             "--trainer.max_epochs", "-1",
             "--trainer.enable_progress_bar", "false",

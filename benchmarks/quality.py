@@ -97,6 +97,7 @@ def train(a, variant: str, seed: int, steps: int, out: Path) -> float:
     args += ["--checkpoint.dirpath", str(out / "checkpoints"), "--overwrite", "true"]
     args += ["--grid.save_image_epochs", "100000", "--save.save_model_epochs", "100000"]  # the end-of-run ones only
     args += ["--quality.num_samples", "0"]  # scored here, not by the run
+    args += ["--data.val_dataset", "null"]  # trained on every image (a config's tied held-out set would take 10%)
     args += [*a.variants_args[variant], *shlex.split(a.fit_args)]
     record = out / "quality_train.json"  # the arguments and seconds of the fit that made this folder
     last = out / "checkpoints" / "last.ckpt"
@@ -118,7 +119,9 @@ def data_module(out: Path, a):
     from ddpm_lightning.data import ImageDataModule
 
     config = yaml.safe_load((out / "logs" / "config.yaml").read_text())["data"]
-    config.update(val_dataset=a.val_dataset, val_split=a.val_split, val_fraction=0.0, num_workers=0)
+    # the held-out images named here, whatever data set a config ties its own to (data.val_dataset_of)
+    config.update(val_dataset=a.val_dataset, val_split=a.val_split, val_dataset_of=None, val_fraction=0.0)
+    config.update(num_workers=0)
     module = ImageDataModule(**config)
     module.setup("fit")
     return module
