@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,6 +64,25 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_the_corrected_on
     assert [e.step for e in tb_events(out / "logs", "train/loss")] == [0, 1]
 
 
+def slow_fit_child(args: list[str], cwd: Path) -> subprocess.Popen:
+    """`ddpm-lightning ARGS` in a child process whose steps take a second each (conftest.SlowSteps)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "ddpm_lightning", *args, "--trainer.callbacks+=conftest.SlowSteps"],
+        cwd=cwd,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def wait_while_running(child: subprocess.Popen, until, seconds: float = 120) -> None:
+    """Wait for `until()`, failing if the child ends first or it takes more than `seconds`."""
+    deadline = time.time() + seconds
+    while not until():
+        assert child.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_a_second_process_on_a_run_in_progress_fails_at_once_naming_the_first_and_a_killed_one_frees_it(
     twelve, tmp_path
@@ -70,26 +90,9 @@ def test_a_second_process_on_a_run_in_progress_fails_at_once_naming_the_first_an
     out, ckpts = tmp_path / "run", tmp_path / "checkpoints" / "run"
     run = fit_args(twelve, out, *NO_SAVES, "--trainer.max_epochs", "-1")
     args = [*run, "--trainer.max_steps", "300"]
-    first = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ddpm_lightning",
-            *args,
-            "--checkpoint.every_n_train_steps",
-            "1",
-            "--trainer.callbacks+=conftest.SlowSteps",
-        ],
-        cwd=tmp_path,
-        env=child_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    first = slow_fit_child([*args, "--checkpoint.every_n_train_steps", "1"], tmp_path)
     try:
-        deadline = time.time() + 120
-        while not (ckpts / "last.ckpt").exists():  # training is under way
-            assert first.poll() is None and time.time() < deadline
-            time.sleep(0.2)
+        wait_while_running(first, lambda: (ckpts / "last.ckpt").exists())  # training is under way
         for second in ([*args, "--ckpt_path", "last"], args):  # a resume, and a fresh run, at the same moment
             start = time.time()
             with pytest.raises(RunInUseError, match=f"in use by ddpm-lightning PID {first.pid} on "):
@@ -129,18 +132,10 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_with_the_plain_co
     and no checkpoint. `--ckpt_path last` says to leave it out, and the plain command trains, from step 0."""
     out = tmp_path / "run"
     args = fit_args(twelve, out, *NO_SAVES, "--trainer.max_steps", "2")
-    killed = subprocess.Popen(
-        [sys.executable, "-m", "ddpm_lightning", *args, "--trainer.callbacks+=conftest.SlowSteps"],
-        cwd=tmp_path,
-        env=child_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    killed = slow_fit_child(args, tmp_path)
     try:
-        deadline = time.time() + 120
-        while not list((out / "logs").glob("events.out.tfevents.*")) or not (out / "logs" / "config.yaml").exists():
-            assert killed.poll() is None and time.time() < deadline
-            time.sleep(0.2)
+        logs = out / "logs"
+        wait_while_running(killed, lambda: any(logs.glob("events.out.tfevents.*")) and (logs / "config.yaml").exists())
         time.sleep(1.5)  # in its first step (SlowSteps: a second each)
     finally:
         killed.send_signal(signal.SIGKILL)
