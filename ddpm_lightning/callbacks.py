@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .checkpointing import stop_if_signalled
-from .checkpointing.writes import next_run, why_not_written, write_whole
+from .files import RunFolder, next_run, why_not_written, write_whole
 from .metrics import (
     COPY_PERCENTILE,
     COPY_WARNING_SHARE,
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REFERENCE_FOLDER = "fid_reference"  # in output_dir: the validation images' features (MeasureQuality)
 NEAREST_PAIRS = 8  # samples/nearest.png: the samples nearest a training image, each beside that image
 
 
@@ -173,7 +172,7 @@ class SampleGrid(Callback):
         images = images.flatten(0, 1)[: self.eval_batch_size] if images.dim() == 5 else images
         if not trainer.is_global_zero:
             return None
-        path = Path(self.output_dir) / "samples" / f"{trainer.current_epoch:04d}.png"
+        path = RunFolder(self.output_dir).grid(trainer.current_epoch)
 
         def write(to: Path) -> None:
             save_grid(images, to, self.rows, trainer.loggers, "samples", trainer.global_step)
@@ -272,8 +271,9 @@ class SaveModel(Callback):
         except ModelWriteError as err:
             raise stopped_by(err, trainer) from err
         self.saved_at = trainer.global_step
-        # README.md + samples.png in the folder, uploaded with it; never raises
-        write_run_card(trainer, pl_module, self.output_dir, repo_id=self.uploader.repo_id if self.uploader else None)
+        # README.md + samples.png (the newest grid) in the folder, uploaded with it; never raises
+        grid, repo_id = RunFolder(self.output_dir).newest_grid(), self.uploader.repo_id if self.uploader else None
+        write_run_card(trainer, pl_module, self.output_dir, grid, repo_id)
         log.info(f"[rank {trainer.global_rank}] Saved the model to {self.output_dir}")
         if self.uploader is not None:
             self.uploader.upload(self.output_dir, message)
@@ -520,7 +520,7 @@ class MeasureQuality(Callback):
         if trainer.is_global_zero and self.output_dir is not None:  # rank 0's share of the samples
             order = sample_distances.argsort()[:NEAREST_PAIRS].cpu()
             pairs = [(images[i].cpu(), train_images[nearest[i]].float() / 255) for i in order.tolist()]
-            path = Path(self.output_dir) / "samples" / "nearest.png"
+            path = RunFolder(self.output_dir).nearest
             save_grid(torch.stack([image for pair in pairs for image in pair]), path, len(pairs))
         return copies
 
@@ -529,7 +529,7 @@ class MeasureQuality(Callback):
         preview = getattr(trainer.datamodule, "preview", None)
         if self.training is None and self.memorisation_images > 0 and callable(preview):
             images = preview(self.memorisation_images)
-            folder = Path(self.output_dir) / REFERENCE_FOLDER if self.output_dir is not None else None
+            folder = RunFolder(self.output_dir).fid_reference if self.output_dir is not None else None
             bar = progress_bar(trainer, f"Copy check: features of {len(images)} training images", len(images), "image")
             features, cached = cached_features(quality, images, folder, bar.update)
             bar.close()
@@ -564,7 +564,7 @@ class MeasureQuality(Callback):
         """This rank's validation images into `quality`, their features read from the run's cache when there."""
         images = torch.cat(self.real_images) if self.real_images else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
         self.real_images = []
-        folder = Path(self.output_dir) / REFERENCE_FOLDER if self.output_dir is not None else None
+        folder = RunFolder(self.output_dir).fid_reference if self.output_dir is not None else None
         if len(images):
             bar = progress_bar(trainer, f"FID: features of {len(images)} validation images", len(images), "image")
             cached = add_real_images(quality, images, folder, bar.update)

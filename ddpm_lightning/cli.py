@@ -46,9 +46,9 @@ from .checkpointing import (
     RNGStates,
     SameData,
     check_ckpt_path,
-    remove_partial_files,
 )
 from .data import ImageDataModule
+from .files import LOGS, remove_partial_files
 from .module import DDPMModule
 from .reporting.monitor import ImagesThroughput, RunReport
 from .reporting.progress import TrainingProgressBar
@@ -131,7 +131,7 @@ class DDPMLightningCLI(LightningCLI):
             # Atomic writes in a background thread (not a config default: an instance would not serialize)
             kwargs["plugins"] = [BackgroundCheckpointIO()]
         held_out = data.val_dataset is not None or data.val_fraction
-        if log_folder(self.subcommand) == "logs" and not held_out and trainer.limit_val_batches is None:
+        if log_folder(self.subcommand) == LOGS and not held_out and trainer.limit_val_batches is None:
             kwargs["limit_val_batches"] = 0  # no held-out images: no validation loop at all
         trainer = super().instantiate_trainer(**kwargs)
         bar = trainer.progress_bar_callback
@@ -213,7 +213,7 @@ DESCRIPTION = "Train an unconditional diffusion model (diffusers UNet2DModel + D
 
 def log_folder(subcommand: str | None) -> str:
     """The folder in output_dir that gets a subcommand's logs and config: `logs` for fit, else its name."""
-    return "logs" if subcommand in (None, "fit") else subcommand
+    return LOGS if subcommand in (None, "fit") else subcommand
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -465,7 +465,7 @@ def run_subcommand(argv: list[str] | dict, restore_signals: bool) -> Any:
     """Run `argv` (a subcommand first); return the LightningCLI object or the plain command's result.
 
     With `restore_signals`, the caller's stop-signal handlers come back after a stop; the command line's process
-    ends ignoring a repeated one (checkpointing._SignalAtOptimizerStep.teardown).
+    ends ignoring a repeated one (checkpointing.signals._SignalAtOptimizerStep.teardown).
     """
     prepare_logging()
     if commands.is_command(argv):  # `ddpm-lightning sample ...` / `export ...`: plain commands, outside LightningCLI

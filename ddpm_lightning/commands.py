@@ -33,10 +33,10 @@ from PIL import Image
 from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
-from .checkpointing.writes import why_not_written, write_whole
 from .data import shards
 from .data.datamodule import default_num_workers
 from .data.images import Crop, ResizedImages
+from .files import FID_REFERENCE, NEAREST, why_not_written, write_whole
 from .model_source import POSITIONAL, ModelSourceError, load_model
 from .publish import ModelWriteError, save_pipeline, write_model_card
 from .reporting.grids import grid_shape, save_grid
@@ -119,26 +119,69 @@ def sample(
     Returns:
         The paths of the images written (grid.png, the grid of all of them, is written beside them).
     """
+    steps = (1000 if sampler == "ddpm" else 50) if num_inference_steps is None else num_inference_steps
+    check_sample_options(num_images, batch_size, sampler, steps, output_dir, reference, training_images)
+    device = sampling_device(device)
+    found = load_model(model, revision, POSITIONAL)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, images = draw(
+        found.unet.to(device), found.scheduler_config, sampler, steps, seed, num_images, batch_size, out
+    )
+    write_image(out / "grid.png", lambda path: save_grid(images, path), paths)
+    rows, cols = grid_shape(num_images)
+    log.info(f"Wrote {num_images} images and grid.png ({rows} x {cols}) to {out}")
+    if reference is not None:
+        training = (training_images, training_split) if training_images is not None else None
+        score(images, reference, reference_split, out, device, training)
+    return paths
+
+
+def check_sample_options(
+    num_images: int,
+    batch_size: int,
+    sampler: str,
+    steps: int,
+    output_dir: str,
+    reference: str | None,
+    training_images: str | None,
+) -> None:
+    """`sample`'s options, checked before any model is loaded: each mistake is one CommandError naming the fix."""
     if num_images < 1 or batch_size < 1:
         raise CommandError(f"num_images ({num_images}) and batch_size ({batch_size}) must be positive.")
     if training_images is not None and reference is None:
         raise CommandError("--training_images needs --reference: new real images give the copy check its scale.")
     if sampler not in SAMPLERS:
         raise CommandError(f"Unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}.")
-    steps = (1000 if sampler == "ddpm" else 50) if num_inference_steps is None else num_inference_steps
     if steps < 1:
         raise CommandError(f"num_inference_steps must be at least 1, not {steps} (leave it out for the default).")
     if Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise CommandError(f"--output_dir {output_dir} is a file: give a folder for the images (created if missing).")
+
+
+def sampling_device(device: str | None) -> str:
+    """`device`, or cuda when a GPU is visible, else cpu; a CUDA device without a GPU is a CommandError."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError(f"--device {device}: no CUDA GPU is visible here. Use --device cpu, or leave --device out.")
+    return device
 
-    found = load_model(model, revision, POSITIONAL)
-    unet, schedule = found.unet.to(device), found.scheduler_config
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
+def draw(
+    unet: torch.nn.Module,
+    schedule: dict,
+    sampler: Sampler,
+    steps: int,
+    seed: int,
+    num_images: int,
+    batch_size: int,
+    out: Path,
+) -> tuple[list[Path], torch.Tensor]:
+    """Draw `num_images`, `batch_size` at a time, each from its own generator; write each as out/<index>.png.
+
+    Returns:
+        The paths written and the images, uint8 (N, C, H, W) as written.
+    """
     paths: list[Path] = []
     images: list[torch.Tensor] = []
     batches = math.ceil(num_images / batch_size)
@@ -153,13 +196,7 @@ def sample(
             for i, image in zip(indices, batch):
                 paths.append(write_image(out / f"{i:06d}.png", to_pil(image).save, paths))
             images.append(batch)
-    write_image(out / "grid.png", lambda path: save_grid(torch.cat(images), path), paths)
-    rows, cols = grid_shape(num_images)
-    log.info(f"Wrote {num_images} images and grid.png ({rows} x {cols}) to {out}")
-    if reference is not None:
-        training = (training_images, training_split) if training_images is not None else None
-        score(torch.cat(images), reference, reference_split, out, device, training)
-    return paths
+    return paths, torch.cat(images)
 
 
 def read_images(source: str, split: str, size: int, option: str) -> torch.Tensor:
@@ -200,7 +237,7 @@ def score(
     except InceptionWeightsUnavailable as err:
         raise CommandError(f"--reference {reference}: {err}") from err
     with tqdm(total=len(reals), desc="FID: features of the reference", unit="image", dynamic_ncols=True) as bar:
-        cached = add_real_images(quality, reals, out / "fid_reference", bar.update)
+        cached = add_real_images(quality, reals, out / FID_REFERENCE, bar.update)
     with tqdm(total=len(samples), desc="FID: features of the samples", unit="image", dynamic_ncols=True) as bar:
         features = quality.update_fake(samples, bar.update)
     scores = quality.compute()
@@ -227,18 +264,18 @@ def copy_check(
 
     images = read_images(*training, samples.shape[-1], "training_images")
     with tqdm(total=len(images), desc="Features of the training images", unit="image", dynamic_ncols=True) as bar:
-        train_features, _ = cached_features(quality, images, out / "fid_reference", bar.update)
+        train_features, _ = cached_features(quality, images, out / FID_REFERENCE, bar.update)
     train_features = train_features.to(features.device)
     distances, nearest = nearest_training(features, train_features)
     held_out, _ = nearest_training(quality.real_features().to(features.device), train_features)
     copies = copied_share(distances, held_out)
     order = distances.argsort()[:8].cpu().tolist()
     pairs = [image for i in order for image in (samples[i], images[int(nearest[i])])]
-    write_image(out / "nearest.png", lambda path: save_grid(torch.stack(pairs), path, len(order)), [])
+    write_image(out / NEAREST, lambda path: save_grid(torch.stack(pairs), path, len(order)), [])
     if copies["copied_share"] > COPY_WARNING_SHARE:
         log.warning(
             f"{copies['copied_share']:.0%} of the samples are nearer an image of {training[0]} than 95% of the "
-            f"--reference images are: the model copies its training images (see {out / 'nearest.png'})."
+            f"--reference images are: the model copies its training images (see {out / NEAREST})."
         )
     return {**copies, "training_images": training[0], "num_training": len(images)}
 

@@ -36,6 +36,7 @@ from huggingface_hub.errors import (
 )
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from .files import first_line
 from .sources import is_hub_id
 from .unet import NOISE_SCHEDULE, TUTORIAL_UNET, architecture, noise_schedule
 
@@ -315,8 +316,3 @@ def check_resumed(then: str | None, now: str | None) -> None:
             f"its checkpoint's weights. To fine-tune from {now}, start a new run (another --output_dir, no "
             "--ckpt_path); to resume, leave --model.pretrained as the run had it."
         )
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an error's message (its type's name when it has none): one line for the user."""
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, TextIO
 
 import yaml
 
+from .files import CARD, LOGS, MODEL_FILES, SAMPLES, RunFolder
+
 if TYPE_CHECKING:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -33,8 +35,6 @@ try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
-
-LOCK_NAME = ".ddpm-lightning.lock"
 
 
 class RunInUseError(RuntimeError):
@@ -75,7 +75,7 @@ class RunLock:
 
     def lock_output_dir(self) -> None:
         """Lock the output_dir's lock file, and write who holds it there."""
-        file = open(self.folder / LOCK_NAME, "a+")
+        file = open(RunFolder(self.folder).lock, "a+")
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -133,7 +133,7 @@ def check_outside_data(output_dir: str, datasets: dict[str, str | None]) -> None
 
 
 # What a run writes into output_dir: a fresh run refuses a folder that holds any of them (see check_fresh_run).
-RUN_FILES = ("logs", "samples", "model_index.json", "unet", "scheduler", "README.md")
+RUN_FILES = (LOGS, SAMPLES, *MODEL_FILES, CARD)
 
 
 def check_fresh_run(folder: str, checkpoint: ModelCheckpoint | None, overwrite: bool) -> None:
@@ -162,7 +162,7 @@ def check_fresh_run(folder: str, checkpoint: ModelCheckpoint | None, overwrite: 
             "choose another --output_dir, or pass --overwrite true to start it again (its logs, samples and "
             "checkpoints are deleted; its model files and README.md are rewritten at the first save)."
         )
-    for name in ("logs", "samples"):
+    for name in (LOGS, SAMPLES):
         shutil.rmtree(out / name, ignore_errors=True)
     for ckpt in ckpts:
         ckpt.unlink()
@@ -184,10 +184,10 @@ def saved_nothing(out: Path, found: list[str]) -> bool:
     Such a run (killed before its first checkpoint, 10 minutes of training by default) cannot be resumed, and
     starting it again loses nothing trained.
     """
-    if not set(found) <= {"logs", "samples"}:
+    if not set(found) <= {LOGS, SAMPLES}:
         return False
     try:
-        config = yaml.safe_load((out / "logs" / "config.yaml").read_text()) or {}
+        config = yaml.safe_load(RunFolder(out).config.read_text()) or {}
         dirpath = (config.get("checkpoint") or {}).get("dirpath")
     except (OSError, yaml.YAMLError, AttributeError):
         dirpath = None  # no config saved yet (killed during the start-up), or not one of ours
@@ -203,5 +203,5 @@ def remove_unstarted_run(folder: str, checkpoint: ModelCheckpoint | None) -> Non
     ckpt_dir = Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else None
     if ckpt_dir is not None and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
         return
-    for name in ("logs", "samples"):
+    for name in (LOGS, SAMPLES):
         shutil.rmtree(Path(folder) / name, ignore_errors=True)

@@ -25,6 +25,8 @@ from huggingface_hub.utils import validate_repo_id
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 
+from .files import first_line
+
 # Files PIL can open, by extension (lower case). Everything else under an image folder is ignored.
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 HUB_DATA_EXTENSIONS = (".parquet", ".arrow", ".csv", ".json", ".jsonl")
@@ -107,8 +109,7 @@ def load_source(source: str, split: str = "train", option: str = "--data.dataset
             except Exception as err:
                 cause = err.__cause__ or err
                 raise ValueError(
-                    f"{path} holds no images and no usable data files ({type(cause).__name__}: "
-                    f"{str(cause).splitlines()[0] if str(cause) else ''}): "
+                    f"{path} holds no images and no usable data files ({type(cause).__name__}: {first_line(cause)}): "
                     f"point {option} at a folder of images or a data set with rows."
                 ) from err
         if not images:

@@ -271,8 +271,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "fid_logged_as_nan": (
         "ddpm_lightning/callbacks.py",
-        'pl_module.log_dict({f"val/{k}": v for k, v in scores.items()}',
-        'pl_module.log_dict({f"val/{k}": v * float("nan") for k, v in scores.items()}',
+        'logged = {f"val/{k}": v for k, v in scores.items()}',
+        'logged = {f"val/{k}": v * float("nan") for k, v in scores.items()}',
         [T + "test_callbacks.py::test_fid_and_kid_through_validate_with_a_custom_extractor"],
     ),
     "more_images_change_the_first_ones": (
@@ -305,7 +305,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         '"allow_patterns": None}',
         [HUB + "test_save_model_creates_the_repo_uploads_the_saved_pipeline_and_waits_at_fit_end"],
     ),
-    # issue 29: an upload carries what the allow-list names, nothing else
+    # the upload's allow-list: an upload carries what it names, nothing else
     "hub_upload_by_deny_list": (  # the old way: all but the logs, so validate/, a user's notes.txt, data.png went up
         "ddpm_lightning/publish/hub.py",
         '"allow_patterns": allow}',
@@ -314,8 +314,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "hub_training_photos_published": (  # a grid pattern wide enough for data.png, 16 of the training images
         "ddpm_lightning/publish/hub.py",
-        '"samples/[0-9]*.png"]',
-        '"samples/*.png"]',
+        'f"{files.SAMPLES}/{files.GRIDS}",',
+        'f"{files.SAMPLES}/*.png",',
         [UPLOAD],
     ),
     "hub_fit_end_does_not_wait": (

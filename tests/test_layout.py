@@ -37,6 +37,7 @@ LAYERS = {
     "stop_on_nan": 0,
     "metrics": 0,
     "reporting": 0,
+    "files": 0,
 }
 
 
@@ -113,6 +114,38 @@ def test_the_data_layer_imports_no_sampler_and_no_logger():
         imported = package_imports(path)
         assert not imported & {"sampling", "reporting.monitor", "reporting.grids", "callbacks"}, (path, imported)
         assert "lightning.pytorch.loggers" not in path.read_text()
+
+
+# Modules whose tests live in another file than the mirror's (docs/development.md, "Where the tests are"): a
+# subpackage's face re-exports its files; `python -m ddpm_lightning` is cli.main (test_cli.py); the data module's
+# tests exercise the images it caches, so both share test_data.py.
+TESTED_ELSEWHERE = {
+    "__init__.py": None,
+    "__main__.py": "test_cli.py",
+    "data/datamodule.py": "test_data.py",
+    "data/images.py": "test_data.py",
+}
+
+
+def mirror_file(module: Path) -> str:
+    """The mirror's test file of a package module: x.py -> test_x.py, sub/y.py -> test_sub_y.py."""
+    return "test_" + "_".join(module.relative_to(PACKAGE).with_suffix("").parts) + ".py"
+
+
+def test_every_module_has_its_test_file():
+    modules = sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+    assert len(modules) >= 40
+    missing = []
+    for module in modules:
+        relative = module.relative_to(PACKAGE).as_posix()
+        elsewhere = TESTED_ELSEWHERE.get(module.name if module.name == "__init__.py" else relative, mirror_file(module))
+        if elsewhere is not None and not (REPO / "tests" / elsewhere).is_file():
+            missing.append(f"{relative}: tests/{elsewhere}")
+    assert not missing, f"modules without their test file (docs/development.md, Where the tests are): {missing}"
+    # every exception names a module that exists, so the list cannot outlive what it excuses
+    assert {name for name in TESTED_ELSEWHERE if name != "__init__.py"} <= {
+        m.relative_to(PACKAGE).as_posix() for m in modules
+    }
 
 
 def test_the_checks_see_an_upward_import_and_a_nested_one():

@@ -9,7 +9,7 @@
 from .cadence import PeriodicCheckpoint
 from .resume import RNGStates, SameData, check_ckpt_path
 from .signals import STOP_SIGNALS, PreemptionCheckpoint, stop_if_signalled
-from .writes import AtomicCheckpointIO, BackgroundCheckpointIO, CheckpointWriteError, remove_partial_files
+from .writes import AtomicCheckpointIO, BackgroundCheckpointIO, CheckpointWriteError
 
 __all__ = [
     "STOP_SIGNALS",
@@ -21,6 +21,5 @@ __all__ = [
     "RNGStates",
     "SameData",
     "check_ckpt_path",
-    "remove_partial_files",
     "stop_if_signalled",
 ]

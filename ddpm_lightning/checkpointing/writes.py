@@ -2,9 +2,8 @@
 
 Each file is written beside its destination and renamed into place (`AtomicCheckpointIO`), in one background thread
 that removes the previous file and re-points `last.ckpt` only once the new one is complete
-(`BackgroundCheckpointIO`); what a killed write leaves (`PARTIAL` files) is swept at the next start
-(`remove_partial_files`). Any other file can be written the same way (`write_whole`); a write that fails is told in
-one line by what it left (`why_not_written`, `next_run`).
+(`BackgroundCheckpointIO`); what a killed write leaves (a `files.PARTIAL` file) is swept at the next start
+(`files.remove_partial_files`). A failed write stops the run in one line: why, what is kept, what next (`write_error`).
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins import AsyncCheckpointIO, TorchCheckpointIO
 from lightning_utilities.core.apply_func import apply_to_collection
+
+from ..files import PARTIAL, next_run, why_not_written
 
 log = logging.getLogger(__name__)
 
@@ -67,34 +68,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(partial, link)
 
 
-PARTIAL = ".partial-"  # a write in progress: .<name>.partial-<pid> beside its destination
-
-
-def write_whole(path: str | Path, write: Callable[[Path], object]) -> None:
-    """`write(temporary path)`, then the file renamed to `path`.
-
-    A failed write leaves `path` as it was and no partial file (a kill leaves a hidden
-    `.<stem>.partial-<pid><suffix>`). The suffix is kept, so image writers find the format in the name.
-    """
-    path = Path(path)
-    partial = path.with_name(f".{path.stem}{PARTIAL}{os.getpid()}{path.suffix}")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def remove_partial_files(folder: str | Path | None) -> None:
-    """Delete what writes killed mid-way left in `folder` (up to a checkpoint's size each).
-
-    Call it only while holding the run's lock, so no write of another process is in progress there.
-    """
-    if folder is not None and Path(folder).is_dir():
-        for path in Path(folder).glob(f".*{PARTIAL}*"):
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-
-
 def write_error(path: Path, err: BaseException) -> CheckpointWriteError:
     """The one-line error of a failed checkpoint write: why, what is kept, and what to do."""
     last = path.parent / "last.ckpt"
@@ -104,30 +77,6 @@ def write_error(path: Path, err: BaseException) -> CheckpointWriteError:
         f"Cannot write the checkpoint {path} ({why_not_written(path.parent, err)}): training stopped, nothing was "
         f"deleted ({kept}). Free some space (or choose another --checkpoint.dirpath), then {next_run(has_last)}."
     )
-
-
-def why_not_written(folder: Path, err: BaseException) -> str:
-    """The first line of a failed write's error and the space left where it wrote.
-
-    For example "... No space left on device (os error 28); 0 MiB free there".
-    """
-    try:
-        free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free there"
-    except OSError:
-        free = "its folder cannot be read"
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return f"{reason}; {free}"
-
-
-def next_run(has_checkpoint: bool) -> str:
-    """What to run after a run stopped by a failed write: resume, or start again.
-
-    With no checkpoint to resume from, the run starts again (the stopped run's logs and samples are there, so a
-    fresh run needs --overwrite).
-    """
-    if has_checkpoint:
-        return "resume with --ckpt_path last"
-    return "start the run again with --overwrite true (no checkpoint was saved to resume from)"
 
 
 class BackgroundCheckpointIO(AsyncCheckpointIO):

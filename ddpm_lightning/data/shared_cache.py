@@ -34,10 +34,11 @@ import torch
 import torchvision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from ..files import PARTIAL, first_line
+
 log = logging.getLogger(__name__)
 
 FORMAT = 2  # raise when what a file holds, or how pixels are decoded, changes: older files are then never read
-PARTIAL = ".partial-"  # a write in progress: .<key>.partial-<pid> beside its destination
 ABANDONED_S = 3600  # a partial file untouched this long was left by a killed process: deleted when making room
 
 
@@ -195,10 +196,9 @@ def make_room(folder: Path, nbytes: int, disk_gb: float) -> None:
 
 def unusable(folder: Path, err: BaseException, make: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
     """`make()`, after one warning saying why the shared cache is not used."""
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     warn(
-        f"Cannot keep the decoded images in {folder} ({reason}): each process decodes them into its own memory. "
-        "Give a writable folder on a local disk with --data.cache_dir (or --data.cache_disk_gb 0 to use none)."
+        f"Cannot keep the decoded images in {folder} ({first_line(err)}): each process decodes them into its own "
+        "memory. Give a writable folder on a local disk with --data.cache_dir (or --data.cache_disk_gb 0 to use none)."
     )
     return make()
 

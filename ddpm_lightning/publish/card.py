@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..checkpointing.writes import write_whole
+from ..files import CARD, CARD_IMAGE, write_whole
 from ..sources import is_hub_id
 
 if TYPE_CHECKING:
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TAGS = ["pytorch", "diffusers", "unconditional-image-generation", "ddpm-lightning"]
-SAMPLES_NAME = "samples.png"
 
 
 def plain(value: Any) -> Any:
@@ -74,46 +73,68 @@ def write_model_card(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    hub_dataset = is_hub_id(dataset)
-    data = ModelCardData(
+    if grid_path is not None:
+        copy_grid(Path(grid_path), folder / CARD_IMAGE)
+    config = published_config(config, base_model)
+    lines = [f"# {repo_id or folder.resolve().name}", "", summary(config), ""]
+    if grid_path is not None:
+        lines += [f"![Samples drawn from the model]({CARD_IMAGE})", ""]
+    lines += training_section(dataset, steps, base_model)
+    lines += usage_section(repo_id or str(folder))
+    lines += config_section(config)
+    card = ModelCard(f"---\n{front_matter(dataset, base_model).to_yaml()}\n---\n\n" + "\n".join(lines))
+    path = folder / CARD
+    write_whole(path, card.save)
+    return path
+
+
+def copy_grid(grid_path: Path, target: Path) -> None:
+    """The card's image: `grid_path` copied to `target`, whole or not at all (nothing to do when it is `target`)."""
+    if not (target.exists() and target.samefile(grid_path)):
+        write_whole(target, lambda partial: shutil.copyfile(grid_path, partial))
+
+
+def front_matter(dataset: str | None, base_model: dict | None) -> ModelCardData:
+    """The card's Hub metadata: the library, the task, the tags, and the Hub data set and base model, if any."""
+    return ModelCardData(
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation",
         tags=list(TAGS),
-        datasets=[dataset] if dataset and hub_dataset else None,
+        datasets=[dataset] if dataset and is_hub_id(dataset) else None,
         base_model=base_model["name"] if base_model and base_model.get("source") == "hub" else None,
     )
 
-    if grid_path is not None:
-        grid_path = Path(grid_path)
-        target = folder / SAMPLES_NAME
-        if not (target.exists() and target.samefile(grid_path)):
-            write_whole(target, lambda partial: shutil.copyfile(grid_path, partial))
 
+def published_config(config: dict | None, base_model: dict | None) -> dict | None:
+    """The config as the card shows it: plain YAML types, no "_" keys, no local paths (the base model by name)."""
     config = without_local_paths(plain(config)) if config else None
     if config and base_model and isinstance(config.get("model"), dict) and config["model"].get("pretrained"):
         config["model"]["pretrained"] = base_model["name"]  # not the path it had on the training machine
-    name = repo_id or folder.resolve().name
-    size = config and ((config.get("model") or {}).get("image_size") or (config.get("data") or {}).get("image_size"))
+    return config
 
-    lines = [f"# {name}", ""]
-    lines += [
+
+def summary(config: dict | None) -> str:
+    """The card's first paragraph: what the model is and does (and its image size, when the config has it)."""
+    size = config and ((config.get("model") or {}).get("image_size") or (config.get("data") or {}).get("image_size"))
+    return (
         "An unconditional image generation model: a diffusers `UNet2DModel` trained as a denoising diffusion "
         "probabilistic model (DDPM) with ddpm-lightning "
         "(PyTorch Lightning + diffusers). It turns Gaussian noise into new images"
         + (f" of {size} x {size} pixels" if isinstance(size, int) else "")
-        + " like those it was trained on.",
-        "",
-    ]
-    if grid_path is not None:
-        lines += [f"![Samples drawn from the model]({SAMPLES_NAME})", ""]
+        + " like those it was trained on."
+    )
+
+
+def training_section(dataset: str | None, steps: int | None, base_model: dict | None) -> list[str]:
+    """The card's "Training" lines: the data set (a local one by its name only), the steps, the base model."""
     if not dataset:
         data_line = "not recorded"
-    elif hub_dataset:
+    elif is_hub_id(dataset):
         data_line = f"[{dataset}](https://huggingface.co/datasets/{dataset})"
     else:
         data_line = f"a local data set (`{Path(dataset).name}`)"  # its name: no local path on the Hub
     steps_line = steps if steps is not None else "not recorded"
-    lines += ["## Training", "", f"- Data set: {data_line}", f"- Steps trained: {steps_line}"]
+    lines = ["## Training", "", f"- Data set: {data_line}", f"- Steps trained: {steps_line}"]
     if base_model:
         name, revision = base_model["name"], base_model.get("revision")
         if base_model.get("source") == "hub":
@@ -121,17 +142,30 @@ def write_model_card(
             lines += [f"- Fine-tuned from: [{name}](https://huggingface.co/{name}){at}"]
         else:
             lines += [f"- Fine-tuned from: `{name}` (a local {base_model.get('source', 'model')})"]
-    lines += [""]
-    load = f"pipeline = DDPMPipeline.from_pretrained({json.dumps(str(repo_id or folder))})"
-    lines += ["## Usage", "", "```python", "from diffusers import DDPMPipeline", load, "image = pipeline().images[0]"]
-    lines += ["```", ""]
-    if config:
-        dumped = yaml.safe_dump(config, sort_keys=False, default_flow_style=False, allow_unicode=True).rstrip("\n")
-        lines += ["## Training config", "", "```yaml", dumped, "```", ""]
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
-    path = folder / "README.md"
-    write_whole(path, card.save)
-    return path
+    return [*lines, ""]
+
+
+def usage_section(source: str) -> list[str]:
+    """The card's "Usage" lines: `DDPMPipeline.from_pretrained(source)` and one image."""
+    load = f"pipeline = DDPMPipeline.from_pretrained({json.dumps(source)})"
+    return [
+        "## Usage",
+        "",
+        "```python",
+        "from diffusers import DDPMPipeline",
+        load,
+        "image = pipeline().images[0]",
+        "```",
+        "",
+    ]
+
+
+def config_section(config: dict | None) -> list[str]:
+    """The card's "Training config" lines: the config as YAML; none without a config."""
+    if not config:
+        return []
+    dumped = yaml.safe_dump(config, sort_keys=False, default_flow_style=False, allow_unicode=True).rstrip("\n")
+    return ["## Training config", "", "```yaml", dumped, "```", ""]
 
 
 def without_local_paths(value: Any) -> Any:
@@ -172,18 +206,19 @@ def run_config(trainer: Trainer, pl_module: LightningModule) -> dict | None:
 
 
 def write_run_card(
-    trainer: Trainer, pl_module: LightningModule, output_dir: str | Path, repo_id: str | None = None
+    trainer: Trainer,
+    pl_module: LightningModule,
+    output_dir: str | Path,
+    grid: Path | None = None,
+    repo_id: str | None = None,
 ) -> Path | None:
-    """The card of a saved folder during training (called by SaveModel.save).
+    """The card of a saved folder during training (called by SaveModel.save), showing `grid` (none when None).
 
     Never raises: a card that cannot be written is a warning, training goes on.
     """
     try:
         datamodule = getattr(trainer, "datamodule", None)
         dataset = (getattr(datamodule, "hparams", None) or {}).get("dataset")
-        # the epoch grids ({epoch:04d}.png), not data.png (the training images)
-        grids = [p for p in (Path(output_dir) / "samples").glob("[0-9]*.png") if p.is_file()]
-        grid = max(grids, key=lambda p: (p.stat().st_mtime_ns, p.name)) if grids else None
         config, dataset = run_config(trainer, pl_module), str(dataset) if dataset is not None else None
         base_model = getattr(pl_module, "base_model", None)
         return write_model_card(

@@ -12,7 +12,7 @@ from pathlib import Path
 from diffusers import DDPMPipeline, SchedulerMixin, UNet2DModel
 from safetensors import SafetensorError
 
-from ..checkpointing.writes import PARTIAL, why_not_written
+from ..files import PARTIAL, why_not_written
 
 
 class ModelWriteError(OSError):

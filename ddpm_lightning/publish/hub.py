@@ -18,15 +18,24 @@ from concurrent.futures import Future
 
 from huggingface_hub import HfApi, get_token
 
+from .. import files
+
 log = logging.getLogger(__name__)
 
 # What an upload carries: an allow-list, so nothing else in output_dir goes up (validate/, a user's notes, the
 # lock, partial writes). The model folder's files, the card and its image, and the generated grids:
-PUBLISHED = ["model_index.json", "unet/*", "scheduler/*", "README.md", "samples.png", "samples/[0-9]*.png"]
+PUBLISHED = [
+    "model_index.json",
+    "unet/*",
+    "scheduler/*",
+    files.CARD,
+    files.CARD_IMAGE,
+    f"{files.SAMPLES}/{files.GRIDS}",
+]
 # Only when asked (save.hub_upload_logs): the run's records, which name local paths (and the event file the host)
-LOGS = ["logs/*", "run_summary.json"]
+LOGS = [f"{files.LOGS}/*", files.SUMMARY]
 # Only when asked (save.hub_upload_data_preview): 16 of the training images, as the model gets them
-DATA_PREVIEW = ["samples/data.png"]
+DATA_PREVIEW = [f"{files.SAMPLES}/{files.DATA_PREVIEW}"]
 
 
 class MissingHubTokenError(RuntimeError):

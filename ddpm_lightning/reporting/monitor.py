@@ -23,6 +23,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..files import MODEL_INDEX, RunFolder
 from .grids import save_grid
 from .peak_flops import peak_bf16_flops
 
@@ -102,7 +103,7 @@ class ImagesThroughput(Callback):
             return
         self.samples += len(batch)  # a shape, known on the host
         self.batches += 1
-        # (the two private names ThroughputMonitor itself reads: see tests/test_lightning_private_names.py)
+        # (the two private names ThroughputMonitor itself reads: see tests/test_private_names.py)
         if trainer.fit_loop._should_accumulate() or not trainer._logger_connector.should_update_logs:
             return
         if trainer.strategy.root_device.type == "cuda":
@@ -170,8 +171,9 @@ class RunReport(Callback):
     def write_preview(self, trainer: Trainer) -> Path:
         """Save the data module's preview images as samples/data.png and to the loggers."""
         images = trainer.datamodule.preview(self.preview_images)
-        path = Path(self.output_dir) / "samples" / "data.png"
-        path = save_grid(images, path, None, trainer.loggers, "data/images", trainer.global_step)
+        path = save_grid(
+            images, RunFolder(self.output_dir).data_preview, None, trainer.loggers, "data/images", trainer.global_step
+        )
         log.info(f"Saved the first {len(images)} training images, as the model gets them, to {path}")
         return path
 
@@ -226,9 +228,10 @@ class RunReport(Callback):
 
     def write_summary(self, trainer: Trainer) -> dict:
         """Write run_summary.json and log the summary block; return the summary."""
-        out = Path(self.output_dir)
+        folder = RunFolder(self.output_dir)
+        out = folder.root
         metrics = trainer.callback_metrics
-        grids = sorted(p for p in (out / "samples").glob("[0-9]*.png"))
+        grids = folder.grids()
         checkpoint = trainer.checkpoint_callback
         training = self.seconds["training"]
         split = {}  # the start-up less its first step is the set-up (data, sanity check)
@@ -248,19 +251,19 @@ class RunReport(Callback):
             "final_train_loss": float(metrics["train/loss"]) if "train/loss" in metrics else None,
             "val_loss": float(metrics["val/loss"]) if "val/loss" in metrics else None,
             **quality_fields(trainer),
-            "model": str(out) if (out / "model_index.json").exists() else None,
+            "model": str(out) if (out / MODEL_INDEX).exists() else None,
             "last_grid": str(grids[-1]) if grids else None,
             "logs": trainer.logger.log_dir if trainer.logger is not None else None,
             "last_checkpoint": checkpoint and (checkpoint.last_model_path or checkpoint.best_model_path) or None,
             "base_model": getattr(trainer.lightning_module, "base_model", None),  # what it was fine-tuned from
         }
-        (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        folder.summary.write_text(json.dumps(summary, indent=2) + "\n")
         wall, split = summary["wall_seconds"], summary["start_up_seconds"]  # the block shows the file's numbers
         start_up = "data, sanity check, first step"
         if split:
             start_up = f"set-up {split['set-up']:.1f} s: data, sanity check; first step {split['first step']:.1f} s"
         lines = [
-            f"Run summary ({out / 'run_summary.json'})",
+            f"Run summary ({folder.summary})",
             f"  {self.images} images seen in {self.steps} batches this run; {trainer.global_step} optimizer steps in "
             "all",
             f"  wall time {wall['total']:.1f} s: start-up {wall['start-up']:.1f} s ({start_up}), training "
