@@ -5,7 +5,7 @@ no files, no loggers (a rank's share of a grid is callbacks.py's, writing grids 
 
 Words: a "sampler" is the inference algorithm (ddpm, ddim, dpmsolver++; `grid.sampler`), built as a diffusers
 scheduler by `make_sampler`; the "noise scheduler" is the training schedule (`DDPMModule.noise_scheduler`); the
-training loader's torch Sampler is `data.EpochOrder`; the LR schedule is the optimizer's.
+training loader's torch Sampler is `data.datamodule.EpochOrder`; the LR schedule is the optimizer's.
 
     images = denoise(model.unet, make_sampler(model.noise_scheduler, "ddim"), 50, torch.Generator(), n=16)
 """

@@ -1,6 +1,6 @@
-"""Images as the model gets them (data.py): decoded (EXIF, 16-bit, palette, unreadable files), resized, cached in
-memory or on the training device, cropped (squash, center, random) and flipped per batch, pixel for pixel against
-torchvision's transforms; random crops resume exactly."""
+"""Images as the model gets them (data/images.py, data/datamodule.py): decoded (EXIF, 16-bit, palette, unreadable
+files), resized, cached in memory or on the training device, cropped (squash, center, random) and flipped per batch,
+pixel for pixel against torchvision's transforms; random crops resume exactly."""
 
 from __future__ import annotations
 

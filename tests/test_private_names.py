@@ -24,74 +24,74 @@ PRIVATE_NAMES: list[tuple[str, str, list[str] | None, str]] = [
         "lightning.pytorch.trainer.connectors.signal_connector",
         "_SignalConnector",
         None,
-        "checkpointing.py: the connector's class is swapped so SIGTERM stops at an optimizer step",
+        "checkpointing/signals.py: the connector's class is swapped so SIGTERM stops at an optimizer step",
     ),
-    ("lightning.pytorch.Trainer", "_signal_connector", None, "checkpointing.py: the connector swapped above"),
+    ("lightning.pytorch.Trainer", "_signal_connector", None, "checkpointing/signals.py: the connector swapped above"),
     (
         "lightning.pytorch.callbacks.ModelCheckpoint",
         "_remove_checkpoint",
         ["self", "trainer", "filepath"],
-        "checkpointing.py: removals wait until the new file and link are in place",
+        "checkpointing/cadence.py: removals wait until the new file and link are in place",
     ),
     (
         "lightning.pytorch.callbacks.ModelCheckpoint",
         "_save_last_checkpoint",
         ["self", "trainer", "monitor_candidates"],
-        "checkpointing.py",
+        "checkpointing/cadence.py",
     ),
     (
         "lightning.pytorch.callbacks.ModelCheckpoint",
         "_link_checkpoint",
         ["trainer", "filepath", "linkpath"],
-        "checkpointing.py: atomic links",
+        "checkpointing/cadence.py: atomic links",
     ),
     (
         "lightning.pytorch.callbacks.ModelCheckpoint",
         "_should_skip_saving_checkpoint",
         ["self", "trainer"],
-        "checkpointing.py: save_now",
+        "checkpointing/cadence.py: save_now",
     ),
     (
         "lightning.pytorch.callbacks.ModelCheckpoint",
         "_monitor_candidates",
         ["self", "trainer"],
-        "checkpointing.py: save_now",
+        "checkpointing/cadence.py: save_now",
     ),
     (
         "lightning.pytorch.callbacks.ModelCheckpoint",
         "_save_topk_checkpoint",
         ["self", "trainer", "monitor_candidates"],
-        "checkpointing.py: save_now",
+        "checkpointing/cadence.py: save_now",
     ),
     (
         "lightning.pytorch.callbacks.ModelCheckpoint",
         "_save_checkpoint",
         ["self", "trainer", "filepath"],
-        "checkpointing.py: save_now",
+        "checkpointing/cadence.py: save_now",
     ),
     (
         "lightning.pytorch.loops.training_epoch_loop._TrainingEpochLoop",
         "_should_accumulate",
         ["self"],
-        "checkpointing.py: no stop inside an accumulation window",
+        "checkpointing/signals.py: no stop inside an accumulation window",
     ),
     (
         "lightning.pytorch.loops.fit_loop._FitLoop",
         "_should_accumulate",
         ["self"],
-        "monitor.py: throughput on optimizer steps (as ThroughputMonitor reads it)",
+        "reporting/monitor.py: throughput on optimizer steps (as ThroughputMonitor reads it)",
     ),
     (
         "lightning.pytorch.Trainer",
         "_logger_connector",
         None,
-        "monitor.py: log steps and logging (as ThroughputMonitor)",
+        "reporting/monitor.py: log steps and logging (as ThroughputMonitor)",
     ),
     (
         "lightning.fabric.plugins.precision.amp",
         "_optimizer_handles_unscaling",
         ["optimizer"],
-        "precision.py: which optimizers MixedPrecision leaves unscaled",
+        "speed/precision.py: which optimizers MixedPrecision leaves unscaled",
     ),
     (
         "lightning.pytorch.cli.LightningCLI",
@@ -107,7 +107,7 @@ PRIVATE_NAMES: list[tuple[str, str, list[str] | None, str]] = [
     ),
     ("lightning.pytorch.cli.LightningArgumentParser", "_subcommands_action", None, "cli.py (jsonargparse's): --help"),
 ]
-# The public names of the private `_LoggerConnector` that monitor.py calls.
+# The public names of the private `_LoggerConnector` that reporting/monitor.py calls.
 LOGGER_CONNECTOR = {"should_update_logs": None, "log_metrics": ["self", "metrics", "step"]}
 
 
@@ -147,10 +147,10 @@ def test_each_private_lightning_name_still_exists_with_its_signature(where, name
 def test_the_logger_connector_still_has_what_monitor_calls():
     connector = instance_of(Trainer)._logger_connector
     for name, parameters in LOGGER_CONNECTOR.items():
-        assert hasattr(connector, name), f"Lightning's _LoggerConnector no longer has {name} (monitor.py)"
+        assert hasattr(connector, name), f"Lightning's _LoggerConnector no longer has {name} (reporting/monitor.py)"
         if parameters is not None:
             found = list(inspect.signature(getattr(type(connector), name)).parameters)
-            assert found == parameters, f"_LoggerConnector.{name} now takes {found} (monitor.py)"
+            assert found == parameters, f"_LoggerConnector.{name} now takes {found} (reporting/monitor.py)"
 
 
 # Receivers that are Lightning objects wherever the package uses them: `<one of these>._name` is Lightning's.
@@ -218,6 +218,13 @@ def test_the_package_uses_no_private_lightning_name_outside_the_list():
     assert not unlisted, (
         f"private Lightning names used but not listed in PRIVATE_NAMES (add them, or use public API): {unlisted}"
     )
+
+
+def test_each_listed_name_is_used_in_the_file_it_names():
+    """A moved or renamed module leaves no stale "where it is used" in the list."""
+    for _, name, _, used in PRIVATE_NAMES:
+        path = PACKAGE / used.split(":")[0].split(" ")[0]
+        assert path.is_file() and name in path.read_text(), f"{name}: not used in {path.relative_to(PACKAGE)}"
 
 
 def test_the_scan_sees_each_kind_of_private_use():

@@ -3,7 +3,7 @@ Heliconius photos (CC BY 4.0, see ATTRIBUTION.md): each photo resized to 64 px a
 file per split, in the Hub's own layout (an `image` column of the `datasets.Image` feature, files named
 `{split}-00000-of-00001.parquet`), so it loads through the same `datasets.load_dataset` call as a Hub data set.
 
-    python tools/make_sample_data.py                      # from ../shared/data/heliconius
+    python tools/make_sample_data.py --source DIR                    # DIR: train/, val/, ATTRIBUTION.md
     python tools/make_sample_data.py --source DIR --size 64 --quality 90
 
 Each row keeps its photo's file name as the image's `path` (the specimen id); its bytes are the resized JPEG.
@@ -32,7 +32,12 @@ def shrink(path: Path, size: int, quality: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", type=Path, default=ROOT.parent / "shared" / "data" / "heliconius")
+    p.add_argument(
+        "--source",
+        type=Path,
+        required=True,
+        help="the 224 px photos: a folder with train/, val/ and ATTRIBUTION.md (they are not in the repository)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "data" / "heliconius")
     p.add_argument("--size", type=int, default=64, help="side of the square photos, in pixels")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")

@@ -10,7 +10,7 @@ two CUDA graphs, the clip and the update (torch's `Optimizer.step` breaks the gr
   per step); `state_dict` saves it as a float, so a checkpoint is plain AdamW's and resumes with or without this.
 - On a GPU `capturable=True` keeps the step count on the device; clipping by norm never reads back to the host.
 - The gradients are the backward's outputs, freed after each step (`DDPMModule.optimizer_step`): under the
-  compiled forward (speed.py) they live in its CUDA graph pool, where this graph reads them without a copy
+  compiled forward (speed/switches.py) they live in its CUDA graph pool, where this graph reads them without a copy
   (pytorch#107504). Zeroed in place instead of freed, they would be read after the next replay overwrote them.
 The forward and backward (Lightning's closure) run before the compiled step. Under 16-mixed, GradScaler still
 unscales first and skips the step on overflow (a host read per step; bf16 has none).
