@@ -116,6 +116,15 @@ def test_the_data_layer_imports_no_sampler_and_no_logger():
         assert "lightning.pytorch.loggers" not in path.read_text()
 
 
+def test_what_writes_no_checkpoint_imports_nothing_from_checkpointing():
+    """A grid, a card, a model folder or `sample`'s images are written through files.py, not checkpointing/."""
+    files = [PACKAGE / "commands.py", *(PACKAGE / "publish").glob("*.py"), *(PACKAGE / "reporting").glob("*.py")]
+    assert len(files) >= 9
+    for path in files:
+        imported = package_imports(path)
+        assert not any(name.split(".")[0] == "checkpointing" for name in imported), (path, imported)
+
+
 # Modules whose tests live in another file than the mirror's (docs/development.md, "Where the tests are"): a
 # subpackage's face re-exports its files; `python -m ddpm_lightning` is cli.main (test_cli.py); the data module's
 # tests exercise the images it caches, so both share test_data.py.

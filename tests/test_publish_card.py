@@ -4,6 +4,7 @@ and the card every save of a real `fit` writes (`export`'s: test_commands.py).""
 from __future__ import annotations
 
 import logging
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -87,6 +88,11 @@ class StubUploader:
 
 def test_save_names_the_upload_repo_in_the_card_before_uploading(tmp_path):
     save = SaveModel(output_dir=str(tmp_path / "out"))
+    newest = write_image(tmp_path / "out" / "samples" / "0000.png", size=(8, 8), seed=1)
+    write_image(tmp_path / "out" / "samples" / "0001.png", size=(8, 8), seed=2)
+    data = write_image(tmp_path / "out" / "samples" / "data.png", size=(8, 8), seed=3)
+    os.utime(newest, ns=(0, 2 * 10**18))  # written last (a resumed run's grid of an earlier epoch)
+    os.utime(data, ns=(0, 3 * 10**18))  # the training images, newer still, are never the card's
     save.uploader = StubUploader()
     trainer = SimpleNamespace(
         global_rank=0,
@@ -100,6 +106,7 @@ def test_save_names_the_upload_repo_in_the_card_before_uploading(tmp_path):
     assert card.data.datasets == ["huggan/smithsonian_butterflies_subset"]
     assert USAGE.format("me/ddpm-tiny") in card.text and "Steps trained: 7" in card.text
     assert yaml_block(card.text)["model"]["image_size"] == 16  # the hyperparameters, without the CLI
+    assert (tmp_path / "out" / "samples.png").read_bytes() == newest.read_bytes() and "](samples.png)" in card.text
 
 
 def test_a_card_that_cannot_be_written_is_a_warning(tmp_path, caplog):
