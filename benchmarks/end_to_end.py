@@ -216,8 +216,10 @@ def run_side(name: str, spec: dict, work: Path, log_path: Path) -> dict:
         run["held_out_loss"] = r["held_out_loss"]
     if r["written"] != {"grids": 1, "saves": 1}:
         raise RuntimeError(f"{name} wrote {r['written']}, not exactly one grid and one save: see {log_path}.")
-    grids = sorted(Path(spec["output_dir"], "samples").glob("[0-9]*.png"))  # epoch grids; data.png is the data
-    if len(grids) != 1 or not Path(spec["output_dir"], "model_index.json").is_file():
+    from ddpm_lightning.files import MODEL_INDEX, RunFolder  # the tutorial's loop writes the same layout
+
+    grids = RunFolder(spec["output_dir"]).grids()  # epoch grids; data.png is the data
+    if len(grids) != 1 or not Path(spec["output_dir"], MODEL_INDEX).is_file():
         raise RuntimeError(
             f"{name}: expected one grid in {spec['output_dir']}/samples and a saved pipeline, found {grids}."
         )

@@ -1,5 +1,6 @@
 """The package's shape, as docs/architecture.md draws it: imports run only down its layers, with no circle; the data
-layer loads no sampler and no logger; and a wheel built from the tree holds every module and trains."""
+layer loads no sampler and no logger; what writes no checkpoint imports nothing from checkpointing/; every module has
+its test file (docs/development.md); and a wheel built from the tree holds every module and trains."""
 
 from __future__ import annotations
 
