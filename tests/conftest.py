@@ -19,6 +19,12 @@ from lightning.pytorch import Callback
 from PIL import Image
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
+# huggingface_hub and datasets read these once, when first imported (the test modules import them as they are
+# collected, after this file): set before that, or every in-process Hub lookup retries the network for 23 s.
+# The _offline fixture sets them again for each test, and its child processes.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 # The sample data set shipped with the project (tools/make_sample_data.py): 1000 + 200 Heliconius photos at 64 px

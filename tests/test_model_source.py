@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,13 +110,43 @@ def test_a_wrong_source_stops_fit_before_training_on_the_command_line(images, tm
 
 
 def test_an_uncached_hub_id_offline_names_hf_hub_offline_and_the_download_command(monkeypatch):
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # (read at import; the conftest sets the variable later)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # (read at import: whatever the environment was then)
     with pytest.raises(ModelSourceError) as raised:
         load_model("someone/ddpm-not-cached", revision="v2")
     message = str(raised.value)
     assert "\n" not in message and "HF_HUB_OFFLINE is set" in message
     assert "`hf download someone/ddpm-not-cached --revision v2`" in message
     assert shutil.which("hf", path=os.path.dirname(sys.executable)) is not None  # the command it names is installed
+
+
+def test_an_unreachable_hub_names_it_and_the_download_command(monkeypatch):
+    """Online, with no network (every DNS lookup fails; the client's 1+2+4+8+8 s of backoff between its retries
+    skipped): one line that says the Hub cannot be reached, not that HF_HUB_OFFLINE is set."""
+    import huggingface_hub.utils._http as http
+
+    lookups = []
+
+    def no_dns(*args, **kwargs):
+        lookups.append(args[0])
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    class NoBackoff:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(seconds):
+            pass
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(http, "time", NoBackoff())
+    with pytest.raises(ModelSourceError) as raised:
+        load_model("someone/ddpm-not-cached")
+    message = str(raised.value)
+    assert "\n" not in message and "the Hub cannot be reached (HF_HUB_OFFLINE unset)" in message
+    assert "`hf download someone/ddpm-not-cached`" in message
+    assert lookups  # it did try the network
 
 
 @pytest.mark.slow

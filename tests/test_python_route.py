@@ -62,6 +62,9 @@ def test_the_notebook_trains_resumes_samples_and_loads_in_diffusers(tmp_path, mo
             [
                 *["--data.train_batch_size", "4", "--data.num_workers", "0", "--grid.eval_batch_size", "4"],
                 *["--quality.num_samples", "0", "--trainer.enable_progress_bar", "false"],
+                # validation runs, on 2 of the 50 batches of held-out photos (10 timesteps each, twice: most of
+                # the test's time otherwise)
+                *["--trainer.limit_val_batches", "2"],
             ]
         ),
     }.items():
@@ -72,6 +75,8 @@ def test_the_notebook_trains_resumes_samples_and_loads_in_diffusers(tmp_path, mo
     out = tmp_path / "ddpm-notebook"  # where the notebook ran: its own folder in a user's checkout
     assert step_of(tmp_path / "checkpoints" / "ddpm-notebook" / "last.ckpt") == 4  # 2 steps, then resumed to 4
     assert json.loads((out / "run_summary.json").read_text())["optimizer_steps"] == 4
+    # the held-out photos scored at the end of each part (Lightning logs step n at n - 1)
+    assert sorted(scalars(out / "logs", "val/loss")) == [1, 3]
     assert sorted(p.name for p in (out / "more-samples").iterdir()) == [f"00000{i}.png" for i in range(4)] + [
         "grid.png"
     ]
