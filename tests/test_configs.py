@@ -24,6 +24,7 @@ from lightning.pytorch import Callback
 
 from ddpm_lightning.callbacks import MeasureQuality
 from ddpm_lightning.cli import main
+from ddpm_lightning.metrics import FID_MIN_IMAGES
 from ddpm_lightning.sources import load_source
 from ddpm_lightning.speed.optim import CompiledAdamW
 
@@ -126,6 +127,8 @@ def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, m
                 "--trainer.callbacks+=test_configs.RecordSettings",
                 *precision_args,
                 *held_out,
+                "--quality.num_samples",  # a size: the shipped counts and samplers are test_the_quality_defaults'
+                "4",
             ]
         )
     seen = RecordSettings.seen
@@ -147,17 +150,60 @@ def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, m
 def test_the_quick_start_is_315_steps_on_the_shipped_photos_and_ends_with_grid_0004():
     """README's quick start: configs/tiny.yaml trains on the shipped data/heliconius (run from the repository root)
     for 315 optimizer steps (5 epochs of 1000 photos in batches of 16), and its last grid is samples/0004.png; it
-    holds out the 200 validation photos, so it ends with an FID of the default number of samples against them."""
+    holds out the 200 validation photos, so it ends with a KID and FID of its quality.num_samples against them, and
+    checks copies against its first quality.memorisation_images training photos."""
     config = yaml.safe_load(TINY_CONFIG.read_text())
     photos = len(load_source(str(REPO / config["data"]["dataset"])))
     held_out = len(load_source(str(REPO / config["data"]["val_dataset"]), config["data"]["val_split"]))
-    samples = inspect.signature(MeasureQuality).parameters["num_samples"].default
-    assert held_out == 200 and "quality" not in config
+    samples = config["quality"]["num_samples"]
+    assert held_out == 200
     readme = " ".join((REPO / "README.md").read_text().split())
     assert f"{samples} samples against the {held_out} held-out photos" in readme
+    assert f"one of its first {config['quality']['memorisation_images']} training photos" in readme
     epochs, batch = config["trainer"]["max_epochs"], config["data"]["train_batch_size"]
     steps = epochs * math.ceil(photos / batch)
     assert (photos, epochs, batch, steps) == (1000, 5, 16, 315)
     assert epochs % config["grid"]["save_image_epochs"] == 0  # so the last epoch's grid is the last one
     readme = (REPO / "README.md").read_text()
     assert f"{steps} optimizer steps" in readme and f"{config['output_dir']}/samples/{epochs - 1:04d}.png" in readme
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
+def test_the_quality_defaults_are_2048_dpm_solver_samples_on_a_gpu_and_a_few_for_kid_on_a_cpu(config):
+    """A GPU config (butterflies.yaml and the overlays on it) measures at its end with at least 2,048 samples
+    (FID's feature size) drawn by DPM-Solver++ in 20 steps, and not during the run; the CPU config (tiny.yaml)
+    draws a few, where KID leads, with the same sampler, and checks copies against some of its training photos."""
+    defaults = {name: p.default for name, p in inspect.signature(MeasureQuality).parameters.items()}
+    values = {**defaults, **shipped(config).get("quality", {})}
+    assert (values["sampler"], values["num_inference_steps"]) == ("dpmsolver++", 20)
+    if config == TINY_CONFIG:
+        assert values["num_samples"] < FID_MIN_IMAGES and 0 < values["memorisation_images"] < 1000
+    else:
+        assert values["num_samples"] >= FID_MIN_IMAGES and values["measure_quality_epochs"] == 0
+
+
+@pytest.mark.slow  # (7 s on the shared 2-core machine: building the tutorial's UNet twice)
+def test_the_gpu_configs_end_of_run_measurement_is_27_percent_of_its_training_flops():
+    """docs/configuration.md's figures, counted on the meta device: one pass of butterflies.yaml's UNet at 128 px
+    is 124 GFLOP and a training image 372, so its 2,048 x 20 sampling passes are 27% of 50 epochs of the tutorial's
+    1,000 images: more than the training at every 10 epochs (its grid's cadence), hence at the end only."""
+    from diffusers import UNet2DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ddpm_lightning.reporting.monitor import training_flops_per_image
+
+    values = shipped(BASE)
+    size, quality = values["data"]["image_size"], values["quality"]
+    with torch.device("meta"):
+        unet = UNet2DModel(sample_size=size, **values["model"]["unet"])
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        unet(torch.zeros(1, 3, size, size, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"))
+    forward, training = counter.get_total_flops(), training_flops_per_image(unet)
+    sampling = quality["num_samples"] * quality["num_inference_steps"] * forward
+    share = sampling / (values["trainer"]["max_epochs"] * 1000 * training)
+    assert (round(forward / 1e9), round(training / 1e9), round(share, 2)) == (124, 372, 0.27)
+    measurements = values["trainer"]["max_epochs"] // values["grid"]["save_image_epochs"]
+    assert measurements * share > 1  # measured at the grid's cadence, it would cost more than the training
+    docs = " ".join((REPO / "docs" / "configuration.md").read_text().split())
+    assert "is 124 GFLOP and one training image 372" in docs and "are 27% of the FLOPs of its 50 epochs" in docs

@@ -97,9 +97,11 @@ def test_tiny_yaml_on_your_own_folder_measures_against_your_folder(twelve, tmp_p
 def test_a_max_steps_run_ending_mid_epoch_is_validated_and_measured_at_its_end(twelve, tmp_path, caplog):
     """9 training images (3 steps an epoch) and 3 held out, stopped by max_steps at step 4, in the middle of its
     second epoch, measuring every epoch: val/loss, KID/FID with N and M and the copy check at step 4 too, in the
-    logs and run_summary.json, whose quality block names the best of the two measurements."""
+    logs and run_summary.json, whose quality block names the best of the two measurements. The 4 samples are
+    drawn 3 at a time (quality.batch_size), and all 4 are measured."""
     out = tmp_path / "run"
     args = [*max_steps(4), *NO_SAVES, "--data.val_fraction", "0.25", "--quality.measure_quality_epochs", "1"]
+    args += ["--quality.batch_size", "3"]
     with caplog.at_level(logging.INFO):
         main(fit_args(twelve, out, *args, *QUICK_QUALITY))
     assert sorted(scalars(out / "logs", "val/loss")) == [2, 3]  # Lightning logs at the last batch's step (0-based)

@@ -329,20 +329,42 @@ def heliconius(first: int, count: int, size: int = 32) -> torch.Tensor:
 def test_the_copy_check_flags_mirrored_training_photos_and_not_new_ones():
     """In the default network's features, 16 training photos, 8 held out for the scale: their mirror images
     (copies a pixel comparison misses) are flagged (above the warning's share), 8 other photos of the same set
-    are not, and nearest_training finds the photo each mirror image came from."""
-    from ddpm_lightning.metrics import COPY_WARNING_SHARE, copied_share, nearest_training
+    are not, and the copy check names the photo each mirror image came from."""
+    from ddpm_lightning.metrics import COPY_WARNING_SHARE, copy_check
 
     quality = SampleQuality()
     training, held_out, new = heliconius(0, 16), heliconius(16, 8), heliconius(24, 8)
-    train_features = quality.features(training)
-    held_out_distances, _ = nearest_training(quality.features(held_out), train_features)
-    mirrored_distances, source = nearest_training(quality.features(training[:8].flip(-1)), train_features)
-    new_distances, _ = nearest_training(quality.features(new), train_features)
-    assert source.tolist() == list(range(8))
-    assert copied_share(mirrored_distances, held_out_distances)["copied_share"] > COPY_WARNING_SHARE
-    assert copied_share(new_distances, held_out_distances)["copied_share"] <= COPY_WARNING_SHARE
-    exact = copied_share(train_features.new_zeros(8), held_out_distances)  # a copy of the pixels: distance 0
+    train_features, held_out_features = quality.features(training), quality.features(held_out)
+    mirrored, pairs = copy_check(quality.features(training[:8].flip(-1)), train_features, held_out_features)
+    assert sorted(pairs) == [(i, i) for i in range(8)]  # (sample, its nearest training photo): its source
+    assert mirrored["copied_share"] > COPY_WARNING_SHARE
+    assert copy_check(quality.features(new), train_features, held_out_features)[0]["copied_share"] <= COPY_WARNING_SHARE
+    exact, _ = copy_check(train_features[:8], train_features, held_out_features)  # a copy of the pixels
     assert exact["copied_share"] == 1.0 and exact["copy_threshold"] > 0
+
+
+def test_the_copy_check_names_the_nearest_pairs_and_says_its_rule_from_the_percentile(monkeypatch):
+    """Features alone: samples that are training rows 5 and 2 (scaled: the distance is the cosine's) are the
+    copies, nearest first, beside those rows; the held-out rows set the threshold (their COPY_PERCENTILE quantile);
+    the words and the warning follow COPY_PERCENTILE and COPY_WARNING_SHARE, and `gather` sees both sets of
+    distances."""
+    generator = torch.Generator().manual_seed(0)
+    training, held_out, new = (torch.randn(n, 32, generator=generator) for n in (16, 20, 6))
+    samples = torch.cat([new[:3], 3 * training[5:6], new[3:], training[2:3] + 1e-3])
+    gathered = []
+    copies, pairs = metrics.copy_check(samples, training, held_out, pairs=3, gather=lambda d: gathered.append(d) or d)
+    assert pairs[:2] == [(3, 5), (7, 2)] and len(pairs) == 3
+    assert [len(d) for d in gathered] == [8, 20]
+    held_out_distances, _ = metrics.nearest_training(held_out, training)
+    threshold = float(torch.quantile(held_out_distances.double(), metrics.COPY_PERCENTILE))
+    assert copies["copy_threshold"] == pytest.approx(threshold) and copies["copied_share"] == pytest.approx(2 / 8)
+    said = "25% of the samples copy a training image (nearer one than 95% of the held-out images are to theirs)"
+    assert metrics.copies_said(0.25) == said
+    assert metrics.copy_warning(metrics.COPY_WARNING_SHARE, "n.png") is None
+    assert "more than 20%: the model copies its training images; see n.png" in metrics.copy_warning(0.25, "n.png")
+    monkeypatch.setattr(metrics, "COPY_PERCENTILE", 0.1)
+    monkeypatch.setattr(metrics, "COPY_WARNING_SHARE", 0.3)
+    assert "than 90% of the held-out" in metrics.copies_said(0.25) and metrics.copy_warning(0.25, "n.png") is None
 
 
 def test_the_headline_leads_with_kid_below_2048_images_and_names_n_and_m():

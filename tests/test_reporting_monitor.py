@@ -100,3 +100,19 @@ def test_a_resume_that_times_no_training_batch_reports_no_images_per_sec(twelve,
         else:
             assert summary["mean_images_per_sec"] is None
             assert "images/s while training: not measured" in caplog.text
+
+
+def test_the_summary_blocks_copy_line_follows_the_copy_percentile(monkeypatch):
+    """The summary block's copies line says the rule from metrics.COPY_PERCENTILE, as the log line does."""
+    from ddpm_lightning import metrics
+    from ddpm_lightning.reporting.monitor import quality_lines
+
+    headline = "KID 0.4000 ± 0.0100, FID 300.00 (N=64 samples, M=200 reference images)"
+    quality = {"step": 315, "headline": headline, "copied_share": 0.25, "measurements": 1}
+    summary = {"reference": "200 held-out images", "quality": quality}
+    assert quality_lines(summary)[2] == (
+        "  copies: 25% of the samples copy a training image (nearer one than 95% of the held-out images are to "
+        "theirs), samples/nearest.png"
+    )
+    monkeypatch.setattr(metrics, "COPY_PERCENTILE", 0.01)
+    assert "nearer one than 99% of the held-out" in quality_lines(summary)[2]

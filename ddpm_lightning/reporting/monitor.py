@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..files import MODEL_INDEX, RunFolder
+from ..metrics import copies_said
 from .grids import save_grid
 from .peak_flops import peak_bf16_flops
 
@@ -305,10 +306,7 @@ def quality_lines(summary: Mapping[str, Any]) -> list[str]:
         return lines
     lines.append(f"  last quality (step {quality['step']}): {quality['headline']}")
     if quality.get("copied_share") is not None:
-        lines.append(
-            f"  copies: {quality['copied_share']:.0%} of the samples are nearer a training image than 95% of the "
-            "held-out images are (samples/nearest.png)"
-        )
+        lines.append(f"  copies: {copies_said(quality['copied_share'])}, samples/nearest.png")
     if quality["measurements"] > 1:
         best = quality["best"]
         still = "still improving" if quality["still_improving"] else "not improving on the best"
