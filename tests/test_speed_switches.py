@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 
-from ddpm_lightning.cli import main
+from ddpm_lightning.cli import main, raised_by_this_package
 from ddpm_lightning.module import DDPMModule
 from ddpm_lightning.speed import SpeedSwitches
 from ddpm_lightning.speed.precision import FusedClipMixedPrecision
@@ -32,9 +32,16 @@ from conftest import (
 
 
 @pytest.mark.parametrize("pair", [("compile", "compile_blocks"), ("compile", "cuda_graph_capture")])
-def test_whole_compile_block_compile_and_capture_refuse_each_other(pair):
+def test_whole_compile_block_compile_and_capture_refuse_each_other(pair, image_folder, tmp_path):
+    """Refused when the group is built, and from the command line before training, in one line."""
     with pytest.raises(ValueError, match="speed.compile, speed.compile_blocks and speed.cuda_graph_capture exclude"):
         SpeedSwitches(**dict.fromkeys(pair, True))
+    with pytest.raises(
+        ValueError, match="speed.compile, speed.compile_blocks and speed.cuda_graph_capture exclude"
+    ) as err:
+        main(fit_args(image_folder, tmp_path / "run", *(arg for key in pair for arg in (f"--speed.{key}", "true"))))
+    assert "\n" not in str(err.value) and raised_by_this_package(err.value)
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 @pytest.mark.slow
