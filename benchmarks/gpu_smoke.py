@@ -16,7 +16,7 @@ as `-c configs/butterflies.yaml -c configs/butterflies-fast.yaml`), everything t
 
     fit      trains with the config as shipped (precision, optimizer, clipping, compile, data cache, checkpoint
              cadence), only sizes overridden: the tutorial's UNet (configs/butterflies.yaml's) at 128 px (--cpu:
-             configs/tiny.yaml's at 16 px, model.compile and compile_optimizer off), a few dozen steps over a few
+             configs/tiny.yaml's at 16 px, speed.compile and compile_optimizer off), a few dozen steps over a few
              epochs with a short last batch, a grid of few sampling steps. A real SIGTERM is sent once the run has
              passed --signal-step; the run must exit 0 with last.ckpt saved at the step it stopped.
     resume   `--ckpt_path last` continues to --steps, then draws the end-of-run grid and saves the diffusers
@@ -192,8 +192,8 @@ def smoke(name: str, configs: list[Path], a, work: Path, gpu: bool) -> list[Step
     if a.cpu:
         # torch.compile of even the tiny UNet takes minutes on a small CPU; tests/ compile the configs on CPU
         fit += ["--trainer.accelerator", "cpu", "--data.train_batch_size", str(a.batch_size),
-                "--grid.eval_batch_size", "4", "--model.compile", "false",
-                "--model.compile_optimizer", "false"]  # fmt: skip
+                "--grid.eval_batch_size", "4", "--speed.compile", "false",
+                "--speed.compile_optimizer", "false"]  # fmt: skip
     timeout = a.timeout
     steps: list[Step] = []
 
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"gpu_smoke on {device}: {len(images)} images from {a.images}, {a.image_size} px, {a.steps} steps, "
         f"configs {', '.join(runs)}"
-        + (" (--cpu: tiny UNet, model.compile and compile_optimizer false)" if a.cpu else ""),
+        + (" (--cpu: tiny UNet, speed.compile and compile_optimizer false)" if a.cpu else ""),
         flush=True,
     )
 

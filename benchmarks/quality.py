@@ -139,6 +139,7 @@ def held_out_losses(module, data) -> tuple[float, float]:
     the module's own loss (val/loss: its prediction target and loss weighting) and the noise-prediction error its
     predictions imply (the predicted noise's MSE: the same as val/loss for epsilon and uniform weighting, and
     comparable across prediction types and weightings, which val/loss is not). With EMA, the EMA weights'."""
+    from ddpm_lightning.module import signal_to_noise
     from ddpm_lightning.unet import to_model_range
 
     scheduler, device = module.noise_scheduler, next(module.parameters()).device
@@ -162,7 +163,7 @@ def held_out_losses(module, data) -> tuple[float, float]:
                 else:  # sample
                     implied = (noisy - a.sqrt() * prediction) / (1 - a).sqrt()
                 error = (prediction - target) ** 2
-                weight = module.loss_weights(timesteps)
+                weight = module.loss.weight(signal_to_noise(scheduler, timesteps))
                 loss += float((error if weight is None else weight.view(-1, 1, 1, 1) * error).sum())
                 eps += float(((implied - noise) ** 2).sum())
                 count += error.numel()

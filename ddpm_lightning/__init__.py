@@ -10,6 +10,7 @@ from .data import ImageDataModule
 from .module import DDPMModule
 from .reporting.monitor import ImagesThroughput, RunReport
 from .reporting.progress import TrainingProgressBar
+from .speed import SpeedSwitches
 
 __all__ = [
     "DDPMModule",
@@ -19,6 +20,7 @@ __all__ = [
     "RunReport",
     "SampleGrid",
     "SaveModel",
+    "SpeedSwitches",
     "TrainingProgressBar",
     "build",
     "run",

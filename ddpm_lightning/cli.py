@@ -15,6 +15,7 @@ Errors the product raises on purpose print as one line; `--debug` (or DDPM_LIGHT
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import logging
 import os
@@ -23,9 +24,10 @@ import signal
 import sys
 import threading
 import traceback
+import typing
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn, Optional
 
 import yaml
 from jsonargparse import ArgumentParser, Namespace
@@ -61,7 +63,7 @@ from .run_folder import (
     run_files,
     saved_nothing,
 )
-from .speed import FusedClipMixedPrecision, keep_compile_cache
+from .speed import COMPILING, RENAMED, FusedClipMixedPrecision, SpeedSwitches, keep_compile_cache
 from .unet import check_norm_groups
 
 
@@ -76,6 +78,8 @@ class DDPMLightningCLI(LightningCLI):
         parser.add_lightning_class_args(SampleGrid, "grid")
         parser.add_lightning_class_args(SaveModel, "save")
         parser.add_lightning_class_args(MeasureQuality, "quality")
+        parser.add_lightning_class_args(SpeedSwitches, "speed")
+        add_renamed_keys(parser)
         parser.add_argument(
             "--overwrite",
             type=bool,
@@ -107,14 +111,15 @@ class DDPMLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Check the values, and fill in the checkpoint folder from output_dir."""
         config = self.config[self.subcommand] if self.subcommand else self.config  # (`build`: fit's keys at the top)
+        move_renamed_keys(config, self.renamed_given)
         check_values(config)
         check_outside_data(
             config.output_dir, {f"data.{k}": config.get(f"data.{k}") for k in ("dataset", "val_dataset")}
         )
         if config.get("checkpoint") is not None and config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(Path("checkpoints") / Path(config.output_dir).resolve().name)
-        model = config.get("model") or {}
-        if config.get("checkpoint") is not None and any(model.get(k) for k in COMPILING):
+        speed = config.get("speed") or {}
+        if config.get("checkpoint") is not None and any(speed.get(k) for k in COMPILING):
             keep_compile_cache(config.checkpoint.dirpath)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -157,8 +162,10 @@ class DDPMLightningCLI(LightningCLI):
         for path in RunParser.config_files:
             check_yaml(path)
         super().parse_arguments(parser, args)
-        # Before LightningCLI reads the checkpoint's hyperparameters, which torch.load would fail on obscurely.
         subcommand = self.config.get("subcommand")
+        # The renamed keys the user gave, before LightningCLI parses a --ckpt_path's hyperparameters over them.
+        self.renamed_given = renamed_keys_given(self.config[subcommand] if subcommand else self.config)
+        # Before LightningCLI reads the checkpoint's hyperparameters, which torch.load would fail on obscurely.
         check_ckpt_path(self.config[subcommand].get("ckpt_path") if subcommand else None, None)
         data = self.config[subcommand].get("data") if subcommand == "validate" else None
         if data is not None and data.get("val_dataset") is None and not data.get("val_fraction"):
@@ -321,7 +328,42 @@ def yaml_key_line(path: str, key: str) -> int | None:
     return key_node.start_mark.line + 1
 
 
-COMPILING = ("compile", "compile_blocks", "compile_optimizer")  # model switches that run torch.compile
+def add_renamed_keys(parser: LightningArgumentParser) -> None:
+    """Accept the old spelling of each renamed key (`speed.RENAMED`), hidden from --help and from saved configs.
+
+    A checkpoint written before the renaming holds the old keys among its hyperparameters, which LightningCLI
+    parses back on `--ckpt_path`; `move_renamed_keys` takes them out again before anything is built.
+    """
+    types = typing.get_type_hints(SpeedSwitches.__init__)
+    for old, new in RENAMED.items():
+        key = new.split(".", 1)[1]
+        parser.add_argument(f"--{old}", type=Optional[types[key]], default=None, help=argparse.SUPPRESS)  # noqa: UP045
+
+
+def renamed_keys_given(config: Namespace) -> dict[str, Any]:
+    """The old keys set (not None) in `config`, with their values."""
+    return {old: config.get(old) for old in RENAMED if config.get(old) is not None}
+
+
+def move_renamed_keys(config: Namespace, given: dict[str, Any]) -> None:
+    """Give each old key the user set to its new key, with a warning; drop the old keys from `config`.
+
+    Old keys that only a checkpoint's hyperparameters hold (`--ckpt_path` of a run from before the renaming) are
+    dropped silently: the speed switches do not change the model, and a resumed run takes them from its own
+    config, as it does with a newer checkpoint.
+    """
+    for old, new in RENAMED.items():
+        if old in given:
+            warnings.warn(
+                f"{old} is renamed {new} (the speed switches are their own group); the old name will stop working "
+                "in a later release.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            config[new] = given[old]
+        if old in config:
+            del config[old]
+
 
 # Keys whose values must be positive, with what they are: checked before anything is built, so a 0 or a
 # negative value fails with its key instead of deep inside a library ("max() arg is an empty sequence").

@@ -1,9 +1,10 @@
 """The diffusion maths: `DDPMModule` trains a diffusers UNet2DModel as a DDPM and samples from it.
 
-It holds the noise schedule, the loss, AdamW and its LR schedule and the validation loss, and samples through
-sampling.py. The mechanisms around it live in their own homes: the UNet's description in unet.py, the model it may
-start from in model_source.py, the weight average in ema.py, the NaN check in stop_on_nan.py, the speed switches
-(and AdamW's choice) in speed/.
+It holds the noise schedule, the loss (one small class per prediction type: `EpsilonLoss`, `VelocityLoss`,
+`SampleLoss`), AdamW and its LR schedule and the validation loss, and samples through sampling.py. The mechanisms
+around it live in their own homes: the UNet's description in unet.py, the model it may start from in
+model_source.py, the weight average in ema.py, the NaN check in stop_on_nan.py, the speed switches (and AdamW's
+kernel) in speed/ (`SpeedSwitches`, the run's `speed` group).
 
     >>> model = DDPMModule(image_size=32)  # the tutorial's UNet (untrained here)
     >>> images = model.sample(4, "ddim", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
@@ -22,7 +23,7 @@ from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
-from diffusers import SchedulerMixin
+from diffusers import DDPMScheduler, SchedulerMixin
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
@@ -30,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from .ema import EMAWeights, UpdateEMA
 from .model_source import check_resumed, fitted_architecture, load_model
 from .sampling import Sampler, denoise, make_sampler
-from .speed import CompiledAdamW, CompileMode, UNetForward, apply_speed_switches, check_one_compiler, make_adamw
+from .speed import CompiledAdamW, SpeedSwitches, UNetForward
 from .stop_on_nan import StopOnNaN
 from .unet import (
     NOISE_SCHEDULE,
@@ -45,6 +46,87 @@ from .unet import (
 )
 
 LossWeighting = Literal["uniform", "min_snr"]
+
+
+def signal_to_noise(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Each timestep's signal-to-noise ratio SNR = a / (1 - a) (a: the schedule's alphas_cumprod), in float32."""
+    alpha = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alpha / (1 - alpha)
+
+
+class DenoisingLoss:
+    """One prediction type's loss: what the UNet learns to predict (`target`) and each image's weight (`weight`).
+
+    The weight comes from the SNR of the image's timestep. `gamma` None: the uniform weighting, the plain MSE of the
+    target (for `SampleLoss`, times SNR as diffusers' script does, which equals the noise's MSE); a number:
+    Min-SNR-gamma (Hang et al. 2023, arXiv 2303.09556), under which every type's loss is min(SNR, gamma) times the
+    clean image's squared error.
+    """
+
+    def __init__(self, gamma: float | None = None) -> None:
+        self.gamma = gamma
+
+    def __call__(self, prediction: torch.Tensor, target: torch.Tensor, snr: torch.Tensor) -> torch.Tensor:
+        """The mean of each image's squared error times its weight, in float32."""
+        weight = self.weight(snr)
+        if weight is None:
+            return F.mse_loss(prediction, target.float())
+        return (weight.view(-1, 1, 1, 1) * F.mse_loss(prediction, target.float(), reduction="none")).mean()
+
+    def target(
+        self, scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """What the UNet should predict for `clean` noised with `noise` at `timesteps`."""
+        raise NotImplementedError
+
+    def weight(self, snr: torch.Tensor) -> torch.Tensor | None:
+        """Each image's weight from its timestep's SNR; None: all 1 (the plain mean)."""
+        raise NotImplementedError
+
+
+class EpsilonLoss(DenoisingLoss):
+    """The noise (the tutorial's): weight 1, or min(SNR, gamma) / SNR."""
+
+    def target(
+        self, scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """The noise."""
+        return noise
+
+    def weight(self, snr: torch.Tensor) -> torch.Tensor | None:
+        """1, or min(SNR, gamma) / SNR, finite at SNR 0 (a zero-terminal-SNR schedule)."""
+        return None if self.gamma is None else (self.gamma / snr).clamp(max=1)
+
+
+class VelocityLoss(DenoisingLoss):
+    """The velocity v = sqrt(a) noise - sqrt(1 - a) clean (v_prediction): weight 1, or min(SNR, gamma) / (SNR + 1)."""
+
+    def target(
+        self, scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """The velocity."""
+        return scheduler.get_velocity(clean, noise, timesteps)
+
+    def weight(self, snr: torch.Tensor) -> torch.Tensor | None:
+        """1, or min(SNR, gamma) / (SNR + 1) (the v weight as fixed in diffusers PR #5238)."""
+        return None if self.gamma is None else snr.clamp(max=self.gamma) / (snr + 1)
+
+
+class SampleLoss(DenoisingLoss):
+    """The clean image (sample): weight SNR (diffusers' train_unconditional.py), or min(SNR, gamma)."""
+
+    def target(
+        self, scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """The clean image."""
+        return clean
+
+    def weight(self, snr: torch.Tensor) -> torch.Tensor | None:
+        """SNR, or min(SNR, gamma)."""
+        return snr if self.gamma is None else snr.clamp(max=self.gamma)
+
+
+LOSSES: dict[str, type[DenoisingLoss]] = {"epsilon": EpsilonLoss, "v_prediction": VelocityLoss, "sample": SampleLoss}
 
 
 class DDPMModule(LightningModule):
@@ -66,7 +148,8 @@ class DDPMModule(LightningModule):
             (None), each comes from `pretrained`'s scheduler config, else DDPMScheduler's default (1000 linear
             steps from 0.0001 to 0.02, the tutorial's); `hparams` and checkpoints hold the values used.
         prediction_type: what the UNet predicts: the noise (epsilon, the tutorial's and the default), the velocity
-            (v_prediction) or the clean image (sample, its loss weighted by SNR as diffusers' script does).
+            (v_prediction) or the clean image (sample, its loss weighted by SNR as diffusers' script does); its loss
+            is `LOSSES[prediction_type]`.
         loss_weighting: each image's weight in the loss, by the signal-to-noise ratio SNR = a / (1 - a) of its
             timestep (a: alphas_cumprod). uniform: the plain MSE of the target (for `sample`, times SNR as
             diffusers' script does, which equals the noise's MSE). min_snr: Min-SNR-gamma (Hang et al. 2023,
@@ -80,17 +163,10 @@ class DDPMModule(LightningModule):
             schedule, with noise fixed per image, so it is comparable across epochs and runs.
         stop_on_nan: stop the run when the loss is NaN or infinite, naming the first such step (`stop_on_nan.py`,
             checked every `nan_check_every_n_steps` steps: a check waits for the GPU).
-        compile: torch.compile the UNet's training and sampling forwards (`speed.UNetForward`); checkpoints and
-            saved folders do not change. At most one of `compile`, `compile_blocks`, `cuda_graph_capture`.
-        compile_blocks: torch.compile each down, mid and up block instead (`blocks.py`): a shorter compile.
-        cuda_graph_capture: the training forward and backward as CUDA graphs without torch.compile (`capture.py`;
-            a static batch, CUDA only, no gradient accumulation).
-        compile_mode: torch.compile's `mode`; "reduce-overhead" and "max-autotune" use CUDA graphs on a GPU.
-        channels_last: the UNet and its inputs in channels-last memory format (faster convolutions on GPUs).
-        fused_adamw: AdamW's fused kernel; by default on for parameters on a GPU, unless `compile_optimizer`.
-        compile_optimizer: clipping and the AdamW update compiled as one function (`optim.CompiledAdamW`).
-        gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
-        float32_matmul_precision: torch.set_float32_matmul_precision ("high": TF32 on GPUs that have it).
+
+    The speed switches (compile, channels-last, fused AdamW, ...) are not arguments: they are the run's `speed`
+    group, `speed.SpeedSwitches`, which the module takes from its trainer's callbacks at `setup` (the defaults
+    without one) and which checkpoints do not hold.
     """
 
     def __init__(
@@ -118,15 +194,6 @@ class DDPMModule(LightningModule):
         val_timesteps: int = 10,
         stop_on_nan: bool = True,
         nan_check_every_n_steps: int = 10,
-        compile: bool = False,
-        compile_mode: CompileMode = "default",
-        compile_blocks: bool = False,
-        cuda_graph_capture: bool = False,
-        channels_last: bool = False,
-        fused_adamw: bool | None = None,
-        compile_optimizer: bool = False,
-        gradient_checkpointing: bool = False,
-        float32_matmul_precision: Literal["highest", "high", "medium"] = "high",
     ) -> None:
         super().__init__()
         if not snr_gamma > 0:
@@ -136,7 +203,6 @@ class DDPMModule(LightningModule):
         self.base_model = found.base_model if found else None  # what it is fine-tuned from (card, run summary)
         if found is not None:
             unet = self.hparams.unet = fitted_architecture(found, unet, image_size)  # (checkpoints rebuild it)
-        check_one_compiler(compile, compile_blocks, cuda_graph_capture)
         self.unet = build_unet(TUTORIAL_UNET if unet is None else unet, image_size)
         if found is not None:  # at construction: a resumed run's checkpoint then overwrites these weights
             self.unet.load_state_dict(found.unet.state_dict())
@@ -151,18 +217,20 @@ class DDPMModule(LightningModule):
             )
         self.noise_scheduler = noise_schedule(chosen, found.scheduler_config if found else {})
         self.hparams.update({k: self.noise_scheduler.config[k] for k in NOISE_SCHEDULE})  # the values used
+        gamma = snr_gamma if loss_weighting == "min_snr" else None
+        self.loss = LOSSES[self.noise_scheduler.config.prediction_type](gamma)
         self.ema = EMAWeights(self.unet, ema_max_decay, ema_inv_gamma, ema_power) if use_ema else None
-        self.unet_forward = UNetForward()  # eager until configure_model compiles it (`compile`)
+        self.speed = SpeedSwitches()  # the run's, from `setup` on
+        self.unet_forward = UNetForward()  # eager until configure_model compiles it (`speed.compile`)
 
     def setup(self, stage: str) -> None:
-        """Check that the UNet's channels are the data's."""
+        """Take the run's speed switches (its trainer's `SpeedSwitches`); check the UNet's channels are the data's."""
+        self.speed = SpeedSwitches.of(self.trainer) or self.speed
         check_channels(self.unet, getattr(self.trainer.datamodule, "channels", None), self.base_model)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """The batch's denoising loss, logged with the learning rate."""
-        if self.hparams.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        loss = self.denoising_loss(batch)
+        loss = self.denoising_loss(self.speed.batch(batch))
         self.log("train/loss", loss)  # not prog_bar=True, read back every step: progress.py shows it every N
         lr = self.lr_schedulers().get_last_lr()[0]  # a device tensor under CompiledAdamW, filled in place: copy it
         self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)
@@ -173,7 +241,7 @@ class DDPMModule(LightningModule):
     ) -> torch.Tensor:
         """MSE between the UNet's prediction and its target at random (or given) timesteps, in float32.
 
-        Each image is weighted by `loss_weights`.
+        Each image is weighted as its prediction type's loss (`self.loss`, from `LOSSES`) weights it.
         """
         if noise is None:  # drawn in the standard layout: channels_last draws the same noise as the plain path
             noise = torch.randn_like(clean, memory_format=torch.contiguous_format)
@@ -182,10 +250,7 @@ class DDPMModule(LightningModule):
                 0, self.noise_scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device
             )
         prediction, target = self.prediction_and_target(clean, noise, timesteps)
-        weight = self.loss_weights(timesteps)
-        if weight is None:
-            return F.mse_loss(prediction, target.float())
-        return (weight.view(-1, 1, 1, 1) * F.mse_loss(prediction, target.float(), reduction="none")).mean()
+        return self.loss(prediction, target, signal_to_noise(self.noise_scheduler, timesteps))
 
     def prediction_and_target(
         self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
@@ -193,28 +258,7 @@ class DDPMModule(LightningModule):
         """The UNet's prediction (float32) for `clean` noised with `noise` at `timesteps`, and what it should be."""
         noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
         prediction = self.unet_forward.train(self.unet, noisy, timesteps).float()
-        kind = self.noise_scheduler.config.prediction_type
-        if kind == "epsilon":
-            target = noise
-        elif kind == "v_prediction":
-            target = self.noise_scheduler.get_velocity(clean, noise, timesteps)
-        else:
-            target = clean
-        return prediction, target
-
-    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
-        """Each image's weight in the loss from its timestep (see `loss_weighting`); None: all 1 (the plain mean)."""
-        kind = self.noise_scheduler.config.prediction_type
-        alpha = self.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-        snr = alpha / (1 - alpha)
-        if self.hparams.loss_weighting == "uniform":
-            return snr if kind == "sample" else None  # sample: as diffusers' train_unconditional.py weights it
-        gamma = self.hparams.snr_gamma
-        if kind == "epsilon":
-            return (gamma / snr).clamp(max=1)  # min(SNR, gamma) / SNR, finite at SNR 0 (a zero-terminal-SNR schedule)
-        if kind == "v_prediction":
-            return snr.clamp(max=gamma) / (snr + 1)
-        return snr.clamp(max=gamma)  # sample
+        return prediction, self.loss.target(self.noise_scheduler, clean, noise, timesteps)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         """The denoising loss at `val_timesteps` fixed timesteps with noise fixed per image (seeded by its index)."""
@@ -247,8 +291,7 @@ class DDPMModule(LightningModule):
         hp = self.hparams
         adamw = {"lr": hp.learning_rate, "betas": hp.adam_betas, "weight_decay": hp.adam_weight_decay}
         adamw["eps"] = hp.adam_epsilon
-        switches = hp.fused_adamw, hp.compile_optimizer, hp.compile_mode, self.trainer
-        optimizer = make_adamw(self.unet.parameters(), adamw, *switches)
+        optimizer = self.speed.adamw(self.unet.parameters(), adamw, self.trainer)
         # Per optimizer step, over the whole run as the Trainer counts it (devices, accumulation, max_steps).
         total = int(self.trainer.estimated_stepping_batches)
         if hp.lr_warmup_steps >= total:
@@ -279,8 +322,8 @@ class DDPMModule(LightningModule):
 
     # The mechanisms around the maths, each in its own file.
     def configure_model(self) -> None:
-        """Apply the speed switches (compile, channels-last, ...)."""
-        apply_speed_switches(self)
+        """Apply the speed switches (compile, channels-last, ...) to the UNet."""
+        self.speed.apply(self.unet, self.unet_forward)
 
     def configure_callbacks(self) -> list:
         """StopOnNaN and UpdateEMA, when they are on."""
@@ -314,9 +357,9 @@ class DDPMModule(LightningModule):
     ) -> torch.Tensor:
         """`n` images in [0, 1], (n, C, H, W), drawn as DDPMPipeline draws them (`sampling.denoise`).
 
-        They are drawn with this model's noise schedule and (when `compile` is on) its compiled forward. `sampler` is
-        a name or a scheduler; `generator` makes the draw repeatable without touching the global RNG; `on_step` is
-        called after each step.
+        They are drawn with this model's noise schedule and (when `speed.compile` is on) its compiled forward.
+        `sampler` is a name or a scheduler; `generator` makes the draw repeatable without touching the global RNG;
+        `on_step` is called after each step.
         """
         sampler = make_sampler(self.noise_scheduler, cast(Sampler, sampler)) if isinstance(sampler, str) else sampler
         forward = functools.partial(self.unet_forward.sample, self.unet)

@@ -112,7 +112,7 @@ PRECISIONS = {
     "32-true": ["--trainer.precision", "32-true"],
 }
 # The GPU default (fused AdamW) and the fast config's compiled clip-and-update.
-OPTIMIZERS = {"fused": ["--model.fused_adamw", "true"], "compiled": ["--model.compile_optimizer", "true"]}
+OPTIMIZERS = {"fused": ["--speed.fused_adamw", "true"], "compiled": ["--speed.compile_optimizer", "true"]}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -226,11 +226,15 @@ def fit_args(dataset: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def tiny_module(**kwargs):
-    """A DDPMModule with TINY_UNET at 16 px, for tests that drive it without the CLI."""
+def tiny_module(speed=None, **kwargs):
+    """A DDPMModule with TINY_UNET at 16 px, for tests that drive it without the CLI (`speed`: its SpeedSwitches,
+    as a trainer's would give it)."""
     from ddpm_lightning.module import DDPMModule
 
-    return DDPMModule(unet=TINY_UNET, image_size=16, **kwargs)
+    module = DDPMModule(unet=TINY_UNET, image_size=16, **kwargs)
+    if speed is not None:
+        module.speed = speed
+    return module
 
 
 def tiny_batches(n: int = 8, batch_size: int = 4):

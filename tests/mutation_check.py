@@ -144,33 +144,33 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "v_prediction_target_swapped": (
         "ddpm_lightning/module.py",
-        "self.noise_scheduler.get_velocity(clean, noise, timesteps)",
-        "self.noise_scheduler.get_velocity(noise, clean, timesteps)",
+        "scheduler.get_velocity(clean, noise, timesteps)",
+        "scheduler.get_velocity(noise, clean, timesteps)",
         [TARGETS + "[v_prediction]"],
     ),
     "sample_loss_without_snr_weight": (
         "ddpm_lightning/module.py",
-        'return snr if kind == "sample" else None',
-        "return None",
+        "return snr if self.gamma is None else snr.clamp(max=self.gamma)",
+        "return None if self.gamma is None else snr.clamp(max=self.gamma)",
         [TARGETS + "[sample]"],
     ),
     # Min-SNR-gamma: each prediction type's weight min(SNR, gamma) / SNR, min(SNR, gamma), min(SNR, gamma) / (SNR + 1)
     "min_snr_epsilon_not_divided_by_snr": (
         "ddpm_lightning/module.py",
-        "return (gamma / snr).clamp(max=1)",
-        "return snr.clamp(max=gamma)",
+        "else (self.gamma / snr).clamp(max=1)",
+        "else snr.clamp(max=self.gamma)",
         [MIN_SNR + "[epsilon]"],
     ),
     "min_snr_v_divided_by_snr": (  # the v weight before diffusers PR #5238
         "ddpm_lightning/module.py",
-        "return snr.clamp(max=gamma) / (snr + 1)",
-        "return snr.clamp(max=gamma) / snr",
+        "snr.clamp(max=self.gamma) / (snr + 1)",
+        "snr.clamp(max=self.gamma) / snr",
         [MIN_SNR + "[v_prediction]"],
     ),
     "min_snr_sample_not_clipped": (
         "ddpm_lightning/module.py",
-        "return snr.clamp(max=gamma)  # sample",
-        "return snr  # sample",
+        "snr if self.gamma is None else snr.clamp(max=self.gamma)",
+        "snr if self.gamma is None else snr",
         [MIN_SNR + "[sample]"],
     ),
     "validation_noise_not_fixed": (
@@ -198,7 +198,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         [T + "test_speed_switches.py::test_compiled_unet_runs_and_matches_the_plain_one"],
     ),
     "channels_last_batch_not_converted": (
-        "ddpm_lightning/module.py",
+        "ddpm_lightning/speed/switches.py",
         "batch = batch.contiguous(memory_format=torch.channels_last)",
         "batch = batch.contiguous()",
         [SWITCHES],

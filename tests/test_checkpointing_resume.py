@@ -5,13 +5,15 @@ exactly."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from ddpm_lightning.cli import main
+from ddpm_lightning.cli import build, main
+from ddpm_lightning.module import DDPMModule
 
 from conftest import (
     NO_SAVES,
@@ -113,7 +115,8 @@ def test_a_checkpoint_with_the_rng_states_at_the_top_level_resumes_exactly(strai
 
 # The model's hyperparameters as ddpm-lightning 0.1.0 wrote them (before EMA, the NaN check and the speed
 # switches moved out of DDPMModule): LightningCLI parses a checkpoint's hyperparameters back into the model's
-# arguments on resume, so each must still be one.
+# arguments on resume, so each must still be one, or (the speed switches, now the `speed` group) an old key the
+# parser still reads.
 OLD_HPARAMS = {
     "unet", "image_size", "learning_rate", "lr_warmup_steps", "adam_betas", "adam_weight_decay", "adam_epsilon",
     "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "use_ema", "ema_max_decay",
@@ -123,14 +126,24 @@ OLD_HPARAMS = {
 }  # fmt: skip
 
 
+# The speed switches among them, with the values the runs below use (the defaults): 0.1.0 saved every argument.
+OLD_SPEED_HPARAMS = {
+    "compile": False, "compile_mode": "default", "channels_last": False, "fused_adamw": None,
+    "compile_optimizer": False, "gradient_checkpointing": False, "float32_matmul_precision": "high",
+}  # fmt: skip
+
+
 OLD_EMA_KEYS = {"decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power"}
 
 
 @pytest.mark.slow
-def test_a_checkpoint_in_the_0_1_0_layout_resumes_exactly_with_its_ema(twelve, tmp_path):
+def test_a_checkpoint_in_the_0_1_0_layout_resumes_exactly_with_its_ema(twelve, tmp_path, recwarn):
     """Checkpoints keep 0.1.0's layout: the EMA at checkpoint["ema"] (EMAModel's state), every 0.1.0
-    hyperparameter and no state of the callbacks the module now adds; one in that layout (the arguments added
-    since removed) resumes to the straight run's weights and EMA."""
+    hyperparameter but the speed switches (the `speed` group's now, which no checkpoint holds) and no state of the
+    callbacks the module now adds. One in 0.1.0's layout (the arguments added since removed, the speed switches
+    put back among the model's hyperparameters, as 0.1.0 wrote them) resumes to the straight run's weights and EMA
+    without a word about the old keys (the user did not write them), starts a fine-tuning as --model.pretrained
+    from its EMA weights, and loads with DDPMModule.load_from_checkpoint."""
     ema = ["--model.use_ema", "true", "--model.ema_max_decay", "0.9"]
     main(fit_args(twelve, tmp_path / "straight", *NO_SAVES, *ema, "--trainer.max_epochs", "2"))
     crashing = fit_args(
@@ -142,14 +155,19 @@ def test_a_checkpoint_in_the_0_1_0_layout_resumes_exactly_with_its_ema(twelve, t
     checkpoint = torch.load(path, weights_only=False, map_location="cpu")
     hparams = checkpoint["hyper_parameters"]
     added = set(hparams) - OLD_HPARAMS - {"_instantiator", "_class_path"}
-    assert OLD_HPARAMS <= set(hparams)
+    assert OLD_HPARAMS - set(OLD_SPEED_HPARAMS) <= set(hparams)
+    assert not set(OLD_SPEED_HPARAMS) & set(hparams)  # the speed switches: no longer the model's
     for key in added:  # arguments added since 0.1.0 (fine-tuning, start-up switches): absent from its checkpoints
         del hparams[key]
+    hparams.update(OLD_SPEED_HPARAMS)  # the model's arguments in 0.1.0, saved with the others
     assert OLD_EMA_KEYS | {"shadow_params"} <= set(checkpoint["ema"])
     assert checkpoint["ema"]["optimization_step"] == 3
     assert not any(k.startswith(("StopOnNaN", "EMAWeights", "UpdateEMA")) for k in checkpoint["callbacks"])
     torch.save(checkpoint, path)
-    main([*crashing, "--ckpt_path", "last"])
+    old = tmp_path / "old.ckpt"
+    shutil.copy(path, old)  # (the resume replaces last.ckpt)
+    main([*crashing, "--ckpt_path", str(path)])  # a file, not "last": LightningCLI parses its hyperparameters
+    assert not [w for w in recwarn if "is renamed" in str(w.message)]
     a = torch.load(tmp_path / "checkpoints" / "straight" / "last.ckpt", weights_only=False, map_location="cpu")
     b = torch.load(tmp_path / "checkpoints" / "old" / "last.ckpt", weights_only=False, map_location="cpu")
     assert a["global_step"] == b["global_step"] == 6
@@ -157,6 +175,14 @@ def test_a_checkpoint_in_the_0_1_0_layout_resumes_exactly_with_its_ema(twelve, t
     assert a["ema"]["optimization_step"] == b["ema"]["optimization_step"] == 6
     for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"], strict=True):
         torch.testing.assert_close(y, x, rtol=0, atol=0)
+
+    tuned = build(fit_args(twelve, tmp_path / "tuned", "--model.pretrained", str(old))[1:])  # (no "fit")
+    assert tuned.model.base_model == {"name": f"{tmp_path.name}/old.ckpt", "source": "checkpoint"}
+    for weight, ema in zip(tuned.model.unet.parameters(), checkpoint["ema"]["shadow_params"], strict=True):
+        torch.testing.assert_close(weight.detach(), ema, rtol=0, atol=0)
+    loaded = DDPMModule.load_from_checkpoint(old, map_location="cpu", weights_only=False)
+    assert loaded.hparams.use_ema and not set(OLD_SPEED_HPARAMS) & set(loaded.hparams)
+    assert_same_weights(loaded.state_dict(), checkpoint["state_dict"])
 
 
 @pytest.mark.slow

@@ -5,13 +5,15 @@ record beside the run's."""
 from __future__ import annotations
 
 import re
+import warnings
 import zipfile
 
 import pytest
 import tomllib
 import yaml
 
-from ddpm_lightning.cli import main
+from ddpm_lightning.cli import build, main
+from ddpm_lightning.speed import SpeedSwitches
 
 from conftest import NO_SAVES, REPO, TINY_CONFIG, TINY_RUN_ARGS, fit_args, max_steps, run_cli, tb_events
 
@@ -69,6 +71,32 @@ def test_help_lists_the_commands_that_work_and_documents_every_key(tmp_path):
     for key in ("--grid.eval_batch_size", "--grid.sampler", "--save.save_model_epochs", "--save.push_to_hub"):
         text = fit_help.split(f"\n  {key} ", 1)[1].split("\n  --", 1)[0]
         assert not text.strip().startswith("(type:"), f"{key} has no help text: {text}"
+
+
+def test_the_old_spelling_of_each_speed_switch_still_works_and_warns_once_with_the_new_one(image_folder, tmp_path):
+    """The speed switches were DDPMModule's arguments (`model.compile`, ...) before they were the `speed` group:
+    each old key, in a config file (an old run's logs/config.yaml) or on the command line, sets its speed.* key,
+    with one FutureWarning that names the new spelling; the model's hyperparameters and the config the run saves
+    hold only the new."""
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  channels_last: true\n  compile_mode: reduce-overhead\n  gradient_checkpointing: true\n")
+    args = fit_args(image_folder, tmp_path / "run", "-c", str(old), "--model.fused_adamw", "false")[1:]  # no "fit"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = build(args)
+    renamed = sorted(str(w.message).split(" (")[0] for w in caught if "is renamed" in str(w.message))
+    keys = ["channels_last", "compile_mode", "fused_adamw", "gradient_checkpointing"]
+    assert renamed == [f"model.{key} is renamed speed.{key}" for key in keys]
+    speed = SpeedSwitches.of(cli.trainer)
+    assert speed is not None and (speed.channels_last, speed.compile_mode, speed.gradient_checkpointing) == (
+        True,
+        "reduce-overhead",
+        True,
+    )
+    assert speed.fused_adamw is False and not speed.compile
+    assert not {*keys, "compile"} & set(cli.model.hparams)
+    saved = yaml.safe_load(cli.parser.dump(cli.config))
+    assert not {*keys, "compile"} & set(saved["model"]) and saved["speed"]["channels_last"] is True
 
 
 def test_unknown_keys_are_named_with_their_file_line_and_the_nearest_key(image_folder, tmp_path):

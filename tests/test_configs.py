@@ -6,7 +6,7 @@ says in its header); it is run that way. Overridden: the data (a tiny local imag
 id, 16 px, batch 4, no loader processes), the UNet (tiny), the grid (4 images, 2 steps), the length (3 steps),
 the accelerator (CPU) and the output folders. Precision, clipping, compile, channels_last, the cache and the
 other data settings stay as shipped, and the optimizer is the one a GPU gets: fused AdamW (its default there), or
-the compiled clip-and-update where the config sets `model.compile_optimizer`. `16-mixed`, which
+the compiled clip-and-update where the config sets `speed.compile_optimizer`. `16-mixed`, which
 Lightning would turn into bf16 on a CPU, runs as it does on a GPU: fp16 autocast with a GradScaler.
 """
 
@@ -75,7 +75,7 @@ class RecordSettings(Callback):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
 def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, monkeypatch):
     values = shipped(config)
-    model = values.get("model", {})
+    model, speed = values.get("model", {}), values.get("speed", {})
     precision = values.get("trainer", {}).get("precision", "32-true")
     if precision == "16-mixed":  # as on a GPU: fp16 autocast and a GradScaler (plus the CLI's checkpoint IO)
         precision_args = [
@@ -99,7 +99,7 @@ def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, m
     # the run validates and ends with its FID as shipped
     data = values.get("data", {})
     held_out = ["--data.val_dataset", str(image_folder)] if data.get("val_dataset") else []
-    compile_optimizer = model.get("compile_optimizer", False)
+    compile_optimizer = speed.get("compile_optimizer", False)
     torch._dynamo.reset()  # (the compiled step guards on its optimizer: another test's would count as a recompile)
     # Configs that compile compile once. (config.patch, not monkeypatch: its undo deletes a dynamo config entry.)
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -114,7 +114,7 @@ def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, m
                 *TINY_DATA_AND_GRID,
                 "--model.unet",
                 json.dumps(MICRO_UNET),
-                "--model.fused_adamw",
+                "--speed.fused_adamw",
                 str(not compile_optimizer).lower(),
                 "--trainer.max_steps",
                 "3",
@@ -142,8 +142,8 @@ def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, m
     assert seen["gradient_clip_val"] == values.get("trainer", {}).get("gradient_clip_val")
     assert seen["fused"] is (not compile_optimizer)
     assert seen["compiled_step"] == compile_optimizer
-    assert seen["compile"] == model.get("compile", False)
-    assert seen["channels_last"] == model.get("channels_last", False)
+    assert seen["compile"] == speed.get("compile", False)
+    assert seen["channels_last"] == speed.get("channels_last", False)
     assert (tmp_path / "out" / "model_index.json").exists()
 
 

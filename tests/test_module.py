@@ -14,6 +14,7 @@ from lightning.pytorch import Callback, Trainer
 from ddpm_lightning.cli import main
 from ddpm_lightning.module import DDPMModule
 from ddpm_lightning.sampling import make_sampler
+from ddpm_lightning.speed import SpeedSwitches
 
 from conftest import (
     MICRO_UNET,
@@ -100,9 +101,10 @@ def test_min_snr_weights_each_prediction_type_by_its_formula(prediction_type):
     assert model.denoising_loss(clean, noise, t).item() == pytest.approx(expected, rel=1e-4)
 
     # the same model weighted uniformly: the plain MSE (SNR-weighted for sample, as diffusers' script)
-    model.hparams.loss_weighting = "uniform"
+    uniform = tiny_module(prediction_type=prediction_type, loss_weighting="uniform", snr_gamma=2.0)
+    uniform.unet = model.unet
     plain = snr if prediction_type == "sample" else torch.ones_like(snr)
-    assert model.denoising_loss(clean, noise, t).item() == pytest.approx(
+    assert uniform.denoising_loss(clean, noise, t).item() == pytest.approx(
         (plain * error.double().flatten() ** 2).mean().item(), rel=1e-4
     )
 
@@ -357,7 +359,7 @@ def test_gradients_are_freed_after_each_optimizer_step_and_kept_within_an_accumu
 
     for switches, accumulate in (({}, 1), ({}, 2), ({"compile_optimizer": True}, 1)):
         torch._dynamo.reset()
-        model = DDPMModule(unet=MICRO_UNET, image_size=16, **switches)
+        model = DDPMModule(unet=MICRO_UNET, image_size=16)
         trainer = Trainer(
             accelerator="cpu",
             max_steps=2,
@@ -367,7 +369,7 @@ def test_gradients_are_freed_after_each_optimizer_step_and_kept_within_an_accumu
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            callbacks=[Grads()],
+            callbacks=[Grads(), SpeedSwitches(**switches)],
         )
         trainer.fit(model, tiny_batches())
         assert trainer.global_step == 2

@@ -35,7 +35,7 @@ def test_the_bar_shows_the_loss_read_only_on_log_steps(image_folder, tmp_path, m
         "3",
         "--model.nan_check_every_n_steps",
         "100",
-        "--model.fused_adamw",
+        "--speed.fused_adamw",
         "true",  # as on a GPU: a plain AdamW reads its step counter, a CPU tensor, back every step
         "--trainer.callbacks+=conftest.MarkSteps",
     ]

@@ -1,4 +1,4 @@
-"""The per-block compile (`model.compile_blocks`, speed/blocks.py)."""
+"""The per-block compile (`speed.compile_blocks`, speed/blocks.py)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_block_compile_compiles_each_block_once_gives_the_eager_losses_and_keeps
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = ["--model.compile_blocks", "true", "--model.compile_mode", "reduce-overhead"]
+    compiled = ["--speed.compile_blocks", "true", "--speed.compile_mode", "reduce-overhead"]
     main(fit_args(image_folder, tmp_path / "blocks", *args, *compiled))
 
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # down, mid, up: no recompile

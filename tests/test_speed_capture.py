@@ -1,4 +1,4 @@
-"""`model.cuda_graph_capture` (speed/capture.py): its refusals on the CPU, each one line, and what it captures and
+"""`speed.cuda_graph_capture` (speed/capture.py): its refusals on the CPU, each one line, and what it captures and
 when, with `torch.cuda.make_graphed_callables` stood in for (the capture itself needs a GPU: not run here)."""
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from conftest import fit_args, tiny_module
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ([], "model.cuda_graph_capture needs a CUDA GPU; this run trains on cpu"),
-        (["--trainer.accumulate_grad_batches", "2"], "model.cuda_graph_capture cannot accumulate gradients"),
+        ([], "speed.cuda_graph_capture needs a CUDA GPU; this run trains on cpu"),
+        (["--trainer.accumulate_grad_batches", "2"], "speed.cuda_graph_capture cannot accumulate gradients"),
     ],
 )
 def test_capture_refuses_a_cpu_and_gradient_accumulation_in_one_line(extra, message, image_folder, tmp_path):
     with pytest.raises(ValueError, match=message) as err:
-        main(fit_args(image_folder, tmp_path / "run", "--model.cuda_graph_capture", "true", *extra))
+        main(fit_args(image_folder, tmp_path / "run", "--speed.cuda_graph_capture", "true", *extra))
     assert "\n" not in str(err.value) and raised_by_this_package(err.value)
     assert not list(tmp_path.rglob("*.ckpt"))  # before any training
 
@@ -75,6 +75,6 @@ def test_a_fit_trains_through_the_capture_on_its_full_batches(image_folder, tmp_
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", graphed_stand_in)
     monkeypatch.setattr(speed, "check_capture", lambda trainer: None)
-    args = ["--model.cuda_graph_capture", "true", "--data.train_batch_size", "5", "--trainer.max_epochs", "1"]
+    args = ["--speed.cuda_graph_capture", "true", "--data.train_batch_size", "5", "--trainer.max_epochs", "1"]
     main(fit_args(image_folder, tmp_path / "run", *args))
     assert len(captures) == 1 and len(replays) == 2 and captures[0][0].shape == (5, 3, 16, 16)

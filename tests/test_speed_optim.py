@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, Trainer
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.module import DDPMModule
+from ddpm_lightning.speed import SpeedSwitches
 
 from conftest import (
     NO_SAVES,
@@ -29,7 +30,7 @@ def test_fused_clipping_under_lightnings_own_amp_plugin_fails_before_training():
     started = []
     spy = Callback()
     spy.on_train_batch_start = lambda *args: started.append(1)
-    model = DDPMModule(unet=TINY_UNET, image_size=16, fused_adamw=True)
+    model = DDPMModule(unet=TINY_UNET, image_size=16)
     trainer = Trainer(
         accelerator="cpu",
         precision="bf16-mixed",
@@ -38,23 +39,18 @@ def test_fused_clipping_under_lightnings_own_amp_plugin_fails_before_training():
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
-        callbacks=[spy],
+        callbacks=[spy, SpeedSwitches(fused_adamw=True)],
     )
     with pytest.raises(
-        ValueError, match="FusedClipMixedPrecision.*model.fused_adamw false.*trainer.gradient_clip_val null"
+        ValueError, match="FusedClipMixedPrecision.*speed.fused_adamw false.*trainer.gradient_clip_val null"
     ):
         trainer.fit(model, tiny_batches())
     assert not started
 
 
-@pytest.mark.slow
 def test_compiled_step_refuses_fused_adamw():
-    model = DDPMModule(unet=TINY_UNET, image_size=16, compile_optimizer=True, fused_adamw=True)
-    trainer = Trainer(
-        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
-    )
-    with pytest.raises(ValueError, match="model.fused_adamw false"):
-        trainer.fit(model, tiny_batches())
+    with pytest.raises(ValueError, match="speed.fused_adamw false"):
+        SpeedSwitches(compile_optimizer=True, fused_adamw=True)
 
 
 def test_compiled_step_follows_the_lr_schedule_without_recompiling_and_in_its_gpu_values(monkeypatch):
@@ -125,14 +121,14 @@ def test_compiled_step_keeps_weights_finite_at_a_zero_lr_with_zero_gradients():
 
 @pytest.mark.slow
 def test_resume_with_the_compiled_optimizer_step_equals_the_straight_run(twelve, tmp_path):
-    """`model.compile_optimizer` keeps its LR in a tensor on the device and saves plain
+    """`speed.compile_optimizer` keeps its LR in a tensor on the device and saves plain
     AdamW's state: crashed at step 4 and resumed from the epoch-end checkpoint, the run ends with the weights of
     the compiled run that never crashed."""
     compiled = [
         *NO_SAVES,
         "--trainer.max_epochs",
         "2",
-        "--model.compile_optimizer",
+        "--speed.compile_optimizer",
         "true",
         "--trainer.gradient_clip_val",
         "0.1",

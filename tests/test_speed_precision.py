@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, Trainer
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.module import DDPMModule
+from ddpm_lightning.speed import SpeedSwitches
 from ddpm_lightning.speed.precision import FusedClipMixedPrecision
 
 from conftest import OPTIMIZERS, PRECISIONS, TINY_UNET, fit_args, max_steps, scalars, tiny_batches
@@ -92,7 +93,7 @@ class InfGradientAt(Callback):
 @pytest.mark.slow
 def test_fp16_fused_adamw_still_skips_the_step_when_gradients_overflow():
     spy = InfGradientAt(step=1)
-    model = DDPMModule(unet=TINY_UNET, image_size=16, fused_adamw=True, lr_warmup_steps=0, learning_rate=1e-2)
+    model = DDPMModule(unet=TINY_UNET, image_size=16, lr_warmup_steps=0, learning_rate=1e-2)
     trainer = Trainer(
         accelerator="cpu",
         plugins=[FusedClipMixedPrecision("16-mixed", "cpu")],
@@ -102,7 +103,7 @@ def test_fp16_fused_adamw_still_skips_the_step_when_gradients_overflow():
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[spy],
+        callbacks=[spy, SpeedSwitches(fused_adamw=True)],
     )
     trainer.fit(model, tiny_batches(12))
     changed = {

@@ -1,7 +1,7 @@
-"""The speed switches on the module (speed/switches.py), run on the CPU in their GPU values: each gives the plain
-path's losses and keeps the checkpoint's keys, channels-last, gradient checkpointing and compile take effect, a
-compiled fit compiles once per graph, compiled calls start a CUDA-graph step, the compilers exclude each other, and
-a training step reads nothing back from the device."""
+"""The speed switches (speed/switches.py's `SpeedSwitches`, the `speed` group), run on the CPU in their GPU values:
+each gives the plain path's losses and keeps the checkpoint's keys, channels-last, gradient checkpointing and compile
+take effect, a compiled fit compiles once per graph, compiled calls start a CUDA-graph step, the compilers exclude
+each other, and a training step reads nothing back from the device."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 
-from ddpm_lightning.cli import main
+from ddpm_lightning.cli import main, raised_by_this_package
 from ddpm_lightning.module import DDPMModule
+from ddpm_lightning.speed import SpeedSwitches
 from ddpm_lightning.speed.precision import FusedClipMixedPrecision
 
 from conftest import (
@@ -31,9 +32,16 @@ from conftest import (
 
 
 @pytest.mark.parametrize("pair", [("compile", "compile_blocks"), ("compile", "cuda_graph_capture")])
-def test_whole_compile_block_compile_and_capture_refuse_each_other(pair):
-    with pytest.raises(ValueError, match="model.compile, model.compile_blocks and model.cuda_graph_capture exclude"):
-        tiny_module(**dict.fromkeys(pair, True))
+def test_whole_compile_block_compile_and_capture_refuse_each_other(pair, image_folder, tmp_path):
+    """Refused when the group is built, and from the command line before training, in one line."""
+    with pytest.raises(ValueError, match="speed.compile, speed.compile_blocks and speed.cuda_graph_capture exclude"):
+        SpeedSwitches(**dict.fromkeys(pair, True))
+    with pytest.raises(
+        ValueError, match="speed.compile, speed.compile_blocks and speed.cuda_graph_capture exclude"
+    ) as err:
+        main(fit_args(image_folder, tmp_path / "run", *(arg for key in pair for arg in (f"--speed.{key}", "true"))))
+    assert "\n" not in str(err.value) and raised_by_this_package(err.value)
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 @pytest.mark.slow
@@ -57,11 +65,11 @@ def test_speed_switches_keep_checkpoint_keys_and_train_on_cpu(image_folder, tmp_
             image_folder,
             tmp_path / "fast",
             *max_steps(2),
-            "--model.channels_last",
+            "--speed.channels_last",
             "true",
-            "--model.gradient_checkpointing",
+            "--speed.gradient_checkpointing",
             "true",
-            "--model.fused_adamw",
+            "--speed.fused_adamw",
             "true",
             "--checkpoint.dirpath",
             "fast",
@@ -72,7 +80,7 @@ def test_speed_switches_keep_checkpoint_keys_and_train_on_cpu(image_folder, tmp_
     assert plain["state_dict"].keys() == fast["state_dict"].keys()
     assert all(torch.isfinite(v).all() for v in fast["state_dict"].values())
 
-    model = tiny_module(compile=True)
+    model = tiny_module(speed=SpeedSwitches(compile=True))
     keys = set(model.unet.state_dict())
     model.configure_model()
     assert set(model.unet.state_dict()) == keys  # compiled in place: the same keys in checkpoints and folders
@@ -84,7 +92,8 @@ def test_speed_switches_take_effect_in_a_training_step():
     checkpointed ResNet block runs its forward again in the backward pass; compile: the compiled forward runs and
     gives the plain UNet's output."""
     torch.manual_seed(0)
-    plain, fast = tiny_module(), tiny_module(channels_last=True, gradient_checkpointing=True, stop_on_nan=False)
+    plain = tiny_module()
+    fast = tiny_module(stop_on_nan=False, speed=SpeedSwitches(channels_last=True, gradient_checkpointing=True))
     fast.load_state_dict(plain.state_dict())
     for model in (plain, fast):
         model.configure_model()
@@ -115,7 +124,7 @@ def test_speed_switches_take_effect_in_a_training_step():
 @pytest.mark.slow
 def test_compiled_unet_runs_and_matches_the_plain_one():
     torch.manual_seed(0)
-    plain, compiled = tiny_module(), tiny_module(compile=True)
+    plain, compiled = tiny_module(), tiny_module(speed=SpeedSwitches(compile=True))
     compiled.load_state_dict(plain.state_dict())
     compiled.configure_model()
     torch._dynamo.reset()
@@ -139,7 +148,7 @@ def train_losses(precision: str = "32-true", steps: int = 3, **switches) -> list
     record = Callback()
     record.on_train_batch_end = lambda trainer, module, outputs, *args: losses.append(outputs["loss"].item())
     seed_everything(0)
-    model = DDPMModule(unet=TINY_UNET, image_size=16, lr_warmup_steps=0, learning_rate=1e-3, **switches)
+    model = DDPMModule(unet=TINY_UNET, image_size=16, lr_warmup_steps=0, learning_rate=1e-3)
     plugins = [FusedClipMixedPrecision(precision, "cpu")] if "mixed" in precision else []
     trainer = Trainer(
         accelerator="cpu",
@@ -151,7 +160,7 @@ def train_losses(precision: str = "32-true", steps: int = 3, **switches) -> list
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[record],
+        callbacks=[record, SpeedSwitches(**switches)],
     )
     trainer.fit(model, tiny_batches(4 * steps))
     torch.set_float32_matmul_precision("highest")  # (process-wide: leave torch's default for the other tests)
@@ -217,7 +226,7 @@ def test_a_compiled_fit_compiles_once_per_graph_and_gives_the_eager_losses(image
                 image_folder,
                 tmp_path / "compiled",
                 *args,
-                "--model.compile",
+                "--speed.compile",
                 "true",
                 "--checkpoint.dirpath",
                 "compiled",
@@ -236,7 +245,8 @@ def test_a_compiled_fit_compiles_once_per_graph_and_gives_the_eager_losses(image
 def test_each_compiled_call_starts_a_cuda_graph_step_in_the_modes_that_use_graphs(mode, graphs, monkeypatch):
     """A CUDA graph's outputs are overwritten by its next replay: each compiled training forward and sampling
     forward tells torch a new step begins (so last step's outputs are let go), in every mode that uses graphs."""
-    model = DDPMModule(unet=MICRO_UNET, image_size=16, compile=True, compile_mode=mode)
+    model = DDPMModule(unet=MICRO_UNET, image_size=16)
+    model.speed = SpeedSwitches(compile=True, compile_mode=mode)
     calls = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
 

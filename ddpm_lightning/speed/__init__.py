@@ -1,25 +1,24 @@
 """The speed switches, which leave the recipe's maths alone: one subsystem, one entry point per object it changes.
 
-- the module: `apply_speed_switches(module)` (switches.py): memory format, gradient checkpointing, matmul
-  precision, the compiled UNet forwards (`UNetForward`), per-block compile (blocks.py), CUDA-graph capture
-  (capture.py);
-- the optimizer: `make_adamw` (optim.py): fused, foreach or compiled (`CompiledAdamW`) AdamW;
+- the run's `speed` group: `SpeedSwitches` (switches.py), a callback `DDPMModule` asks to apply itself: memory
+  format, gradient checkpointing, matmul precision, the compiled UNet forwards (`UNetForward`), per-block compile
+  (blocks.py), CUDA-graph capture (capture.py), and AdamW (optim.py: fused, foreach or compiled, `CompiledAdamW`);
 - the Trainer: `FusedClipMixedPrecision` (precision.py): gradient clipping with a fused AdamW under mixed precision;
 - the run: `keep_compile_cache` (compile_cache.py): inductor's cache beside the checkpoints.
 """
 
 from .compile_cache import keep_compile_cache
-from .optim import CompiledAdamW, make_adamw
+from .optim import CompiledAdamW
 from .precision import FusedClipMixedPrecision
-from .switches import CompileMode, UNetForward, apply_speed_switches, check_one_compiler
+from .switches import COMPILING, RENAMED, CompileMode, SpeedSwitches, UNetForward
 
 __all__ = [
+    "COMPILING",
+    "RENAMED",
     "CompileMode",
     "CompiledAdamW",
     "FusedClipMixedPrecision",
+    "SpeedSwitches",
     "UNetForward",
-    "apply_speed_switches",
-    "check_one_compiler",
     "keep_compile_cache",
-    "make_adamw",
 ]

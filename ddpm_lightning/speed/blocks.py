@@ -1,4 +1,4 @@
-"""Regional compile (`model.compile_blocks`): torch.compile each of the UNet's blocks on its own.
+"""Regional compile (`speed.compile_blocks`): torch.compile each of the UNet's blocks on its own.
 
 Each of the down, mid and up blocks is compiled on its own, instead of the UNet's whole forward, for a shorter
 compile at start-up.

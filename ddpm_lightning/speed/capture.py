@@ -1,4 +1,4 @@
-"""`model.cuda_graph_capture`: the UNet's training forward and backward captured as CUDA graphs, without compile.
+"""`speed.cuda_graph_capture`: the UNet's training forward and backward captured as CUDA graphs, without compile.
 
 The capture is `torch.cuda.make_graphed_callables`': CUDA graphs in a capture of seconds instead of a compile of
 minutes. At a batch size of 16 the step is launch-bound, and most of what `compile_mode: reduce-overhead` gains
@@ -64,12 +64,12 @@ def check_capture(trainer: Trainer) -> None:
     """The refusals, each in one line: before any training."""
     if trainer.accumulate_grad_batches > 1:
         raise ValueError(
-            f"model.cuda_graph_capture cannot accumulate gradients (trainer.accumulate_grad_batches "
+            f"speed.cuda_graph_capture cannot accumulate gradients (trainer.accumulate_grad_batches "
             f"{trainer.accumulate_grad_batches}): the captured backward writes every micro-batch's gradients into the "
-            "same buffers. Set trainer.accumulate_grad_batches 1, or model.cuda_graph_capture false."
+            "same buffers. Set trainer.accumulate_grad_batches 1, or speed.cuda_graph_capture false."
         )
     if trainer.strategy.root_device.type != "cuda":
         raise ValueError(
-            f"model.cuda_graph_capture needs a CUDA GPU; this run trains on {trainer.strategy.root_device.type}: "
-            "set model.cuda_graph_capture false (or trainer.accelerator gpu on a machine with one)."
+            f"speed.cuda_graph_capture needs a CUDA GPU; this run trains on {trainer.strategy.root_device.type}: "
+            "set speed.cuda_graph_capture false (or trainer.accelerator gpu on a machine with one)."
         )

@@ -1,8 +1,8 @@
 """AdamW for `DDPMModule`: plain, fused or compiled.
 
-`make_adamw` picks plain, fused or compiled AdamW from the model's switches and refuses the combinations that
-cannot work; `CompiledAdamW` is gradient clipping and the AdamW update as torch.compile'd code
-(`model.compile_optimizer`).
+`make_adamw` picks plain, fused or compiled AdamW from the speed switches (`SpeedSwitches.adamw`) and refuses the
+combination Lightning cannot run; `CompiledAdamW` is gradient clipping and the AdamW update as torch.compile'd code
+(`speed.compile_optimizer`).
 
 Eager, a step of the tutorial's UNet is hundreds of small kernels; under `mode="reduce-overhead"` on a GPU it is
 two CUDA graphs, the clip and the update (torch's `Optimizer.step` breaks the graph at its entry, pytorch#104053).
@@ -38,15 +38,11 @@ def make_adamw(
 ) -> torch.optim.AdamW:
     """AdamW with the `adamw` settings: compiled, fused or plain.
 
-    Compiled with `compile_optimizer`; fused with `fused_adamw` (by default on when the parameters are on a GPU and
-    the step is not compiled). Refuses, with the fix, what would fail later.
+    Compiled with `compile_optimizer` (which `SpeedSwitches` refuses beside `fused_adamw`); fused with `fused_adamw`
+    (by default on when the parameters are on a GPU and the step is not compiled). Refuses, with the fix, what
+    would fail later.
     """
     parameters = list(parameters)
-    if compile_optimizer and fused_adamw:
-        raise ValueError(
-            "model.compile_optimizer compiles AdamW's update into its own fused kernels, so it cannot use "
-            "model.fused_adamw true: set model.fused_adamw false (or leave it out), or model.compile_optimizer false."
-        )
     on_gpu = parameters[0].device.type == "cuda"
     fused = fused_adamw if fused_adamw is not None else on_gpu and not compile_optimizer
     plugin = trainer.precision_plugin
@@ -55,7 +51,7 @@ def make_adamw(
         raise ValueError(
             f"Lightning's MixedPrecision ({plugin.precision}) cannot clip gradients for a fused AdamW. Train "
             "through the `ddpm-lightning` CLI (it installs ddpm_lightning.precision.FusedClipMixedPrecision), "
-            "pass plugins=[FusedClipMixedPrecision(...)] to your Trainer, or set model.fused_adamw false or "
+            "pass plugins=[FusedClipMixedPrecision(...)] to your Trainer, or set speed.fused_adamw false or "
             "trainer.gradient_clip_val null."
         )
     if compile_optimizer:

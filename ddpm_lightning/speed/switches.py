@@ -1,52 +1,124 @@
-"""The speed switches of `DDPMModule` that leave the maths alone, applied by `apply_speed_switches`.
+"""The speed switches: `SpeedSwitches`, the run's `speed` group, applied to the UNet, its batches and AdamW.
 
 They are the memory format, gradient checkpointing, matmul precision, the torch.compile'd UNet forwards
-(`UNetForward`), the per-block compile (blocks.py) and the CUDA-graph capture (capture.py). The compiled optimizer
-step is optim.py's; gradient clipping with a fused AdamW under mixed precision is precision.py's.
+(`UNetForward`), the per-block compile (blocks.py), the CUDA-graph capture (capture.py) and AdamW's kernel
+(optim.py); gradient clipping with a fused AdamW under mixed precision is precision.py's. None changes the maths:
+checkpoints hold none of them, and a run may resume with others.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 import torch
 from diffusers import UNet2DModel
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 from ..unet import predict
 from .blocks import compile_blocks
 from .capture import CapturedForward, check_capture
+from .optim import make_adamw
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+MatmulPrecision = Literal["highest", "high", "medium"]
 
 
-def check_one_compiler(compile: bool, compile_blocks: bool, cuda_graph_capture: bool) -> None:
-    """Refuse more than one of the three ways to compile."""
-    if compile + compile_blocks + cuda_graph_capture > 1:
-        raise ValueError(
-            "model.compile, model.compile_blocks and model.cuda_graph_capture exclude each other: set one."
-        )
+class SpeedSwitches(Callback):
+    """The run's speed switches (`--speed.*`): ways to train faster that leave the maths alone.
 
+    The CLI wires them as the `speed` group; in Python, pass one among the Trainer's callbacks
+    (`Trainer(callbacks=[SpeedSwitches(compile=True)])`). `DDPMModule` takes its trainer's (the defaults without
+    one) and asks it to `apply` itself to the UNet, for the training batch's memory format (`batch`) and for AdamW
+    (`adamw`). Combinations that cannot work are refused here, before anything is built.
 
-def apply_speed_switches(module: LightningModule) -> None:
-    """`DDPMModule`'s switches (its hyperparameters), applied to its UNet once it is on its device.
-
-    Each is a no-op where it does not apply, and a second fit on the same module keeps what the first compiled.
+    Args:
+        compile: torch.compile the UNet's training and sampling forwards (`UNetForward`); checkpoints and saved
+            folders do not change. At most one of `compile`, `compile_blocks`, `cuda_graph_capture`.
+        compile_mode: torch.compile's `mode`; "reduce-overhead" and "max-autotune" use CUDA graphs on a GPU.
+        compile_blocks: torch.compile each down, mid and up block instead (`blocks.py`): a shorter compile.
+        cuda_graph_capture: the training forward and backward as CUDA graphs without torch.compile (`capture.py`;
+            a static batch, CUDA only, no gradient accumulation).
+        channels_last: the UNet and its inputs in channels-last memory format (faster convolutions on GPUs).
+        fused_adamw: AdamW's fused kernel; by default on for parameters on a GPU, unless `compile_optimizer`.
+        compile_optimizer: clipping and the AdamW update compiled as one function (`optim.CompiledAdamW`).
+        gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
+        float32_matmul_precision: torch.set_float32_matmul_precision ("high": TF32 on GPUs that have it).
     """
-    unet, forward, hp = module.unet, module.unet_forward, module.hparams
-    torch.set_float32_matmul_precision(hp.float32_matmul_precision)
-    if hp.channels_last:
-        unet.to(memory_format=torch.channels_last)
-    if hp.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if hp.compile and forward.compiled is None:
-        forward.compile(hp.compile_mode)
-    if hp.compile_blocks:
-        compile_blocks(unet, hp.compile_mode, uses_cuda_graphs(hp.compile_mode))
-    if hp.cuda_graph_capture and forward.captured is None:
-        check_capture(module.trainer)
-        forward.captured = CapturedForward()
+
+    def __init__(
+        self,
+        compile: bool = False,
+        compile_mode: CompileMode = "default",
+        compile_blocks: bool = False,
+        cuda_graph_capture: bool = False,
+        channels_last: bool = False,
+        fused_adamw: bool | None = None,
+        compile_optimizer: bool = False,
+        gradient_checkpointing: bool = False,
+        float32_matmul_precision: MatmulPrecision = "high",
+    ) -> None:
+        if compile + compile_blocks + cuda_graph_capture > 1:
+            raise ValueError(
+                "speed.compile, speed.compile_blocks and speed.cuda_graph_capture exclude each other: set one."
+            )
+        if compile_optimizer and fused_adamw:
+            raise ValueError(
+                "speed.compile_optimizer compiles AdamW's update into its own fused kernels, so it cannot use "
+                "speed.fused_adamw true: set speed.fused_adamw false (or leave it out), or speed.compile_optimizer "
+                "false."
+            )
+        self.compile, self.compile_mode, self.compile_blocks = compile, compile_mode, compile_blocks
+        self.cuda_graph_capture, self.channels_last, self.fused_adamw = cuda_graph_capture, channels_last, fused_adamw
+        self.compile_optimizer, self.gradient_checkpointing = compile_optimizer, gradient_checkpointing
+        self.float32_matmul_precision = float32_matmul_precision
+
+    @staticmethod
+    def of(trainer: Trainer) -> SpeedSwitches | None:
+        """The trainer's speed switches (the first among its callbacks), or None."""
+        return next((c for c in trainer.callbacks if isinstance(c, SpeedSwitches)), None)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse, before any training, what the run's Trainer cannot do with these switches (`check_capture`)."""
+        if self.cuda_graph_capture:
+            check_capture(trainer)
+
+    def apply(self, unet: UNet2DModel, forward: UNetForward) -> None:
+        """The switches applied to `unet` and its `forward` (`DDPMModule.configure_model` asks).
+
+        Each is a no-op where it does not apply, and a second fit on the same module keeps what the first compiled.
+        """
+        torch.set_float32_matmul_precision(self.float32_matmul_precision)
+        if self.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if self.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if self.compile and forward.compiled is None:
+            forward.compile(self.compile_mode)
+        if self.compile_blocks:
+            compile_blocks(unet, self.compile_mode, uses_cuda_graphs(self.compile_mode))
+        if self.cuda_graph_capture and forward.captured is None:
+            forward.captured = CapturedForward()
+
+    def batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """A training batch in the UNet's memory format."""
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def adamw(
+        self, parameters: Iterable[torch.nn.Parameter], settings: dict[str, Any], trainer: Trainer
+    ) -> torch.optim.AdamW:
+        """AdamW with `settings` (lr, betas, ...): compiled, fused or plain, as the switches say (`make_adamw`)."""
+        return make_adamw(parameters, settings, self.fused_adamw, self.compile_optimizer, self.compile_mode, trainer)
+
+
+SWITCHES = tuple(inspect.signature(SpeedSwitches).parameters)  # the `speed` group's keys
+COMPILING = ("compile", "compile_blocks", "compile_optimizer")  # the switches that run torch.compile
+# Their spelling before they were a group of their own (DDPMModule's arguments): read for one more release, with a
+# warning, from configs, command lines and the hyperparameters of older checkpoints.
+RENAMED = {f"model.{key}": f"speed.{key}" for key in SWITCHES}
 
 
 def uses_cuda_graphs(compile_mode: str) -> bool:
@@ -67,7 +139,7 @@ class UNetForward:
         self.compiled: dict[str, object] | None = None
         self.cuda_graphs = False
         self.batch = 0  # the batch size the training function was compiled for
-        self.captured: Callable[..., torch.Tensor] | None = None  # model.cuda_graph_capture's (capture.py)
+        self.captured: Callable[..., torch.Tensor] | None = None  # speed.cuda_graph_capture's (capture.py)
 
     def compile(self, mode: CompileMode) -> None:
         """Compile the training and the sampling call with `mode`."""
