@@ -29,16 +29,21 @@ NAME/raw): EMA on and off from one training, which EMA does not change.
 FID/KID: `--num-samples` images drawn with fixed seeds (image i of seed s from its own generator, as `ddpm-lightning
 sample` draws) against the first `--max-reference` training images, resized as training resizes them, with
 `metrics.SampleQuality`'s default network; their features are computed once for all variants (the cache in
-<out-dir>/fid_reference). Every variant is scored with the first of `--samplers`, the first variant with all of
-them (`--all-samplers`: every variant with all). `--num-samples 0`: no FID/KID (the held-out losses alone).
+<out-dir>/fid_reference). `--score-at 200,1000,2000` scores one draw at several sample counts N (its first N
+images, their features computed once): a row per N, each with N and the reference count M, since FID's bias
+depends on N and the model scored (below 2,048 its covariance is rank-deficient: KID leads there). `--held-out-too`
+also scores each draw against the held-out images (`--val-dataset`), the columns *_held_out. Every variant is
+scored with the first of `--samplers`, the first variant with all of them (`--all-samplers`: every variant with
+all). `--num-samples 0`: no FID/KID (the held-out losses alone).
 On the held-out images (`--val-dataset`, `--val-split`), at the validation's fixed timesteps and noise: val/loss,
 the module's own loss (its target and weighting: it compares runs of the same prediction type and weighting
 only), and the noise MSE, the error of the noise its predictions imply (comparable across variants; the same as
 val/loss for epsilon with uniform weighting). `--reuse-runs` scores a run folder left by an earlier call with the
 same arguments instead of training it again (e.g. to add samplers or samples).
 
-The output: one row per (variant, steps, seed, sampler) with fid, kid_mean, kid_std, val_loss, val_eps_mse,
-train_s (the fit, process start-up excluded), sample_s and score_s, plus the mean and half range over seeds, and a
+The output: one row per (variant, steps, seed, sampler, N) with num_samples (N), num_reference (M), kid_mean,
+kid_std, fid, val_loss, val_eps_mse, train_s (the fit, process start-up excluded), sample_s (the whole draw),
+features_s (its features) and score_s (FID/KID at this N), plus the mean and half range over seeds, and a
 markdown table with the machine, date, versions and command (`"markdown"` in the JSON, also printed) for
 benchmarks/RESULTS.md.
 """
@@ -215,13 +220,18 @@ def score_deferred(a, quality) -> dict:
     data.setup("fit")
     references = reference_images(data, report["settings"]["max_reference"])
     add_real_images(quality, references, Path(a.out_dir) / "fid_reference")
+    rows = []
     for row in report["rows"]:
-        if "samples" in row:
-            start = time.perf_counter()
-            quality.update_fake(read_samples(Path(a.samples_dir) / row["samples"]))
-            row.update(quality.compute(), score_s=time.perf_counter() - start)
-            quality.reset_fake()
-            print(json.dumps(row), flush=True)
+        if "samples" not in row:
+            rows.append(row)
+            continue
+        start = time.perf_counter()
+        features = quality.features(read_samples(Path(a.samples_dir) / row["samples"]))
+        features_s = time.perf_counter() - start
+        for scores in scored_at(quality, None, features, report["settings"].get("score_at") or [len(features)]):
+            rows.append({**row, **scores, "features_s": features_s})
+            print(json.dumps(rows[-1]), flush=True)
+    report["rows"] = rows
     report["settings"].update(num_reference=quality.num_real, network=quality.network or a.feature)
     report["settings"]["scored"] = f"{datetime.date.today().isoformat()} on {machine()}"
     return report
@@ -244,7 +254,7 @@ def raw_weights(module):
 
 
 def score_variant(
-    a, variant: str, seed: int, steps: int, out: Path, samplers: list[tuple[str, int]], quality
+    a, variant: str, seed: int, steps: int, out: Path, samplers: list[tuple[str, int]], quality, held_out
 ) -> list[dict]:
     from ddpm_lightning.module import DDPMModule
 
@@ -256,16 +266,38 @@ def score_variant(
     module.to(device)
     data = data_module(out, a)
     run = {"variant": variant, "seed": seed, "steps": steps}
-    rows = score_weights(a, module, data, samplers, quality, run, train_s)
+    rows = score_weights(a, module, data, samplers, (quality, held_out), run, train_s)
     if a.raw_too and module.ema is not None:  # EMA off: the same training (EMA does not change it), raw weights
         with raw_weights(module):
-            rows += score_weights(a, module, data, samplers, quality, {**run, "variant": f"{variant}/raw"}, train_s)
+            raw = {**run, "variant": f"{variant}/raw"}
+            rows += score_weights(a, module, data, samplers, (quality, held_out), raw, train_s)
     return rows
 
 
-def score_weights(a, module, data, samplers: list[tuple[str, int]], quality, run: dict, train_s: float) -> list[dict]:
+def scored_at(quality, held_out, features: torch.Tensor, counts: list[int]) -> list[dict]:
+    """FID/KID of the first N of `features` for each N of `counts` against `quality`'s real images (and against
+    `held_out`'s, the columns *_held_out, unless None), with N, M and each count's seconds."""
+    rows = []
+    for n in counts:
+        start = time.perf_counter()
+        row: dict = {"num_samples": n, "num_reference": quality.num_real}
+        for scorer, suffix in ((quality, ""), (held_out, "_held_out")):
+            if scorer is None:
+                continue
+            scorer.reset_fake()
+            scorer.add_fake_features(features[:n])
+            row.update({f"{key}{suffix}": value for key, value in scorer.compute().items()})
+            scorer.reset_fake()
+        if held_out is not None:
+            row["num_held_out"] = held_out.num_real
+        rows.append({**row, "score_s": time.perf_counter() - start})
+    return rows
+
+
+def score_weights(a, module, data, samplers: list[tuple[str, int]], scorers, run: dict, train_s: float) -> list[dict]:
     from ddpm_lightning.metrics import add_real_images
 
+    quality, held_out = scorers
     val_loss, val_eps_mse = held_out_losses(module, data)
     if a.num_samples == 0:  # the held-out losses alone
         row = {**run, "sampler": "-", "fid": float("nan"), "kid_mean": float("nan"), "kid_std": float("nan")}
@@ -274,6 +306,9 @@ def score_weights(a, module, data, samplers: list[tuple[str, int]], quality, run
         return [{**row, "sample_s": 0.0, "score_s": 0.0}]
     if quality is not None and quality.num_real == 0:  # the first run's training images: the same for every variant
         add_real_images(quality, reference_images(data, a.max_reference), Path(a.out_dir) / "fid_reference")
+    if held_out is not None and held_out.num_real == 0:  # the held-out images, unflipped, as validation reads them
+        images = torch.stack([data.val_set.images[i] for i in range(len(data.val_set.images))])
+        add_real_images(held_out, images, Path(a.out_dir) / "fid_reference")
     rows = []
     for sampler, sampler_steps in samplers:
         start = time.perf_counter()
@@ -281,39 +316,36 @@ def score_weights(a, module, data, samplers: list[tuple[str, int]], quality, run
         sample_s = time.perf_counter() - start
         name = f"{run['variant']}-{run['steps']}-seed{run['seed']}-{sampler}-{sampler_steps}"
         name = re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".zip"  # names a lent machine's $OUT brings back
+        row = {**run, "sampler": f"{sampler}-{sampler_steps}", "val_loss": val_loss, "val_eps_mse": val_eps_mse}
+        row.update(train_s=train_s, sample_s=sample_s)
         if quality is None:  # --defer-fid: the images go to --samples-dir, --score scores them
             write_samples(images, Path(a.samples_dir) / name)
-            scores = {"fid": float("nan"), "kid_mean": float("nan"), "kid_std": float("nan"), "samples": name}
-        else:
-            quality.update_fake(images)
-            scores = quality.compute()
-            quality.reset_fake()
-        rows.append(
-            {
-                **run,
-                "sampler": f"{sampler}-{sampler_steps}",
-                **scores,
-                "val_loss": val_loss,
-                "val_eps_mse": val_eps_mse,
-                "train_s": train_s,
-                "sample_s": sample_s,
-                "score_s": time.perf_counter() - start - sample_s,
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
+            nan = float("nan")
+            rows.append({**row, "num_samples": a.num_samples, "fid": nan, "kid_mean": nan, "kid_std": nan})
+            rows[-1].update(samples=name)
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        start = time.perf_counter()
+        features = quality.features(images)  # once: every N of --score-at is a prefix of this draw
+        row["features_s"] = time.perf_counter() - start
+        for scores in scored_at(quality, held_out, features, a.score_at):
+            rows.append({**row, **scores})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def spread(rows: list[dict]) -> list[dict]:
-    """Mean and (with several seeds) the half range of fid, kid_mean and val_loss per (variant, steps, sampler)."""
-    groups: dict[tuple[str, int, str], list[dict]] = {}
+    """Mean and (with several seeds) the half range of the scores and losses per (variant, steps, sampler, N)."""
+    groups: dict[tuple[str, int, str, int], list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["variant"], row["steps"], row["sampler"]), []).append(row)
+        groups.setdefault((row["variant"], row["steps"], row["sampler"], row.get("num_samples", 0)), []).append(row)
     out = []
-    for (variant, steps, sampler), group in groups.items():
-        entry: dict = {"variant": variant, "steps": steps, "sampler": sampler, "seeds": len(group)}
-        for key in ("fid", "kid_mean", "val_loss", "val_eps_mse", "train_s"):
-            values = [r[key] for r in group]
+    for (variant, steps, sampler, n), group in groups.items():
+        entry: dict = {"variant": variant, "steps": steps, "sampler": sampler, "num_samples": n, "seeds": len(group)}
+        keys = ["fid", "kid_mean", "kid_std", "val_loss", "val_eps_mse", "train_s"]
+        keys += [k for k in ("fid_held_out", "kid_mean_held_out", "kid_std_held_out") if k in group[0]]
+        for key in keys:
+            values = [r.get(key, float("nan")) for r in group]
             entry[key] = statistics.fmean(values)
             entry[f"{key}_half_range"] = (max(values) - min(values)) / 2
         out.append(entry)
@@ -334,27 +366,40 @@ def versions() -> str:
 
 def markdown(report: dict) -> str:
     s = report["settings"]
+    held_out = any("fid_held_out" in e for e in report["summary"])
     lines = [
         f"## Quality per recipe, {s['machine']}, {s['date']}",
         "",
         f"Python {s['python']}, {s['versions']}. `{s['command']}`: {', '.join(map(str, s['steps']))} optimizer "
-        "steps per run, FID/KID "
-        f"of {s['num_samples']} samples (seed {s['sample_seed']}) against {s['num_reference']} training images "
-        f"({s['network']}), val/loss on {s['val']}; training seeds {s['seeds']}."
+        "steps per run, KID (mean ± std over its subsets) and FID "
+        f"of the first N of {s['num_samples']} samples (seed {s['sample_seed']}) against M = {s['num_reference']} "
+        f"training images ({s['network']})"
+        + (f", also against the {s.get('num_held_out')} held-out images (held-out columns)" if held_out else "")
+        + f", val/loss on {s['val']}; training seeds {s['seeds']}."
         + (f" FID/KID scored {s['scored']}: `{s['score_command']}`." if "scored" in s else ""),
         "",
-        "| variant | steps | sampler | FID | KID | val/loss | noise MSE | train s "
-        "| seeds (FID, noise MSE half range) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | steps | sampler | N | KID | FID | "
+        + ("KID held-out | FID held-out | " if held_out else "")
+        + "val/loss | noise MSE | train s | seeds (FID, noise MSE half range) |",
+        "| --- " * (10 + 2 * held_out) + "|",
     ]
 
     def number(value: float, digits: int) -> str:
         return "-" if value != value else f"{value:.{digits}f}"  # NaN: not measured (--num-samples 0)
 
+    def kid(mean: float, std: float) -> str:
+        return "-" if mean != mean else f"{mean:.4f} ± {std:.4f}"
+
     for e in report["summary"]:
+        held_out_cells = (
+            f"{kid(e['kid_mean_held_out'], e['kid_std_held_out'])} | {number(e['fid_held_out'], 2)} | "
+            if held_out
+            else ""
+        )
         lines.append(
-            f"| {e['variant']} | {e['steps']} | {e['sampler']} | {number(e['fid'], 2)} | "
-            f"{number(e['kid_mean'], 4)} | {e['val_loss']:.4f} | {e['val_eps_mse']:.4f} | {e['train_s']:.0f} | "
+            f"| {e['variant']} | {e['steps']} | {e['sampler']} | {e['num_samples'] or '-'} | "
+            f"{kid(e['kid_mean'], e['kid_std'])} | {number(e['fid'], 2)} | {held_out_cells}"
+            f"{e['val_loss']:.4f} | {e['val_eps_mse']:.4f} | {e['train_s']:.0f} | "
             f"{e['seeds']} (±{number(e['fid_half_range'], 2)}, ±{e['val_eps_mse_half_range']:.4f}) |"
         )
     return "\n".join(lines) + "\n"
@@ -377,6 +422,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--all-samplers", action="store_true", help="score every variant with every sampler")
     parser.add_argument("--seeds", default="0", help="training seeds, one run per variant and seed")
     parser.add_argument("--num-samples", type=int, default=500, help="0: no FID/KID, the held-out loss alone")
+    parser.add_argument(
+        "--score-at",
+        default=None,
+        help="sample counts N to score each draw at (its first N), e.g. 200,1000,2000; "
+        "the largest at most --num-samples (default: --num-samples alone)",
+    )
+    parser.add_argument(
+        "--held-out-too", action="store_true", help="also score against the held-out images (--val-dataset)"
+    )
     parser.add_argument("--sample-seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=100, help="images sampled at once")
     parser.add_argument("--max-reference", type=int, default=1000, help="training images FID compares with")
@@ -406,6 +460,14 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown variants {unknown}: use some of {', '.join(a.variants_args)}")
     samplers = [parse_sampler(s) for s in a.samplers.split(",")]
+    try:
+        a.score_at = [a.num_samples] if a.score_at is None else [int(n) for n in a.score_at.split(",")]
+    except ValueError:
+        parser.error(f"--score-at {a.score_at!r}: sample counts separated by commas, e.g. 200,1000,2000")
+    if a.num_samples and not all(2 <= n <= a.num_samples for n in a.score_at):
+        parser.error(f"--score-at {a.score_at}: each count from 2 to --num-samples ({a.num_samples})")
+    if a.held_out_too and (a.defer_fid or a.score is not None):
+        parser.error("--held-out-too scores in the run that draws: not with --defer-fid or --score")
     seeds = [int(s) for s in a.seeds.split(",")]
     step_counts = [int(s) for s in a.steps.split(",")]
 
@@ -415,10 +477,13 @@ def main(argv: list[str] | None = None) -> dict:
     if a.feature:
         module_name, _, name = a.feature.rpartition(".")
         feature = getattr(__import__(module_name, fromlist=[name]), name)()
-    quality = None
+    quality = held_out = None
     if not a.defer_fid:
         quality = SampleQuality(feature) if feature is not None else SampleQuality()
         quality.to("cuda" if torch.cuda.is_available() else "cpu")
+    if a.held_out_too and a.num_samples:
+        held_out = SampleQuality(feature) if feature is not None else SampleQuality()
+        held_out.to("cuda" if torch.cuda.is_available() else "cpu")
     if a.score is not None:
         return finish(a, score_deferred(a, quality), argv)
     rows = []
@@ -427,7 +492,7 @@ def main(argv: list[str] | None = None) -> dict:
             for i, variant in enumerate(a.variants.split(",")):
                 chosen = samplers if a.all_samplers or i == 0 else samplers[:1]
                 out = Path(a.out_dir) / f"{variant}-{steps}-seed{seed}"
-                rows += score_variant(a, variant, seed, steps, out, chosen, quality)
+                rows += score_variant(a, variant, seed, steps, out, chosen, quality, held_out)
     first = Path(a.out_dir) / f"{a.variants.split(',')[0]}-{step_counts[0]}-seed{seeds[0]}"
     report = {
         "settings": {
@@ -438,9 +503,11 @@ def main(argv: list[str] | None = None) -> dict:
             "command": "python " + shlex.join(["benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]),
             "steps": step_counts,
             "num_samples": a.num_samples,
+            "score_at": a.score_at,
             "sample_seed": a.sample_seed,
             "num_reference": quality.num_real if quality is not None else 0,
             "max_reference": a.max_reference,
+            "num_held_out": held_out.num_real if held_out is not None else 0,
             "network": quality.network or a.feature if quality is not None else "deferred (--defer-fid)",
             "data": yaml.safe_load((first / "logs" / "config.yaml").read_text())["data"],  # for --score
             "val": f"{a.val_dataset} ({a.val_split})",

@@ -313,6 +313,13 @@ class SampleQuality:
         self._add(features.to(self.device, torch.float32), real=True)
         self._real_features.append(features.detach().cpu())
 
+    def add_fake_features(self, features: Tensor) -> None:
+        """Add the features of generated images, as `features` or `update_fake` returned them.
+
+        One draw's features can so be scored at several sample counts (its first N) without computing them again.
+        """
+        self._add(features.to(self.device, torch.float32), real=False)
+
     def real_features(self) -> Tensor:
         """The features of every real image added so far (this process's), (num_real, d), on the CPU."""
         return torch.cat(self._real_features) if self._real_features else torch.empty(0)

@@ -93,8 +93,9 @@ def test_benchmark_tiny_with_end_to_end_row(tmp_path, heliconius_photos):
 def test_quality_benchmark_tiny(tmp_path, heliconius_photos):
     """benchmarks/quality.py on 12 photos at 16 px, 2 steps per variant, a tiny feature extractor: every variant
     (a built-in one, one given with --variant) trains, is scored (FID/KID, held-out val/loss and noise MSE, times)
-    and lands in the table; the first with every sampler. A second call with --reuse-runs scores the same runs
-    without training them again."""
+    and lands in the table; the first with every sampler; each draw at two sample counts (--score-at: its first N),
+    against the training images and the held-out ones. A second call with --reuse-runs scores the same runs without
+    training them again: a draw of 2 there scores as the first 2 of the draw of 4."""
     train, val = tmp_path / "train", tmp_path / "val"
     for folder, photos in (
         (train, sorted(heliconius_photos.iterdir())[:12]),
@@ -117,20 +118,29 @@ def test_quality_benchmark_tiny(tmp_path, heliconius_photos):
         "benchmarks/quality.py", "--steps", "2", "--variants", "tutorial,v+min-snr,my-ema",
         "--samplers", "ddim-2,dpmsolver++-2",
         "--variant", "my-ema=--model.use_ema true --model.ema_power 0.5", "--raw-too",
-        "--num-samples", "3", "--max-reference", "5", "--val-dataset", str(val), "--val-split", "train",
-        "--feature", "conftest.TinyFeatures", "--fit-args", fit_args, "--out-dir", str(tmp_path / "runs"),
-        "--out", str(out),
+        "--num-samples", "4", "--score-at", "2,4", "--held-out-too", "--max-reference", "5",
+        "--val-dataset", str(val), "--val-split", "train", "--feature", "conftest.TinyFeatures",
+        "--fit-args", fit_args, "--out-dir", str(tmp_path / "runs"), "--out", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
     report = json.loads(out.read_text())
-    rows = [(r["variant"], r["steps"], r["sampler"]) for r in report["rows"]]
+    rows = [(r["variant"], r["steps"], r["sampler"]) for r in report["rows"][::2]]
     assert rows == [
         ("tutorial", 2, "ddim-2"), ("tutorial", 2, "dpmsolver++-2"), ("v+min-snr", 2, "ddim-2"),
         ("my-ema", 2, "ddim-2"), ("my-ema/raw", 2, "ddim-2"),  # EMA on and off from one run (--raw-too)
     ]  # fmt: skip
+    for first, whole in zip(report["rows"][::2], report["rows"][1::2]):  # one draw (its sample_s), two counts
+        same = ("variant", "sampler", "sample_s", "features_s", "val_loss")
+        assert [first[k] for k in same] == [whole[k] for k in same], (first, whole)
+        assert (first["num_samples"], whole["num_samples"]) == (2, 4), (first, whole)
     for row in report["rows"]:
         assert row["fid"] > 0 and 0 < row["val_loss"] < 10 and row["train_s"] > 0 and row["sample_s"] > 0, row
-        assert 0 < row["val_eps_mse"] < 10, row
+        assert 0 < row["val_eps_mse"] < 10 and row["fid_held_out"] > 0 and row["kid_std_held_out"] >= 0, row
+        assert (row["num_reference"], row["num_held_out"]) == (5, 4), row
+    first_2, all_4 = report["rows"][:2]
+    assert first_2["fid"] != all_4["fid"] and first_2["fid_held_out"] != first_2["fid"], (first_2, all_4)
+    assert "| tutorial | 2 | ddim-2 | 2 |" in report["markdown"]
+    assert "| tutorial | 2 | ddim-2 | 4 |" in report["markdown"]
     tutorial = report["rows"][0]  # epsilon, uniform weighting: its val/loss is the noise MSE
     assert abs(tutorial["val_loss"] - tutorial["val_eps_mse"]) < 1e-6, tutorial
     assert report["settings"]["num_reference"] == 5 and report["settings"]["steps"] == [2]
@@ -139,20 +149,23 @@ def test_quality_benchmark_tiny(tmp_path, heliconius_photos):
     config = yaml.safe_load((tmp_path / "runs" / "my-ema-2-seed0" / "logs" / "config.yaml").read_text())["model"]
     assert (config["use_ema"], config["ema_power"]) == (True, 0.5)
     assert "| my-ema | 2 | ddim-2 |" in report["markdown"] and "| my-ema/raw | 2 | ddim-2 |" in report["markdown"]
-    ema, raw = report["rows"][3:5]
+    ema, raw = report["rows"][6:10:2]
     assert ema["val_loss"] != raw["val_loss"] and ema["train_s"] == raw["train_s"], (ema, raw)
 
-    # the same runs scored again, not retrained: the held-out losses alone (--num-samples 0)
+    # the same runs scored again, not retrained: a draw of 2, the first 2 images of the draw of 4 (each from its own
+    # generator), scores as the first row did
     again = tmp_path / "again.json"
     done = run_script(
-        "benchmarks/quality.py", "--steps", "2", "--variants", "tutorial", "--num-samples", "0", "--reuse-runs",
-        "--val-dataset", str(val), "--val-split", "train", "--feature", "conftest.TinyFeatures",
-        "--fit-args", fit_args, "--out-dir", str(tmp_path / "runs"), "--out", str(again),
+        "benchmarks/quality.py", "--steps", "2", "--variants", "tutorial", "--num-samples", "2", "--reuse-runs",
+        "--samplers", "ddim-2", "--max-reference", "5", "--val-dataset", str(val), "--val-split", "train",
+        "--feature", "conftest.TinyFeatures", "--fit-args", fit_args, "--out-dir", str(tmp_path / "runs"),
+        "--out", str(again),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
     assert "reusing" in done.stdout
     (row,) = json.loads(again.read_text())["rows"]
     assert row["train_s"] == tutorial["train_s"] and abs(row["val_loss"] - tutorial["val_loss"]) < 1e-6, row
+    assert row["num_samples"] == 2 and row["kid_mean"] == pytest.approx(first_2["kid_mean"], rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -193,7 +206,8 @@ def test_quality_benchmark_scores_elsewhere_what_it_drew_without_the_network(tmp
     (row,) = report["rows"]
     assert row["fid"] > 0 and row["kid_mean"] == row["kid_mean"] and row["val_loss"] > 0, row
     assert report["settings"]["num_reference"] == 5 and "--score" in report["settings"]["score_command"]
-    assert f"| v+min-snr | 2 | ddim-2 | {row['fid']:.2f} |" in report["markdown"]
+    kid = f"{row['kid_mean']:.4f} ± {row['kid_std']:.4f}"
+    assert f"| v+min-snr | 2 | ddim-2 | 3 | {kid} | {row['fid']:.2f} |" in report["markdown"]
 
 
 def test_data_benchmark_measures_each_rank(tmp_path):

@@ -90,6 +90,9 @@ def test_reset_fake_keeps_real_features_and_compute_is_repeatable():
     quality.update_fake(ramps(30, seed=2)[:15])
     quality.update_fake(ramps(30, seed=2)[15:])
     assert quality.compute() == pytest.approx(first, rel=1e-6)
+    quality.reset_fake()  # the same fakes from their features (a draw scored at several sample counts)
+    quality.add_fake_features(quality.features(ramps(30, seed=2)))
+    assert quality.num_fake == 30 and quality.compute() == pytest.approx(first, rel=1e-6)
 
     quality.reset_fake()
     quality.update_fake(noise(30, seed=3))
