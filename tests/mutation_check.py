@@ -477,9 +477,9 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         '"size": None,',
         [SHARED_CACHE + "test_changed_images_size_or_crop_are_decoded_again_never_served_stale"],
     ),
-    "shared_cache_key_ignores_modification_time": (
+    "shared_cache_key_ignores_when_the_file_changed": (  # both times: any change of a file moves its ctime too
         "ddpm_lightning/data/shared_cache.py",
-        "{stat.st_size}\\0{stat.st_mtime_ns}\\0",
+        "{stat.st_size}\\0{stat.st_mtime_ns}\\0{stat.st_ctime_ns}\\0",
         "{stat.st_size}\\0",
         [SHARED_CACHE + "test_changed_images_size_or_crop_are_decoded_again_never_served_stale"],
     ),
