@@ -10,6 +10,7 @@ import json
 import math
 import socket
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,19 +257,24 @@ def test_a_full_disk_during_a_model_save_stops_in_one_line_and_the_resume_saves_
     assert all(torch.equal(saved[name], value) for name, value in expected.items())
 
 
-@pytest.fixture
-def sixteen_and_sixteen(tmp_path):
-    """16 of the shipped photos to train on and 16 others held out (their copy check's scale)."""
+def shipped_photos(root: Path, train: int, held_out: int) -> tuple[Path, Path]:
+    """The first `train` of the shipped photos in root/train and the next `held_out` in root/held_out."""
     import pyarrow.parquet as pq
 
     from conftest import HELICONIUS
 
-    rows = pq.read_table(HELICONIUS / "train-00000-of-00001.parquet").column("image").to_pylist()[:32]
+    rows = pq.read_table(HELICONIUS / "train-00000-of-00001.parquet").column("image").to_pylist()[: train + held_out]
     for i, row in enumerate(rows):
-        folder = tmp_path / ("train" if i < 16 else "held_out")
+        folder = root / ("train" if i < train else "held_out")
         folder.mkdir(exist_ok=True)
-        (folder / f"{i}.jpg").write_bytes(row["bytes"])
-    return tmp_path / "train", tmp_path / "held_out"
+        (folder / f"{i:03d}.jpg").write_bytes(row["bytes"])
+    return root / "train", root / "held_out"
+
+
+@pytest.fixture
+def sixteen_and_sixteen(tmp_path):
+    """16 of the shipped photos to train on and 16 others held out (their copy check's scale)."""
+    return shipped_photos(tmp_path, 16, 16)
 
 
 @pytest.mark.slow
@@ -293,16 +299,7 @@ def test_a_fresh_model_copies_no_training_image(sixteen_and_sixteen, tmp_path, r
 @pytest.fixture
 def hundreds_and_sixteen(tmp_path):
     """208 of the shipped photos to train on and 16 others held out."""
-    import pyarrow.parquet as pq
-
-    from conftest import HELICONIUS
-
-    rows = pq.read_table(HELICONIUS / "train-00000-of-00001.parquet").column("image").to_pylist()[:224]
-    for i, row in enumerate(rows):
-        folder = tmp_path / ("train" if i < 208 else "held_out")
-        folder.mkdir(exist_ok=True)
-        (folder / f"{i:03d}.jpg").write_bytes(row["bytes"])
-    return tmp_path / "train", tmp_path / "held_out"
+    return shipped_photos(tmp_path, 208, 16)
 
 
 @pytest.mark.slow
