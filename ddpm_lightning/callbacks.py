@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .checkpointing import stop_if_signalled
-from .files import RunFolder, next_run, why_not_written, write_whole
+from .files import NEAREST, SAMPLES, RunFolder, next_run, why_not_written, write_whole
 from .metrics import (
     FID_MIN_IMAGES,
     InceptionWeightsUnavailable,
@@ -501,7 +501,7 @@ class MeasureQuality(Callback):
         if "copied_share" in scores:
             line += f"; {copies_said(scores['copied_share'])}"
         log.info(line)
-        warning = copy_warning(scores.get("copied_share", 0.0), "samples/nearest.png")
+        warning = copy_warning(scores.get("copied_share", 0.0), f"{SAMPLES}/{NEAREST}")
         if warning is not None:
             rank_zero_warn(warning)
 

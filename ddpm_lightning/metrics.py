@@ -551,10 +551,8 @@ def copy_check(
     training = training.to(samples.device)
     sample_distances, nearest = nearest_training(samples, training)
     held_out_distances, _ = nearest_training(held_out.to(samples.device), training)
-    if gather is not None:
-        copies = copied_share(gather(sample_distances), gather(held_out_distances))
-    else:
-        copies = copied_share(sample_distances, held_out_distances)
+    join = gather if gather is not None else (lambda distances: distances)
+    copies = copied_share(join(sample_distances), join(held_out_distances))
     order = sample_distances.argsort()[:pairs].cpu().tolist()
     return copies, [(i, int(nearest[i])) for i in order]
 
