@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .checkpointing import stop_if_signalled
-from .files import NEAREST, SAMPLES, RunFolder, next_run, why_not_written, write_whole
+from .files import FID_REFERENCE, NEAREST, SAMPLES, RunFolder, next_run, why_not_written, write_whole
 from .metrics import (
     FID_MIN_IMAGES,
     InceptionWeightsUnavailable,
@@ -336,9 +336,10 @@ class MeasureQuality(Callback):
 
     The held-out and training images' features are computed once per run and cached in `<output_dir>/fid_reference/`,
     under a name keyed by the network and the images' pixels and size (`metrics.reference_file`): a resumed run, a
-    `validate` or a later run on the same images reads them back. Progress bars show the sampling and the feature
-    extraction. Nothing is downloaded: when the network is not installed, one message says how to install it, and
-    training goes on without the metrics.
+    `validate` or a later run on the same images reads them back; a local data set may ship them in its own
+    fid_reference/ folder, read only (`shipped_features`: the sample data set does). Progress bars show the
+    sampling and the feature extraction. Nothing is downloaded: when the network is not installed, one message says
+    how to install it, and training goes on without the metrics.
 
     Args:
         measure_quality_epochs: measure every this many epochs and at the end of the run (0: at the end only, as
@@ -528,7 +529,7 @@ class MeasureQuality(Callback):
             images = preview(self.memorisation_images)
             folder = RunFolder(self.output_dir).fid_reference if self.output_dir is not None else None
             bar = progress_bar(trainer, f"Copy check: features of {len(images)} training images", len(images), "image")
-            features, cached = cached_features(quality, images, folder, bar.update)
+            features, cached = cached_features(quality, images, folder, bar.update, shipped_features(trainer))
             bar.close()
             if cached is not None:
                 log.info(f"[rank {trainer.global_rank}] Read the training images' features from {cached}")
@@ -564,11 +565,23 @@ class MeasureQuality(Callback):
         folder = RunFolder(self.output_dir).fid_reference if self.output_dir is not None else None
         if len(images):
             bar = progress_bar(trainer, f"FID: features of {len(images)} validation images", len(images), "image")
-            cached = add_real_images(quality, images, folder, bar.update)
+            cached = add_real_images(quality, images, folder, bar.update, shipped_features(trainer))
             bar.close()
             if cached is not None:
                 log.info(f"[rank {trainer.global_rank}] Read the validation images' FID features from {cached}")
         self.real_done = True
+
+
+def shipped_features(trainer: Trainer) -> list[Path]:
+    """The `fid_reference/` folders of the run's local data sets: features a data set ships with it, read only.
+
+    The shipped sample data set carries its own, so the quick start's measurement does not spend its time on the
+    same reference features every run computes; any other data set's are computed once and cached beside the run.
+    """
+    hparams = getattr(trainer.datamodule, "hparams", {})
+    sources = [hparams.get(name) for name in ("dataset", "val_dataset")]
+    folders = [Path(source) / FID_REFERENCE for source in sources if isinstance(source, str)]
+    return [folder for folder in dict.fromkeys(folders) if folder.is_dir()]
 
 
 def gather(trainer: Trainer, values: torch.Tensor) -> torch.Tensor:

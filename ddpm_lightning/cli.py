@@ -369,6 +369,7 @@ def move_renamed_keys(config: Namespace, given: dict[str, Any]) -> None:
 # negative value fails with its key instead of deep inside a library ("max() arg is an empty sequence").
 POSITIVE = {
     "data.train_batch_size": "images per batch",
+    "data.val_batch_size": "held-out images per validation batch",
     "data.image_size": "the image side in pixels",
     "grid.eval_batch_size": "images in a grid",
     "grid.num_inference_steps": "denoising steps per grid",

@@ -33,7 +33,7 @@ import importlib.util
 import itertools
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -428,17 +428,18 @@ def add_real_images(
     images: Tensor,
     folder: str | os.PathLike | None = None,
     on_batch: Callable[[int], object] | None = None,
+    shipped: Sequence[str | os.PathLike] = (),
 ) -> Path | None:
     """`quality.update_real(images)`, through a cache of their features in `folder` (None: no cache).
 
-    The features are read from `reference_file` when it is there, else computed and written there (atomically: a
-    crash leaves no torn file).
+    The features are read from `reference_file` in `folder` or in one of the `shipped` folders (features a data set
+    ships, read only) when one is there, else computed and written to `folder` (atomically: a crash leaves no torn
+    file).
 
     Returns:
-        The cache file when the features were read from it, else None.
+        The cache file when the features were read from one, else None.
     """
-    path = reference_file(quality, images, folder) if folder is not None else None
-    features = read_features(path, len(images))
+    features, path = find_features(quality, images, folder, shipped)
     if features is not None:
         quality.add_real_features(features)
         return path
@@ -452,18 +453,30 @@ def cached_features(
     images: Tensor,
     folder: str | os.PathLike | None = None,
     on_batch: Callable[[int], object] | None = None,
+    shipped: Sequence[str | os.PathLike] = (),
 ) -> tuple[Tensor, Path | None]:
     """The features of `images` by `quality`'s network (on the CPU), added to no metric, through the same cache.
 
-    Returns them, with the cache file when they were read from it (else None).
+    Returns them, with the cache file when they were read from one (else None).
     """
-    path = reference_file(quality, images, folder) if folder is not None else None
-    features = read_features(path, len(images))
+    features, path = find_features(quality, images, folder, shipped)
     if features is not None:
         return features, path
     features = quality.features(images, on_batch).cpu()
     write_features(path, features)
     return features, None
+
+
+def find_features(
+    quality: SampleQuality, images: Tensor, folder: str | os.PathLike | None, shipped: Sequence[str | os.PathLike]
+) -> tuple[Tensor | None, Path | None]:
+    """The cached features of `images` and their file, from `folder` or else `shipped`; (None, where to write)."""
+    path = reference_file(quality, images, folder) if folder is not None else None
+    for candidate in (path, *(reference_file(quality, images, f) for f in shipped)):
+        features = read_features(candidate, len(images))
+        if features is not None:
+            return features, candidate
+    return None, path
 
 
 def read_features(path: Path | None, count: int) -> Tensor | None:

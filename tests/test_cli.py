@@ -177,6 +177,7 @@ def test_the_config_goes_to_the_runs_logs_folder_with_any_logger(image_folder, t
         ("--grid.eval_batch_size", "0"),
         ("--grid.eval_batch_size", "-4"),
         ("--data.train_batch_size", "0"),
+        ("--data.val_batch_size", "0"),
         ("--model.learning_rate", "-0.0001"),
     ],
 )

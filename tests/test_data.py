@@ -158,6 +158,21 @@ def test_exif_orientation_is_applied_to_validation_images(tmp_path):
     assert_upright(torch.stack([data.val_set[i][1] for i in range(2)]))
 
 
+def test_val_batch_size_batches_the_held_out_images_and_leaves_the_loss_as_it_was(image_folder):
+    """Left out, validation batches are training-sized; set, they are its size; val/loss is the same either way
+    (a mean weighted by batch size, with noise fixed per image)."""
+    from conftest import tiny_module
+
+    losses = []
+    for val_batch_size, sizes in ((None, [4, 4, 4]), (12, [12])):
+        dm = data_module(image_folder, val_dataset=str(image_folder), val_batch_size=val_batch_size)
+        assert [len(images) for _, images in dm.val_dataloader()] == sizes
+        torch.manual_seed(0)
+        trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        losses.append(trainer.validate(tiny_module(), datamodule=dm, verbose=False)[0]["val/loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0] > 0
+
+
 def test_cache_auto_keeps_small_data_in_memory_and_streams_above_cache_max_gb(image_folder):
     assert isinstance(data_module(image_folder).train_set, CachedImages)  # 12 x 3 x 16 x 16 bytes
     streamed = data_module(image_folder, cache_max_gb=12 * 3 * 16 * 16 / 1e9 / 2)  # half of what they take

@@ -22,6 +22,7 @@ from ddpm_lightning.metrics import (
     SampleQuality,
     StyleGAN3Inception,
     add_real_images,
+    cached_features,
     inception_available,
     nv_bilinear,
     reference_file,
@@ -311,6 +312,31 @@ def test_real_features_are_cached_by_network_and_pixels(tmp_path, monkeypatch):
     assert add_real_images(fresh, images, tmp_path) is None  # computed again, and the file rewritten
     assert torch.equal(torch.load(path, weights_only=True)["features"], first.real_features())
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no partial file left
+
+
+def test_features_a_data_set_ships_are_read_and_never_written(tmp_path, monkeypatch):
+    """A `shipped` folder's file is read when the run's cache has none; a miss computes into the run's cache."""
+    images = (noise(4, seed=3) * 255).round().to(torch.uint8)
+    shipped, run = tmp_path / "data" / "fid_reference", tmp_path / "run" / "fid_reference"
+    maker = SampleQuality(feature=TinyFeatures())
+    maker.network = "tiny"
+    assert add_real_images(maker, images, shipped) is None  # the data set's author computes them once
+    shipped_file = reference_file(maker, images, shipped)
+
+    reader = SampleQuality(feature=TinyFeatures())
+    reader.network = "tiny"
+    monkeypatch.setattr(reader, "update_real", lambda *a: pytest.fail("extracted although shipped"))
+    assert add_real_images(reader, images, run, shipped=[shipped]) == shipped_file
+    assert torch.equal(reader.real_features(), maker.real_features())
+    features, found = cached_features(reader, images, run, shipped=[shipped])
+    assert found == shipped_file and torch.equal(features, maker.real_features())
+    assert not run.exists()  # read where they ship: nothing copied
+
+    other = images.flip(0).contiguous()  # other images: not shipped, so computed and cached with the run
+    monkeypatch.undo()
+    features, found = cached_features(reader, other, run, shipped=[shipped])
+    assert found is None and reference_file(reader, other, run).is_file()
+    assert sorted(p.name for p in shipped.iterdir()) == [shipped_file.name]
 
 
 def heliconius(first: int, count: int, size: int = 32) -> torch.Tensor:
