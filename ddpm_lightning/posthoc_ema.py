@@ -119,7 +119,8 @@ class PosthocEMA(Callback):
         if cost > self.max_disk_gb * 1e9:
             raise ValueError(
                 f"posthoc_ema: the run's snapshots would take {said}, over posthoc_ema.max_disk_gb {self.max_disk_gb}: "
-                "raise posthoc_ema.every_n_steps or posthoc_ema.max_disk_gb, or use posthoc_ema.dtype float16."
+                "raise posthoc_ema.every_n_steps or posthoc_ema.max_disk_gb"
+                + (", or use posthoc_ema.dtype float16." if self.dtype == "float32" else ".")
             )
         if self.profiles is None or self.folder is None:
             return
@@ -132,7 +133,7 @@ class PosthocEMA(Callback):
         if later:
             log.warning(
                 f"posthoc_ema: deleted {len(later)} snapshot(s) after step {trainer.global_step} in {self.folder}: "
-                "they belong to the run past the checkpoint it resumed from."
+                "they were another history's (past the checkpoint this run starts from, or a run started again)."
             )
         checkpoint_bytes = len(self.sigma_rels) * unet_bytes(pl_module.unet, torch.float32)
         log.info(
