@@ -434,6 +434,11 @@ def posthoc_weights(found: ModelSource, model: str, lengths: list[float], sweep:
     if step < 1:
         raise CommandError(f"--ema_length: {model} was saved before the first optimizer step: no EMA to reconstruct.")
     folder = Path(model).parent / posthoc_ema.SNAPSHOTS
+    if not any(at < step for _, at in posthoc_ema.snapshots(folder)):
+        log.warning(
+            f"--ema_length: no snapshots before step {step} in {folder}: reconstructing from the checkpoint's "
+            f"{len(state['sigma_rels'])} profiles alone (export the checkpoint where its run wrote it)."
+        )
     template = copy.deepcopy(found.unet).cpu()  # (the reconstruction's shape; its weights are not read)
 
     def weights(length: float) -> dict[str, torch.Tensor]:
