@@ -144,6 +144,20 @@ def test_a_reconstruction_at_a_profiles_length_is_that_profile_and_export_writes
         at_5["profiles"].update({f"ema_models.{index}.{k}": v for k, v in snapshot.items()})
     weights = posthoc_ema.reconstruct(unet, folder, at_5, 5, state["sigma_rels"][1])
     assert_bitwise(profile(at_5, 1), weights)
+    # float16 snapshots (the default dtype): the profile up to float16 rounding
+    half = tmp_path / "float16"
+    half.mkdir()
+    for path in posthoc_ema.snapshots(folder).values():
+        torch.save({k: posthoc_ema.in_dtype(v, torch.float16) for k, v in torch.load(path).items()}, half / path.name)
+    at_5_half = {"sigma_rels": state["sigma_rels"], "profiles": {}}
+    for index in (0, 1):
+        snapshot = torch.load(half / f"{index}.5.pt")
+        at_5_half["profiles"].update({f"ema_models.{index}.{k}": v for k, v in snapshot.items()})
+    weights = posthoc_ema.reconstruct(unet, half, at_5_half, 5, state["sigma_rels"][1])
+    rounded = {k: v.half().float() for k, v in profile(at_5, 1).items()}
+    assert any(not torch.equal(rounded[k], profile(at_5, 1)[k]) for k in rounded)
+    for name, value in weights.items():
+        torch.testing.assert_close(value, rounded[name], rtol=1e-6, atol=1e-8, msg=name)
 
     between = posthoc_ema.reconstruct(unet, folder, state, 6, 0.15)
     assert any(not torch.equal(between[k], profile(state, i)[k]) for k in between for i in (0, 1))
