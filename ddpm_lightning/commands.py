@@ -355,17 +355,20 @@ def export(
     if folder.exists() and not folder.is_dir():
         raise CommandError(f"{out} is a file: give a folder to write the model into (created if missing).")
     found = load_model(model, revision, POSITIONAL)
+    chosen = None
     if lengths:
         steps = (1000 if sampler == "ddpm" else 50) if num_inference_steps is None else num_inference_steps
         check_sample_options(num_images, batch_size, sampler, steps, str(folder), reference, None)
         sweep = None
         if reference is not None:
             sweep = Sweep(reference, reference_split, num_images, sampler, steps, seed, batch_size, device)
-        posthoc_weights(found, model, lengths, sweep)
+        chosen = posthoc_weights(found, model, lengths, sweep)
     checkpoint = found.checkpoint or {}
     data = checkpoint.get("datamodule_hyper_parameters") or {}
     hparams = checkpoint.get("hyper_parameters")
     config = {**({"model": hparams} if hparams else {}), **({"data": data} if data else {})}  # card: no "_" keys
+    if chosen is not None:  # the card says which EMA the weights are
+        config["posthoc_ema"] = {"ema_length": chosen}
     new = not folder.exists()
     try:
         save_pipeline(found.unet, found.noise_scheduler(), folder)

@@ -164,6 +164,7 @@ def test_a_reconstruction_at_a_profiles_length_is_that_profile_and_export_writes
     with caplog.at_level(logging.INFO, logger="ddpm_lightning"):
         out = commands.export(str(ckpt), str(tmp_path / "model"), ema_length=0.15)
     assert "EMA length 0.15 reconstructed at step 6" in caplog.text
+    assert "posthoc_ema:\n  ema_length: 0.15\n" in (out / "README.md").read_text()  # the card says which EMA
     pipeline = DDPMPipeline.from_pretrained(out)
     assert_bitwise(between, {k: v for k, v in pipeline.unet.state_dict().items()})
 
