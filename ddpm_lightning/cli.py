@@ -52,6 +52,7 @@ from .checkpointing import (
 from .data import ImageDataModule
 from .files import LOGS, remove_partial_files
 from .module import DDPMModule
+from .posthoc_ema import PosthocEMA
 from .reporting.monitor import ImagesThroughput, RunReport
 from .reporting.progress import TrainingProgressBar
 from .run_folder import (
@@ -79,6 +80,7 @@ class DDPMLightningCLI(LightningCLI):
         parser.add_lightning_class_args(SaveModel, "save")
         parser.add_lightning_class_args(MeasureQuality, "quality")
         parser.add_lightning_class_args(SpeedSwitches, "speed")
+        parser.add_lightning_class_args(PosthocEMA, "posthoc_ema")
         add_renamed_keys(parser)
         parser.add_argument(
             "--overwrite",

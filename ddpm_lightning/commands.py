@@ -18,12 +18,15 @@ Image `i` has its own generator (see `sample`). Sampling itself is sampling.py's
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,11 +36,12 @@ from PIL import Image
 from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
+from . import posthoc_ema
 from .data import shards
 from .data.datamodule import default_num_workers
 from .data.images import Crop, ResizedImages
 from .files import FID_REFERENCE, NEAREST, why_not_written, write_whole
-from .model_source import POSITIONAL, ModelSourceError, load_model
+from .model_source import POSITIONAL, ModelSource, ModelSourceError, load_model
 from .publish import ModelWriteError, save_pipeline, write_model_card
 from .reporting.grids import grid_shape, save_grid
 from .sampling import SAMPLERS, Sampler, denoise, make_sampler
@@ -292,11 +296,25 @@ def write_image(path: Path, save: Callable[[Path], object], written: list[Path])
 
 
 def export(
-    model: str, out: str, samples: str | None = None, repo_id: str | None = None, revision: str | None = None
+    model: str,
+    out: str,
+    samples: str | None = None,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    ema_length: float | list[float] | str | None = None,
+    reference: str | None = None,
+    reference_split: str = "train",
+    num_images: int = 64,
+    sampler: Sampler = "ddim",
+    num_inference_steps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: str | None = None,
 ) -> Path:
     """Write a model as a diffusers folder (a checkpoint's EMA weights when it has them) with a model card.
 
     The folder (model_index.json, unet/, scheduler/, README.md) loads with `DDPMPipeline.from_pretrained(out)`.
+    With `ema_length`, the weights are a post-hoc EMA's, reconstructed from a run's `posthoc_ema` profiles.
 
     Args:
         model: a Lightning checkpoint (.ckpt) of `ddpm-lightning fit`, or any other model source `sample` takes.
@@ -306,20 +324,51 @@ def export(
             <output_dir>/samples or the grid.png of `ddpm-lightning sample`); none when left out.
         repo_id: the Hub repo the folder is meant for, used in the card's usage snippet (else the folder).
         revision: the branch, tag or commit of a Hub model id (its main branch when left out).
+        ema_length: with a checkpoint of a run trained with `--posthoc_ema.enabled true`: the EMA length (EDM2's
+            sigma_rel, e.g. 0.1) to reconstruct from its profiles and the snapshots beside it (posthoc_ema.py).
+            Several (0.05,0.1,0.2) sweep them with `reference`: the length whose samples have the lowest KID is
+            written.
+        reference: the sweep's real images (any source `data.dataset` takes: held-out or training images), resized
+            to the model's size as training resizes them.
+        reference_split: the split of `reference`.
+        num_images: the sweep's samples per length (the same seeds for each length).
+        sampler: the sweep's sampler (`sample`'s).
+        num_inference_steps: the sweep's denoising steps; 1000 for ddpm and 50 for the others when left out.
+        seed: the sweep's seed.
+        batch_size: the sweep's images denoised at once.
+        device: where the sweep samples and scores (`sample`'s).
 
     Returns:
         The folder.
     """
     if samples is not None and not Path(samples).is_file():
         raise CommandError(f"--samples {samples}: no such image.")
+    lengths = ema_lengths(ema_length)
+    if len(lengths) > 1 and reference is None:
+        raise CommandError(
+            f"--ema_length {','.join(map(str, lengths))}: a sweep needs --reference (the real images that score each "
+            "length); or give one length."
+        )
+    if reference is not None and len(lengths) < 2:
+        raise CommandError("--reference scores an --ema_length sweep: give several lengths, e.g. 0.05,0.1,0.2.")
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise CommandError(f"{out} is a file: give a folder to write the model into (created if missing).")
     found = load_model(model, revision, POSITIONAL)
+    chosen = None
+    if lengths:
+        steps = (1000 if sampler == "ddpm" else 50) if num_inference_steps is None else num_inference_steps
+        check_sample_options(num_images, batch_size, sampler, steps, str(folder), reference, None)
+        sweep = None
+        if reference is not None:
+            sweep = Sweep(reference, reference_split, num_images, sampler, steps, seed, batch_size, device)
+        chosen = posthoc_weights(found, model, lengths, sweep)
     checkpoint = found.checkpoint or {}
     data = checkpoint.get("datamodule_hyper_parameters") or {}
     hparams = checkpoint.get("hyper_parameters")
     config = {**({"model": hparams} if hparams else {}), **({"data": data} if data else {})}  # card: no "_" keys
+    if chosen is not None:  # the card says which EMA the weights are
+        config["posthoc_ema"] = {"ema_length": chosen}
     new = not folder.exists()
     try:
         save_pipeline(found.unet, found.noise_scheduler(), folder)
@@ -342,6 +391,93 @@ def export(
         raise CommandError(f"{reason}: {left}. Free some space (or choose another folder) and run again.") from err
     log.info(f"Exported {model} to {folder}")
     return folder
+
+
+def ema_lengths(value: float | Sequence[float] | str | None) -> list[float]:
+    """`--ema_length` as a list: one length, a list, or lengths separated by commas ("0.05,0.1,0.2")."""
+    if value is None:
+        return []
+    try:
+        if isinstance(value, (int, float)):
+            lengths = [float(value)]
+        else:
+            lengths = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
+    except ValueError as err:
+        raise CommandError(f"--ema_length {value}: give numbers separated by commas, e.g. 0.05,0.1,0.2.") from err
+    try:
+        posthoc_ema.check_lengths(lengths, "--ema_length")
+    except ValueError as err:
+        raise CommandError(str(err)) from err
+    return lengths
+
+
+@dataclass
+class Sweep:
+    """How `export` scores each EMA length: `num_images` samples' KID against the `reference` images."""
+
+    reference: str
+    split: str
+    num_images: int
+    sampler: Sampler
+    steps: int
+    seed: int
+    batch_size: int
+    device: str | None
+
+
+def posthoc_weights(found: ModelSource, model: str, lengths: list[float], sweep: Sweep | None) -> float:
+    """Put into `found.unet` the post-hoc EMA of the one length, or of the sweep's best; return that length."""
+    state = posthoc_ema.checkpoint_state(found.checkpoint or {})
+    if state is None:
+        raise CommandError(
+            f"--ema_length: {model} holds no post-hoc EMA profiles. Give the checkpoint of a run trained with "
+            "--posthoc_ema.enabled true."
+        )
+    step = int((found.checkpoint or {}).get("global_step", 0))
+    if step < 1:
+        raise CommandError(f"--ema_length: {model} was saved before the first optimizer step: no EMA to reconstruct.")
+    folder = Path(model).parent / posthoc_ema.SNAPSHOTS
+    if not any(at < step for _, at in posthoc_ema.snapshots(folder)):
+        log.warning(
+            f"--ema_length: no snapshots before step {step} in {folder}: reconstructing from the checkpoint's "
+            f"{len(state['sigma_rels'])} profiles alone (export the checkpoint where its run wrote it)."
+        )
+    template = copy.deepcopy(found.unet).cpu()  # (the reconstruction's shape; its weights are not read)
+
+    def weights(length: float) -> dict[str, torch.Tensor]:
+        return posthoc_ema.reconstruct(template, folder, state, step, length)
+
+    if sweep is None:
+        found.unet.load_state_dict(weights(lengths[0]))
+        log.info(f"EMA length {lengths[0]} reconstructed at step {step} from the profiles {state['sigma_rels']}")
+        return lengths[0]
+    from .metrics import InceptionWeightsUnavailable, SampleQuality, headline
+
+    device = sampling_device(sweep.device)
+    reals = read_images(sweep.reference, sweep.split, found.unet.config.sample_size, "reference")
+    try:
+        quality = SampleQuality().to(device)
+    except InceptionWeightsUnavailable as err:
+        raise CommandError(f"--reference {sweep.reference}: {err}") from err
+    quality.update_real(reals)
+    best: tuple[float, float, dict[str, torch.Tensor]] | None = None
+    for length in lengths:
+        candidate = weights(length)
+        found.unet.load_state_dict(candidate)
+        with tempfile.TemporaryDirectory() as tmp:
+            unet = found.unet.to(device)
+            args = (sweep.sampler, sweep.steps, sweep.seed, sweep.num_images, sweep.batch_size, Path(tmp))
+            _, images = draw(unet, found.scheduler_config, *args)
+        quality.reset_fake()
+        quality.update_fake(images)
+        scores = {**quality.compute(), "num_samples": len(images), "num_reference": len(reals)}
+        log.info(f"EMA length {length}: {headline(scores)}")
+        if best is None or scores["kid_mean"] < best[1]:
+            best = (length, scores["kid_mean"], candidate)
+    assert best is not None
+    found.unet.load_state_dict(best[2])
+    log.info(f"EMA length {best[0]} has the lowest KID against {sweep.reference}: writing it")
+    return best[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

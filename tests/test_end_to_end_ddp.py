@@ -12,6 +12,8 @@ import torch
 from diffusers import DDPMPipeline
 from PIL import Image
 
+from ddpm_lightning import posthoc_ema
+
 from conftest import child_env, crash_args, ddp_fit_command, fit_args
 
 
@@ -24,16 +26,25 @@ def test_ddp_two_cpu_processes_write_one_grid_and_one_folder(image_folder, tmp_p
         "100",
         "--save.save_model_epochs",
         "100",
+        "--posthoc_ema.enabled",
+        "true",
+        "--posthoc_ema.every_n_steps",
+        "2",
     ]
     result = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["0001.png", "data.png"]
+    # The post-hoc EMA profiles are rank 0's: one set of snapshots, one line, and the checkpoint holds them
+    snapshots = posthoc_ema.snapshots(tmp_path / "checkpoints" / "run" / posthoc_ema.SNAPSHOTS)
+    assert sorted(snapshots) == [(0, 2), (0, 4), (1, 2), (1, 4)] and log.count("posthoc_ema: sigma_rels") == 1
     assert log.count("Saved a grid") == 1 and "[rank 0] Saved a grid" in log
     assert log.count("Saved the model") == 1 and "[rank 0] Saved the model" in log
     DDPMPipeline.from_pretrained(out)
     # 12 images over 2 ranks with batch 4: 2 optimizer steps per epoch
-    assert torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False)["global_step"] == 4
+    checkpoint = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 4
+    assert posthoc_ema.checkpoint_state(checkpoint)["profiles"]["ema_models.0.step"] == 4
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ LAYERS = {
     "unet": 0,
     "sources": 0,
     "ema": 0,
+    "posthoc_ema": 0,
     "stop_on_nan": 0,
     "metrics": 0,
     "reporting": 0,
