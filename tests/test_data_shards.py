@@ -322,14 +322,14 @@ def test_an_endpoint_that_never_answers_stops_in_one_line_after_the_timeout_neve
         start = time.monotonic()
         result = subprocess.run(
             [sys.executable, "-m", "ddpm_lightning", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-            timeout=90,
+            timeout=180,
         )  # fmt: skip
         waited = time.monotonic() - start
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert last.startswith(f"ddpm-lightning {command}: error: {url}: cannot reach the object store at {endpoint}")
     assert "after 3 tries of up to 1 s" in last and "raise DDPM_LIGHTNING_STORAGE_TIMEOUT" in last
-    assert waited < 60
+    assert waited < 120  # the child's start is most of it; LitData's own retries, unbounded, take minutes
 
 
 def process_states() -> dict[int, tuple[int, str]]:
