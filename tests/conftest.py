@@ -12,6 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+# Under pytest-xdist (`-n 2`) each worker and the processes it starts get one thread, as mutation_check.py's jobs
+# do: two workers at torch's default two threads each would oversubscribe the two cores (OpenMP threads then spin
+# waiting for a core). Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 import torch
