@@ -58,23 +58,33 @@ def test_each_run_has_its_own_last_checkpoint(twelve, tmp_path):
     assert step_and_weights(tmp_path / "checkpoints" / "out2" / "last.ckpt")[0] == 3
 
 
+TWO_EPOCHS = ["--trainer.max_epochs", "2"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "cadence, crash_at, saved_at",
+    "length, cadence, crash_at, saved_at",
     [
         (
+            TWO_EPOCHS,
             ["--checkpoint.every_n_epochs", "1"],
             4,
             3,
         ),  # the checkpoint an epoch's end leaves (a crash early in the next epoch)
-        (["--checkpoint.every_n_train_steps", "3"], 5, 3),  # a step cadence landing on an epoch's last step
-        (["--checkpoint.every_n_train_steps", "2"], 3, 2),  # a step cadence in the middle of an epoch
+        (TWO_EPOCHS, ["--checkpoint.every_n_train_steps", "3"], 5, 3),  # a step cadence landing on an epoch's last step
+        (TWO_EPOCHS, ["--checkpoint.every_n_train_steps", "2"], 3, 2),  # a step cadence in the middle of an epoch
+        # The same by max_steps (max_epochs -1): Lightning then applies its own loader position on resume, the end of
+        # the epoch whose last step was saved, which must not empty the next epoch.
+        (max_steps(6), ["--checkpoint.every_n_train_steps", "3"], 5, 3),
     ],
+    ids=["epochs_every_epoch", "epochs_every_3_steps", "epochs_every_2_steps", "max_steps_every_3_steps"],
 )
-def test_resume_after_a_crash_equals_the_straight_run(straight_run, twelve, tmp_path, cadence, crash_at, saved_at):
+def test_resume_after_a_crash_equals_the_straight_run(
+    straight_run, twelve, tmp_path, length, cadence, crash_at, saved_at
+):
     """A crash (an exception at step `crash_at`) leaves the cadence's last checkpoint; `--ckpt_path last` from it
-    ends with the very weights of the run that never crashed (max_epochs runs, as the configs are)."""
-    crashing = fit_args(twelve, tmp_path / "crashed", *NO_SAVES, "--trainer.max_epochs", "2", *cadence)
+    ends with the very weights of the run that never crashed (max_epochs runs, as the configs are, and max_steps)."""
+    crashing = fit_args(twelve, tmp_path / "crashed", *NO_SAVES, *length, *cadence)
     with pytest.raises(RuntimeError, match="injected crash"):
         main([*crashing, *crash_args(crash_at)])
     assert step_and_weights(tmp_path / "checkpoints" / "crashed" / "last.ckpt")[0] == saved_at

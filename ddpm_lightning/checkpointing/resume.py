@@ -65,7 +65,8 @@ class SameData(Callback):
     naming it: from there on, the images come in another order than in the uninterrupted run, so it no longer
     equals that run. So does a resume on another number of processes (devices x nodes), whose warning names what
     that changes: the global batch, the steps of an epoch, the order. `validate` trains nothing: it warns only when
-    its held-out images are not those of the run (which had some).
+    its held-out images are not those of the run (which had some). On load, it also drops Lightning's loader position
+    where the data module's own state replaces it (`drop_loader_end`).
     """
 
     def __init__(self) -> None:
@@ -81,6 +82,7 @@ class SameData(Callback):
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         """Refuse another image size; warn of other data settings or training images."""
         self.saved_layout = checkpoint.get("data_layout")
+        drop_loader_end(trainer, checkpoint)
         then = checkpoint.get("datamodule_hyper_parameters") or {}
         now = dict(trainer.datamodule.hparams) if trainer.datamodule is not None else {}
         if "image_size" in then and then["image_size"] != now.get("image_size", then["image_size"]):
@@ -133,6 +135,19 @@ class SameData(Callback):
             "the new split, so some images may come twice in it and others not at all), so the result will not equal "
             "that run's. To continue exactly, resume on the checkpoint's number of processes."
         )
+
+
+def drop_loader_end(trainer: Trainer, checkpoint: dict) -> None:
+    """Drop Lightning's loader position from a checkpoint saved after its epoch's last batch was drawn.
+
+    The data module's state then starts the next epoch afresh (ImageDataModule.state_dict). Lightning's position is
+    the loader's end, which it applies after that wherever it builds the loader once its loops are restored (runs
+    with max_epochs -1): resumed from it, the next epoch would have no batches, and the run would skip to the one
+    after, in another order than the uninterrupted run.
+    """
+    saved = checkpoint.get(type(trainer.datamodule).__qualname__) if trainer.datamodule is not None else None
+    if isinstance(saved, dict) and "epoch" in saved and "train_loader" not in saved:
+        checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).pop("combined_loader", None)
 
 
 def data_layout(trainer: Trainer) -> dict[str, int]:

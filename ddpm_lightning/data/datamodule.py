@@ -329,7 +329,8 @@ class ImageDataModule(LightningDataModule):
         Saved in every checkpoint, it is applied when the loader is built. Lightning checkpoints the position too,
         but applies it only when it builds the loader after restoring its loops, which it does not when the
         schedule's length was estimated first (any run with max_epochs), and it draws the first batch before it
-        sets the sampler's epoch.
+        sets the sampler's epoch. Where it does apply it, its position at an epoch's end is dropped on resume
+        (checkpointing.resume.drop_loader_end): this state starts the next epoch instead.
         """
         trainer = self.trainer
         loader = trainer.train_dataloader if trainer is not None else None
