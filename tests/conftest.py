@@ -166,12 +166,32 @@ def write_image(path: Path, size=(20, 24), mode="RGB", seed=0) -> Path:
     return path
 
 
+def write_twelve(folder: Path) -> Path:
+    """12 images in `folder`: 3 steps an epoch at batch 4."""
+    for i in range(12):
+        write_image(folder / f"{i}.png", seed=i)
+    return folder
+
+
 @pytest.fixture
 def twelve(tmp_path) -> Path:
     """12 images: 3 steps an epoch at batch 4."""
-    for i in range(12):
-        write_image(tmp_path / "twelve" / f"{i}.png", seed=i)
-    return tmp_path / "twelve"
+    return write_twelve(tmp_path / "twelve")
+
+
+def fit_offline(root: Path, images: str, out: str, *args: str) -> None:
+    """`fit` of `args` on 12 images written to root/<images>, into root/<out>, run in `root` with the Hub offline:
+    the module-scoped runs' set-up (the autouse `_offline` fixture covers function-scoped tests only)."""
+    from ddpm_lightning.cli import main
+
+    write_twelve(root / images)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HOME", str(root / "hf_home"))
+        mp.delenv("HF_TOKEN", raising=False)
+        mp.chdir(root)
+        main(fit_args(root / images, root / out, *args))
 
 
 @pytest.fixture
@@ -265,18 +285,8 @@ def data_module(dataset, **kwargs):
 def trained(tmp_path_factory) -> Path:
     """One tiny EMA model for the whole test file (12 images, 1 epoch: 3 steps): root/checkpoints/run/last.ckpt and
     the saved folder root/run."""
-    from ddpm_lightning.cli import main
-
     root = tmp_path_factory.mktemp("trained")
-    for i in range(12):
-        write_image(root / "images" / f"{i}.png", seed=i)
-    with pytest.MonkeyPatch.context() as mp:  # as the autouse _offline fixture does for function-scoped tests
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
-        mp.setenv("HF_HOME", str(root / "hf_home"))
-        mp.delenv("HF_TOKEN", raising=False)
-        mp.chdir(root)
-        main(fit_args(root / "images", root / "run", "--trainer.max_epochs", "1", "--model.use_ema", "true"))
+    fit_offline(root, "images", "run", "--trainer.max_epochs", "1", "--model.use_ema", "true")
     assert (root / "checkpoints" / "run" / "last.ckpt").is_file() and (root / "run" / "model_index.json").is_file()
     return root
 
@@ -285,15 +295,8 @@ def trained(tmp_path_factory) -> Path:
 def straight_run(tmp_path_factory) -> dict[str, torch.Tensor]:
     """The weights of a run that never crashes: 12 images, 3 steps an epoch, 2 epochs (its checkpoint cadence is
     irrelevant), for the resumed runs that must end with them."""
-    from ddpm_lightning.cli import main
-
     tmp = tmp_path_factory.mktemp("straight")
-    for i in range(12):
-        write_image(tmp / "twelve" / f"{i}.png", seed=i)
-    with pytest.MonkeyPatch.context() as env:
-        env.chdir(tmp)
-        env.setenv("HF_HUB_OFFLINE", "1")
-        main(fit_args(tmp / "twelve", tmp / "straight", *NO_SAVES, "--trainer.max_epochs", "2"))
+    fit_offline(tmp, "twelve", "straight", *NO_SAVES, "--trainer.max_epochs", "2")
     step, weights = step_and_weights(tmp / "checkpoints" / "straight" / "last.ckpt")
     assert step == 6
     return weights

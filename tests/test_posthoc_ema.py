@@ -19,7 +19,7 @@ from ddpm_lightning import commands, posthoc_ema
 from ddpm_lightning.cli import main
 from ddpm_lightning.model_source import load_model
 
-from conftest import NO_SAVES, fit_args, run_cli, write_image
+from conftest import NO_SAVES, fit_args, fit_offline, run_cli
 
 POSTHOC = ["--posthoc_ema.enabled", "true", "--posthoc_ema.every_n_steps", "1", "--posthoc_ema.dtype", "float32"]
 RUN = [*NO_SAVES, "--trainer.max_epochs", "2", "--checkpoint.every_n_train_steps", "3", *POSTHOC]
@@ -60,13 +60,7 @@ def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> No
 def straight(tmp_path_factory) -> Path:
     """A 6-step run with post-hoc EMA (a float32 snapshot every step), never stopped: its folder."""
     root = tmp_path_factory.mktemp("posthoc")
-    for i in range(12):
-        write_image(root / "twelve" / f"{i}.png", seed=i)
-    with pytest.MonkeyPatch.context() as env:
-        env.chdir(root)
-        env.setenv("HF_HUB_OFFLINE", "1")
-        env.setenv("HF_HOME", str(root / "hf_home"))
-        main(fit_args(root / "twelve", root / "straight", *RUN))
+    fit_offline(root, "twelve", "straight", *RUN)
     return root
 
 
