@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import math
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -324,8 +326,9 @@ class MeasureQuality(Callback):
     They are torchmetrics' metrics, in `metrics.SampleQuality`, logged as val/kid_mean, val/kid_std, val/fid: at the
     end of every run of `fit` that has held-out images (data.val_dataset or data.val_fraction), also every
     `measure_quality_epochs` epochs when set, and in `ddpm-lightning validate`; `num_samples: 0` turns them off.
-    A run that ends between epochs' ends (`trainer.max_steps`) is validated and measured at its last step, as one
-    ended by `max_time` is; a stop signal's run is not (it exits at once).
+    A run is validated and measured at its last step whatever ended it there: `trainer.max_steps` between epochs'
+    ends, `max_time`, or the end of an epoch that `trainer.check_val_every_n_epoch` skips; a stop signal's run is not
+    (it exits at once).
 
     Every measurement is reported with its N (samples) and M (held-out images) and what the held-out images are
     (`metrics.headline`: KID first below 2,048 of either). It also checks for copies of the training images
@@ -400,10 +403,11 @@ class MeasureQuality(Callback):
         self.training: tuple[torch.Tensor, torch.Tensor] | None = None  # training images (uint8) and features
         self.reference = "none"  # the held-out images, named as every report names them
         self.history: list[dict[str, Any]] = []  # every measurement of this run, in order
+        self.last_step_end: float | None = None  # when the previous training step ended (time.monotonic)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Name the held-out images (val/loss's and KID/FID's reference) in the log and TensorBoard."""
-        self.history = []
+        self.history, self.last_step_end = [], None
         self.reference = self.reference_of(trainer)
         if self.reference == "none" or not trainer.is_global_zero:
             return
@@ -426,12 +430,37 @@ class MeasureQuality(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        """At the step that reaches `max_steps`, ask Lightning to stop: it then validates at this step."""
-        # Lightning validates at epoch ends, and at any step where `trainer.should_stop` is set (as its Timer sets
-        # it for max_time); a max_steps stop between epoch ends sets nothing, so the run's end would go unmeasured.
-        # Every rank is at the same step: all set it. A stop signal's run exits at once, unmeasured.
-        if 0 < trainer.max_steps <= trainer.global_step and not trainer.received_sigterm:
+        """Make Lightning validate at the run's last step, whatever ends the run there."""
+        # Lightning validates at the ends of due epochs (trainer.check_val_every_n_epoch) and, in a due epoch, at
+        # any step where `trainer.should_stop` is set (its Timer sets it for max_time). A max_steps stop between
+        # epoch ends sets nothing, and the last step of an epoch that is not due is not validated: either way the
+        # run's end would go unmeasured. Every rank is at the same step and agrees (the Timer's answer is rank 0's).
+        # A stop signal's run exits at once, unmeasured.
+        if trainer.received_sigterm:
+            return
+        if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
+        if trainer.check_val_every_n_epoch not in (None, 1) and self.run_ends_here(trainer):
+            trainer.check_val_every_n_epoch = 1  # this epoch is due: Lightning validates at this step
+
+    def run_ends_here(self, trainer: Trainer) -> bool:
+        """Whether the run stops at this step (max_steps, max_epochs, a stop asked for) or soon by max_time."""
+        time_up = self.time_runs_out(trainer)  # first: it times every step
+        epochs = trainer.max_epochs
+        last_epoch = epochs is not None and 0 < epochs <= trainer.current_epoch + 1 and trainer.is_last_batch
+        return trainer.should_stop or last_epoch or time_up
+
+    def time_runs_out(self, trainer: Trainer) -> bool:
+        """Whether trainer.max_time's Timer is less than two steps' time from stopping the run (rank 0's answer)."""
+        # The Timer decides after this callback, at the end of this step: the margin makes due this step or the
+        # next, at which it stops.
+        now, before = time.monotonic(), self.last_step_end
+        self.last_step_end = now
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        remaining = timer.time_remaining() if timer is not None else None
+        if remaining is None or before is None:
+            return False
+        return bool(trainer.strategy.broadcast(remaining <= 2 * (now - before)))
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Build the metrics when this validation measures (validate, or a due epoch of fit)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, Literal, cast
 
@@ -293,7 +294,14 @@ class DDPMModule(LightningModule):
         adamw["eps"] = hp.adam_epsilon
         optimizer = self.speed.adamw(self.unet.parameters(), adamw, self.trainer)
         # Per optimizer step, over the whole run as the Trainer counts it (devices, accumulation, max_steps).
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                "the run has no set length (trainer.max_epochs -1 and no trainer.max_steps), which the learning-rate "
+                "schedule needs: set --trainer.max_steps or --trainer.max_epochs (trainer.max_time may still stop it "
+                "sooner)"
+            )
+        total = int(total)
         if hp.lr_warmup_steps >= total:
             rank_zero_warn(
                 f"lr_warmup_steps={hp.lr_warmup_steps} is not shorter than the run ({total} optimizer steps): the "

@@ -88,6 +88,10 @@ TINY_RUN_ARGS = [
     "false",
     "--quality.num_samples",  # no FID/KID at a run's end: the tests that measure them ask for samples
     "0",
+    "--trainer.check_val_every_n_epoch",  # Lightning's validation cadence, where tiny.yaml validates at its end
+    "1",
+    "--trainer.num_sanity_val_steps",
+    "2",
 ]
 # A grid and a model folder only at the end of the run (each cadence is longer than any test's run).
 NO_SAVES = ["--grid.save_image_epochs", "1000", "--save.save_model_epochs", "1000"]

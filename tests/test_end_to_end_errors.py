@@ -46,6 +46,9 @@ def mistake(name: str, tmp_path: Path, images: Path) -> tuple[list[str], str]:
     if name == "sample_onto_a_file":
         (tmp_path / "taken").write_text("mine")
         return ["sample", "google/ddpm-cifar10-32", "--output_dir", "taken"], "--output_dir taken is a file"
+    if name == "endless":
+        args = fit_args(images, tmp_path / "run", "--trainer.max_epochs", "-1", "--trainer.max_time", "00:00:01:00")
+        return args, "the run has no set length (trainer.max_epochs -1 and no trainer.max_steps)"
     if name == "read_only_checkpoints":
         folder = read_only_folder(tmp_path)
         return fit_args(images, tmp_path / "run", "--checkpoint.dirpath", str(folder)), "checkpoint.dirpath "
@@ -54,7 +57,8 @@ def mistake(name: str, tmp_path: Path, images: Path) -> tuple[list[str], str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", ["val_fraction", "norm_groups", "plain_torch_save", "sample_onto_a_file", "read_only_checkpoints"]
+    "name",
+    ["val_fraction", "norm_groups", "plain_torch_save", "sample_onto_a_file", "endless", "read_only_checkpoints"],
 )
 def test_mistakes_end_in_one_line_with_the_fix(tmp_path, four_images, name):
     args, said = mistake(name, tmp_path, four_images)

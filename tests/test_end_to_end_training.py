@@ -117,3 +117,30 @@ def test_a_max_steps_run_ending_mid_epoch_is_validated_and_measured_at_its_end(t
     assert quality["headline"].startswith("KID ") and "(N=4 samples, M=3 reference images)" in quality["headline"]
     assert "Quality at step 4: KID " in caplog.text and "of the samples copy a training image" in caplog.text
     assert (out / "samples" / "nearest.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "stop",
+    [
+        ["--trainer.max_steps", "4", "--trainer.max_epochs", "-1"],  # inside epoch 1, which is not due
+        ["--trainer.max_epochs", "2"],  # the end of epoch 1, not due
+        ["--trainer.max_time", "00:00:00:04", "--trainer.max_epochs", "1000"],  # wherever 4 s of training end
+    ],
+    ids=["max_steps", "max_epochs", "max_time"],
+)
+def test_a_run_validating_every_third_epoch_still_validates_and_measures_its_last_step(twelve, tmp_path, stop):
+    """With trainer.check_val_every_n_epoch 3 (9 training images: 3 steps an epoch), a run that stops in an epoch
+    that is not due, by max_steps, max_epochs or max_time, is still validated and measured at its last step."""
+    out = tmp_path / "run"
+    args = [*stop, "--trainer.check_val_every_n_epoch", "3", "--trainer.num_sanity_val_steps", "0"]
+    main(fit_args(twelve, out, *args, *NO_SAVES, "--data.val_fraction", "0.25", *QUICK_QUALITY))
+    summary = json.loads((out / "run_summary.json").read_text())
+    last = summary["optimizer_steps"] - 1  # Lightning logs at the last batch's step (0-based)
+    validated = sorted(scalars(out / "logs", "val/loss"))
+    assert list(scalars(out / "logs", "val/kid_mean")) == [last] and validated[-1] == last
+    if stop[1] == "00:00:00:04":  # every third epoch's end (9 steps) too, and an epoch's end just before the last
+        assert set(range(8, last, 9)) <= set(validated) <= set(range(8, last, 9)) | set(range(2, last, 3)) | {last}
+    else:
+        assert validated == [last] and last in (3, 5)
+    assert math.isfinite(summary["val_loss"]) and math.isfinite(summary["kid_mean"])
