@@ -1,7 +1,7 @@
 """Fine-tuning runs (`--model.pretrained`): from a folder this project saved, the google/ddpm-* layout, a bare UNet
 folder, a .ckpt and a Hub id (the local stand-in); the first step starts from the pretrained weights bitwise, the
-saved folder loads with DDPMPipeline, a resume is exact, and configs/fine-tune.yaml trains at its LR. The wrong
-sources' one-line errors are test_model_source.py's."""
+saved folder loads with DDPMPipeline, a resume is exact, and configs/fine-tune.yaml trains at a fifth of its base
+config's LR. The wrong sources' one-line errors are test_model_source.py's."""
 
 from __future__ import annotations
 
