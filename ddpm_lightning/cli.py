@@ -378,6 +378,7 @@ POSITIVE = {
     "grid.save_image_epochs": "epochs between grids",
     "save.save_model_epochs": "epochs between saves",
     "model.learning_rate": "the peak learning rate",
+    "model.learning_rate_scale": "the factor on model.learning_rate",
 }
 
 

@@ -142,7 +142,9 @@ class DDPMModule(LightningModule):
             new run, not a resume (`--ckpt_path` resumes). See docs/fine-tuning.md.
         pretrained_revision: the branch, tag or commit of a Hub `pretrained` (its main branch when left out).
         image_size: side of the square images; the CLI links it to `data.image_size`.
-        learning_rate: AdamW's peak learning rate.
+        learning_rate: AdamW's peak learning rate, times `learning_rate_scale`.
+        learning_rate_scale: the factor on `learning_rate` (the rate used is their product): an overlay sets a rate
+            relative to the config it lays over with it (configs/fine-tune.yaml: 0.2, a fifth of any config's).
         lr_warmup_steps: optimizer steps of linear warm-up before the cosine decay to 0 at the run's last step.
         adam_betas, adam_weight_decay, adam_epsilon: AdamW's other settings (torch's defaults, as the tutorial).
         num_train_timesteps, beta_schedule, beta_start, beta_end: DDPMScheduler's noise schedule. Left out
@@ -177,6 +179,7 @@ class DDPMModule(LightningModule):
         pretrained_revision: str | None = None,
         image_size: int = 128,
         learning_rate: float = 1e-4,
+        learning_rate_scale: float = 1.0,
         lr_warmup_steps: int = 500,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_weight_decay: float = 0.01,
@@ -197,6 +200,10 @@ class DDPMModule(LightningModule):
         nan_check_every_n_steps: int = 10,
     ) -> None:
         super().__init__()
+        if not learning_rate_scale > 0:
+            raise ValueError(
+                f"learning_rate_scale={learning_rate_scale}: the factor on learning_rate must be positive (1.0: as is)."
+            )
         if not snr_gamma > 0:
             raise ValueError(f"snr_gamma={snr_gamma}: min-SNR's gamma must be positive (5.0 in the paper).")
         self.save_hyperparameters()
@@ -287,10 +294,15 @@ class DDPMModule(LightningModule):
         losses = [self.denoising_loss(images, noise, t.expand(len(images)).to(images.device)) for t in steps]
         return torch.stack(losses).mean()
 
+    @property
+    def peak_learning_rate(self) -> float:
+        """The rate AdamW reaches after the warm-up: `learning_rate` times `learning_rate_scale`."""
+        return self.hparams.learning_rate * self.hparams.learning_rate_scale
+
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (as the speed switches choose it) and the warm-up + cosine schedule, stepped per optimizer step."""
         hp = self.hparams
-        adamw = {"lr": hp.learning_rate, "betas": hp.adam_betas, "weight_decay": hp.adam_weight_decay}
+        adamw = {"lr": self.peak_learning_rate, "betas": hp.adam_betas, "weight_decay": hp.adam_weight_decay}
         adamw["eps"] = hp.adam_epsilon
         optimizer = self.speed.adamw(self.unet.parameters(), adamw, self.trainer)
         # Per optimizer step, over the whole run as the Trainer counts it (devices, accumulation, max_steps).
@@ -305,7 +317,7 @@ class DDPMModule(LightningModule):
         if hp.lr_warmup_steps >= total:
             rank_zero_warn(
                 f"lr_warmup_steps={hp.lr_warmup_steps} is not shorter than the run ({total} optimizer steps): the "
-                f"learning rate never reaches learning_rate={hp.learning_rate}. Lower model.lr_warmup_steps."
+                f"learning rate never reaches its peak {self.peak_learning_rate:g}. Lower model.lr_warmup_steps."
             )
         lr_schedule = get_cosine_schedule_with_warmup(optimizer, hp.lr_warmup_steps, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_schedule, "interval": "step"}}

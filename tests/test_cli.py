@@ -179,6 +179,7 @@ def test_the_config_goes_to_the_runs_logs_folder_with_any_logger(image_folder, t
         ("--data.train_batch_size", "0"),
         ("--data.val_batch_size", "0"),
         ("--model.learning_rate", "-0.0001"),
+        ("--model.learning_rate_scale", "-0.2"),
     ],
 )
 def test_values_that_must_be_positive_are_named(image_folder, tmp_path, key, value):

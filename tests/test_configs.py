@@ -68,6 +68,7 @@ class RecordSettings(Callback):
             "steps": trainer.global_step,
             "prediction_type": pl_module.noise_scheduler.config.prediction_type,
             "loss_weighting": pl_module.hparams.loss_weighting,
+            "learning_rate": trainer.lr_scheduler_configs[0].scheduler.base_lrs[0],  # the peak AdamW and schedule use
         }
 
 
@@ -134,6 +135,10 @@ def test_every_config_trains_as_shipped_on_cpu(config, image_folder, tmp_path, m
     seen = RecordSettings.seen
     assert seen["prediction_type"] == (model.get("prediction_type") or "epsilon")  # null: the default
     assert seen["loss_weighting"] == model.get("loss_weighting", "uniform")
+    rate = model.get("learning_rate", 1e-4) * model.get("learning_rate_scale", 1.0)  # an overlay's scale, on its base's
+    assert seen["learning_rate"] == pytest.approx(rate, rel=1e-9)
+    if config.name == "fine-tune.yaml":  # a fifth of butterflies.yaml's 1e-4
+        assert seen["learning_rate"] == pytest.approx(2e-5, rel=1e-9)
     summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
     assert (summary["fid"] is not None) == bool(held_out), summary
     assert seen["steps"] == 3

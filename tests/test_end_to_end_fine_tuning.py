@@ -1,7 +1,7 @@
 """Fine-tuning runs (`--model.pretrained`): from a folder this project saved, the google/ddpm-* layout, a bare UNet
 folder, a .ckpt and a Hub id (the local stand-in); the first step starts from the pretrained weights bitwise, the
-saved folder loads with DDPMPipeline, a resume is exact, and configs/fine-tune.yaml trains at its LR. The wrong
-sources' one-line errors are test_model_source.py's."""
+saved folder loads with DDPMPipeline, a resume is exact, and configs/fine-tune.yaml trains at a fifth of its base
+config's LR. The wrong sources' one-line errors are test_model_source.py's."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from ddpm_lightning.commands import export, sample
 from conftest import (
     NO_SAVES,
     REPO,
+    TINY_CONFIG,
     TINY_DATA_AND_GRID,
     TINY_UNET,
     assert_same_weights,
@@ -157,8 +158,11 @@ def test_resumed_fine_tuning_equals_the_straight_run(trained, images, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_fine_tune_overlay_trains_from_the_pretrained_model_at_its_lr(trained, images, tmp_path):
-    """configs/fine-tune.yaml over configs/butterflies.yaml, as shipped but for the sizes and the length."""
+def test_the_fine_tune_overlay_trains_from_the_pretrained_model_at_a_fifth_of_its_base_configs_lr(
+    trained, images, tmp_path
+):
+    """configs/fine-tune.yaml over configs/tiny.yaml, as shipped but for the sizes, the length and no held-out
+    images: a fifth of tiny.yaml's 2e-3 (over butterflies.yaml, 2e-5: test_configs.py)."""
     overlay = yaml.safe_load((REPO / "configs" / "fine-tune.yaml").read_text())["model"]
     source = trained / "run"
     record = tmp_path / "first.pt"
@@ -166,7 +170,7 @@ def test_the_fine_tune_overlay_trains_from_the_pretrained_model_at_its_lr(traine
         [
             "fit",
             "-c",
-            str(REPO / "configs" / "butterflies.yaml"),
+            str(TINY_CONFIG),
             "-c",
             str(REPO / "configs" / "fine-tune.yaml"),
             "--model.pretrained",
@@ -174,6 +178,10 @@ def test_the_fine_tune_overlay_trains_from_the_pretrained_model_at_its_lr(traine
             "--data.dataset",
             str(images),
             *TINY_DATA_AND_GRID,
+            "--data.val_dataset",
+            "null",
+            "--quality.num_samples",
+            "0",
             "--trainer.max_steps",
             "2",
             "--trainer.accelerator",
@@ -187,6 +195,6 @@ def test_the_fine_tune_overlay_trains_from_the_pretrained_model_at_its_lr(traine
     )
     first = torch.load(record)
     assert_same_weights(unet_weights(UNet2DModel.from_pretrained(source, subfolder="unet")), first["unet"])
-    assert first["base_lr"] == overlay["learning_rate"]
-    assert first["lr_at_step_1"] == pytest.approx(overlay["learning_rate"] / overlay["lr_warmup_steps"], rel=1e-6)
+    assert first["base_lr"] == pytest.approx(4e-4, rel=1e-9)  # 2e-3 x 0.2
+    assert first["lr_at_step_1"] == pytest.approx(4e-4 / overlay["lr_warmup_steps"], rel=1e-6)
     DDPMPipeline.from_pretrained(tmp_path / "tuned")

@@ -114,6 +114,12 @@ def test_min_snr_gamma_must_be_positive():
         tiny_module(loss_weighting="min_snr", snr_gamma=0)
 
 
+def test_learning_rate_scale_must_be_positive_and_scales_the_peak_rate():
+    with pytest.raises(ValueError, match=r"^learning_rate_scale=-0.2: the factor on learning_rate must be positive"):
+        tiny_module(learning_rate_scale=-0.2)
+    assert tiny_module(learning_rate=2e-3, learning_rate_scale=0.2).peak_learning_rate == pytest.approx(4e-4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_each_prediction_type_learns(prediction_type):
