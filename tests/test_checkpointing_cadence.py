@@ -47,3 +47,26 @@ def test_step_cadence_keeps_one_file_and_moves_the_link(twelve, tmp_path):
     )
     kept = sorted(p.name for p in (tmp_path / "checkpoints" / "all").glob("epoch*.ckpt"))
     assert kept == ["epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt", "epoch=1-step=6.ckpt"]
+
+
+@pytest.mark.slow
+def test_an_epoch_cadence_saves_every_epoch_when_validation_runs_less_often(twelve, tmp_path):
+    """--checkpoint.every_n_epochs 1 under trainer.check_val_every_n_epoch 5 (as configs/tiny.yaml validates):
+    a checkpoint at each of the 3 epochs' ends, not only where validation runs."""
+    cadence = ["--checkpoint.every_n_epochs", "1", "--checkpoint.save_top_k", "-1"]
+    main(
+        fit_args(
+            twelve,
+            tmp_path / "run",
+            *NO_SAVES,
+            *cadence,
+            "--trainer.max_epochs",
+            "3",
+            "--trainer.check_val_every_n_epoch",
+            "5",
+            "--data.val_fraction",
+            "0.25",
+        )
+    )
+    folder = tmp_path / "checkpoints" / "run"
+    assert sorted(p.name for p in folder.glob("epoch=*")) == [f"epoch={e}-step={3 * e + 3}.ckpt" for e in range(3)]

@@ -25,6 +25,7 @@ class PeriodicCheckpoint(ModelCheckpoint):
     (the previous one is deleted with the default save_top_k=1) and `last.ckpt` is a link to it.
 
     Setting `every_n_train_steps` or `every_n_epochs` replaces the time cadence; `save_top_k: -1` keeps every file.
+    An epoch cadence saves at the epoch's end also in epochs that are not validated.
 
     Args:
         train_time_interval: save every this much training time, "h:mm:ss" (default 0:10:00); null for none.
@@ -44,6 +45,11 @@ class PeriodicCheckpoint(ModelCheckpoint):
         # counter would write last-v1.ckpt on resume, as a linked save does not record the link's name).
         if kwargs.get("every_n_train_steps") or kwargs.get("every_n_epochs"):
             train_time_interval = None
+        # An epoch cadence saves at every due epoch's end. Left to itself Lightning saves it after validation where
+        # trainer.check_val_every_n_epoch is not 1 (configs/tiny.yaml), and the epochs between go unsaved. A
+        # monitored metric keeps Lightning's choice: it is there after validation.
+        if kwargs.get("save_on_train_epoch_end") is None and kwargs.get("monitor") is None:
+            kwargs["save_on_train_epoch_end"] = True
         super().__init__(
             *args,
             train_time_interval=train_time_interval,
