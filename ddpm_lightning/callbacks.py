@@ -405,6 +405,16 @@ class MeasureQuality(Callback):
         self.history: list[dict[str, Any]] = []  # every measurement of this run, in order
         self.last_step_end: float | None = None  # when the previous training step ended (time.monotonic)
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse a cadence that validation, where the measurements are taken, does not run at."""
+        every, validation = self.measure_quality_epochs, trainer.check_val_every_n_epoch
+        if stage == "fit" and self.num_samples > 0 and every > 0 and validation not in (None, 1) and every % validation:
+            raise ValueError(
+                f"quality.measure_quality_epochs {every}: quality is measured in validation, which runs every "
+                f"{validation} epochs (trainer.check_val_every_n_epoch): set --trainer.check_val_every_n_epoch 1, or "
+                f"quality.measure_quality_epochs to a multiple of {validation}"
+            )
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Name the held-out images (val/loss's and KID/FID's reference) in the log and TensorBoard."""
         self.history, self.last_step_end = [], None

@@ -404,3 +404,11 @@ def test_the_quality_summary_names_the_best_measurement_and_whether_the_last_imp
     assert summary["still_improving"] is False and summary["step"] == 30
     measure.history.append({"step": 40, "epoch": 4, "kid_mean": 0.1, "fid": 280.0, **counts})
     assert measure.quality_summary()["still_improving"] is True and measure.quality_summary()["best"]["step"] == 40
+
+
+def test_a_quality_cadence_between_validations_is_refused_in_one_line(twelve, tmp_path):
+    """Every 2 epochs while validation, which measures, runs every 5th (configs/tiny.yaml's): refused at set-up."""
+    args = ["--quality.num_samples", "4", "--quality.measure_quality_epochs", "2"]
+    args += ["--trainer.check_val_every_n_epoch", "5", "--data.val_fraction", "0.25"]
+    with pytest.raises(ValueError, match=r"measure_quality_epochs 2: .* runs every 5 epochs .* multiple of 5$"):
+        main(fit_args(twelve, tmp_path / "run", *args))
