@@ -201,6 +201,15 @@ def test_quality_benchmark_tiny(tmp_path, heliconius_photos):
 
 
 @pytest.mark.slow
+def test_quality_benchmark_refuses_a_post_hoc_length_out_of_range():
+    """--posthoc-lengths is checked before any training: one line naming the length and the range."""
+    done = run_script("benchmarks/quality.py", "--posthoc-lengths", "0.05,0.5", "--steps", "2", timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith(
+        "--posthoc-lengths 0.5: an EMA length (EDM2's sigma_rel) must be in (0, 0.288), e.g. 0.05 or 0.1."
+    ), done.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_quality_benchmark_scores_elsewhere_what_it_drew_without_the_network(tmp_path, heliconius_photos):
     """--defer-fid (a machine without the FID network: the GPU one cannot carry it): every sampled set goes to a zip
     of PNGs and its row has no FID yet; --score on another machine fills in FID/KID from those zips against the
