@@ -5,7 +5,7 @@
 #   CALL=1 bash benchmarks/gpu_run.sh    # there, first call: the fastest config's start-up, its resume, batch 16
 #   CALL=2 bash benchmarks/gpu_run.sh    # there, second call: end to end, batch 64
 #   CALL=3 bash benchmarks/gpu_run.sh    # there, third call: quality per recipe (FID scored here afterwards)
-#   CALL=4 bash benchmarks/gpu_run.sh    # there, fourth call: post-hoc EMA lengths of the third call's run (the same)
+#   CALL=4 bash benchmarks/gpu_run.sh    # there, fourth call: post-hoc EMA of the third call's run (FID here too)
 #   CPU=1 CALL=1 bash benchmarks/gpu_run.sh   # on a CPU: the same parts in their tiny CPU modes (checks the script)
 #
 # Parts, each started only if its usual time still fits in BUDGET seconds (default 540), and cut off at the budget:
@@ -27,8 +27,8 @@
 #   CALL=4  posthoc  quality.py on CALL=3's 900-step v + min-SNR run (--reuse-runs: trained again only on a fresh
 #                    machine): its raw weights again and its post-hoc EMA at lengths 0.05, 0.1 and 0.2, deferred FID
 #                    as CALL=3's (--score <files_at>/posthoc.json). A call of its own: CALL=3 brings back 8 files
-#                    already, the most a call brings back, and 4 more zips of 256 samples at 128 px (about 7 MB
-#                    each) would not fit its 64 MiB either.
+#                    already, the most a call brings back, and 4 more zips of 256 samples at 128 px (about 6 MB
+#                    each, as the photos' PNGs at 128 px) would not fit its 64 MiB either.
 #   also:   smoke    gpu_smoke.py over every shipped config (401 s on an H200: a lease of its own)
 # PARTS="e2e bench64" picks parts by name instead of CALL. The smoke parts' whole per-step logs come back in
 # $OUT/smoke-logs/ (each holds its run summary: start-up, training, epoch ends).
@@ -80,7 +80,7 @@ SMOKE_MODE=() BENCH_MODE=()
 QUALITY_MODE=(-c configs/butterflies.yaml --num-samples 256 --samplers dpmsolver++-20)
 QUALITY_STEPS=900,300 POSTHOC_STEPS=900
 # a warm-up that a 300-step run gets through, and a 20-step end-of-run grid (butterflies.yaml's is DDPM-1000);
-# post-hoc EMA snapshots every 100 steps: 2 x 10 of 228 MB (float16) for a 900-step run
+# post-hoc EMA snapshots every 100 steps: 2 x 9 of 228 MB (float16) for a 900-step run, 11 GB for the 4 runs
 QUALITY_FIT="--data.dataset $IMAGES --model.lr_warmup_steps 100 --grid.sampler dpmsolver++ --grid.num_inference_steps 20"
 QUALITY_FIT+=" --posthoc_ema.enabled true --posthoc_ema.every_n_steps 100"
 if [ "${CPU:-0}" = 1 ]; then  # the scripts' own CPU modes: tiny UNet, a few steps; the numbers mean nothing
