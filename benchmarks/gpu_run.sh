@@ -5,6 +5,7 @@
 #   CALL=1 bash benchmarks/gpu_run.sh    # there, first call: the fastest config's start-up, its resume, batch 16
 #   CALL=2 bash benchmarks/gpu_run.sh    # there, second call: end to end, batch 64
 #   CALL=3 bash benchmarks/gpu_run.sh    # there, third call: quality per recipe (FID scored here afterwards)
+#   CALL=4 bash benchmarks/gpu_run.sh    # there, fourth call: post-hoc EMA of the third call's run (FID here too)
 #   CPU=1 CALL=1 bash benchmarks/gpu_run.sh   # on a CPU: the same parts in their tiny CPU modes (checks the script)
 #
 # Parts, each started only if its usual time still fits in BUDGET seconds (default 540), and cut off at the budget:
@@ -16,12 +17,18 @@
 #                    butterflies-fast.yaml, each from process start to its last file
 #           bench64  benchmark.py, batch 64, no grids (the MFU figure)
 #   CALL=3  quality  quality.py on butterflies.yaml at 128 px: the tutorial's recipe and v + min-SNR, 900 and 300
-#                    steps each, held-out val/loss; their samples come back as zips in $OUT/samples/ and are scored
+#                    steps each, held-out val/loss, post-hoc EMA kept (it does not change the training: CALL=4
+#                    scores it); their samples come back as zips in $OUT/samples/ and are scored
 #                    here (the FID network, 83 MiB, cannot travel): python benchmarks/quality.py --score
 #                    <files_at>/quality.json --samples-dir <files_at>/samples
 #                    Its rows also give butterflies.yaml's measurement cost / training time (the row RESULTS.md
 #                    lacks): its end-of-run measurement draws 2,048 DPM-Solver++ 20 samples, 8 x a row's sample_s
 #                    (256 samples, 100 at a time), against 3,150 training steps, 3.5 x the 900-step row's train_s.
+#   CALL=4  posthoc  quality.py on CALL=3's 900-step v + min-SNR run (--reuse-runs: trained again only on a fresh
+#                    machine): its raw weights again and its post-hoc EMA at lengths 0.05, 0.1 and 0.2, deferred FID
+#                    as CALL=3's (--score <files_at>/posthoc.json). A call of its own: CALL=3 brings back 8 files
+#                    already, the most a call brings back, and 4 more zips of 256 samples at 128 px (about 6 MB
+#                    each, as the photos' PNGs at 128 px) would not fit its 64 MiB either.
 #   also:   smoke    gpu_smoke.py over every shipped config (401 s on an H200: a lease of its own)
 # PARTS="e2e bench64" picks parts by name instead of CALL. The smoke parts' whole per-step logs come back in
 # $OUT/smoke-logs/ (each holds its run summary: start-up, training, epoch ends).
@@ -51,7 +58,8 @@ case $CALL in
     1) DEFAULT_PARTS="fast bench16" ;;
     2) DEFAULT_PARTS="e2e bench64" ;;
     3) DEFAULT_PARTS="quality" ;;
-    *) echo "CALL must be 1, 2 or 3, not $CALL" >&2; exit 2 ;;
+    4) DEFAULT_PARTS="posthoc" ;;
+    *) echo "CALL must be 1, 2, 3 or 4, not $CALL" >&2; exit 2 ;;
 esac
 PARTS=${PARTS:-$DEFAULT_PARTS}
 WORK=${WORK:-/tmp/gpu-run-work}
@@ -69,15 +77,20 @@ print(torch.__version__, torch.version.cuda, lightning.__version__, diffusers.__
 } > "$OUT/env.txt" 2>&1
 
 SMOKE_MODE=() BENCH_MODE=()
-QUALITY_MODE=(-c configs/butterflies.yaml --steps 900,300 --num-samples 256 --samplers dpmsolver++-20)
-# a warm-up that a 300-step run gets through, and a 20-step end-of-run grid (butterflies.yaml's is DDPM-1000)
+QUALITY_MODE=(-c configs/butterflies.yaml --num-samples 256 --samplers dpmsolver++-20)
+QUALITY_STEPS=900,300 POSTHOC_STEPS=900
+# a warm-up that a 300-step run gets through, and a 20-step end-of-run grid (butterflies.yaml's is DDPM-1000);
+# post-hoc EMA snapshots every 100 steps: 2 x 9 of 228 MB (float16) for a 900-step run, 11 GB for the 4 runs
 QUALITY_FIT="--data.dataset $IMAGES --model.lr_warmup_steps 100 --grid.sampler dpmsolver++ --grid.num_inference_steps 20"
+QUALITY_FIT+=" --posthoc_ema.enabled true --posthoc_ema.every_n_steps 100"
 if [ "${CPU:-0}" = 1 ]; then  # the scripts' own CPU modes: tiny UNet, a few steps; the numbers mean nothing
     SMOKE_MODE=(--cpu) BENCH_MODE=(--tiny)
     [ -d "$IMAGES" ] || IMAGES=../shared/data/heliconius/train
     [ -d "$VAL_IMAGES" ] || VAL_IMAGES=../shared/data/heliconius/val
-    QUALITY_MODE=(--steps 4,2 --num-samples 4 --samplers dpmsolver++-2)  # tiny.yaml
+    QUALITY_MODE=(--num-samples 4 --samplers dpmsolver++-2)  # tiny.yaml
+    QUALITY_STEPS=4,2 POSTHOC_STEPS=4
     QUALITY_FIT="--data.dataset $IMAGES --data.image_size 16 --data.num_workers 0 --grid.num_inference_steps 2"
+    QUALITY_FIT+=" --posthoc_ema.enabled true --posthoc_ema.every_n_steps 1"
 fi
 VAL=$([ -d "$VAL_IMAGES" ] && echo "$VAL_IMAGES")  # none carried: the end-to-end row goes without its val/loss
 
@@ -122,8 +135,13 @@ part bench64 150 python benchmarks/benchmark.py "${BENCH_MODE[@]}" --images "$IM
     --grid-steps 0 "${FAST[@]}" --out "$OUT/bench64.json"
 # 2 x (900 + 300) steps at about 8 steps/s (the tutorial loop ran 129-169 images/s at batch 16 on an H200), with
 # a fit's start-up and 256 DPM-Solver++ samples each: an estimate, no quality run has been on a GPU yet.
-part quality 420 python benchmarks/quality.py "${QUALITY_MODE[@]}" --variants tutorial,v+min-snr \
-    --fit-args "$QUALITY_FIT --trainer.enable_progress_bar false --trainer.enable_model_summary false" \
-    --val-dataset "${VAL:-$IMAGES}" --val-split train --out-dir "$WORK/quality" \
+QUALITY_FIT+=" --trainer.enable_progress_bar false --trainer.enable_model_summary false"
+part quality 420 python benchmarks/quality.py "${QUALITY_MODE[@]}" --steps $QUALITY_STEPS --variants tutorial,v+min-snr \
+    --fit-args "$QUALITY_FIT" --val-dataset "${VAL:-$IMAGES}" --val-split train --out-dir "$WORK/quality" \
     --defer-fid --samples-dir "$OUT/samples" --out "$OUT/quality.json"
+# 4 x 256 samples from the quality part's run (an estimate: 60 s each with the reconstruction); a fresh machine
+# trains it again first (about 2 minutes)
+part posthoc 300 python benchmarks/quality.py "${QUALITY_MODE[@]}" --steps $POSTHOC_STEPS --variants v+min-snr \
+    --posthoc-lengths 0.05,0.1,0.2 --reuse-runs --fit-args "$QUALITY_FIT" --val-dataset "${VAL:-$IMAGES}" \
+    --val-split train --out-dir "$WORK/quality" --defer-fid --samples-dir "$OUT/samples" --out "$OUT/posthoc.json"
 echo "done after $SECONDS s" | tee -a "$OUT/summary.txt"

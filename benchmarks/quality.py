@@ -25,7 +25,9 @@ it inside its wall time):
     config          the config as it is
 `--variant NAME=ARGS` adds one (repeatable), e.g. `--variant "ft=--model.pretrained DIR --model.lr_warmup_steps
 10"`; `--variants` picks and orders them. `--raw-too` also scores a run with EMA on its raw weights (rows
-NAME/raw): EMA on and off from one training, which EMA does not change.
+NAME/raw): EMA on and off from one training, which EMA does not change. `--posthoc-lengths 0.05,0.1,0.2` also
+scores a run trained with `--posthoc_ema.enabled true` at each EMA length reconstructed from its profiles, as
+`ddpm-lightning export --ema_length` reconstructs it (rows NAME/posthoc-LENGTH).
 FID/KID: `--num-samples` images drawn with fixed seeds (image i of seed s from its own generator, as `ddpm-lightning
 sample` draws) against the first `--max-reference` training images, resized as training resizes them, with
 `metrics.SampleQuality`'s default network; their features are computed once for all variants (the cache in
@@ -271,6 +273,35 @@ def score_variant(
         with raw_weights(module):
             raw = {**run, "variant": f"{variant}/raw"}
             rows += score_weights(a, module, data, samplers, (quality, held_out), raw, train_s)
+    if a.posthoc_lengths:
+        rows += score_posthoc(a, module, last, data, samplers, (quality, held_out), run, train_s)
+    return rows
+
+
+def score_posthoc(a, module, last: Path, data, samplers, scorers, run: dict, train_s: float) -> list[dict]:
+    """--posthoc-lengths: each EMA length reconstructed from the run's post-hoc EMA profiles (as `ddpm-lightning
+    export --ema_length` reconstructs it), scored as the run's other weights are (rows NAME/posthoc-LENGTH)."""
+    import copy
+
+    from ddpm_lightning import posthoc_ema
+
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    state = posthoc_ema.checkpoint_state(checkpoint)
+    if state is None:
+        print(f"{last}: no post-hoc EMA profiles (--posthoc_ema.enabled true in its fit): no posthoc rows", flush=True)
+        return []
+    template = copy.deepcopy(module.unet).cpu()
+    own = {k: v.detach().clone() for k, v in module.unet.state_dict().items()}
+    rows = []
+    with raw_weights(module):  # the reconstruction in the UNet, not the fixed-decay EMA swapped in over it
+        for length in a.posthoc_lengths:
+            weights = posthoc_ema.reconstruct(
+                template, last.parent / posthoc_ema.SNAPSHOTS, state, checkpoint["global_step"], length
+            )
+            module.unet.load_state_dict(weights)
+            posthoc = {**run, "variant": f"{run['variant']}/posthoc-{length:g}"}
+            rows += score_weights(a, module, data, samplers, scorers, posthoc, train_s)
+        module.unet.load_state_dict(own)
     return rows
 
 
@@ -442,6 +473,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--raw-too", action="store_true", help="runs with EMA: also score their raw weights (rows NAME/raw)"
     )
+    parser.add_argument(
+        "--posthoc-lengths",
+        default=None,
+        help="runs trained with --posthoc_ema.enabled true: also score these EMA lengths, e.g. 0.05,0.1,0.2 "
+        "(rows NAME/posthoc-LENGTH)",
+    )
     parser.add_argument("--reuse-runs", action="store_true", help="score a run folder trained as asked, not retrain")
     parser.add_argument(
         "--defer-fid", action="store_true", help="write the samples to --samples-dir, not FID/KID (no network needed)"
@@ -468,6 +505,17 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--score-at {a.score_at}: each count from 2 to --num-samples ({a.num_samples})")
     if a.held_out_too and (a.defer_fid or a.score is not None):
         parser.error("--held-out-too scores in the run that draws: not with --defer-fid or --score")
+    if a.posthoc_lengths is not None:
+        from ddpm_lightning.posthoc_ema import check_lengths
+
+        try:
+            a.posthoc_lengths = [float(x) for x in a.posthoc_lengths.split(",")]
+        except ValueError:
+            parser.error(f"--posthoc-lengths {a.posthoc_lengths!r}: EMA lengths separated by commas, e.g. 0.05,0.1,0.2")
+        try:
+            check_lengths(a.posthoc_lengths, "--posthoc-lengths")
+        except ValueError as err:
+            parser.error(str(err))
     seeds = [int(s) for s in a.seeds.split(",")]
     step_counts = [int(s) for s in a.steps.split(",")]
 

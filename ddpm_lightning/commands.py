@@ -305,7 +305,7 @@ def export(
     reference: str | None = None,
     reference_split: str = "train",
     num_images: int = 64,
-    sampler: Sampler = "ddim",
+    sampler: Sampler = "dpmsolver++",
     num_inference_steps: int | None = None,
     seed: int = 0,
     batch_size: int = 16,
@@ -332,8 +332,9 @@ def export(
             to the model's size as training resizes them.
         reference_split: the split of `reference`.
         num_images: the sweep's samples per length (the same seeds for each length).
-        sampler: the sweep's sampler (`sample`'s).
-        num_inference_steps: the sweep's denoising steps; 1000 for ddpm and 50 for the others when left out.
+        sampler: the sweep's sampler (`sample`'s); the end-of-run measurement's (`quality.sampler`) by default.
+        num_inference_steps: the sweep's denoising steps; when left out 20 for dpmsolver++ (as `quality`
+            measures), 50 for ddim and 1000 for ddpm.
         seed: the sweep's seed.
         batch_size: the sweep's images denoised at once.
         device: where the sweep samples and scores (`sample`'s).
@@ -357,7 +358,7 @@ def export(
     found = load_model(model, revision, POSITIONAL)
     chosen = None
     if lengths:
-        steps = (1000 if sampler == "ddpm" else 50) if num_inference_steps is None else num_inference_steps
+        steps = SWEEP_STEPS.get(sampler, 50) if num_inference_steps is None else num_inference_steps
         check_sample_options(num_images, batch_size, sampler, steps, str(folder), reference, None)
         sweep = None
         if reference is not None:
@@ -409,6 +410,9 @@ def ema_lengths(value: float | Sequence[float] | str | None) -> list[float]:
     except ValueError as err:
         raise CommandError(str(err)) from err
     return lengths
+
+
+SWEEP_STEPS = {"dpmsolver++": 20, "ddim": 50, "ddpm": 1000}  # the sweep's denoising steps per sampler, by default
 
 
 @dataclass
@@ -471,7 +475,7 @@ def posthoc_weights(found: ModelSource, model: str, lengths: list[float], sweep:
         quality.reset_fake()
         quality.update_fake(images)
         scores = {**quality.compute(), "num_samples": len(images), "num_reference": len(reals)}
-        log.info(f"EMA length {length}: {headline(scores)}")
+        log.info(f"EMA length {length}: {headline(scores)}, {sweep.sampler}, {sweep.steps} steps")
         if best is None or scores["kid_mean"] < best[1]:
             best = (length, scores["kid_mean"], candidate)
     assert best is not None

@@ -143,7 +143,8 @@ def test_quality_benchmark_tiny(tmp_path, heliconius_photos):
     done = run_script(
         "benchmarks/quality.py", "--steps", "2", "--variants", "tutorial,v+min-snr,my-ema",
         "--samplers", "ddim-2,dpmsolver++-2",
-        "--variant", "my-ema=--model.use_ema true --model.ema_power 0.5", "--raw-too",
+        "--variant", "my-ema=--model.use_ema true --model.ema_power 0.5 --posthoc_ema.enabled true "
+        "--posthoc_ema.every_n_steps 1", "--raw-too", "--posthoc-lengths", "0.2",
         "--num-samples", "4", "--score-at", "2,4", "--held-out-too", "--max-reference", "5",
         "--val-dataset", str(val), "--val-split", "train", "--feature", "conftest.TinyFeatures",
         "--fit-args", fit_args, "--out-dir", str(tmp_path / "runs"), "--out", str(out),
@@ -154,7 +155,9 @@ def test_quality_benchmark_tiny(tmp_path, heliconius_photos):
     assert rows == [
         ("tutorial", 2, "ddim-2"), ("tutorial", 2, "dpmsolver++-2"), ("v+min-snr", 2, "ddim-2"),
         ("my-ema", 2, "ddim-2"), ("my-ema/raw", 2, "ddim-2"),  # EMA on and off from one run (--raw-too)
+        ("my-ema/posthoc-0.2", 2, "ddim-2"),  # its post-hoc EMA at one length (--posthoc-lengths)
     ]  # fmt: skip
+    assert "no post-hoc EMA profiles" in done.stdout  # the other variants: trained without them
     for first, whole in zip(report["rows"][::2], report["rows"][1::2]):  # one draw (its sample_s), two counts
         same = ("variant", "sampler", "sample_s", "features_s", "val_loss")
         assert [first[k] for k in same] == [whole[k] for k in same], (first, whole)
@@ -175,8 +178,11 @@ def test_quality_benchmark_tiny(tmp_path, heliconius_photos):
     config = yaml.safe_load((tmp_path / "runs" / "my-ema-2-seed0" / "logs" / "config.yaml").read_text())["model"]
     assert (config["use_ema"], config["ema_power"]) == (True, 0.5)
     assert "| my-ema | 2 | ddim-2 |" in report["markdown"] and "| my-ema/raw | 2 | ddim-2 |" in report["markdown"]
-    ema, raw = report["rows"][6:10:2]
+    ema, raw, posthoc = report["rows"][6:12:2]
     assert ema["val_loss"] != raw["val_loss"] and ema["train_s"] == raw["train_s"], (ema, raw)
+    # the reconstruction's own weights, neither the raw ones nor the fixed-decay EMA's
+    assert len({r["val_loss"] for r in (ema, raw, posthoc)}) == 3, (ema, raw, posthoc)
+    assert "| my-ema/posthoc-0.2 | 2 | ddim-2 |" in report["markdown"]
 
     # the same runs scored again, not retrained: a draw of 2, the first 2 images of the draw of 4 (each from its own
     # generator), scores as the first row did
@@ -192,6 +198,15 @@ def test_quality_benchmark_tiny(tmp_path, heliconius_photos):
     (row,) = json.loads(again.read_text())["rows"]
     assert row["train_s"] == tutorial["train_s"] and abs(row["val_loss"] - tutorial["val_loss"]) < 1e-6, row
     assert row["num_samples"] == 2 and row["kid_mean"] == pytest.approx(first_2["kid_mean"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_quality_benchmark_refuses_a_post_hoc_length_out_of_range():
+    """--posthoc-lengths is checked before any training: one line naming the length and the range."""
+    done = run_script("benchmarks/quality.py", "--posthoc-lengths", "0.05,0.5", "--steps", "2", timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith(
+        "--posthoc-lengths 0.5: an EMA length (EDM2's sigma_rel) must be in (0, 0.288), e.g. 0.05 or 0.1."
+    ), done.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -164,6 +164,22 @@ def test_a_reconstruction_at_a_profiles_length_is_that_profile_and_export_writes
 
 
 @pytest.mark.slow
+def test_export_of_a_run_without_post_hoc_ema_says_so_in_one_line(straight, tmp_path):
+    """A checkpoint of a run with posthoc_ema off (Lightning saves no state for its callback then): `export
+    --ema_length`, one length or a sweep, stops with one line that names the problem and the fix, and writes nothing."""
+    checkpoint = torch.load(straight / "checkpoints" / "straight" / "last.ckpt", weights_only=False)
+    del checkpoint["callbacks"]["PosthocEMA"]
+    ckpt = tmp_path / "last.ckpt"
+    torch.save(checkpoint, ckpt)
+    said = f"--ema_length: {ckpt} holds no post-hoc EMA profiles. Give the checkpoint of a run trained with"
+    with pytest.raises(commands.CommandError, match=said):
+        commands.export(str(ckpt), str(tmp_path / "one"), ema_length=0.1)
+    done = run_cli("export", str(ckpt), "sweep", "--ema_length", "0.05,0.1", "--reference", "refs", cwd=tmp_path)
+    assert done.returncode != 0 and said in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "one").exists() and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
 def test_the_sweep_writes_the_length_with_the_best_kid(straight, tmp_path, caplog):
     """Planted: every snapshot of profile 0 holds the run's weights, every one of profile 1 the same weights with
     the output's bias raised by 3 (saturated images). The reference images are the run's weights' own samples (other
@@ -201,10 +217,10 @@ def test_the_sweep_writes_the_length_with_the_best_kid(straight, tmp_path, caplo
             ema_length="0.28,0.05",
             reference=str(tmp_path / "reference"),
             num_images=4,
-            num_inference_steps=5,
         )
     said = [r.getMessage() for r in caplog.records]
     kids = [line for line in said if line.startswith("EMA length ") and ": KID " in line]
     assert len(kids) == 2 and all("(N=4 samples, M=4 reference images)" in line for line in kids)
+    assert all("dpmsolver++, 20 steps" in line for line in kids), kids  # the end-of-run measurement's sampler
     assert "EMA length 0.05 has the lowest KID" in caplog.text
     assert_bitwise(good, DDPMPipeline.from_pretrained(out).unet.state_dict())
