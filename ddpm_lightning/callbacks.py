@@ -451,7 +451,7 @@ class MeasureQuality(Callback):
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
         if trainer.check_val_every_n_epoch not in (None, 1) and self.run_ends_here(trainer):
-            trainer.check_val_every_n_epoch = 1  # this epoch is due: Lightning validates at this step
+            trainer.check_val_every_n_epoch = 1  # every epoch due from here on: Lightning validates where it stops
 
     def run_ends_here(self, trainer: Trainer) -> bool:
         """Whether the run stops at this step (max_steps, max_epochs, a stop asked for) or soon by max_time."""
