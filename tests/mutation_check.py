@@ -106,8 +106,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "lr_length_in_micro_batches": (
         "ddpm_lightning/module.py",
-        "total = int(self.trainer.estimated_stepping_batches)",
-        "total = int(self.trainer.estimated_stepping_batches) * self.trainer.accumulate_grad_batches",
+        "total = self.trainer.estimated_stepping_batches\n",
+        "total = self.trainer.estimated_stepping_batches * self.trainer.accumulate_grad_batches\n",
         [LR_TEST],
     ),
     "no_fsync": (
