@@ -456,9 +456,7 @@ class MeasureQuality(Callback):
     def run_ends_here(self, trainer: Trainer) -> bool:
         """Whether the run stops at this step (max_steps, max_epochs, a stop asked for) or soon by max_time."""
         time_up = self.time_runs_out(trainer)  # first: it times every step
-        epochs = trainer.max_epochs
-        last_epoch = epochs is not None and 0 < epochs <= trainer.current_epoch + 1 and trainer.is_last_batch
-        return trainer.should_stop or last_epoch or time_up
+        return time_up or trainer.should_stop or (trainer.is_last_batch and is_last_epoch(trainer))
 
     def time_runs_out(self, trainer: Trainer) -> bool:
         """Whether trainer.max_time's Timer is less than two steps' time from stopping the run (rank 0's answer)."""

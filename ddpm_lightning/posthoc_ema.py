@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import re
 import tempfile
@@ -103,13 +102,8 @@ class PosthocEMA(Callback):
         """Check the planned disk cost, and delete the snapshots after the step this run starts from."""
         if not self.enabled:
             return
-        total = trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError(
-                "posthoc_ema: the run has no planned length to bound its snapshots' disk cost: set trainer.max_steps "
-                "or trainer.max_epochs."
-            )
-        count = snapshots_planned(int(total), self.every_n_steps)
+        # (finite: the module's learning-rate schedule has already refused a run without a set length)
+        count = snapshots_planned(int(trainer.estimated_stepping_batches), self.every_n_steps)
         size = unet_bytes(pl_module.unet, DTYPES[self.dtype])
         cost = count * len(self.sigma_rels) * size
         said = (
