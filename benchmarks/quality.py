@@ -34,9 +34,10 @@ sample` draws) against the first `--max-reference` training images, resized as t
 <out-dir>/fid_reference). `--score-at 200,1000,2000` scores one draw at several sample counts N (its first N
 images, their features computed once): a row per N, each with N and the reference count M, since FID's bias
 depends on N and the model scored (below 2,048 its covariance is rank-deficient: KID leads there). `--held-out-too`
-also scores each draw against the held-out images (`--val-dataset`), the columns *_held_out. Every variant is
-scored with the first of `--samplers`, the first variant with all of them (`--all-samplers`: every variant with
-all). `--num-samples 0`: no FID/KID (the held-out losses alone).
+also scores each draw against the held-out images (`--val-dataset`), the columns *_held_out, and runs the copy
+check (copied_share: the share of samples nearer a training image than 95% of the held-out images are). Every
+variant is scored with the first of `--samplers`, the first variant with all of them (`--all-samplers`: every
+variant with all). `--num-samples 0`: no FID/KID (the held-out losses alone).
 On the held-out images (`--val-dataset`, `--val-split`), at the validation's fixed timesteps and noise: val/loss,
 the module's own loss (its target and weighting: it compares runs of the same prediction type and weighting
 only), and the noise MSE, the error of the noise its predictions imply (comparable across variants; the same as
@@ -307,7 +308,11 @@ def score_posthoc(a, module, last: Path, data, samplers, scorers, run: dict, tra
 
 def scored_at(quality, held_out, features: torch.Tensor, counts: list[int]) -> list[dict]:
     """FID/KID of the first N of `features` for each N of `counts` against `quality`'s real images (and against
-    `held_out`'s, the columns *_held_out, unless None), with N, M and each count's seconds."""
+    `held_out`'s, the columns *_held_out, unless None), with N, M and each count's seconds. With held-out images,
+    also the copy check (`metrics.copy_check`, as a run's end reports it): the share of the N samples nearer one of
+    the M training images than 95% of the held-out images are to theirs (copied_share, copy_threshold)."""
+    from ddpm_lightning.metrics import copy_check
+
     rows = []
     for n in counts:
         start = time.perf_counter()
@@ -321,6 +326,8 @@ def scored_at(quality, held_out, features: torch.Tensor, counts: list[int]) -> l
             scorer.reset_fake()
         if held_out is not None:
             row["num_held_out"] = held_out.num_real
+            copies, _ = copy_check(features[:n], quality.real_features(), held_out.real_features())
+            row.update(copies)
         rows.append({**row, "score_s": time.perf_counter() - start})
     return rows
 
@@ -374,7 +381,7 @@ def spread(rows: list[dict]) -> list[dict]:
     for (variant, steps, sampler, n), group in groups.items():
         entry: dict = {"variant": variant, "steps": steps, "sampler": sampler, "num_samples": n, "seeds": len(group)}
         keys = ["fid", "kid_mean", "kid_std", "val_loss", "val_eps_mse", "train_s"]
-        keys += [k for k in ("fid_held_out", "kid_mean_held_out", "kid_std_held_out") if k in group[0]]
+        keys += [k for k in ("fid_held_out", "kid_mean_held_out", "kid_std_held_out", "copied_share") if k in group[0]]
         for key in keys:
             values = [r.get(key, float("nan")) for r in group]
             entry[key] = statistics.fmean(values)
@@ -410,9 +417,9 @@ def markdown(report: dict) -> str:
         + (f" FID/KID scored {s['scored']}: `{s['score_command']}`." if "scored" in s else ""),
         "",
         "| variant | steps | sampler | N | KID | FID | "
-        + ("KID held-out | FID held-out | " if held_out else "")
+        + ("KID held-out | FID held-out | copied | " if held_out else "")
         + "val/loss | noise MSE | train s | seeds (FID, noise MSE half range) |",
-        "| --- " * (10 + 2 * held_out) + "|",
+        "| --- " * (10 + 3 * held_out) + "|",
     ]
 
     def number(value: float, digits: int) -> str:
@@ -424,6 +431,7 @@ def markdown(report: dict) -> str:
     for e in report["summary"]:
         held_out_cells = (
             f"{kid(e['kid_mean_held_out'], e['kid_std_held_out'])} | {number(e['fid_held_out'], 2)} | "
+            f"{e['copied_share']:.1%} | "
             if held_out
             else ""
         )

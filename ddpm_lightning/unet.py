@@ -13,6 +13,7 @@ Where a model comes from (a checkpoint, a saved folder, a Hub id) is model_sourc
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import math
@@ -39,7 +40,11 @@ BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"
 
 
 def build_unet(unet: dict[str, Any], image_size: int) -> UNet2DModel:
-    """UNet2DModel(**unet) for square images of `image_size`, refusing a size its down blocks cannot halve."""
+    """UNet2DModel(**unet) for square images of `image_size`.
+
+    It refuses, in one line, a key UNet2DModel does not take (naming the nearest) and a size its down blocks cannot
+    halve.
+    """
     unet_kwargs = dict(unet)
     if "sample_size" in unet_kwargs and unet_kwargs["sample_size"] != image_size:
         raise ValueError(
@@ -47,7 +52,13 @@ def build_unet(unet: dict[str, Any], image_size: int) -> UNet2DModel:
             "leave unet.sample_size out, it follows data.image_size."
         )
     unet_kwargs["sample_size"] = image_size
-    default_blocks = inspect.signature(UNet2DModel.__init__).parameters["down_block_types"].default
+    known = inspect.signature(UNet2DModel.__init__).parameters
+    unknown = sorted(k for k in unet_kwargs if k not in known and not k.startswith("_"))  # (_: a saved config's)
+    if unknown:
+        nearest = difflib.get_close_matches(unknown[0], [k for k in known if k != "self"], n=1)
+        hint = f"did you mean model.unet.{nearest[0]}?" if nearest else "see diffusers' UNet2DModel."
+        raise ValueError(f"model.unet.{unknown[0]}: UNet2DModel has no such argument; {hint}")
+    default_blocks = known["down_block_types"].default
     levels = len(unet_kwargs.get("down_block_types", default_blocks))
     if image_size % 2 ** (levels - 1):
         factor = 2 ** (levels - 1)

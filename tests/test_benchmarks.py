@@ -166,9 +166,10 @@ def test_quality_benchmark_tiny(tmp_path, heliconius_photos):
         assert row["fid"] > 0 and 0 < row["val_loss"] < 10 and row["train_s"] > 0 and row["sample_s"] > 0, row
         assert 0 < row["val_eps_mse"] < 10 and row["fid_held_out"] > 0 and row["kid_std_held_out"] >= 0, row
         assert (row["num_reference"], row["num_held_out"]) == (5, 4), row
+        assert 0 <= row["copied_share"] <= 1 and row["copy_threshold"] > 0, row  # the copy check, per N
     first_2, all_4 = report["rows"][:2]
     assert first_2["fid"] != all_4["fid"] and first_2["fid_held_out"] != first_2["fid"], (first_2, all_4)
-    assert "| tutorial | 2 | ddim-2 | 2 |" in report["markdown"]
+    assert "| tutorial | 2 | ddim-2 | 2 |" in report["markdown"] and "| copied |" in report["markdown"]
     assert "| tutorial | 2 | ddim-2 | 4 |" in report["markdown"]
     tutorial = report["rows"][0]  # epsilon, uniform weighting: its val/loss is the noise MSE
     assert abs(tutorial["val_loss"] - tutorial["val_eps_mse"]) < 1e-6, tutorial

@@ -29,6 +29,14 @@ def test_image_size_the_unet_cannot_halve_is_refused_with_the_fix():
     DDPMModule(unet=TINY_UNET, image_size=18)  # 2 levels: one halving, any even size
 
 
+def test_a_misspelt_unet_argument_is_one_line_with_the_nearest():
+    with pytest.raises(
+        ValueError, match=r"^model.unet.dropuot: UNet2DModel has no such argument; did you mean model.unet.dropout\?$"
+    ):
+        DDPMModule(unet={**TINY_UNET, "dropuot": 0.1}, image_size=16)
+    assert DDPMModule(unet={**TINY_UNET, "dropout": 0.1}, image_size=16).unet.config.dropout == 0.1
+
+
 @pytest.mark.slow
 def test_a_one_channel_model_on_rgb_photos_is_one_line_naming_both(images, tmp_path):
     google_layout(tmp_path / "grey", sample_size=16, in_channels=1)
