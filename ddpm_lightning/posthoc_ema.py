@@ -118,7 +118,7 @@ class PosthocEMA(Callback):
             )
         if self.profiles is None or self.folder is None:
             return
-        self.profiles.to(next(pl_module.unet.parameters()).device)
+        move_weights(self.profiles, next(pl_module.unet.parameters()).device)
         self.last_step = trainer.global_step
         remove_partial_files(self.folder)  # (the run's lock is held: no other write is under way)
         later = [path for (_, step), path in snapshots(self.folder).items() if step > trainer.global_step]
@@ -180,6 +180,16 @@ class PosthocEMA(Callback):
                 "resume with those (a reconstruction mixes the snapshots of both)."
             )
         self.profiles.load_state_dict(state_dict["profiles"])
+
+
+def move_weights(profiles: PostHocEMA, device: torch.device) -> None:
+    """The profiles' weights to `device` (the UNet's); their step counters stay on the CPU.
+
+    ema_pytorch reads each profile's counters with `.item()` three times a step: on a GPU each read would wait for
+    the GPU to finish its queued work, every step.
+    """
+    for profile in profiles.ema_models:
+        profile.ema_model.to(device)
 
 
 def save_to(state: dict[str, torch.Tensor], path: Path) -> None:

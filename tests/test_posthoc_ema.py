@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDPMPipeline
+from diffusers import DDPMPipeline, UNet2DModel
+from ema_pytorch import PostHocEMA
 from lightning.pytorch import Callback
 
 from ddpm_lightning import commands, posthoc_ema
 from ddpm_lightning.cli import main
 from ddpm_lightning.model_source import load_model
 
-from conftest import NO_SAVES, fit_args, fit_offline, run_cli
+from conftest import NO_SAVES, TINY_UNET, fit_args, fit_offline, run_cli
 
 POSTHOC = ["--posthoc_ema.enabled", "true", "--posthoc_ema.every_n_steps", "1", "--posthoc_ema.dtype", "float32"]
 RUN = [*NO_SAVES, "--trainer.max_epochs", "2", "--checkpoint.every_n_train_steps", "3", *POSTHOC]
@@ -224,3 +225,23 @@ def test_the_sweep_writes_the_length_with_the_best_kid(straight, tmp_path, caplo
     assert all("dpmsolver++, 20 steps" in line for line in kids), kids  # the end-of-run measurement's sampler
     assert "EMA length 0.05 has the lowest KID" in caplog.text
     assert_bitwise(good, DDPMPipeline.from_pretrained(out).unet.state_dict())
+
+
+def test_the_profiles_weights_follow_the_unet_and_their_step_counters_stay_on_the_cpu(tmp_path):
+    """ema_pytorch reads the counters with `.item()` at every update: on the UNet's GPU each read would wait for it.
+    The meta device stands in for a GPU here: its tensors have no values, so `.item()` on one raises."""
+    unet = UNet2DModel(**TINY_UNET, sample_size=8)
+    profiles = PostHocEMA(
+        unet,
+        sigma_rels=(0.05, 0.28),
+        update_every=1,
+        checkpoint_every_num_steps="manual",
+        checkpoint_folder=str(tmp_path),
+    )
+    unet.to("meta")
+    posthoc_ema.move_weights(profiles, next(unet.parameters()).device)
+    profiles.update()
+    profiles.update()
+    for profile in profiles.ema_models:
+        assert {p.device.type for p in profile.ema_model.parameters()} == {"meta"}
+        assert profile.step.device.type == "cpu" and profile.step.item() == 2
