@@ -35,7 +35,7 @@ sample` draws) against the first `--max-reference` training images, resized as t
 images, their features computed once): a row per N, each with N and the reference count M, since FID's bias
 depends on N and the model scored (below 2,048 its covariance is rank-deficient: KID leads there). `--held-out-too`
 also scores each draw against the held-out images (`--val-dataset`), the columns *_held_out, and runs the copy
-check (copied_share: the share of samples nearer a training image than 95% of the held-out images are). Every
+check (copied_share: the share of samples nearer in pixels a training image than 95% of the held-out images are). Every
 variant is scored with the first of `--samplers`, the first variant with all of them (`--all-samplers`: every
 variant with all). `--num-samples 0`: no FID/KID (the held-out losses alone).
 On the held-out images (`--val-dataset`, `--val-split`), at the validation's fixed timesteps and noise: val/loss,
@@ -231,7 +231,8 @@ def score_deferred(a, quality) -> dict:
         start = time.perf_counter()
         features = quality.features(read_samples(Path(a.samples_dir) / row["samples"]))
         features_s = time.perf_counter() - start
-        for scores in scored_at(quality, None, features, report["settings"].get("score_at") or [len(features)]):
+        counts = report["settings"].get("score_at") or [len(features)]
+        for scores in scored_at(quality, None, features, counts):
             rows.append({**row, **scores, "features_s": features_s})
             print(json.dumps(rows[-1]), flush=True)
     report["rows"] = rows
@@ -306,11 +307,12 @@ def score_posthoc(a, module, last: Path, data, samplers, scorers, run: dict, tra
     return rows
 
 
-def scored_at(quality, held_out, features: torch.Tensor, counts: list[int]) -> list[dict]:
+def scored_at(quality, held_out, features: torch.Tensor, counts: list[int], copies=None) -> list[dict]:
     """FID/KID of the first N of `features` for each N of `counts` against `quality`'s real images (and against
-    `held_out`'s, the columns *_held_out, unless None), with N, M and each count's seconds. With held-out images,
-    also the copy check (`metrics.copy_check`, as a run's end reports it): the share of the N samples nearer one of
-    the M training images than 95% of the held-out images are to theirs (copied_share, copy_threshold)."""
+    `held_out`'s, the columns *_held_out, unless None), with N, M and each count's seconds. With `copies`, the
+    images (samples, training images, held-out images), also the copy check (`metrics.copy_check`, as a run's end
+    reports it): the share of the N samples nearer in pixels one of the M training images than 95% of the held-out
+    images are to theirs (copied_share, copy_threshold)."""
     from ddpm_lightning.metrics import copy_check
 
     rows = []
@@ -326,8 +328,9 @@ def scored_at(quality, held_out, features: torch.Tensor, counts: list[int]) -> l
             scorer.reset_fake()
         if held_out is not None:
             row["num_held_out"] = held_out.num_real
-            copies, _ = copy_check(features[:n], quality.real_features(), held_out.real_features())
-            row.update(copies)
+        if copies is not None:
+            samples, training, held_out_images = copies
+            row.update(copy_check(samples[:n], training, held_out_images)[0])
         rows.append({**row, "score_s": time.perf_counter() - start})
     return rows
 
@@ -342,11 +345,13 @@ def score_weights(a, module, data, samplers: list[tuple[str, int]], scorers, run
         row.update(val_loss=val_loss, val_eps_mse=val_eps_mse, train_s=train_s)
         print(json.dumps(row), flush=True)
         return [{**row, "sample_s": 0.0, "score_s": 0.0}]
-    if quality is not None and quality.num_real == 0:  # the first run's training images: the same for every variant
-        add_real_images(quality, reference_images(data, a.max_reference), Path(a.out_dir) / "fid_reference")
-    if held_out is not None and held_out.num_real == 0:  # the held-out images, unflipped, as validation reads them
-        images = torch.stack([data.val_set.images[i] for i in range(len(data.val_set.images))])
-        add_real_images(held_out, images, Path(a.out_dir) / "fid_reference")
+    training = reference_images(data, a.max_reference)  # the same for every variant
+    if quality is not None and quality.num_real == 0:
+        add_real_images(quality, training, Path(a.out_dir) / "fid_reference")
+    if held_out is not None:  # the held-out images, unflipped, as validation reads them
+        held_out_images = torch.stack([data.val_set.images[i] for i in range(len(data.val_set.images))])
+        if held_out.num_real == 0:
+            add_real_images(held_out, held_out_images, Path(a.out_dir) / "fid_reference")
     rows = []
     for sampler, sampler_steps in samplers:
         start = time.perf_counter()
@@ -366,7 +371,8 @@ def score_weights(a, module, data, samplers: list[tuple[str, int]], scorers, run
         start = time.perf_counter()
         features = quality.features(images)  # once: every N of --score-at is a prefix of this draw
         row["features_s"] = time.perf_counter() - start
-        for scores in scored_at(quality, held_out, features, a.score_at):
+        copies = (images, training, held_out_images) if held_out is not None else None
+        for scores in scored_at(quality, held_out, features, a.score_at, copies):
             rows.append({**row, **scores})
             print(json.dumps(rows[-1]), flush=True)
     return rows

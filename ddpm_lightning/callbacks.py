@@ -35,7 +35,6 @@ from .metrics import (
     Network,
     SampleQuality,
     add_real_images,
-    cached_features,
     copies_said,
     copy_check,
     copy_warning,
@@ -332,13 +331,14 @@ class MeasureQuality(Callback):
 
     Every measurement is reported with its N (samples) and M (held-out images) and what the held-out images are
     (`metrics.headline`: KID first below 2,048 of either). It also checks for copies of the training images
-    (`metrics.copy_check`, logged as val/copied_share): the share of samples nearer their nearest training image (of
-    the first `memorisation_images`) than all but `metrics.COPY_PERCENTILE` of the held-out images are to theirs, a
-    warning above `metrics.COPY_WARNING_SHARE`, and `<output_dir>/samples/nearest.png`: the samples nearest a
-    training image, each beside it. `quality_summary()` gives the run's last and best measurement for the run summary.
+    (`metrics.copy_check`, logged as val/copied_share): the share of samples nearer in pixels to their nearest
+    training image (of the first `memorisation_images`, or its mirror image) than all but `metrics.COPY_PERCENTILE`
+    of the held-out images (up to as many) are to theirs, a warning above `metrics.COPY_WARNING_SHARE`, and
+    `<output_dir>/samples/nearest.png`: the samples nearest a training image, each beside it. `quality_summary()`
+    gives the run's last and best measurement for the run summary.
 
-    The held-out and training images' features are computed once per run and cached in `<output_dir>/fid_reference/`,
-    under a name keyed by the network and the images' pixels and size (`metrics.reference_file`): a resumed run, a
+    The held-out images' features are computed once per run and cached in `<output_dir>/fid_reference/`, under a
+    name keyed by the network and the images' pixels and size (`metrics.reference_file`): a resumed run, a
     `validate` or a later run on the same images reads them back; a local data set may ship them in its own
     fid_reference/ folder, read only (`shipped_features`: the sample data set does). Progress bars show the
     sampling and the feature extraction. Nothing is downloaded: when the network is not installed, one message says
@@ -400,7 +400,8 @@ class MeasureQuality(Callback):
         self.active: SampleQuality | None = None  # the metrics while this validation epoch measures, else None
         self.unavailable = self.real_done = False
         self.real_images: list[torch.Tensor] = []  # this rank's validation images, until their features are in
-        self.training: tuple[torch.Tensor, torch.Tensor] | None = None  # training images (uint8) and features
+        self.held_out: torch.Tensor | None = None  # up to memorisation_images of them (uint8): the copy check's scale
+        self.training: torch.Tensor | None = None  # the copy check's training images (uint8)
         self.reference = "none"  # the held-out images, named as every report names them
         self.history: list[dict[str, Any]] = []  # every measurement of this run, in order
         self.last_step_end: float | None = None  # when the previous training step ended (time.monotonic)
@@ -547,30 +548,20 @@ class MeasureQuality(Callback):
         self, trainer: Trainer, pl_module: LightningModule, images: torch.Tensor, features: torch.Tensor
     ) -> dict[str, float] | None:
         """The share of samples that copy a training image (`metrics.copy_check`), and samples/nearest.png."""
-        assert self.active is not None
-        training = self.training_images(trainer, self.active)
-        held_out = self.active.real_features()
-        if training is None or len(held_out) == 0:
+        training = self.training_images(trainer)
+        if training is None or self.held_out is None or len(self.held_out) == 0:
             return None
-        train_images, train_features = training
-        copies, nearest = copy_check(features, train_features, held_out, gather=functools.partial(gather, trainer))
+        copies, nearest = copy_check(images, training, self.held_out, gather=functools.partial(gather, trainer))
         if trainer.is_global_zero and self.output_dir is not None:  # rank 0's share of the samples
-            pairs = [image for i, j in nearest for image in (images[i].cpu(), train_images[j].float() / 255)]
+            pairs = [image for i, j in nearest for image in (images[i].cpu(), training[j].float() / 255)]
             save_grid(torch.stack(pairs), RunFolder(self.output_dir).nearest, len(nearest))
         return copies
 
-    def training_images(self, trainer: Trainer, quality: SampleQuality) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The first `memorisation_images` training images and their features (cached beside the run); once."""
+    def training_images(self, trainer: Trainer) -> torch.Tensor | None:
+        """The first `memorisation_images` training images (uint8, as training gives them, unflipped); read once."""
         preview = getattr(trainer.datamodule, "preview", None)
         if self.training is None and self.memorisation_images > 0 and callable(preview):
-            images = preview(self.memorisation_images)
-            folder = RunFolder(self.output_dir).fid_reference if self.output_dir is not None else None
-            bar = progress_bar(trainer, f"Copy check: features of {len(images)} training images", len(images), "image")
-            features, cached = cached_features(quality, images, folder, bar.update, shipped_features(trainer))
-            bar.close()
-            if cached is not None:
-                log.info(f"[rank {trainer.global_rank}] Read the training images' features from {cached}")
-            self.training = images, features
+            self.training = preview(self.memorisation_images)
         return self.training
 
     def quality_summary(self) -> dict[str, Any] | None:
@@ -599,6 +590,7 @@ class MeasureQuality(Callback):
         """This rank's validation images into `quality`, their features read from the run's cache when there."""
         images = torch.cat(self.real_images) if self.real_images else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
         self.real_images = []
+        self.held_out = images[: self.memorisation_images].clone()
         folder = RunFolder(self.output_dir).fid_reference if self.output_dir is not None else None
         if len(images):
             bar = progress_bar(trainer, f"FID: features of {len(images)} validation images", len(images), "image")

@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,9 +46,6 @@ from .publish import ModelWriteError, save_pipeline, write_model_card
 from .reporting.grids import grid_shape, save_grid
 from .sampling import SAMPLERS, Sampler, denoise, make_sampler
 from .sources import image_column_of, load_source
-
-if TYPE_CHECKING:
-    from .metrics import SampleQuality
 
 log = logging.getLogger(__name__)
 
@@ -243,12 +240,12 @@ def score(
     with tqdm(total=len(reals), desc="FID: features of the reference", unit="image", dynamic_ncols=True) as bar:
         cached = add_real_images(quality, reals, out / FID_REFERENCE, bar.update)
     with tqdm(total=len(samples), desc="FID: features of the samples", unit="image", dynamic_ncols=True) as bar:
-        features = quality.update_fake(samples, bar.update)
+        quality.update_fake(samples, bar.update)
     scores = quality.compute()
     report: dict[str, Any] = {**scores, "num_samples": len(samples), "num_reference": len(reals)}
     report.update(reference=reference, network=quality.network)
     if training is not None:
-        report.update(copy_check(quality, samples, features, training, out))
+        report.update(copy_check(samples, reals, training, out))
     (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     from_cache = f", reference features from {cached}" if cached is not None else ""
     copies = ""
@@ -260,16 +257,15 @@ def score(
     return report
 
 
-def copy_check(
-    quality: SampleQuality, samples: torch.Tensor, features: torch.Tensor, training: tuple[str, str], out: Path
-) -> dict:
-    """The copy check of `samples` against the `training` (source, split) images; writes out/nearest.png."""
+def copy_check(samples: torch.Tensor, reals: torch.Tensor, training: tuple[str, str], out: Path) -> dict:
+    """The copy check of `samples` against the `training` (source, split) images; writes out/nearest.png.
+
+    The reference images `reals` (new images of the same kind) are its scale.
+    """
     from . import metrics
 
     images = read_images(*training, samples.shape[-1], "training_images")
-    with tqdm(total=len(images), desc="Features of the training images", unit="image", dynamic_ncols=True) as bar:
-        train_features, _ = metrics.cached_features(quality, images, out / FID_REFERENCE, bar.update)
-    copies, nearest = metrics.copy_check(features, train_features, quality.real_features())
+    copies, nearest = metrics.copy_check(samples, images, reals)
     pairs = [image for i, j in nearest for image in (samples[i], images[j])]
     write_image(out / NEAREST, lambda path: save_grid(torch.stack(pairs), path, len(nearest)), [])
     warning = metrics.copy_warning(copies["copied_share"], out / NEAREST, f"an image of {training[0]}")

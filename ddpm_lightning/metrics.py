@@ -451,25 +451,6 @@ def add_real_images(
     return None
 
 
-def cached_features(
-    quality: SampleQuality,
-    images: Tensor,
-    folder: str | os.PathLike | None = None,
-    on_batch: Callable[[int], object] | None = None,
-    shipped: Sequence[str | os.PathLike] = (),
-) -> tuple[Tensor, Path | None]:
-    """The features of `images` by `quality`'s network (on the CPU), added to no metric, through the same cache.
-
-    Returns them, with the cache file when they were read from one (else None).
-    """
-    features, path = find_features(quality, images, folder, shipped)
-    if features is not None:
-        return features, path
-    features = quality.features(images, on_batch).cpu()
-    write_features(path, features)
-    return features, None
-
-
 def find_features(
     quality: SampleQuality, images: Tensor, folder: str | os.PathLike | None, shipped: Sequence[str | os.PathLike]
 ) -> tuple[Tensor | None, Path | None]:
@@ -509,25 +490,36 @@ def write_features(path: Path | None, features: Tensor) -> None:
 
 # A sample counts as copied when it is nearer its nearest training image than COPY_PERCENTILE of the held-out
 # images are to theirs: a model whose samples are as new as held-out photos has about that share (5%) copied.
+# Nearer in pixels, not in the Inception features FID uses: at 32 px those features found the held-out photos of
+# the sample data set as near the training photos as a memorising model's copies were (benchmarks/RESULTS.md).
 COPY_PERCENTILE = 0.05
 COPY_WARNING_SHARE = 0.2  # above this share of copied samples, the run warns
 NEAREST_PAIRS = 8  # nearest.png: the samples nearest a training image, each beside that image
 
 
-def nearest_training(features: Tensor, training: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
-    """Each row's distance to its nearest row of `training`, and that row's index.
+def nearest_training(images: Tensor, training: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """Each image's distance to its nearest training image, or that image mirrored, and that image's index.
 
-    The distance is MiFID's (torchmetrics' MemorizationInformedFrechetInceptionDistance): one minus the absolute
-    cosine similarity of the features.
+    The distance is in pixels: the root mean square of the differences of the pixel values (in [0, 1]), the
+    images at the size training gives them (uint8, or float in [0, 1]). The mirror images count because a model
+    trained with random flips copies them too. Training images go to `images`' device `chunk` at a time.
     """
-    keys = nn.functional.normalize(training.float(), dim=1)
-    distances, indices = [], []
-    for part in features.float().split(chunk):
-        similarity = (nn.functional.normalize(part, dim=1) @ keys.T).abs()
-        best, index = similarity.max(dim=1)
-        distances.append(1 - best)
-        indices.append(index)
-    return torch.cat(distances), torch.cat(indices)
+    flat = in_unit_range(images).flatten(1)
+    distances = torch.full((len(flat),), float("inf"), device=flat.device)
+    indices = torch.zeros(len(flat), dtype=torch.long, device=flat.device)
+    for start in range(0, len(training), chunk):
+        part = in_unit_range(training[start : start + chunk].to(flat.device))
+        for view in (part, part.flip(-1)):
+            best, index = torch.cdist(flat, view.flatten(1)).min(dim=1)
+            nearer = best < distances
+            distances = torch.where(nearer, best, distances)
+            indices = torch.where(nearer, index + start, indices)
+    return distances / flat.shape[1] ** 0.5, indices
+
+
+def in_unit_range(images: Tensor) -> Tensor:
+    """Images as float32 in [0, 1]: uint8 divided by 255, float as they are."""
+    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
 
 
 def copied_share(sample_distances: Tensor, held_out_distances: Tensor) -> dict[str, float]:
@@ -550,12 +542,12 @@ def copy_check(
     pairs: int = NEAREST_PAIRS,
     gather: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[dict[str, float], list[tuple[int, int]]]:
-    """The copy check, from features: samples' and held-out images' nearest training images, and the share copied.
+    """The copy check, in pixels: samples' and held-out images' nearest training images, and the share copied.
 
     Args:
-        samples: the samples' features.
-        training: the training images' features.
-        held_out: the held-out images' features (the scale).
+        samples: the samples, at the training images' size (uint8, or float in [0, 1]).
+        training: the training images.
+        held_out: held-out images (the scale), at the same size.
         pairs: how many of the samples nearest a training image to name (for nearest.png).
         gather: joins every process's 1-d distances (several GPUs, each with a share of samples and held-out
             images); None: this process's alone.
@@ -564,7 +556,6 @@ def copy_check(
         `copied_share`'s ``{"copied_share", "copy_threshold"}``, and the `pairs` (sample index, training image
         index) of this process's samples nearest a training image, nearest first.
     """
-    training = training.to(samples.device)
     sample_distances, nearest = nearest_training(samples, training)
     held_out_distances, _ = nearest_training(held_out.to(samples.device), training)
     join = gather if gather is not None else (lambda distances: distances)

@@ -22,7 +22,6 @@ from ddpm_lightning.metrics import (
     SampleQuality,
     StyleGAN3Inception,
     add_real_images,
-    cached_features,
     inception_available,
     nv_bilinear,
     reference_file,
@@ -328,14 +327,12 @@ def test_features_a_data_set_ships_are_read_and_never_written(tmp_path, monkeypa
     monkeypatch.setattr(reader, "update_real", lambda *a: pytest.fail("extracted although shipped"))
     assert add_real_images(reader, images, run, shipped=[shipped]) == shipped_file
     assert torch.equal(reader.real_features(), maker.real_features())
-    features, found = cached_features(reader, images, run, shipped=[shipped])
-    assert found == shipped_file and torch.equal(features, maker.real_features())
     assert not run.exists()  # read where they ship: nothing copied
 
     other = images.flip(0).contiguous()  # other images: not shipped, so computed and cached with the run
     monkeypatch.undo()
-    features, found = cached_features(reader, other, run, shipped=[shipped])
-    assert found is None and reference_file(reader, other, run).is_file()
+    assert add_real_images(reader, other, run, shipped=[shipped]) is None
+    assert reference_file(reader, other, run).is_file()
     assert sorted(p.name for p in shipped.iterdir()) == [shipped_file.name]
 
 
@@ -353,40 +350,43 @@ def heliconius(first: int, count: int, size: int = 32) -> torch.Tensor:
     return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
 
 
-@pytest.mark.slow
-@needs_fid_helper
-def test_the_copy_check_flags_mirrored_training_photos_and_not_new_ones():
-    """In the default network's features, 16 training photos, 8 held out for the scale: their mirror images
-    (copies a pixel comparison misses) are flagged (above the warning's share), 8 other photos of the same set
-    are not, and the copy check names the photo each mirror image came from."""
+def test_the_copy_check_flags_copies_mirrored_or_noisy_and_not_new_photos():
+    """100 training photos, 100 held out for the scale: the first 8 training photos mirrored, or with noise of 3% of
+    the pixel range, are all flagged, each named beside the photo it came from; 100 other photos of the same set
+    are not (under the warning's share); exact copies, as uint8 or as floats in [0, 1], are copies."""
     from ddpm_lightning.metrics import COPY_WARNING_SHARE, copy_check
 
-    quality = SampleQuality()
-    training, held_out, new = heliconius(0, 16), heliconius(16, 8), heliconius(24, 8)
-    train_features, held_out_features = quality.features(training), quality.features(held_out)
-    mirrored, pairs = copy_check(quality.features(training[:8].flip(-1)), train_features, held_out_features)
+    training, held_out, new = heliconius(0, 100), heliconius(100, 100), heliconius(600, 100)
+    mirrored, pairs = copy_check(training[:8].flip(-1), training, held_out)
     assert sorted(pairs) == [(i, i) for i in range(8)]  # (sample, its nearest training photo): its source
-    assert mirrored["copied_share"] > COPY_WARNING_SHARE
-    assert copy_check(quality.features(new), train_features, held_out_features)[0]["copied_share"] <= COPY_WARNING_SHARE
-    exact, _ = copy_check(train_features[:8], train_features, held_out_features)  # a copy of the pixels
-    assert exact["copied_share"] == 1.0 and exact["copy_threshold"] > 0
+    assert mirrored["copied_share"] == 1.0 and mirrored["copy_threshold"] > 0
+    noise = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    noisy = (training[:8].float() / 255 + 0.03 * noise).clamp(0, 1)
+    assert copy_check(noisy, training, held_out)[0]["copied_share"] == 1.0
+    assert copy_check(new, training, held_out)[0]["copied_share"] <= COPY_WARNING_SHARE
+    assert copy_check(training[8:16], training, held_out)[0]["copied_share"] == 1.0
+    assert copy_check(training[8:16].float() / 255, training, held_out)[0]["copied_share"] == 1.0
 
 
 def test_the_copy_check_names_the_nearest_pairs_and_says_its_rule_from_the_percentile(monkeypatch):
-    """Features alone: samples that are training rows 5 and 2 (scaled: the distance is the cosine's) are the
-    copies, nearest first, beside those rows; the held-out rows set the threshold (their COPY_PERCENTILE quantile);
-    the words and the warning follow COPY_PERCENTILE and COPY_WARNING_SHARE, and `gather` sees both sets of
-    distances."""
+    """Random 4 x 4 images: samples that are training image 5 mirrored and image 2 nudged are the copies, nearest
+    first, beside those images; the held-out images set the threshold (their COPY_PERCENTILE quantile); the words
+    and the warning follow COPY_PERCENTILE and COPY_WARNING_SHARE, and `gather` sees both sets of distances."""
     generator = torch.Generator().manual_seed(0)
-    training, held_out, new = (torch.randn(n, 32, generator=generator) for n in (16, 20, 6))
-    samples = torch.cat([new[:3], 3 * training[5:6], new[3:], training[2:3] + 1e-3])
+    training, held_out, new = (torch.rand(n, 3, 4, 4, generator=generator) for n in (16, 20, 6))
+    samples = torch.cat([new[:3], training[5:6].flip(-1), new[3:], training[2:3] + 1e-3])
     gathered = []
     copies, pairs = metrics.copy_check(samples, training, held_out, pairs=3, gather=lambda d: gathered.append(d) or d)
     assert pairs[:2] == [(3, 5), (7, 2)] and len(pairs) == 3
     assert [len(d) for d in gathered] == [8, 20]
+    distances, _ = metrics.nearest_training(samples, training)
+    views = torch.cat([training, training.flip(-1)])  # the distance by its definition: RMS, mirror images too
+    rms = ((samples[:, None] - views[None]) ** 2).mean(dim=(2, 3, 4)).sqrt().min(dim=1).values
+    torch.testing.assert_close(distances, rms, rtol=1e-4, atol=1e-4)
     held_out_distances, _ = metrics.nearest_training(held_out, training)
     threshold = float(torch.quantile(held_out_distances.double(), metrics.COPY_PERCENTILE))
-    assert copies["copy_threshold"] == pytest.approx(threshold) and copies["copied_share"] == pytest.approx(2 / 8)
+    assert copies["copy_threshold"] == pytest.approx(threshold) and distances[[3, 7]].max() < threshold
+    assert copies["copied_share"] == pytest.approx(float((distances < threshold).double().mean()))
     said = "25% of the samples copy a training image (nearer one than 95% of the held-out images are to theirs)"
     assert metrics.copies_said(0.25) == said
     assert metrics.copy_warning(metrics.COPY_WARNING_SHARE, "n.png") is None
