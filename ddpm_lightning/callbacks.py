@@ -517,14 +517,14 @@ class MeasureQuality(Callback):
         images = sample_share(trainer, pl_module, *share, on_step=bar.update, batch_size=self.batch_size)
         bar.close()
         bar = progress_bar(trainer, "FID: features of the samples", len(images), "image")
-        features = self.active.update_fake(images, bar.update)
+        self.active.update_fake(images, bar.update)
         bar.close()
         scores: dict[str, Any] = dict(self.active.compute())  # syncs across ranks: every rank is here
         counts = torch.tensor([self.active.num_fake, self.active.num_real], device=pl_module.device)
         num_samples, num_reference = (int(v) for v in trainer.strategy.reduce(counts, reduce_op="sum"))
         self.active.reset_fake()
         logged = {f"val/{k}": v for k, v in scores.items()}
-        copies = self.copy_check(trainer, pl_module, images, features)
+        copies = self.copy_check(trainer, images)
         if copies is not None:
             logged["val/copied_share"] = copies["copied_share"]
         pl_module.log_dict(logged, sync_dist=False, rank_zero_only=False)
@@ -544,9 +544,7 @@ class MeasureQuality(Callback):
         if warning is not None:
             rank_zero_warn(warning)
 
-    def copy_check(
-        self, trainer: Trainer, pl_module: LightningModule, images: torch.Tensor, features: torch.Tensor
-    ) -> dict[str, float] | None:
+    def copy_check(self, trainer: Trainer, images: torch.Tensor) -> dict[str, float] | None:
         """The share of samples that copy a training image (`metrics.copy_check`), and samples/nearest.png."""
         training = self.training_images(trainer)
         if training is None or self.held_out is None or len(self.held_out) == 0:
