@@ -35,9 +35,9 @@ sample` draws) against the first `--max-reference` training images, resized as t
 images, their features computed once): a row per N, each with N and the reference count M, since FID's bias
 depends on N and the model scored (below 2,048 its covariance is rank-deficient: KID leads there). `--held-out-too`
 also scores each draw against the held-out images (`--val-dataset`), the columns *_held_out, and runs the copy
-check (copied_share: the share of samples nearer in pixels a training image than 95% of the held-out images are). Every
-variant is scored with the first of `--samplers`, the first variant with all of them (`--all-samplers`: every
-variant with all). `--num-samples 0`: no FID/KID (the held-out losses alone).
+check (copied_share: the share of samples nearer a training image, in pixels, than 95% of the held-out images
+are). Every variant is scored with the first of `--samplers`, the first variant with all of them
+(`--all-samplers`: every variant with all). `--num-samples 0`: no FID/KID (the held-out losses alone).
 On the held-out images (`--val-dataset`, `--val-split`), at the validation's fixed timesteps and noise: val/loss,
 the module's own loss (its target and weighting: it compares runs of the same prediction type and weighting
 only), and the noise MSE, the error of the noise its predictions imply (comparable across variants; the same as
@@ -311,8 +311,8 @@ def scored_at(quality, held_out, features: torch.Tensor, counts: list[int], copi
     """FID/KID of the first N of `features` for each N of `counts` against `quality`'s real images (and against
     `held_out`'s, the columns *_held_out, unless None), with N, M and each count's seconds. With `copies`, the
     images (samples, training images, held-out images), also the copy check (`metrics.copy_check`, as a run's end
-    reports it): the share of the N samples nearer in pixels one of the M training images than 95% of the held-out
-    images are to theirs (copied_share, copy_threshold)."""
+    reports it): the share of the N samples nearer one of the M training images, in pixels, than 95% of the
+    held-out images are to theirs (copied_share, copy_threshold)."""
     from ddpm_lightning.metrics import copy_check
 
     rows = []

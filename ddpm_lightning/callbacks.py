@@ -362,7 +362,8 @@ class MeasureQuality(Callback):
         output_dir: the run's folder (set from --output_dir): the cache of the real features goes in its
             fid_reference/ folder, nearest.png in samples/; None: no cache and no nearest.png.
         memorisation_images: training images the copy check compares samples with (the first ones, as
-            samples/data.png shows them); 0: no copy check.
+            samples/data.png shows them), and the most held-out images (per process) that set its scale; 0: no
+            copy check.
         every_n_epochs: the old spelling of `measure_quality_epochs` (deprecated: it warns).
     """
 
