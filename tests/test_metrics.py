@@ -379,10 +379,13 @@ def test_the_copy_check_names_the_nearest_pairs_and_says_its_rule_from_the_perce
     copies, pairs = metrics.copy_check(samples, training, held_out, pairs=3, gather=lambda d: gathered.append(d) or d)
     assert pairs[:2] == [(3, 5), (7, 2)] and len(pairs) == 3
     assert [len(d) for d in gathered] == [8, 20]
-    distances, _ = metrics.nearest_training(samples, training)
+    distances, nearest = metrics.nearest_training(samples, training)
     views = torch.cat([training, training.flip(-1)])  # the distance by its definition: RMS, mirror images too
     rms = ((samples[:, None] - views[None]) ** 2).mean(dim=(2, 3, 4)).sqrt().min(dim=1).values
     torch.testing.assert_close(distances, rms, rtol=1e-4, atol=1e-4)
+    chunked, chunked_nearest = metrics.nearest_training(samples, training, chunk=3)  # 16 images in 6 chunks
+    torch.testing.assert_close(chunked, distances)
+    assert torch.equal(chunked_nearest, nearest)
     held_out_distances, _ = metrics.nearest_training(held_out, training)
     threshold = float(torch.quantile(held_out_distances.double(), metrics.COPY_PERCENTILE))
     assert copies["copy_threshold"] == pytest.approx(threshold) and distances[[3, 7]].max() < threshold
